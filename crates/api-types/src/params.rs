@@ -1,0 +1,172 @@
+//! Request bodies and query parameters.
+
+use serde::Deserialize;
+use stratus_common::{Name, Role};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::views::{ImageFormat, ImageVisibility, JobState, VmState};
+
+/// Pagination shared by every list: at most `limit` items (default 100, at most
+/// 1000) after the opaque `cursor` returned by the previous page.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Items per page, 1..=1000 (default 100).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectCreate {
+    pub name: Name,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProjectFilter {
+    /// Only the project with this name.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: Name,
+    pub role: Role,
+    /// Project (name or id) the token belongs to. Required for `member` and
+    /// `reader`; must be absent for `admin`. Members may only create tokens
+    /// for their own project and never `admin` tokens.
+    pub project: Option<String>,
+    /// Days until the token expires; never when absent.
+    pub expires_in_days: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TokenFilter {
+    /// Project name or id.
+    pub project: Option<String>,
+    pub role: Option<Role>,
+    /// Include revoked tokens (default false).
+    pub include_revoked: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HostFilter {
+    pub name: Option<String>,
+    pub state: Option<crate::views::HostState>,
+    pub zone: Option<String>,
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentTokenCreate {
+    /// Hours until the token expires (default 24, at most 720).
+    pub expires_in_hours: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCreate {
+    pub name: Name,
+    /// Project (name or id); defaults to the caller's project. Admins must
+    /// name one.
+    pub project: Option<String>,
+    /// `public` images are visible to every project; only admins may create
+    /// them.
+    pub visibility: Option<ImageVisibility>,
+    /// A file on the controller host to copy into the image store
+    /// (admin only, because it reads the controller's file system). Without
+    /// it, the image waits for its data at `PUT /v1/images/{image}/data`.
+    pub path: Option<String>,
+    /// The format the file must have; refused if `qemu-img info` disagrees.
+    pub format: Option<ImageFormat>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImageFilter {
+    /// Project name or id.
+    pub project: Option<String>,
+    pub name: Option<String>,
+    pub state: Option<crate::views::ImageState>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlavorCreate {
+    pub name: Name,
+    /// Virtual CPUs, 1..=256.
+    pub vcpus: u32,
+    /// Memory in bytes (at least 64 MiB, a multiple of 1 MiB).
+    pub memory_bytes: u64,
+    /// Root disk in bytes (at least 1 MiB, a multiple of 1 MiB).
+    pub disk_bytes: u64,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FlavorFilter {
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub name: Name,
+    /// Project (name or id); defaults to the caller's project. Admins must
+    /// name one.
+    pub project: Option<String>,
+    /// Flavor name or id.
+    pub flavor: String,
+    /// Image name or id (the caller's project's images and public ones).
+    pub image: String,
+    /// Start the VM once created (default true).
+    pub start: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmFilter {
+    /// Project name or id.
+    pub project: Option<String>,
+    pub name: Option<String>,
+    pub state: Option<VmState>,
+    /// Host name or id (admin only: hosts are not visible to projects).
+    pub host: Option<String>,
+}
+
+/// Scopes a name lookup in a path: admins resolving a *name* across
+/// projects pass the project here.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProjectScope {
+    /// Project name or id, for resolving names.
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobFilter {
+    /// Project name or id.
+    pub project: Option<String>,
+    pub state: Option<JobState>,
+    /// Job kind, e.g. `vm_create`.
+    pub kind: Option<String>,
+    /// Id of the resource the job acts on.
+    pub target: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobWait {
+    /// Seconds to wait for the job to end before answering with its current
+    /// state (default 30, at most 300).
+    pub timeout_secs: Option<u32>,
+}

@@ -1,0 +1,132 @@
+//! Byte counts with binary units, as operators type them (`256MiB`, `1GiB`,
+//! `40G`) and as the API carries them (a plain integer number of bytes).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A number of bytes. Serialized as a plain integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ByteCount(pub u64);
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+pub const TIB: u64 = 1024 * GIB;
+
+/// Why a size string was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ByteCountParseError {
+    #[error("size is empty")]
+    Empty,
+    #[error("size {0:?} does not start with a number")]
+    NoNumber(String),
+    #[error("unknown size unit {0:?} (use B, KiB, MiB, GiB or TiB)")]
+    UnknownUnit(String),
+    #[error("size {0:?} is too large")]
+    Overflow(String),
+}
+
+impl ByteCount {
+    pub fn from_mib(n: u64) -> Self {
+        Self(n * MIB)
+    }
+    pub fn from_gib(n: u64) -> Self {
+        Self(n * GIB)
+    }
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteCount {
+    type Err = ByteCountParseError;
+
+    /// Parses `N[unit]`. Units are binary whether or not the `i` is written
+    /// (`1G` is 1 GiB), because every size an operator gives Stratus (memory,
+    /// disks) is binary in practice and QEMU reads them the same way.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(ByteCountParseError::Empty);
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        if num.is_empty() {
+            return Err(ByteCountParseError::NoNumber(s.to_string()));
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| ByteCountParseError::Overflow(s.to_string()))?;
+        let mult = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => KIB,
+            "m" | "mb" | "mib" => MIB,
+            "g" | "gb" | "gib" => GIB,
+            "t" | "tb" | "tib" => TIB,
+            _ => return Err(ByteCountParseError::UnknownUnit(unit.trim().to_string())),
+        };
+        n.checked_mul(mult)
+            .map(ByteCount)
+            .ok_or_else(|| ByteCountParseError::Overflow(s.to_string()))
+    }
+}
+
+impl fmt::Display for ByteCount {
+    /// The largest binary unit that divides the count exactly, so the printed
+    /// form parses back to the same number.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+            if n >= size && n % size == 0 {
+                return write!(f, "{}{}", n / size, unit);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_binary_units() {
+        assert_eq!("256MiB".parse::<ByteCount>(), Ok(ByteCount(256 * MIB)));
+        assert_eq!("1GiB".parse::<ByteCount>(), Ok(ByteCount(GIB)));
+        assert_eq!("1G".parse::<ByteCount>(), Ok(ByteCount(GIB)));
+        assert_eq!("4096".parse::<ByteCount>(), Ok(ByteCount(4096)));
+        assert_eq!(" 2 TiB ".parse::<ByteCount>(), Ok(ByteCount(2 * TIB)));
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert_eq!("".parse::<ByteCount>(), Err(ByteCountParseError::Empty));
+        assert!(matches!(
+            "GiB".parse::<ByteCount>(),
+            Err(ByteCountParseError::NoNumber(_))
+        ));
+        assert!(matches!(
+            "5 parsecs".parse::<ByteCount>(),
+            Err(ByteCountParseError::UnknownUnit(_))
+        ));
+        assert!(matches!(
+            "99999999999999999999TiB".parse::<ByteCount>(),
+            Err(ByteCountParseError::Overflow(_))
+        ));
+        assert!(matches!(
+            "20000000TiB".parse::<ByteCount>(),
+            Err(ByteCountParseError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for n in [0, 1, 1023, KIB, 3 * MIB, 256 * MIB, GIB + 1, 5 * TIB] {
+            let s = ByteCount(n).to_string();
+            assert_eq!(s.parse::<ByteCount>(), Ok(ByteCount(n)), "{s}");
+        }
+    }
+}

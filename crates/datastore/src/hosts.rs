@@ -1,0 +1,113 @@
+//! Hosts and the one-time tokens agents enroll with.
+
+use stratus_api_types::views::HostState;
+use stratus_common::time::now_micros;
+use stratus_common::{EnrollmentTokenId, Error, HostId, ResourceKind, TokenId};
+
+use crate::db::db_error;
+use crate::model::{enum_str, HostRecord};
+use crate::page::{ListQuery, Page, PageRequest};
+use crate::Datastore;
+
+const SELECT: &str =
+    "SELECT id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
+                      qemu_version, accel, generation, created_at, last_heartbeat_at FROM hosts";
+
+/// Filters for [`Datastore::host_list`].
+#[derive(Debug, Default)]
+pub struct HostListFilter<'a> {
+    pub name: Option<&'a str>,
+    pub state: Option<HostState>,
+    pub zone: Option<&'a str>,
+    pub cluster: Option<&'a str>,
+}
+
+impl Datastore {
+    pub async fn host_get(&self, id: HostId) -> Result<HostRecord, Error> {
+        let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a host", e))?;
+        match row {
+            Some(r) => HostRecord::from_row(&r),
+            None => Err(Error::not_found(ResourceKind::Host, id)),
+        }
+    }
+
+    pub async fn host_get_by_name(&self, name: &str) -> Result<HostRecord, Error> {
+        let row = sqlx::query(&format!("{SELECT} WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a host", e))?;
+        match row {
+            Some(r) => HostRecord::from_row(&r),
+            None => Err(Error::not_found(ResourceKind::Host, name)),
+        }
+    }
+
+    pub async fn host_list(
+        &self,
+        f: &HostListFilter<'_>,
+        page: &PageRequest,
+    ) -> Result<Page<HostRecord>, Error> {
+        let mut q = ListQuery::new();
+        if let Some(n) = f.name {
+            q.eq("name", n);
+        }
+        if let Some(s) = f.state {
+            q.eq("state", enum_str(&s));
+        }
+        if let Some(z) = f.zone {
+            q.eq("zone", z);
+        }
+        if let Some(c) = f.cluster {
+            q.eq("cluster", c);
+        }
+        q.fetch(&self.read, SELECT, page, HostRecord::from_row, |h| {
+            h.id.to_string()
+        })
+        .await
+    }
+
+    /// Counts hosts by state, for placement explanations.
+    pub async fn host_count_by_state(&self) -> Result<Vec<(HostState, i64)>, Error> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM hosts GROUP BY state")
+                .fetch_all(&self.read)
+                .await
+                .map_err(|e| db_error("counting hosts", e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, n)| {
+                serde_json::from_value::<HostState>(serde_json::Value::String(s))
+                    .ok()
+                    .map(|s| (s, n))
+            })
+            .collect())
+    }
+
+    /// Stores a one-time enrollment token (its hash) created by `created_by`.
+    pub async fn enrollment_token_create(
+        &self,
+        token_hash: &str,
+        created_by: TokenId,
+        expires_at: i64,
+    ) -> Result<EnrollmentTokenId, Error> {
+        let id = EnrollmentTokenId::new();
+        sqlx::query(
+            "INSERT INTO host_enrollment_tokens (id, token_hash, created_by, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.to_string())
+        .bind(token_hash)
+        .bind(created_by.to_string())
+        .bind(now_micros())
+        .bind(expires_at)
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("creating an enrollment token", e))?;
+        Ok(id)
+    }
+}

@@ -1,0 +1,723 @@
+//! Every datastore function, on both backends: each test body runs once on
+//! SQLite and once on a real PostgreSQL (see `both_backends!`).
+
+use stratus_api_types::views::{
+    ImageFormat, ImageState, ImageVisibility, JobState, VmDesiredState, VmState,
+};
+use stratus_common::time::now_micros;
+use stratus_common::{HostId, ImageId, JobId, Role, VmId};
+use stratus_datastore::model::NewJob;
+use stratus_datastore::*;
+
+/// A store on a fresh database, plus the temp dir it may live in.
+struct TestStore {
+    ds: Datastore,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite() -> TestStore {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ds = Datastore::open(&stratus_test_utils::sqlite_url(dir.path()))
+        .await
+        .expect("open sqlite");
+    TestStore { ds, _dir: dir }
+}
+
+async fn postgres() -> TestStore {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ds = Datastore::open(&stratus_test_utils::postgres_url().await)
+        .await
+        .expect("open postgres");
+    TestStore { ds, _dir: dir }
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(&super::sqlite().await.ds).await; })*
+        }
+        mod on_postgres {
+            $(#[tokio::test] async fn $name() { super::$name(&super::postgres().await.ds).await; })*
+        }
+    };
+}
+
+both_backends!(
+    projects_crud_and_unique_names,
+    pagination_walks_every_row_once,
+    tokens_authenticate_until_revoked_or_expired,
+    flavors_and_images,
+    vm_intent_and_job_are_one_transaction,
+    jobs_claim_step_finish_and_cancel,
+    expired_leases_requeue_jobs,
+    project_delete_refuses_while_in_use,
+);
+
+fn page() -> PageRequest {
+    PageRequest::first(100)
+}
+
+async fn projects_crud_and_unique_names(ds: &Datastore) {
+    let p = ds.project_create("alpha", "first").await.expect("create");
+    let dup = ds
+        .project_create("alpha", "again")
+        .await
+        .expect_err("duplicate");
+    assert_eq!(dup.error_code(), "name_in_use");
+    assert_eq!(ds.project_get(p.id).await.expect("get").name, "alpha");
+    assert_eq!(
+        ds.project_get_by_name("alpha").await.expect("by name").id,
+        p.id
+    );
+    assert_eq!(
+        ds.project_get_by_name("nope")
+            .await
+            .expect_err("absent")
+            .error_code(),
+        "not_found"
+    );
+    let all = ds.project_list(None, None, &page()).await.expect("list");
+    assert_eq!(all.items.len(), 1);
+    let only = ds
+        .project_list(Some(p.id), Some("alpha"), &page())
+        .await
+        .expect("filtered");
+    assert_eq!(only.items.len(), 1);
+    ds.project_delete(p.id).await.expect("delete");
+    assert_eq!(
+        ds.project_get(p.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+    assert_eq!(
+        ds.project_delete(p.id)
+            .await
+            .expect_err("twice")
+            .error_code(),
+        "not_found"
+    );
+}
+
+async fn pagination_walks_every_row_once(ds: &Datastore) {
+    let mut made = Vec::new();
+    for i in 0..23 {
+        made.push(
+            ds.flavor_create(&format!("f{i}"), 1, 1 << 30, 1 << 30)
+                .await
+                .expect("flavor")
+                .id,
+        );
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let req = PageRequest::parse(Some(5), cursor.as_deref()).expect("page");
+        let p = ds.flavor_list(None, &req).await.expect("list");
+        pages += 1;
+        seen.extend(p.items.iter().map(|f| f.id));
+        match p.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 5);
+    assert_eq!(seen, made, "every row once, in creation order");
+    let exact = ds
+        .flavor_list(None, &PageRequest::first(23))
+        .await
+        .expect("exact");
+    assert!(
+        exact.next_cursor.is_none(),
+        "no next page when the page is exactly full"
+    );
+}
+
+async fn tokens_authenticate_until_revoked_or_expired(ds: &Datastore) {
+    let p = ds.project_create("p", "").await.expect("project");
+    let t = ds
+        .token_create(NewToken {
+            name: "t",
+            role: Role::Member,
+            project_id: Some(p.id),
+            token_hash: "h1",
+            prefix: "stratus_ab",
+            expires_at: None,
+        })
+        .await
+        .expect("token");
+    let found = ds
+        .token_authenticate("h1")
+        .await
+        .expect("auth")
+        .expect("live");
+    assert_eq!(found.id, t.id);
+    assert!(found.last_used_at.is_none());
+    assert!(
+        ds.token_get(t.id)
+            .await
+            .expect("get")
+            .last_used_at
+            .is_some(),
+        "use recorded"
+    );
+    assert!(ds
+        .token_authenticate("other")
+        .await
+        .expect("auth")
+        .is_none());
+    assert!(!ds.token_admin_exists().await.expect("admins"));
+    let revoked = ds.token_revoke(t.id).await.expect("revoke");
+    assert!(revoked.revoked_at.is_some());
+    assert!(
+        ds.token_authenticate("h1").await.expect("auth").is_none(),
+        "revoked"
+    );
+    let again = ds.token_revoke(t.id).await.expect("revoke twice");
+    assert_eq!(
+        again.revoked_at, revoked.revoked_at,
+        "first revocation stands"
+    );
+
+    ds.token_create(NewToken {
+        name: "old",
+        role: Role::Admin,
+        project_id: None,
+        token_hash: "h2",
+        prefix: "x",
+        expires_at: Some(now_micros() - 1),
+    })
+    .await
+    .expect("expired token");
+    assert!(
+        ds.token_authenticate("h2").await.expect("auth").is_none(),
+        "expired"
+    );
+    assert!(ds.token_admin_exists().await.expect("admins"));
+    let live = ds
+        .token_list(Some(p.id), None, false, &page())
+        .await
+        .expect("list");
+    assert!(live.items.is_empty());
+    let all = ds
+        .token_list(Some(p.id), Some(Role::Member), true, &page())
+        .await
+        .expect("list");
+    assert_eq!(all.items.len(), 1);
+
+    let bad = ds
+        .token_create(NewToken {
+            name: "t",
+            role: Role::Member,
+            project_id: Some(stratus_common::ProjectId::new()),
+            token_hash: "h3",
+            prefix: "x",
+            expires_at: None,
+        })
+        .await
+        .expect_err("unknown project");
+    assert_eq!(bad.error_code(), "not_found");
+}
+
+fn data() -> ImageData {
+    ImageData {
+        format: ImageFormat::Qcow2,
+        virtual_size: 1 << 30,
+        file_size: 1 << 20,
+        sha256: "ab".repeat(32),
+    }
+}
+
+async fn flavors_and_images(ds: &Datastore) {
+    let f = ds
+        .flavor_create("small", 1, 256 << 20, 1 << 30)
+        .await
+        .expect("flavor");
+    assert_eq!(
+        ds.flavor_get_by_name("small").await.expect("by name").id,
+        f.id
+    );
+    assert_eq!(
+        ds.flavor_create("small", 2, 1, 1)
+            .await
+            .expect_err("dup")
+            .error_code(),
+        "name_in_use"
+    );
+    let a = ds.project_create("a", "").await.expect("a");
+    let b = ds.project_create("b", "").await.expect("b");
+    let private = ds
+        .image_create(ImageId::new(), a.id, "img", ImageVisibility::Private, None)
+        .await
+        .expect("pending image");
+    assert_eq!(private.state, ImageState::Pending);
+    let ready = ds
+        .image_set_ready(private.id, &data())
+        .await
+        .expect("ready");
+    assert_eq!(ready.state, ImageState::Ready);
+    assert_eq!(ready.sha256.as_deref(), Some("ab".repeat(32).as_str()));
+    assert_eq!(
+        ds.image_set_ready(private.id, &data())
+            .await
+            .expect_err("twice")
+            .error_code(),
+        "image_not_pending"
+    );
+    ds.image_create(
+        ImageId::new(),
+        b.id,
+        "pub",
+        ImageVisibility::Public,
+        Some(&data()),
+    )
+    .await
+    .expect("public image");
+    // b sees its own image and no private image of a.
+    let seen_by_b = ds
+        .image_list(ImageScope::Project(b.id), None, None, None, &page())
+        .await
+        .expect("list");
+    assert_eq!(seen_by_b.items.len(), 1);
+    let seen_by_a = ds
+        .image_list(ImageScope::Project(a.id), None, None, None, &page())
+        .await
+        .expect("list");
+    assert_eq!(seen_by_a.items.len(), 2, "own and public");
+    assert!(ds
+        .image_find_by_name(ImageScope::Project(b.id), "img")
+        .await
+        .expect("find")
+        .is_empty());
+    assert_eq!(
+        ds.image_find_by_name(ImageScope::Project(a.id), "pub")
+            .await
+            .expect("find")
+            .len(),
+        1
+    );
+    assert_eq!(
+        ds.image_find_by_name(ImageScope::All, "img")
+            .await
+            .expect("find")
+            .len(),
+        1
+    );
+    let pending_only = ds
+        .image_list(
+            ImageScope::All,
+            None,
+            None,
+            Some(ImageState::Pending),
+            &page(),
+        )
+        .await
+        .expect("list");
+    assert!(pending_only.items.is_empty());
+    ds.image_delete(private.id).await.expect("delete image");
+    ds.flavor_delete(f.id).await.expect("delete flavor");
+    assert_eq!(
+        ds.flavor_delete(f.id)
+            .await
+            .expect_err("twice")
+            .error_code(),
+        "not_found"
+    );
+}
+
+struct Fixture {
+    project: stratus_common::ProjectId,
+    flavor: stratus_common::FlavorId,
+    image: ImageId,
+}
+
+async fn fixture(ds: &Datastore) -> Fixture {
+    let p = ds.project_create("proj", "").await.expect("project");
+    let f = ds
+        .flavor_create("tiny", 1, 128 << 20, 1 << 30)
+        .await
+        .expect("flavor");
+    let i = ds
+        .image_create(
+            ImageId::new(),
+            p.id,
+            "img",
+            ImageVisibility::Private,
+            Some(&data()),
+        )
+        .await
+        .expect("image");
+    Fixture {
+        project: p.id,
+        flavor: f.id,
+        image: i.id,
+    }
+}
+
+fn new_vm(fx: &Fixture, name: &str) -> NewVm {
+    NewVm {
+        id: VmId::new(),
+        project_id: fx.project,
+        name: name.to_string(),
+        flavor_id: fx.flavor,
+        image_id: fx.image,
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        disk_bytes: 1 << 30,
+        desired_state: VmDesiredState::Running,
+    }
+}
+
+fn new_job(fx: &Fixture, kind: &str, vm: VmId) -> NewJob {
+    NewJob {
+        id: JobId::new(),
+        project_id: Some(fx.project),
+        kind: kind.to_string(),
+        target_kind: "vm",
+        target_id: vm.as_uuid(),
+        params: serde_json::json!({}),
+        idempotency_key: None,
+    }
+}
+
+async fn vm_intent_and_job_are_one_transaction(ds: &Datastore) {
+    let fx = fixture(ds).await;
+    let vm = new_vm(&fx, "web");
+    let (v, j) = ds
+        .vm_create_with_job(vm.clone(), new_job(&fx, "vm_create", vm.id))
+        .await
+        .expect("create");
+    assert_eq!(v.state, VmState::Creating);
+    assert_eq!(v.active_job_id, Some(j.id));
+    assert_eq!(j.state, JobState::Queued);
+    assert_eq!(ds.job_events(j.id).await.expect("events").len(), 1);
+
+    // A duplicate name rolls back the job too: no orphan job row.
+    let dup = new_vm(&fx, "web");
+    let dup_job = new_job(&fx, "vm_create", dup.id);
+    let dup_job_id = dup_job.id;
+    let e = ds.vm_create_with_job(dup, dup_job).await.expect_err("dup");
+    assert_eq!(e.error_code(), "name_in_use");
+    assert_eq!(
+        ds.job_get(dup_job_id)
+            .await
+            .expect_err("no job")
+            .error_code(),
+        "not_found"
+    );
+
+    // While the create job holds the VM, another operation is refused and
+    // leaves nothing behind.
+    let stop = new_job(&fx, "vm_stop", v.id);
+    let stop_id = stop.id;
+    let busy = ds
+        .vm_begin_operation(v.id, VmDesiredState::Stopped, VmState::Stopping, stop)
+        .await
+        .expect_err("busy");
+    assert_eq!(busy.error_code(), "vm_busy");
+    assert_eq!(
+        ds.job_get(stop_id).await.expect_err("no job").error_code(),
+        "not_found"
+    );
+    assert_eq!(
+        ds.vm_get(v.id).await.expect("vm").desired_state,
+        VmDesiredState::Running
+    );
+
+    let listed = ds
+        .vm_list(
+            &VmListFilter {
+                project: Some(fx.project),
+                state: Some(VmState::Creating),
+                ..Default::default()
+            },
+            &page(),
+        )
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(
+        ds.vm_find_by_name(Some(fx.project), "web")
+            .await
+            .expect("find")
+            .len(),
+        1
+    );
+    assert_eq!(
+        ds.vm_find_by_name(None, "web").await.expect("find").len(),
+        1
+    );
+    assert_eq!(
+        ds.vm_of_job(j.id).await.expect("of job").map(|v| v.id),
+        Some(v.id)
+    );
+
+    // Finish the create: the VM is released with its new state.
+    let claimed = ds
+        .job_claim_next("c1", now_micros() + 60_000_000)
+        .await
+        .expect("claim")
+        .expect("a job");
+    assert_eq!(claimed.id, j.id);
+    ds.job_finish(
+        j.id,
+        "c1",
+        JobOutcome::Succeeded,
+        Some(VmEffect::Update {
+            vm_id: v.id,
+            state: VmState::Stopped,
+            state_reason: None,
+            host_id: Some(HostId::new()).filter(|_| false),
+        }),
+    )
+    .await
+    .expect("finish");
+    let after = ds.vm_get(v.id).await.expect("vm");
+    assert_eq!(after.state, VmState::Stopped);
+    assert!(after.active_job_id.is_none());
+    assert!(after.generation > v.generation);
+
+    let (v2, j2) = ds
+        .vm_begin_operation(
+            v.id,
+            VmDesiredState::Deleted,
+            VmState::Deleting,
+            new_job(&fx, "vm_delete", v.id),
+        )
+        .await
+        .expect("delete intent");
+    assert_eq!(v2.state, VmState::Deleting);
+    ds.job_claim_next("c1", now_micros() + 60_000_000)
+        .await
+        .expect("claim")
+        .expect("a job");
+    ds.job_finish(
+        j2.id,
+        "c1",
+        JobOutcome::Succeeded,
+        Some(VmEffect::Remove { vm_id: v.id }),
+    )
+    .await
+    .expect("finish delete");
+    assert_eq!(
+        ds.vm_get(v.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+}
+
+async fn jobs_claim_step_finish_and_cancel(ds: &Datastore) {
+    let fx = fixture(ds).await;
+    let vm = new_vm(&fx, "a");
+    let (_, j) = ds
+        .vm_create_with_job(vm.clone(), new_job(&fx, "vm_create", vm.id))
+        .await
+        .expect("create");
+    let lease = now_micros() + 60_000_000;
+    let c = ds
+        .job_claim_next("ctl-1", lease)
+        .await
+        .expect("claim")
+        .expect("job");
+    assert_eq!(c.state, JobState::Running);
+    assert_eq!(c.owner.as_deref(), Some("ctl-1"));
+    assert!(
+        ds.job_claim_next("ctl-2", lease)
+            .await
+            .expect("claim")
+            .is_none(),
+        "claimed once"
+    );
+
+    let s = ds
+        .job_step(j.id, "ctl-1", "schedule", 30, "choosing a host", lease)
+        .await
+        .expect("step");
+    assert_eq!(s.progress, 30);
+    assert_eq!(s.current_step.as_deref(), Some("schedule"));
+    let wrong = ds
+        .job_step(j.id, "ctl-2", "x", 40, "x", lease)
+        .await
+        .expect_err("not owner");
+    assert_eq!(wrong.error_code(), "job_not_owned");
+    assert!(ds
+        .job_renew_lease(j.id, "ctl-1", lease + 1)
+        .await
+        .expect("renew"));
+    assert!(!ds
+        .job_renew_lease(j.id, "ctl-2", lease + 1)
+        .await
+        .expect("renew"));
+
+    let cancelling = ds.job_request_cancel(j.id).await.expect("cancel");
+    assert_eq!(cancelling.state, JobState::Cancelling);
+    assert!(cancelling.cancel_requested_at.is_some());
+    let done = ds
+        .job_finish(
+            j.id,
+            "ctl-1",
+            JobOutcome::Cancelled {
+                message: "by request".into(),
+            },
+            Some(VmEffect::Remove { vm_id: vm.id }),
+        )
+        .await
+        .expect("finish");
+    assert_eq!(done.state, JobState::Cancelled);
+    assert_eq!(done.error_code.as_deref(), Some("cancelled"));
+    assert_eq!(
+        ds.job_request_cancel(j.id)
+            .await
+            .expect_err("ended")
+            .error_code(),
+        "job_finished"
+    );
+    let steps: Vec<String> = ds
+        .job_events(j.id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.step)
+        .collect();
+    assert_eq!(steps, ["queued", "schedule", "cancel", "cancelled"]);
+
+    let by_state = ds
+        .job_list(
+            &JobListFilter {
+                state: Some(JobState::Cancelled),
+                kind: Some("vm_create"),
+                target: Some(vm.id.as_uuid()),
+                project: Some(fx.project),
+            },
+            &page(),
+        )
+        .await
+        .expect("list");
+    assert_eq!(by_state.items.len(), 1);
+
+    // Idempotency keys: one job per key per project.
+    let vm2 = new_vm(&fx, "b");
+    let mut job2 = new_job(&fx, "vm_create", vm2.id);
+    job2.idempotency_key = Some("key-1".into());
+    let (_, j2) = ds.vm_create_with_job(vm2, job2).await.expect("create");
+    let found = ds
+        .job_by_idempotency_key(Some(fx.project), "key-1")
+        .await
+        .expect("by key")
+        .expect("found");
+    assert_eq!(found.id, j2.id);
+    assert!(ds
+        .job_by_idempotency_key(None, "key-1")
+        .await
+        .expect("by key")
+        .is_none());
+}
+
+async fn expired_leases_requeue_jobs(ds: &Datastore) {
+    let fx = fixture(ds).await;
+    let vm = new_vm(&fx, "a");
+    let (_, j) = ds
+        .vm_create_with_job(vm.clone(), new_job(&fx, "vm_create", vm.id))
+        .await
+        .expect("create");
+    let now = now_micros();
+    ds.job_claim_next("dead", now + 1_000)
+        .await
+        .expect("claim")
+        .expect("job");
+    assert_eq!(
+        ds.job_requeue_expired(now).await.expect("requeue"),
+        0,
+        "lease still valid"
+    );
+    assert_eq!(
+        ds.job_requeue_expired(now + 2_000).await.expect("requeue"),
+        1
+    );
+    let again = ds
+        .job_claim_next("alive", now + 60_000_000)
+        .await
+        .expect("claim")
+        .expect("requeued job");
+    assert_eq!(again.id, j.id);
+    assert_eq!(again.owner.as_deref(), Some("alive"));
+    let late = ds
+        .job_finish(j.id, "dead", JobOutcome::Succeeded, None)
+        .await
+        .expect_err("old owner");
+    assert_eq!(late.error_code(), "job_not_owned");
+}
+
+async fn project_delete_refuses_while_in_use(ds: &Datastore) {
+    let fx = fixture(ds).await;
+    let e = ds
+        .project_delete(fx.project)
+        .await
+        .expect_err("has an image");
+    assert_eq!(e.error_code(), "project_not_empty");
+    let vm = new_vm(&fx, "a");
+    ds.vm_create_with_job(vm.clone(), new_job(&fx, "vm_create", vm.id))
+        .await
+        .expect("create");
+    assert_eq!(
+        ds.image_delete(fx.image)
+            .await
+            .expect_err("in use")
+            .error_code(),
+        "image_in_use"
+    );
+    assert_eq!(
+        ds.flavor_delete(fx.flavor)
+            .await
+            .expect_err("in use")
+            .error_code(),
+        "flavor_in_use"
+    );
+    assert!(
+        ds.project_get(fx.project).await.is_ok(),
+        "nothing half-deleted"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_second_controller_on_the_same_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = stratus_test_utils::sqlite_url(dir.path());
+    let first = Datastore::open(&url).await.expect("first");
+    let second = Datastore::open(&url).await.err().expect("second must fail");
+    let msg = second.to_string();
+    assert!(matches!(second, OpenError::Locked { .. }), "{msg}");
+    assert!(
+        msg.contains("already in use by another Stratus controller"),
+        "{msg}"
+    );
+    drop(first);
+    // Once the first is gone, the file opens again (and migrations are a no-op).
+    let reopened = Datastore::open(&url).await.expect("reopen after release");
+    reopened.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn sqlite_database_is_in_wal_mode() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ds = Datastore::open(&stratus_test_utils::sqlite_url(dir.path()))
+        .await
+        .expect("open");
+    ds.ping().await.expect("ping");
+    assert!(
+        dir.path().join("stratus.db-wal").exists(),
+        "WAL file present"
+    );
+}
+
+#[tokio::test]
+async fn unknown_urls_are_refused() {
+    let e = Datastore::open("mysql://x").await.err().expect("refused");
+    assert!(matches!(e, OpenError::BadUrl(_)));
+}
+
+#[tokio::test]
+async fn postgres_migrations_are_idempotent_across_controllers() {
+    let url = stratus_test_utils::postgres_url().await;
+    let (a, b) = tokio::join!(Datastore::open(&url), Datastore::open(&url));
+    a.expect("first controller");
+    b.expect("second controller");
+}
