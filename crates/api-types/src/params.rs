@@ -4,7 +4,7 @@ use serde::Deserialize;
 use stratus_common::{Name, Role};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::views::{ImageFormat, ImageVisibility, JobState, VmState};
+use crate::views::{HostState, ImageFormat, ImageState, ImageVisibility, JobState, VmState};
 
 /// Pagination shared by every list: at most `limit` items (default 100, at most
 /// 1000) after the opaque `cursor` returned by the previous page.
@@ -59,7 +59,7 @@ pub struct TokenFilter {
 #[into_params(parameter_in = Query)]
 pub struct HostFilter {
     pub name: Option<String>,
-    pub state: Option<crate::views::HostState>,
+    pub state: Option<HostState>,
     pub zone: Option<String>,
     pub cluster: Option<String>,
 }
@@ -95,7 +95,7 @@ pub struct ImageFilter {
     /// Project name or id.
     pub project: Option<String>,
     pub name: Option<String>,
-    pub state: Option<crate::views::ImageState>,
+    pub state: Option<ImageState>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

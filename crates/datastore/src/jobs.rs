@@ -15,7 +15,7 @@
 //! not, and the VM's `active_job_id` is released exactly then.
 
 use sqlx::any::AnyRow;
-use stratus_api_types::views::{JobState, VmState};
+use stratus_api_types::views::{JobState, VmDesiredState, VmState};
 use stratus_common::time::now_micros;
 use stratus_common::{Error, HostId, JobId, ProjectId, ResourceKind, VmId};
 
@@ -46,6 +46,8 @@ pub enum VmEffect {
         state: VmState,
         state_reason: Option<String>,
         host_id: Option<HostId>,
+        /// Restores the operator's intent (when a job is cancelled).
+        desired_state: Option<VmDesiredState>,
     },
     /// The VM is gone: remove its record.
     Remove { vm_id: VmId },
@@ -325,10 +327,12 @@ impl Datastore {
                 state,
                 state_reason,
                 host_id,
+                desired_state,
             }) => {
                 sqlx::query(
                     "UPDATE vms SET state = $1, state_reason = $2, host_id = $3, active_job_id = NULL, \
-                     generation = generation + 1, updated_at = $4 WHERE id = $5 AND active_job_id = $6",
+                     generation = generation + 1, updated_at = $4, \
+                     desired_state = COALESCE($7, desired_state) WHERE id = $5 AND active_job_id = $6",
                 )
                 .bind(enum_str(&state))
                 .bind(state_reason)
@@ -336,6 +340,7 @@ impl Datastore {
                 .bind(now)
                 .bind(vm_id.to_string())
                 .bind(id.to_string())
+                .bind(desired_state.map(|d| enum_str(&d)))
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(ctx, e))?;

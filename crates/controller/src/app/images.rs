@@ -1,0 +1,182 @@
+//! Images: registration by path (admins) or upload, listing, deletion.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use futures::Stream;
+use stratus_api_types::params::{ImageCreate, ImageFilter, PageParams};
+use stratus_api_types::views::{Image, ImagePage, ImageState, ImageVisibility};
+use stratus_common::{Error, ImageId};
+use stratus_datastore::{ImageScope, PageRequest};
+
+use crate::app::{lookup, Actor, App};
+
+/// Images with an upload in progress in this controller: a second upload to
+/// the same image meanwhile is refused rather than raced.
+static UPLOADING: Mutex<Option<HashSet<ImageId>>> = Mutex::new(None);
+
+struct UploadGuard(ImageId);
+
+impl UploadGuard {
+    fn take(id: ImageId) -> Result<Self, Error> {
+        let mut set = UPLOADING.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.get_or_insert_with(HashSet::new).insert(id) {
+            return Err(Error::conflict(
+                "upload_in_progress",
+                "another upload to this image is in progress",
+            ));
+        }
+        Ok(UploadGuard(id))
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let mut set = UPLOADING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = set.as_mut() {
+            s.remove(&self.0);
+        }
+    }
+}
+
+pub async fn image_create(app: &App, actor: &Actor, p: ImageCreate) -> Result<Image, Error> {
+    actor.require_mutate()?;
+    let project = lookup::project_for_create(app, actor, p.project.as_deref()).await?;
+    let visibility = p.visibility.unwrap_or(ImageVisibility::Private);
+    if visibility == ImageVisibility::Public {
+        actor.require_admin("create public images")?;
+    }
+    let id = ImageId::new();
+    let Some(path) = p.path else {
+        return Ok(app
+            .ds
+            .image_create(id, project, p.name.as_str(), visibility, None)
+            .await?
+            .into_view());
+    };
+    actor.require_admin("register images from a path on the controller host")?;
+    // Refuse a taken name before copying gigabytes; the insert below still
+    // guards against a race.
+    if app
+        .ds
+        .image_list(
+            ImageScope::All,
+            Some(project),
+            Some(p.name.as_str()),
+            None,
+            &PageRequest::first(1),
+        )
+        .await?
+        .items
+        .first()
+        .is_some()
+    {
+        return Err(Error::conflict(
+            "name_in_use",
+            format!(
+                "an image named {:?} already exists in this project",
+                p.name.as_str()
+            ),
+        ));
+    }
+    let data = app
+        .images
+        .import_path(id, Path::new(&path), p.format)
+        .await?;
+    match app
+        .ds
+        .image_create(id, project, p.name.as_str(), visibility, Some(&data))
+        .await
+    {
+        Ok(rec) => Ok(rec.into_view()),
+        Err(e) => {
+            app.images.remove(id);
+            Err(e)
+        }
+    }
+}
+
+pub async fn image_upload<S, E>(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    body: S,
+) -> Result<Image, Error>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let img = lookup::image(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    if !actor.can_see(img.project_id) {
+        return Err(Error::forbidden("the image belongs to another project"));
+    }
+    if img.state != ImageState::Pending {
+        return Err(Error::conflict(
+            "image_not_pending",
+            "the image already has its data",
+        ));
+    }
+    let _guard = UploadGuard::take(img.id)?;
+    let data = app.images.import_stream(img.id, body, None).await?;
+    match app.ds.image_set_ready(img.id, &data).await {
+        Ok(rec) => Ok(rec.into_view()),
+        Err(e) => {
+            app.images.remove(img.id);
+            Err(e)
+        }
+    }
+}
+
+pub async fn image_list(
+    app: &App,
+    actor: &Actor,
+    f: ImageFilter,
+    page: PageParams,
+) -> Result<ImagePage, Error> {
+    let page = PageRequest::parse(page.limit, page.cursor.as_deref())?;
+    let project = match f.project.as_deref() {
+        Some(k) => Some(lookup::project(app, actor, k).await?.id),
+        None => None,
+    };
+    let scope = match actor.own_project() {
+        Some(p) => ImageScope::Project(p),
+        None => ImageScope::All,
+    };
+    let p = app
+        .ds
+        .image_list(scope, project, f.name.as_deref(), f.state, &page)
+        .await?;
+    Ok(ImagePage {
+        items: p.items.into_iter().map(|r| r.into_view()).collect(),
+        next_cursor: p.next_cursor,
+    })
+}
+
+pub async fn image_view(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+) -> Result<Image, Error> {
+    Ok(lookup::image(app, actor, key, scope).await?.into_view())
+}
+
+pub async fn image_delete(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+) -> Result<(), Error> {
+    let img = lookup::image(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    if !actor.can_see(img.project_id) {
+        return Err(Error::forbidden("the image belongs to another project"));
+    }
+    app.ds.image_delete(img.id).await?;
+    app.images.remove(img.id);
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! The application layer: what each API operation means, independent of
+//! HTTP. Every function takes the authenticated [`Actor`], checks what it may
+//! do, validates input, and then reads or writes the store.
+//!
+//! **Invariant**: foreign resources are indistinguishable from absent ones.
+//! Every lookup by name or id goes through `lookup.rs`, which answers
+//! `not_found` for resources of projects the actor cannot see.
+
+pub mod authz;
+pub mod flavors;
+pub mod hosts;
+pub mod image_store;
+pub mod images;
+pub mod jobs;
+mod lookup;
+pub mod projects;
+pub mod secrets;
+pub mod tokens;
+pub mod vms;
+
+use std::sync::Arc;
+
+pub use authz::Actor;
+use stratus_datastore::Datastore;
+use tokio::sync::Notify;
+
+use crate::app::image_store::ImageStore;
+
+/// Everything an API operation needs. Shared by all requests.
+pub struct App {
+    pub ds: Datastore,
+    pub images: ImageStore,
+    /// Wakes the job runner when a job is queued.
+    pub job_waker: Arc<Notify>,
+}
+
+impl App {
+    pub fn new(ds: Datastore, images: ImageStore, job_waker: Arc<Notify>) -> Self {
+        App {
+            ds,
+            images,
+            job_waker,
+        }
+    }
+}

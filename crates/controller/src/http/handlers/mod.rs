@@ -1,0 +1,18 @@
+//! Route handlers, one module per resource. Each is annotated for the OpenAPI
+//! document (`openapi.rs` lists them); the annotation is the route's contract.
+
+pub mod flavors;
+pub mod hosts;
+pub mod images;
+pub mod jobs;
+pub mod projects;
+pub mod system;
+pub mod tokens;
+pub mod vms;
+
+use std::sync::Arc;
+
+use crate::app::App;
+
+/// The router's state.
+pub type AppState = axum::extract::State<Arc<App>>;

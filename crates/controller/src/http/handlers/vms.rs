@@ -1,0 +1,147 @@
+//! `/v1/vms`: every change answers `202 Accepted` with the VM and the job
+//! carrying the change out.
+
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use stratus_api_types::params::{PageParams, ProjectScope, VmCreate, VmFilter};
+use stratus_api_types::views::{Vm, VmOperation, VmPage};
+
+use super::AppState;
+use crate::app::vms::{self, VmAction};
+use crate::app::Actor;
+use crate::http::error::ApiError;
+use crate::http::extract::{idempotency_key, ApiJson, ApiQuery};
+
+/// Create a VM. The VM is recorded with its job at once; the job places and
+/// boots it.
+///
+/// Send an `Idempotency-Key` header (1-200 ASCII characters) to make retries
+/// safe: a retry with the same key returns the first request's VM and job.
+/// (It is described here rather than as a parameter because the generated
+/// Rust client cannot yet express optional headers.)
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", operation_id = "vm_create",
+    request_body = VmCreate,
+    responses((status = 202, body = VmOperation, description = "accepted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_create(
+    s: AppState,
+    actor: Actor,
+    headers: HeaderMap,
+    ApiJson(p): ApiJson<VmCreate>,
+) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    let (_, op) = vms::vm_create(&s.0, &actor, p, key).await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// List VMs.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", operation_id = "vm_list",
+    params(VmFilter, PageParams),
+    responses((status = 200, body = VmPage, description = "a page of VMs"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_list(
+    s: AppState,
+    actor: Actor,
+    ApiQuery(f): ApiQuery<VmFilter>,
+    ApiQuery(page): ApiQuery<PageParams>,
+) -> Result<Json<VmPage>, ApiError> {
+    Ok(Json(vms::vm_list(&s.0, &actor, f, page).await?))
+}
+
+/// Show a VM.
+#[utoipa::path(get, path = "/v1/vms/{vm}", tag = "vms", operation_id = "vm_view",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 200, body = Vm, description = "the VM"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_view(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(
+        vms::vm_view(&s.0, &actor, &key, scope.project.as_deref()).await?,
+    ))
+}
+
+async fn action(
+    s: AppState,
+    actor: Actor,
+    key: String,
+    scope: ProjectScope,
+    a: VmAction,
+) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
+    let op = vms::vm_action(&s.0, &actor, &key, scope.project.as_deref(), a).await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Delete a VM (and, on its host, its disks and process).
+#[utoipa::path(delete, path = "/v1/vms/{vm}", tag = "vms", operation_id = "vm_delete",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 202, body = VmOperation, description = "accepted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_delete(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
+    action(s, actor, key, scope, VmAction::Delete).await
+}
+
+/// Start a stopped VM.
+#[utoipa::path(post, path = "/v1/vms/{vm}/start", tag = "vms", operation_id = "vm_start",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 202, body = VmOperation, description = "accepted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_start(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
+    action(s, actor, key, scope, VmAction::Start).await
+}
+
+/// Stop a running VM (ACPI power-down, then a hard stop after a timeout).
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", tag = "vms", operation_id = "vm_stop",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 202, body = VmOperation, description = "accepted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_stop(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
+    action(s, actor, key, scope, VmAction::Stop).await
+}
+
+/// Reboot a running VM.
+#[utoipa::path(post, path = "/v1/vms/{vm}/reboot", tag = "vms", operation_id = "vm_reboot",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 202, body = VmOperation, description = "accepted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_reboot(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
+    action(s, actor, key, scope, VmAction::Reboot).await
+}

@@ -1,0 +1,93 @@
+//! The HTTP surface: routes, extractors, the error mapping and the OpenAPI
+//! document.
+//!
+//! **Boundary**: handlers are thin. They extract (authentication, JSON,
+//! query), call one `app` function and wrap the answer. No SQL, no policy.
+
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod openapi;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+
+use crate::app::App;
+
+/// Largest JSON body accepted (image data goes through the upload route,
+/// which streams and has its own limit).
+const JSON_BODY_LIMIT: usize = 1 << 20;
+
+/// Builds the router with every route, the request-id and error layer, and
+/// panic containment.
+pub fn router(app: Arc<App>) -> Router {
+    use handlers::*;
+    let v1 = Router::new()
+        .route("/openapi.json", get(system::openapi_document))
+        .route("/whoami", get(tokens::whoami))
+        .route(
+            "/projects",
+            get(projects::project_list).post(projects::project_create),
+        )
+        .route(
+            "/projects/{project}",
+            get(projects::project_view).delete(projects::project_delete),
+        )
+        .route(
+            "/tokens",
+            get(tokens::token_list).post(tokens::token_create),
+        )
+        .route(
+            "/tokens/{token}",
+            get(tokens::token_view).delete(tokens::token_revoke),
+        )
+        .route("/hosts", get(hosts::host_list))
+        .route("/hosts/{host}", get(hosts::host_view))
+        .route(
+            "/host-enrollment-tokens",
+            post(hosts::enrollment_token_create),
+        )
+        .route(
+            "/flavors",
+            get(flavors::flavor_list).post(flavors::flavor_create),
+        )
+        .route(
+            "/flavors/{flavor}",
+            get(flavors::flavor_view).delete(flavors::flavor_delete),
+        )
+        .route(
+            "/images",
+            get(images::image_list).post(images::image_create),
+        )
+        .route(
+            "/images/{image}",
+            get(images::image_view).delete(images::image_delete),
+        )
+        .route(
+            "/images/{image}/data",
+            put(images::image_upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/vms", get(vms::vm_list).post(vms::vm_create))
+        .route("/vms/{vm}", get(vms::vm_view).delete(vms::vm_delete))
+        .route("/vms/{vm}/start", post(vms::vm_start))
+        .route("/vms/{vm}/stop", post(vms::vm_stop))
+        .route("/vms/{vm}/reboot", post(vms::vm_reboot))
+        .route("/jobs", get(jobs::job_list))
+        .route("/jobs/{job}", get(jobs::job_view))
+        .route("/jobs/{job}/wait", get(jobs::job_wait))
+        .route("/jobs/{job}/cancel", post(jobs::job_cancel));
+    Router::new()
+        .route("/healthz", get(system::healthz))
+        .nest("/v1", v1)
+        .fallback(system::not_found)
+        .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            error::panic_response,
+        ))
+        .layer(axum::middleware::from_fn(error::request_context))
+        .with_state(app)
+}

@@ -1,0 +1,69 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations.
+//!
+//! The document is checked in at `openapi/stratus.json`; the CLI's client
+//! is generated from that file. `tests/openapi.rs` fails when the two
+//! differ (set `STRATUS_BLESS=1` to rewrite the file after an intended API
+//! change).
+
+use stratus_api_types::{params, views};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::http::handlers::*;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Stratus", description = "The Stratus private-cloud control plane API.", version = "1.0.0"),
+    paths(
+        system::healthz, system::openapi_document,
+        projects::project_create, projects::project_list, projects::project_view, projects::project_delete,
+        tokens::token_create, tokens::token_list, tokens::token_view, tokens::token_revoke, tokens::whoami,
+        hosts::host_list, hosts::host_view, hosts::enrollment_token_create,
+        flavors::flavor_create, flavors::flavor_list, flavors::flavor_view, flavors::flavor_delete,
+        images::image_create, images::image_upload, images::image_list, images::image_view, images::image_delete,
+        vms::vm_create, vms::vm_list, vms::vm_view, vms::vm_delete, vms::vm_start, vms::vm_stop, vms::vm_reboot,
+        jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
+    ),
+    components(schemas(
+        stratus_common::ProjectId, stratus_common::TokenId, stratus_common::HostId,
+        stratus_common::EnrollmentTokenId, stratus_common::ImageId, stratus_common::FlavorId,
+        stratus_common::VmId, stratus_common::JobId, stratus_common::Name, stratus_common::Role,
+        params::ProjectCreate, params::TokenCreate, params::EnrollmentTokenCreate, params::ImageCreate,
+        params::FlavorCreate, params::VmCreate,
+        views::ErrorBody, views::Health, views::Project, views::ProjectPage, views::Token, views::TokenPage,
+        views::TokenCreated, views::WhoAmI, views::HostState, views::Host, views::HostPage,
+        views::EnrollmentTokenCreated, views::ImageFormat, views::ImageVisibility, views::ImageState,
+        views::Image, views::ImagePage, views::Flavor, views::FlavorPage, views::VmDesiredState,
+        views::VmState, views::Vm, views::VmPage, views::VmOperation, views::JobState, views::JobError,
+        views::JobEvent, views::Job, views::JobPage,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
+        (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as pretty JSON with a trailing newline, exactly as checked in.
+pub fn document_string() -> String {
+    let mut s = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub fn document_json() -> serde_json::Value {
+    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+}

@@ -1,0 +1,63 @@
+//! The kinds of jobs and the parameters each carries.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use stratus_api_types::views::{VmDesiredState, VmState};
+
+/// What a job does. Stored as its snake_case name in `jobs.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    VmCreate,
+    VmStart,
+    VmStop,
+    VmReboot,
+    VmDelete,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 5] = [
+        JobKind::VmCreate,
+        JobKind::VmStart,
+        JobKind::VmStop,
+        JobKind::VmReboot,
+        JobKind::VmDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::VmCreate => "vm_create",
+            JobKind::VmStart => "vm_start",
+            JobKind::VmStop => "vm_stop",
+            JobKind::VmReboot => "vm_reboot",
+            JobKind::VmDelete => "vm_delete",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown job kind {s:?}"))
+    }
+}
+
+/// Parameters of a VM operation, stored with the job so that whichever
+/// controller runs it, and any undo, knows where the VM started from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmJobParams {
+    /// The VM's observed state when the operation was accepted.
+    pub previous_state: VmState,
+    /// What the operator had asked for before this operation.
+    pub previous_desired: VmDesiredState,
+}
