@@ -80,14 +80,41 @@ apt_update_once() {
 # (One apt-cache call: without a pkgcache.bin each call costs ~0.7 s.)
 resolve_kernel_pkg() {
     apt-cache show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
-        sed -nE 's/^Depends:.*(linux-image-[0-9][^ ,]*-cloud-amd64)( \(= ([^)]+)\))?.*/\1 \3/p' | head -n1
+        sed -nE 's/^Depends:.*(linux-image-[0-9][^ ,]*-cloud-amd64)( \(= ([^)]+)\))?.*/\1 \3/p'
 }
 
-KRES="$(resolve_kernel_pkg)"
+SCRIPT_SHA="$(sha256sum "$SCRIPT" | cut -d' ' -f1)"
+FILES=(vmlinuz initrd.img disk.qcow2)
+
+# True when OUT holds a complete image whose manifest has "KEY": "VALUE" and
+# whose files all still have their recorded sha256.
+image_matches() {
+    local m="$OUT/manifest.json" f want have
+    [ -f "$m" ] || return 1
+    grep "\"$1\": \"$2\"" "$m" >/dev/null || return 1
+    for f in "${FILES[@]}"; do
+        [ -f "$OUT/$f" ] || return 1
+        want="$(sed -nE "s/^ *\"$f\": \\{\"sha256\": \"([0-9a-f]{64})\".*/\\1/p" "$m")"
+        have="$(sha256sum "$OUT/$f" | cut -d' ' -f1)"
+        [ -n "$want" ] && [ "$want" = "$have" ] || return 1
+    done
+}
+
+KRES="$(resolve_kernel_pkg || true)"
 if [ -z "$KRES" ] && apt_update_once; then
-    KRES="$(resolve_kernel_pkg)"
+    KRES="$(resolve_kernel_pkg || true)"
 fi
-[ -n "$KRES" ] || die "cannot resolve the cloud kernel package (apt-cache show linux-image-cloud-amd64)"
+if [ -z "$KRES" ]; then
+    # No usable package lists (offline?): an intact image from this very
+    # script is better than nothing.
+    if image_matches script_sha256 "$SCRIPT_SHA"; then
+        log "warning: cannot resolve the cloud kernel package; keeping the cached image"
+        echo "guest image up to date ($OUT, kernel version not re-checked)"
+        exit 0
+    fi
+    die "cannot resolve the cloud kernel package (apt-cache show linux-image-cloud-amd64)"
+fi
+KRES="${KRES%%$'\n'*}"
 KPKG="${KRES%% *}"
 KVER_PKG="${KRES#* }"
 if [ -z "$KVER_PKG" ]; then   # unversioned dependency: ask for the candidate
@@ -98,23 +125,9 @@ KREL="${KPKG#linux-image-}"        # uname -r of the guest, e.g. 6.1.0-56-cloud-
 
 BB_VERSION="$(pkg_version busybox-static)"
 QGA_VERSION="$(pkg_version qemu-guest-agent)"
-SCRIPT_SHA="$(sha256sum "$SCRIPT" | cut -d' ' -f1)"
 CACHE_KEY="$(printf '%s\n' "script=$SCRIPT_SHA" "kernel=$KPKG=$KVER_PKG" \
     "busybox-static=$BB_VERSION" "qemu-guest-agent=$QGA_VERSION" | sha256sum | cut -d' ' -f1)"
-FILES=(vmlinuz initrd.img disk.qcow2)
-
-# True when OUT holds a complete image built with CACHE_KEY.
-image_up_to_date() {
-    local m="$OUT/manifest.json" f want have
-    [ -f "$m" ] || return 1
-    grep -q "\"cache_key\": \"$CACHE_KEY\"" "$m" || return 1
-    for f in "${FILES[@]}"; do
-        [ -f "$OUT/$f" ] || return 1
-        want="$(sed -nE "s/^ *\"$f\": \\{\"sha256\": \"([0-9a-f]{64})\".*/\\1/p" "$m")"
-        have="$(sha256sum "$OUT/$f" | cut -d' ' -f1)"
-        [ -n "$want" ] && [ "$want" = "$have" ] || return 1
-    done
-}
+image_up_to_date() { image_matches cache_key "$CACHE_KEY"; }
 
 if image_up_to_date; then
     echo "guest image up to date ($OUT, kernel $KREL)"
@@ -189,8 +202,9 @@ while read -r applet; do
     applet="${applet#/}"
     [ -e "$ROOT/$applet" ] || [ -L "$ROOT/$applet" ] || ln -s /bin/busybox "$ROOT/$applet"
 done < <("$BUSYBOX" --list-full)
-"$BUSYBOX" --list | grep -qx acpid && HAVE_ACPID=1 || HAVE_ACPID=0
-"$BUSYBOX" --list | grep -qx udhcpc || die "busybox lacks udhcpc"
+APPLETS=" $("$BUSYBOX" --list | tr '\n' ' ') "
+case "$APPLETS" in *" acpid "*) HAVE_ACPID=1 ;; *) HAVE_ACPID=0 ;; esac
+case "$APPLETS" in *" udhcpc "*) ;; *) die "busybox lacks udhcpc" ;; esac
 
 # ---- qemu-ga and every shared library it needs --------------------------
 copy_with_path() {      # copy_with_path /abs/path : same path inside ROOT, symlinks resolved
@@ -205,15 +219,19 @@ while read -r lib; do
     copy_with_path "$lib"
     LIBS+=("$lib")
 done < <(ldd "$QEMU_GA" | sed -nE 's@^\s*(\S+ => )?(/\S+) \(0x[0-9a-f]+\)$@\2@p' | sort -u)
-printf '%s\n' "${LIBS[@]}" | grep -q 'ld-linux' || die "ldd did not report the dynamic loader of $QEMU_GA"
+case " ${LIBS[*]} " in
+    *"/ld-linux"*) ;;
+    *) die "ldd did not report the dynamic loader of $QEMU_GA" ;;
+esac
 
 # ---- kernel modules (with dependencies, decompressed, in load order) ---
 declare -A MOD_SEEN=()
 MOD_ORDER=()
 BUILTIN_MODULES=()
+need_tool() { command -v "$1" >/dev/null 2>&1 || die "missing '$1' (install $2) to unpack kernel modules"; }
 mod_file() {            # mod_file NAME: path of NAME's .ko[.xz|.zst|.gz] under MODDIR
     local alt="${1//_/-}"
-    find "$MODDIR/kernel" -type f \( -name "$1.ko" -o -name "$1.ko.*" -o -name "$alt.ko" -o -name "$alt.ko.*" \) | head -n1
+    find "$MODDIR/kernel" -type f \( -name "$1.ko" -o -name "$1.ko.*" -o -name "$alt.ko" -o -name "$alt.ko.*" \) -print -quit
 }
 mod_builtin() {         # names in modules.builtin may use '-' or '_'
     local re="${1//[-_]/[-_]}"
@@ -234,12 +252,14 @@ add_module() {
     dst="$ROOT$rel"
     mkdir -p "$(dirname "$dst")"
     case "$src" in
-        *.ko.xz) xz -dc "$src" > "$dst" ;;
-        *.ko.zst) zstd -q -dc "$src" > "$dst" ;;
+        *.ko.xz) need_tool xz xz-utils; xz -dc "$src" > "$dst" ;;
+        *.ko.zst) need_tool zstd zstd; zstd -q -dc "$src" > "$dst" ;;
         *.ko.gz) gzip -dc "$src" > "$dst" ;;
         *) cp "$src" "$dst" ;;
     esac
-    deps="$("$BUSYBOX" strings -a "$dst" | sed -n 's/^depends=//p' | head -n1)"
+    # The .modinfo section holds "depends=a,b,c" (no pipe into head: pipefail).
+    deps="$("$BUSYBOX" strings -a "$dst" | sed -n 's/^depends=//p')"
+    deps="${deps%%$'\n'*}"
     for dep in ${deps//,/ }; do
         add_module "$dep"
     done
@@ -269,7 +289,6 @@ printf '127.0.0.1 localhost\n::1 localhost\n' > "$ROOT/etc/hosts"
 cat > "$ROOT/etc/os-release" <<EOF
 NAME="Stratus test guest"
 ID=stratus-guest
-ID_LIKE=debian
 VERSION_ID=$IMAGE_VERSION
 VERSION="$IMAGE_VERSION (kernel $KREL)"
 PRETTY_NAME="Stratus test guest $IMAGE_VERSION"
@@ -495,10 +514,12 @@ if [ "$COUNTER" = 1 ]; then
     (
         i=0
         while :; do
+            sleep 0.5 &         # the period timer runs while we print
+            t=$!
             i=$((i + 1))
             read -r up _ < /proc/uptime
             echo "stratus-guest: counter $i time=$(date +%s) uptime=$up"
-            sleep 0.5
+            wait "$t"
         done
     ) &
 fi
@@ -513,11 +534,14 @@ if [ "$SHELL_ON_CONSOLE" = 1 ]; then
         sleep 1
     done &
 fi
-# PID 1 must never exit; `wait` also reaps orphans re-parented to us.
-while :; do
+# PID 1 must never exit; `wait` also reaps orphans re-parented to us. Once
+# stratus-poweroff has begun (it TERMs every process, then waits for them to
+# go), start nothing new: just sleep in place until the power goes.
+while [ ! -d /run/stratus-stopping ]; do
     sleep 3600 &
     wait $! 2>/dev/null
 done
+exec sleep 2147483647
 EOF
 chmod 755 "$ROOT/init"
 
@@ -543,6 +567,7 @@ for rel in "${MOD_ORDER[@]}"; do n="${rel##*/}"; mod_names+=("${n%.ko}"); done
     printf '{\n'
     printf '  "format": 1,\n'
     printf '  "cache_key": "%s",\n' "$CACHE_KEY"
+    printf '  "script_sha256": "%s",\n' "$SCRIPT_SHA"
     printf '  "image_version": "%s",\n' "$IMAGE_VERSION"
     printf '  "built_at": "%s",\n' "$BUILT_AT"
     printf '  "kernel_package": "%s",\n' "$KPKG"
@@ -551,7 +576,7 @@ for rel in "${MOD_ORDER[@]}"; do n="${rel##*/}"; mod_names+=("${n%.ko}"); done
     printf '  "busybox_static_version": "%s",\n' "$BB_VERSION"
     printf '  "qemu_guest_agent_version": "%s",\n' "$QGA_VERSION"
     printf '  "cmdline": "%s",\n' "$CMDLINE"
-    printf '  "min_memory_mib": 80,\n'
+    printf '  "min_memory_mib": 96,\n'
     printf '  "modules_loaded": %s,\n' "$(json_list "${mod_names[@]}")"
     printf '  "modules_builtin": %s,\n' "$(json_list "${BUILTIN_MODULES[@]}")"
     printf '  "acpid": %s,\n' "$([ "$HAVE_ACPID" = 1 ] && echo true || echo false)"

@@ -14,7 +14,9 @@
 #
 # Usage: scripts/test-guest-image.sh [GUEST_DIR]
 #   GUEST_DIR defaults to $STRATUS_GUEST_DIR, else ~/.cache/stratus/guest.
-#   STRATUS_TEST_GUEST_MEM   guest memory in MiB (default 128; 80 is enough)
+#   STRATUS_TEST_GUEST_MEM   guest memory in MiB (default 128; at least 96:
+#                            at 80 the kernel sometimes runs out of memory while
+#                            unpacking the initramfs)
 #   STRATUS_TEST_BOOT_TIMEOUT  seconds to wait for "booted" (default 90)
 #   STRATUS_TEST_KEEP=1      keep the temp dir (console log) for inspection
 # Exit status 0 when every check passed. QEMU is always killed and temp files
