@@ -1,0 +1,81 @@
+//! The [`Driver`] trait: the one interface the host agent uses to run VMs,
+//! implemented by [`crate::QemuDriver`] and [`crate::SimDriver`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stratus_common::VmId;
+use tokio::sync::broadcast;
+
+use crate::{
+    ConsoleChunk, DriverError, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent, VmSpec,
+    VmStatus,
+};
+
+/// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
+///
+/// Every lifecycle call is idempotent where the name suggests it: creating an
+/// existing VM with the same spec, starting a running VM, stopping a stopped
+/// one and destroying an absent one all succeed without doing anything.
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// `"qemu"` or `"sim"`.
+    fn name(&self) -> &'static str;
+
+    /// CPUs, memory and disk of the host, and the hypervisor in use.
+    async fn host_facts(&self) -> Result<HostFacts, DriverError>;
+
+    /// Prepares the VM (run directory, disk overlay) without starting it.
+    /// Idempotent for the same spec; a different spec for an existing id is a
+    /// [`DriverError::Conflict`].
+    async fn vm_create(&self, spec: &VmSpec) -> Result<(), DriverError>;
+
+    /// Boots the VM. Starting a running VM succeeds and does nothing.
+    async fn vm_start(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Presses the ACPI power button, waits up to `graceful_timeout` for the
+    /// guest to power off, then ends the hypervisor. A zero timeout skips the
+    /// button.
+    async fn vm_stop(&self, id: VmId, graceful_timeout: Duration) -> Result<StopHow, DriverError>;
+
+    /// Resets the running VM (a hard reset, like the reset button).
+    async fn vm_reboot(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Kills the VM if it runs and removes everything the driver keeps for it.
+    /// Destroying an unknown VM succeeds.
+    async fn vm_destroy(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// The VM's state; `None` when the driver does not know the VM.
+    async fn vm_status(&self, id: VmId) -> Result<Option<VmStatus>, DriverError>;
+
+    /// Every VM the driver knows, running or not. After an agent restart this
+    /// is how it finds (and the QEMU driver re-adopts) its VMs.
+    async fn vm_list(&self) -> Result<Vec<VmStatus>, DriverError>;
+
+    /// Up to `max` bytes of the VM's console log from `offset` (see
+    /// [`ConsoleChunk`] for the offset rules).
+    async fn console_read(
+        &self,
+        id: VmId,
+        offset: u64,
+        max: usize,
+    ) -> Result<ConsoleChunk, DriverError>;
+
+    /// Asks the guest agent about the guest, with a short timeout;
+    /// `connected: false` when it does not answer.
+    async fn guest_info(&self, id: VmId) -> Result<GuestInfo, DriverError>;
+
+    /// Runs `argv` in the guest through the guest agent and waits up to
+    /// `timeout` for it to finish.
+    async fn guest_exec(
+        &self,
+        id: VmId,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, DriverError>;
+
+    /// Every state change the driver notices from now on. A receiver that
+    /// falls behind loses the oldest events (`RecvError::Lagged`) and should
+    /// re-read `vm_list`.
+    fn subscribe(&self) -> broadcast::Receiver<VmEvent>;
+}

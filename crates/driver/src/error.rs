@@ -1,0 +1,138 @@
+//! The driver's error type: what went wrong, on which VM, in words an operator
+//! can act on. Sources are chained, never interpolated into the message.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use stratus_common::VmId;
+
+/// Boxed source error, for the variants whose cause can be of several kinds.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything a [`crate::Driver`] operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The VM has no run directory (QEMU) or is not in the table (sim).
+    #[error("VM {0} is not known to this driver")]
+    NotFound(VmId),
+
+    /// The operation does not apply to the VM's current state.
+    #[error("cannot {operation} VM {id} while it is {state}")]
+    InvalidState {
+        id: VmId,
+        operation: &'static str,
+        state: String,
+    },
+
+    /// The spec handed to `vm_create` cannot be run.
+    #[error("invalid spec for VM {id}: {reason}")]
+    InvalidSpec { id: VmId, reason: String },
+
+    /// `vm_create` for an id that already exists with another spec.
+    #[error("VM {id} already exists with a different spec ({difference})")]
+    Conflict { id: VmId, difference: String },
+
+    /// QEMU (or qemu-img) refused, failed or answered with an error.
+    #[error("{context}")]
+    Qemu {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// A file or directory of the driver could not be read or written.
+    #[error("{context} ({})", path.display())]
+    Io {
+        context: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The guest agent inside the VM did not answer or answered with an error.
+    #[error("guest agent of VM {id}: {context}")]
+    GuestAgent {
+        id: VmId,
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// Something did not happen within its time bound.
+    #[error("timed out {what}")]
+    Timeout { what: String },
+
+    /// The driver cannot do this at all (e.g. `guest_exec` on the simulation).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+
+    /// The driver's own configuration is unusable.
+    #[error("driver configuration: {0}")]
+    Config(String),
+}
+
+impl DriverError {
+    pub(crate) fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        DriverError::Io {
+            context: context.into(),
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn qemu(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        DriverError::Qemu {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    pub(crate) fn timeout(what: impl Into<String>) -> Self {
+        DriverError::Timeout { what: what.into() }
+    }
+}
+
+/// What a QEMU process printed when it failed: used as the source of a
+/// [`DriverError::Qemu`] when there is no richer error to chain.
+#[derive(Debug)]
+pub struct QemuSaid(pub String);
+
+impl fmt::Display for QemuSaid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.trim().is_empty() {
+            f.write_str("QEMU printed nothing")
+        } else {
+            write!(f, "QEMU said: {}", self.0.trim())
+        }
+    }
+}
+
+impl std::error::Error for QemuSaid {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_vm_and_do_not_repeat_the_source() {
+        let id = VmId::new();
+        let e = DriverError::io(
+            "cannot write the VM spec",
+            "/data/vms/x/vm.json",
+            io::Error::new(io::ErrorKind::PermissionDenied, "denied"),
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot write the VM spec (/data/vms/x/vm.json)"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        let e = DriverError::InvalidState {
+            id,
+            operation: "reboot",
+            state: "stopped".into(),
+        };
+        assert_eq!(e.to_string(), format!("cannot reboot VM {id} while it is stopped"));
+        assert_eq!(QemuSaid(" ".into()).to_string(), "QEMU printed nothing");
+    }
+}

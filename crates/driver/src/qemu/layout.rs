@@ -1,0 +1,187 @@
+//! The files of one VM under `data_dir/vms/<vm-id>/`, and the small records
+//! (`vm.json`, `state.json`, `run/shutdown.json`) the driver keeps there so a
+//! restarted agent knows what it had.
+//!
+//! ```text
+//! vms/<vm-id>/
+//!   vm.json            the VmSpec (written last by vm_create: its presence means "created")
+//!   disk.qcow2         copy-on-write overlay of the base image
+//!   state.json         last state the driver recorded: running/paused (with pid) or stopped/crashed
+//!   console.log        newest console output (bounded), console.offset: its first byte's offset
+//!   run/qemu.pid       written and locked by QEMU, removed by QEMU when it exits cleanly
+//!   run/qemu.log       QEMU's own messages (stderr, -D)
+//!   run/qmp.sock       QMP, held open by the driver while the VM runs
+//!   run/qga.sock       guest agent (virtio-serial org.qemu.guest_agent.0)
+//!   run/console.sock   serial console, read by the driver into console.log
+//!   run/stop-requested marker: the driver is ending this QEMU on purpose
+//!   run/shutdown.json  the last QMP SHUTDOWN event (guest power-off, panic, signal, ...)
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use stratus_common::VmId;
+
+use crate::{DriverError, VmRuntimeState};
+
+/// Longest path a unix socket address can hold (`sun_path`, with its NUL).
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
+
+/// Paths of one VM's files.
+#[derive(Clone, Debug)]
+pub(crate) struct VmPaths {
+    pub dir: PathBuf,
+    pub vm_json: PathBuf,
+    pub overlay: PathBuf,
+    pub state_json: PathBuf,
+    pub console_log: PathBuf,
+    pub console_offset: PathBuf,
+    pub run: PathBuf,
+    pub pidfile: PathBuf,
+    pub qemu_log: PathBuf,
+    pub qmp_sock: PathBuf,
+    pub qga_sock: PathBuf,
+    pub console_sock: PathBuf,
+    pub stop_marker: PathBuf,
+    pub shutdown_json: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(vms_dir: &Path, id: VmId) -> Self {
+        let dir = vms_dir.join(id.to_string());
+        let run = dir.join("run");
+        VmPaths {
+            vm_json: dir.join("vm.json"),
+            overlay: dir.join("disk.qcow2"),
+            state_json: dir.join("state.json"),
+            console_log: dir.join("console.log"),
+            console_offset: dir.join("console.offset"),
+            pidfile: run.join("qemu.pid"),
+            qemu_log: run.join("qemu.log"),
+            qmp_sock: run.join("qmp.sock"),
+            qga_sock: run.join("qga.sock"),
+            console_sock: run.join("console.sock"),
+            stop_marker: run.join("stop-requested"),
+            shutdown_json: run.join("shutdown.json"),
+            run,
+            dir,
+        }
+    }
+
+    /// The sockets, for cleanup.
+    pub fn sockets(&self) -> [&Path; 3] {
+        [&self.qmp_sock, &self.qga_sock, &self.console_sock]
+    }
+}
+
+/// What `state.json` holds: the last state the driver recorded for the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StateRecord {
+    #[serde(flatten)]
+    pub state: VmRuntimeState,
+    pub since: DateTime<Utc>,
+    /// The QEMU process while `state` is running or paused.
+    pub pid: Option<u32>,
+}
+
+impl StateRecord {
+    pub fn new(state: VmRuntimeState, pid: Option<u32>) -> Self {
+        StateRecord {
+            state,
+            since: Utc::now(),
+            pid,
+        }
+    }
+}
+
+/// The last QMP `SHUTDOWN` event, as recorded by the monitor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ShutdownRecord {
+    /// Whether the guest asked for it (power-off, reset, panic).
+    pub guest: bool,
+    /// QEMU's `ShutdownCause`, e.g. `guest-shutdown`, `host-signal`, `guest-panic`.
+    pub reason: String,
+}
+
+/// Reads a JSON record; `Ok(None)` when the file does not exist.
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> Result<Option<T>, DriverError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            DriverError::io(
+                format!("cannot parse the {what}"),
+                path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DriverError::io(format!("cannot read the {what}"), path, e)),
+    }
+}
+
+/// Writes a JSON record atomically (temporary file, then rename), so a crash
+/// mid-write leaves the old record rather than half a new one.
+pub(crate) fn write_json<T: Serialize>(path: &Path, what: &str, value: &T) -> Result<(), DriverError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| {
+        DriverError::io(
+            format!("cannot encode the {what}"),
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
+    })?;
+    write_atomic(path, &bytes).map_err(|e| DriverError::io(format!("cannot write the {what}"), path, e))
+}
+
+/// Replaces `path` with `bytes` atomically.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Removes a file; absent is fine.
+pub(crate) fn remove_file_if_exists(path: &Path) -> Result<(), DriverError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DriverError::io("cannot remove a stale file", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_missing_is_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("state.json");
+        assert_eq!(read_json::<StateRecord>(&p, "state").expect("read"), None);
+        let rec = StateRecord::new(
+            VmRuntimeState::Crashed {
+                reason: "gone".into(),
+            },
+            None,
+        );
+        write_json(&p, "state", &rec).expect("write");
+        assert_eq!(read_json::<StateRecord>(&p, "state").expect("read"), Some(rec));
+        std::fs::write(&p, b"{not json").expect("write");
+        assert!(read_json::<StateRecord>(&p, "state").is_err());
+    }
+
+    #[test]
+    fn socket_paths_sit_in_the_run_dir() {
+        let id = VmId::new();
+        let p = VmPaths::new(Path::new("/var/lib/stratus/vms"), id);
+        assert!(p.qmp_sock.starts_with(&p.run));
+        assert!(p.dir.ends_with(id.to_string()));
+        assert!(p.console_sock.as_os_str().len() <= MAX_SOCKET_PATH);
+    }
+}

@@ -1,0 +1,73 @@
+//! `stratus`: the one binary.
+//!
+//! - `stratus up`: the all-in-one cloud (controller on SQLite in a data dir).
+//! - `stratus server`: a controller (SQLite or PostgreSQL).
+//! - `stratus project|token|host|image|flavor|vm|job|whoami`: the CLI, over
+//!   the API (see `stratus-cli`).
+
+mod daemon;
+
+use clap::{Parser, Subcommand};
+use stratus_cli::{ClientCommand, GlobalOpts};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stratus",
+    version,
+    about = "Stratus private cloud: controller, all-in-one and CLI"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the all-in-one cloud: a controller on SQLite in DATA_DIR, in the
+    /// foreground until SIGINT or SIGTERM
+    Up(daemon::UpArgs),
+    /// Run a controller
+    Server(daemon::ServerArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => report(daemon::up(args, cli.global).await),
+            Command::Server(args) => report(daemon::server(args).await),
+            Command::Client(cmd) => match stratus_cli::run(cmd, cli.global).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    e.exit_code()
+                }
+            },
+        }
+    });
+    std::process::exit(code);
+}
+
+fn report(r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
