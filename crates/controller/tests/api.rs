@@ -1,0 +1,1095 @@
+//! The API end to end in process (real router, real store, real job runner),
+//! each test on SQLite and on PostgreSQL.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::{assert_error_shape, Backend, Ctx};
+use serde_json::{json, Value};
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await; })*
+        }
+        mod on_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await; })*
+        }
+    };
+}
+
+both_backends!(
+    tenant_isolation_sweep,
+    readers_cannot_change_anything,
+    every_operation_needs_a_token,
+    bad_input_gets_clear_errors,
+    vm_intent_lifecycle,
+    images_are_validated_and_checksummed,
+    lists_page_with_cursors_and_filter,
+    idempotency_key_returns_the_same_job,
+    cancelling_a_queued_job_unwinds_it,
+    tokens_are_shown_once_and_revocable,
+);
+
+/// A world with two projects. A holds one of everything.
+struct World {
+    a_member: String,
+    a_reader: String,
+    b_member: String,
+    /// Path parameter name → A's resource id.
+    a_ids: Vec<(&'static str, String)>,
+    flavor: String,
+}
+
+async fn world(ctx: &Ctx) -> World {
+    let admin = &ctx.admin;
+    let a = ctx
+        .must(
+            ctx.post("/v1/projects", admin, json!({"name": "a"})).await,
+            "project a",
+        )
+        .await;
+    ctx.must(
+        ctx.post("/v1/projects", admin, json!({"name": "b"})).await,
+        "project b",
+    )
+    .await;
+    let flavor = ctx
+        .must(
+            ctx.post("/v1/flavors", admin, json!({"name": "tiny", "vcpus": 1, "memory_bytes": 128u64 << 20, "disk_bytes": 1u64 << 30})).await,
+            "flavor",
+        )
+        .await;
+    let token = |role: &str, project: &str, name: &str| json!({"name": name, "role": role, "project": project});
+    let a_member = ctx
+        .must(
+            ctx.post("/v1/tokens", admin, token("member", "a", "am"))
+                .await,
+            "a member",
+        )
+        .await;
+    let a_reader = ctx
+        .must(
+            ctx.post("/v1/tokens", admin, token("reader", "a", "ar"))
+                .await,
+            "a reader",
+        )
+        .await;
+    let b_member = ctx
+        .must(
+            ctx.post("/v1/tokens", admin, token("member", "b", "bm"))
+                .await,
+            "b member",
+        )
+        .await;
+    let am = a_member["secret"].as_str().expect("secret").to_string();
+    // A member can make tokens for its own project.
+    let a_extra = ctx
+        .must(
+            ctx.post(
+                "/v1/tokens",
+                &am,
+                json!({"name": "extra", "role": "reader"}),
+            )
+            .await,
+            "extra",
+        )
+        .await;
+
+    let img = ctx
+        .must(
+            ctx.post("/v1/images", &am, json!({"name": "img-a"})).await,
+            "image",
+        )
+        .await;
+    let img_id = img["id"].as_str().expect("id").to_string();
+    let data = std::fs::read(ctx.qcow2("a.qcow2", "64M")).expect("read qcow2");
+    ctx.must(
+        ctx.put_bytes(&format!("/v1/images/{img_id}/data"), &am, data)
+            .await,
+        "upload",
+    )
+    .await;
+    let op = ctx
+        .must(
+            ctx.post(
+                "/v1/vms",
+                &am,
+                json!({"name": "vm-a", "flavor": "tiny", "image": "img-a"}),
+            )
+            .await,
+            "vm",
+        )
+        .await;
+    World {
+        a_member: am,
+        a_reader: a_reader["secret"].as_str().expect("secret").to_string(),
+        b_member: b_member["secret"].as_str().expect("secret").to_string(),
+        a_ids: vec![
+            ("project", a["id"].as_str().expect("id").to_string()),
+            (
+                "token",
+                a_extra["token"]["id"].as_str().expect("id").to_string(),
+            ),
+            ("image", img_id),
+            ("vm", op["vm"]["id"].as_str().expect("id").to_string()),
+            ("job", op["job"]["id"].as_str().expect("id").to_string()),
+        ],
+        flavor: flavor["id"].as_str().expect("id").to_string(),
+    }
+}
+
+/// Every operation of the checked-in API document: (method, path template,
+/// operation id).
+fn operations() -> Vec<(Method, String, String)> {
+    let doc = stratus_controller::http::openapi::document_json();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("item") {
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            ops.push((
+                m,
+                path.clone(),
+                op["operationId"].as_str().expect("operationId").to_string(),
+            ));
+        }
+    }
+    assert!(ops.len() >= 30);
+    ops
+}
+
+fn params_of(path: &str) -> Vec<String> {
+    path.split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A valid body for each operation that takes one, so a refusal is about
+/// authorization and not about the body.
+fn valid_body(op: &str) -> Option<Value> {
+    Some(match op {
+        "project_create" => json!({"name": "new-project"}),
+        "token_create" => json!({"name": "new-token", "role": "reader"}),
+        "enrollment_token_create" => json!({}),
+        "flavor_create" => {
+            json!({"name": "new-flavor", "vcpus": 1, "memory_bytes": 134217728u64, "disk_bytes": 1073741824u64})
+        }
+        "image_create" => json!({"name": "new-image"}),
+        "vm_create" => json!({"name": "new-vm", "flavor": "tiny", "image": "img-a"}),
+        _ => return None,
+    })
+}
+
+async fn send(ctx: &Ctx, method: &Method, path: &str, op: &str, token: &str) -> common::Resp {
+    if op == "image_upload" {
+        let req = axum::http::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/octet-stream")
+            .body(axum::body::Body::from(vec![0u8; 512]))
+            .expect("request");
+        return ctx.raw(req).await;
+    }
+    ctx.call(method.clone(), path, Some(token), valid_body(op))
+        .await
+}
+
+/// Everything an admin can list, with the fields that change on mere use
+/// (token last use) removed: "did anything change?" in one value.
+async fn snapshot(ctx: &Ctx) -> Value {
+    let mut all = serde_json::Map::new();
+    for list in [
+        "/v1/projects",
+        "/v1/tokens?include_revoked=true",
+        "/v1/images",
+        "/v1/vms",
+        "/v1/jobs",
+        "/v1/flavors",
+        "/v1/hosts",
+    ] {
+        let mut r = ctx.get(list, &ctx.admin).await;
+        assert_eq!(r.status, StatusCode::OK, "{list}");
+        if let Some(items) = r.body["items"].as_array_mut() {
+            for i in items {
+                if let Some(o) = i.as_object_mut() {
+                    o.remove("last_used_at");
+                    o.remove("updated_at");
+                }
+            }
+        }
+        all.insert(list.to_string(), r.body);
+    }
+    Value::Object(all)
+}
+
+async fn settle(ctx: &Ctx) {
+    // Let the runner finish what the world queued.
+    for _ in 0..200 {
+        let r = ctx.get("/v1/jobs?state=queued", &ctx.admin).await;
+        let r2 = ctx.get("/v1/jobs?state=running", &ctx.admin).await;
+        if r.body["items"].as_array().is_some_and(|a| a.is_empty())
+            && r2.body["items"].as_array().is_some_and(|a| a.is_empty())
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("jobs did not settle");
+}
+
+async fn tenant_isolation_sweep(b: Backend) {
+    let ctx = Ctx::new(b, true).await;
+    let w = world(&ctx).await;
+    settle(&ctx).await;
+    let before = snapshot(&ctx).await;
+    let mut checked = 0;
+    for (method, template, op) in operations() {
+        let params = params_of(&template);
+        if params.is_empty() {
+            continue;
+        }
+        // Hosts and flavors belong to no project: not a tenancy question.
+        if params.iter().any(|p| p == "host" || p == "flavor") {
+            continue;
+        }
+        // Fill every parameter with A's resource, by id and (where it has
+        // one) by name.
+        let mut path = template.clone();
+        for p in &params {
+            let id = &w
+                .a_ids
+                .iter()
+                .find(|(k, _)| k == p)
+                .unwrap_or_else(|| panic!("no A resource for {{{p}}} in {template}"))
+                .1;
+            path = path.replace(&format!("{{{p}}}"), id);
+        }
+        let r = send(&ctx, &method, &path, &op, &w.b_member).await;
+        assert_eq!(
+            r.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path} ({op}) as B: {}",
+            r.body
+        );
+        assert_error_shape(&r);
+        assert_eq!(r.code(), "not_found");
+        checked += 1;
+    }
+    assert!(checked >= 15, "swept only {checked} operations");
+    for by_name in [
+        "/v1/vms/vm-a",
+        "/v1/images/img-a",
+        "/v1/projects/a",
+        "/v1/vms/vm-a?project=a",
+    ] {
+        let r = ctx.get(by_name, &w.b_member).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{by_name}");
+    }
+    // Lists never show A's resources to B, filtered or not.
+    for list in [
+        "/v1/projects",
+        "/v1/tokens",
+        "/v1/images",
+        "/v1/vms",
+        "/v1/jobs",
+    ] {
+        let r = ctx.get(list, &w.b_member).await;
+        assert_eq!(r.status, StatusCode::OK, "{list}");
+        let text = r.body.to_string();
+        for (kind, id) in &w.a_ids {
+            assert!(!text.contains(id.as_str()), "{list} shows A's {kind} to B");
+        }
+        if list == "/v1/projects" {
+            let named = ctx.get("/v1/projects?name=a", &w.b_member).await;
+            assert_eq!(named.body["items"].as_array().map(|a| a.len()), Some(0));
+        } else {
+            let filtered = ctx.get(&format!("{list}?project=a"), &w.b_member).await;
+            assert_eq!(filtered.status, StatusCode::NOT_FOUND, "{list}?project=a");
+        }
+    }
+    // And B cannot create in A.
+    let r = ctx
+        .post(
+            "/v1/vms",
+            &w.b_member,
+            json!({"name": "x", "flavor": "tiny", "image": "img-a", "project": "a"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["field"], "project");
+    let r = ctx
+        .post(
+            "/v1/vms",
+            &w.b_member,
+            json!({"name": "x", "flavor": "tiny", "image": "img-a"}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "A's private image is invisible to B"
+    );
+    assert_eq!(r.body["field"], "image");
+    assert_eq!(snapshot(&ctx).await, before, "nothing changed");
+    // A itself sees all of it.
+    for (kind, id) in &w.a_ids {
+        let path = match *kind {
+            "project" => format!("/v1/projects/{id}"),
+            "token" => format!("/v1/tokens/{id}"),
+            "image" => format!("/v1/images/{id}"),
+            "vm" => format!("/v1/vms/{id}"),
+            _ => format!("/v1/jobs/{id}"),
+        };
+        assert_eq!(
+            ctx.get(&path, &w.a_member).await.status,
+            StatusCode::OK,
+            "{path} as A"
+        );
+    }
+    ctx.shutdown().await;
+}
+
+async fn readers_cannot_change_anything(b: Backend) {
+    let ctx = Ctx::new(b, true).await;
+    let w = world(&ctx).await;
+    settle(&ctx).await;
+    let before = snapshot(&ctx).await;
+    let mut checked = 0;
+    for (method, template, op) in operations() {
+        if method == Method::GET {
+            continue;
+        }
+        let mut path = template.clone();
+        for p in params_of(&template) {
+            let id = match p.as_str() {
+                "flavor" => w.flavor.clone(),
+                other => w
+                    .a_ids
+                    .iter()
+                    .find(|(k, _)| *k == other)
+                    .expect("resource")
+                    .1
+                    .clone(),
+            };
+            path = path.replace(&format!("{{{p}}}"), &id);
+        }
+        let r = send(&ctx, &method, &path, &op, &w.a_reader).await;
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path} ({op}) as reader: {}",
+            r.body
+        );
+        assert_error_shape(&r);
+        checked += 1;
+    }
+    assert!(checked >= 15, "checked only {checked} mutations");
+    assert_eq!(snapshot(&ctx).await, before, "nothing changed");
+    // Reading works.
+    assert_eq!(
+        ctx.get("/v1/vms/vm-a", &w.a_reader).await.status,
+        StatusCode::OK
+    );
+    ctx.shutdown().await;
+}
+
+async fn every_operation_needs_a_token(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    for (method, template, op) in operations() {
+        let path = template.replace('{', "").replace('}', "");
+        let r = ctx.call(method.clone(), &path, None, valid_body(&op)).await;
+        if template == "/healthz" {
+            assert_eq!(r.status, StatusCode::OK);
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {template}");
+        assert_error_shape(&r);
+        assert_eq!(r.code(), "unauthenticated");
+        for bad in ["Bearer nope", "Basic abc", "Bearer "] {
+            let req = axum::http::Request::builder()
+                .method(method.clone())
+                .uri(&path)
+                .header("authorization", bad)
+                .body(axum::body::Body::empty())
+                .expect("request");
+            let r = ctx.raw(req).await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {template} with {bad:?}"
+            );
+        }
+    }
+}
+
+async fn bad_input_gets_clear_errors(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    let admin = ctx.admin.clone();
+    let cases: Vec<(Method, &str, Option<Value>, StatusCode, Option<&str>)> = vec![
+        (
+            Method::POST,
+            "/v1/flavors",
+            Some(json!({"name": "f", "vcpus": 1, "memory_bytes": "lots", "disk_bytes": 1})),
+            StatusCode::BAD_REQUEST,
+            Some("memory_bytes"),
+        ),
+        (
+            Method::POST,
+            "/v1/flavors",
+            Some(
+                json!({"name": "f", "vcpus": 0, "memory_bytes": 134217728u64, "disk_bytes": 1073741824u64}),
+            ),
+            StatusCode::BAD_REQUEST,
+            Some("vcpus"),
+        ),
+        (
+            Method::POST,
+            "/v1/flavors",
+            Some(
+                json!({"name": "f", "vcpus": 1, "memory_bytes": 1000, "disk_bytes": 1073741824u64}),
+            ),
+            StatusCode::BAD_REQUEST,
+            Some("memory_bytes"),
+        ),
+        (
+            Method::POST,
+            "/v1/flavors",
+            Some(json!({"name": "f", "vcpus": -1, "memory_bytes": 134217728u64, "disk_bytes": 1})),
+            StatusCode::BAD_REQUEST,
+            Some("vcpus"),
+        ),
+        (
+            Method::POST,
+            "/v1/projects",
+            Some(json!({"name": "Not Valid"})),
+            StatusCode::BAD_REQUEST,
+            Some("name"),
+        ),
+        (
+            Method::POST,
+            "/v1/projects",
+            Some(json!({"name": "ok", "extra": 1})),
+            StatusCode::BAD_REQUEST,
+            Some("extra"),
+        ),
+        (
+            Method::POST,
+            "/v1/projects",
+            Some(json!({})),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/projects",
+            Some(json!({"name": "p", "description": "x".repeat(5000)})),
+            StatusCode::BAD_REQUEST,
+            Some("description"),
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"name": "t", "role": "god"})),
+            StatusCode::BAD_REQUEST,
+            Some("role"),
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"name": "t", "role": "member"})),
+            StatusCode::BAD_REQUEST,
+            Some("project"),
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"name": "t", "role": "admin", "project": "x"})),
+            StatusCode::BAD_REQUEST,
+            Some("project"),
+        ),
+        (
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"name": "v", "flavor": "f", "image": "i"})),
+            StatusCode::BAD_REQUEST,
+            Some("project"),
+        ),
+        (
+            Method::GET,
+            "/v1/vms?limit=0",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("limit"),
+        ),
+        (
+            Method::GET,
+            "/v1/vms?limit=abc",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("limit"),
+        ),
+        (
+            Method::GET,
+            "/v1/vms?cursor=forged",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("cursor"),
+        ),
+        (
+            Method::GET,
+            "/v1/vms?state=dancing",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("state"),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs?kind=nonsense",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("kind"),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/not-a-uuid",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("job"),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/0190b6d2-7f0e-7c3a-9d6b-2f8e1f2a3b4c/wait?timeout_secs=1000",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some("timeout_secs"),
+        ),
+        (
+            Method::GET,
+            "/v1/vms/0190b6d2-7f0e-7c3a-9d6b-2f8e1f2a3b4c",
+            None,
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/nothing-here",
+            None,
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+        (
+            Method::PATCH,
+            "/v1/vms",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/images",
+            Some(json!({"name": "i", "project": "nope"})),
+            StatusCode::BAD_REQUEST,
+            Some("project"),
+        ),
+    ];
+    for (method, path, body, status, field) in cases {
+        let r = ctx.call(method.clone(), path, Some(&admin), body).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_error_shape(&r);
+        if let Some(f) = field {
+            assert_eq!(r.body["field"], f, "{method} {path}: {}", r.body);
+        }
+    }
+    // Malformed JSON and the wrong content type.
+    let req = axum::http::Request::builder()
+        .method(Method::POST)
+        .uri("/v1/projects")
+        .header("authorization", format!("Bearer {admin}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from("{not json"))
+        .expect("request");
+    let r = ctx.raw(req).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&r);
+    let req = axum::http::Request::builder()
+        .method(Method::POST)
+        .uri("/v1/projects")
+        .header("authorization", format!("Bearer {admin}"))
+        .header("content-type", "text/plain")
+        .body(axum::body::Body::from("{}"))
+        .expect("request");
+    let r = ctx.raw(req).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_error_shape(&r);
+    // A body over the limit.
+    let big = json!({"name": "p", "description": "x".repeat(2 << 20)});
+    let r = ctx.post("/v1/projects", &admin, big).await;
+    assert!(r.status.is_client_error(), "{}", r.status);
+    assert_error_shape(&r);
+    // Nothing was created by any of it.
+    let s = ctx.get("/v1/projects", &admin).await;
+    assert_eq!(s.body["items"].as_array().map(|a| a.len()), Some(0));
+    let s = ctx.get("/v1/flavors", &admin).await;
+    assert_eq!(s.body["items"].as_array().map(|a| a.len()), Some(0));
+    // Duplicates are conflicts.
+    ctx.must(
+        ctx.post("/v1/projects", &admin, json!({"name": "p"})).await,
+        "p",
+    )
+    .await;
+    let r = ctx.post("/v1/projects", &admin, json!({"name": "p"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "name_in_use");
+}
+
+async fn vm_intent_lifecycle(b: Backend) {
+    let ctx = Ctx::new(b, true).await;
+    let w = world(&ctx).await;
+    let am = &w.a_member;
+    settle(&ctx).await;
+    // No host is enrolled, so creation fails and says why.
+    let vm = ctx.get("/v1/vms/vm-a", am).await.body;
+    assert_eq!(vm["state"], "failed");
+    assert!(
+        vm["state_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no hosts are enrolled"),
+        "{vm}"
+    );
+    let job_id = &w.a_ids.iter().find(|(k, _)| *k == "job").expect("job").1;
+    let job = ctx
+        .get(&format!("/v1/jobs/{job_id}/wait?timeout_secs=5"), am)
+        .await
+        .body;
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["error"]["code"], "no_host_available");
+    let steps: Vec<&str> = job["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["step"].as_str())
+        .collect();
+    assert_eq!(steps, ["queued", "schedule", "failed"]);
+    // An unplaced VM cannot be started, stopped or rebooted.
+    for action in ["start", "stop", "reboot"] {
+        let r = ctx
+            .call(
+                Method::POST,
+                &format!("/v1/vms/vm-a/{action}"),
+                Some(am),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{action}");
+        assert_eq!(r.code(), "vm_not_placed");
+    }
+    // Names are unique per project, not globally.
+    let r = ctx
+        .post(
+            "/v1/vms",
+            am,
+            json!({"name": "vm-a", "flavor": "tiny", "image": "img-a"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "name_in_use");
+    // The image and flavor are in use.
+    assert_eq!(
+        ctx.delete("/v1/images/img-a", am).await.status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        ctx.delete("/v1/flavors/tiny", &ctx.admin).await.status,
+        StatusCode::CONFLICT
+    );
+    // Delete.
+    let op = ctx.delete("/v1/vms/vm-a", am).await;
+    assert_eq!(op.status, StatusCode::ACCEPTED);
+    assert_eq!(op.body["vm"]["state"], "deleting");
+    let job = ctx
+        .get(
+            &format!(
+                "/v1/jobs/{}/wait?timeout_secs=10",
+                op.body["job"]["id"].as_str().expect("id")
+            ),
+            am,
+        )
+        .await
+        .body;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["progress"], 100);
+    assert_eq!(
+        ctx.get("/v1/vms/vm-a", am).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // A too-small flavor is refused up front.
+    ctx.must(ctx.post("/v1/flavors", &ctx.admin, json!({"name": "mini", "vcpus": 1, "memory_bytes": 134217728u64, "disk_bytes": 1048576u64})).await, "mini").await;
+    let r = ctx
+        .post(
+            "/v1/vms",
+            am,
+            json!({"name": "v2", "flavor": "mini", "image": "img-a"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.code(), "disk_too_small");
+    ctx.shutdown().await;
+}
+
+async fn images_are_validated_and_checksummed(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    let admin = ctx.admin.clone();
+    ctx.must(
+        ctx.post("/v1/projects", &admin, json!({"name": "p"})).await,
+        "p",
+    )
+    .await;
+    let qcow = ctx.qcow2("good.qcow2", "100M");
+    let data = std::fs::read(&qcow).expect("read");
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&data))
+    };
+    // By path (admin).
+    let img = ctx
+        .must(
+            ctx.post(
+                "/v1/images",
+                &admin,
+                json!({"name": "by-path", "project": "p", "path": qcow.display().to_string()}),
+            )
+            .await,
+            "by path",
+        )
+        .await;
+    assert_eq!(img["state"], "ready");
+    assert_eq!(img["format"], "qcow2");
+    assert_eq!(img["virtual_size"], 100u64 << 20);
+    assert_eq!(img["file_size"], data.len() as u64);
+    assert_eq!(img["sha256"], want.as_str());
+    let stored = ctx
+        .app
+        .images
+        .path_of(img["id"].as_str().expect("id").parse().expect("uuid"));
+    assert_eq!(std::fs::read(&stored).expect("stored copy"), data);
+    // By upload.
+    let pending = ctx
+        .must(
+            ctx.post("/v1/images", &admin, json!({"name": "up", "project": "p"}))
+                .await,
+            "pending",
+        )
+        .await;
+    assert_eq!(pending["state"], "pending");
+    let id = pending["id"].as_str().expect("id").to_string();
+    let r = ctx
+        .put_bytes(&format!("/v1/images/{id}/data"), &admin, vec![])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "empty upload");
+    let r = ctx
+        .put_bytes(&format!("/v1/images/{id}/data"), &admin, data.clone())
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["sha256"], want.as_str());
+    let r = ctx
+        .put_bytes(&format!("/v1/images/{id}/data"), &admin, data.clone())
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "second upload");
+    // Refusals: relative or missing paths, an image with a backing file, a
+    // format other than the one asked for, paths from non-admins.
+    let r = ctx
+        .post(
+            "/v1/images",
+            &admin,
+            json!({"name": "rel", "project": "p", "path": "relative.qcow2"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["field"], "path");
+    let r = ctx
+        .post(
+            "/v1/images",
+            &admin,
+            json!({"name": "missing", "project": "p", "path": "/nonexistent/x.qcow2"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.code(), "image_source_unreadable");
+    let overlay = ctx.dir.path().join("overlay.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&qcow)
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let r = ctx
+        .post(
+            "/v1/images",
+            &admin,
+            json!({"name": "backed", "project": "p", "path": overlay.display().to_string()}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.code(), "invalid_image");
+    let r = ctx.post("/v1/images", &admin, json!({"name": "wrong", "project": "p", "path": qcow.display().to_string(), "format": "raw"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.code(), "image_format_mismatch");
+    let member = ctx
+        .must(
+            ctx.post(
+                "/v1/tokens",
+                &admin,
+                json!({"name": "m", "role": "member", "project": "p"}),
+            )
+            .await,
+            "m",
+        )
+        .await;
+    let m = member["secret"].as_str().expect("secret");
+    let r = ctx
+        .post(
+            "/v1/images",
+            m,
+            json!({"name": "sneaky", "path": "/etc/hostname"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = ctx
+        .post(
+            "/v1/images",
+            m,
+            json!({"name": "pub", "visibility": "public"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // None of the refusals left a record or a file.
+    let names: Vec<String> = ctx.get("/v1/images", &admin).await.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["by-path", "up"]);
+    let files = std::fs::read_dir(ctx.dir.path().join("images"))
+        .expect("dir")
+        .count();
+    assert_eq!(files, 3, "two images plus tmp/");
+    assert_eq!(
+        std::fs::read_dir(ctx.dir.path().join("images/tmp"))
+            .expect("tmp")
+            .count(),
+        0
+    );
+    // A pending image cannot back a VM.
+    ctx.must(ctx.post("/v1/flavors", &admin, json!({"name": "f", "vcpus": 1, "memory_bytes": 134217728u64, "disk_bytes": 1073741824u64})).await, "f").await;
+    ctx.must(
+        ctx.post(
+            "/v1/images",
+            &admin,
+            json!({"name": "empty", "project": "p"}),
+        )
+        .await,
+        "empty",
+    )
+    .await;
+    let r = ctx
+        .post(
+            "/v1/vms",
+            m,
+            json!({"name": "v", "flavor": "f", "image": "empty"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "image_not_ready");
+    // Delete removes the file.
+    assert_eq!(
+        ctx.delete("/v1/images/by-path?project=p", &admin)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(!stored.exists());
+}
+
+async fn lists_page_with_cursors_and_filter(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    let admin = ctx.admin.clone();
+    for i in 0..7 {
+        ctx.must(
+            ctx.post("/v1/projects", &admin, json!({"name": format!("p{i}")}))
+                .await,
+            "p",
+        )
+        .await;
+    }
+    let mut names = Vec::new();
+    let mut url = "/v1/projects?limit=3".to_string();
+    loop {
+        let r = ctx.get(&url, &admin).await;
+        assert_eq!(r.status, StatusCode::OK);
+        for p in r.body["items"].as_array().expect("items") {
+            names.push(p["name"].as_str().expect("name").to_string());
+        }
+        match r.body["next_cursor"].as_str() {
+            Some(c) => url = format!("/v1/projects?limit=3&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["p0", "p1", "p2", "p3", "p4", "p5", "p6"]);
+    let r = ctx.get("/v1/projects?name=p4", &admin).await;
+    assert_eq!(r.body["items"].as_array().map(|a| a.len()), Some(1));
+}
+
+async fn idempotency_key_returns_the_same_job(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    let w = world(&ctx).await;
+    let req = |key: &str| {
+        axum::http::Request::builder()
+            .method(Method::POST)
+            .uri("/v1/vms")
+            .header("authorization", format!("Bearer {}", w.a_member))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(axum::body::Body::from(
+                json!({"name": "idem", "flavor": "tiny", "image": "img-a"}).to_string(),
+            ))
+            .expect("request")
+    };
+    let first = ctx.raw(req("k-1")).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    let again = ctx.raw(req("k-1")).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.body);
+    assert_eq!(first.body["job"]["id"], again.body["job"]["id"]);
+    assert_eq!(first.body["vm"]["id"], again.body["vm"]["id"]);
+    let other = ctx.raw(req("k-2")).await;
+    assert_eq!(
+        other.status,
+        StatusCode::CONFLICT,
+        "same name, new key: a real duplicate"
+    );
+}
+
+async fn cancelling_a_queued_job_unwinds_it(b: Backend) {
+    // No runner yet: the create job stays queued.
+    let ctx = Ctx::new(b, false).await;
+    let w = world(&ctx).await;
+    let job_id = w
+        .a_ids
+        .iter()
+        .find(|(k, _)| *k == "job")
+        .expect("job")
+        .1
+        .clone();
+    let job = ctx
+        .get(&format!("/v1/jobs/{job_id}"), &w.a_member)
+        .await
+        .body;
+    assert_eq!(job["state"], "queued");
+    let r = ctx
+        .call(Method::POST, "/v1/vms/vm-a/stop", Some(&w.a_member), None)
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "busy with its create job");
+    assert_eq!(r.code(), "vm_busy");
+    let c = ctx
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{job_id}/cancel"),
+            Some(&w.a_member),
+            None,
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.body);
+    // Now a controller starts and finds it.
+    let mut cfg = stratus_jobs::RunnerConfig::new("late-controller");
+    cfg.poll_interval = std::time::Duration::from_millis(50);
+    let runner = stratus_jobs::JobRunner::new(ctx.app.ds.clone(), cfg).start();
+    let job = ctx
+        .get(
+            &format!("/v1/jobs/{job_id}/wait?timeout_secs=10"),
+            &w.a_member,
+        )
+        .await
+        .body;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(
+        ctx.get("/v1/vms/vm-a", &w.a_member).await.status,
+        StatusCode::NOT_FOUND,
+        "the create was undone"
+    );
+    let again = ctx
+        .call(
+            Method::POST,
+            &format!("/v1/jobs/{job_id}/cancel"),
+            Some(&w.a_member),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(again.code(), "job_finished");
+    runner.shutdown().await;
+}
+
+async fn tokens_are_shown_once_and_revocable(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    let w = world(&ctx).await;
+    let created = ctx
+        .must(
+            ctx.post(
+                "/v1/tokens",
+                &w.a_member,
+                json!({"name": "tmp", "role": "member"}),
+            )
+            .await,
+            "tmp",
+        )
+        .await;
+    let secret = created["secret"].as_str().expect("secret").to_string();
+    assert!(secret.starts_with("stratus_") && secret.len() >= 40);
+    let id = created["token"]["id"].as_str().expect("id").to_string();
+    let shown = ctx.get(&format!("/v1/tokens/{id}"), &w.a_member).await.body;
+    assert!(
+        !shown.to_string().contains(&secret),
+        "the secret is never shown again"
+    );
+    assert_eq!(
+        ctx.get("/v1/whoami", &secret).await.body["token"]["name"],
+        "tmp"
+    );
+    // Members cannot mint admin tokens.
+    let r = ctx
+        .post(
+            "/v1/tokens",
+            &w.a_member,
+            json!({"name": "boss", "role": "admin"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = ctx.delete(&format!("/v1/tokens/{id}"), &w.a_member).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body["revoked_at"].is_string());
+    let r = ctx.get("/v1/whoami", &secret).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "revoked at once");
+    assert_error_shape(&r);
+    let stored = ctx
+        .app
+        .ds
+        .token_list(
+            None,
+            None,
+            true,
+            &stratus_datastore::PageRequest::first(100),
+        )
+        .await
+        .expect("list");
+    assert!(
+        stored
+            .items
+            .iter()
+            .all(|t| !t.token_hash.contains(&secret) && t.token_hash.len() == 64),
+        "only hashes stored"
+    );
+}
