@@ -398,7 +398,7 @@ async fn readers_cannot_change_anything(b: Backend) {
 async fn every_operation_needs_a_token(b: Backend) {
     let ctx = Ctx::new(b, false).await;
     for (method, template, op) in operations() {
-        let path = template.replace('{', "").replace('}', "");
+        let path = template.replace(['{', '}'], "");
         let r = ctx.call(method.clone(), &path, None, valid_body(&op)).await;
         if template == "/healthz" {
             assert_eq!(r.status, StatusCode::OK);
@@ -427,7 +427,8 @@ async fn every_operation_needs_a_token(b: Backend) {
 async fn bad_input_gets_clear_errors(b: Backend) {
     let ctx = Ctx::new(b, false).await;
     let admin = ctx.admin.clone();
-    let cases: Vec<(Method, &str, Option<Value>, StatusCode, Option<&str>)> = vec![
+    type Case<'a> = (Method, &'a str, Option<Value>, StatusCode, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             Method::POST,
             "/v1/flavors",

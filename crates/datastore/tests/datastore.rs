@@ -5,7 +5,7 @@ use stratus_api_types::views::{
     ImageFormat, ImageState, ImageVisibility, JobState, VmDesiredState, VmState,
 };
 use stratus_common::time::now_micros;
-use stratus_common::{HostId, ImageId, JobId, Role, VmId};
+use stratus_common::{ImageId, JobId, Role, VmId};
 use stratus_datastore::model::NewJob;
 use stratus_datastore::*;
 
@@ -466,13 +466,15 @@ async fn vm_intent_and_job_are_one_transaction(ds: &Datastore) {
             vm_id: v.id,
             state: VmState::Stopped,
             state_reason: None,
-            host_id: Some(HostId::new()).filter(|_| false),
+            host_id: None,
+            desired_state: Some(VmDesiredState::Stopped),
         }),
     )
     .await
     .expect("finish");
     let after = ds.vm_get(v.id).await.expect("vm");
     assert_eq!(after.state, VmState::Stopped);
+    assert_eq!(after.desired_state, VmDesiredState::Stopped);
     assert!(after.active_job_id.is_none());
     assert!(after.generation > v.generation);
 

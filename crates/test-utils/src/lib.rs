@@ -165,6 +165,9 @@ fn start_private_server() -> String {
         data = data.display(),
         dir = dir.display(),
     );
+    // Not waited for on purpose: the watchdog outlives this call and ends
+    // on its own when this process does.
+    #[allow(clippy::zombie_processes)]
     Command::new("sh")
         .arg("-c")
         .arg(script)

@@ -16,7 +16,8 @@ pub async fn flavor_create(app: &App, actor: &Actor, p: FlavorCreate) -> Result<
             format!("vcpus must be 1..=256, got {}", p.vcpus),
         ));
     }
-    if p.memory_bytes < 64 * MIB || p.memory_bytes % MIB != 0 || p.memory_bytes > 16 * TIB {
+    if p.memory_bytes < 64 * MIB || !p.memory_bytes.is_multiple_of(MIB) || p.memory_bytes > 16 * TIB
+    {
         return Err(Error::invalid(
             "memory_bytes",
             format!(
@@ -25,7 +26,7 @@ pub async fn flavor_create(app: &App, actor: &Actor, p: FlavorCreate) -> Result<
             ),
         ));
     }
-    if p.disk_bytes < MIB || p.disk_bytes % MIB != 0 || p.disk_bytes > 64 * 1024 * GIB {
+    if p.disk_bytes < MIB || !p.disk_bytes.is_multiple_of(MIB) || p.disk_bytes > 64 * 1024 * GIB {
         return Err(Error::invalid(
             "disk_bytes",
             format!(

@@ -1,6 +1,7 @@
 //! Images: registration by path (admins) or upload, listing, deletion.
 
 use std::collections::HashSet;
+use std::ops::Not;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -70,8 +71,8 @@ pub async fn image_create(app: &App, actor: &Actor, p: ImageCreate) -> Result<Im
         )
         .await?
         .items
-        .first()
-        .is_some()
+        .is_empty()
+        .not()
     {
         return Err(Error::conflict(
             "name_in_use",
