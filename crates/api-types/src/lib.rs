@@ -6,5 +6,6 @@
 //! generated client (`crates/client`), built from the checked-in OpenAPI
 //! document, so this crate is the single source of the API's shapes.
 
+pub mod agent;
 pub mod params;
 pub mod views;

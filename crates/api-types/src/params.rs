@@ -87,6 +87,12 @@ pub struct ImageCreate {
     pub path: Option<String>,
     /// The format the file must have; refused if `qemu-img info` disagrees.
     pub format: Option<ImageFormat>,
+    /// For direct kernel boot: a kernel file on the controller host (admin).
+    pub kernel_path: Option<String>,
+    /// Its initrd, on the controller host (admin).
+    pub initrd_path: Option<String>,
+    /// Kernel command line (`console=ttyS0` is added when missing).
+    pub cmdline: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -168,5 +174,25 @@ pub struct JobFilter {
 pub struct JobWait {
     /// Seconds to wait for the job to end before answering with its current
     /// state (default 30, at most 300).
+    pub timeout_secs: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// Read from this byte offset (default: the newest `max` bytes).
+    pub offset: Option<u64>,
+    /// At most this many bytes (default 65536, at most 1048576).
+    pub max: Option<u32>,
+    /// Project name or id, for resolving a VM name.
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmExec {
+    /// The program and its arguments.
+    pub argv: Vec<String>,
+    /// Seconds to wait for the command (default 60, at most 600).
     pub timeout_secs: Option<u32>,
 }

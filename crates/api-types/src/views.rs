@@ -7,6 +7,8 @@ use stratus_common::{
 };
 use utoipa::ToSchema;
 
+use crate::agent::GuestAgentInfo;
+
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -183,7 +185,26 @@ pub struct Image {
     pub file_size: Option<u64>,
     /// SHA-256 of the stored file, hex.
     pub sha256: Option<String>,
+    /// For direct kernel boot: the kernel's SHA-256 (absent: firmware boot
+    /// from the disk).
+    pub kernel_sha256: Option<String>,
+    pub initrd_sha256: Option<String>,
+    /// Kernel command line for direct kernel boot.
+    pub cmdline: Option<String>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A slice of a VM's serial console.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmConsole {
+    /// The bytes, base64 (the console is a byte stream).
+    pub data_base64: String,
+    /// Offset of the first byte returned.
+    pub offset: u64,
+    /// Pass as `offset` to read on from here (`--follow`).
+    pub next_offset: u64,
+    /// Output before `offset` was dropped to keep the log bounded.
+    pub truncated_before: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -260,6 +281,10 @@ pub struct Vm {
     pub state_reason: Option<String>,
     /// The host the VM is placed on, once placed.
     pub host_id: Option<HostId>,
+    /// What the guest agent inside the VM last reported.
+    pub guest: Option<GuestAgentInfo>,
+    /// When the host last reported on this VM.
+    pub observed_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -171,6 +171,15 @@ pub enum ImageCmd {
         /// Refuse the file unless it is in this format (qcow2 or raw)
         #[arg(long)]
         format: Option<String>,
+        /// Direct kernel boot: a kernel on the controller host (admin; with --path)
+        #[arg(long, requires = "path")]
+        kernel_path: Option<String>,
+        /// Its initrd on the controller host (with --kernel-path)
+        #[arg(long, requires = "kernel_path")]
+        initrd_path: Option<String>,
+        /// Kernel command line (console=ttyS0 is added when missing)
+        #[arg(long, requires = "kernel_path")]
+        cmdline: Option<String>,
     },
     /// List images
     List {
@@ -736,6 +745,9 @@ async fn image(c: &Client, f: Format, cmd: ImageCmd) -> Result<(), CliError> {
             project,
             public,
             format,
+            kernel_path,
+            initrd_path,
+            cmdline,
         } => {
             let format: Option<types::ImageFormat> = match format {
                 Some(s) => Some(parse_enum("format (qcow2 or raw)", &s)?),
@@ -751,6 +763,9 @@ async fn image(c: &Client, f: Format, cmd: ImageCmd) -> Result<(), CliError> {
                 }),
                 path,
                 format,
+                kernel_path,
+                initrd_path,
+                cmdline,
             };
             let img = c.image_create().body(body).send().await?.into_inner();
             let img = match file {

@@ -9,9 +9,9 @@ use crate::model::{enum_str, HostRecord};
 use crate::page::{ListQuery, Page, PageRequest};
 use crate::Datastore;
 
-const SELECT: &str =
+pub(crate) const SELECT: &str =
     "SELECT id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
-                      qemu_version, accel, generation, created_at, last_heartbeat_at FROM hosts";
+                      qemu_version, accel, generation, desired_revision, driver, created_at, last_heartbeat_at FROM hosts";
 
 /// Filters for [`Datastore::host_list`].
 #[derive(Debug, Default)]

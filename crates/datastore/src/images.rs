@@ -11,7 +11,7 @@ use crate::Datastore;
 
 const SELECT: &str =
     "SELECT id, project_id, name, visibility, state, format, virtual_size, file_size, \
-                      sha256, created_at FROM images";
+                      sha256, kernel_sha256, initrd_sha256, cmdline, created_at FROM images";
 
 /// What `qemu-img info` and the copy established about an image's file.
 #[derive(Debug, Clone)]
@@ -55,6 +55,9 @@ impl Datastore {
             virtual_size: data.map(|d| d.virtual_size),
             file_size: data.map(|d| d.file_size),
             sha256: data.map(|d| d.sha256.clone()),
+            kernel_sha256: None,
+            initrd_sha256: None,
+            cmdline: None,
             created_at: now_micros(),
         };
         sqlx::query(

@@ -20,6 +20,7 @@ mod migrations;
 pub mod model;
 mod page;
 
+mod agents;
 mod flavors;
 mod hosts;
 mod images;
@@ -31,6 +32,7 @@ mod vms;
 pub use db::{Backend, Datastore, OpenError};
 pub use page::{Page, PageRequest};
 
+pub use agents::{HostRequestRecord, Placement, CONSOLE_KEEP};
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};
 pub use jobs::{JobListFilter, JobOutcome, VmEffect};

@@ -14,7 +14,7 @@ const MIGRATIONS: &[(i64, &str, &str)] =
     &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
 
 /// The schema version this binary expects.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// An arbitrary constant: the advisory lock id for migrations.
 const PG_MIGRATION_LOCK: i64 = 0x5354_5241_5455_5301;

@@ -181,6 +181,8 @@ pub struct HostRecord {
     pub qemu_version: Option<String>,
     pub accel: Option<String>,
     pub generation: i64,
+    pub desired_revision: i64,
+    pub driver: Option<String>,
     pub created_at: i64,
     pub last_heartbeat_at: Option<i64>,
 }
@@ -200,6 +202,8 @@ impl HostRecord {
             qemu_version: r.opt_text("qemu_version")?,
             accel: r.opt_text("accel")?,
             generation: r.int("generation")?,
+            desired_revision: r.int("desired_revision")?,
+            driver: r.opt_text("driver")?,
             created_at: r.int("created_at")?,
             last_heartbeat_at: r.opt_int("last_heartbeat_at")?,
         })
@@ -234,6 +238,9 @@ pub struct ImageRecord {
     pub virtual_size: Option<u64>,
     pub file_size: Option<u64>,
     pub sha256: Option<String>,
+    pub kernel_sha256: Option<String>,
+    pub initrd_sha256: Option<String>,
+    pub cmdline: Option<String>,
     pub created_at: i64,
 }
 
@@ -249,6 +256,9 @@ impl ImageRecord {
             virtual_size: r.opt_int("virtual_size")?.map(u64_of),
             file_size: r.opt_int("file_size")?.map(u64_of),
             sha256: r.opt_text("sha256")?,
+            kernel_sha256: r.opt_text("kernel_sha256")?,
+            initrd_sha256: r.opt_text("initrd_sha256")?,
+            cmdline: r.opt_text("cmdline")?,
             created_at: r.int("created_at")?,
         })
     }
@@ -263,6 +273,9 @@ impl ImageRecord {
             virtual_size: self.virtual_size,
             file_size: self.file_size,
             sha256: self.sha256,
+            kernel_sha256: self.kernel_sha256,
+            initrd_sha256: self.initrd_sha256,
+            cmdline: self.cmdline,
             created_at: from_micros(self.created_at),
         }
     }
@@ -317,6 +330,13 @@ pub struct VmRecord {
     pub host_id: Option<HostId>,
     pub active_job_id: Option<JobId>,
     pub generation: i64,
+    pub reboot_generation: i64,
+    pub observed_state: Option<stratus_api_types::agent::ObservedVmState>,
+    pub observed_reason: Option<String>,
+    pub observed_generation: i64,
+    pub observed_reboot_generation: i64,
+    pub observed_at: Option<i64>,
+    pub guest: Option<stratus_api_types::agent::GuestAgentInfo>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -338,6 +358,16 @@ impl VmRecord {
             host_id: r.opt_parse("host_id")?,
             active_job_id: r.opt_parse("active_job_id")?,
             generation: r.int("generation")?,
+            reboot_generation: r.int("reboot_generation")?,
+            observed_state: opt_enum_parse(r, "observed_state")?,
+            observed_reason: r.opt_text("observed_reason")?,
+            observed_generation: r.int("observed_generation")?,
+            observed_reboot_generation: r.int("observed_reboot_generation")?,
+            observed_at: r.opt_int("observed_at")?,
+            guest: match r.opt_text("guest")? {
+                Some(g) => serde_json::from_str(&g).ok(),
+                None => None,
+            },
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -356,6 +386,8 @@ impl VmRecord {
             state: self.state,
             state_reason: self.state_reason,
             host_id: self.host_id,
+            guest: self.guest,
+            observed_at: self.observed_at.map(from_micros),
             created_at: from_micros(self.created_at),
             updated_at: from_micros(self.updated_at),
         }

@@ -16,8 +16,9 @@ use crate::page::{ListQuery, Page, PageRequest};
 use crate::Datastore;
 
 const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
-                      desired_state, state, state_reason, host_id, active_job_id, generation, created_at, \
-                      updated_at FROM vms";
+                      desired_state, state, state_reason, host_id, active_job_id, generation, reboot_generation, \
+                      observed_state, observed_reason, observed_generation, observed_reboot_generation, \
+                      observed_at, guest, created_at, updated_at FROM vms";
 
 /// A VM to record.
 #[derive(Debug, Clone)]
@@ -94,6 +95,7 @@ impl Datastore {
         vm_id: VmId,
         desired: VmDesiredState,
         state: VmState,
+        bump_reboot: bool,
         job: NewJob,
     ) -> Result<(VmRecord, JobRecord), Error> {
         let ctx = "recording a VM operation";
@@ -109,6 +111,26 @@ impl Datastore {
         .bind(enum_str(&state))
         .bind(vm_id.to_string());
         let done = q.execute(&mut *tx).await.map_err(|e| db_error(ctx, e))?;
+        if done.rows_affected() == 1 {
+            if bump_reboot {
+                sqlx::query(
+                    "UPDATE vms SET reboot_generation = reboot_generation + 1 WHERE id = $1",
+                )
+                .bind(vm_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+            }
+            // The VM's host must hear of the new intent.
+            sqlx::query(
+                "UPDATE hosts SET desired_revision = desired_revision + 1 \
+                 WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
+            )
+            .bind(vm_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        }
         if done.rows_affected() == 0 {
             let current = fetch_vm(&mut tx, vm_id).await?;
             return Err(Error::conflict(

@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use stratus_api_types::agent::ImagePart;
 use stratus_api_types::views::ImageFormat;
 use stratus_common::{Error, ImageId};
 use stratus_datastore::ImageData;
@@ -54,6 +55,65 @@ impl ImageStore {
 
     pub fn path_of(&self, id: ImageId) -> PathBuf {
         self.dir.join(format!("{id}.img"))
+    }
+
+    /// The file holding one part of an image.
+    pub fn part_path(&self, id: ImageId, part: ImagePart) -> PathBuf {
+        match part {
+            ImagePart::Disk => self.path_of(id),
+            ImagePart::Kernel => self.dir.join(format!("{id}.kernel")),
+            ImagePart::Initrd => self.dir.join(format!("{id}.initrd")),
+        }
+    }
+
+    /// Copies a kernel or initrd for direct kernel boot into the store.
+    /// These are opaque files (no qemu-img check); returns their SHA-256.
+    pub async fn import_boot_file(
+        &self,
+        id: ImageId,
+        part: ImagePart,
+        src: &Path,
+        field: &str,
+    ) -> Result<String, Error> {
+        if !src.is_absolute() {
+            return Err(Error::invalid(
+                field,
+                format!("{} is not an absolute path", src.display()),
+            ));
+        }
+        let meta = tokio::fs::metadata(src).await.map_err(|e| {
+            Error::unprocessable(
+                "image_source_unreadable",
+                format!("cannot read {}: {e}", src.display()),
+            )
+        })?;
+        if !meta.is_file() || meta.len() == 0 {
+            return Err(Error::unprocessable(
+                "image_source_unreadable",
+                format!("{} is not a non-empty regular file", src.display()),
+            ));
+        }
+        let tmp = self.tmp_path(id);
+        let (s, t) = (src.to_path_buf(), tmp.clone());
+        let copied = tokio::task::spawn_blocking(move || copy_hashing(&s, &t))
+            .await
+            .map_err(|e| Error::internal(format!("copy task: {e}")))?;
+        let (_, sha) = match copied {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::unprocessable(
+                    "image_source_unreadable",
+                    format!("cannot copy {}: {e}", src.display()),
+                ));
+            }
+        };
+        let dest = self.part_path(id, part);
+        std::fs::rename(&tmp, &dest).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::internal(format!("moving {} into place: {e}", dest.display()))
+        })?;
+        Ok(sha)
     }
 
     fn tmp_path(&self, id: ImageId) -> PathBuf {
@@ -204,10 +264,12 @@ impl ImageStore {
     /// Removes an image's file; absent files are fine (the delete is what
     /// matters, and a crash may have come between the row and the file).
     pub fn remove(&self, id: ImageId) {
-        let p = self.path_of(id);
-        if let Err(e) = std::fs::remove_file(&p) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove image file");
+        for part in [ImagePart::Disk, ImagePart::Kernel, ImagePart::Initrd] {
+            let p = self.part_path(id, part);
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove image file");
+                }
             }
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::Stream;
+use stratus_api_types::agent::ImagePart;
 use stratus_api_types::params::{ImageCreate, ImageFilter, PageParams};
 use stratus_api_types::views::{Image, ImagePage, ImageState, ImageVisibility};
 use stratus_common::{Error, ImageId};
@@ -50,6 +51,25 @@ pub async fn image_create(app: &App, actor: &Actor, p: ImageCreate) -> Result<Im
         actor.require_admin("create public images")?;
     }
     let id = ImageId::new();
+    let boot_files = p.kernel_path.is_some() || p.initrd_path.is_some();
+    if boot_files && p.path.is_none() {
+        return Err(Error::invalid(
+            "kernel_path",
+            "kernel boot files are registered together with the disk (`path`)",
+        ));
+    }
+    if p.initrd_path.is_some() && p.kernel_path.is_none() {
+        return Err(Error::invalid(
+            "initrd_path",
+            "an initrd needs a kernel (`kernel_path`)",
+        ));
+    }
+    if p.cmdline.as_ref().is_some_and(|c| c.len() > 4096) {
+        return Err(Error::invalid(
+            "cmdline",
+            "cmdline is limited to 4096 bytes",
+        ));
+    }
     let Some(path) = p.path else {
         return Ok(app
             .ds
@@ -82,17 +102,59 @@ pub async fn image_create(app: &App, actor: &Actor, p: ImageCreate) -> Result<Im
             ),
         ));
     }
-    let data = app
-        .images
-        .import_path(id, Path::new(&path), p.format)
-        .await?;
-    match app
-        .ds
-        .image_create(id, project, p.name.as_str(), visibility, Some(&data))
-        .await
-    {
+    let result = async {
+        let data = app
+            .images
+            .import_path(id, Path::new(&path), p.format)
+            .await?;
+        let kernel = match &p.kernel_path {
+            Some(k) => Some(
+                app.images
+                    .import_boot_file(id, ImagePart::Kernel, Path::new(k), "kernel_path")
+                    .await?,
+            ),
+            None => None,
+        };
+        let initrd = match &p.initrd_path {
+            Some(i) => Some(
+                app.images
+                    .import_boot_file(id, ImagePart::Initrd, Path::new(i), "initrd_path")
+                    .await?,
+            ),
+            None => None,
+        };
+        let cmdline = kernel.as_ref().map(|_| {
+            let c = p.cmdline.clone().unwrap_or_default();
+            if c.split_whitespace().any(|w| w.starts_with("console=")) {
+                c
+            } else {
+                format!("console=ttyS0 {c}").trim().to_string()
+            }
+        });
+        app.ds
+            .image_create(id, project, p.name.as_str(), visibility, Some(&data))
+            .await?;
+        if kernel.is_some() {
+            app.ds
+                .image_set_boot(id, kernel.as_deref(), initrd.as_deref(), cmdline.as_deref())
+                .await?;
+        }
+        app.ds.image_get(id).await
+    }
+    .await;
+    match result {
         Ok(rec) => Ok(rec.into_view()),
         Err(e) => {
+            // Nothing half-registered: the row (if any) and every file go.
+            if !matches!(
+                e,
+                Error::Conflict {
+                    code: "name_in_use",
+                    ..
+                }
+            ) {
+                let _ = app.ds.image_delete(id).await;
+            }
             app.images.remove(id);
             Err(e)
         }

@@ -6,6 +6,7 @@
 //! Every lookup by name or id goes through `lookup.rs`, which answers
 //! `not_found` for resources of projects the actor cannot see.
 
+pub mod agent;
 pub mod authz;
 pub mod flavors;
 pub mod hosts;

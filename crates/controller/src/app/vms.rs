@@ -2,8 +2,16 @@
 //! intent and a job in one transaction, wakes the job runner, and answers
 //! `202 Accepted` with the VM and its job.
 
-use stratus_api_types::params::{PageParams, VmCreate, VmFilter};
-use stratus_api_types::views::{ImageState, Vm, VmDesiredState, VmOperation, VmPage, VmState};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use stratus_api_types::agent::{AgentRequestKind, ExecResult};
+use stratus_api_types::params::{ConsoleQuery, PageParams, VmCreate, VmExec, VmFilter};
+use stratus_api_types::views::{
+    ImageState, Vm, VmConsole, VmDesiredState, VmOperation, VmPage, VmState,
+};
+use stratus_common::time::now_micros;
 use stratus_common::{Error, JobId, VmId};
 use stratus_datastore::model::{JobRecord, NewJob, VmRecord};
 use stratus_datastore::{NewVm, PageRequest, VmListFilter};
@@ -221,7 +229,10 @@ pub async fn vm_action(
             ));
         }
         let allowed = match action {
-            VmAction::Start => matches!(vm.state, VmState::Stopped | VmState::Crashed),
+            VmAction::Start => matches!(
+                vm.state,
+                VmState::Stopped | VmState::Crashed | VmState::Failed
+            ),
             VmAction::Stop => matches!(vm.state, VmState::Running | VmState::Crashed),
             VmAction::Reboot => vm.state == VmState::Running,
             VmAction::Delete => true,
@@ -240,8 +251,125 @@ pub async fn vm_action(
     let job = new_job(kind, &vm, vm.state, None);
     let (vm, job) = app
         .ds
-        .vm_begin_operation(vm.id, desired, transitional, job)
+        .vm_begin_operation(
+            vm.id,
+            desired,
+            transitional,
+            action == VmAction::Reboot,
+            job,
+        )
         .await?;
     app.job_waker.notify_one();
     Ok(operation(vm, job))
+}
+
+const CONSOLE_DEFAULT: u32 = 64 * 1024;
+const CONSOLE_MAX: u32 = 1 << 20;
+
+pub async fn vm_console(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    q: ConsoleQuery,
+) -> Result<VmConsole, Error> {
+    let vm = lookup::vm(app, actor, key, q.project.as_deref()).await?;
+    let max = q.max.unwrap_or(CONSOLE_DEFAULT);
+    if !(1..=CONSOLE_MAX).contains(&max) {
+        return Err(Error::invalid(
+            "max",
+            format!("max must be 1..={CONSOLE_MAX}"),
+        ));
+    }
+    let (data, offset, next, truncated) = app
+        .ds
+        .vm_console_read(vm.id, q.offset, max as usize)
+        .await?;
+    Ok(VmConsole {
+        data_base64: STANDARD.encode(data),
+        offset,
+        next_offset: next,
+        truncated_before: truncated,
+    })
+}
+
+/// Runs a command in the guest through its host's agent and the guest
+/// agent, and answers with its exit code and output.
+pub async fn vm_exec(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    p: VmExec,
+) -> Result<ExecResult, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    if p.argv.is_empty() || p.argv[0].is_empty() {
+        return Err(Error::invalid("argv", "argv must name a program"));
+    }
+    if p.argv.len() > 256 || p.argv.iter().map(String::len).sum::<usize>() > 64 * 1024 {
+        return Err(Error::invalid(
+            "argv",
+            "argv is too long (256 arguments, 64 KiB)",
+        ));
+    }
+    let timeout = p.timeout_secs.unwrap_or(60);
+    if !(1..=600).contains(&timeout) {
+        return Err(Error::invalid(
+            "timeout_secs",
+            "timeout_secs must be 1..=600",
+        ));
+    }
+    let (Some(host), VmState::Running) = (vm.host_id, vm.state) else {
+        return Err(Error::conflict(
+            "vm_not_running",
+            format!(
+                "VM {:?} is {}; commands run only in running VMs",
+                vm.name,
+                vm.state.as_str()
+            ),
+        ));
+    };
+    if !vm.guest.as_ref().is_some_and(|g| g.connected) {
+        return Err(Error::conflict(
+            "guest_agent_not_connected",
+            format!(
+                "the guest agent in VM {:?} is not connected, so commands cannot run in it",
+                vm.name
+            ),
+        ));
+    }
+    let kind = AgentRequestKind::Exec {
+        vm_id: vm.id,
+        argv: p.argv,
+        timeout_secs: timeout,
+    };
+    let payload = serde_json::to_value(&kind)
+        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
+    // The agent gets the request within its long-poll; allow for it and the
+    // command itself.
+    let budget = Duration::from_secs(u64::from(timeout) + 30);
+    let expires = now_micros() + i64::try_from(budget.as_micros()).unwrap_or(i64::MAX);
+    let id = app
+        .ds
+        .host_request_create(host, Some(vm.id), "exec", &payload, expires)
+        .await?;
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        let r = app.ds.host_request_get(id).await?;
+        if r.answered_at.is_some() {
+            if let Some(e) = r.error {
+                return Err(Error::unprocessable("exec_failed", e));
+            }
+            return r
+                .result
+                .and_then(|v| serde_json::from_value(v).ok())
+                .ok_or_else(|| Error::internal("the agent's exec result could not be read"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Unavailable {
+                message: format!("the host of VM {:?} did not answer in time", vm.name),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

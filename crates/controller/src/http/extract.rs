@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap};
 use serde::de::DeserializeOwned;
 use stratus_common::Error;
 
+use crate::app::agent::HostActor;
 use crate::app::{secrets, Actor, App};
 use crate::http::error::ApiError;
 
@@ -43,6 +44,31 @@ impl FromRequestParts<Arc<App>> for Actor {
             Some(token) => Ok(Actor { token }),
             None => Err(ApiError(Error::Unauthenticated {
                 message: "the token is not valid: unknown, revoked or expired".into(),
+            })),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<App>> for HostActor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError(Error::Unauthenticated {
+                    message: "agent endpoints need `Authorization: Bearer <host credential>`"
+                        .into(),
+                })
+            })?;
+        match crate::app::agent::host_from_credential(app, token).await? {
+            Some(h) => Ok(h),
+            None => Err(ApiError(Error::Unauthenticated {
+                message: "the host credential is not valid; re-enroll the agent".into(),
             })),
         }
     }

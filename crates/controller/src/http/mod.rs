@@ -75,6 +75,20 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms/{vm}/start", post(vms::vm_start))
         .route("/vms/{vm}/stop", post(vms::vm_stop))
         .route("/vms/{vm}/reboot", post(vms::vm_reboot))
+        .route("/vms/{vm}/console", get(vms::vm_console))
+        .route("/vms/{vm}/exec", post(vms::vm_exec))
+        .route("/agent/enroll", post(agent::agent_enroll))
+        .route("/agent/report", post(agent::agent_report))
+        .route("/agent/desired", get(agent::agent_desired))
+        .route(
+            "/agent/requests/{request}/result",
+            post(agent::agent_request_result),
+        )
+        .route("/agent/vms/{vm}/console", put(agent::agent_console_append))
+        .route(
+            "/agent/images/{image}/{part}",
+            get(agent::agent_image_download),
+        )
         .route("/jobs", get(jobs::job_list))
         .route("/jobs/{job}", get(jobs::job_view))
         .route("/jobs/{job}/wait", get(jobs::job_wait))

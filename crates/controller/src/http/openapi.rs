@@ -5,7 +5,7 @@
 //! differ (set `STRATUS_BLESS=1` to rewrite the file after an intended API
 //! change).
 
-use stratus_api_types::{params, views};
+use stratus_api_types::{agent as proto, params, views};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -34,6 +34,9 @@ impl Modify for BearerAuth {
         flavors::flavor_create, flavors::flavor_list, flavors::flavor_view, flavors::flavor_delete,
         images::image_create, images::image_upload, images::image_list, images::image_view, images::image_delete,
         vms::vm_create, vms::vm_list, vms::vm_view, vms::vm_delete, vms::vm_start, vms::vm_stop, vms::vm_reboot,
+        vms::vm_console, vms::vm_exec,
+        agent::agent_enroll, agent::agent_report, agent::agent_desired, agent::agent_request_result,
+        agent::agent_console_append, agent::agent_image_download,
         jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
     ),
     components(schemas(
@@ -47,12 +50,16 @@ impl Modify for BearerAuth {
         views::EnrollmentTokenCreated, views::ImageFormat, views::ImageVisibility, views::ImageState,
         views::Image, views::ImagePage, views::Flavor, views::FlavorPage, views::VmDesiredState,
         views::VmState, views::Vm, views::VmPage, views::VmOperation, views::JobState, views::JobError,
-        views::JobEvent, views::Job, views::JobPage,
+        views::JobEvent, views::Job, views::JobPage, views::VmConsole, params::VmExec,
+        proto::HostFacts, proto::AgentEnroll, proto::AgentEnrolled, proto::ObservedVmState, proto::GuestAgentInfo,
+        proto::VmObservation, proto::AgentReport, proto::AgentReportAck, proto::ImagePart, proto::DesiredImage,
+        proto::DesiredVm, proto::AgentRequestKind, proto::AgentRequest, proto::AgentDesired, proto::ExecResult,
+        proto::AgentRequestResult, proto::ConsoleAppend,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
-        (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"),
+        (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"), (name = "agent"),
     )
 )]
 pub struct ApiDoc;

@@ -1,6 +1,7 @@
 //! Route handlers, one module per resource. Each is annotated for the OpenAPI
 //! document (`openapi.rs` lists them); the annotation is the route's contract.
 
+pub mod agent;
 pub mod flavors;
 pub mod hosts;
 pub mod images;

@@ -4,8 +4,11 @@
 use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use stratus_api_types::params::{PageParams, ProjectScope, VmCreate, VmFilter};
-use stratus_api_types::views::{Vm, VmOperation, VmPage};
+use stratus_api_types::agent::ExecResult;
+use stratus_api_types::params::{
+    ConsoleQuery, PageParams, ProjectScope, VmCreate, VmExec, VmFilter,
+};
+use stratus_api_types::views::{Vm, VmConsole, VmOperation, VmPage};
 
 use super::AppState;
 use crate::app::vms::{self, VmAction};
@@ -144,4 +147,41 @@ pub async fn vm_reboot(
     ApiQuery(scope): ApiQuery<ProjectScope>,
 ) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
     action(s, actor, key, scope, VmAction::Reboot).await
+}
+
+/// Read a VM's serial console.
+#[utoipa::path(get, path = "/v1/vms/{vm}/console", tag = "vms", operation_id = "vm_console",
+    params(("vm" = String, Path, description = "VM name or id"), ConsoleQuery),
+    responses((status = 200, body = VmConsole, description = "console output"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_console(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> Result<Json<VmConsole>, ApiError> {
+    Ok(Json(vms::vm_console(&s.0, &actor, &key, q).await?))
+}
+
+/// Run a command in a running VM through its guest agent; answers with the
+/// exit code and output once it ends.
+#[utoipa::path(post, path = "/v1/vms/{vm}/exec", tag = "vms", operation_id = "vm_exec",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    request_body = VmExec,
+    responses((status = 200, body = ExecResult, description = "the command ended"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_exec(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+    ApiJson(p): ApiJson<VmExec>,
+) -> Result<Json<ExecResult>, ApiError> {
+    Ok(Json(
+        vms::vm_exec(&s.0, &actor, &key, scope.project.as_deref(), p).await?,
+    ))
 }

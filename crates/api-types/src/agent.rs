@@ -1,0 +1,217 @@
+//! The agent protocol: what host agents and the controller say to each
+//! other. Agents always connect in (so hosts need no open port):
+//!
+//! ```text
+//!  agent                                   controller
+//!  POST /v1/agent/enroll  (one-time token) ─► host record, host credential
+//!  GET  /v1/agent/desired?since=R (long poll)◄─ VMs this host should run, and
+//!                                               requests (exec) to carry out
+//!  POST /v1/agent/report  (every 2 s, and   ─► heartbeat, facts, observed VM
+//!                          on every change)     states with generations
+//!  POST /v1/agent/requests/{id}/result      ─► a request's outcome
+//!  PUT  /v1/agent/vms/{vm}/console          ─► new console output
+//!  GET  /v1/agent/images/{id}/{part}        ◄─ image files, to cache
+//! ```
+//!
+//! **Invariant**: the controller decides (desired state), the agent
+//! converges and reports (observed state). Every observation carries a
+//! generation that only grows; the controller ignores any observation not
+//! newer than the last it applied for that VM.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use stratus_common::{HostId, ImageId, Name, VmId};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::views::{HostState, ImageFormat, VmDesiredState};
+
+/// What an agent knows about its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostFacts {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Capacity of the file system holding the agent's data dir.
+    pub disk_bytes: u64,
+    pub qemu_version: Option<String>,
+    /// The accelerator that works here (`kvm` or `tcg`).
+    pub accel: Option<String>,
+    /// `qemu` or `sim`.
+    pub driver: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEnroll {
+    /// The one-time token from `stratus host enroll-token`.
+    pub enroll_token: String,
+    pub name: Name,
+    /// Defaults to `default`.
+    pub zone: Option<String>,
+    /// Defaults to `default`.
+    pub cluster: Option<String>,
+    /// How operators and other hosts reach this host (informational here).
+    pub address: String,
+    pub facts: HostFacts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentEnrolled {
+    pub host_id: HostId,
+    /// The host's own credential: kept by the agent, shown once.
+    pub credential: String,
+}
+
+/// Observed state of one VM on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ObservedVmState {
+    Running,
+    Stopped,
+    /// The hypervisor process ended without being asked to.
+    Crashed,
+    /// The agent could not bring the VM to its desired state (reason says why).
+    Failed,
+    /// The host has nothing for this VM (destroyed, or never created).
+    Absent,
+}
+
+/// What the guest agent inside a VM reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestAgentInfo {
+    pub connected: bool,
+    pub os_name: Option<String>,
+    pub os_version: Option<String>,
+    pub kernel: Option<String>,
+    pub ip_addresses: Vec<String>,
+    pub last_contact: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmObservation {
+    pub vm_id: VmId,
+    /// Grows with every observation of this VM by this host.
+    pub generation: u64,
+    pub state: ObservedVmState,
+    pub reason: Option<String>,
+    /// The last reboot request (see [`DesiredVm::reboot_generation`]) the
+    /// agent has carried out.
+    pub reboot_generation: u64,
+    pub guest: Option<GuestAgentInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentReport {
+    pub facts: HostFacts,
+    pub vms: Vec<VmObservation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentReportAck {
+    pub host_id: HostId,
+    pub host_state: HostState,
+    /// Observations ignored because a newer one was already applied.
+    pub stale: u32,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DesiredQuery {
+    /// The revision the agent already has; the answer waits until a newer one
+    /// exists or `wait_secs` pass.
+    pub since: Option<u64>,
+    /// At most 60 (default 0: answer at once).
+    pub wait_secs: Option<u32>,
+}
+
+/// One part of an image an agent may download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImagePart {
+    Disk,
+    Kernel,
+    Initrd,
+}
+
+/// An image as an agent needs it to build a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DesiredImage {
+    pub id: ImageId,
+    pub format: ImageFormat,
+    pub sha256: String,
+    pub file_size: u64,
+    /// Direct kernel boot: the kernel's SHA-256 (download `kernel`).
+    pub kernel_sha256: Option<String>,
+    /// Its initrd's SHA-256 (download `initrd`).
+    pub initrd_sha256: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// A VM this host should hold, and in what state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DesiredVm {
+    pub vm_id: VmId,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub image: DesiredImage,
+    pub desired_state: VmDesiredState,
+    /// Bumped by each reboot request; the agent reboots when this exceeds
+    /// the last one it carried out.
+    pub reboot_generation: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentRequestKind {
+    /// Run a command in a VM through its guest agent.
+    Exec {
+        vm_id: VmId,
+        argv: Vec<String>,
+        timeout_secs: u32,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentRequest {
+    pub id: uuid::Uuid,
+    pub request: AgentRequestKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentDesired {
+    pub host_id: HostId,
+    /// Changes whenever anything below does.
+    pub revision: u64,
+    pub vms: Vec<DesiredVm>,
+    /// Requests not yet answered (each is delivered until answered).
+    pub requests: Vec<AgentRequest>,
+}
+
+/// The output of a command run in a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    /// Standard output, base64.
+    pub stdout_base64: String,
+    /// Standard error, base64.
+    pub stderr_base64: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRequestResult {
+    pub result: Option<ExecResult>,
+    /// Why the request could not be carried out.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleAppend {
+    /// The byte offset of `data` in the VM's console stream as the agent
+    /// counts it; the controller ignores what it already has.
+    pub offset: u64,
+    /// The bytes, base64.
+    pub data_base64: String,
+}

@@ -1,0 +1,234 @@
+//! The controller's side of the agent protocol (see
+//! `stratus_api_types::agent` for the exchange as a whole).
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use stratus_api_types::agent::{
+    AgentDesired, AgentEnroll, AgentEnrolled, AgentReport, AgentReportAck, AgentRequest,
+    AgentRequestKind, AgentRequestResult, ConsoleAppend, DesiredImage, DesiredQuery, DesiredVm,
+    ImagePart,
+};
+use stratus_common::{Error, HostId, ImageId, ResourceKind, VmId};
+use stratus_datastore::model::HostRecord;
+
+use crate::app::{secrets, App};
+
+/// The marker every host credential starts with.
+pub const HOST_MARKER: &str = "stratus-host_";
+const MAX_WAIT_SECS: u32 = 60;
+
+/// An authenticated host agent.
+#[derive(Debug, Clone)]
+pub struct HostActor {
+    pub host: HostRecord,
+}
+
+pub async fn agent_enroll(app: &App, p: AgentEnroll) -> Result<AgentEnrolled, Error> {
+    let zone = p.zone.unwrap_or_else(|| "default".into());
+    let cluster = p.cluster.unwrap_or_else(|| "default".into());
+    for (field, v) in [("zone", &zone), ("cluster", &cluster)] {
+        if v.is_empty() || v.len() > 63 {
+            return Err(Error::invalid(
+                field,
+                format!("{field} must be 1-63 characters"),
+            ));
+        }
+    }
+    let credential = secrets::generate(HOST_MARKER);
+    let host = app
+        .ds
+        .host_enroll(
+            &secrets::hash(&p.enroll_token),
+            p.name.as_str(),
+            &zone,
+            &cluster,
+            &p.address,
+            &p.facts,
+            &credential.hash,
+        )
+        .await?;
+    tracing::info!(host = %host.id, name = %host.name, "host enrolled");
+    Ok(AgentEnrolled {
+        host_id: host.id,
+        credential: credential.plaintext,
+    })
+}
+
+pub async fn agent_report(
+    app: &App,
+    actor: &HostActor,
+    r: AgentReport,
+) -> Result<AgentReportAck, Error> {
+    let host = app.ds.host_heartbeat(actor.host.id, &r.facts).await?;
+    let mut stale = 0;
+    for obs in &r.vms {
+        if !app.ds.vm_apply_observation(host.id, obs).await? {
+            stale += 1;
+        }
+    }
+    Ok(AgentReportAck {
+        host_id: host.id,
+        host_state: host.state,
+        stale,
+    })
+}
+
+/// The host's desired state; with `wait_secs`, waits (long poll) until its
+/// revision is newer than `since`.
+pub async fn agent_desired(
+    app: &App,
+    actor: &HostActor,
+    q: DesiredQuery,
+) -> Result<AgentDesired, Error> {
+    let wait = q.wait_secs.unwrap_or(0);
+    if wait > MAX_WAIT_SECS {
+        return Err(Error::invalid(
+            "wait_secs",
+            format!("wait_secs must be at most {MAX_WAIT_SECS}"),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(wait));
+    loop {
+        let host = app.ds.host_get(actor.host.id).await?;
+        let rev = u64::try_from(host.desired_revision).unwrap_or(0);
+        if q.since.is_none_or(|s| rev > s) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (revision, placed) = app.ds.host_desired(actor.host.id).await?;
+    let mut vms = Vec::with_capacity(placed.len());
+    for (vm, img) in placed {
+        let (Some(format), Some(sha256), Some(file_size)) =
+            (img.format, img.sha256.clone(), img.file_size)
+        else {
+            continue;
+        };
+        vms.push(DesiredVm {
+            vm_id: vm.id,
+            name: vm.name,
+            vcpus: vm.vcpus,
+            memory_bytes: vm.memory_bytes,
+            disk_bytes: vm.disk_bytes,
+            image: DesiredImage {
+                id: img.id,
+                format,
+                sha256,
+                file_size,
+                kernel_sha256: img.kernel_sha256,
+                initrd_sha256: img.initrd_sha256,
+                cmdline: img.cmdline,
+            },
+            desired_state: vm.desired_state,
+            reboot_generation: u64::try_from(vm.reboot_generation).unwrap_or(0),
+        });
+    }
+    let requests = app
+        .ds
+        .host_requests_pending(actor.host.id)
+        .await?
+        .into_iter()
+        .filter_map(|r| {
+            let kind: AgentRequestKind = serde_json::from_value(r.payload).ok()?;
+            Some(AgentRequest {
+                id: r.id,
+                request: kind,
+            })
+        })
+        .collect();
+    Ok(AgentDesired {
+        host_id: actor.host.id,
+        revision: u64::try_from(revision).unwrap_or(0),
+        vms,
+        requests,
+    })
+}
+
+pub async fn agent_request_result(
+    app: &App,
+    actor: &HostActor,
+    id: &str,
+    r: AgentRequestResult,
+) -> Result<(), Error> {
+    let id =
+        uuid::Uuid::parse_str(id).map_err(|_| Error::invalid("request", "not a request id"))?;
+    let result = r
+        .result
+        .map(|x| serde_json::to_value(x).unwrap_or_default());
+    app.ds
+        .host_request_answer(id, actor.host.id, result.as_ref(), r.error.as_deref())
+        .await
+}
+
+/// Only VMs placed on the calling host accept its console output.
+pub async fn agent_console_append(
+    app: &App,
+    actor: &HostActor,
+    vm: &str,
+    c: ConsoleAppend,
+) -> Result<(), Error> {
+    let vm_id: VmId = vm
+        .parse()
+        .map_err(|_| Error::invalid("vm", "not a VM id"))?;
+    let rec = app.ds.vm_get(vm_id).await?;
+    if rec.host_id != Some(actor.host.id) {
+        return Err(Error::not_found(ResourceKind::Vm, vm));
+    }
+    let data = STANDARD
+        .decode(&c.data_base64)
+        .map_err(|_| Error::invalid("data_base64", "not valid base64"))?;
+    if data.len() > 1 << 20 {
+        return Err(Error::invalid("data_base64", "at most 1 MiB per append"));
+    }
+    app.ds.vm_console_append(vm_id, c.offset, &data).await
+}
+
+/// Which file to send a host for an image part. Hosts may fetch images of
+/// VMs placed on them, and public images.
+pub async fn agent_image_file(
+    app: &App,
+    actor: &HostActor,
+    image: &str,
+    part: ImagePart,
+) -> Result<std::path::PathBuf, Error> {
+    let id: ImageId = image
+        .parse()
+        .map_err(|_| Error::invalid("image", "not an image id"))?;
+    let img = app.ds.image_get(id).await?;
+    let on_host = app
+        .ds
+        .host_desired(actor.host.id)
+        .await?
+        .1
+        .iter()
+        .any(|(_, i)| i.id == id);
+    if !on_host && img.visibility != stratus_api_types::views::ImageVisibility::Public {
+        return Err(Error::not_found(ResourceKind::Image, image));
+    }
+    let path = app.images.part_path(id, part);
+    if !path.exists() {
+        return Err(Error::not_found(
+            ResourceKind::Image,
+            format!("{image} ({part:?})"),
+        ));
+    }
+    Ok(path)
+}
+
+pub async fn host_from_credential(app: &App, credential: &str) -> Result<Option<HostActor>, Error> {
+    if !credential.starts_with(HOST_MARKER) {
+        return Ok(None);
+    }
+    Ok(app
+        .ds
+        .host_by_credential(&secrets::hash(credential))
+        .await?
+        .map(|host| HostActor { host }))
+}
+
+/// Used by tests and the liveness loop: the host named.
+pub async fn host_id_of(app: &App, name: &str) -> Result<HostId, Error> {
+    Ok(app.ds.host_get_by_name(name).await?.id)
+}

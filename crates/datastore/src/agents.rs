@@ -1,0 +1,556 @@
+//! What host agents write and read: enrollment, heartbeats and facts,
+//! observed VM state (gated by generation), desired state, requests and
+//! console output.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use stratus_api_types::agent::{GuestAgentInfo, HostFacts, ObservedVmState, VmObservation};
+use stratus_api_types::views::{HostState, VmState};
+use stratus_common::time::now_micros;
+use stratus_common::{Error, HostId, ResourceKind, VmId};
+
+use crate::db::{db_error, is_unique_violation};
+use crate::model::{enum_str, i64_of, HostRecord, ImageRecord, RowExt, VmRecord};
+use crate::Datastore;
+
+/// Where a VM went, or why nowhere.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    Placed(HostRecord),
+    NoHost {
+        total: usize,
+        up: usize,
+        /// Up hosts without room, with what they lacked.
+        too_full: Vec<(String, &'static str)>,
+    },
+}
+
+/// CPU overcommit until per-cluster ratios exist (the scheduler issue).
+const CPU_RATIO: u64 = 4;
+
+/// A request for an agent, as stored.
+#[derive(Debug, Clone)]
+pub struct HostRequestRecord {
+    pub id: uuid::Uuid,
+    pub host_id: HostId,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub answered_at: Option<i64>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+/// Bytes of console output kept per VM.
+pub const CONSOLE_KEEP: usize = 256 * 1024;
+
+impl Datastore {
+    /// Enrolls a host with a one-time token: records the host and spends the
+    /// token in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn host_enroll(
+        &self,
+        token_hash: &str,
+        name: &str,
+        zone: &str,
+        cluster: &str,
+        address: &str,
+        facts: &HostFacts,
+        credential_hash: &str,
+    ) -> Result<HostRecord, Error> {
+        let ctx = "enrolling a host";
+        let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        let token: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM host_enrollment_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        let Some(token_id) = token else {
+            return Err(Error::Unauthenticated {
+                message:
+                    "the enrollment token is unknown, already used or expired; make a new one with \
+                          `stratus host enroll-token`"
+                        .into(),
+            });
+        };
+        let id = HostId::new();
+        sqlx::query(
+            "INSERT INTO hosts (id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
+             qemu_version, accel, driver, credential_hash, generation, desired_revision, created_at, \
+             last_heartbeat_at) VALUES ($1, $2, 'up', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, 1, $13, $13)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(zone)
+        .bind(cluster)
+        .bind(address)
+        .bind(i64::from(facts.cpus))
+        .bind(i64_of(facts.memory_bytes))
+        .bind(i64_of(facts.disk_bytes))
+        .bind(facts.qemu_version.clone())
+        .bind(facts.accel.clone())
+        .bind(facts.driver.clone())
+        .bind(credential_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::conflict("name_in_use", format!("a host named {name:?} is already enrolled"))
+            } else {
+                db_error(ctx, e)
+            }
+        })?;
+        sqlx::query("UPDATE host_enrollment_tokens SET used_at = $1, host_id = $2 WHERE id = $3")
+            .bind(now)
+            .bind(id.to_string())
+            .bind(token_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        let host = fetch_host(&mut tx, id).await?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(host)
+    }
+
+    pub async fn host_by_credential(
+        &self,
+        credential_hash: &str,
+    ) -> Result<Option<HostRecord>, Error> {
+        let row = sqlx::query(&format!(
+            "{} WHERE credential_hash = $1",
+            crate::hosts::SELECT
+        ))
+        .bind(credential_hash)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(|e| db_error("authenticating a host", e))?;
+        row.as_ref().map(HostRecord::from_row).transpose()
+    }
+
+    /// A heartbeat: facts and liveness. An unreachable host is up again; a
+    /// host in maintenance stays there.
+    pub async fn host_heartbeat(&self, id: HostId, facts: &HostFacts) -> Result<HostRecord, Error> {
+        sqlx::query(
+            "UPDATE hosts SET cpus = $1, memory_bytes = $2, disk_bytes = $3, qemu_version = $4, accel = $5, \
+             driver = $6, last_heartbeat_at = $7, \
+             state = CASE WHEN state = 'unreachable' THEN 'up' ELSE state END WHERE id = $8",
+        )
+        .bind(i64::from(facts.cpus))
+        .bind(i64_of(facts.memory_bytes))
+        .bind(i64_of(facts.disk_bytes))
+        .bind(facts.qemu_version.clone())
+        .bind(facts.accel.clone())
+        .bind(facts.driver.clone())
+        .bind(now_micros())
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a heartbeat", e))?;
+        self.host_get(id).await
+    }
+
+    /// Marks hosts silent since `before` as unreachable. Returns how many.
+    pub async fn host_mark_unreachable(&self, before: i64) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE hosts SET state = 'unreachable' WHERE state = 'up' AND last_heartbeat_at < $1",
+        )
+        .bind(before)
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("marking hosts unreachable", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Everything placed on a host, with each VM's image.
+    pub async fn host_desired(
+        &self,
+        id: HostId,
+    ) -> Result<(i64, Vec<(VmRecord, ImageRecord)>), Error> {
+        let host = self.host_get(id).await?;
+        let vms = self
+            .vm_list(
+                &crate::VmListFilter {
+                    host: Some(id),
+                    ..Default::default()
+                },
+                &crate::PageRequest::first(crate::page::MAX_LIMIT),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(vms.items.len());
+        for vm in vms.items {
+            let image = self.image_get(vm.image_id).await?;
+            out.push((vm, image));
+        }
+        Ok((host.desired_revision, out))
+    }
+
+    /// Places a VM on the up host with the most free memory that has room
+    /// for it, in one transaction that re-checks the host's allocation under
+    /// an optimistic host generation, so two placements never share the
+    /// last slot. The host's desired revision is bumped so its agent hears.
+    pub async fn vm_place(&self, vm_id: VmId) -> Result<Placement, Error> {
+        let ctx = "placing a VM";
+        for _ in 0..16 {
+            let vm = self.vm_get(vm_id).await?;
+            let hosts = self
+                .host_list(
+                    &crate::HostListFilter::default(),
+                    &crate::PageRequest::first(crate::page::MAX_LIMIT),
+                )
+                .await?
+                .items;
+            let total = hosts.len();
+            let up: Vec<&HostRecord> = hosts.iter().filter(|h| h.state == HostState::Up).collect();
+            let mut too_full = Vec::new();
+            let mut best: Option<(&HostRecord, u64)> = None;
+            for h in &up {
+                let (cpu, mem, disk) = self.host_allocated(h.id).await?;
+                let why = if mem + vm.memory_bytes > h.memory_bytes {
+                    Some("memory")
+                } else if cpu + u64::from(vm.vcpus) > u64::from(h.cpus) * CPU_RATIO {
+                    Some("vcpus")
+                } else if disk + vm.disk_bytes > h.disk_bytes {
+                    Some("disk")
+                } else {
+                    None
+                };
+                match why {
+                    Some(w) => too_full.push((h.name.clone(), w)),
+                    None => {
+                        let free = h.memory_bytes - mem;
+                        if best.is_none_or(|(b, f)| free > f || (free == f && h.id < b.id)) {
+                            best = Some((h, free));
+                        }
+                    }
+                }
+            }
+            let Some((host, _)) = best else {
+                return Ok(Placement::NoHost {
+                    total,
+                    up: up.len(),
+                    too_full,
+                });
+            };
+            let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+            let claimed = sqlx::query(
+                "UPDATE hosts SET generation = generation + 1, desired_revision = desired_revision + 1 \
+                 WHERE id = $1 AND generation = $2 AND state = 'up'",
+            )
+            .bind(host.id.to_string())
+            .bind(host.generation)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+            if claimed.rows_affected() == 0 {
+                continue; // Someone else changed the host; look again.
+            }
+            sqlx::query(
+                "UPDATE vms SET host_id = $1, updated_at = $2 WHERE id = $3 AND host_id IS NULL",
+            )
+            .bind(host.id.to_string())
+            .bind(now_micros())
+            .bind(vm_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+            tx.commit().await.map_err(|e| db_error(ctx, e))?;
+            let host = self.host_get(host.id).await?;
+            return Ok(Placement::Placed(host));
+        }
+        Err(Error::Unavailable {
+            message: "placement kept conflicting with other placements; retry".into(),
+        })
+    }
+
+    /// vCPUs, memory and disk allocated to VMs on a host.
+    pub async fn host_allocated(&self, id: HostId) -> Result<(u64, u64, u64), Error> {
+        let row: (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT SUM(vcpus), SUM(memory_bytes), SUM(disk_bytes) FROM vms WHERE host_id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_one(&self.read)
+        .await
+        .map_err(|e| db_error("summing a host's allocation", e))?;
+        let u = |v: Option<i64>| v.map(crate::model::u64_of).unwrap_or(0);
+        Ok((u(row.0), u(row.1), u(row.2)))
+    }
+
+    /// Applies one observation from a host, unless a newer one was already
+    /// applied (or the VM is not on that host). When no job holds the VM,
+    /// its shown state follows what was observed (a crash, say).
+    pub async fn vm_apply_observation(
+        &self,
+        host: HostId,
+        obs: &VmObservation,
+    ) -> Result<bool, Error> {
+        let shown: Option<VmState> = match obs.state {
+            ObservedVmState::Running => Some(VmState::Running),
+            ObservedVmState::Stopped => Some(VmState::Stopped),
+            ObservedVmState::Crashed => Some(VmState::Crashed),
+            ObservedVmState::Failed => Some(VmState::Failed),
+            ObservedVmState::Absent => None,
+        };
+        let guest = obs
+            .guest
+            .as_ref()
+            .map(|g| serde_json::to_string(g).unwrap_or_default());
+        let generation = i64::try_from(obs.generation).unwrap_or(i64::MAX);
+        let done = sqlx::query(
+            "UPDATE vms SET observed_state = $1, observed_reason = $2, observed_generation = $3, \
+             observed_reboot_generation = $4, observed_at = $5, guest = COALESCE($6, guest), \
+             state = CASE WHEN active_job_id IS NULL AND $7 <> '' THEN $7 ELSE state END, \
+             state_reason = CASE WHEN active_job_id IS NULL AND $7 <> '' THEN $2 ELSE state_reason END \
+             WHERE id = $8 AND host_id = $9 AND observed_generation < $3",
+        )
+        .bind(enum_str(&obs.state))
+        .bind(obs.reason.clone())
+        .bind(generation)
+        .bind(i64::try_from(obs.reboot_generation).unwrap_or(i64::MAX))
+        .bind(now_micros())
+        .bind(guest)
+        .bind(shown.map(|s| enum_str(&s)).unwrap_or_default())
+        .bind(obs.vm_id.to_string())
+        .bind(host.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("applying a VM observation", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the guest agent's report without touching anything else.
+    pub async fn vm_guest_info(&self, vm: VmId) -> Result<Option<GuestAgentInfo>, Error> {
+        Ok(self.vm_get(vm).await?.guest)
+    }
+
+    pub async fn host_request_create(
+        &self,
+        host: HostId,
+        vm: Option<VmId>,
+        kind: &str,
+        payload: &serde_json::Value,
+        expires_at: i64,
+    ) -> Result<uuid::Uuid, Error> {
+        let id = uuid::Uuid::now_v7();
+        let ctx = "queueing a host request";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        sqlx::query(
+            "INSERT INTO host_requests (id, host_id, vm_id, kind, payload, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(host.to_string())
+        .bind(vm.map(|v| v.to_string()))
+        .bind(kind)
+        .bind(payload.to_string())
+        .bind(now_micros())
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        sqlx::query("UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = $1")
+            .bind(host.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(id)
+    }
+
+    /// Unanswered, unexpired requests for a host.
+    pub async fn host_requests_pending(
+        &self,
+        host: HostId,
+    ) -> Result<Vec<HostRequestRecord>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, host_id, kind, payload, answered_at, result, error FROM host_requests \
+             WHERE host_id = $1 AND answered_at IS NULL AND expires_at > $2 ORDER BY id",
+        )
+        .bind(host.to_string())
+        .bind(now_micros())
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading host requests", e))?;
+        rows.iter().map(request_from_row).collect()
+    }
+
+    pub async fn host_request_get(&self, id: uuid::Uuid) -> Result<HostRequestRecord, Error> {
+        let row = sqlx::query("SELECT id, host_id, kind, payload, answered_at, result, error FROM host_requests WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a host request", e))?;
+        match row {
+            Some(r) => request_from_row(&r),
+            None => Err(Error::internal(format!("host request {id} vanished"))),
+        }
+    }
+
+    /// Records a host's answer; only the host the request was for may answer,
+    /// and only once.
+    pub async fn host_request_answer(
+        &self,
+        id: uuid::Uuid,
+        host: HostId,
+        result: Option<&serde_json::Value>,
+        error: Option<&str>,
+    ) -> Result<(), Error> {
+        let done = sqlx::query(
+            "UPDATE host_requests SET answered_at = $1, result = $2, error = $3 \
+             WHERE id = $4 AND host_id = $5 AND answered_at IS NULL",
+        )
+        .bind(now_micros())
+        .bind(result.map(|r| r.to_string()))
+        .bind(error.map(str::to_string))
+        .bind(id.to_string())
+        .bind(host.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("answering a host request", e))?;
+        if done.rows_affected() == 0 {
+            return Err(Error::conflict(
+                "request_not_pending",
+                "no pending request with that id for this host",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends console output (bytes from `offset` on), keeping the newest
+    /// [`CONSOLE_KEEP`] bytes. Bytes already held are skipped, so agents may
+    /// resend after a restart.
+    pub async fn vm_console_append(&self, vm: VmId, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let ctx = "storing console output";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        let row: Option<(i64, i64, String)> = sqlx::query_as(
+            "SELECT start_offset, end_offset, data FROM vm_consoles WHERE vm_id = $1",
+        )
+        .bind(vm.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        let (mut start, mut buf) = match &row {
+            None => (offset, data.to_vec()),
+            Some((s, e, d)) => {
+                let (start, end) = (crate::model::u64_of(*s), crate::model::u64_of(*e));
+                if offset > end {
+                    // A gap (the agent's own bounded log dropped bytes):
+                    // what is kept must stay contiguous, so start afresh.
+                    (offset, data.to_vec())
+                } else {
+                    let mut b = STANDARD.decode(d).unwrap_or_default();
+                    let skip = usize::try_from(end - offset).unwrap_or(usize::MAX);
+                    if skip < data.len() {
+                        b.extend_from_slice(&data[skip..]);
+                    }
+                    (start, b)
+                }
+            }
+        };
+        if buf.len() > CONSOLE_KEEP {
+            let cut = buf.len() - CONSOLE_KEEP;
+            buf.drain(..cut);
+            start += cut as u64;
+        }
+        let end = start + buf.len() as u64;
+        let encoded = STANDARD.encode(&buf);
+        let q = if row.is_some() {
+            "UPDATE vm_consoles SET start_offset = $1, end_offset = $2, data = $3 WHERE vm_id = $4"
+        } else {
+            "INSERT INTO vm_consoles (start_offset, end_offset, data, vm_id) VALUES ($1, $2, $3, $4)"
+        };
+        sqlx::query(q)
+            .bind(i64_of(start))
+            .bind(i64_of(end))
+            .bind(encoded)
+            .bind(vm.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))
+    }
+
+    /// Console bytes from `offset` (clamped to what is kept): (data, offset
+    /// of data, end offset, whether bytes before were dropped).
+    pub async fn vm_console_read(
+        &self,
+        vm: VmId,
+        offset: Option<u64>,
+        max: usize,
+    ) -> Result<(Vec<u8>, u64, u64, bool), Error> {
+        let row: Option<(i64, i64, String)> = sqlx::query_as(
+            "SELECT start_offset, end_offset, data FROM vm_consoles WHERE vm_id = $1",
+        )
+        .bind(vm.to_string())
+        .fetch_optional(&self.read)
+        .await
+        .map_err(|e| db_error("reading console output", e))?;
+        let Some((s, e, d)) = row else {
+            return Ok((Vec::new(), offset.unwrap_or(0), offset.unwrap_or(0), false));
+        };
+        let (start, end) = (crate::model::u64_of(s), crate::model::u64_of(e));
+        let bytes = STANDARD.decode(d).unwrap_or_default();
+        let from = match offset {
+            Some(o) => o.clamp(start, end),
+            None => end.saturating_sub(max as u64).max(start),
+        };
+        let lo = usize::try_from(from - start).unwrap_or(0).min(bytes.len());
+        let hi = lo.saturating_add(max).min(bytes.len());
+        let truncated = offset.is_some_and(|o| o < start);
+        Ok((
+            bytes[lo..hi].to_vec(),
+            from,
+            from + (hi - lo) as u64,
+            truncated,
+        ))
+    }
+
+    /// Records an image's kernel-boot parts.
+    pub async fn image_set_boot(
+        &self,
+        id: stratus_common::ImageId,
+        kernel_sha256: Option<&str>,
+        initrd_sha256: Option<&str>,
+        cmdline: Option<&str>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE images SET kernel_sha256 = $1, initrd_sha256 = $2, cmdline = $3 WHERE id = $4",
+        )
+        .bind(kernel_sha256.map(str::to_string))
+        .bind(initrd_sha256.map(str::to_string))
+        .bind(cmdline.map(str::to_string))
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording kernel boot", e))?;
+        Ok(())
+    }
+}
+
+async fn fetch_host(conn: &mut sqlx::AnyConnection, id: HostId) -> Result<HostRecord, Error> {
+    let row = sqlx::query(&format!("{} WHERE id = $1", crate::hosts::SELECT))
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| db_error("reading a host", e))?;
+    match row {
+        Some(r) => HostRecord::from_row(&r),
+        None => Err(Error::not_found(ResourceKind::Host, id)),
+    }
+}
+
+fn request_from_row(r: &sqlx::any::AnyRow) -> Result<HostRequestRecord, Error> {
+    let parse_json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(HostRequestRecord {
+        id: r.parse("id")?,
+        host_id: r.parse("host_id")?,
+        kind: r.text("kind")?,
+        payload: serde_json::from_str(&r.text("payload")?).unwrap_or_default(),
+        answered_at: r.opt_int("answered_at")?,
+        result: parse_json(r.opt_text("result")?),
+        error: r.opt_text("error")?,
+    })
+}
