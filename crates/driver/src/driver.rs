@@ -8,8 +8,7 @@ use stratus_common::VmId;
 use tokio::sync::broadcast;
 
 use crate::{
-    ConsoleChunk, DriverError, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent, VmSpec,
-    VmStatus,
+    ConsoleChunk, DriverError, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent, VmSpec, VmStatus,
 };
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.

@@ -73,7 +73,11 @@ pub enum DriverError {
 }
 
 impl DriverError {
-    pub(crate) fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub(crate) fn io(
+        context: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: io::Error,
+    ) -> Self {
         DriverError::Io {
             context: context.into(),
             path: path.into(),
@@ -132,7 +136,10 @@ mod tests {
             operation: "reboot",
             state: "stopped".into(),
         };
-        assert_eq!(e.to_string(), format!("cannot reboot VM {id} while it is stopped"));
+        assert_eq!(
+            e.to_string(),
+            format!("cannot reboot VM {id} while it is stopped")
+        );
         assert_eq!(QemuSaid(" ".into()).to_string(), "QEMU printed nothing");
     }
 }

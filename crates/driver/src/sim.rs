@@ -270,7 +270,9 @@ impl Driver for SimDriver {
                 .collect::<String>()
         };
         let bytes = text.into_bytes();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
         let end = start.saturating_add(max).min(bytes.len());
         Ok(ConsoleChunk {
             data: bytes[start..end].to_vec(),
@@ -345,7 +347,10 @@ mod tests {
         d.vm_start(s.id).await.expect("start is idempotent");
         assert_eq!(
             events.recv().await.expect("event"),
-            VmEvent { id: s.id, state: VmRuntimeState::Running }
+            VmEvent {
+                id: s.id,
+                state: VmRuntimeState::Running
+            }
         );
 
         d.vm_reboot(s.id).await.expect("reboot");
@@ -361,7 +366,10 @@ mod tests {
             d.vm_stop(s.id, Duration::from_secs(1)).await.expect("stop"),
             StopHow::AlreadyStopped
         );
-        assert_eq!(events.recv().await.expect("event").state, VmRuntimeState::Stopped);
+        assert_eq!(
+            events.recv().await.expect("event").state,
+            VmRuntimeState::Stopped
+        );
         assert!(matches!(
             d.vm_reboot(s.id).await,
             Err(DriverError::InvalidState { .. })
@@ -370,8 +378,14 @@ mod tests {
         d.vm_destroy(s.id).await.expect("destroy");
         d.vm_destroy(s.id).await.expect("destroy is idempotent");
         assert!(d.vm_status(s.id).await.expect("status").is_none());
-        assert!(matches!(d.vm_start(s.id).await, Err(DriverError::NotFound(_))));
-        assert!(events.try_recv().is_err(), "no event for destroying a stopped VM");
+        assert!(matches!(
+            d.vm_start(s.id).await,
+            Err(DriverError::NotFound(_))
+        ));
+        assert!(
+            events.try_recv().is_err(),
+            "no event for destroying a stopped VM"
+        );
     }
 
     #[tokio::test]
@@ -391,7 +405,10 @@ mod tests {
             StopHow::AlreadyStopped
         );
         d.vm_start(s.id).await.expect("start after crash");
-        assert_eq!(events.recv().await.expect("event").state, VmRuntimeState::Running);
+        assert_eq!(
+            events.recv().await.expect("event").state,
+            VmRuntimeState::Running
+        );
     }
 
     #[tokio::test]
@@ -407,7 +424,8 @@ mod tests {
         assert_eq!(info.ip_addresses.len(), 1);
         assert!(info.ip_addresses[0].starts_with("10.0."), "{info:?}");
         assert!(matches!(
-            d.guest_exec(s.id, &["true".into()], Duration::from_secs(1)).await,
+            d.guest_exec(s.id, &["true".into()], Duration::from_secs(1))
+                .await,
             Err(DriverError::Unsupported(_))
         ));
     }
@@ -417,12 +435,18 @@ mod tests {
         let d = sim();
         let mut s = spec();
         s.vcpus = 0;
-        assert!(matches!(d.vm_create(&s).await, Err(DriverError::InvalidSpec { .. })));
+        assert!(matches!(
+            d.vm_create(&s).await,
+            Err(DriverError::InvalidSpec { .. })
+        ));
         let s = spec();
         d.vm_create(&s).await.expect("create");
         let mut other = s.clone();
         other.memory_bytes *= 2;
-        assert!(matches!(d.vm_create(&other).await, Err(DriverError::Conflict { .. })));
+        assert!(matches!(
+            d.vm_create(&other).await,
+            Err(DriverError::Conflict { .. })
+        ));
     }
 
     #[tokio::test]
@@ -433,9 +457,15 @@ mod tests {
         d.vm_start(s.id).await.expect("start");
         let a = d.console_read(s.id, 0, 5).await.expect("read");
         assert_eq!(a.data, b"strat");
-        let b = d.console_read(s.id, a.next_offset, 4096).await.expect("read");
+        let b = d
+            .console_read(s.id, a.next_offset, 4096)
+            .await
+            .expect("read");
         assert!(b.data.ends_with(b"(boot 1)\n"));
-        let c = d.console_read(s.id, b.next_offset, 4096).await.expect("read");
+        let c = d
+            .console_read(s.id, b.next_offset, 4096)
+            .await
+            .expect("read");
         assert!(c.data.is_empty());
         assert_eq!(c.next_offset, b.next_offset);
     }

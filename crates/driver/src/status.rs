@@ -135,7 +135,10 @@ mod tests {
             reason: "QEMU exited unexpectedly".into(),
         };
         let json = serde_json::to_string(&s).expect("serializes");
-        assert_eq!(json, r#"{"state":"crashed","reason":"QEMU exited unexpectedly"}"#);
+        assert_eq!(
+            json,
+            r#"{"state":"crashed","reason":"QEMU exited unexpectedly"}"#
+        );
         assert_eq!(
             serde_json::from_str::<VmRuntimeState>(&json).expect("parses"),
             s

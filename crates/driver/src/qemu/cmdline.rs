@@ -37,7 +37,10 @@ fn socket_chardev(id: &str, path: &str) -> String {
 
 /// The kernel command line, with `console=ttyS0` added unless it names a console.
 pub(crate) fn kernel_cmdline(cmdline: &str) -> String {
-    if cmdline.split_whitespace().any(|w| w.starts_with("console=")) {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("console="))
+    {
         cmdline.to_string()
     } else if cmdline.trim().is_empty() {
         "console=ttyS0".to_string()
@@ -50,11 +53,18 @@ pub(crate) fn kernel_cmdline(cmdline: &str) -> String {
 ///
 /// The VM starts paused (`-S`): the driver attaches to the console socket
 /// first and then issues QMP `cont`, so no boot output is lost.
-pub(crate) fn qemu_args(spec: &VmSpec, paths: &VmPaths, opts: LaunchOptions) -> Result<Vec<String>, DriverError> {
+pub(crate) fn qemu_args(
+    spec: &VmSpec,
+    paths: &VmPaths,
+    opts: LaunchOptions,
+) -> Result<Vec<String>, DriverError> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
 
-    push(&["-name", &format!("guest={},debug-threads=on", opt_value(&spec.name))]);
+    push(&[
+        "-name",
+        &format!("guest={},debug-threads=on", opt_value(&spec.name)),
+    ]);
     // The VM id on the command line is what tells this VM's QEMU apart from a
     // recycled pid (see process::is_qemu_of); the guest sees it as its SMBIOS UUID.
     push(&["-uuid", &spec.id.to_string()]);
@@ -85,8 +95,18 @@ pub(crate) fn qemu_args(spec: &VmSpec, paths: &VmPaths, opts: LaunchOptions) -> 
     push(&["-S", "-daemonize", "-pidfile", &pidfile]);
     // With -D, a daemonized QEMU keeps stderr (pointed at this log by the driver).
     push(&["-D", &qemu_log]);
-    push(&["-chardev", &socket_chardev("qmp0", &qmp), "-mon", "chardev=qmp0,mode=control"]);
-    push(&["-chardev", &socket_chardev("console0", &console), "-serial", "chardev:console0"]);
+    push(&[
+        "-chardev",
+        &socket_chardev("qmp0", &qmp),
+        "-mon",
+        "chardev=qmp0,mode=control",
+    ]);
+    push(&[
+        "-chardev",
+        &socket_chardev("console0", &console),
+        "-serial",
+        "chardev:console0",
+    ]);
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     push(&["-chardev", &socket_chardev("qga0", &qga)]);
     push(&[
@@ -102,14 +122,20 @@ pub(crate) fn qemu_args(spec: &VmSpec, paths: &VmPaths, opts: LaunchOptions) -> 
         "file": { "driver": "file", "filename": overlay },
     });
     push(&["-blockdev", &blockdev.to_string()]);
-    push(&["-device", "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=1"]);
+    push(&[
+        "-device",
+        "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=1",
+    ]);
 
     match &spec.nic {
         NicSpec::User => {
             push(&["-netdev", "user,id=net0"]);
             push(&[
                 "-device",
-                &format!("virtio-net-pci,netdev=net0,id=net0-dev,mac={}", spec.mac_address()),
+                &format!(
+                    "virtio-net-pci,netdev=net0,id=net0-dev,mac={}",
+                    spec.mac_address()
+                ),
             ]);
         }
     }
@@ -167,7 +193,10 @@ mod tests {
         assert!(has_pair(&args, "-initrd", "/g/initrd.img"));
         assert!(args.iter().any(|a| a == "-daemonize"));
         assert!(args.iter().any(|a| a == "-S"));
-        assert!(args.iter().any(|a| a.starts_with("on,")), "sandbox: {args:?}");
+        assert!(
+            args.iter().any(|a| a.starts_with("on,")),
+            "sandbox: {args:?}"
+        );
         assert!(args
             .iter()
             .any(|a| a.contains("name=org.qemu.guest_agent.0")));

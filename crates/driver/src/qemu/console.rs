@@ -63,7 +63,10 @@ impl ConsoleLog {
 
     /// Appends console output, rotating when the log outgrows its bound.
     pub fn append(&self, data: &[u8]) -> io::Result<()> {
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         f.write_all(data)?;
         let len = f.metadata()?.len();
         drop(f);
@@ -123,7 +126,12 @@ impl ConsoleLog {
 
 /// Reads the console socket into the log until QEMU closes it. Reports on
 /// `attached` whether it connected (within a few seconds).
-pub(crate) async fn pump(sock: PathBuf, log: ConsoleLog, lock: Arc<Mutex<()>>, attached: oneshot::Sender<bool>) {
+pub(crate) async fn pump(
+    sock: PathBuf,
+    log: ConsoleLog,
+    lock: Arc<Mutex<()>>,
+    attached: oneshot::Sender<bool>,
+) {
     let Some(mut stream) = connect(&sock, Duration::from_secs(5)).await else {
         tracing::warn!(socket = %sock.display(), "cannot attach to the serial console; its output is lost");
         let _ = attached.send(false);
@@ -153,7 +161,9 @@ async fn connect(sock: &Path, timeout: Duration) -> Option<UnixStream> {
     loop {
         match UnixStream::connect(sock).await {
             Ok(s) => return Some(s),
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(_) => return None,
         }
     }
@@ -185,7 +195,9 @@ mod tests {
             let line = format!("line {i:02}\n").into_bytes(); // 8 bytes
             l.append(&line).expect("append");
             all.extend_from_slice(&line);
-            let size = std::fs::metadata(dir.path().join("console.log")).expect("meta").len();
+            let size = std::fs::metadata(dir.path().join("console.log"))
+                .expect("meta")
+                .len();
             assert!(size <= 100, "log grew to {size}");
         }
         // The newest bytes are kept at their original offsets.
@@ -197,7 +209,11 @@ mod tests {
         // An offset older than what is kept starts at the oldest kept byte.
         let c = l.read(0, 1000).expect("read");
         assert!(c.truncated_before);
-        assert!(c.data.len() >= 50 && c.data.len() <= 100, "{}", c.data.len());
+        assert!(
+            c.data.len() >= 50 && c.data.len() <= 100,
+            "{}",
+            c.data.len()
+        );
         assert_eq!(c.data, &all[all.len() - c.data.len()..]);
         // Reading past the end returns nothing at the end.
         let c = l.read(total + 10, 10).expect("read");

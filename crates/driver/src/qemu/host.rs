@@ -21,7 +21,10 @@ pub(crate) fn memory_bytes() -> Result<u64, DriverError> {
         DriverError::io(
             "no MemTotal line",
             path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected /proc/meminfo format"),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "unexpected /proc/meminfo format",
+            ),
         )
     })
 }
@@ -34,8 +37,13 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 
 /// Size and free space (for unprivileged users) of the file system holding `dir`.
 pub(crate) fn disk_bytes(dir: &Path) -> Result<(u64, u64), DriverError> {
-    let st = rustix::fs::statvfs(dir)
-        .map_err(|e| DriverError::io("cannot read the size of the data directory's file system", dir, e.into()))?;
+    let st = rustix::fs::statvfs(dir).map_err(|e| {
+        DriverError::io(
+            "cannot read the size of the data directory's file system",
+            dir,
+            e.into(),
+        )
+    })?;
     let total = st.f_blocks.saturating_mul(st.f_frsize);
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     Ok((total, free))
@@ -47,7 +55,10 @@ mod tests {
 
     #[test]
     fn host_facts_are_plausible() {
-        assert_eq!(parse_mem_total("MemTotal:       24683880 kB\nMemFree: 1 kB\n"), Some(24683880 * 1024));
+        assert_eq!(
+            parse_mem_total("MemTotal:       24683880 kB\nMemFree: 1 kB\n"),
+            Some(24683880 * 1024)
+        );
         assert_eq!(parse_mem_total("nothing"), None);
         assert!(cpus() >= 1);
         assert!(memory_bytes().expect("meminfo") > 0);

@@ -15,7 +15,11 @@ struct ImageInfo {
     virtual_size: u64,
 }
 
-async fn run_qemu_img(qemu_img: &Path, args: &[&std::ffi::OsStr], context: &str) -> Result<Vec<u8>, DriverError> {
+async fn run_qemu_img(
+    qemu_img: &Path,
+    args: &[&std::ffi::OsStr],
+    context: &str,
+) -> Result<Vec<u8>, DriverError> {
     let out = Command::new(qemu_img)
         .args(args)
         .stdin(Stdio::null())
@@ -33,7 +37,11 @@ async fn run_qemu_img(qemu_img: &Path, args: &[&std::ffi::OsStr], context: &str)
 
 /// The guest-visible size of an image. `-U` (force share): the base image may
 /// be open in running VMs as a read-only backing file.
-pub(crate) async fn virtual_size(qemu_img: &Path, image: &Path, format: ImageFormat) -> Result<u64, DriverError> {
+pub(crate) async fn virtual_size(
+    qemu_img: &Path,
+    image: &Path,
+    format: ImageFormat,
+) -> Result<u64, DriverError> {
     let context = format!("read the size of image {}", image.display());
     let out = run_qemu_img(
         qemu_img,
@@ -48,8 +56,8 @@ pub(crate) async fn virtual_size(qemu_img: &Path, image: &Path, format: ImageFor
         &context,
     )
     .await?;
-    let info: ImageInfo =
-        serde_json::from_slice(&out).map_err(|e| DriverError::qemu(format!("cannot {context}"), e))?;
+    let info: ImageInfo = serde_json::from_slice(&out)
+        .map_err(|e| DriverError::qemu(format!("cannot {context}"), e))?;
     Ok(info.virtual_size)
 }
 
@@ -77,6 +85,11 @@ pub(crate) async fn create_overlay(
     if let Some(size) = &size {
         args.push(size.as_ref());
     }
-    run_qemu_img(qemu_img, &args, &format!("create the disk overlay {}", overlay.display())).await?;
+    run_qemu_img(
+        qemu_img,
+        &args,
+        &format!("create the disk overlay {}", overlay.display()),
+    )
+    .await?;
     Ok(())
 }

@@ -106,7 +106,10 @@ pub(crate) struct ShutdownRecord {
 }
 
 /// Reads a JSON record; `Ok(None)` when the file does not exist.
-pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> Result<Option<T>, DriverError> {
+pub(crate) fn read_json<T: DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Option<T>, DriverError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             DriverError::io(
@@ -122,7 +125,11 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> Result<
 
 /// Writes a JSON record atomically (temporary file, then rename), so a crash
 /// mid-write leaves the old record rather than half a new one.
-pub(crate) fn write_json<T: Serialize>(path: &Path, what: &str, value: &T) -> Result<(), DriverError> {
+pub(crate) fn write_json<T: Serialize>(
+    path: &Path,
+    what: &str,
+    value: &T,
+) -> Result<(), DriverError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| {
         DriverError::io(
             format!("cannot encode the {what}"),
@@ -130,7 +137,8 @@ pub(crate) fn write_json<T: Serialize>(path: &Path, what: &str, value: &T) -> Re
             std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         )
     })?;
-    write_atomic(path, &bytes).map_err(|e| DriverError::io(format!("cannot write the {what}"), path, e))
+    write_atomic(path, &bytes)
+        .map_err(|e| DriverError::io(format!("cannot write the {what}"), path, e))
 }
 
 /// Replaces `path` with `bytes` atomically.
@@ -171,7 +179,10 @@ mod tests {
             None,
         );
         write_json(&p, "state", &rec).expect("write");
-        assert_eq!(read_json::<StateRecord>(&p, "state").expect("read"), Some(rec));
+        assert_eq!(
+            read_json::<StateRecord>(&p, "state").expect("read"),
+            Some(rec)
+        );
         std::fs::write(&p, b"{not json").expect("write");
         assert!(read_json::<StateRecord>(&p, "state").is_err());
     }

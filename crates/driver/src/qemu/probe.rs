@@ -33,7 +33,11 @@ const KERNEL_BANNER: &[u8] = b"Linux version";
 ///
 /// Never fails: every doubt is an answer of TCG with the reason, logged with
 /// `tracing::warn!`.
-pub async fn probe_accel(qemu_binary: &Path, kernel: Option<&Path>, timeout: Duration) -> AccelProbe {
+pub async fn probe_accel(
+    qemu_binary: &Path,
+    kernel: Option<&Path>,
+    timeout: Duration,
+) -> AccelProbe {
     let probe = probe_kvm(qemu_binary, kernel, timeout).await;
     match &probe {
         Ok(reason) => {
@@ -53,8 +57,16 @@ pub async fn probe_accel(qemu_binary: &Path, kernel: Option<&Path>, timeout: Dur
     }
 }
 
-async fn probe_kvm(qemu_binary: &Path, kernel: Option<&Path>, timeout: Duration) -> Result<String, String> {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+async fn probe_kvm(
+    qemu_binary: &Path,
+    kernel: Option<&Path>,
+    timeout: Duration,
+) -> Result<String, String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         return Err(format!("cannot open /dev/kvm: {e}"));
     }
     let kernel = match kernel {
@@ -65,21 +77,37 @@ async fn probe_kvm(qemu_binary: &Path, kernel: Option<&Path>, timeout: Duration)
     };
     let started = Instant::now();
     let mut child = Command::new(qemu_binary)
-        .args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-monitor", "none", "-serial", "stdio"])
         .arg("-kernel")
         .arg(&kernel)
-        .args(["-append", "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1"])
+        .args([
+            "-append",
+            "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", qemu_binary.display()))?;
-    let Some(mut stdout) = child.stdout.take() else {
-        return Err("QEMU's serial output was not captured".into());
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err("QEMU's output was not captured".into());
     };
+    let stderr = tokio::spawn(async move {
+        let mut text = Vec::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut text).await;
+        String::from_utf8_lossy(&text).into_owned()
+    });
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     let outcome = tokio::time::timeout(timeout, async {
@@ -98,6 +126,18 @@ async fn probe_kvm(qemu_binary: &Path, kernel: Option<&Path>, timeout: Duration)
     .await;
     let _ = child.start_kill();
     let _ = child.wait().await;
+    let stderr = tokio::time::timeout(Duration::from_secs(2), stderr)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let said = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.contains("warning:"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
     match outcome {
         Ok(true) => Ok(format!(
             "a KVM guest printed the kernel banner after {:.1}s ({})",
@@ -105,7 +145,7 @@ async fn probe_kvm(qemu_binary: &Path, kernel: Option<&Path>, timeout: Duration)
             kernel.display()
         )),
         Ok(false) => Err(format!(
-            "the KVM probe QEMU exited before the kernel printed anything (serial output: {:?})",
+            "the KVM probe QEMU exited before the kernel printed its banner (QEMU said: {said:?}; serial output: {:?})",
             String::from_utf8_lossy(&seen).trim()
         )),
         Err(_) => Err(format!(
@@ -129,7 +169,9 @@ fn host_kernel() -> Option<PathBuf> {
     }
     candidates.push("/boot/vmlinuz".into());
     candidates.push("/vmlinuz".into());
-    candidates.into_iter().find(|p| std::fs::File::open(p).is_ok())
+    candidates
+        .into_iter()
+        .find(|p| std::fs::File::open(p).is_ok())
 }
 
 /// `QEMU emulator version 10.0.2 (...)` → `10.0.2`; `None` if QEMU cannot run.
@@ -168,7 +210,58 @@ pub(crate) async fn sandbox_supported(qemu_binary: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+
+    /// A stand-in for QEMU that prints `serial` and then hangs.
+    fn fake_qemu(dir: &Path, name: &str, serial: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho '{serial}'\nexec sleep 30\n"),
+        )
+        .expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[tokio::test]
+    async fn probe_wants_the_kernel_banner_within_the_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hangs = fake_qemu(
+            dir.path(),
+            "hangs",
+            "Probing EDD (edd=off to disable)... ok",
+        );
+        let boots = fake_qemu(dir.path(), "boots", "[    0.000000] Linux version 6.1.0");
+        let kernel = hangs.clone(); // any readable file
+        let t = Instant::now();
+        let probe = probe_accel(&hangs, Some(&kernel), Duration::from_secs(1)).await;
+        assert_eq!(probe.accel, Accel::Tcg);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "probe overran: {:?}",
+            t.elapsed()
+        );
+        let probe_ok = probe_accel(&boots, Some(&kernel), Duration::from_secs(5)).await;
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+        {
+            assert!(
+                probe.reason.contains("no kernel banner within 1s"),
+                "{}",
+                probe.reason
+            );
+            assert_eq!(probe_ok.accel, Accel::Kvm, "{}", probe_ok.reason);
+        } else {
+            assert!(probe.reason.contains("/dev/kvm"), "{}", probe.reason);
+            assert_eq!(probe_ok.accel, Accel::Tcg);
+        }
+    }
 
     #[test]
     fn version_line_parses() {

@@ -47,7 +47,10 @@ fn is_zombie_or_gone(pid: u32) -> bool {
     };
     // "pid (comm) S ...": comm may contain spaces and parentheses.
     match stat.rfind(')') {
-        Some(i) => matches!(stat[i + 1..].split_whitespace().next(), Some("Z") | Some("X") | None),
+        Some(i) => matches!(
+            stat[i + 1..].split_whitespace().next(),
+            Some("Z") | Some("X") | None
+        ),
         None => true,
     }
 }
@@ -115,7 +118,10 @@ mod tests {
         assert!(!is_zombie_or_gone(me));
         assert!(!is_qemu_of(me, VmId::new()));
         assert!(is_zombie_or_gone(u32::MAX - 1));
-        assert!(signal(u32::MAX - 1, Signal::KILL).is_ok(), "absent pid is fine");
+        assert!(
+            signal(u32::MAX - 1, Signal::KILL).is_ok(),
+            "absent pid is fine"
+        );
     }
 
     #[test]

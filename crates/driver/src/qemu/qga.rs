@@ -44,7 +44,8 @@ impl QgaConn {
             let (service, reader) = QgaStreamTokio::open_split(r, w).spawn_tokio();
             let conn = QgaConn { service, reader };
             let left = deadline.saturating_duration_since(Instant::now());
-            let sync_id = i32::from_ne_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into()?) & 0x3fff_ffff;
+            let sync_id =
+                i32::from_ne_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into()?) & 0x3fff_ffff;
             match tokio::time::timeout(left, conn.service.guest_sync(sync_id)).await {
                 Ok(Ok(())) => return Ok(conn),
                 Err(_) => return Err("the guest agent did not answer guest-sync".into()),

@@ -36,13 +36,21 @@ pub(crate) async fn connect(path: &Path, timeout: Duration) -> io::Result<(QmpSe
 
 /// Runs `command`, failing with [`DriverError::Qemu`] (QEMU said no) or
 /// [`DriverError::Timeout`].
-pub(crate) async fn execute<C>(qmp: &QmpService, command: C, timeout: Duration, what: &str) -> Result<C::Ok, DriverError>
+pub(crate) async fn execute<C>(
+    qmp: &QmpService,
+    command: C,
+    timeout: Duration,
+    what: &str,
+) -> Result<C::Ok, DriverError>
 where
     C: Command + QmpCommand,
 {
     match tokio::time::timeout(timeout, qmp.execute(command)).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(DriverError::qemu(format!("QMP {} failed ({what})", C::NAME), e)),
+        Ok(Err(e)) => Err(DriverError::qemu(
+            format!("QMP {} failed ({what})", C::NAME),
+            e,
+        )),
         Err(_) => Err(DriverError::timeout(format!(
             "waiting {}s for QMP {} ({what})",
             timeout.as_secs(),
