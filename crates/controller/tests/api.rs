@@ -29,6 +29,8 @@ both_backends!(
     idempotency_key_returns_the_same_job,
     cancelling_a_queued_job_unwinds_it,
     tokens_are_shown_once_and_revocable,
+    agent_endpoints_take_host_credentials_only,
+    agent_reports_are_gated_by_generation,
 );
 
 /// A world with two projects. A holds one of everything.
@@ -177,6 +179,16 @@ fn valid_body(op: &str) -> Option<Value> {
         }
         "image_create" => json!({"name": "new-image"}),
         "vm_create" => json!({"name": "new-vm", "flavor": "tiny", "image": "img-a"}),
+        "vm_exec" => json!({"argv": ["true"]}),
+        "agent_enroll" => {
+            json!({"enroll_token": "stratus-enroll_bogus", "name": "h", "address": "127.0.0.1",
+            "facts": {"cpus": 2, "memory_bytes": 1073741824u64, "disk_bytes": 1073741824u64, "driver": "sim"}})
+        }
+        "agent_report" => {
+            json!({"facts": {"cpus": 2, "memory_bytes": 1073741824u64, "disk_bytes": 1073741824u64, "driver": "sim"}, "vms": []})
+        }
+        "agent_request_result" => json!({"error": "x"}),
+        "agent_console_append" => json!({"offset": 0, "data_base64": ""}),
         _ => return None,
     })
 }
@@ -247,7 +259,7 @@ async fn tenant_isolation_sweep(b: Backend) {
     let mut checked = 0;
     for (method, template, op) in operations() {
         let params = params_of(&template);
-        if params.is_empty() {
+        if params.is_empty() || template.starts_with("/v1/agent/") {
             continue;
         }
         // Hosts and flavors belong to no project: not a tenancy question.
@@ -358,7 +370,9 @@ async fn readers_cannot_change_anything(b: Backend) {
     let before = snapshot(&ctx).await;
     let mut checked = 0;
     for (method, template, op) in operations() {
-        if method == Method::GET {
+        // Agent endpoints take host credentials, not API tokens (see
+        // agent_endpoints_take_host_credentials_only).
+        if method == Method::GET || template.starts_with("/v1/agent/") {
             continue;
         }
         let mut path = template.clone();
@@ -407,6 +421,9 @@ async fn every_operation_needs_a_token(b: Backend) {
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {template}");
         assert_error_shape(&r);
         assert_eq!(r.code(), "unauthenticated");
+        if template == "/v1/agent/enroll" {
+            continue; // authenticated by the token in its body
+        }
         for bad in ["Bearer nope", "Basic abc", "Bearer "] {
             let req = axum::http::Request::builder()
                 .method(method.clone())
@@ -1093,4 +1110,205 @@ async fn tokens_are_shown_once_and_revocable(b: Backend) {
             .all(|t| !t.token_hash.contains(&secret) && t.token_hash.len() == 64),
         "only hashes stored"
     );
+}
+
+fn facts() -> Value {
+    json!({"cpus": 4, "memory_bytes": 8u64 << 30, "disk_bytes": 100u64 << 30, "qemu_version": "10.0.2", "accel": "tcg", "driver": "sim"})
+}
+
+/// Enrolls a host named `name`; returns its credential.
+async fn enroll(ctx: &Ctx, name: &str) -> String {
+    let t = ctx
+        .must(
+            ctx.post("/v1/host-enrollment-tokens", &ctx.admin, json!({}))
+                .await,
+            "enroll token",
+        )
+        .await;
+    let token = t["token"].as_str().expect("token").to_string();
+    let body =
+        json!({"enroll_token": token, "name": name, "address": "127.0.0.1", "facts": facts()});
+    let r = ctx
+        .call(Method::POST, "/v1/agent/enroll", None, Some(body.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // One time only.
+    let again = ctx
+        .call(Method::POST, "/v1/agent/enroll", None, Some(body))
+        .await;
+    assert_eq!(again.status, StatusCode::UNAUTHORIZED);
+    assert_error_shape(&again);
+    r.body["credential"]
+        .as_str()
+        .expect("credential")
+        .to_string()
+}
+
+async fn agent_endpoints_take_host_credentials_only(b: Backend) {
+    let ctx = Ctx::new(b, false).await;
+    let cred = enroll(&ctx, "host-1").await;
+    assert!(cred.starts_with("stratus-host_"));
+    // The host shows up, with its facts.
+    let hosts = ctx.get("/v1/hosts", &ctx.admin).await.body;
+    assert_eq!(hosts["items"][0]["name"], "host-1");
+    assert_eq!(hosts["items"][0]["state"], "up");
+    assert_eq!(hosts["items"][0]["cpus"], 4);
+    // An API token is no host credential, and a host credential is no API token.
+    let r = ctx.get("/v1/agent/desired", &ctx.admin).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_error_shape(&r);
+    let r = ctx.get("/v1/vms", &cred).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = ctx.get("/v1/agent/desired", "stratus-host_forged").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // The host's desired state: nothing yet; a long poll with a current
+    // revision waits and then answers the same revision.
+    let d = ctx.get("/v1/agent/desired", &cred).await;
+    assert_eq!(d.status, StatusCode::OK, "{}", d.body);
+    let rev = d.body["revision"].as_u64().expect("revision");
+    let t0 = std::time::Instant::now();
+    let d2 = ctx
+        .get(&format!("/v1/agent/desired?since={rev}&wait_secs=1"), &cred)
+        .await;
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(900),
+        "long poll waited"
+    );
+    assert_eq!(d2.body["revision"].as_u64(), Some(rev));
+    let r = ctx.get("/v1/agent/desired?wait_secs=1000", &cred).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // A second host cannot take the same name.
+    let t = ctx
+        .must(
+            ctx.post("/v1/host-enrollment-tokens", &ctx.admin, json!({}))
+                .await,
+            "token",
+        )
+        .await;
+    let r = ctx
+        .call(Method::POST, "/v1/agent/enroll", None, Some(json!({"enroll_token": t["token"], "name": "host-1", "address": "x", "facts": facts()})))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+}
+
+async fn agent_reports_are_gated_by_generation(b: Backend) {
+    let ctx = Ctx::new(b, true).await;
+    let cred = enroll(&ctx, "host-1").await;
+    let w = world(&ctx).await;
+    // vm-a is placed on host-1 and the job waits for the host.
+    let vm_id = w
+        .a_ids
+        .iter()
+        .find(|(k, _)| *k == "vm")
+        .expect("vm")
+        .1
+        .clone();
+    let job_id = w
+        .a_ids
+        .iter()
+        .find(|(k, _)| *k == "job")
+        .expect("job")
+        .1
+        .clone();
+    let mut desired = Value::Null;
+    for _ in 0..100 {
+        desired = ctx.get("/v1/agent/desired", &cred).await.body;
+        if desired["vms"].as_array().is_some_and(|v| !v.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(desired["vms"][0]["vm_id"], vm_id.as_str(), "{desired}");
+    assert_eq!(desired["vms"][0]["desired_state"], "running");
+    let report = |generation: u64, state: &str| {
+        json!({"facts": facts(), "vms": [{"vm_id": vm_id, "generation": generation, "state": state, "reboot_generation": 0,
+            "guest": {"connected": true, "os_name": "Stratus test guest", "ip_addresses": ["10.0.2.15"]}}]})
+    };
+    let r = ctx
+        .post("/v1/agent/report", &cred, report(10, "running"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["stale"], 0);
+    let job = ctx
+        .get(
+            &format!("/v1/jobs/{job_id}/wait?timeout_secs=10"),
+            &w.a_member,
+        )
+        .await
+        .body;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let vm = ctx.get(&format!("/v1/vms/{vm_id}"), &w.a_member).await.body;
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["guest"]["ip_addresses"][0], "10.0.2.15");
+    // An older report arriving late changes nothing.
+    let r = ctx
+        .post("/v1/agent/report", &cred, report(9, "stopped"))
+        .await;
+    assert_eq!(r.body["stale"], 1);
+    assert_eq!(
+        ctx.get(&format!("/v1/vms/{vm_id}"), &w.a_member).await.body["state"],
+        "running"
+    );
+    // A newer crash report shows at once, with no job involved.
+    let r = ctx
+        .post("/v1/agent/report", &cred, report(11, "crashed"))
+        .await;
+    assert_eq!(r.body["stale"], 0);
+    assert_eq!(
+        ctx.get(&format!("/v1/vms/{vm_id}"), &w.a_member).await.body["state"],
+        "crashed"
+    );
+    // Another host cannot report on this VM.
+    let other = enroll(&ctx, "host-2").await;
+    let r = ctx
+        .post("/v1/agent/report", &other, report(12, "running"))
+        .await;
+    assert_eq!(r.body["stale"], 1, "not its VM");
+    assert_eq!(
+        ctx.get(&format!("/v1/vms/{vm_id}"), &w.a_member).await.body["state"],
+        "crashed"
+    );
+    // Console output: appended, deduplicated by offset, readable by the owner only.
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (off, text) in [(0, "hello "), (3, "lo world"), (11, "\n")] {
+        let r = ctx
+            .call(
+                Method::PUT,
+                &format!("/v1/agent/vms/{vm_id}/console"),
+                Some(&cred),
+                Some(json!({"offset": off, "data_base64": b64(text)})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    }
+    let c = ctx
+        .get(&format!("/v1/vms/{vm_id}/console?offset=0"), &w.a_member)
+        .await
+        .body;
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(c["data_base64"].as_str().expect("data"))
+        .expect("b64");
+    assert_eq!(String::from_utf8_lossy(&text), "hello world\n");
+    assert_eq!(c["next_offset"], 12);
+    assert_eq!(
+        ctx.get(&format!("/v1/vms/{vm_id}/console"), &w.b_member)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let r = ctx
+        .call(
+            Method::PUT,
+            &format!("/v1/agent/vms/{vm_id}/console"),
+            Some(&other),
+            Some(json!({"offset": 0, "data_base64": b64("x")})),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "only the VM's host writes its console"
+    );
+    ctx.shutdown().await;
 }

@@ -268,8 +268,11 @@ impl Datastore {
 
     /// vCPUs, memory and disk allocated to VMs on a host.
     pub async fn host_allocated(&self, id: HostId) -> Result<(u64, u64, u64), Error> {
+        // SUM of BIGINT is NUMERIC on PostgreSQL: cast back so both
+        // backends answer a 64-bit integer.
         let row: (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT SUM(vcpus), SUM(memory_bytes), SUM(disk_bytes) FROM vms WHERE host_id = $1",
+            "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT), CAST(COALESCE(SUM(memory_bytes), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(disk_bytes), 0) AS BIGINT) FROM vms WHERE host_id = $1",
         )
         .bind(id.to_string())
         .fetch_one(&self.read)
@@ -553,4 +556,32 @@ fn request_from_row(r: &sqlx::any::AnyRow) -> Result<HostRequestRecord, Error> {
         result: parse_json(r.opt_text("result")?),
         error: r.opt_text("error")?,
     })
+}
+
+impl Datastore {
+    /// Changes what a VM's host should make of it, and tells the host (its
+    /// desired revision is bumped in the same transaction).
+    pub async fn vm_set_desired(
+        &self,
+        vm: VmId,
+        desired: stratus_api_types::views::VmDesiredState,
+    ) -> Result<(), Error> {
+        let ctx = "setting a VM's desired state";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        sqlx::query("UPDATE vms SET desired_state = $1, generation = generation + 1, updated_at = $2 WHERE id = $3")
+            .bind(enum_str(&desired))
+            .bind(now_micros())
+            .bind(vm.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        sqlx::query(
+            "UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
+        )
+        .bind(vm.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))
+    }
 }

@@ -10,11 +10,13 @@ use sqlx::{AnyPool, Executor};
 use crate::db::{Backend, OpenError};
 
 /// (version, name, SQL). Append only: never edit a released migration.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("../migrations/0001_initial.sql")),
+    (2, "agents", include_str!("../migrations/0002_agents.sql")),
+];
 
-/// The schema version this binary expects.
-pub const SCHEMA_VERSION: i64 = 2;
+/// The schema version this binary expects: the last migration's.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// An arbitrary constant: the advisory lock id for migrations.
 const PG_MIGRATION_LOCK: i64 = 0x5354_5241_5455_5301;
@@ -78,4 +80,16 @@ async fn apply_locked(conn: &mut sqlx::AnyConnection) -> Result<(), OpenError> {
         tracing::info!(version, name, "applied schema migration");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_one_by_one() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.0, i as i64 + 1, "migration {} is out of sequence", m.1);
+        }
+    }
 }

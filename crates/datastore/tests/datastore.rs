@@ -410,7 +410,13 @@ async fn vm_intent_and_job_are_one_transaction(ds: &Datastore) {
     let stop = new_job(&fx, "vm_stop", v.id);
     let stop_id = stop.id;
     let busy = ds
-        .vm_begin_operation(v.id, VmDesiredState::Stopped, VmState::Stopping, stop)
+        .vm_begin_operation(
+            v.id,
+            VmDesiredState::Stopped,
+            VmState::Stopping,
+            false,
+            stop,
+        )
         .await
         .expect_err("busy");
     assert_eq!(busy.error_code(), "vm_busy");
@@ -483,6 +489,7 @@ async fn vm_intent_and_job_are_one_transaction(ds: &Datastore) {
             v.id,
             VmDesiredState::Deleted,
             VmState::Deleting,
+            false,
             new_job(&fx, "vm_delete", v.id),
         )
         .await

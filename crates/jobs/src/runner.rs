@@ -8,11 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stratus_api_types::views::{HostState, VmState};
+use stratus_api_types::agent::ObservedVmState;
+use stratus_api_types::views::{VmDesiredState, VmState};
 use stratus_common::time::now_micros;
-use stratus_common::Error;
+use stratus_common::{Error, VmId};
 use stratus_datastore::model::{JobRecord, VmRecord};
-use stratus_datastore::{Datastore, JobOutcome, VmEffect};
+use stratus_datastore::{Datastore, JobOutcome, Placement, VmEffect};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -39,6 +40,9 @@ impl RunnerConfig {
         }
     }
 }
+
+/// A host that has not reported for this long is unreachable.
+const HOST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct JobRunner {
     ds: Datastore,
@@ -106,6 +110,19 @@ impl JobRunner {
             }
             if let Err(e) = this.ds.job_requeue_expired(now_micros()).await {
                 tracing::warn!(error = %e, "could not requeue expired jobs");
+            }
+            // Hosts silent for longer than the timeout are unreachable (the
+            // HA work acts on that; here it keeps them out of placement).
+            match this
+                .ds
+                .host_mark_unreachable(now_micros() - micros(HOST_TIMEOUT))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(hosts = n, "hosts stopped heartbeating; marked unreachable")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not check host heartbeats"),
             }
             loop {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -244,85 +261,416 @@ impl JobRunner {
         let vm = vm.clone();
         match kind {
             JobKind::VmCreate => self.vm_create(job, &vm).await,
-            JobKind::VmDelete => self.vm_delete(job, &vm).await,
-            JobKind::VmStart | JobKind::VmStop | JobKind::VmReboot => Err(Failure {
+            JobKind::VmDelete => self.vm_delete(job, &vm, params).await,
+            JobKind::VmStart | JobKind::VmStop | JobKind::VmReboot => {
+                self.vm_power(job, kind, &vm, params).await
+            }
+        }
+    }
+
+    /// Creating a VM: choose a host, then have its agent build and boot it.
+    async fn vm_create(&self, job: &JobRecord, vm: &VmRecord) -> Result<Option<VmEffect>, Failure> {
+        let host = match vm.host_id {
+            // Re-run after a controller restart: the placement stands.
+            Some(h) => h,
+            None => {
+                self.step(job, "schedule", 10, "looking for a host with room")
+                    .await?;
+                match self
+                    .ds
+                    .vm_place(vm.id)
+                    .await
+                    .map_err(|e| internal("placing the VM", e))?
+                {
+                    Placement::Placed(h) => {
+                        self.step(job, "schedule", 20, &format!("placed on host {}", h.name))
+                            .await?;
+                        h.id
+                    }
+                    Placement::NoHost {
+                        total,
+                        up,
+                        too_full,
+                    } => {
+                        let why = no_host_message(total, up, &too_full);
+                        return Err(Failure {
+                            code: "no_host_available",
+                            message: why.clone(),
+                            effect: Some(VmEffect::Update {
+                                vm_id: vm.id,
+                                state: VmState::Failed,
+                                state_reason: Some(why),
+                                host_id: None,
+                                desired_state: None,
+                            }),
+                        });
+                    }
+                }
+            }
+        };
+        let want = if vm.desired_state == VmDesiredState::Stopped {
+            ObservedVmState::Stopped
+        } else {
+            ObservedVmState::Running
+        };
+        self.step(
+            job,
+            "provision",
+            30,
+            "waiting for the host to fetch the image, build and boot the VM",
+        )
+        .await?;
+        match self
+            .await_observation(job, vm.id, Wait::State(want), CREATE_TIMEOUT)
+            .await
+        {
+            Ok(seen) => Ok(Some(VmEffect::Update {
+                vm_id: vm.id,
+                state: shown(want),
+                state_reason: None,
+                host_id: Some(seen.host_id.unwrap_or(host)),
+                desired_state: None,
+            })),
+            Err(f) if f.code == "cancelled" => {
+                // Undo: the host destroys what it built, then the VM is gone.
+                self.undo_create(job, vm.id).await?;
+                Err(Failure {
+                    code: "cancelled",
+                    message: "cancelled on request; the VM was removed from its host".into(),
+                    effect: Some(VmEffect::Remove { vm_id: vm.id }),
+                })
+            }
+            Err(mut f) => {
+                // A failed VM stays, stopped, with the reason, for the
+                // operator to retry (start) or delete; its host stops trying.
+                if let Err(e) = self.ds.vm_set_desired(vm.id, VmDesiredState::Stopped).await {
+                    tracing::warn!(vm = %vm.id, error = %e, "could not park a failed VM");
+                }
+                f.effect = Some(VmEffect::Update {
+                    vm_id: vm.id,
+                    state: VmState::Failed,
+                    state_reason: Some(f.message.clone()),
+                    host_id: Some(host),
+                    desired_state: Some(VmDesiredState::Stopped),
+                });
+                Err(f)
+            }
+        }
+    }
+
+    async fn undo_create(&self, job: &JobRecord, vm: VmId) -> Result<(), Failure> {
+        self.ds
+            .vm_set_desired(vm, VmDesiredState::Deleted)
+            .await
+            .map_err(|e| internal("asking the host to remove the VM", e))?;
+        self.step(job, "undo", 60, "waiting for the host to remove the VM")
+            .await?;
+        self.await_observation_uncancellable(
+            job,
+            vm,
+            Wait::State(ObservedVmState::Absent),
+            DELETE_TIMEOUT,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Start, stop and reboot: the intent is already recorded (and the host
+    /// told); wait for the host to report the result.
+    async fn vm_power(
+        &self,
+        job: &JobRecord,
+        kind: JobKind,
+        vm: &VmRecord,
+        params: &VmJobParams,
+    ) -> Result<Option<VmEffect>, Failure> {
+        let Some(host) = vm.host_id else {
+            return Err(Failure {
                 code: "vm_not_placed",
                 message: format!(
                     "VM {:?} is not placed on a host, so it cannot be {}",
                     vm.name,
                     verb(kind)
                 ),
-                effect: Some(restore(&vm, params)),
-            }),
-        }
-    }
-
-    /// Creating a VM: choose a host, then have its agent build and boot it.
-    async fn vm_create(&self, job: &JobRecord, vm: &VmRecord) -> Result<Option<VmEffect>, Failure> {
-        self.step(job, "schedule", 10, "looking for a host with room")
-            .await?;
-        let counts = self
-            .ds
-            .host_count_by_state()
-            .await
-            .map_err(|e| internal("counting hosts", e))?;
-        let total: i64 = counts.iter().map(|(_, n)| n).sum();
-        let up: i64 = counts
-            .iter()
-            .filter(|(s, _)| *s == HostState::Up)
-            .map(|(_, n)| n)
-            .sum();
-        let why = if total == 0 {
-            "no host can run this VM: no hosts are enrolled (run `stratus agent` on a host to add one)"
-                .to_string()
-        } else if up == 0 {
-            format!("no host can run this VM: none of the {total} enrolled host(s) is up")
-        } else {
-            format!(
-                "no host can run this VM: {up} host(s) are up but this controller cannot yet hand VMs to \
-                 host agents"
-            )
+                effect: Some(restore(vm, params)),
+            });
         };
-        Err(Failure {
-            code: "no_host_available",
-            message: why.clone(),
-            effect: Some(VmEffect::Update {
+        let (wait, target, step) = match kind {
+            JobKind::VmStart => (
+                Wait::State(ObservedVmState::Running),
+                VmState::Running,
+                "waiting for the VM to boot",
+            ),
+            JobKind::VmStop => (
+                Wait::State(ObservedVmState::Stopped),
+                VmState::Stopped,
+                "waiting for the guest to power off",
+            ),
+            _ => (
+                Wait::Reboot(u64::try_from(vm.reboot_generation).unwrap_or(0)),
+                VmState::Running,
+                "waiting for the VM to reboot",
+            ),
+        };
+        self.step(job, "converge", 30, step).await?;
+        match self
+            .await_observation(job, vm.id, wait, POWER_TIMEOUT)
+            .await
+        {
+            Ok(_) => Ok(Some(VmEffect::Update {
                 vm_id: vm.id,
-                state: VmState::Failed,
-                state_reason: Some(why),
-                host_id: None,
+                state: target,
+                state_reason: None,
+                host_id: Some(host),
                 desired_state: None,
-            }),
-        })
+            })),
+            Err(mut f) => {
+                // Cancelled or failed: the operator's previous intent is
+                // restored, so the host stops converging on this one.
+                if let Err(e) = self.ds.vm_set_desired(vm.id, params.previous_desired).await {
+                    tracing::warn!(vm = %vm.id, error = %e, "could not restore the VM's intent");
+                }
+                let now = self.ds.vm_get(vm.id).await.ok();
+                let state = now
+                    .as_ref()
+                    .and_then(|v| v.observed_state)
+                    .map(shown)
+                    .unwrap_or(params.previous_state);
+                f.effect = Some(VmEffect::Update {
+                    vm_id: vm.id,
+                    state,
+                    state_reason: if f.code == "cancelled" {
+                        None
+                    } else {
+                        Some(f.message.clone())
+                    },
+                    host_id: Some(host),
+                    desired_state: Some(params.previous_desired),
+                });
+                Err(f)
+            }
+        }
     }
 
     /// Deleting a VM: have its host destroy it, then forget it.
-    async fn vm_delete(&self, job: &JobRecord, vm: &VmRecord) -> Result<Option<VmEffect>, Failure> {
-        if let Some(host) = vm.host_id {
-            return Err(Failure {
-                code: "host_unavailable",
-                message: format!(
-                    "VM {:?} is on host {host}, which this controller cannot reach",
-                    vm.name
-                ),
-                effect: Some(VmEffect::Update {
-                    vm_id: vm.id,
-                    state: vm.state,
-                    state_reason: Some("delete failed: host unreachable".into()),
-                    host_id: Some(host),
-                    desired_state: None,
-                }),
-            });
+    async fn vm_delete(
+        &self,
+        job: &JobRecord,
+        vm: &VmRecord,
+        params: &VmJobParams,
+    ) -> Result<Option<VmEffect>, Failure> {
+        if vm.host_id.is_none() {
+            self.step(
+                job,
+                "forget",
+                50,
+                "the VM was never placed; removing its record",
+            )
+            .await?;
+            return Ok(Some(VmEffect::Remove { vm_id: vm.id }));
         }
         self.step(
             job,
-            "forget",
-            50,
-            "the VM was never placed; removing its record",
+            "destroy",
+            30,
+            "waiting for the host to destroy the VM and its disks",
         )
         .await?;
-        Ok(Some(VmEffect::Remove { vm_id: vm.id }))
+        match self
+            .await_observation(
+                job,
+                vm.id,
+                Wait::State(ObservedVmState::Absent),
+                DELETE_TIMEOUT,
+            )
+            .await
+        {
+            Ok(_) => Ok(Some(VmEffect::Remove { vm_id: vm.id })),
+            Err(mut f) => {
+                if let Err(e) = self.ds.vm_set_desired(vm.id, params.previous_desired).await {
+                    tracing::warn!(vm = %vm.id, error = %e, "could not restore the VM's intent");
+                }
+                f.effect = Some(restore(vm, params));
+                Err(f)
+            }
+        }
     }
+
+    /// Waits until the host reports what the job waits for, the job is
+    /// cancelled, the host reports a failure, or the time runs out. Renews
+    /// the job's lease meanwhile.
+    async fn await_observation(
+        &self,
+        job: &JobRecord,
+        vm: VmId,
+        wait: Wait,
+        timeout: Duration,
+    ) -> Result<VmRecord, Failure> {
+        self.await_inner(job, vm, wait, timeout, true).await
+    }
+
+    async fn await_observation_uncancellable(
+        &self,
+        job: &JobRecord,
+        vm: VmId,
+        wait: Wait,
+        timeout: Duration,
+    ) -> Result<VmRecord, Failure> {
+        self.await_inner(job, vm, wait, timeout, false).await
+    }
+
+    async fn await_inner(
+        &self,
+        job: &JobRecord,
+        vm: VmId,
+        wait: Wait,
+        timeout: Duration,
+        cancellable: bool,
+    ) -> Result<VmRecord, Failure> {
+        let started = tokio::time::Instant::now();
+        let mut renewed = started;
+        loop {
+            let rec = self
+                .ds
+                .vm_get(vm)
+                .await
+                .map_err(|e| internal("reading the VM", e))?;
+            let fresh = rec.observed_at.is_some_and(|t| t > job.created_at);
+            let done = match wait {
+                Wait::State(s) => {
+                    rec.observed_state == Some(s) && (fresh || s != ObservedVmState::Failed)
+                }
+                Wait::Reboot(g) => {
+                    u64::try_from(rec.observed_reboot_generation).unwrap_or(0) >= g
+                        && rec.observed_state == Some(ObservedVmState::Running)
+                }
+            };
+            if done {
+                return Ok(rec);
+            }
+            // A failure the host reported after this job began is this job's.
+            if fresh
+                && rec.observed_state == Some(ObservedVmState::Failed)
+                && wait != Wait::State(ObservedVmState::Absent)
+            {
+                return Err(Failure {
+                    code: "host_failed",
+                    message: rec
+                        .observed_reason
+                        .unwrap_or_else(|| "the host could not carry it out".into()),
+                    effect: None,
+                });
+            }
+            if cancellable {
+                let current = self
+                    .ds
+                    .job_get(job.id)
+                    .await
+                    .map_err(|e| internal("reading the job", e))?;
+                if current.cancel_requested_at.is_some() {
+                    return Err(Failure {
+                        code: "cancelled",
+                        message: "cancelled on request".into(),
+                        effect: None,
+                    });
+                }
+            }
+            if started.elapsed() > timeout {
+                return Err(Failure {
+                    code: "host_timeout",
+                    message: format!(
+                        "the host did not report the VM {} within {} s (is its agent running?)",
+                        wait.describe(),
+                        timeout.as_secs()
+                    ),
+                    effect: None,
+                });
+            }
+            if renewed.elapsed() > self.config.lease / 3 {
+                let until = now_micros() + micros(self.config.lease);
+                match self
+                    .ds
+                    .job_renew_lease(job.id, &self.config.owner, until)
+                    .await
+                {
+                    Ok(true) => renewed = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        return Err(Failure {
+                            code: "lease_lost",
+                            message: "another controller took over this job".into(),
+                            effect: None,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %job.id, error = %e, "could not renew the job lease")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+const CREATE_TIMEOUT: Duration = Duration::from_secs(600);
+const POWER_TIMEOUT: Duration = Duration::from_secs(300);
+const DELETE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a job waits for the host to report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    State(ObservedVmState),
+    /// Running, having carried out this reboot request.
+    Reboot(u64),
+}
+
+impl Wait {
+    fn describe(self) -> String {
+        match self {
+            Wait::State(s) => format!(
+                "as {}",
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ),
+            Wait::Reboot(_) => "rebooted".into(),
+        }
+    }
+}
+
+/// How an observed state shows on the VM.
+fn shown(s: ObservedVmState) -> VmState {
+    match s {
+        ObservedVmState::Running => VmState::Running,
+        ObservedVmState::Stopped | ObservedVmState::Absent => VmState::Stopped,
+        ObservedVmState::Crashed => VmState::Crashed,
+        ObservedVmState::Failed => VmState::Failed,
+    }
+}
+
+/// "No valid host was found", but saying why.
+fn no_host_message(total: usize, up: usize, too_full: &[(String, &'static str)]) -> String {
+    if total == 0 {
+        return "no host can run this VM: no hosts are enrolled (run `stratus agent` on a host to add one)".into();
+    }
+    if up == 0 {
+        return format!("no host can run this VM: none of the {total} enrolled host(s) is up");
+    }
+    let mut by_reason: Vec<(&str, usize)> = Vec::new();
+    for (_, why) in too_full {
+        match by_reason.iter_mut().find(|(w, _)| w == why) {
+            Some((_, n)) => *n += 1,
+            None => by_reason.push((why, 1)),
+        }
+    }
+    let detail: Vec<String> = by_reason
+        .iter()
+        .map(|(w, n)| format!("{n} without enough {w}"))
+        .collect();
+    format!(
+        "no host can run this VM: {up} of {total} host(s) are up, {}",
+        detail.join(", ")
+    )
 }
 
 /// What cancelling a job before it acted leaves behind: a create leaves
