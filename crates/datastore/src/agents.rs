@@ -16,7 +16,7 @@ use crate::Datastore;
 /// Where a VM went, or why nowhere.
 #[derive(Debug, Clone)]
 pub enum Placement {
-    Placed(HostRecord),
+    Placed(Box<HostRecord>),
     NoHost {
         total: usize,
         up: usize,
@@ -259,7 +259,7 @@ impl Datastore {
             .map_err(|e| db_error(ctx, e))?;
             tx.commit().await.map_err(|e| db_error(ctx, e))?;
             let host = self.host_get(host.id).await?;
-            return Ok(Placement::Placed(host));
+            return Ok(Placement::Placed(Box::new(host)));
         }
         Err(Error::Unavailable {
             message: "placement kept conflicting with other placements; retry".into(),
