@@ -295,6 +295,27 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitOpt,
     },
+    /// Print a VM's serial console
+    Console {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+        /// Keep printing new output until interrupted
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in a VM through its guest agent; exits with its exit code
+    Exec {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+        /// Seconds to wait for the command
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+        /// The command and its arguments (after --)
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -911,7 +932,29 @@ async fn flavor(c: &Client, f: Format, cmd: FlavorCmd) -> Result<(), CliError> {
 }
 
 fn vm_fields(v: &types::Vm) -> Table {
-    fields(vec![
+    let guest = match &v.guest {
+        Some(g) if g.connected => "connected".to_string(),
+        Some(_) => "not connected".to_string(),
+        None => "-".to_string(),
+    };
+    let os = match v.guest.as_ref().map(|g| (&g.os_name, &g.os_version)) {
+        Some((Some(n), Some(ver))) => format!("{n} {ver}"),
+        Some((Some(n), None)) => n.clone(),
+        _ => "-".into(),
+    };
+    let ips = v
+        .guest
+        .as_ref()
+        .filter(|g| !g.ip_addresses.is_empty())
+        .map(|g| g.ip_addresses.join(", "))
+        .unwrap_or_else(|| "-".into());
+    let contact = v
+        .guest
+        .as_ref()
+        .and_then(|g| g.last_contact.as_ref())
+        .map(ts)
+        .unwrap_or_else(|| "-".into());
+    let mut t = fields(vec![
         ("name", v.name.clone()),
         ("id", v.id.to_string()),
         ("project", v.project_id.to_string()),
@@ -925,7 +968,16 @@ fn vm_fields(v: &types::Vm) -> Table {
         ("flavor", v.flavor_id.to_string()),
         ("image", v.image_id.to_string()),
         ("created", ts(&v.created_at)),
-    ])
+        ("guest agent", guest),
+        ("guest os", os),
+        ("guest ips", ips),
+        ("last contact", contact),
+    ]);
+    t.row(vec![
+        "observed".into(),
+        v.observed_at.as_ref().map(ts).unwrap_or_else(|| "-".into()),
+    ]);
+    t
 }
 
 /// Prints an accepted VM operation, or waits for it and prints the result.
@@ -1071,8 +1123,83 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
             let op = r.send().await?.into_inner();
             vm_operation(c, f, op, wait, interactive, true).await?;
         }
+        VmCmd::Console {
+            vm,
+            project,
+            follow,
+        } => console(c, &vm, project, follow).await?,
+        VmCmd::Exec {
+            vm,
+            project,
+            timeout,
+            command,
+        } => {
+            let body = types::VmExec {
+                argv: command,
+                timeout_secs: Some(timeout),
+            };
+            let mut r = c.vm_exec().vm(vm).body(body);
+            if let Some(p) = project {
+                r = r.project(p);
+            }
+            let res = r.send().await?.into_inner();
+            let out = decode(&res.stdout_base64)?;
+            let err = decode(&res.stderr_base64)?;
+            if f == Format::Json {
+                output::print(f, &res, |_| Table::new(&[]));
+            } else {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&out);
+                let _ = std::io::stderr().write_all(&err);
+            }
+            if res.exit_code != 0 {
+                return Err(CliError::Exit(res.exit_code));
+            }
+        }
     }
     Ok(())
+}
+
+fn decode(b64: &str) -> Result<Vec<u8>, CliError> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| CliError::Other(anyhow::anyhow!("the server sent invalid base64: {e}")))
+}
+
+/// Prints the console; with `follow`, keeps polling for new output.
+async fn console(
+    c: &Client,
+    vm: &str,
+    project: Option<String>,
+    follow: bool,
+) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut offset: Option<u64> = None;
+    loop {
+        let mut r = c.vm_console().vm(vm.to_string()).max(1u32 << 20);
+        if let Some(p) = &project {
+            r = r.project(p.clone());
+        }
+        if let Some(o) = offset {
+            r = r.offset(o);
+        }
+        let chunk = r.send().await?.into_inner();
+        if chunk.truncated_before && offset.is_some() {
+            eprintln!("[... console output dropped ...]");
+        }
+        let data = decode(&chunk.data_base64)?;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&data);
+        let _ = out.flush();
+        offset = Some(chunk.next_offset);
+        if !follow {
+            return Ok(());
+        }
+        if data.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
 }
 
 fn job_table(j: &types::Job) -> Table {

@@ -36,6 +36,9 @@ pub enum CliError {
     Connect { url: String, detail: String },
     #[error("{0}")]
     Usage(String),
+    /// A command run in a VM exited non-zero; the CLI exits with its code.
+    #[error("the command exited with status {0}")]
+    Exit(i32),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -45,6 +48,7 @@ impl CliError {
     /// when the API could not be reached.
     pub fn exit_code(&self) -> i32 {
         match self {
+            CliError::Exit(code) => *code,
             CliError::Usage(_) => 2,
             CliError::Connect { .. } => 3,
             _ => 1,
