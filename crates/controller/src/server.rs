@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use stratus_datastore::{Datastore, OpenError};
-use stratus_jobs::{JobRunner, RunnerConfig, RunnerHandle};
+use stratus_jobs::{JobRunner, RunnerConfig, RunnerHandle, Signals};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -68,9 +68,14 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let ds = Datastore::open(&config.database_url).await?;
         let images = ImageStore::open(&config.data_dir.join("images"))?;
-        let runner =
-            JobRunner::new(ds.clone(), RunnerConfig::new(config.controller_id.clone())).start();
-        let app = Arc::new(App::new(ds, images, runner.waker()));
+        let signals = Arc::new(Signals::default());
+        let runner = JobRunner::new(
+            ds.clone(),
+            RunnerConfig::new(config.controller_id.clone()),
+            signals.clone(),
+        )
+        .start();
+        let app = Arc::new(App::new(ds, images, runner.waker(), signals));
 
         let bootstrap_token = tokens::bootstrap_admin(&app)
             .await

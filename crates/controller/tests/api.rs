@@ -1024,7 +1024,8 @@ async fn cancelling_a_queued_job_unwinds_it(b: Backend) {
     // Now a controller starts and finds it.
     let mut cfg = stratus_jobs::RunnerConfig::new("late-controller");
     cfg.poll_interval = std::time::Duration::from_millis(50);
-    let runner = stratus_jobs::JobRunner::new(ctx.app.ds.clone(), cfg).start();
+    let runner =
+        stratus_jobs::JobRunner::new(ctx.app.ds.clone(), cfg, ctx.app.signals.clone()).start();
     let job = ctx
         .get(
             &format!("/v1/jobs/{job_id}/wait?timeout_secs=10"),

@@ -13,6 +13,8 @@
 
 pub mod kinds;
 mod runner;
+pub mod signals;
 
 pub use kinds::JobKind;
 pub use runner::{JobRunner, RunnerConfig, RunnerHandle};
+pub use signals::Signals;

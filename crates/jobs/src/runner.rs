@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::kinds::{JobKind, VmJobParams};
+use crate::signals::Signals;
 
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
@@ -48,6 +49,7 @@ pub struct JobRunner {
     ds: Datastore,
     config: RunnerConfig,
     wake: Arc<Notify>,
+    signals: Arc<Signals>,
 }
 
 /// Controls a running [`JobRunner`].
@@ -86,11 +88,12 @@ struct Failure {
 }
 
 impl JobRunner {
-    pub fn new(ds: Datastore, config: RunnerConfig) -> Self {
+    pub fn new(ds: Datastore, config: RunnerConfig, signals: Arc<Signals>) -> Self {
         JobRunner {
             ds,
             config,
             wake: Arc::new(Notify::new()),
+            signals,
         }
     }
 
@@ -181,6 +184,14 @@ impl JobRunner {
             Ok(done) => tracing::info!(job = %id, state = ?done.state, "job ended"),
             Err(e) => tracing::warn!(job = %id, error = %e, "could not record the job's outcome"),
         }
+    }
+
+    /// Changes a VM's desired state and wakes agents waiting on this
+    /// controller.
+    async fn set_desired(&self, vm: VmId, desired: VmDesiredState) -> Result<(), Error> {
+        self.ds.vm_set_desired(vm, desired).await?;
+        self.signals.desired_changed();
+        Ok(())
     }
 
     async fn step(
@@ -343,7 +354,7 @@ impl JobRunner {
             Err(mut f) => {
                 // A failed VM stays, stopped, with the reason, for the
                 // operator to retry (start) or delete; its host stops trying.
-                if let Err(e) = self.ds.vm_set_desired(vm.id, VmDesiredState::Stopped).await {
+                if let Err(e) = self.set_desired(vm.id, VmDesiredState::Stopped).await {
                     tracing::warn!(vm = %vm.id, error = %e, "could not park a failed VM");
                 }
                 f.effect = Some(VmEffect::Update {
@@ -359,8 +370,7 @@ impl JobRunner {
     }
 
     async fn undo_create(&self, job: &JobRecord, vm: VmId) -> Result<(), Failure> {
-        self.ds
-            .vm_set_desired(vm, VmDesiredState::Deleted)
+        self.set_desired(vm, VmDesiredState::Deleted)
             .await
             .map_err(|e| internal("asking the host to remove the VM", e))?;
         self.step(job, "undo", 60, "waiting for the host to remove the VM")
@@ -427,7 +437,7 @@ impl JobRunner {
             Err(mut f) => {
                 // Cancelled or failed: the operator's previous intent is
                 // restored, so the host stops converging on this one.
-                if let Err(e) = self.ds.vm_set_desired(vm.id, params.previous_desired).await {
+                if let Err(e) = self.set_desired(vm.id, params.previous_desired).await {
                     tracing::warn!(vm = %vm.id, error = %e, "could not restore the VM's intent");
                 }
                 let now = self.ds.vm_get(vm.id).await.ok();
@@ -487,7 +497,7 @@ impl JobRunner {
         {
             Ok(_) => Ok(Some(VmEffect::Remove { vm_id: vm.id })),
             Err(mut f) => {
-                if let Err(e) = self.ds.vm_set_desired(vm.id, params.previous_desired).await {
+                if let Err(e) = self.set_desired(vm.id, params.previous_desired).await {
                     tracing::warn!(vm = %vm.id, error = %e, "could not restore the VM's intent");
                 }
                 f.effect = Some(restore(vm, params));
@@ -529,7 +539,9 @@ impl JobRunner {
     ) -> Result<VmRecord, Failure> {
         let started = tokio::time::Instant::now();
         let mut renewed = started;
+        let mut observed = self.signals.watch_observed();
         loop {
+            observed.borrow_and_update();
             let rec = self
                 .ds
                 .vm_get(vm)
@@ -606,7 +618,12 @@ impl JobRunner {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Woken by a report this controller applied; the timer catches
+            // reports applied by other controllers and cancellations.
+            tokio::select! {
+                _ = observed.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
         }
     }
 }

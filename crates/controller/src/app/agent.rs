@@ -68,6 +68,9 @@ pub async fn agent_report(
             stale += 1;
         }
     }
+    if stale < r.vms.len() as u32 {
+        app.signals.observed_changed();
+    }
     Ok(AgentReportAck {
         host_id: host.id,
         host_state: host.state,
@@ -90,13 +93,21 @@ pub async fn agent_desired(
         ));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(wait));
+    let mut changed = app.signals.watch_desired();
     loop {
+        changed.borrow_and_update();
         let host = app.ds.host_get(actor.host.id).await?;
         let rev = u64::try_from(host.desired_revision).unwrap_or(0);
         if q.since.is_none_or(|s| rev > s) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Woken when this controller changes any host's desired state; the
+        // timer catches changes made through other controllers.
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
     }
     let (revision, placed) = app.ds.host_desired(actor.host.id).await?;
     let mut vms = Vec::with_capacity(placed.len());

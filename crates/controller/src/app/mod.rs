@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 pub use authz::Actor;
 use stratus_datastore::Datastore;
+use stratus_jobs::Signals;
 use tokio::sync::Notify;
 
 use crate::app::image_store::ImageStore;
@@ -33,14 +34,22 @@ pub struct App {
     pub images: ImageStore,
     /// Wakes the job runner when a job is queued.
     pub job_waker: Arc<Notify>,
+    /// Wakes long-polling agents and waiting jobs (see `stratus_jobs::signals`).
+    pub signals: Arc<Signals>,
 }
 
 impl App {
-    pub fn new(ds: Datastore, images: ImageStore, job_waker: Arc<Notify>) -> Self {
+    pub fn new(
+        ds: Datastore,
+        images: ImageStore,
+        job_waker: Arc<Notify>,
+        signals: Arc<Signals>,
+    ) -> Self {
         App {
             ds,
             images,
             job_waker,
+            signals,
         }
     }
 }

@@ -259,6 +259,7 @@ pub async fn vm_action(
             job,
         )
         .await?;
+    app.signals.desired_changed();
     app.job_waker.notify_one();
     Ok(operation(vm, job))
 }
@@ -353,6 +354,7 @@ pub async fn vm_exec(
         .ds
         .host_request_create(host, Some(vm.id), "exec", &payload, expires)
         .await?;
+    app.signals.desired_changed();
     let deadline = tokio::time::Instant::now() + budget;
     loop {
         let r = app.ds.host_request_get(id).await?;

@@ -54,15 +54,16 @@ impl Ctx {
         };
         let ds = Datastore::open(&url).await.expect("open store");
         let images = ImageStore::open(&dir.path().join("images")).expect("image store");
+        let signals = Arc::new(stratus_jobs::Signals::default());
         let (waker, runner) = if run_jobs {
             let mut cfg = RunnerConfig::new("test-controller");
             cfg.poll_interval = std::time::Duration::from_millis(50);
-            let r = JobRunner::new(ds.clone(), cfg).start();
+            let r = JobRunner::new(ds.clone(), cfg, signals.clone()).start();
             (r.waker(), Some(r))
         } else {
             (Arc::new(tokio::sync::Notify::new()), None)
         };
-        let app = Arc::new(App::new(ds, images, waker));
+        let app = Arc::new(App::new(ds, images, waker, signals));
         let admin = stratus_controller::app::tokens::bootstrap_admin(&app)
             .await
             .expect("bootstrap")
