@@ -53,7 +53,9 @@ pub mod status;
 
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};
-pub use qemu::{probe_accel, Accel, AccelChoice, AccelProbe, QemuConfig, QemuDriver};
+pub use qemu::{
+    guest_agent_wait, probe_accel, Accel, AccelChoice, AccelProbe, QemuConfig, QemuDriver,
+};
 pub use sim::{SimConfig, SimDriver};
 pub use spec::{BootSpec, ImageFormat, NicSpec, VmSpec};
 pub use status::{
