@@ -20,6 +20,22 @@ pub struct UpArgs {
     /// Log as JSON lines instead of text
     #[arg(long)]
     log_json: bool,
+    /// Run no local agent (a controller only; hosts join with `stratus agent`)
+    #[arg(long)]
+    no_agent: bool,
+    /// Do not create the demo project, image and VM on first start
+    #[arg(long)]
+    no_demo: bool,
+    /// QEMU accelerator for the local agent: auto probes whether KVM works
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +139,22 @@ pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
         }
     }
 
+    let admin = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?
+        .trim()
+        .to_string();
+    let agent = if args.no_agent {
+        None
+    } else {
+        match start_local_agent(&url, &admin, &data_dir.join("agent"), args.accel).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                server.shutdown().await;
+                return Err(e.context("starting the local agent"));
+            }
+        }
+    };
+
     println!("Stratus is up at {url}");
     println!("  data dir:    {}", data_dir.display());
     if server.bootstrap_token.is_some() {
@@ -139,11 +171,25 @@ pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
             p.display()
         );
     }
-    println!("Try: stratus whoami; stratus flavor list; stratus vm list");
+    if agent.is_some() && !args.no_demo {
+        match crate::demo::default_guest_dir() {
+            Some(dir) => match crate::demo::seed(&url, &admin, &dir).await {
+                Ok(line) => println!("  {line}"),
+                Err(e) => println!("  demo not created: {e:#}"),
+            },
+            None => println!("  no demo VM: cannot tell where the test guest would be"),
+        }
+    }
+    println!("Try: stratus whoami; stratus host list; stratus vm list --project demo");
     println!("Stop with Ctrl-C.");
 
     let why = shutdown_signal().await?;
     tracing::info!(signal = why, "shutting down");
+    if let Some(a) = agent {
+        // The agent's loops stop; its VMs keep running and are re-adopted on
+        // the next `stratus up`.
+        a.shutdown().await;
+    }
     server.shutdown().await;
     println!("Stratus stopped.");
     Ok(())
@@ -179,4 +225,53 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(signal = why, "shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// Starts the all-in-one's own host agent (QEMU driver) in this process,
+/// enrolling it on first start.
+async fn start_local_agent(
+    url: &str,
+    admin_token: &str,
+    dir: &std::path::Path,
+    accel: AccelArg,
+) -> anyhow::Result<stratus_agent::AgentHandle> {
+    let enrolled = stratus_agent::Credentials::load(dir)?.is_some();
+    let enroll_token = if enrolled {
+        None
+    } else {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {admin_token}").parse()?,
+        );
+        let c = stratus_client::Client::new_with_client(
+            url,
+            reqwest::Client::builder().default_headers(h).build()?,
+        );
+        let t = c
+            .enrollment_token_create()
+            .body(stratus_client::types::EnrollmentTokenCreate {
+                expires_in_hours: Some(1),
+            })
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("creating an enrollment token: {e}"))?
+            .into_inner();
+        Some(t.token)
+    };
+    let accel = match accel {
+        AccelArg::Auto => stratus_agent::AccelChoice::Auto,
+        AccelArg::Kvm => stratus_agent::AccelChoice::Kvm,
+        AccelArg::Tcg => stratus_agent::AccelChoice::Tcg,
+    };
+    let mut config = stratus_agent::AgentConfig::new(
+        url,
+        dir,
+        stratus_agent::DriverConfig::Qemu {
+            accel,
+            qemu_binary: None,
+        },
+    );
+    config.enroll_token = enroll_token;
+    Ok(stratus_agent::Agent::start(config).await?)
 }

@@ -5,7 +5,10 @@
 //! - `stratus project|token|host|image|flavor|vm|job|whoami`: the CLI, over
 //!   the API (see `stratus-cli`).
 
+mod agent_cmd;
+mod bench;
 mod daemon;
+mod demo;
 
 use clap::{Parser, Subcommand};
 use stratus_cli::{ClientCommand, GlobalOpts};
@@ -30,6 +33,12 @@ enum Command {
     Up(daemon::UpArgs),
     /// Run a controller
     Server(daemon::ServerArgs),
+    /// Run the host agent: enroll this host with a controller (once), then
+    /// run the VMs it is given, until SIGINT or SIGTERM (VMs keep running)
+    Agent(agent_cmd::AgentArgs),
+    /// Benchmarks (see BENCHMARKS.md)
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -50,6 +59,8 @@ fn main() {
         match cli.command {
             Command::Up(args) => report(daemon::up(args, cli.global).await),
             Command::Server(args) => report(daemon::server(args).await),
+            Command::Agent(args) => report(agent_cmd::run(args, cli.global).await),
+            Command::Bench(cmd) => report(bench::run(cmd).await),
             Command::Client(cmd) => match stratus_cli::run(cmd, cli.global).await {
                 Ok(()) => 0,
                 Err(e) => {

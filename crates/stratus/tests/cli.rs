@@ -39,7 +39,14 @@ fn env_cmd(home: &Path) -> Command {
 
 fn start_up(home: &Path, data_dir: &Path) -> Running {
     let mut child = env_cmd(home)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "up",
+            "--no-agent",
+            "--no-demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -309,7 +316,14 @@ fn the_spine_through_the_cli() {
 
     // A second controller on the same SQLite file refuses to start.
     let second = env_cmd(home.path())
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "up",
+            "--no-agent",
+            "--no-demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .output()
         .expect("second up");

@@ -1,0 +1,455 @@
+//! Starting and stopping an agent: enrollment or the saved credential, the
+//! driver, the shared state, the desired-state poller, and the tasks of the
+//! other loops (see the crate docs for how they fit).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use stratus_client::types::{AgentEnroll, HostFacts};
+use stratus_common::HostId;
+use stratus_driver::{Driver, QemuConfig, QemuDriver, SimConfig, SimDriver};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::Api;
+use crate::config::{AgentConfig, DriverConfig};
+use crate::credentials::{default_host_name, Credentials};
+use crate::error::{chain, AgentError};
+use crate::images::ImageCache;
+use crate::state::{Book, Generations, Snapshot, VmRecords};
+
+/// What every loop of one agent shares.
+pub(crate) struct Shared {
+    pub driver: Arc<dyn Driver>,
+    pub api: Api,
+    pub images: ImageCache,
+    pub records: VmRecords,
+    pub book: Mutex<Book>,
+    /// Asks the reporter to report now rather than at its next tick.
+    pub report_now: Notify,
+    pub generations: Generations,
+    pub facts: Mutex<HostFacts>,
+    pub stop_timeout: Duration,
+    pub report_interval: Duration,
+    pub retry_interval: Duration,
+    pub desired_wait: Duration,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Shared {
+    pub fn book(&self) -> MutexGuard<'_, Book> {
+        // Every critical section leaves the book consistent; a panic in one
+        // must not stop the agent.
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns a task of this agent. It ends (its future is dropped) when the
+    /// agent shuts down, wherever it is: a driver call in flight is simply
+    /// abandoned, as if the agent had been killed, which the drivers handle.
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = fut => {}
+            }
+        })
+    }
+
+    /// The host's facts, refreshed from the driver (the last known ones if
+    /// the driver cannot say right now).
+    pub async fn refresh_facts(&self) -> HostFacts {
+        match self.driver.host_facts().await {
+            Ok(f) => {
+                let facts = facts_of(self.driver.name(), f);
+                *self.facts.lock().unwrap_or_else(|e| e.into_inner()) = facts.clone();
+                facts
+            }
+            Err(e) => {
+                tracing::debug!(error = %chain(&e), "host facts unavailable; reporting the last ones");
+                self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            }
+        }
+    }
+}
+
+fn facts_of(driver: &str, f: stratus_driver::HostFacts) -> HostFacts {
+    HostFacts {
+        cpus: f.cpus,
+        memory_bytes: f.memory_bytes,
+        disk_bytes: f.disk_bytes,
+        qemu_version: f.qemu_version,
+        accel: f.accel,
+        driver: driver.to_string(),
+    }
+}
+
+/// The host agent. See the crate docs.
+pub struct Agent;
+
+impl Agent {
+    /// Starts an agent: takes the data dir, starts the driver (which adopts
+    /// VMs still running from a previous agent), enrolls if this data dir has
+    /// no credential yet, and spawns the loops. Returns once they run; the
+    /// controller need not be reachable unless the host must enroll.
+    pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+        let data_dir = prepare_data_dir(&config.data_dir)?;
+        let lock = lock_data_dir(&data_dir)?;
+        let driver = build_driver(&config.driver, &data_dir).await?;
+        let facts = facts_of(
+            driver.name(),
+            driver.host_facts().await.map_err(AgentError::Facts)?,
+        );
+
+        let creds = match Credentials::load(&data_dir)? {
+            Some(c) => {
+                if c.url.trim_end_matches('/') != config.url.trim_end_matches('/') {
+                    tracing::info!(enrolled_with = %c.url, url = %config.url, "using the configured controller URL, not the one the host enrolled with");
+                }
+                if config.enroll_token.is_some() {
+                    tracing::info!(host = %c.host_id, "already enrolled; the enrollment token is not needed");
+                }
+                c
+            }
+            None => enroll(&config, &data_dir, facts.clone()).await?,
+        };
+        tracing::info!(host = %creds.host_id, url = %config.url, driver = driver.name(), data_dir = %data_dir.display(), "agent starting");
+
+        let api = Api::new(&config.url, Some(&creds.credential))?;
+        let shared = Arc::new(Shared {
+            driver,
+            images: ImageCache::new(data_dir.join("images"), api.clone()),
+            api,
+            records: VmRecords::new(data_dir.join("vms")),
+            book: Mutex::new(Book::default()),
+            report_now: Notify::new(),
+            generations: Generations::default(),
+            facts: Mutex::new(facts),
+            stop_timeout: config.stop_timeout,
+            report_interval: config.report_interval,
+            retry_interval: config.retry_interval,
+            desired_wait: config.desired_wait,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+
+        let (desired_tx, desired_rx) = watch::channel(None);
+        shared.spawn(poll_desired(shared.clone(), desired_tx));
+        shared.spawn(crate::converge::supervise(shared.clone(), desired_rx));
+        shared.spawn(crate::report::report_loop(shared.clone()));
+        shared.spawn(crate::report::guest_loop(shared.clone()));
+        shared.spawn(crate::console::console_loop(shared.clone()));
+
+        Ok(AgentHandle {
+            host_id: creds.host_id,
+            data_dir,
+            driver: shared.driver.clone(),
+            shared: Some(shared),
+            _lock: lock,
+        })
+    }
+}
+
+/// A running agent. [`AgentHandle::shutdown`] stops it cleanly; dropping the
+/// handle stops its loops too, without waiting. Neither stops a VM.
+pub struct AgentHandle {
+    host_id: HostId,
+    data_dir: PathBuf,
+    driver: Arc<dyn Driver>,
+    /// `None` once stopping.
+    shared: Option<Arc<Shared>>,
+    _lock: File,
+}
+
+impl AgentHandle {
+    /// The host this agent runs as.
+    pub fn host_id(&self) -> HostId {
+        self.host_id
+    }
+
+    /// The data dir, as resolved at start.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The driver the agent runs VMs with.
+    pub fn driver(&self) -> Arc<dyn Driver> {
+        self.driver.clone()
+    }
+
+    /// Stops every loop and waits until they have ended and the driver is
+    /// released (so a new agent can take the data dir at once). VMs keep
+    /// running.
+    pub async fn shutdown(mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.cancel.cancel();
+            shared.tasks.close();
+            shared.tasks.wait().await;
+            tracing::info!(host = %self.host_id, "agent stopped; its VMs keep running");
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.cancel.cancel();
+            shared.tasks.close();
+        }
+    }
+}
+
+fn prepare_data_dir(dir: &Path) -> Result<PathBuf, AgentError> {
+    let err = |source| AgentError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let dir = dir.canonicalize().map_err(err)?;
+    for sub in ["images", "vms"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|source| AgentError::DataDir {
+            path: dir.join(sub),
+            source,
+        })?;
+    }
+    Ok(dir)
+}
+
+/// One agent per data dir: `agent.lock`, flock'ed for the agent's life.
+fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| AgentError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(AgentError::DataDirInUse {
+            path: dir.to_path_buf(),
+        }),
+        Err(e) => Err(AgentError::DataDir {
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
+async fn build_driver(
+    config: &DriverConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn Driver>, AgentError> {
+    Ok(match config {
+        DriverConfig::Qemu { accel, qemu_binary } => {
+            let mut qc = QemuConfig::new(data_dir.join("qemu"));
+            qc.accel = *accel;
+            if let Some(b) = qemu_binary {
+                qc.qemu_binary = b.clone();
+            }
+            let d = QemuDriver::new(qc)
+                .await
+                .map_err(|source| AgentError::Driver {
+                    driver: "qemu",
+                    source,
+                })?;
+            Arc::new(d)
+        }
+        DriverConfig::Sim {
+            cpus,
+            memory_bytes,
+            disk_bytes,
+            latency,
+        } => Arc::new(SimDriver::new(SimConfig {
+            cpus: *cpus,
+            memory_bytes: *memory_bytes,
+            disk_bytes: *disk_bytes,
+            latency: *latency,
+        })),
+        DriverConfig::Instance(d) => d.clone(),
+    })
+}
+
+async fn enroll(
+    config: &AgentConfig,
+    data_dir: &Path,
+    facts: HostFacts,
+) -> Result<Credentials, AgentError> {
+    let Some(token) = config.enroll_token.clone() else {
+        return Err(AgentError::NotEnrolled {
+            path: Credentials::path(data_dir),
+        });
+    };
+    let name_text = config.name.clone().unwrap_or_else(default_host_name);
+    let name = name_text
+        .parse::<stratus_client::types::Name>()
+        .map_err(|e| AgentError::InvalidName {
+            name: name_text.clone(),
+            reason: e.to_string(),
+        })?;
+    let body = AgentEnroll {
+        enroll_token: token.trim().to_string(),
+        name,
+        zone: config.zone.clone(),
+        cluster: config.cluster.clone(),
+        address: config.address.clone().unwrap_or_else(|| name_text.clone()),
+        facts,
+    };
+    // A controller that is still starting is waited for a little; a refusal
+    // (bad or spent token, name taken) is final.
+    let api = Api::new(&config.url, None)?;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let deadline = std::time::Instant::now() + ENROLL_PATIENCE;
+    let enrolled = loop {
+        match api.enroll(body.clone()).await {
+            Ok(e) => break e,
+            Err(e) if !e.is_permanent() && std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %chain(&e), "cannot enroll yet; retrying");
+                tokio::time::sleep(backoff.next_wait()).await;
+            }
+            Err(source) => {
+                return Err(AgentError::Enroll {
+                    url: config.url.clone(),
+                    source,
+                })
+            }
+        }
+    };
+    let creds = Credentials {
+        url: config.url.clone(),
+        host_id: HostId(enrolled.host_id.0),
+        credential: enrolled.credential,
+    };
+    creds.save(data_dir)?;
+    tracing::info!(host = %creds.host_id, name = %name_text, "host enrolled");
+    Ok(creds)
+}
+
+/// How long enrollment waits for an unreachable controller.
+const ENROLL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Exponential backoff with jitter: 0.5 s doubling to 10 s, each wait
+/// between half and all of the current step.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    step: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            step: min,
+            min,
+            max,
+        }
+    }
+
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.step.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        self.step = (self.step * 2).min(self.max);
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        self.step = self.min;
+    }
+}
+
+/// The desired-state poller: long polls forever, publishing each new
+/// revision; on any error waits (backoff) and polls again.
+async fn poll_desired(shared: Arc<Shared>, tx: watch::Sender<Option<Arc<Snapshot>>>) {
+    let mut since: Option<u64> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let mut failing_since: Option<std::time::Instant> = None;
+    loop {
+        match shared.api.desired(since, shared.desired_wait).await {
+            Ok(d) => {
+                backoff.reset();
+                if let Some(t) = failing_since.take() {
+                    tracing::info!(
+                        after_s = t.elapsed().as_secs(),
+                        "controller reachable again"
+                    );
+                }
+                since = Some(d.revision);
+                let snapshot = Arc::new(Snapshot {
+                    revision: d.revision,
+                    vms: d.vms,
+                    requests: d.requests,
+                });
+                shared.book().desired = Some(snapshot.clone());
+                tx.send_if_modified(|cur| {
+                    if cur
+                        .as_ref()
+                        .is_some_and(|c| c.revision == snapshot.revision)
+                    {
+                        false
+                    } else {
+                        *cur = Some(snapshot);
+                        true
+                    }
+                });
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                if failing_since.is_none() {
+                    failing_since = Some(std::time::Instant::now());
+                    tracing::warn!(error = %chain(&e), "cannot fetch desired state; retrying with backoff (VMs keep running)");
+                } else {
+                    tracing::debug!(error = %chain(&e), wait_ms = wait.as_millis() as u64, "still cannot fetch desired state");
+                }
+                if e.status() == Some(401) {
+                    tracing::error!("the controller does not accept this host's credential (was the host removed?)");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        let first = b.next_wait();
+        assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
+        let waits: Vec<Duration> = (0..10).map(|_| b.next_wait()).collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(10)));
+        assert!(waits[9] >= Duration::from_secs(5), "{waits:?}");
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_second_agent_on_one_data_dir_is_refused_and_an_unenrolled_one_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = lock_data_dir(dir.path()).expect("first lock");
+        assert!(matches!(
+            lock_data_dir(dir.path()),
+            Err(AgentError::DataDirInUse { .. })
+        ));
+        drop(first);
+        let config = AgentConfig::new("http://127.0.0.1:9", dir.path(), DriverConfig::sim());
+        let err = match Agent::start(config).await {
+            Ok(_) => panic!("an agent without credential or token started"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, AgentError::NotEnrolled { .. }), "{err}");
+        assert!(err.to_string().contains("--enroll-token"), "{err}");
+    }
+}

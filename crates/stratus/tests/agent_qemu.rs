@@ -1,0 +1,460 @@
+//! `stratus agent` as a real child process with real QEMU (TCG) on the tiny
+//! test guest, against `stratus server`, driven through the CLI: the agent is
+//! SIGKILLed while its VM runs and started again (the VM survives and is
+//! adopted, not duplicated), QEMU is killed by hand (reported crashed), and
+//! SIGTERM stops the agent cleanly without stopping VMs.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stratus");
+const BOOT: Duration = Duration::from_secs(90);
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+    what: &'static str,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.what, self.log_text());
+        }
+    }
+}
+
+/// Kills the VM's processes when dropped: daemonized QEMUs outlive the test.
+struct KillVm(Option<String>);
+
+impl Drop for KillVm {
+    fn drop(&mut self) {
+        if let Some(id) = &self.0 {
+            for pid in qemu_of(id) {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+/// Live (not zombie) QEMU processes whose command line names the VM.
+fn qemu_of(vm_id: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            !zombie && cmdline.contains("qemu") && cmdline.contains(vm_id)
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Env {
+    home: PathBuf,
+    url: String,
+    token: String,
+}
+
+impl Env {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("HOME", &self.home)
+            .env("XDG_CONFIG_HOME", self.home.join("config"))
+            .env("XDG_DATA_HOME", self.home.join("data"))
+            .env("STRATUS_URL", &self.url)
+            .env("STRATUS_TOKEN", &self.token)
+            .env_remove("STRATUS_CONFIG")
+            .env_remove("STRATUS_DATA_DIR")
+            .env_remove("STRATUS_ENROLL_TOKEN");
+        c
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run stratus")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "stratus {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stratus {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn spawn(&self, what: &'static str, args: &[&str], log: PathBuf) -> Proc {
+        let file = File::create(&log).expect("log file");
+        let child = self
+            .cmd()
+            .args(args)
+            .env("STRATUS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn stratus");
+        Proc { child, what, log }
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        self.json(&["vm", "show", name, "--project", "p", "-o", "json"])
+    }
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last seen: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn guest_dir() -> PathBuf {
+    let dir = match std::env::var_os("STRATUS_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/stratus/guest")
+        }
+    };
+    for f in ["disk.qcow2", "vmlinuz", "initrd.img", "manifest.json"] {
+        assert!(
+            dir.join(f).is_file(),
+            "test guest image missing: {} does not exist. Run `bash scripts/build-guest-image.sh` \
+             (or point STRATUS_GUEST_DIR at a built guest)",
+            dir.join(f).display()
+        );
+    }
+    dir
+}
+
+fn start_server(home: &Path, data: &Path) -> (Proc, String, String) {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let token_file = data.join("admin.token");
+    let env = Env {
+        home: home.to_path_buf(),
+        url: url.clone(),
+        token: String::new(),
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let server = env.spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--bootstrap-token-file",
+            token_file.to_str().expect("utf8"),
+        ],
+        home.join("server.log"),
+    );
+    let token = wait_until("the controller to start", Duration::from_secs(30), || {
+        let t = std::fs::read_to_string(&token_file).map_err(|e| e.to_string())?;
+        std::net::TcpStream::connect(&listen).map_err(|e| e.to_string())?;
+        Ok(t.trim().to_string())
+    });
+    (server, url, token)
+}
+
+fn agent_args<'a>(url: &'a str, data: &'a str, token: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec![
+        "agent",
+        "--url",
+        url,
+        "--data-dir",
+        data,
+        "--name",
+        "host-1",
+        "--driver",
+        "qemu",
+        "--accel",
+        "tcg",
+    ];
+    if let Some(t) = token {
+        args.extend(["--enroll-token", t]);
+    }
+    args
+}
+
+#[test]
+fn real_qemu_vms_survive_agent_kill_and_crashes_are_reported() {
+    let guest = guest_dir();
+    let home = tempfile::tempdir().expect("home");
+    let data = home.path().join("cloud");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let (_server, url, token) = start_server(home.path(), &data);
+    let env = Env {
+        home: home.path().to_path_buf(),
+        url: url.clone(),
+        token,
+    };
+
+    env.json(&["project", "create", "p", "-o", "json"]);
+    env.json(&[
+        "flavor", "create", "tiny", "--vcpus", "1", "--memory", "128MiB", "--disk", "64MiB", "-o",
+        "json",
+    ]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(guest.join("manifest.json")).expect("manifest"))
+            .expect("JSON");
+    let cmdline = manifest["cmdline"].as_str().unwrap_or("console=ttyS0");
+    let p = |f: &str| guest.join(f).display().to_string();
+    env.json(&[
+        "image",
+        "register",
+        "guest",
+        "--project",
+        "p",
+        "--path",
+        &p("disk.qcow2"),
+        "--kernel-path",
+        &p("vmlinuz"),
+        "--initrd-path",
+        &p("initrd.img"),
+        "--cmdline",
+        cmdline,
+        "-o",
+        "json",
+    ]);
+    let enroll = env.json(&["host", "enroll-token", "-o", "json"]);
+    let enroll = enroll["token"].as_str().expect("token").to_string();
+
+    let agent_dir = home.path().join("agent");
+    let agent_dir_s = agent_dir.display().to_string();
+    let agent = env.spawn(
+        "agent",
+        &agent_args(&url, &agent_dir_s, Some(&enroll)),
+        home.path().join("agent-1.log"),
+    );
+
+    let t = Instant::now();
+    wait_until(
+        "the host to enroll and be up",
+        Duration::from_secs(60),
+        || {
+            let hosts = env.json(&["host", "list", "-o", "json"]);
+            if hosts["items"][0]["state"] == "up" {
+                Ok(())
+            } else {
+                Err(hosts.to_string())
+            }
+        },
+    );
+    println!("TIMING child agent: start -> host up {:?}", t.elapsed());
+
+    // A VM, booted, with its guest agent answering.
+    let t = Instant::now();
+    let op = env.json(&[
+        "vm",
+        "create",
+        "web",
+        "--flavor",
+        "tiny",
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "-o",
+        "json",
+    ]);
+    let vm_id = op["vm"]["id"].as_str().expect("vm id").to_string();
+    let _cleanup = KillVm(Some(vm_id.clone()));
+    let job_id = op["job"]["id"].as_str().expect("job id").to_string();
+    let job = wait_until("the create job to end", BOOT, || {
+        let j = env.json(&["job", "show", &job_id, "-o", "json"]);
+        match j["state"].as_str() {
+            Some("succeeded") => Ok(j),
+            Some("failed") | Some("cancelled") => panic!("create failed: {j}"),
+            s => Err(format!("{s:?}")),
+        }
+    });
+    println!(
+        "TIMING child agent: create -> running {:?} ({})",
+        t.elapsed(),
+        job["state"]
+    );
+    wait_until("the guest agent to connect", BOOT, || {
+        let v = env.vm("web");
+        if v["guest"]["connected"] == true {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    let pids = qemu_of(&vm_id);
+    assert_eq!(pids.len(), 1, "one QEMU for the VM: {pids:?}");
+    let qemu = pids[0];
+    let host_id = env.json(&["host", "list", "-o", "json"])["items"][0]["id"].clone();
+
+    // SIGKILL the agent: the VM keeps running.
+    let mut agent = agent;
+    agent.child.kill().expect("SIGKILL the agent");
+    agent.child.wait().expect("reap");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(qemu_of(&vm_id), vec![qemu], "QEMU outlives the agent");
+    let before = env.vm("web")["observed_at"].clone();
+
+    // Start it again, without a token: same host, the VM adopted (same QEMU,
+    // no second one), reports flowing again.
+    let agent = env.spawn(
+        "agent (restarted)",
+        &agent_args(&url, &agent_dir_s, None),
+        home.path().join("agent-2.log"),
+    );
+    let t = Instant::now();
+    wait_until(
+        "reports from the restarted agent",
+        Duration::from_secs(30),
+        || {
+            let v = env.vm("web");
+            if v["observed_at"] != before && v["state"] == "running" {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+    println!(
+        "TIMING child agent restart -> first report: {:?}",
+        t.elapsed()
+    );
+    let hosts = env.json(&["host", "list", "-o", "json"]);
+    assert_eq!(hosts["items"].as_array().map(Vec::len), Some(1), "{hosts}");
+    assert_eq!(hosts["items"][0]["id"], host_id, "same host after restart");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        qemu_of(&vm_id),
+        vec![qemu],
+        "adopted, not restarted or duplicated"
+    );
+    let v = env.vm("web");
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(
+        v["guest"]["connected"], true,
+        "guest agent reached again: {v}"
+    );
+    // The adopted VM still does what it is told.
+    let out = env.cli(&[
+        "vm",
+        "exec",
+        "web",
+        "--project",
+        "p",
+        "--",
+        "echo",
+        "adopted",
+    ]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("adopted"),
+        "exec after adoption: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Kill QEMU by hand: crashed within 10 s, and left down.
+    let t = Instant::now();
+    signal(qemu, "KILL");
+    let v = wait_until("the VM to show crashed", Duration::from_secs(10), || {
+        let v = env.vm("web");
+        if v["state"] == "crashed" {
+            Ok(v)
+        } else {
+            Err(v.to_string())
+        }
+    });
+    println!(
+        "TIMING QEMU killed -> crashed at the controller: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        v["state_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unexpectedly")),
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        qemu_of(&vm_id).is_empty(),
+        "not restarted behind the operator's back"
+    );
+
+    // SIGTERM: the agent exits cleanly. Start the VM first to show a running
+    // VM outlives a clean agent stop too.
+    let out = env.cli(&["vm", "start", "web", "--project", "p", "--wait"]);
+    assert!(
+        out.status.success(),
+        "vm start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let running = qemu_of(&vm_id);
+    assert_eq!(running.len(), 1, "{running:?}");
+    let mut agent = agent;
+    signal(agent.child.id(), "TERM");
+    let status = wait_until(
+        "the agent to exit on SIGTERM",
+        Duration::from_secs(15),
+        || {
+            agent
+                .child
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "still running".to_string())
+        },
+    );
+    assert!(
+        status.success(),
+        "agent exit status {status}: {}",
+        agent.log_text()
+    );
+    assert_eq!(qemu_of(&vm_id), running, "SIGTERM does not stop VMs");
+}
