@@ -234,7 +234,7 @@ async fn run_worker(
     loop {
         let t = target.borrow_and_update().clone();
         let outcome = match &t {
-            Target::Desired { revision, vm } => converge(&shared, id, *revision, vm, &mut record)
+            Target::Desired { vm, .. } => converge(&shared, id, vm, &mut record)
                 .await
                 .map(|()| Step::Converged)
                 .map_err(|e| (e, Some(vm.as_ref().clone()))),
@@ -302,7 +302,6 @@ fn driver_err(action: &'static str) -> impl FnOnce(DriverError) -> ConvergeError
 async fn converge(
     shared: &Arc<Shared>,
     id: VmId,
-    revision: u64,
     vm: &DesiredVm,
     record: &mut Option<VmRecord>,
 ) -> Result<(), ConvergeError> {
@@ -332,7 +331,18 @@ async fn converge(
         ),
     };
     let before = rec.clone();
-    let result = converge_with(shared, id, revision, vm, status.is_some(), active, &mut rec).await;
+    // Holds are keyed on the VM's own intent generation, so activity on other
+    // VMs of the host never restarts a VM that went down by itself.
+    let result = converge_with(
+        shared,
+        id,
+        vm.generation,
+        vm,
+        status.is_some(),
+        active,
+        &mut rec,
+    )
+    .await;
     let saved = if fresh || rec != before {
         shared.records.save(id, &rec).map_err(ConvergeError::Record)
     } else {
@@ -348,7 +358,7 @@ async fn converge(
 async fn converge_with(
     shared: &Arc<Shared>,
     id: VmId,
-    revision: u64,
+    intent: u64,
     vm: &DesiredVm,
     exists: bool,
     active: Option<bool>,
@@ -395,9 +405,9 @@ async fn converge_with(
                 // Down without being asked: crashed, or the guest powered
                 // off. Leave it for the operator (reported as it is).
                 rec.expect_running = false;
-                rec.hold_revision = Some(revision);
-                tracing::warn!(vm = %id, revision, "VM went down by itself; leaving it down until it is started again");
-            } else if rec.hold_revision.is_some_and(|h| revision <= h) {
+                rec.hold_revision = Some(intent);
+                tracing::warn!(vm = %id, intent, "VM went down by itself; leaving it down until it is started again");
+            } else if rec.hold_revision.is_some_and(|h| intent <= h) {
                 // Still held: nothing new was asked.
             } else {
                 let t = std::time::Instant::now();

@@ -47,10 +47,10 @@
 //!    │  from any state)          desired revision still wants it running (the operator's start)
 //! ```
 //!
-//! Held VMs are released by *any* newer revision of the host's desired
-//! state, since the protocol carries no per-VM "start again" counter: a
-//! crashed VM whose desired state is still `running` is restarted when
-//! anything else on its host changes too.
+//! A held VM is released when its own intent generation
+//! (`DesiredVm::generation`) grows, i.e. when the operator asks for
+//! something for that VM (a start); activity on other VMs of the host does
+//! not restart it.
 //!
 //! A reboot is carried out when the desired `reboot_generation` exceeds the
 //! one applied; the applied one is kept in `data_dir/vms/<vm-id>.json` so a

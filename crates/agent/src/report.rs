@@ -3,8 +3,9 @@
 //! keeps the guest-agent facts the reporter sends.
 //!
 //! A report never waits on a guest agent: guest facts are fetched by their
-//! own tasks (every 5 s per running VM, every second until the guest agent
-//! first answers) and cached; the reporter sends what is cached.
+//! own tasks (every 5 s per running VM; until the guest agent first answers,
+//! one query is always in flight) and cached; the reporter sends what is
+//! cached.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,8 +24,12 @@ use crate::state::Book;
 
 /// How often a connected guest agent is asked again.
 const GUEST_EVERY: Duration = Duration::from_secs(5);
-/// How often a guest agent that has not answered yet is asked.
-const GUEST_EVERY_UNTIL_CONNECTED: Duration = Duration::from_secs(1);
+/// How often a guest agent that has not answered yet is asked: at once again.
+/// A query waits (up to the driver's timeout) on a guest-sync the guest agent
+/// answers the moment it starts, so keeping one always in flight is what
+/// makes "guest agent connected" show without a polling delay; it is not a
+/// busy loop.
+const GUEST_EVERY_UNTIL_CONNECTED: Duration = Duration::ZERO;
 /// Bound on one guest-agent query (the driver has its own, shorter one).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reports asked for within this window are sent as one.
@@ -182,7 +187,7 @@ fn observations(
 
 /// Asks the guest agent of each running VM, in its own task, when due.
 pub(crate) async fn guest_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -300,6 +305,7 @@ mod tests {
             },
             desired_state: state,
             reboot_generation: 0,
+            generation: 1,
         }
     }
 

@@ -159,6 +159,11 @@ pub struct DesiredVm {
     /// Bumped by each reboot request; the agent reboots when this exceeds
     /// the last one it carried out.
     pub reboot_generation: u64,
+    /// Grows with every new intent for this VM. A VM that went down by
+    /// itself (crash, guest power-off) stays down until this grows: until
+    /// the operator asks for something, not when anything else on the host
+    /// changes.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

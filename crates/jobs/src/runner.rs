@@ -294,6 +294,8 @@ impl JobRunner {
                     .map_err(|e| internal("placing the VM", e))?
                 {
                     Placement::Placed(h) => {
+                        // The host's long poll answers now, not on its timer.
+                        self.signals.desired_changed();
                         self.step(job, "schedule", 20, &format!("placed on host {}", h.name))
                             .await?;
                         h.id
@@ -570,6 +572,23 @@ impl JobRunner {
                     message: rec
                         .observed_reason
                         .unwrap_or_else(|| "the host could not carry it out".into()),
+                    effect: None,
+                });
+            }
+            // A new VM that crashed while booting. (Not for starts: a crash
+            // report from before the restart may still arrive after the start
+            // was asked for; a start that never comes up times out instead.)
+            if fresh
+                && job.kind == JobKind::VmCreate.as_str()
+                && rec.observed_state == Some(ObservedVmState::Crashed)
+            {
+                return Err(Failure {
+                    code: "vm_crashed",
+                    message: format!(
+                        "the VM crashed while booting: {}",
+                        rec.observed_reason
+                            .unwrap_or_else(|| "no reason given".into())
+                    ),
                     effect: None,
                 });
             }

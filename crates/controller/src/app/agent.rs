@@ -134,6 +134,7 @@ pub async fn agent_desired(
             },
             desired_state: vm.desired_state,
             reboot_generation: u64::try_from(vm.reboot_generation).unwrap_or(0),
+            generation: u64::try_from(vm.generation).unwrap_or(0),
         });
     }
     let requests = app

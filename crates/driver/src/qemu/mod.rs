@@ -93,6 +93,8 @@ const MONITOR_TICK: Duration = Duration::from_millis(500);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `guest_info` waits for the guest agent.
 const GUEST_INFO_TIMEOUT: Duration = Duration::from_secs(3);
+/// The guest-sync timeout while waiting for a guest agent's first answer.
+const GUEST_FIRST_CONTACT_TIMEOUT: Duration = Duration::from_millis(300);
 /// The reason recorded when QEMU disappears without a clean exit.
 pub const CRASH_REASON: &str = "QEMU exited unexpectedly (killed or crashed)";
 
@@ -605,7 +607,17 @@ impl Shared {
     async fn guest_info(&self, vm: &VmEntry) -> GuestInfo {
         let last = *lock(&vm.last_contact);
         let _g = vm.qga.lock().await;
-        let conn = match QgaConn::connect(&vm.paths.qga_sock, GUEST_INFO_TIMEOUT).await {
+        // A guest agent that answered lately gets the full timeout (it may be
+        // briefly slow). One not heard from (a VM booting) gets a short one:
+        // a sync sent before qemu-ga starts is never answered, so callers
+        // polling for the first answer should retry often, not wait long.
+        let recent = last.is_some_and(|t| chrono::Utc::now() - t < chrono::Duration::seconds(30));
+        let sync_timeout = if recent {
+            GUEST_INFO_TIMEOUT
+        } else {
+            GUEST_FIRST_CONTACT_TIMEOUT
+        };
+        let conn = match QgaConn::connect(&vm.paths.qga_sock, sync_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(vm = %vm.id, error = %e, "guest agent not answering");
