@@ -25,15 +25,15 @@ use crate::state::Book;
 /// How often a connected guest agent is asked again.
 const GUEST_EVERY: Duration = Duration::from_secs(5);
 /// How often a guest agent that has not answered yet is asked: at once again.
-/// A query waits (up to the driver's timeout) on a guest-sync the guest agent
-/// answers the moment it starts, so keeping one always in flight is what
-/// makes "guest agent connected" show without a polling delay; it is not a
-/// busy loop.
+/// A query waits (up to the driver's first-contact timeout, 8 s) on a
+/// guest-sync the guest agent answers the moment it starts, so keeping one
+/// always in flight is what makes "guest agent connected" show without a
+/// polling delay; it is not a busy loop.
 const GUEST_EVERY_UNTIL_CONNECTED: Duration = Duration::ZERO;
 /// Bound on one guest-agent query (the driver has its own, shorter one).
-const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Reports asked for within this window are sent as one.
-const COALESCE: Duration = Duration::from_millis(25);
+const COALESCE: Duration = Duration::from_millis(5);
 
 pub(crate) async fn report_loop(shared: Arc<Shared>) {
     let mut failing = false;
@@ -187,7 +187,7 @@ fn observations(
 
 /// Asks the guest agent of each running VM, in its own task, when due.
 pub(crate) async fn guest_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

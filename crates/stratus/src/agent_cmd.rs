@@ -66,36 +66,9 @@ enum AccelArg {
     Tcg,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Waits for SIGINT or SIGTERM (handlers are installed when this is called,
-/// not when it is first polled).
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        }
-    })
-}
-
 pub async fn run(args: AgentArgs, global: GlobalOpts) -> anyhow::Result<()> {
-    init_logging(args.log_json);
-    let signal = shutdown_signal()?;
+    crate::daemon::init_logging(args.log_json);
+    let signal = crate::daemon::shutdown_signal()?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => dirs::data_dir()

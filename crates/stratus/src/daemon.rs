@@ -62,7 +62,7 @@ pub struct ServerArgs {
     log_json: bool,
 }
 
-fn init_logging(json: bool) {
+pub(crate) fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
@@ -73,6 +73,20 @@ fn init_logging(json: bool) {
     } else {
         builder.init();
     }
+}
+
+/// Waits for SIGINT or SIGTERM (handlers are installed when this is called,
+/// not when it is first polled).
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -92,19 +106,9 @@ fn default_controller_id() -> String {
     )
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
-}
-
 pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
     init_logging(args.log_json);
+    let signal = shutdown_signal()?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_data_dir()?,
@@ -183,7 +187,7 @@ pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
     println!("Try: stratus whoami; stratus host list; stratus vm list --project demo");
     println!("Stop with Ctrl-C.");
 
-    let why = shutdown_signal().await?;
+    let why = signal.await;
     tracing::info!(signal = why, "shutting down");
     if let Some(a) = agent {
         // The agent's loops stop; its VMs keep running and are re-adopted on
@@ -197,6 +201,7 @@ pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
+    let signal = shutdown_signal()?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_data_dir()?,
@@ -221,7 +226,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     if server.bootstrap_token.is_some() {
         tracing::info!(path = %token_file.display(), "created the first admin token");
     }
-    let why = shutdown_signal().await?;
+    let why = signal.await;
     tracing::info!(signal = why, "shutting down");
     server.shutdown().await;
     Ok(())

@@ -94,7 +94,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `guest_info` waits for the guest agent.
 const GUEST_INFO_TIMEOUT: Duration = Duration::from_secs(3);
 /// The guest-sync timeout while waiting for a guest agent's first answer.
-const GUEST_FIRST_CONTACT_TIMEOUT: Duration = Duration::from_millis(300);
+const GUEST_FIRST_CONTACT_TIMEOUT: Duration = Duration::from_secs(8);
 /// The reason recorded when QEMU disappears without a clean exit.
 pub const CRASH_REASON: &str = "QEMU exited unexpectedly (killed or crashed)";
 
@@ -607,10 +607,11 @@ impl Shared {
     async fn guest_info(&self, vm: &VmEntry) -> GuestInfo {
         let last = *lock(&vm.last_contact);
         let _g = vm.qga.lock().await;
-        // A guest agent that answered lately gets the full timeout (it may be
-        // briefly slow). One not heard from (a VM booting) gets a short one:
-        // a sync sent before qemu-ga starts is never answered, so callers
-        // polling for the first answer should retry often, not wait long.
+        // Waiting for a guest agent's first answer (a VM booting), one
+        // guest-sync waits long: it sits in the virtio-serial buffer and
+        // qemu-ga answers it the moment it starts. Reconnecting often instead
+        // would queue one sync per attempt, which qemu-ga then answers one by
+        // one as stale replies, delaying the first real answer by seconds.
         let recent = last.is_some_and(|t| chrono::Utc::now() - t < chrono::Duration::seconds(30));
         let sync_timeout = if recent {
             GUEST_INFO_TIMEOUT
