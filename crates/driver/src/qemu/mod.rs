@@ -1259,6 +1259,33 @@ fn spec_difference(a: &VmSpec, b: &VmSpec) -> String {
     format!("differs in {}", fields.join(", "))
 }
 
+/// Waits until the guest agent behind a QEMU guest-agent socket answers
+/// `guest-sync` and `guest-ping`, for at most `timeout`; returns how long it
+/// took. For benchmarks and diagnostics of QEMU processes the driver did not
+/// start itself (the driver's own calls go through [`QemuDriver`]).
+pub async fn guest_agent_wait(
+    socket: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<std::time::Duration, DriverError> {
+    let started = std::time::Instant::now();
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(DriverError::Timeout {
+                what: format!("the guest agent at {}", socket.display()),
+            });
+        }
+        match qga::QgaConn::connect(socket, left).await {
+            Ok(conn) => {
+                if conn.run(qapi::qga::guest_ping {}, left).await.is_ok() {
+                    return Ok(started.elapsed());
+                }
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1325,32 +1352,5 @@ mod tests {
         b.vcpus = 4;
         b.name = "other".into();
         assert_eq!(spec_difference(&a, &b), "differs in name, vcpus");
-    }
-}
-
-/// Waits until the guest agent behind a QEMU guest-agent socket answers
-/// `guest-sync` and `guest-ping`, for at most `timeout`; returns how long it
-/// took. For benchmarks and diagnostics of QEMU processes the driver did not
-/// start itself (the driver's own calls go through [`QemuDriver`]).
-pub async fn guest_agent_wait(
-    socket: &std::path::Path,
-    timeout: std::time::Duration,
-) -> Result<std::time::Duration, DriverError> {
-    let started = std::time::Instant::now();
-    loop {
-        let left = timeout.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return Err(DriverError::Timeout {
-                what: format!("the guest agent at {}", socket.display()),
-            });
-        }
-        match qga::QgaConn::connect(socket, left).await {
-            Ok(conn) => {
-                if conn.run(qapi::qga::guest_ping {}, left).await.is_ok() {
-                    return Ok(started.elapsed());
-                }
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-        }
     }
 }
