@@ -146,8 +146,9 @@ fn start_private_server() -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
-    // The watchdog: postgres runs as a child of a shell that kills it (and
-    // removes its files) once this test process is gone.
+    // The watchdog: postgres runs as a child of a shell that stops it (with
+    // pg_ctl: runuser does not pass signals on) and removes its files once
+    // this test process is gone.
     let parent = std::process::id();
     let postgres = bin.join("postgres");
     let runas = if is_root() {
@@ -160,8 +161,9 @@ fn start_private_server() -> String {
          -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
          >{dir}/log 2>&1 & pg=$!; \
          while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; \
-         kill -INT $pg 2>/dev/null; wait $pg; rm -rf {dir}",
+         {runas}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; wait $pg; rm -rf {dir}",
         pg = postgres.display(),
+        pg_ctl = bin.join("pg_ctl").display(),
         data = data.display(),
         dir = dir.display(),
     );
