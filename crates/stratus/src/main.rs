@@ -63,6 +63,9 @@ fn main() {
             Command::Bench(cmd) => report(bench::run(cmd).await),
             Command::Client(cmd) => match stratus_cli::run(cmd, cli.global).await {
                 Ok(()) => 0,
+                // `vm exec`: the guest command's own status, already visible
+                // in its output; nothing to add.
+                Err(stratus_cli::CliError::Exit(code)) => code,
                 Err(e) => {
                     eprintln!("error: {e}");
                     e.exit_code()
