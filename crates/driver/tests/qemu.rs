@@ -620,3 +620,72 @@ async fn accel_probe_answers_within_its_time_bound() {
     assert_eq!(probe.accel, expected, "{}", probe.reason);
     assert!(!probe.reason.is_empty());
 }
+
+/// A 512-byte boot sector that writes a line to the first serial port and
+/// halts: the smallest real disk the firmware (SeaBIOS) can boot, so the
+/// firmware boot path is tested with a real boot, not just its command line.
+fn serial_boot_sector(message: &str) -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: [u8; 24] = [
+        0x31, 0xC0,             // xor ax, ax
+        0x8E, 0xD8,             // mov ds, ax
+        0xFC,                   // cld
+        0xBA, 0xF8, 0x03,       // mov dx, 0x3f8 (COM1)
+        0xBE, 0x18, 0x7C,       // mov si, 0x7c18 (the message, below)
+        0xAC,                   // loop: lodsb
+        0x84, 0xC0,             // test al, al
+        0x74, 0x03,             // jz done
+        0xEE,                   // out dx, al
+        0xEB, 0xF8,             // jmp loop
+        0xF4,                   // done: hlt
+        0xEB, 0xFD,             // jmp done
+        0x90, 0x90,             // (pad to the message at offset 0x18)
+    ];
+    let mut sector = code.to_vec();
+    sector.extend_from_slice(message.as_bytes());
+    sector.push(0);
+    assert!(sector.len() <= 510, "message too long for a boot sector");
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xAA]);
+    // Pad to 1 MiB so the disk has a sensible size.
+    sector.resize(1 << 20, 0);
+    sector
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_boot_from_a_raw_disk() {
+    let _serial = QEMU_LOCK.lock().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = dir.path().join("boot.raw");
+    std::fs::write(&disk, serial_boot_sector("stratus-firmware-boot\r\n")).expect("write disk");
+    let d = driver(&dir.path().join("data")).await;
+    let id = VmId::new();
+    let _kill = KillOnDrop(id);
+    let spec = VmSpec {
+        id,
+        name: "fw".into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        disk_bytes: 16 << 20,
+        image: disk,
+        image_format: ImageFormat::Raw,
+        boot: BootSpec::Firmware,
+        nic: NicSpec::User,
+    };
+    d.vm_create(&spec).await.expect("create from a raw image");
+    d.vm_start(id).await.expect("start");
+    let t = Instant::now();
+    loop {
+        let text = console_text(&d, id).await;
+        if text.contains("stratus-firmware-boot") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the firmware did not boot the disk within 60 s; console:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.vm_destroy(id).await.expect("destroy");
+    assert!(processes_of(id).is_empty(), "no QEMU left");
+}
