@@ -83,7 +83,7 @@ pub fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 }
 
 pub fn bytes(n: u64) -> String {
-    stratus_common::ByteCount(n).to_string()
+    stratus_common::ByteCount(n).human()
 }
 
 /// An enum as its wire name (`running`, not `Running`).

@@ -41,6 +41,23 @@ impl ByteCount {
     }
 }
 
+impl ByteCount {
+    /// A short, rounded form for tables (`23.5GiB`); exact values print as
+    /// [`Display`](fmt::Display) does.
+    pub fn human(self) -> String {
+        let n = self.0;
+        for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+            if n >= size {
+                if n.is_multiple_of(size) {
+                    return format!("{}{}", n / size, unit);
+                }
+                return format!("{:.1}{}", n as f64 / size as f64, unit);
+            }
+        }
+        format!("{n}B")
+    }
+}
+
 impl FromStr for ByteCount {
     type Err = ByteCountParseError;
 
@@ -120,6 +137,14 @@ mod tests {
             "20000000TiB".parse::<ByteCount>(),
             Err(ByteCountParseError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn human_rounds_for_tables() {
+        assert_eq!(ByteCount(24684084 * KIB).human(), "23.5GiB");
+        assert_eq!(ByteCount(GIB).human(), "1GiB");
+        assert_eq!(ByteCount(1500).human(), "1.5KiB");
+        assert_eq!(ByteCount(12).human(), "12B");
     }
 
     #[test]
