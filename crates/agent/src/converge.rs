@@ -348,8 +348,13 @@ async fn converge(
     } else {
         Ok(())
     };
-    if let Some(b) = shared.book().vms.get_mut(&id) {
+    {
+        // The entry may not exist yet (a VM whose very first step failed);
+        // its failure report must still say which intent it answers.
+        let mut book = shared.book();
+        let b = book.vms.entry(id).or_default();
         b.applied_reboot_generation = rec.applied_reboot_generation;
+        b.converged_generation = b.converged_generation.max(vm.generation);
     }
     *record = Some(rec);
     result.and(saved)

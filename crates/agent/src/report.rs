@@ -142,6 +142,7 @@ fn observations(
             reason,
             reboot_generation: vb.map(|b| b.applied_reboot_generation).unwrap_or(0),
             guest,
+            intent_generation: vb.map(|b| b.converged_generation),
         });
     }
     if let Some(s) = &book.desired {
@@ -167,6 +168,7 @@ fn observations(
                 reason,
                 reboot_generation: vb.map(|b| b.applied_reboot_generation).unwrap_or(0),
                 guest: None,
+                intent_generation: vb.map(|b| b.converged_generation),
             });
         }
     }
@@ -179,6 +181,7 @@ fn observations(
                 reason: None,
                 reboot_generation: 0,
                 guest: None,
+                intent_generation: None,
             });
         }
     }

@@ -129,6 +129,11 @@ pub(crate) struct Failure {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct VmBook {
     pub applied_reboot_generation: u64,
+    /// The intent generation (`DesiredVm::generation`) of the last
+    /// convergence this agent finished for the VM, successful or not.
+    /// Observations carry it so the controller can tell a report made after
+    /// acting on an intent from one made before.
+    pub converged_generation: u64,
     pub failure: Option<Failure>,
     /// The last guest agent answer while the VM runs (cleared when it stops).
     pub guest: Option<GuestAgentInfo>,

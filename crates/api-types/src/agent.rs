@@ -97,6 +97,12 @@ pub struct VmObservation {
     /// agent has carried out.
     pub reboot_generation: u64,
     pub guest: Option<GuestAgentInfo>,
+    /// The VM's intent generation (`DesiredVm::generation`) the agent had
+    /// finished acting on when it made this observation; absent when it has
+    /// not acted on any. Lets a job tell a report made after its intent was
+    /// carried out from one made before.
+    #[serde(default)]
+    pub intent_generation: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -1259,6 +1259,56 @@ async fn agent_reports_are_gated_by_generation(b: Backend) {
         ctx.get(&format!("/v1/vms/{vm_id}"), &w.a_member).await.body["state"],
         "crashed"
     );
+    // Start the crashed VM; a crash report made before the host acted on the
+    // start (an older intent generation) must not fail the job, one made
+    // after must, at once.
+    let op = ctx
+        .call(
+            Method::POST,
+            &format!("/v1/vms/{vm_id}/start"),
+            Some(&w.a_member),
+            None,
+        )
+        .await;
+    assert_eq!(op.status, StatusCode::ACCEPTED, "{}", op.body);
+    let start_job = op.body["job"]["id"].as_str().expect("job").to_string();
+    let desired = ctx.get("/v1/agent/desired", &cred).await.body;
+    let intent = desired["vms"][0]["generation"]
+        .as_u64()
+        .expect("generation");
+    let crash = |generation: u64, intent: u64| {
+        json!({"facts": facts(), "vms": [{"vm_id": vm_id, "generation": generation, "state": "crashed",
+            "reason": "QEMU exited unexpectedly", "reboot_generation": 0, "intent_generation": intent}]})
+    };
+    ctx.must(
+        ctx.post("/v1/agent/report", &cred, crash(20, intent - 1))
+            .await,
+        "stale crash",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let job = ctx
+        .get(&format!("/v1/jobs/{start_job}"), &w.a_member)
+        .await
+        .body;
+    assert_eq!(
+        job["state"], "running",
+        "a crash from before the start does not fail it: {job}"
+    );
+    ctx.must(
+        ctx.post("/v1/agent/report", &cred, crash(21, intent)).await,
+        "crash",
+    )
+    .await;
+    let job = ctx
+        .get(
+            &format!("/v1/jobs/{start_job}/wait?timeout_secs=10"),
+            &w.a_member,
+        )
+        .await
+        .body;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "vm_crashed");
     // Another host cannot report on this VM.
     let other = enroll(&ctx, "host-2").await;
     let r = ctx

@@ -305,6 +305,7 @@ impl Datastore {
         let done = sqlx::query(
             "UPDATE vms SET observed_state = $1, observed_reason = $2, observed_generation = $3, \
              observed_reboot_generation = $4, observed_at = $5, guest = COALESCE($6, guest), \
+             observed_intent_generation = COALESCE($10, observed_intent_generation), \
              state = CASE WHEN active_job_id IS NULL AND $7 <> '' THEN $7 ELSE state END, \
              state_reason = CASE WHEN active_job_id IS NULL AND $7 <> '' THEN $2 ELSE state_reason END \
              WHERE id = $8 AND host_id = $9 AND observed_generation < $3",
@@ -318,6 +319,7 @@ impl Datastore {
         .bind(shown.map(|s| enum_str(&s)).unwrap_or_default())
         .bind(obs.vm_id.to_string())
         .bind(host.to_string())
+        .bind(obs.intent_generation.map(|g| i64::try_from(g).unwrap_or(i64::MAX)))
         .execute(&self.write)
         .await
         .map_err(|e| db_error("applying a VM observation", e))?;
@@ -568,13 +570,21 @@ impl Datastore {
     ) -> Result<(), Error> {
         let ctx = "setting a VM's desired state";
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        sqlx::query("UPDATE vms SET desired_state = $1, generation = generation + 1, updated_at = $2 WHERE id = $3")
-            .bind(enum_str(&desired))
-            .bind(now_micros())
-            .bind(vm.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
+        // Unchanged intent is no new intent: no generation bump, so a VM
+        // its host holds down after a crash is not released by it.
+        let changed = sqlx::query(
+            "UPDATE vms SET desired_state = $1, generation = generation + 1, updated_at = $2 \
+             WHERE id = $3 AND desired_state <> $1",
+        )
+        .bind(enum_str(&desired))
+        .bind(now_micros())
+        .bind(vm.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if changed.rows_affected() == 0 {
+            return tx.commit().await.map_err(|e| db_error(ctx, e));
+        }
         sqlx::query(
             "UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
         )

@@ -13,6 +13,11 @@ use crate::db::{Backend, OpenError};
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial", include_str!("../migrations/0001_initial.sql")),
     (2, "agents", include_str!("../migrations/0002_agents.sql")),
+    (
+        3,
+        "intent_generation",
+        include_str!("../migrations/0003_intent_generation.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

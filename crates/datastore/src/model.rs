@@ -337,6 +337,7 @@ pub struct VmRecord {
     pub observed_reboot_generation: i64,
     pub observed_at: Option<i64>,
     pub guest: Option<stratus_api_types::agent::GuestAgentInfo>,
+    pub observed_intent_generation: i64,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -368,6 +369,7 @@ impl VmRecord {
                 Some(g) => serde_json::from_str(&g).ok(),
                 None => None,
             },
+            observed_intent_generation: r.int("observed_intent_generation")?,
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })

@@ -18,7 +18,7 @@ use crate::Datastore;
 const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
                       desired_state, state, state_reason, host_id, active_job_id, generation, reboot_generation, \
                       observed_state, observed_reason, observed_generation, observed_reboot_generation, \
-                      observed_at, guest, created_at, updated_at FROM vms";
+                      observed_at, guest, observed_intent_generation, created_at, updated_at FROM vms";
 
 /// A VM to record.
 #[derive(Debug, Clone)]

@@ -334,7 +334,7 @@ impl JobRunner {
         )
         .await?;
         match self
-            .await_observation(job, vm.id, Wait::State(want), CREATE_TIMEOUT)
+            .await_observation(job, vm.id, vm.generation, Wait::State(want), CREATE_TIMEOUT)
             .await
         {
             Ok(seen) => Ok(Some(VmEffect::Update {
@@ -426,7 +426,7 @@ impl JobRunner {
         };
         self.step(job, "converge", 30, step).await?;
         match self
-            .await_observation(job, vm.id, wait, POWER_TIMEOUT)
+            .await_observation(job, vm.id, vm.generation, wait, POWER_TIMEOUT)
             .await
         {
             Ok(_) => Ok(Some(VmEffect::Update {
@@ -492,6 +492,7 @@ impl JobRunner {
             .await_observation(
                 job,
                 vm.id,
+                vm.generation,
                 Wait::State(ObservedVmState::Absent),
                 DELETE_TIMEOUT,
             )
@@ -515,10 +516,11 @@ impl JobRunner {
         &self,
         job: &JobRecord,
         vm: VmId,
+        intent: i64,
         wait: Wait,
         timeout: Duration,
     ) -> Result<VmRecord, Failure> {
-        self.await_inner(job, vm, wait, timeout, true).await
+        self.await_inner(job, vm, intent, wait, timeout, true).await
     }
 
     async fn await_observation_uncancellable(
@@ -528,13 +530,14 @@ impl JobRunner {
         wait: Wait,
         timeout: Duration,
     ) -> Result<VmRecord, Failure> {
-        self.await_inner(job, vm, wait, timeout, false).await
+        self.await_inner(job, vm, 0, wait, timeout, false).await
     }
 
     async fn await_inner(
         &self,
         job: &JobRecord,
         vm: VmId,
+        intent: i64,
         wait: Wait,
         timeout: Duration,
         cancellable: bool,
@@ -549,7 +552,11 @@ impl JobRunner {
                 .vm_get(vm)
                 .await
                 .map_err(|e| internal("reading the VM", e))?;
-            let fresh = rec.observed_at.is_some_and(|t| t > job.created_at);
+            // An observation made after the host acted on this job's intent
+            // (and applied after the job began): only such a report can fail
+            // the job, never one still in flight from before.
+            let fresh = rec.observed_at.is_some_and(|t| t > job.created_at)
+                && rec.observed_intent_generation >= intent;
             let done = match wait {
                 Wait::State(s) => {
                     rec.observed_state == Some(s) && (fresh || s != ObservedVmState::Failed)
@@ -575,11 +582,10 @@ impl JobRunner {
                     effect: None,
                 });
             }
-            // A new VM that crashed while booting. (Not for starts: a crash
-            // report from before the restart may still arrive after the start
-            // was asked for; a start that never comes up times out instead.)
+            // A VM that crashed while booting, after the host acted on this
+            // create or start.
             if fresh
-                && job.kind == JobKind::VmCreate.as_str()
+                && (job.kind == JobKind::VmCreate.as_str() || job.kind == JobKind::VmStart.as_str())
                 && rec.observed_state == Some(ObservedVmState::Crashed)
             {
                 return Err(Failure {
