@@ -4,7 +4,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use stratus_api_types::agent::{GuestAgentInfo, HostFacts, ObservedVmState, VmObservation};
+use stratus_api_types::agent::{HostFacts, ObservedVmState, VmObservation};
 use stratus_api_types::views::{HostState, VmState};
 use stratus_common::time::now_micros;
 use stratus_common::{Error, HostId, ResourceKind, VmId};
@@ -324,11 +324,6 @@ impl Datastore {
         .await
         .map_err(|e| db_error("applying a VM observation", e))?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// Records the guest agent's report without touching anything else.
-    pub async fn vm_guest_info(&self, vm: VmId) -> Result<Option<GuestAgentInfo>, Error> {
-        Ok(self.vm_get(vm).await?.guest)
     }
 
     pub async fn host_request_create(

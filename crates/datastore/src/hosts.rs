@@ -71,23 +71,6 @@ impl Datastore {
         .await
     }
 
-    /// Counts hosts by state, for placement explanations.
-    pub async fn host_count_by_state(&self) -> Result<Vec<(HostState, i64)>, Error> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM hosts GROUP BY state")
-                .fetch_all(&self.read)
-                .await
-                .map_err(|e| db_error("counting hosts", e))?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(s, n)| {
-                serde_json::from_value::<HostState>(serde_json::Value::String(s))
-                    .ok()
-                    .map(|s| (s, n))
-            })
-            .collect())
-    }
-
     /// Stores a one-time enrollment token (its hash) created by `created_by`.
     pub async fn enrollment_token_create(
         &self,

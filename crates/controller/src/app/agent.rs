@@ -10,7 +10,7 @@ use stratus_api_types::agent::{
     AgentRequestKind, AgentRequestResult, ConsoleAppend, DesiredImage, DesiredQuery, DesiredVm,
     ImagePart,
 };
-use stratus_common::{Error, HostId, ImageId, ResourceKind, VmId};
+use stratus_common::{Error, ImageId, ResourceKind, VmId};
 use stratus_datastore::model::HostRecord;
 
 use crate::app::{secrets, App};
@@ -238,9 +238,4 @@ pub async fn host_from_credential(app: &App, credential: &str) -> Result<Option<
         .host_by_credential(&secrets::hash(credential))
         .await?
         .map(|host| HostActor { host }))
-}
-
-/// Used by tests and the liveness loop: the host named.
-pub async fn host_id_of(app: &App, name: &str) -> Result<HostId, Error> {
-    Ok(app.ds.host_get_by_name(name).await?.id)
 }
