@@ -75,6 +75,25 @@ impl ImageStore {
         src: &Path,
         field: &str,
     ) -> Result<String, Error> {
+        let (tmp, _, sha) = self.copy_to_tmp(id, src, field, false).await?;
+        let dest = self.part_path(id, part);
+        std::fs::rename(&tmp, &dest).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::internal(format!("moving {} into place: {e}", dest.display()))
+        })?;
+        Ok(sha)
+    }
+
+    /// Copies a file on the controller host (named by the request's `field`)
+    /// into `tmp/`, hashing it on the way: (temp path, size, SHA-256). An
+    /// empty file is refused unless `allow_empty`.
+    async fn copy_to_tmp(
+        &self,
+        id: ImageId,
+        src: &Path,
+        field: &str,
+        allow_empty: bool,
+    ) -> Result<(PathBuf, u64, String), Error> {
         if !src.is_absolute() {
             return Err(Error::invalid(
                 field,
@@ -87,33 +106,32 @@ impl ImageStore {
                 format!("cannot read {}: {e}", src.display()),
             )
         })?;
-        if !meta.is_file() || meta.len() == 0 {
+        if !meta.is_file() || (!allow_empty && meta.len() == 0) {
+            let what = if allow_empty {
+                "a regular file"
+            } else {
+                "a non-empty regular file"
+            };
             return Err(Error::unprocessable(
                 "image_source_unreadable",
-                format!("{} is not a non-empty regular file", src.display()),
+                format!("{} is not {what}", src.display()),
             ));
         }
         let tmp = self.tmp_path(id);
         let (s, t) = (src.to_path_buf(), tmp.clone());
         let copied = tokio::task::spawn_blocking(move || copy_hashing(&s, &t))
             .await
-            .map_err(|e| Error::internal(format!("copy task: {e}")))?;
-        let (_, sha) = match copied {
-            Ok(v) => v,
+            .map_err(|e| Error::internal(format!("image copy task: {e}")))?;
+        match copied {
+            Ok((size, sha)) => Ok((tmp, size, sha)),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(Error::unprocessable(
+                Err(Error::unprocessable(
                     "image_source_unreadable",
                     format!("cannot copy {}: {e}", src.display()),
-                ));
+                ))
             }
-        };
-        let dest = self.part_path(id, part);
-        std::fs::rename(&tmp, &dest).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::internal(format!("moving {} into place: {e}", dest.display()))
-        })?;
-        Ok(sha)
+        }
     }
 
     fn tmp_path(&self, id: ImageId) -> PathBuf {
@@ -129,39 +147,7 @@ impl ImageStore {
         src: &Path,
         expect: Option<ImageFormat>,
     ) -> Result<ImageData, Error> {
-        if !src.is_absolute() {
-            return Err(Error::invalid(
-                "path",
-                format!("{} is not an absolute path", src.display()),
-            ));
-        }
-        let meta = tokio::fs::metadata(src).await.map_err(|e| {
-            Error::unprocessable(
-                "image_source_unreadable",
-                format!("cannot read {}: {e}", src.display()),
-            )
-        })?;
-        if !meta.is_file() {
-            return Err(Error::unprocessable(
-                "image_source_unreadable",
-                format!("{} is not a regular file", src.display()),
-            ));
-        }
-        let tmp = self.tmp_path(id);
-        let (src_owned, tmp_owned) = (src.to_path_buf(), tmp.clone());
-        let copied = tokio::task::spawn_blocking(move || copy_hashing(&src_owned, &tmp_owned))
-            .await
-            .map_err(|e| Error::internal(format!("image copy task: {e}")))?;
-        let (file_size, sha256) = match copied {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Error::unprocessable(
-                    "image_source_unreadable",
-                    format!("cannot copy {}: {e}", src.display()),
-                ));
-            }
-        };
+        let (tmp, file_size, sha256) = self.copy_to_tmp(id, src, "path", true).await?;
         self.finish(id, &tmp, expect, file_size, sha256).await
     }
 
