@@ -76,20 +76,7 @@ async fn driver(data_dir: &Path) -> QemuDriver {
 
 /// Processes whose command line contains the VM id (any program).
 fn processes_of(id: VmId) -> Vec<u32> {
-    let id = id.to_string();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|s| s.trim_start().starts_with('Z'));
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            !zombie && String::from_utf8_lossy(&cmdline).contains(&id)
-        })
-        .collect()
+    stratus_test_utils::live_processes_matching(&[&id.to_string()])
 }
 
 /// Kills every process of the VM when dropped, so a failing test leaves no

@@ -52,22 +52,7 @@ impl Drop for KillVm {
 
 /// Live (not zombie) QEMU processes whose command line names the VM.
 fn qemu_of(vm_id: &str) -> Vec<u32> {
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|s| s.trim_start().starts_with('Z'));
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            !zombie && cmdline.contains("qemu") && cmdline.contains(vm_id)
-        })
-        .collect();
-    pids.sort();
-    pids
+    stratus_test_utils::live_processes_matching(&["qemu", vm_id])
 }
 
 fn signal(pid: u32, sig: &str) {

@@ -48,6 +48,30 @@ pub async fn postgres_url() -> String {
     replace_db_name(&admin, &name)
 }
 
+/// Live (not zombie) processes whose command line contains every one of
+/// `needles`, sorted: how tests find a VM's QEMU (daemonized, so not their
+/// child) and check that none is left behind or duplicated.
+pub fn live_processes_matching(needles: &[&str]) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            !zombie && needles.iter().all(|n| cmdline.contains(n))
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
 /// A URL to a new SQLite database file in `dir`.
 pub fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("stratus.db").display())
