@@ -266,6 +266,23 @@ impl Datastore {
         })
     }
 
+    /// Whether any VM placed on `host` was created from `image` (which is what
+    /// entitles the host to download it).
+    pub async fn host_uses_image(
+        &self,
+        host: HostId,
+        image: stratus_common::ImageId,
+    ) -> Result<bool, Error> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE host_id = $1 AND image_id = $2")
+                .bind(host.to_string())
+                .bind(image.to_string())
+                .fetch_one(&self.read)
+                .await
+                .map_err(|e| db_error("checking a host's images", e))?;
+        Ok(n > 0)
+    }
+
     /// vCPUs, memory and disk allocated to VMs on a host.
     pub async fn host_allocated(&self, id: HostId) -> Result<(u64, u64, u64), Error> {
         // SUM of BIGINT is NUMERIC on PostgreSQL: cast back so both

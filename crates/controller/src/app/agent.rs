@@ -209,13 +209,7 @@ pub async fn agent_image_file(
         .parse()
         .map_err(|_| Error::invalid("image", "not an image id"))?;
     let img = app.ds.image_get(id).await?;
-    let on_host = app
-        .ds
-        .host_desired(actor.host.id)
-        .await?
-        .1
-        .iter()
-        .any(|(_, i)| i.id == id);
+    let on_host = app.ds.host_uses_image(actor.host.id, id).await?;
     if !on_host && img.visibility != stratus_api_types::views::ImageVisibility::Public {
         return Err(Error::not_found(ResourceKind::Image, image));
     }
