@@ -52,6 +52,10 @@ pub struct AgentEnroll {
     /// How operators and other hosts reach this host (informational here).
     pub address: String,
     pub facts: HostFacts,
+    /// Tags the scheduler matches VMs' required and forbidden tags against
+    /// (e.g. `ssd`, `gpu`); operators can change them later.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -4,7 +4,9 @@ use serde::Deserialize;
 use stratus_common::{Name, Role};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::views::{HostState, ImageFormat, ImageState, ImageVisibility, JobState, VmState};
+use crate::views::{
+    GroupPolicy, HostState, ImageFormat, ImageState, ImageVisibility, JobState, VmState, Weigher,
+};
 
 /// Pagination shared by every list: at most `limit` items (default 100, at most
 /// 1000) after the opaque `cursor` returned by the previous page.
@@ -69,6 +71,9 @@ pub struct HostFilter {
 pub struct EnrollmentTokenCreate {
     /// Hours until the token expires (default 24, at most 720).
     pub expires_in_hours: Option<u32>,
+    /// How many hosts may enroll with it (default 1, at most 100000): one
+    /// token for a rack, or for a simulated fleet.
+    pub uses: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -135,6 +140,73 @@ pub struct VmCreate {
     pub image: String,
     /// Start the VM once created (default true).
     pub start: Option<bool>,
+    /// Only hosts in this zone.
+    pub zone: Option<String>,
+    /// Only hosts in this cluster.
+    pub cluster: Option<String>,
+    /// Only hosts carrying every one of these tags.
+    #[serde(default)]
+    pub require_tags: Vec<Name>,
+    /// Only hosts carrying none of these tags.
+    #[serde(default)]
+    pub forbid_tags: Vec<Name>,
+    /// Server group (name or id, in the VM's project) whose affinity or
+    /// anti-affinity policy the VM follows.
+    pub group: Option<String>,
+}
+
+/// Several VMs of one shape, placed in one scheduling pass: named
+/// `NAME-1` … `NAME-COUNT`, all placed or none (members of an anti-affinity
+/// group land on distinct hosts).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmBatchCreate {
+    /// 1..=1000.
+    pub count: u32,
+    /// The shape of every VM; `name` is the prefix.
+    pub vm: VmCreate,
+}
+
+/// Changes to a cluster's scheduling policy; absent fields stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterUpdate {
+    /// vCPU overcommit (0.1..=64, e.g. 4.0).
+    pub cpu_ratio: Option<f64>,
+    /// Memory overcommit (0.1..=64, e.g. 1.0).
+    pub ram_ratio: Option<f64>,
+    /// Disk overcommit (0.1..=64, e.g. 1.0).
+    pub disk_ratio: Option<f64>,
+    pub weigher: Option<Weigher>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerGroupCreate {
+    pub name: Name,
+    /// Project (name or id); defaults to the caller's project. Admins must
+    /// name one.
+    pub project: Option<String>,
+    pub policy: GroupPolicy,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ServerGroupFilter {
+    /// Project name or id.
+    pub project: Option<String>,
+}
+
+/// Changes to a host; absent fields stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostUpdate {
+    /// Tags to add.
+    #[serde(default)]
+    pub add_tags: Vec<Name>,
+    /// Tags to remove.
+    #[serde(default)]
+    pub remove_tags: Vec<Name>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]

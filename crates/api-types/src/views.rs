@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stratus_common::{
-    EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role, TokenId, VmId,
+    EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role, ServerGroupId, TokenId,
+    VmId,
 };
 use utoipa::ToSchema;
 
@@ -23,6 +24,10 @@ pub struct ErrorBody {
     /// The offending field of the request, when one is to blame.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Structured detail for some errors: for `no_host_available`, the
+    /// scheduler's explanation (a [`PlacementExplanation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -127,16 +132,175 @@ pub struct Host {
     pub qemu_version: Option<String>,
     /// The accelerator the agent found to work (`kvm` or `tcg`).
     pub accel: Option<String>,
+    /// Tags VMs can require or forbid.
+    pub tags: Vec<String>,
+    /// What the VMs placed here take (stopped VMs keep their share).
+    pub allocated: Allocation,
     pub created_at: DateTime<Utc>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
 }
 
-/// A one-time token an agent presents to enroll its host. Shown once.
+/// Resources allocated to VMs on a host.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+pub struct Allocation {
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// How the scheduler ranks the hosts of a cluster that can take a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Weigher {
+    /// The host with the most free memory: load spread evenly.
+    #[default]
+    Spread,
+    /// The host with the least free memory that fits: hosts filled one by
+    /// one, leaving others empty (for power saving or large VMs).
+    Pack,
+}
+
+/// A cluster: hosts sharing a scheduling policy.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Cluster {
+    pub name: String,
+    /// vCPU overcommit: a host offers `cpus × cpu_ratio` vCPUs.
+    pub cpu_ratio: f64,
+    pub ram_ratio: f64,
+    pub disk_ratio: f64,
+    pub weigher: Weigher,
+    /// Hosts enrolled in it.
+    pub hosts: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterPage {
+    pub items: Vec<Cluster>,
+    pub next_cursor: Option<String>,
+}
+
+/// How members of a server group are placed relative to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupPolicy {
+    /// All on one host; a VM that cannot join the others is refused.
+    Affinity,
+    /// Each on a different host; a VM that cannot is refused.
+    AntiAffinity,
+    /// Together where possible.
+    SoftAffinity,
+    /// Apart where possible.
+    SoftAntiAffinity,
+}
+
+/// VMs placed together or apart.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerGroup {
+    pub id: ServerGroupId,
+    pub project_id: ProjectId,
+    pub name: String,
+    pub policy: GroupPolicy,
+    /// VMs in the group.
+    pub members: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerGroupPage {
+    pub items: Vec<ServerGroup>,
+    pub next_cursor: Option<String>,
+}
+
+/// Where a VM may be placed, as asked at creation; kept so later moves
+/// honour it too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmPlacement {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require_tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forbid_tags: Vec<String>,
+}
+
+/// Hosts one scheduler filter ruled out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FilterCount {
+    /// `state`, `zone`, `cluster`, `required_tags`, `forbidden_tags`,
+    /// `excluded`, `affinity`, `anti_affinity`, `vcpus`, `memory` or `disk`.
+    pub filter: String,
+    pub hosts: u64,
+}
+
+/// What a host lacked of one resource.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Shortfall {
+    /// `vcpus`, `memory` or `disk`.
+    pub resource: String,
+    pub needed: u64,
+    pub available: u64,
+}
+
+/// A host that failed only for lack of room.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NearMiss {
+    pub host_id: HostId,
+    pub host: String,
+    pub lacking: Vec<Shortfall>,
+}
+
+/// Why the scheduler chose as it did, or why it could not: every host is
+/// counted under the first filter that ruled it out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlacementExplanation {
+    pub hosts_total: u64,
+    /// Hosts that could take the VM.
+    pub feasible: u64,
+    pub eliminated: Vec<FilterCount>,
+    /// The closest hosts that lacked room (at most three).
+    pub near_misses: Vec<NearMiss>,
+}
+
+/// One VM of a dry run and where it would go.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlannedVm {
+    pub name: String,
+    pub host_id: HostId,
+    pub host: String,
+}
+
+/// The answer to "where would this go, and why not elsewhere", with nothing
+/// created.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlacementPreview {
+    /// Whether every VM asked for would be placed.
+    pub fits: bool,
+    /// A person's summary.
+    pub message: String,
+    pub placements: Vec<PlannedVm>,
+    /// For the first VM (or the first that would not fit).
+    pub explanation: PlacementExplanation,
+}
+
+/// VMs created together.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmBatch {
+    pub items: Vec<VmOperation>,
+}
+
+/// A token agents present to enroll their hosts (once each, up to `uses`
+/// hosts). Shown once.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EnrollmentTokenCreated {
     pub id: EnrollmentTokenId,
     pub token: String,
     pub expires_at: DateTime<Utc>,
+    /// How many hosts may enroll with it.
+    pub uses: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -281,6 +445,10 @@ pub struct Vm {
     pub state_reason: Option<String>,
     /// The host the VM is placed on, once placed.
     pub host_id: Option<HostId>,
+    /// The server group the VM belongs to.
+    pub server_group_id: Option<ServerGroupId>,
+    /// The placement constraints it was created with.
+    pub placement: VmPlacement,
     /// What the guest agent inside the VM last reported.
     pub guest: Option<GuestAgentInfo>,
     /// When the host last reported on this VM.

@@ -147,6 +147,9 @@ pub enum HostCmd {
         /// Hours until the token expires
         #[arg(long, default_value_t = 24)]
         expires_in_hours: u32,
+        /// How many hosts may enroll with it
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
     },
 }
 
@@ -707,9 +710,13 @@ async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
                 ])
             });
         }
-        HostCmd::EnrollToken { expires_in_hours } => {
+        HostCmd::EnrollToken {
+            expires_in_hours,
+            uses,
+        } => {
             let body = types::EnrollmentTokenCreate {
                 expires_in_hours: Some(expires_in_hours),
+                uses: Some(uses),
             };
             let t = c
                 .enrollment_token_create()
@@ -722,7 +729,8 @@ async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
                 Format::Table => {
                     println!("{}", t.token);
                     eprintln!(
-                        "One-time token, valid until {}. On the new host run:\n  stratus agent --url URL --enroll-token {} --data-dir DIR",
+                        "Token for {} host(s), valid until {}. On the new host run:\n  stratus agent --url URL --enroll-token {} --data-dir DIR",
+                        t.uses,
                         ts(&t.expires_at),
                         t.token
                     );

@@ -22,6 +22,8 @@ pub enum ResourceKind {
     Flavor,
     Vm,
     Job,
+    ServerGroup,
+    Cluster,
 }
 
 impl ResourceKind {
@@ -35,6 +37,8 @@ impl ResourceKind {
             ResourceKind::Flavor => "flavor",
             ResourceKind::Vm => "vm",
             ResourceKind::Job => "job",
+            ResourceKind::ServerGroup => "server group",
+            ResourceKind::Cluster => "cluster",
         }
     }
 }
@@ -72,6 +76,14 @@ pub enum Error {
     /// file that is not a disk image.
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    /// No host can take what was asked for (409 `no_host_available`).
+    /// `details` is the scheduler's explanation (which filters eliminated
+    /// how many hosts, and the closest near-misses), as JSON.
+    #[error("{message}")]
+    NoCapacity {
+        message: String,
+        details: serde_json::Value,
+    },
     /// A dependency is briefly unavailable; retrying may succeed (503).
     #[error("{message}")]
     Unavailable { message: String },
@@ -150,6 +162,7 @@ impl Error {
             Error::NotFound { .. } => "not_found",
             Error::Conflict { code, .. } => code,
             Error::Unprocessable { code, .. } => code,
+            Error::NoCapacity { .. } => "no_host_available",
             Error::Unavailable { .. } => "unavailable",
             Error::Internal { .. } => "internal",
         }
@@ -166,6 +179,7 @@ impl Error {
             Error::NotFound { .. } => 404,
             Error::Conflict { .. } => 409,
             Error::Unprocessable { .. } => 422,
+            Error::NoCapacity { .. } => 409,
             Error::Unavailable { .. } => 503,
             Error::Internal { .. } => 500,
         }

@@ -97,6 +97,9 @@ typed_id!(
 typed_id!(
     /// Id of a job.
     JobId, "job");
+typed_id!(
+    /// Id of a server group (VMs placed together or apart).
+    ServerGroupId, "server group");
 
 #[cfg(test)]
 mod tests {

@@ -5,28 +5,13 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use stratus_api_types::agent::{HostFacts, ObservedVmState, VmObservation};
-use stratus_api_types::views::{HostState, VmState};
+use stratus_api_types::views::VmState;
 use stratus_common::time::now_micros;
 use stratus_common::{Error, HostId, ResourceKind, VmId};
 
 use crate::db::{db_error, is_unique_violation};
 use crate::model::{enum_str, i64_of, HostRecord, ImageRecord, RowExt, VmRecord};
 use crate::Datastore;
-
-/// Where a VM went, or why nowhere.
-#[derive(Debug, Clone)]
-pub enum Placement {
-    Placed(Box<HostRecord>),
-    NoHost {
-        total: usize,
-        up: usize,
-        /// Up hosts without room, with what they lacked.
-        too_full: Vec<(String, &'static str)>,
-    },
-}
-
-/// CPU overcommit until per-cluster ratios exist (the scheduler issue).
-const CPU_RATIO: u64 = 4;
 
 /// A request for an agent, as stored.
 #[derive(Debug, Clone)]
@@ -43,25 +28,43 @@ pub struct HostRequestRecord {
 /// Bytes of console output kept per VM.
 pub const CONSOLE_KEEP: usize = 256 * 1024;
 
+/// A host enrolling, as validated by the API.
+#[derive(Debug, Clone)]
+pub struct NewHost<'a> {
+    pub name: &'a str,
+    pub zone: &'a str,
+    pub cluster: &'a str,
+    pub address: &'a str,
+    pub facts: &'a HostFacts,
+    /// Valid tag names (duplicates and order do not matter).
+    pub tags: &'a [String],
+    pub credential_hash: &'a str,
+}
+
 impl Datastore {
-    /// Enrolls a host with a one-time token: records the host and spends the
-    /// token in one transaction.
-    #[allow(clippy::too_many_arguments)]
+    /// Enrolls a host with an enrollment token: records the host (and its
+    /// cluster, with default policy, if new) and spends one use of the token,
+    /// in one transaction.
     pub async fn host_enroll(
         &self,
         token_hash: &str,
-        name: &str,
-        zone: &str,
-        cluster: &str,
-        address: &str,
-        facts: &HostFacts,
-        credential_hash: &str,
+        h: &NewHost<'_>,
     ) -> Result<HostRecord, Error> {
+        let NewHost {
+            name,
+            zone,
+            cluster,
+            address,
+            facts,
+            tags,
+            credential_hash,
+        } = *h;
         let ctx = "enrolling a host";
         let now = now_micros();
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
         let token: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM host_enrollment_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
+            "SELECT id FROM host_enrollment_tokens WHERE token_hash = $1 AND use_count < max_uses \
+             AND expires_at > $2",
         )
         .bind(token_hash)
         .bind(now)
@@ -80,7 +83,8 @@ impl Datastore {
         sqlx::query(
             "INSERT INTO hosts (id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
              qemu_version, accel, driver, credential_hash, generation, desired_revision, created_at, \
-             last_heartbeat_at) VALUES ($1, $2, 'up', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, 1, $13, $13)",
+             last_heartbeat_at, tags) \
+             VALUES ($1, $2, 'up', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, 1, $13, $13, $14)",
         )
         .bind(id.to_string())
         .bind(name)
@@ -95,6 +99,7 @@ impl Datastore {
         .bind(facts.driver.clone())
         .bind(credential_hash)
         .bind(now)
+        .bind(crate::model::tags_column(tags))
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -104,13 +109,26 @@ impl Datastore {
                 db_error(ctx, e)
             }
         })?;
-        sqlx::query("UPDATE host_enrollment_tokens SET used_at = $1, host_id = $2 WHERE id = $3")
-            .bind(now)
-            .bind(id.to_string())
-            .bind(token_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
+        crate::scheduling::ensure_cluster(&mut tx, cluster, now).await?;
+        // Spent under the same condition it was checked with: two hosts
+        // racing for a token's last use cannot both enroll.
+        let spent = sqlx::query(
+            "UPDATE host_enrollment_tokens SET use_count = use_count + 1, used_at = $1, host_id = $2 \
+             WHERE id = $3 AND use_count < max_uses",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .bind(token_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if spent.rows_affected() != 1 {
+            return Err(Error::Unauthenticated {
+                message: "the enrollment token was used up while this host enrolled; make a new one \
+                          with `stratus host enroll-token`"
+                    .into(),
+            });
+        }
         let host = fetch_host(&mut tx, id).await?;
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
         Ok(host)
@@ -188,84 +206,6 @@ impl Datastore {
         Ok((host.desired_revision, out))
     }
 
-    /// Places a VM on the up host with the most free memory that has room
-    /// for it, in one transaction that re-checks the host's allocation under
-    /// an optimistic host generation, so two placements never share the
-    /// last slot. The host's desired revision is bumped so its agent hears.
-    pub async fn vm_place(&self, vm_id: VmId) -> Result<Placement, Error> {
-        let ctx = "placing a VM";
-        for _ in 0..16 {
-            let vm = self.vm_get(vm_id).await?;
-            let hosts = self
-                .host_list(
-                    &crate::HostListFilter::default(),
-                    &crate::PageRequest::first(crate::page::MAX_LIMIT),
-                )
-                .await?
-                .items;
-            let total = hosts.len();
-            let up: Vec<&HostRecord> = hosts.iter().filter(|h| h.state == HostState::Up).collect();
-            let mut too_full = Vec::new();
-            let mut best: Option<(&HostRecord, u64)> = None;
-            for h in &up {
-                let (cpu, mem, disk) = self.host_allocated(h.id).await?;
-                let why = if mem + vm.memory_bytes > h.memory_bytes {
-                    Some("memory")
-                } else if cpu + u64::from(vm.vcpus) > u64::from(h.cpus) * CPU_RATIO {
-                    Some("vcpus")
-                } else if disk + vm.disk_bytes > h.disk_bytes {
-                    Some("disk")
-                } else {
-                    None
-                };
-                match why {
-                    Some(w) => too_full.push((h.name.clone(), w)),
-                    None => {
-                        let free = h.memory_bytes - mem;
-                        if best.is_none_or(|(b, f)| free > f || (free == f && h.id < b.id)) {
-                            best = Some((h, free));
-                        }
-                    }
-                }
-            }
-            let Some((host, _)) = best else {
-                return Ok(Placement::NoHost {
-                    total,
-                    up: up.len(),
-                    too_full,
-                });
-            };
-            let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-            let claimed = sqlx::query(
-                "UPDATE hosts SET generation = generation + 1, desired_revision = desired_revision + 1 \
-                 WHERE id = $1 AND generation = $2 AND state = 'up'",
-            )
-            .bind(host.id.to_string())
-            .bind(host.generation)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
-            if claimed.rows_affected() == 0 {
-                continue; // Someone else changed the host; look again.
-            }
-            sqlx::query(
-                "UPDATE vms SET host_id = $1, updated_at = $2 WHERE id = $3 AND host_id IS NULL",
-            )
-            .bind(host.id.to_string())
-            .bind(now_micros())
-            .bind(vm_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
-            tx.commit().await.map_err(|e| db_error(ctx, e))?;
-            let host = self.host_get(host.id).await?;
-            return Ok(Placement::Placed(Box::new(host)));
-        }
-        Err(Error::Unavailable {
-            message: "placement kept conflicting with other placements; retry".into(),
-        })
-    }
-
     /// Whether any VM placed on `host` was created from `image` (which is what
     /// entitles the host to download it).
     pub async fn host_uses_image(
@@ -283,7 +223,8 @@ impl Datastore {
         Ok(n > 0)
     }
 
-    /// vCPUs, memory and disk allocated to VMs on a host.
+    /// vCPUs, memory and disk of the VMs on a host, summed from the VMs
+    /// themselves: what the host's stored allocation must always equal.
     pub async fn host_allocated(&self, id: HostId) -> Result<(u64, u64, u64), Error> {
         // SUM of BIGINT is NUMERIC on PostgreSQL: cast back so both
         // backends answer a 64-bit integer.

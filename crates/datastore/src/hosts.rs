@@ -11,7 +11,8 @@ use crate::Datastore;
 
 pub(crate) const SELECT: &str =
     "SELECT id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
-                      qemu_version, accel, generation, desired_revision, driver, created_at, last_heartbeat_at FROM hosts";
+                      qemu_version, accel, generation, desired_revision, driver, tags, alloc_vcpus, \
+                      alloc_memory_bytes, alloc_disk_bytes, created_at, last_heartbeat_at FROM hosts";
 
 /// Filters for [`Datastore::host_list`].
 #[derive(Debug, Default)]
@@ -71,23 +72,26 @@ impl Datastore {
         .await
     }
 
-    /// Stores a one-time enrollment token (its hash) created by `created_by`.
+    /// Stores an enrollment token (its hash) created by `created_by`, good
+    /// for `uses` hosts.
     pub async fn enrollment_token_create(
         &self,
         token_hash: &str,
         created_by: TokenId,
         expires_at: i64,
+        uses: u32,
     ) -> Result<EnrollmentTokenId, Error> {
         let id = EnrollmentTokenId::new();
         sqlx::query(
-            "INSERT INTO host_enrollment_tokens (id, token_hash, created_by, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO host_enrollment_tokens (id, token_hash, created_by, created_at, expires_at, \
+             max_uses, use_count) VALUES ($1, $2, $3, $4, $5, $6, 0)",
         )
         .bind(id.to_string())
         .bind(token_hash)
         .bind(created_by.to_string())
         .bind(now_micros())
         .bind(expires_at)
+        .bind(i64::from(uses))
         .execute(&self.write)
         .await
         .map_err(|e| db_error("creating an enrollment token", e))?;

@@ -321,6 +321,37 @@ impl Datastore {
             ));
         }
         insert_event(&mut tx, id, now, enum_str(&state).as_str(), &event).await?;
+        // The VM's allocation follows its placement: released from a host it
+        // leaves (or when it is removed), added to one it joins.
+        let vm_id = match &effect {
+            Some(VmEffect::Update { vm_id, .. }) | Some(VmEffect::Remove { vm_id }) => Some(*vm_id),
+            None => None,
+        };
+        let before: Option<(Option<String>, i64, i64, i64)> = match vm_id {
+            Some(v) => sqlx::query_as(
+                "SELECT host_id, vcpus, memory_bytes, disk_bytes FROM vms WHERE id = $1 AND active_job_id = $2",
+            )
+            .bind(v.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?,
+            None => None,
+        };
+        if let Some((old_host, cpu, mem, disk)) = &before {
+            let new_host = match &effect {
+                Some(VmEffect::Update { host_id, .. }) => host_id.map(|h| h.to_string()),
+                _ => None,
+            };
+            if *old_host != new_host {
+                if let Some(h) = old_host {
+                    crate::scheduling::adjust_allocation(&mut tx, h, -cpu, -mem, -disk).await?;
+                }
+                if let Some(h) = &new_host {
+                    crate::scheduling::adjust_allocation(&mut tx, h, *cpu, *mem, *disk).await?;
+                }
+            }
+        }
         match effect {
             Some(VmEffect::Update {
                 vm_id,

@@ -26,15 +26,17 @@ mod hosts;
 mod images;
 mod jobs;
 mod projects;
+mod scheduling;
 mod tokens;
 mod vms;
 
 pub use db::{Backend, Datastore, OpenError};
 pub use page::{Page, PageRequest};
 
-pub use agents::{HostRequestRecord, Placement, CONSOLE_KEEP};
+pub use agents::{HostRequestRecord, NewHost, CONSOLE_KEEP};
+pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};
 pub use jobs::{JobListFilter, JobOutcome, VmEffect};
 pub use tokens::NewToken;
-pub use vms::{NewVm, VmListFilter};
+pub use vms::{CreateError, NewVm, VmListFilter, VmToCreate};

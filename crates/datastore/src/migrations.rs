@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "intent_generation",
         include_str!("../migrations/0003_intent_generation.sql"),
     ),
+    (
+        4,
+        "scheduling",
+        include_str!("../migrations/0004_scheduling.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

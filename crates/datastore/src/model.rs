@@ -183,8 +183,25 @@ pub struct HostRecord {
     pub generation: i64,
     pub desired_revision: i64,
     pub driver: Option<String>,
+    pub tags: Vec<String>,
+    pub alloc_vcpus: u64,
+    pub alloc_memory_bytes: u64,
+    pub alloc_disk_bytes: u64,
     pub created_at: i64,
     pub last_heartbeat_at: Option<i64>,
+}
+
+/// Tags as stored: sorted, deduplicated, comma-separated.
+pub(crate) fn tags_column(tags: &[String]) -> String {
+    let set: std::collections::BTreeSet<&str> = tags.iter().map(String::as_str).collect();
+    set.into_iter().collect::<Vec<_>>().join(",")
+}
+
+pub(crate) fn tags_of(col: &str) -> Vec<String> {
+    col.split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 impl HostRecord {
@@ -204,6 +221,10 @@ impl HostRecord {
             generation: r.int("generation")?,
             desired_revision: r.int("desired_revision")?,
             driver: r.opt_text("driver")?,
+            tags: tags_of(&r.text("tags")?),
+            alloc_vcpus: u64_of(r.int("alloc_vcpus")?),
+            alloc_memory_bytes: u64_of(r.int("alloc_memory_bytes")?),
+            alloc_disk_bytes: u64_of(r.int("alloc_disk_bytes")?),
             created_at: r.int("created_at")?,
             last_heartbeat_at: r.opt_int("last_heartbeat_at")?,
         })
@@ -221,6 +242,12 @@ impl HostRecord {
             disk_bytes: self.disk_bytes,
             qemu_version: self.qemu_version,
             accel: self.accel,
+            tags: self.tags,
+            allocated: views::Allocation {
+                vcpus: self.alloc_vcpus,
+                memory_bytes: self.alloc_memory_bytes,
+                disk_bytes: self.alloc_disk_bytes,
+            },
             created_at: from_micros(self.created_at),
             last_heartbeat_at: self.last_heartbeat_at.map(from_micros),
         }
@@ -338,6 +365,8 @@ pub struct VmRecord {
     pub observed_at: Option<i64>,
     pub guest: Option<stratus_api_types::agent::GuestAgentInfo>,
     pub observed_intent_generation: i64,
+    pub server_group_id: Option<ServerGroupId>,
+    pub placement: views::VmPlacement,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -370,6 +399,12 @@ impl VmRecord {
                 None => None,
             },
             observed_intent_generation: r.int("observed_intent_generation")?,
+            server_group_id: r.opt_parse("server_group_id")?,
+            placement: match r.opt_text("placement")? {
+                Some(p) => serde_json::from_str(&p)
+                    .map_err(|e| column_error("placement", e))?,
+                None => views::VmPlacement::default(),
+            },
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -388,6 +423,8 @@ impl VmRecord {
             state: self.state,
             state_reason: self.state_reason,
             host_id: self.host_id,
+            server_group_id: self.server_group_id,
+            placement: self.placement,
             guest: self.guest,
             observed_at: self.observed_at.map(from_micros),
             created_at: from_micros(self.created_at),
@@ -498,4 +535,79 @@ pub struct NewJob {
     pub target_id: uuid::Uuid,
     pub params: Value,
     pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub cpu_ratio_milli: u32,
+    pub ram_ratio_milli: u32,
+    pub disk_ratio_milli: u32,
+    pub weigher: views::Weigher,
+    pub hosts: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl ClusterRecord {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self, Error> {
+        let milli = |c: &str| -> Result<u32, Error> {
+            u32::try_from(r.int(c)?).map_err(|e| column_error(c, e))
+        };
+        Ok(ClusterRecord {
+            name: r.text("name")?,
+            cpu_ratio_milli: milli("cpu_ratio_milli")?,
+            ram_ratio_milli: milli("ram_ratio_milli")?,
+            disk_ratio_milli: milli("disk_ratio_milli")?,
+            weigher: enum_parse(r, "weigher")?,
+            hosts: u64_of(r.int("hosts")?),
+            created_at: r.int("created_at")?,
+            updated_at: r.int("updated_at")?,
+        })
+    }
+    pub fn into_view(self) -> views::Cluster {
+        views::Cluster {
+            name: self.name,
+            cpu_ratio: f64::from(self.cpu_ratio_milli) / 1000.0,
+            ram_ratio: f64::from(self.ram_ratio_milli) / 1000.0,
+            disk_ratio: f64::from(self.disk_ratio_milli) / 1000.0,
+            weigher: self.weigher,
+            hosts: self.hosts,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerGroupRecord {
+    pub id: ServerGroupId,
+    pub project_id: ProjectId,
+    pub name: String,
+    pub policy: views::GroupPolicy,
+    pub members: u64,
+    pub created_at: i64,
+}
+
+impl ServerGroupRecord {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self, Error> {
+        Ok(ServerGroupRecord {
+            id: r.parse("id")?,
+            project_id: r.parse("project_id")?,
+            name: r.text("name")?,
+            policy: enum_parse(r, "policy")?,
+            members: u64_of(r.int("members")?),
+            created_at: r.int("created_at")?,
+        })
+    }
+    pub fn into_view(self) -> views::ServerGroup {
+        views::ServerGroup {
+            id: self.id,
+            project_id: self.project_id,
+            name: self.name,
+            policy: self.policy,
+            members: self.members,
+            created_at: from_micros(self.created_at),
+        }
+    }
 }

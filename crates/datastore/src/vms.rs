@@ -5,9 +5,13 @@
 //! condition that it was empty, and cleared in the transaction that records
 //! the job's outcome. A second operation meanwhile gets `vm_busy`.
 
-use stratus_api_types::views::{VmDesiredState, VmState};
+use std::collections::BTreeMap;
+
+use stratus_api_types::views::{GroupPolicy, VmDesiredState, VmPlacement, VmState};
 use stratus_common::time::now_micros;
-use stratus_common::{Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, VmId};
+use stratus_common::{
+    Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, ServerGroupId, VmId,
+};
 
 use crate::db::{db_error, is_unique_violation};
 use crate::jobs::insert_job;
@@ -18,7 +22,8 @@ use crate::Datastore;
 const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
                       desired_state, state, state_reason, host_id, active_job_id, generation, reboot_generation, \
                       observed_state, observed_reason, observed_generation, observed_reboot_generation, \
-                      observed_at, guest, observed_intent_generation, created_at, updated_at FROM vms";
+                      observed_at, guest, observed_intent_generation, server_group_id, placement, \
+                      created_at, updated_at FROM vms";
 
 /// A VM to record.
 #[derive(Debug, Clone)]
@@ -32,6 +37,36 @@ pub struct NewVm {
     pub memory_bytes: u64,
     pub disk_bytes: u64,
     pub desired_state: VmDesiredState,
+    pub server_group_id: Option<ServerGroupId>,
+    pub placement: VmPlacement,
+}
+
+/// A VM to record with its create job and, once the scheduler chose one,
+/// its host.
+#[derive(Debug, Clone)]
+pub struct VmToCreate {
+    pub vm: NewVm,
+    pub job: NewJob,
+    pub host: Option<HostId>,
+}
+
+/// Why [`Datastore::vms_create`] recorded nothing.
+#[derive(Debug)]
+pub enum CreateError {
+    /// A chosen host no longer has room (another controller or request took
+    /// it, its cluster's ratios shrank, or it left service): refresh these
+    /// hosts and choose again.
+    HostsChanged(Vec<HostId>),
+    /// The server group's members moved since the choice: refresh the group
+    /// and choose again.
+    GroupChanged(ServerGroupId),
+    Other(Error),
+}
+
+impl From<Error> for CreateError {
+    fn from(e: Error) -> Self {
+        CreateError::Other(e)
+    }
 }
 
 /// Filters for [`Datastore::vm_list`].
@@ -44,48 +79,169 @@ pub struct VmListFilter<'a> {
 }
 
 impl Datastore {
-    /// Records a new VM (state `creating`) and the job that will create it,
-    /// in one transaction.
+    /// Records a new, unplaced VM (state `creating`) and the job that will
+    /// create it, in one transaction.
     pub async fn vm_create_with_job(
         &self,
         vm: NewVm,
         job: NewJob,
     ) -> Result<(VmRecord, JobRecord), Error> {
-        let ctx = "recording a new VM";
+        let one = [VmToCreate {
+            vm,
+            job,
+            host: None,
+        }];
+        match self.vms_create(&one, None).await {
+            Ok(mut v) => v.pop().ok_or_else(|| Error::internal("no VM recorded")),
+            Err(CreateError::Other(e)) => Err(e),
+            Err(other) => Err(Error::internal(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Records new VMs with their jobs and claims their hosts, all in one
+    /// transaction: every VM or none.
+    ///
+    /// **Claims never overbook.** Each host's allocation grows by one guarded
+    /// `UPDATE` whose condition re-checks, in the database, that the host is
+    /// up and that the new allocation stays within its capacity times its
+    /// cluster's ratios. Whatever the scheduler believed, two controllers (or
+    /// two requests) cannot both take a host's last slot: the second guard
+    /// fails, nothing is written, and the caller refreshes and chooses again.
+    ///
+    /// With a hard group policy, the group's row is locked first (an
+    /// `UPDATE` of its generation) and its members' hosts re-read under that
+    /// lock, so concurrent placements into one group are checked one after
+    /// the other.
+    pub async fn vms_create(
+        &self,
+        items: &[VmToCreate],
+        group: Option<(ServerGroupId, GroupPolicy)>,
+    ) -> Result<Vec<(VmRecord, JobRecord)>, CreateError> {
+        let ctx = "recording new VMs";
         let now = now_micros();
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        sqlx::query(
-            "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
-             desired_state, state, active_job_id, generation, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11)",
-        )
-        .bind(vm.id.to_string())
-        .bind(vm.project_id.to_string())
-        .bind(&vm.name)
-        .bind(vm.flavor_id.to_string())
-        .bind(vm.image_id.to_string())
-        .bind(i64::from(vm.vcpus))
-        .bind(i64_of(vm.memory_bytes))
-        .bind(i64_of(vm.disk_bytes))
-        .bind(enum_str(&vm.desired_state))
-        .bind(job.id.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                Error::conflict(
-                    "name_in_use",
-                    format!("a VM named {:?} already exists in this project", vm.name),
-                )
-            } else {
-                db_error(ctx, e)
+        if let Some((gid, policy)) = group {
+            let locked = sqlx::query(
+                "UPDATE server_groups SET generation = generation + 1 WHERE id = $1",
+            )
+            .bind(gid.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+            if locked.rows_affected() == 0 {
+                return Err(Error::not_found(ResourceKind::ServerGroup, gid).into());
             }
-        })?;
-        let job = insert_job(&mut tx, &job, now).await?;
-        let vm_rec = fetch_vm(&mut tx, vm.id).await?;
+            if matches!(policy, GroupPolicy::Affinity | GroupPolicy::AntiAffinity) {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "SELECT DISTINCT host_id FROM vms WHERE server_group_id = $1 AND host_id IS NOT NULL",
+                )
+                .bind(gid.to_string())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+                let used: std::collections::BTreeSet<String> =
+                    rows.into_iter().map(|r| r.0).collect();
+                let chosen: Vec<String> = items
+                    .iter()
+                    .filter_map(|i| i.host.map(|h| h.to_string()))
+                    .collect();
+                let ok = match policy {
+                    GroupPolicy::AntiAffinity => {
+                        let distinct: std::collections::BTreeSet<&String> = chosen.iter().collect();
+                        distinct.len() == chosen.len() && chosen.iter().all(|h| !used.contains(h))
+                    }
+                    _ => {
+                        let all: std::collections::BTreeSet<&String> =
+                            used.iter().chain(chosen.iter()).collect();
+                        all.len() <= 1
+                    }
+                };
+                if !ok {
+                    return Err(CreateError::GroupChanged(gid));
+                }
+            }
+        }
+        // One guarded claim per host, for everything placed on it.
+        let mut per_host: BTreeMap<HostId, (i64, i64, i64)> = BTreeMap::new();
+        for i in items {
+            if let Some(h) = i.host {
+                let e = per_host.entry(h).or_default();
+                e.0 += i64::from(i.vm.vcpus);
+                e.1 += i64_of(i.vm.memory_bytes);
+                e.2 += i64_of(i.vm.disk_bytes);
+            }
+        }
+        let mut changed = Vec::new();
+        for (host, (cpu, mem, disk)) in &per_host {
+            let done = sqlx::query(
+                "UPDATE hosts SET alloc_vcpus = alloc_vcpus + $1, alloc_memory_bytes = alloc_memory_bytes + $2, \
+                 alloc_disk_bytes = alloc_disk_bytes + $3, generation = generation + 1, \
+                 desired_revision = desired_revision + 1 \
+                 WHERE id = $4 AND state = 'up' AND EXISTS (SELECT 1 FROM clusters c WHERE c.name = hosts.cluster \
+                 AND (hosts.alloc_vcpus + $1) * 1000 <= hosts.cpus * c.cpu_ratio_milli \
+                 AND (hosts.alloc_memory_bytes + $2) * 1000 <= hosts.memory_bytes * c.ram_ratio_milli \
+                 AND (hosts.alloc_disk_bytes + $3) * 1000 <= hosts.disk_bytes * c.disk_ratio_milli)",
+            )
+            .bind(*cpu)
+            .bind(*mem)
+            .bind(*disk)
+            .bind(host.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+            if done.rows_affected() == 0 {
+                changed.push(*host);
+            }
+        }
+        if !changed.is_empty() {
+            return Err(CreateError::HostsChanged(changed));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for i in items {
+            let vm = &i.vm;
+            let placement = serde_json::to_string(&vm.placement)
+                .map_err(|e| Error::internal(format!("encoding placement: {e}")))?;
+            sqlx::query(
+                "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
+                 desired_state, state, active_job_id, generation, created_at, updated_at, host_id, \
+                 server_group_id, placement) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11, $12, $13, $14)",
+            )
+            .bind(vm.id.to_string())
+            .bind(vm.project_id.to_string())
+            .bind(&vm.name)
+            .bind(vm.flavor_id.to_string())
+            .bind(vm.image_id.to_string())
+            .bind(i64::from(vm.vcpus))
+            .bind(i64_of(vm.memory_bytes))
+            .bind(i64_of(vm.disk_bytes))
+            .bind(enum_str(&vm.desired_state))
+            .bind(i.job.id.to_string())
+            .bind(now)
+            .bind(i.host.map(|h| h.to_string()))
+            .bind(vm.server_group_id.map(|g| g.to_string()))
+            .bind(placement)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    Error::conflict(
+                        "name_in_use",
+                        format!("a VM named {:?} already exists in this project", vm.name),
+                    )
+                } else {
+                    db_error(ctx, e)
+                }
+            })?;
+            let job = insert_job(&mut tx, &i.job, now).await?;
+            out.push((vm.id, job));
+        }
+        let mut recorded = Vec::with_capacity(out.len());
+        for (id, job) in out {
+            recorded.push((fetch_vm(&mut tx, id).await?, job));
+        }
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
-        Ok((vm_rec, job))
+        Ok(recorded)
     }
 
     /// Records a new intent for an existing VM and the job that carries it

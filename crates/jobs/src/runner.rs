@@ -13,7 +13,7 @@ use stratus_api_types::views::{VmDesiredState, VmState};
 use stratus_common::time::now_micros;
 use stratus_common::{Error, VmId};
 use stratus_datastore::model::{JobRecord, VmRecord};
-use stratus_datastore::{Datastore, JobOutcome, Placement, VmEffect};
+use stratus_datastore::{Datastore, JobOutcome, VmEffect};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -281,45 +281,14 @@ impl JobRunner {
 
     /// Creating a VM: choose a host, then have its agent build and boot it.
     async fn vm_create(&self, job: &JobRecord, vm: &VmRecord) -> Result<Option<VmEffect>, Failure> {
-        let host = match vm.host_id {
-            // Re-run after a controller restart: the placement stands.
-            Some(h) => h,
-            None => {
-                self.step(job, "schedule", 10, "looking for a host with room")
-                    .await?;
-                match self
-                    .ds
-                    .vm_place(vm.id)
-                    .await
-                    .map_err(|e| internal("placing the VM", e))?
-                {
-                    Placement::Placed(h) => {
-                        // The host's long poll answers now, not on its timer.
-                        self.signals.desired_changed();
-                        self.step(job, "schedule", 20, &format!("placed on host {}", h.name))
-                            .await?;
-                        h.id
-                    }
-                    Placement::NoHost {
-                        total,
-                        up,
-                        too_full,
-                    } => {
-                        let why = no_host_message(total, up, &too_full);
-                        return Err(Failure {
-                            code: "no_host_available",
-                            message: why.clone(),
-                            effect: Some(VmEffect::Update {
-                                vm_id: vm.id,
-                                state: VmState::Failed,
-                                state_reason: Some(why),
-                                host_id: None,
-                                desired_state: None,
-                            }),
-                        });
-                    }
-                }
-            }
+        // The scheduler placed the VM when the request was accepted (its
+        // host's allocation was claimed in the same transaction).
+        let Some(host) = vm.host_id else {
+            return Err(Failure {
+                code: "vm_not_placed",
+                message: format!("VM {:?} was recorded without a host", vm.name),
+                effect: None,
+            });
         };
         let want = if vm.desired_state == VmDesiredState::Stopped {
             ObservedVmState::Stopped
@@ -688,31 +657,6 @@ fn shown(s: ObservedVmState) -> VmState {
         ObservedVmState::Crashed => VmState::Crashed,
         ObservedVmState::Failed => VmState::Failed,
     }
-}
-
-/// "No valid host was found", but saying why.
-fn no_host_message(total: usize, up: usize, too_full: &[(String, &'static str)]) -> String {
-    if total == 0 {
-        return "no host can run this VM: no hosts are enrolled (run `stratus agent` on a host to add one)".into();
-    }
-    if up == 0 {
-        return format!("no host can run this VM: none of the {total} enrolled host(s) is up");
-    }
-    let mut by_reason: Vec<(&str, usize)> = Vec::new();
-    for (_, why) in too_full {
-        match by_reason.iter_mut().find(|(w, _)| w == why) {
-            Some((_, n)) => *n += 1,
-            None => by_reason.push((why, 1)),
-        }
-    }
-    let detail: Vec<String> = by_reason
-        .iter()
-        .map(|(w, n)| format!("{n} without enough {w}"))
-        .collect();
-    format!(
-        "no host can run this VM: {up} of {total} host(s) are up, {}",
-        detail.join(", ")
-    )
 }
 
 /// What cancelling a job before it acted leaves behind: a create leaves

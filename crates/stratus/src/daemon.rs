@@ -257,6 +257,7 @@ async fn start_local_agent(
             .enrollment_token_create()
             .body(stratus_client::types::EnrollmentTokenCreate {
                 expires_in_hours: Some(1),
+                uses: None,
             })
             .send()
             .await

@@ -36,19 +36,24 @@ pub async fn agent_enroll(app: &App, p: AgentEnroll) -> Result<AgentEnrolled, Er
             ));
         }
     }
+    let tags = valid_tags(&p.tags)?;
     let credential = secrets::generate(HOST_MARKER);
     let host = app
         .ds
         .host_enroll(
             &secrets::hash(&p.enroll_token),
-            p.name.as_str(),
-            &zone,
-            &cluster,
-            &p.address,
-            &p.facts,
-            &credential.hash,
+            &NewHost {
+                name: p.name.as_str(),
+                zone: &zone,
+                cluster: &cluster,
+                address: &p.address,
+                facts: &p.facts,
+                tags: &tags,
+                credential_hash: &credential.hash,
+            },
         )
         .await?;
+    app.scheduler.host_changed(&host);
     tracing::info!(host = %host.id, name = %host.name, "host enrolled");
     Ok(AgentEnrolled {
         host_id: host.id,
@@ -232,4 +237,18 @@ pub async fn host_from_credential(app: &App, credential: &str) -> Result<Option<
         .host_by_credential(&secrets::hash(credential))
         .await?
         .map(|host| HostActor { host }))
+}
+
+/// Tags must be valid names (lowercase DNS labels), at most 32 per host.
+fn valid_tags(tags: &[String]) -> Result<Vec<String>, Error> {
+    if tags.len() > 32 {
+        return Err(Error::invalid("tags", "a host has at most 32 tags"));
+    }
+    tags.iter()
+        .map(|t| {
+            t.parse::<stratus_common::Name>()
+                .map(|n| n.as_str().to_string())
+                .map_err(|e| Error::invalid("tags", format!("tag {t:?}: {e}")))
+        })
+        .collect()
 }

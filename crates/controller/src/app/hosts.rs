@@ -50,15 +50,23 @@ pub async fn enrollment_token_create(
             format!("expires_in_hours must be 1..=720, got {hours}"),
         ));
     }
+    let uses = p.uses.unwrap_or(1);
+    if !(1..=100_000).contains(&uses) {
+        return Err(Error::invalid(
+            "uses",
+            format!("uses must be 1..=100000, got {uses}"),
+        ));
+    }
     let expires_at = now_micros() + i64::from(hours) * 3_600_000_000;
     let secret = secrets::generate(ENROLL_MARKER);
     let id = app
         .ds
-        .enrollment_token_create(&secret.hash, actor.token.id, expires_at)
+        .enrollment_token_create(&secret.hash, actor.token.id, expires_at, uses)
         .await?;
     Ok(EnrollmentTokenCreated {
         id,
         token: secret.plaintext,
         expires_at: from_micros(expires_at),
+        uses,
     })
 }

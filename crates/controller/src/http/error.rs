@@ -37,6 +37,7 @@ struct ErrorPayload {
     code: String,
     message: String,
     field: Option<String>,
+    details: Option<serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
@@ -51,6 +52,10 @@ impl IntoResponse for ApiError {
             Error::InvalidRequest { field, .. } => field.clone(),
             _ => None,
         };
+        let details = match &e {
+            Error::NoCapacity { details, .. } => Some(details.clone()),
+            _ => None,
+        };
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = status;
         if status == StatusCode::UNAUTHORIZED {
@@ -61,6 +66,7 @@ impl IntoResponse for ApiError {
             code: e.error_code().to_string(),
             message: e.external_message(),
             field,
+            details,
         });
         resp
     }
@@ -130,6 +136,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
                         code: code.to_string(),
                         message,
                         field: None,
+                        details: None,
                     },
                 )
             }
@@ -157,6 +164,7 @@ fn render(mut parts: axum::http::response::Parts, id: &str, p: ErrorPayload) -> 
         message: p.message,
         request_id: id.to_string(),
         field: p.field,
+        details: p.details,
     };
     let json = serde_json::to_vec(&body).unwrap_or_default();
     parts.headers.insert(
