@@ -49,6 +49,12 @@ pub enum ClientCommand {
     /// Virtual machines
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Clusters and their scheduling policy (admin)
+    #[command(subcommand)]
+    Cluster(crate::scheduling::ClusterCmd),
+    /// Server groups: VMs placed together or apart
+    #[command(subcommand)]
+    ServerGroup(crate::scheduling::ServerGroupCmd),
     /// Jobs: the operations carried out on hosts
     #[command(subcommand)]
     Job(JobCmd),
@@ -142,6 +148,16 @@ pub enum HostCmd {
     },
     /// Show a host
     Show { host: String },
+    /// Change a host's tags
+    Update {
+        host: String,
+        /// Tag to add (repeatable)
+        #[arg(long = "add-tag", value_name = "TAG")]
+        add_tags: Vec<String>,
+        /// Tag to remove (repeatable)
+        #[arg(long = "remove-tag", value_name = "TAG")]
+        remove_tags: Vec<String>,
+    },
     /// Print a one-time token for `stratus agent --enroll-token`
     EnrollToken {
         /// Hours until the token expires
@@ -244,6 +260,28 @@ pub enum VmCmd {
         /// Create it stopped
         #[arg(long)]
         no_start: bool,
+        /// Create this many, named NAME-1 … NAME-N, placed in one pass (all
+        /// or none)
+        #[arg(long)]
+        count: Option<u32>,
+        /// Only say where it would go (and why not elsewhere); create nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Only hosts in this zone
+        #[arg(long)]
+        zone: Option<String>,
+        /// Only hosts in this cluster
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only hosts with this tag (repeatable)
+        #[arg(long = "require-tag", value_name = "TAG")]
+        require_tags: Vec<String>,
+        /// Only hosts without this tag (repeatable)
+        #[arg(long = "forbid-tag", value_name = "TAG")]
+        forbid_tags: Vec<String>,
+        /// Server group to join (its affinity policy applies)
+        #[arg(long)]
+        group: Option<String>,
         #[command(flatten)]
         wait: WaitOpt,
     },
@@ -384,7 +422,7 @@ fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, v: &str) -> Result<T, 
         .map_err(|_| CliError::Usage(format!("{v:?} is not a valid {what}")))
 }
 
-fn name(v: &str) -> Result<types::Name, CliError> {
+pub(crate) fn name(v: &str) -> Result<types::Name, CliError> {
     v.parse()
         .map_err(|e| CliError::Usage(format!("invalid name {v:?}: {e}")))
 }
@@ -418,6 +456,8 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
         ClientCommand::Image(i) => image(&c, f, i).await?,
         ClientCommand::Flavor(fl) => flavor(&c, f, fl).await?,
         ClientCommand::Vm(v) => vm(&c, f, v, interactive).await?,
+        ClientCommand::Cluster(cl) => crate::scheduling::cluster(&c, f, cl).await?,
+        ClientCommand::ServerGroup(g) => crate::scheduling::server_group(&c, f, g).await?,
         ClientCommand::Job(j) => job(&c, f, j, interactive).await?,
     }
     Ok(())
@@ -685,32 +725,31 @@ async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
                 t
             });
         }
+        HostCmd::Update {
+            host,
+            add_tags,
+            remove_tags,
+        } => {
+            let tags = |v: Vec<String>| -> Result<Vec<types::Name>, CliError> {
+                v.iter().map(|t| name(t)).collect()
+            };
+            let body = types::HostUpdate {
+                add_tags: tags(add_tags)?,
+                remove_tags: tags(remove_tags)?,
+            };
+            let h = c
+                .host_update()
+                .host(host)
+                .body(body)
+                .send()
+                .await?
+                .into_inner();
+            output::print(f, &h, host_fields);
+        }
         HostCmd::Show { host } => {
             let h = c.host_view().host(host).send().await?.into_inner();
-            output::print(f, &h, |h| {
-                fields(vec![
-                    ("name", h.name.clone()),
-                    ("id", h.id.to_string()),
-                    ("state", wire(&h.state)),
-                    ("zone", h.zone.clone()),
-                    ("cluster", h.cluster.clone()),
-                    ("address", h.address.clone()),
-                    ("cpus", h.cpus.to_string()),
-                    ("memory", bytes(h.memory_bytes)),
-                    ("disk", bytes(h.disk_bytes)),
-                    ("qemu", opt(&h.qemu_version)),
-                    ("accel", opt(&h.accel)),
-                    (
-                        "last heartbeat",
-                        h.last_heartbeat_at
-                            .as_ref()
-                            .map(ts)
-                            .unwrap_or_else(|| "-".into()),
-                    ),
-                ])
-            });
-        }
-        HostCmd::EnrollToken {
+            output::print(f, &h, host_fields);
+        }        HostCmd::EnrollToken {
             expires_in_hours,
             uses,
         } => {
@@ -1025,6 +1064,79 @@ async fn vm_operation(
     Ok(())
 }
 
+/// Prints a batch create; with `--wait`, waits for every job first.
+fn host_fields(h: &types::Host) -> Table {
+    fields(vec![
+                    ("name", h.name.clone()),
+                    ("id", h.id.to_string()),
+                    ("state", wire(&h.state)),
+                    ("zone", h.zone.clone()),
+                    ("cluster", h.cluster.clone()),
+                    ("address", h.address.clone()),
+                    ("cpus", h.cpus.to_string()),
+                    ("memory", bytes(h.memory_bytes)),
+                    ("disk", bytes(h.disk_bytes)),
+                    ("qemu", opt(&h.qemu_version)),
+                    ("accel", opt(&h.accel)),
+                    ("tags", if h.tags.is_empty() { "-".into() } else { h.tags.join(",") }),
+                    (
+                        "allocated",
+                        format!(
+                            "{} vCPUs, {} memory, {} disk",
+                            h.allocated.vcpus,
+                            bytes(h.allocated.memory_bytes),
+                            bytes(h.allocated.disk_bytes)
+                        ),
+                    ),
+                    (
+                        "last heartbeat",
+                        h.last_heartbeat_at
+                            .as_ref()
+                            .map(ts)
+                            .unwrap_or_else(|| "-".into()),
+                    ),
+                ])
+}
+
+async fn vm_batch(
+    c: &Client,
+    f: Format,
+    b: types::VmBatch,
+    wait: WaitOpt,
+    interactive: bool,
+) -> Result<(), CliError> {
+    if wait.wait {
+        for op in &b.items {
+            wait_for_job(c, &op.job.id.to_string(), interactive).await?;
+        }
+    }
+    let mut vms = Vec::with_capacity(b.items.len());
+    for op in &b.items {
+        vms.push(if wait.wait {
+            c.vm_view()
+                .vm(op.vm.id.to_string())
+                .send()
+                .await?
+                .into_inner()
+        } else {
+            op.vm.clone()
+        });
+    }
+    output::print(f, &vms, |vms| {
+        let mut t = Table::new(&["NAME", "STATE", "HOST", "ID"]);
+        for v in vms {
+            t.row(vec![
+                v.name.clone(),
+                wire(&v.state),
+                opt(&v.host_id),
+                v.id.to_string(),
+            ]);
+        }
+        t
+    });
+    Ok(())
+}
+
 async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), CliError> {
     match cmd {
         VmCmd::Create {
@@ -1033,17 +1145,53 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
             image,
             project,
             no_start,
+            count,
+            dry_run,
+            zone,
+            cluster,
+            require_tags,
+            forbid_tags,
+            group,
             wait,
         } => {
+            let tags = |v: Vec<String>| -> Result<Vec<types::Name>, CliError> {
+                v.iter().map(|t| name(t)).collect()
+            };
             let body = types::VmCreate {
                 name: name(&n)?,
                 flavor,
                 image,
                 project,
                 start: Some(!no_start),
+                zone,
+                cluster,
+                require_tags: tags(require_tags)?,
+                forbid_tags: tags(forbid_tags)?,
+                group,
             };
-            let op = c.vm_create().body(body).send().await?.into_inner();
-            vm_operation(c, f, op, wait, interactive, false).await?;
+            if dry_run {
+                let batch = types::VmBatchCreate {
+                    count: count.unwrap_or(1),
+                    vm: body,
+                };
+                let p = c
+                    .vm_placement_preview()
+                    .body(batch)
+                    .send()
+                    .await?
+                    .into_inner();
+                crate::scheduling::print_preview(f, &p);
+                if !p.fits {
+                    return Err(CliError::Exit(1));
+                }
+            } else if let Some(count) = count {
+                let batch = types::VmBatchCreate { count, vm: body };
+                let b = c.vm_batch_create().body(batch).send().await?.into_inner();
+                vm_batch(c, f, b, wait, interactive).await?;
+            } else {
+                let op = c.vm_create().body(body).send().await?.into_inner();
+                vm_operation(c, f, op, wait, interactive, false).await?;
+            }
         }
         VmCmd::List {
             project,

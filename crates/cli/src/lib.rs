@@ -10,6 +10,7 @@
 pub mod commands;
 pub mod config;
 pub mod output;
+pub mod scheduling;
 mod wait;
 
 pub use commands::{run, ClientCommand, GlobalOpts};

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use stratus_datastore::{Datastore, OpenError};
 use stratus_jobs::{JobRunner, RunnerConfig, RunnerHandle, Signals};
+use stratus_scheduler::Scheduler;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -43,6 +44,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot build the scheduler's index")]
+    Scheduler(#[source] stratus_common::Error),
     #[error("cannot create the first admin token")]
     Bootstrap(#[source] stratus_common::Error),
     #[error("cannot write the admin token to {path}")]
@@ -62,7 +65,13 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     http: JoinHandle<()>,
     runner: Option<RunnerHandle>,
+    refresher: JoinHandle<()>,
+    revision_watch: JoinHandle<()>,
 }
+
+/// How often the scheduler's index is rebuilt from the store (which is how
+/// it learns of other controllers' placements and of removed VMs).
+const SCHEDULER_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
@@ -75,7 +84,13 @@ impl Server {
             signals.clone(),
         )
         .start();
-        let app = Arc::new(App::new(ds, images, runner.waker(), signals));
+        let scheduler = Scheduler::load(ds.clone())
+            .await
+            .map_err(ServerError::Scheduler)?;
+        let refresher = scheduler.spawn_refresher(SCHEDULER_REFRESH);
+        let app = Arc::new(App::new(ds, images, runner.waker(), signals, scheduler));
+        let revision_watch =
+            crate::app::agent::spawn_revision_watch(app.clone(), std::time::Duration::from_secs(1));
 
         let bootstrap_token = tokens::bootstrap_admin(&app)
             .await
@@ -119,6 +134,8 @@ impl Server {
             stop: Some(stop),
             http,
             runner: Some(runner),
+            refresher,
+            revision_watch,
         })
     }
 
@@ -140,6 +157,8 @@ impl Server {
         if let Some(r) = self.runner.take() {
             r.shutdown().await;
         }
+        self.refresher.abort();
+        self.revision_watch.abort();
         self.app.ds.close().await;
     }
 }

@@ -520,7 +520,7 @@ impl Datastore {
         &self,
         vm: VmId,
         desired: stratus_api_types::views::VmDesiredState,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<HostId>, Error> {
         let ctx = "setting a VM's desired state";
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
         // Unchanged intent is no new intent: no generation bump, so a VM
@@ -536,7 +536,8 @@ impl Datastore {
         .await
         .map_err(|e| db_error(ctx, e))?;
         if changed.rows_affected() == 0 {
-            return tx.commit().await.map_err(|e| db_error(ctx, e));
+            tx.commit().await.map_err(|e| db_error(ctx, e))?;
+            return Ok(None);
         }
         sqlx::query(
             "UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
@@ -545,6 +546,13 @@ impl Datastore {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;
-        tx.commit().await.map_err(|e| db_error(ctx, e))
+        let host: Option<Option<String>> =
+            sqlx::query_scalar("SELECT host_id FROM vms WHERE id = $1")
+                .bind(vm.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(host.flatten().and_then(|h| h.parse().ok()))
     }
 }

@@ -69,6 +69,8 @@ pub struct Datastore {
     /// SQLITE_BUSY instead of waiting when a read lock must be upgraded).
     pub(crate) write: AnyPool,
     backend: Backend,
+    /// Group commit for VM creates (see `create_batch`).
+    pub(crate) combiner: Option<std::sync::Arc<crate::create_batch::Combiner>>,
     /// Held for the life of the store; dropping it releases the SQLite lock.
     _lock: Option<std::sync::Arc<File>>,
 }
@@ -157,9 +159,14 @@ impl Datastore {
             .connect_with(opts)
             .await
             .map_err(OpenError::Connect)?;
+        let combiner = Some(std::sync::Arc::new(crate::create_batch::Combiner::start(
+            write.clone(),
+            1,
+        )));
         Ok(Datastore {
             read,
             write,
+            combiner,
             backend: Backend::Sqlite,
             _lock: Some(std::sync::Arc::new(lock)),
         })
@@ -176,9 +183,14 @@ impl Datastore {
             .await
             .map_err(OpenError::Connect)?;
         migrations::apply(&pool, Backend::Postgres).await?;
+        let combiner = Some(std::sync::Arc::new(crate::create_batch::Combiner::start(
+            pool.clone(),
+            4,
+        )));
         Ok(Datastore {
             read: pool.clone(),
             write: pool,
+            combiner,
             backend: Backend::Postgres,
             _lock: None,
         })

@@ -24,6 +24,21 @@ pub struct HostListFilter<'a> {
 }
 
 impl Datastore {
+    /// Every host's desired revision (what agents long-poll on).
+    pub async fn host_revisions(&self) -> Result<Vec<(HostId, i64)>, Error> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT id, desired_revision FROM hosts")
+            .fetch_all(&self.read)
+            .await
+            .map_err(|e| db_error("reading hosts' desired revisions", e))?;
+        rows.into_iter()
+            .map(|(id, rev)| {
+                id.parse()
+                    .map(|h| (h, rev))
+                    .map_err(|_| Error::internal(format!("bad host id {id:?}")))
+            })
+            .collect()
+    }
+
     pub async fn host_get(&self, id: HostId) -> Result<HostRecord, Error> {
         let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
             .bind(id.to_string())

@@ -15,6 +15,7 @@
 //! (an intent plus its job, a job outcome plus the VM it settles) happens in
 //! one transaction.
 
+mod create_batch;
 mod db;
 mod migrations;
 pub mod model;

@@ -611,3 +611,69 @@ impl ServerGroupRecord {
         }
     }
 }
+
+impl VmRecord {
+    /// The record a create writes, without reading it back.
+    pub(crate) fn created(
+        vm: &crate::vms::NewVm,
+        host: Option<HostId>,
+        job: JobId,
+        now: i64,
+    ) -> Self {
+        VmRecord {
+            id: vm.id,
+            project_id: vm.project_id,
+            name: vm.name.clone(),
+            flavor_id: vm.flavor_id,
+            image_id: vm.image_id,
+            vcpus: vm.vcpus,
+            memory_bytes: vm.memory_bytes,
+            disk_bytes: vm.disk_bytes,
+            desired_state: vm.desired_state,
+            state: VmState::Creating,
+            state_reason: None,
+            host_id: host,
+            active_job_id: Some(job),
+            generation: 1,
+            reboot_generation: 0,
+            observed_state: None,
+            observed_reason: None,
+            observed_generation: 0,
+            observed_reboot_generation: 0,
+            observed_at: None,
+            guest: None,
+            observed_intent_generation: 0,
+            server_group_id: vm.server_group_id,
+            placement: vm.placement.clone(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+impl JobRecord {
+    /// The record a new job is written as, without reading it back.
+    pub(crate) fn queued(job: &NewJob, now: i64) -> Self {
+        JobRecord {
+            id: job.id,
+            project_id: job.project_id,
+            kind: job.kind.clone(),
+            target_kind: job.target_kind.to_string(),
+            target_id: job.target_id,
+            state: JobState::Queued,
+            progress: 0,
+            current_step: None,
+            error_code: None,
+            error_message: None,
+            params: job.params.clone(),
+            idempotency_key: job.idempotency_key.clone(),
+            owner: None,
+            lease_expires_at: None,
+            cancel_requested_at: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            updated_at: now,
+        }
+    }
+}

@@ -117,131 +117,10 @@ impl Datastore {
         items: &[VmToCreate],
         group: Option<(ServerGroupId, GroupPolicy)>,
     ) -> Result<Vec<(VmRecord, JobRecord)>, CreateError> {
-        let ctx = "recording new VMs";
-        let now = now_micros();
-        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        if let Some((gid, policy)) = group {
-            let locked = sqlx::query(
-                "UPDATE server_groups SET generation = generation + 1 WHERE id = $1",
-            )
-            .bind(gid.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
-            if locked.rows_affected() == 0 {
-                return Err(Error::not_found(ResourceKind::ServerGroup, gid).into());
-            }
-            if matches!(policy, GroupPolicy::Affinity | GroupPolicy::AntiAffinity) {
-                let rows: Vec<(String,)> = sqlx::query_as(
-                    "SELECT DISTINCT host_id FROM vms WHERE server_group_id = $1 AND host_id IS NOT NULL",
-                )
-                .bind(gid.to_string())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| db_error(ctx, e))?;
-                let used: std::collections::BTreeSet<String> =
-                    rows.into_iter().map(|r| r.0).collect();
-                let chosen: Vec<String> = items
-                    .iter()
-                    .filter_map(|i| i.host.map(|h| h.to_string()))
-                    .collect();
-                let ok = match policy {
-                    GroupPolicy::AntiAffinity => {
-                        let distinct: std::collections::BTreeSet<&String> = chosen.iter().collect();
-                        distinct.len() == chosen.len() && chosen.iter().all(|h| !used.contains(h))
-                    }
-                    _ => {
-                        let all: std::collections::BTreeSet<&String> =
-                            used.iter().chain(chosen.iter()).collect();
-                        all.len() <= 1
-                    }
-                };
-                if !ok {
-                    return Err(CreateError::GroupChanged(gid));
-                }
-            }
+        match &self.combiner {
+            Some(c) => c.submit(items.to_vec(), group).await,
+            None => create_one(&self.write, items, group).await,
         }
-        // One guarded claim per host, for everything placed on it.
-        let mut per_host: BTreeMap<HostId, (i64, i64, i64)> = BTreeMap::new();
-        for i in items {
-            if let Some(h) = i.host {
-                let e = per_host.entry(h).or_default();
-                e.0 += i64::from(i.vm.vcpus);
-                e.1 += i64_of(i.vm.memory_bytes);
-                e.2 += i64_of(i.vm.disk_bytes);
-            }
-        }
-        let mut changed = Vec::new();
-        for (host, (cpu, mem, disk)) in &per_host {
-            let done = sqlx::query(
-                "UPDATE hosts SET alloc_vcpus = alloc_vcpus + $1, alloc_memory_bytes = alloc_memory_bytes + $2, \
-                 alloc_disk_bytes = alloc_disk_bytes + $3, generation = generation + 1, \
-                 desired_revision = desired_revision + 1 \
-                 WHERE id = $4 AND state = 'up' AND EXISTS (SELECT 1 FROM clusters c WHERE c.name = hosts.cluster \
-                 AND (hosts.alloc_vcpus + $1) * 1000 <= hosts.cpus * c.cpu_ratio_milli \
-                 AND (hosts.alloc_memory_bytes + $2) * 1000 <= hosts.memory_bytes * c.ram_ratio_milli \
-                 AND (hosts.alloc_disk_bytes + $3) * 1000 <= hosts.disk_bytes * c.disk_ratio_milli)",
-            )
-            .bind(*cpu)
-            .bind(*mem)
-            .bind(*disk)
-            .bind(host.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
-            if done.rows_affected() == 0 {
-                changed.push(*host);
-            }
-        }
-        if !changed.is_empty() {
-            return Err(CreateError::HostsChanged(changed));
-        }
-        let mut out = Vec::with_capacity(items.len());
-        for i in items {
-            let vm = &i.vm;
-            let placement = serde_json::to_string(&vm.placement)
-                .map_err(|e| Error::internal(format!("encoding placement: {e}")))?;
-            sqlx::query(
-                "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
-                 desired_state, state, active_job_id, generation, created_at, updated_at, host_id, \
-                 server_group_id, placement) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11, $12, $13, $14)",
-            )
-            .bind(vm.id.to_string())
-            .bind(vm.project_id.to_string())
-            .bind(&vm.name)
-            .bind(vm.flavor_id.to_string())
-            .bind(vm.image_id.to_string())
-            .bind(i64::from(vm.vcpus))
-            .bind(i64_of(vm.memory_bytes))
-            .bind(i64_of(vm.disk_bytes))
-            .bind(enum_str(&vm.desired_state))
-            .bind(i.job.id.to_string())
-            .bind(now)
-            .bind(i.host.map(|h| h.to_string()))
-            .bind(vm.server_group_id.map(|g| g.to_string()))
-            .bind(placement)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    Error::conflict(
-                        "name_in_use",
-                        format!("a VM named {:?} already exists in this project", vm.name),
-                    )
-                } else {
-                    db_error(ctx, e)
-                }
-            })?;
-            let job = insert_job(&mut tx, &i.job, now).await?;
-            out.push((vm.id, job));
-        }
-        let mut recorded = Vec::with_capacity(out.len());
-        for (id, job) in out {
-            recorded.push((fetch_vm(&mut tx, id).await?, job));
-        }
-        tx.commit().await.map_err(|e| db_error(ctx, e))?;
-        Ok(recorded)
     }
 
     /// Records a new intent for an existing VM and the job that carries it
@@ -386,4 +265,134 @@ pub(crate) async fn fetch_vm(conn: &mut sqlx::AnyConnection, id: VmId) -> Result
         Some(r) => VmRecord::from_row(&r),
         None => Err(Error::not_found(ResourceKind::Vm, id)),
     }
+}
+
+/// One create (of one or more VMs) in its own transaction: see
+/// [`Datastore::vms_create`].
+pub(crate) async fn create_one(
+pool: &sqlx::AnyPool,
+items: &[VmToCreate],
+group: Option<(ServerGroupId, GroupPolicy)>,
+) -> Result<Vec<(VmRecord, JobRecord)>, CreateError> {
+    let ctx = "recording new VMs";
+    let now = now_micros();
+    let mut tx = pool.begin().await.map_err(|e| db_error(ctx, e))?;
+    if let Some((gid, policy)) = group {
+        let locked = sqlx::query(
+            "UPDATE server_groups SET generation = generation + 1 WHERE id = $1",
+        )
+        .bind(gid.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if locked.rows_affected() == 0 {
+            return Err(Error::not_found(ResourceKind::ServerGroup, gid).into());
+        }
+        if matches!(policy, GroupPolicy::Affinity | GroupPolicy::AntiAffinity) {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT DISTINCT host_id FROM vms WHERE server_group_id = $1 AND host_id IS NOT NULL",
+            )
+            .bind(gid.to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+            let used: std::collections::BTreeSet<String> =
+                rows.into_iter().map(|r| r.0).collect();
+            let chosen: Vec<String> = items
+                .iter()
+                .filter_map(|i| i.host.map(|h| h.to_string()))
+                .collect();
+            let ok = match policy {
+                GroupPolicy::AntiAffinity => {
+                    let distinct: std::collections::BTreeSet<&String> = chosen.iter().collect();
+                    distinct.len() == chosen.len() && chosen.iter().all(|h| !used.contains(h))
+                }
+                _ => {
+                    let all: std::collections::BTreeSet<&String> =
+                        used.iter().chain(chosen.iter()).collect();
+                    all.len() <= 1
+                }
+            };
+            if !ok {
+                return Err(CreateError::GroupChanged(gid));
+            }
+        }
+    }
+    // One guarded claim per host, for everything placed on it.
+    let mut per_host: BTreeMap<HostId, (i64, i64, i64)> = BTreeMap::new();
+    for i in items {
+        if let Some(h) = i.host {
+            let e = per_host.entry(h).or_default();
+            e.0 += i64::from(i.vm.vcpus);
+            e.1 += i64_of(i.vm.memory_bytes);
+            e.2 += i64_of(i.vm.disk_bytes);
+        }
+    }
+    let mut changed = Vec::new();
+    for (host, (cpu, mem, disk)) in &per_host {
+        let done = sqlx::query(
+            "UPDATE hosts SET alloc_vcpus = alloc_vcpus + $1, alloc_memory_bytes = alloc_memory_bytes + $2, \
+             alloc_disk_bytes = alloc_disk_bytes + $3, generation = generation + 1, \
+             desired_revision = desired_revision + 1 \
+             WHERE id = $4 AND state = 'up' AND EXISTS (SELECT 1 FROM clusters c WHERE c.name = hosts.cluster \
+             AND (hosts.alloc_vcpus + $1) * 1000 <= hosts.cpus * c.cpu_ratio_milli \
+             AND (hosts.alloc_memory_bytes + $2) * 1000 <= hosts.memory_bytes * c.ram_ratio_milli \
+             AND (hosts.alloc_disk_bytes + $3) * 1000 <= hosts.disk_bytes * c.disk_ratio_milli)",
+        )
+        .bind(*cpu)
+        .bind(*mem)
+        .bind(*disk)
+        .bind(host.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if done.rows_affected() == 0 {
+            changed.push(*host);
+        }
+    }
+    if !changed.is_empty() {
+        return Err(CreateError::HostsChanged(changed));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for i in items {
+        let vm = &i.vm;
+        let placement = serde_json::to_string(&vm.placement)
+            .map_err(|e| Error::internal(format!("encoding placement: {e}")))?;
+        sqlx::query(
+            "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
+             desired_state, state, active_job_id, generation, created_at, updated_at, host_id, \
+             server_group_id, placement) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11, $12, $13, $14)",
+        )
+        .bind(vm.id.to_string())
+        .bind(vm.project_id.to_string())
+        .bind(&vm.name)
+        .bind(vm.flavor_id.to_string())
+        .bind(vm.image_id.to_string())
+        .bind(i64::from(vm.vcpus))
+        .bind(i64_of(vm.memory_bytes))
+        .bind(i64_of(vm.disk_bytes))
+        .bind(enum_str(&vm.desired_state))
+        .bind(i.job.id.to_string())
+        .bind(now)
+        .bind(i.host.map(|h| h.to_string()))
+        .bind(vm.server_group_id.map(|g| g.to_string()))
+        .bind(placement)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::conflict(
+                    "name_in_use",
+                    format!("a VM named {:?} already exists in this project", vm.name),
+                )
+            } else {
+                db_error(ctx, e)
+            }
+        })?;
+        let job = insert_job(&mut tx, &i.job, now).await?;
+        out.push((VmRecord::created(vm, i.host, i.job.id, now), job));
+    }
+    tx.commit().await.map_err(|e| db_error(ctx, e))?;
+    Ok(out)
 }

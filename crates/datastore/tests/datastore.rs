@@ -364,6 +364,8 @@ fn new_vm(fx: &Fixture, name: &str) -> NewVm {
         memory_bytes: 128 << 20,
         disk_bytes: 1 << 30,
         desired_state: VmDesiredState::Running,
+        server_group_id: None,
+        placement: Default::default(),
     }
 }
 

@@ -189,8 +189,10 @@ impl JobRunner {
     /// Changes a VM's desired state and wakes agents waiting on this
     /// controller.
     async fn set_desired(&self, vm: VmId, desired: VmDesiredState) -> Result<(), Error> {
-        self.ds.vm_set_desired(vm, desired).await?;
-        self.signals.desired_changed();
+        match self.ds.vm_set_desired(vm, desired).await? {
+            Some(host) => self.signals.host_desired_changed(host),
+            None => self.signals.desired_changed(),
+        }
         Ok(())
     }
 

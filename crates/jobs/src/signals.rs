@@ -7,12 +7,20 @@
 //! also re-check on a slow timer, which is what catches changes made by
 //! *other* controllers on the same database.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use stratus_common::HostId;
 use tokio::sync::watch;
 
+/// Per-host channels, so a change to one host's desired state wakes that
+/// host's long poll only: with 10,000 hosts polling, a global wake-up per
+/// change would be 10,000 database reads.
 #[derive(Debug)]
 pub struct Signals {
     desired: watch::Sender<u64>,
     observed: watch::Sender<u64>,
+    hosts: Mutex<HashMap<HostId, watch::Sender<u64>>>,
 }
 
 impl Default for Signals {
@@ -20,13 +28,34 @@ impl Default for Signals {
         Signals {
             desired: watch::channel(0).0,
             observed: watch::channel(0).0,
+            hosts: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Signals {
+    /// Some host's desired state changed, which one is not known here: the
+    /// controller's revision poller re-reads every host's revision at once.
     pub fn desired_changed(&self) {
         self.desired.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// `host`'s desired state changed: its long poll answers now.
+    pub fn host_desired_changed(&self, host: HostId) {
+        let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = hosts.get(&host) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Subscribe *before* reading the host's revision, then wait on the
+    /// receiver.
+    pub fn watch_host(&self, host: HostId) -> watch::Receiver<u64> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .entry(host)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     pub fn observed_changed(&self) {

@@ -139,6 +139,11 @@ async fn stratus_boot(c: &stratus_client::Client, name: &str) -> anyhow::Result<
             flavor: "bench".into(),
             image: "guest".into(),
             start: Some(true),
+            zone: None,
+            cluster: None,
+            require_tags: vec![],
+            forbid_tags: vec![],
+            group: None,
         })
         .send()
         .await?

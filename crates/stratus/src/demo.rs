@@ -111,6 +111,11 @@ pub async fn seed(url: &str, token: &str, guest_dir: &Path) -> anyhow::Result<St
             flavor: "tiny".into(),
             image: "stratus-guest".into(),
             start: Some(true),
+            zone: None,
+            cluster: None,
+            require_tags: vec![],
+            forbid_tags: vec![],
+            group: None,
         })
         .send()
         .await

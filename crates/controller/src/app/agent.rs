@@ -12,6 +12,7 @@ use stratus_api_types::agent::{
 };
 use stratus_common::{Error, ImageId, ResourceKind, VmId};
 use stratus_datastore::model::HostRecord;
+use stratus_datastore::NewHost;
 
 use crate::app::{secrets, App};
 
@@ -98,21 +99,23 @@ pub async fn agent_desired(
         ));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(wait));
-    let mut changed = app.signals.watch_desired();
+    // Woken when this host's desired state changes: at once for changes made
+    // through this controller, within a second (the revision watch) for
+    // changes made through others. The host record read when the agent was
+    // authenticated is the first look, so an idle poll costs no extra read.
+    let mut changed = app.signals.watch_host(actor.host.id);
+    let mut rev = u64::try_from(actor.host.desired_revision).unwrap_or(0);
     loop {
-        changed.borrow_and_update();
-        let host = app.ds.host_get(actor.host.id).await?;
-        let rev = u64::try_from(host.desired_revision).unwrap_or(0);
         if q.since.is_none_or(|s| rev > s) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        // Woken when this controller changes any host's desired state; the
-        // timer catches changes made through other controllers.
         tokio::select! {
             _ = changed.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
+        changed.borrow_and_update();
+        let host = app.ds.host_get(actor.host.id).await?;
+        rev = u64::try_from(host.desired_revision).unwrap_or(0);
     }
     let (revision, placed) = app.ds.host_desired(actor.host.id).await?;
     let mut vms = Vec::with_capacity(placed.len());
@@ -251,4 +254,37 @@ fn valid_tags(tags: &[String]) -> Result<Vec<String>, Error> {
                 .map_err(|e| Error::invalid("tags", format!("tag {t:?}: {e}")))
         })
         .collect()
+}
+
+/// Watches every host's desired revision in the store and wakes the long
+/// polls of hosts whose revision grew: how agents polling this controller
+/// hear of changes made through other controllers (within `every`), and of
+/// changes made here by code that did not know the host (at once).
+pub fn spawn_revision_watch(app: std::sync::Arc<App>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<stratus_common::HostId, i64> =
+            std::collections::HashMap::new();
+        let mut nudged = app.signals.watch_desired();
+        loop {
+            match app.ds.host_revisions().await {
+                Ok(revs) => {
+                    for (host, rev) in revs {
+                        let old = seen.insert(host, rev);
+                        if old.is_some_and(|o| o < rev) {
+                            app.signals.host_desired_changed(host);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read hosts' desired revisions"),
+            }
+            tokio::select! {
+                _ = nudged.changed() => {
+                    // Coalesce a burst of nudges into one read.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    nudged.borrow_and_update();
+                }
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    })
 }

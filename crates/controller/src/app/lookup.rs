@@ -4,9 +4,11 @@
 //! UUID is an id and anything else is a name. Whatever is not visible to the
 //! actor is `not_found`, with the key the caller gave.
 
-use stratus_common::{Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, VmId};
+use stratus_common::{
+    Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, ServerGroupId, VmId,
+};
 use stratus_datastore::model::{
-    FlavorRecord, HostRecord, ImageRecord, JobRecord, ProjectRecord, VmRecord,
+    FlavorRecord, HostRecord, ImageRecord, JobRecord, ProjectRecord, ServerGroupRecord, VmRecord,
 };
 use stratus_datastore::ImageScope;
 use uuid::Uuid;
@@ -187,5 +189,40 @@ pub(crate) async fn job(app: &App, actor: &Actor, key: &str) -> Result<JobRecord
         Ok(job)
     } else {
         Err(Error::not_found(ResourceKind::Job, key))
+    }
+}
+
+/// A server group by id, or by name within `project` (or, for admins with
+/// no project, across projects when the name is unique).
+pub(crate) async fn server_group(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    project: Option<ProjectId>,
+) -> Result<ServerGroupRecord, Error> {
+    if let Some(id) = as_id(key) {
+        let g = keyed(
+            app.ds.server_group_get(ServerGroupId(id)).await,
+            ResourceKind::ServerGroup,
+            key,
+        )?;
+        return if actor.can_see(g.project_id) {
+            Ok(g)
+        } else {
+            Err(Error::not_found(ResourceKind::ServerGroup, key))
+        };
+    }
+    let project = project.or(actor.own_project());
+    let mut found = app.ds.server_group_find_by_name(project, key).await?;
+    found.retain(|g| actor.can_see(g.project_id));
+    match found.len() {
+        0 => Err(Error::not_found(ResourceKind::ServerGroup, key)),
+        1 => Ok(found.remove(0)),
+        n => Err(Error::invalid(
+            "project",
+            format!(
+                "{n} server groups in different projects are named {key:?}; name the project or use the id"
+            ),
+        )),
     }
 }

@@ -15,6 +15,7 @@ pub mod images;
 pub mod jobs;
 mod lookup;
 pub mod projects;
+pub mod scheduling;
 pub mod secrets;
 pub mod tokens;
 pub mod vms;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 pub use authz::Actor;
 use stratus_datastore::Datastore;
 use stratus_jobs::Signals;
+use stratus_scheduler::Scheduler;
 use tokio::sync::Notify;
 
 use crate::app::image_store::ImageStore;
@@ -36,6 +38,8 @@ pub struct App {
     pub job_waker: Arc<Notify>,
     /// Wakes long-polling agents and waiting jobs (see `stratus_jobs::signals`).
     pub signals: Arc<Signals>,
+    /// Chooses hosts for new VMs and claims them.
+    pub scheduler: Arc<Scheduler>,
 }
 
 impl App {
@@ -44,12 +48,14 @@ impl App {
         images: ImageStore,
         job_waker: Arc<Notify>,
         signals: Arc<Signals>,
+        scheduler: Arc<Scheduler>,
     ) -> Self {
         App {
             ds,
             images,
             job_waker,
             signals,
+            scheduler,
         }
     }
 }

@@ -7,14 +7,18 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use stratus_api_types::agent::{AgentRequestKind, ExecResult};
-use stratus_api_types::params::{ConsoleQuery, PageParams, VmCreate, VmExec, VmFilter};
+use stratus_api_types::params::{
+    ConsoleQuery, PageParams, VmBatchCreate, VmCreate, VmExec, VmFilter,
+};
 use stratus_api_types::views::{
-    ImageState, Vm, VmConsole, VmDesiredState, VmOperation, VmPage, VmState,
+    GroupPolicy, ImageState, PlacementPreview, PlannedVm, Vm, VmBatch, VmConsole, VmDesiredState,
+    VmOperation, VmPage, VmPlacement, VmState,
 };
 use stratus_common::time::now_micros;
-use stratus_common::{Error, JobId, VmId};
-use stratus_datastore::model::{JobRecord, NewJob, VmRecord};
+use stratus_common::{Error, JobId, ProjectId, ServerGroupId, VmId};
+use stratus_datastore::model::{FlavorRecord, ImageRecord, JobRecord, NewJob, VmRecord};
 use stratus_datastore::{NewVm, PageRequest, VmListFilter};
+use stratus_scheduler::PendingVm;
 use stratus_jobs::kinds::VmJobParams;
 use stratus_jobs::JobKind;
 
@@ -86,6 +90,193 @@ pub async fn vm_create(
             return Ok((false, operation(vm, job)));
         }
     }
+    let shape = shape(app, actor, &p, project).await?;
+    let vm = shape.new_vm(p.name.as_str().to_string());
+    let job = shape.create_job(&vm, idempotency_key);
+    let mut done = app
+        .scheduler
+        .create_vms(vec![PendingVm { vm, job }], shape.group)
+        .await?;
+    let (vm, job) = done
+        .pop()
+        .ok_or_else(|| Error::internal("the scheduler recorded no VM"))?;
+    wake_host(app, vm.host_id);
+    app.job_waker.notify_one();
+    Ok((true, operation(vm, job)))
+}
+
+/// Wakes the long poll of the host whose desired state just changed.
+fn wake_host(app: &App, host: Option<stratus_common::HostId>) {
+    match host {
+        Some(h) => app.signals.host_desired_changed(h),
+        None => app.signals.desired_changed(),
+    }
+}
+
+/// Most VMs one batch may create.
+const MAX_BATCH: u32 = 1000;
+
+/// Creates `count` VMs of one shape, named `NAME-1` … `NAME-COUNT`, placed in
+/// one scheduling pass: all or none.
+pub async fn vm_batch_create(app: &App, actor: &Actor, p: VmBatchCreate) -> Result<VmBatch, Error> {
+    actor.require_mutate()?;
+    let names = batch_names(&p)?;
+    let project = lookup::project_for_create(app, actor, p.vm.project.as_deref()).await?;
+    let shape = shape(app, actor, &p.vm, project).await?;
+    let pending = names
+        .into_iter()
+        .map(|n| {
+            let vm = shape.new_vm(n);
+            let job = shape.create_job(&vm, None);
+            PendingVm { vm, job }
+        })
+        .collect();
+    let done = app.scheduler.create_vms(pending, shape.group).await?;
+    for (vm, _) in &done {
+        wake_host(app, vm.host_id);
+    }
+    app.job_waker.notify_one();
+    Ok(VmBatch {
+        items: done.into_iter().map(|(v, j)| operation(v, j)).collect(),
+    })
+}
+
+/// Where VMs would be placed, and why not elsewhere, with nothing created.
+pub async fn vm_placement_preview(
+    app: &App,
+    actor: &Actor,
+    p: VmBatchCreate,
+) -> Result<PlacementPreview, Error> {
+    let names = batch_names(&p)?;
+    let project = lookup::project_for_create(app, actor, p.vm.project.as_deref()).await?;
+    let shape = shape(app, actor, &p.vm, project).await?;
+    let vms: Vec<NewVm> = names.iter().map(|n| shape.new_vm(n.clone())).collect();
+    let preview = app.scheduler.preview(&vms, shape.group);
+    let fits = preview.refusal.is_none();
+    let placements: Vec<PlannedVm> = preview
+        .placed
+        .into_iter()
+        .map(|(i, host_id, host)| PlannedVm {
+            name: names.get(i).cloned().unwrap_or_default(),
+            host_id,
+            host,
+        })
+        .collect();
+    let message = match &preview.refusal {
+        Some(why) => why.clone(),
+        None if placements.len() == 1 => format!(
+            "{} would go on host {} ({} of {} hosts could take it)",
+            placements[0].name,
+            placements[0].host,
+            preview.explanation.feasible,
+            preview.explanation.hosts_total
+        ),
+        None => {
+            let hosts: std::collections::BTreeSet<&str> =
+                placements.iter().map(|p| p.host.as_str()).collect();
+            format!(
+                "all {} VMs would be placed, on {} distinct host(s)",
+                placements.len(),
+                hosts.len()
+            )
+        }
+    };
+    Ok(PlacementPreview {
+        fits,
+        message,
+        placements,
+        explanation: preview.explanation,
+    })
+}
+
+fn batch_names(p: &VmBatchCreate) -> Result<Vec<String>, Error> {
+    if !(1..=MAX_BATCH).contains(&p.count) {
+        return Err(Error::invalid(
+            "count",
+            format!("count must be 1..={MAX_BATCH}, got {}", p.count),
+        ));
+    }
+    if p.count == 1 {
+        return Ok(vec![p.vm.name.as_str().to_string()]);
+    }
+    (1..=p.count)
+        .map(|i| {
+            let n = format!("{}-{i}", p.vm.name.as_str());
+            n.parse::<stratus_common::Name>()
+                .map(|n| n.as_str().to_string())
+                .map_err(|e| Error::invalid("vm.name", format!("{n:?} (name with its number): {e}")))
+        })
+        .collect()
+}
+
+/// What every VM of a create request shares, resolved and validated.
+struct Shape {
+    project: ProjectId,
+    flavor: FlavorRecord,
+    image: ImageRecord,
+    desired: VmDesiredState,
+    placement: VmPlacement,
+    group: Option<(ServerGroupId, GroupPolicy)>,
+}
+
+impl Shape {
+    fn new_vm(&self, name: String) -> NewVm {
+        NewVm {
+            id: VmId::new(),
+            project_id: self.project,
+            name,
+            flavor_id: self.flavor.id,
+            image_id: self.image.id,
+            vcpus: self.flavor.vcpus,
+            memory_bytes: self.flavor.memory_bytes,
+            disk_bytes: self.flavor.disk_bytes,
+            desired_state: self.desired,
+            server_group_id: self.group.map(|g| g.0),
+            placement: self.placement.clone(),
+        }
+    }
+
+    fn create_job(&self, vm: &NewVm, idempotency_key: Option<String>) -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            project_id: Some(self.project),
+            kind: JobKind::VmCreate.as_str().to_string(),
+            target_kind: "vm",
+            target_id: vm.id.as_uuid(),
+            params: serde_json::to_value(VmJobParams {
+                previous_state: VmState::Creating,
+                previous_desired: self.desired,
+            })
+            .unwrap_or_default(),
+            idempotency_key,
+        }
+    }
+}
+
+fn check_location(field: &str, v: &Option<String>) -> Result<(), Error> {
+    match v {
+        Some(s) if s.is_empty() || s.len() > 63 => Err(Error::invalid(
+            field,
+            format!("{field} must be 1-63 characters"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Result<Shape, Error> {
+    check_location("zone", &p.zone)?;
+    check_location("cluster", &p.cluster)?;
+    for (field, tags) in [("require_tags", &p.require_tags), ("forbid_tags", &p.forbid_tags)] {
+        if tags.len() > 32 {
+            return Err(Error::invalid(field, format!("at most 32 {field}")));
+        }
+    }
+    if let Some(t) = p.require_tags.iter().find(|t| p.forbid_tags.contains(t)) {
+        return Err(Error::invalid(
+            "forbid_tags",
+            format!("tag {:?} is both required and forbidden", t.as_str()),
+        ));
+    }
     let flavor = lookup::flavor(app, &p.flavor).await.map_err(|e| match e {
         Error::NotFound { .. } => {
             Error::invalid("flavor", format!("flavor {:?} not found", p.flavor))
@@ -118,38 +309,49 @@ pub async fn vm_create(
             ),
         ));
     }
+    let group = match &p.group {
+        Some(key) => {
+            let g = lookup::server_group(app, actor, key, Some(project))
+                .await
+                .map_err(|e| match e {
+                    Error::NotFound { .. } => {
+                        Error::invalid("group", format!("server group {key:?} not found"))
+                    }
+                    other => other,
+                })?;
+            if g.project_id != project {
+                return Err(Error::invalid(
+                    "group",
+                    format!("server group {key:?} belongs to another project"),
+                ));
+            }
+            Some((g.id, g.policy))
+        }
+        None => None,
+    };
     let desired = if p.start.unwrap_or(true) {
         VmDesiredState::Running
     } else {
         VmDesiredState::Stopped
     };
-    let vm = NewVm {
-        id: VmId::new(),
-        project_id: project,
-        name: p.name.as_str().to_string(),
-        flavor_id: flavor.id,
-        image_id: image.id,
-        vcpus: flavor.vcpus,
-        memory_bytes: flavor.memory_bytes,
-        disk_bytes: flavor.disk_bytes,
-        desired_state: desired,
+    let sorted = |tags: &[stratus_common::Name]| -> Vec<String> {
+        let set: std::collections::BTreeSet<String> =
+            tags.iter().map(|t| t.as_str().to_string()).collect();
+        set.into_iter().collect()
     };
-    let job = NewJob {
-        id: JobId::new(),
-        project_id: Some(project),
-        kind: JobKind::VmCreate.as_str().to_string(),
-        target_kind: "vm",
-        target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: VmState::Creating,
-            previous_desired: desired,
-        })
-        .unwrap_or_default(),
-        idempotency_key,
-    };
-    let (vm, job) = app.ds.vm_create_with_job(vm, job).await?;
-    app.job_waker.notify_one();
-    Ok((true, operation(vm, job)))
+    Ok(Shape {
+        project,
+        flavor,
+        image,
+        desired,
+        placement: VmPlacement {
+            zone: p.zone.clone(),
+            cluster: p.cluster.clone(),
+            require_tags: sorted(&p.require_tags),
+            forbid_tags: sorted(&p.forbid_tags),
+        },
+        group,
+    })
 }
 
 pub async fn vm_list(
@@ -259,7 +461,7 @@ pub async fn vm_action(
             job,
         )
         .await?;
-    app.signals.desired_changed();
+    wake_host(app, vm.host_id);
     app.job_waker.notify_one();
     Ok(operation(vm, job))
 }
@@ -354,7 +556,7 @@ pub async fn vm_exec(
         .ds
         .host_request_create(host, Some(vm.id), "exec", &payload, expires)
         .await?;
-    app.signals.desired_changed();
+    app.signals.host_desired_changed(host);
     let deadline = tokio::time::Instant::now() + budget;
     loop {
         let r = app.ds.host_request_get(id).await?;

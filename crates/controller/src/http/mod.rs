@@ -45,7 +45,23 @@ pub fn router(app: Arc<App>) -> Router {
             get(tokens::token_view).delete(tokens::token_revoke),
         )
         .route("/hosts", get(hosts::host_list))
-        .route("/hosts/{host}", get(hosts::host_view))
+        .route(
+            "/hosts/{host}",
+            get(hosts::host_view).patch(scheduling::host_update),
+        )
+        .route("/clusters", get(scheduling::cluster_list))
+        .route(
+            "/clusters/{cluster}",
+            get(scheduling::cluster_view).patch(scheduling::cluster_update),
+        )
+        .route(
+            "/server-groups",
+            get(scheduling::server_group_list).post(scheduling::server_group_create),
+        )
+        .route(
+            "/server-groups/{group}",
+            get(scheduling::server_group_view).delete(scheduling::server_group_delete),
+        )
         .route(
             "/host-enrollment-tokens",
             post(hosts::enrollment_token_create),
@@ -71,6 +87,8 @@ pub fn router(app: Arc<App>) -> Router {
             put(images::image_upload).layer(DefaultBodyLimit::disable()),
         )
         .route("/vms", get(vms::vm_list).post(vms::vm_create))
+        .route("/vm-batches", post(vms::vm_batch_create))
+        .route("/vm-placements", post(vms::vm_placement_preview))
         .route("/vms/{vm}", get(vms::vm_view).delete(vms::vm_delete))
         .route("/vms/{vm}/start", post(vms::vm_start))
         .route("/vms/{vm}/stop", post(vms::vm_stop))

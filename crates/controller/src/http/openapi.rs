@@ -31,10 +31,13 @@ impl Modify for BearerAuth {
         projects::project_create, projects::project_list, projects::project_view, projects::project_delete,
         tokens::token_create, tokens::token_list, tokens::token_view, tokens::token_revoke, tokens::whoami,
         hosts::host_list, hosts::host_view, hosts::enrollment_token_create,
+        scheduling::host_update, scheduling::cluster_list, scheduling::cluster_view, scheduling::cluster_update,
+        scheduling::server_group_create, scheduling::server_group_list, scheduling::server_group_view,
+        scheduling::server_group_delete,
         flavors::flavor_create, flavors::flavor_list, flavors::flavor_view, flavors::flavor_delete,
         images::image_create, images::image_upload, images::image_list, images::image_view, images::image_delete,
         vms::vm_create, vms::vm_list, vms::vm_view, vms::vm_delete, vms::vm_start, vms::vm_stop, vms::vm_reboot,
-        vms::vm_console, vms::vm_exec,
+        vms::vm_console, vms::vm_exec, vms::vm_batch_create, vms::vm_placement_preview,
         agent::agent_enroll, agent::agent_report, agent::agent_desired, agent::agent_request_result,
         agent::agent_console_append, agent::agent_image_download,
         jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
@@ -43,6 +46,11 @@ impl Modify for BearerAuth {
         stratus_common::ProjectId, stratus_common::TokenId, stratus_common::HostId,
         stratus_common::EnrollmentTokenId, stratus_common::ImageId, stratus_common::FlavorId,
         stratus_common::VmId, stratus_common::JobId, stratus_common::Name, stratus_common::Role,
+        stratus_common::ServerGroupId,
+        params::VmBatchCreate, params::ClusterUpdate, params::ServerGroupCreate, params::HostUpdate,
+        views::Allocation, views::Weigher, views::Cluster, views::ClusterPage, views::GroupPolicy,
+        views::ServerGroup, views::ServerGroupPage, views::VmPlacement, views::FilterCount, views::Shortfall,
+        views::NearMiss, views::PlacementExplanation, views::PlannedVm, views::PlacementPreview, views::VmBatch,
         params::ProjectCreate, params::TokenCreate, params::EnrollmentTokenCreate, params::ImageCreate,
         params::FlavorCreate, params::VmCreate,
         views::ErrorBody, views::Health, views::Project, views::ProjectPage, views::Token, views::TokenPage,
@@ -60,6 +68,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
         (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"), (name = "agent"),
+        (name = "scheduling"),
     )
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@ pub mod hosts;
 pub mod images;
 pub mod jobs;
 pub mod projects;
+pub mod scheduling;
 pub mod system;
 pub mod tokens;
 pub mod vms;

@@ -6,9 +6,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use stratus_api_types::agent::ExecResult;
 use stratus_api_types::params::{
-    ConsoleQuery, PageParams, ProjectScope, VmCreate, VmExec, VmFilter,
+    ConsoleQuery, PageParams, ProjectScope, VmBatchCreate, VmCreate, VmExec, VmFilter,
 };
-use stratus_api_types::views::{Vm, VmConsole, VmOperation, VmPage};
+use stratus_api_types::views::{PlacementPreview, Vm, VmBatch, VmConsole, VmOperation, VmPage};
 
 use super::AppState;
 use crate::app::vms::{self, VmAction};
@@ -16,8 +16,11 @@ use crate::app::Actor;
 use crate::http::error::ApiError;
 use crate::http::extract::{idempotency_key, ApiJson, ApiQuery};
 
-/// Create a VM. The VM is recorded with its job at once; the job places and
-/// boots it.
+/// Create a VM. The scheduler chooses its host and claims room there in the
+/// same transaction that records the VM and its job; the job then has the
+/// host build and boot it. When no host can take the VM, the answer is
+/// `409 no_host_available` with the scheduler's explanation in `details`
+/// (which filters ruled out how many hosts, and the closest near-misses).
 ///
 /// Send an `Idempotency-Key` header (1-200 ASCII characters) to make retries
 /// safe: a retry with the same key returns the first request's VM and job.
@@ -38,6 +41,39 @@ pub async fn vm_create(
     let key = idempotency_key(&headers)?;
     let (_, op) = vms::vm_create(&s.0, &actor, p, key).await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Create several VMs of one shape (`NAME-1` … `NAME-COUNT`), placed in one
+/// scheduling pass: all of them or none (`409 no_host_available`).
+#[utoipa::path(post, path = "/v1/vm-batches", tag = "vms", operation_id = "vm_batch_create",
+    request_body = VmBatchCreate,
+    responses((status = 202, body = VmBatch, description = "accepted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_batch_create(
+    s: AppState,
+    actor: Actor,
+    ApiJson(p): ApiJson<VmBatchCreate>,
+) -> Result<(StatusCode, Json<VmBatch>), ApiError> {
+    let b = vms::vm_batch_create(&s.0, &actor, p).await?;
+    Ok((StatusCode::ACCEPTED, Json(b)))
+}
+
+/// Where would these VMs go, and why not elsewhere? A dry run of a create
+/// (or batch create): nothing is created or reserved.
+#[utoipa::path(post, path = "/v1/vm-placements", tag = "vms", operation_id = "vm_placement_preview",
+    request_body = VmBatchCreate,
+    responses((status = 200, body = PlacementPreview, description = "the scheduler's answer"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_placement_preview(
+    s: AppState,
+    actor: Actor,
+    ApiJson(p): ApiJson<VmBatchCreate>,
+) -> Result<Json<PlacementPreview>, ApiError> {
+    Ok(Json(vms::vm_placement_preview(&s.0, &actor, p).await?))
 }
 
 /// List VMs.

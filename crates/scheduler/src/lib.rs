@@ -1,0 +1,371 @@
+//! The scheduler as the controller runs it: the pure placement engine
+//! (`stratus-placement`) over an in-memory capacity index of every host,
+//! and claims written through the store.
+//!
+//! **Why an index and a guard.** Choosing a host must be fast at 10,000
+//! hosts, so choices are made in memory, in microseconds. Memory is not the
+//! truth, though: another controller may have placed VMs a moment ago. So
+//! every choice is *claimed* by [`Datastore::vms_create`], whose guarded
+//! `UPDATE` re-checks capacity in the database in the same transaction that
+//! records the VMs. A claim the database refuses refreshes the hosts
+//! concerned and chooses again, transparently; the caller only ever sees a
+//! placement or a reasoned refusal.
+//!
+//! The index is rebuilt from the store at start and every few seconds (which
+//! also catches other controllers' placements and removals), and updated in
+//! place by this controller's own claims.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use stratus_api_types::views::{
+    self, FilterCount, GroupPolicy as ApiGroupPolicy, HostState, NearMiss as ApiNearMiss,
+    PlacementExplanation, Shortfall as ApiShortfall,
+};
+use stratus_common::{Error, HostId, ServerGroupId};
+use stratus_datastore::model::{ClusterRecord, HostRecord, JobRecord, VmRecord};
+use stratus_datastore::{CreateError, Datastore, NewVm, VmToCreate};
+use stratus_placement::{
+    BatchNoFit, ClusterPolicy, Engine, GroupPolicy, HostCondition, HostSnapshot, NoFit, Ratios,
+    Request, Resources, Weigher,
+};
+
+/// How many times a claim refused by the store is retried with a fresh view
+/// before the request gives up (each retry follows a real change by someone
+/// else, so this is only reached under extreme contention).
+const CLAIM_ATTEMPTS: usize = 12;
+
+/// A VM to create, before the scheduler chose its host.
+#[derive(Debug, Clone)]
+pub struct PendingVm {
+    pub vm: NewVm,
+    pub job: stratus_datastore::model::NewJob,
+}
+
+/// Where a dry run would put each VM, or why it could not.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// (VM index, host, host name) for every VM that would be placed.
+    pub placed: Vec<(usize, HostId, String)>,
+    pub explanation: PlacementExplanation,
+    /// Set when not every VM fits.
+    pub refusal: Option<String>,
+}
+
+pub struct Scheduler {
+    ds: Datastore,
+    engine: Mutex<Engine>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// Builds the index from the store.
+    pub async fn load(ds: Datastore) -> Result<Arc<Self>, Error> {
+        let engine = build_engine(&ds).await?;
+        Ok(Arc::new(Scheduler {
+            ds,
+            engine: Mutex::new(engine),
+        }))
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        // A panic while holding the lock leaves a usable engine (every
+        // operation on it is a complete update), so poisoning is ignored.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuilds the index from the store.
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let fresh = build_engine(&self.ds).await?;
+        *self.engine() = fresh;
+        Ok(())
+    }
+
+    /// Refreshes the index every `every` until the task is aborted.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.refresh().await {
+                    tracing::warn!(error = %e, "could not refresh the scheduler's index");
+                }
+            }
+        })
+    }
+
+    /// A host enrolled or changed: the index follows at once.
+    pub fn host_changed(&self, host: &HostRecord) {
+        self.engine().upsert_host(snapshot_of(host));
+    }
+
+    /// A cluster's policy changed.
+    pub fn cluster_changed(&self, cluster: &ClusterRecord) {
+        self.engine()
+            .set_cluster_policy(&cluster.name, policy_of(cluster));
+    }
+
+    /// Places `vms` (all or none) and records them with their jobs, claiming
+    /// their hosts in the same transaction. `group` is the server group they
+    /// all join, if any.
+    pub async fn create_vms(
+        &self,
+        vms: Vec<PendingVm>,
+        group: Option<(ServerGroupId, ApiGroupPolicy)>,
+    ) -> Result<Vec<(VmRecord, JobRecord)>, Error> {
+        let reqs: Vec<Request> = vms.iter().map(|p| request_of(&p.vm, group)).collect();
+        for _ in 0..CLAIM_ATTEMPTS {
+            let hosts = {
+                let mut engine = self.engine();
+                engine
+                    .place_batch(&reqs)
+                    .map_err(|e| no_fit_error(&e, reqs.len()))?
+            };
+            let items: Vec<VmToCreate> = vms
+                .iter()
+                .zip(&hosts)
+                .map(|(p, h)| VmToCreate {
+                    vm: p.vm.clone(),
+                    job: p.job.clone(),
+                    host: Some(*h),
+                })
+                .collect();
+            let outcome = self.ds.vms_create(&items, group).await;
+            if outcome.is_err() {
+                // Nothing was written: take back what the index reserved.
+                let mut engine = self.engine();
+                for (r, h) in reqs.iter().zip(&hosts) {
+                    engine.release(*h, r.resources, r.group.map(|g| g.0));
+                }
+            }
+            match outcome {
+                Ok(done) => return Ok(done),
+                Err(CreateError::Other(e)) => return Err(e),
+                Err(CreateError::HostsChanged(changed)) => {
+                    tracing::debug!(hosts = changed.len(), "claim refused; refreshing hosts");
+                    for h in changed {
+                        match self.ds.host_get(h).await {
+                            Ok(rec) => self.host_changed(&rec),
+                            Err(Error::NotFound { .. }) => self.engine().remove_host(h),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(CreateError::GroupChanged(g)) => {
+                    tracing::debug!(group = %g, "group changed under a claim; refreshing");
+                    self.refresh().await?;
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            message: "placement kept conflicting with concurrent placements; retry".into(),
+        })
+    }
+
+    /// Where `vms` would go, and why not elsewhere, without creating
+    /// anything.
+    pub fn preview(
+        &self,
+        vms: &[NewVm],
+        group: Option<(ServerGroupId, ApiGroupPolicy)>,
+    ) -> Preview {
+        let reqs: Vec<Request> = vms.iter().map(|v| request_of(v, group)).collect();
+        let mut engine = self.engine();
+        let Some(first) = reqs.first() else {
+            return Preview {
+                placed: vec![],
+                explanation: PlacementExplanation {
+                    hosts_total: 0,
+                    feasible: 0,
+                    eliminated: vec![],
+                    near_misses: vec![],
+                },
+                refusal: None,
+            };
+        };
+        let explained = engine.explain(first);
+        let mut explanation = PlacementExplanation {
+            hosts_total: explained.hosts_total as u64,
+            feasible: explained.feasible as u64,
+            eliminated: explained
+                .eliminated
+                .iter()
+                .map(|e| FilterCount {
+                    filter: e.filter.as_str().to_string(),
+                    hosts: e.hosts as u64,
+                })
+                .collect(),
+            near_misses: explained.near_misses.iter().map(near_miss).collect(),
+        };
+        // The lock is held across the trial batch and its release, so no
+        // other request sees the trial reservations.
+        match engine.place_batch(&reqs) {
+            Ok(hosts) => {
+                let placed = hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| {
+                        let name = engine.host(*h).map(|s| s.name).unwrap_or_default();
+                        (i, *h, name)
+                    })
+                    .collect();
+                for (r, h) in reqs.iter().zip(&hosts) {
+                    engine.release(*h, r.resources, r.group.map(|g| g.0));
+                }
+                Preview {
+                    placed,
+                    explanation,
+                    refusal: None,
+                }
+            }
+            Err(e) => {
+                if e.index > 0 {
+                    explanation = explanation_of(&e.reason);
+                }
+                Preview {
+                    placed: vec![],
+                    explanation,
+                    refusal: Some(batch_message(&e, reqs.len())),
+                }
+            }
+        }
+    }
+}
+
+async fn build_engine(ds: &Datastore) -> Result<Engine, Error> {
+    let snap = ds.scheduler_snapshot().await?;
+    let mut engine = Engine::new();
+    for c in &snap.clusters {
+        engine.set_cluster_policy(&c.name, policy_of(c));
+    }
+    for h in &snap.hosts {
+        engine.upsert_host(snapshot_of(h));
+    }
+    for (g, h, n) in &snap.group_members {
+        engine.set_group_member_count(*g, *h, *n);
+    }
+    Ok(engine)
+}
+
+fn policy_of(c: &ClusterRecord) -> ClusterPolicy {
+    ClusterPolicy {
+        ratios: Ratios {
+            cpu_milli: c.cpu_ratio_milli,
+            ram_milli: c.ram_ratio_milli,
+            disk_milli: c.disk_ratio_milli,
+        },
+        weigher: match c.weigher {
+            views::Weigher::Spread => Weigher::Spread,
+            views::Weigher::Pack => Weigher::Pack,
+        },
+    }
+}
+
+fn snapshot_of(h: &HostRecord) -> HostSnapshot {
+    HostSnapshot {
+        id: h.id,
+        name: h.name.clone(),
+        zone: h.zone.clone(),
+        cluster: h.cluster.clone(),
+        condition: match h.state {
+            HostState::Up => HostCondition::Up,
+            HostState::Unreachable => HostCondition::Unreachable,
+            HostState::Maintenance => HostCondition::Maintenance,
+        },
+        tags: h.tags.clone(),
+        capacity: Resources {
+            vcpus: u64::from(h.cpus),
+            memory_bytes: h.memory_bytes,
+            disk_bytes: h.disk_bytes,
+        },
+        allocated: Resources {
+            vcpus: h.alloc_vcpus,
+            memory_bytes: h.alloc_memory_bytes,
+            disk_bytes: h.alloc_disk_bytes,
+        },
+    }
+}
+
+fn group_policy(p: ApiGroupPolicy) -> GroupPolicy {
+    match p {
+        ApiGroupPolicy::Affinity => GroupPolicy::Affinity,
+        ApiGroupPolicy::AntiAffinity => GroupPolicy::AntiAffinity,
+        ApiGroupPolicy::SoftAffinity => GroupPolicy::SoftAffinity,
+        ApiGroupPolicy::SoftAntiAffinity => GroupPolicy::SoftAntiAffinity,
+    }
+}
+
+fn request_of(vm: &NewVm, group: Option<(ServerGroupId, ApiGroupPolicy)>) -> Request {
+    Request {
+        resources: Resources {
+            vcpus: u64::from(vm.vcpus),
+            memory_bytes: vm.memory_bytes,
+            disk_bytes: vm.disk_bytes,
+        },
+        zone: vm.placement.zone.clone(),
+        cluster: vm.placement.cluster.clone(),
+        require_tags: vm.placement.require_tags.clone(),
+        forbid_tags: vm.placement.forbid_tags.clone(),
+        group: group.map(|(g, p)| (g, group_policy(p))),
+        exclude_hosts: vec![],
+    }
+}
+
+fn near_miss(n: &stratus_placement::NearMiss) -> ApiNearMiss {
+    ApiNearMiss {
+        host_id: n.host,
+        host: n.name.clone(),
+        lacking: n
+            .lacking
+            .iter()
+            .map(|s| ApiShortfall {
+                resource: s.resource.to_string(),
+                needed: s.needed,
+                available: s.available,
+            })
+            .collect(),
+    }
+}
+
+fn explanation_of(n: &NoFit) -> PlacementExplanation {
+    PlacementExplanation {
+        hosts_total: n.hosts_total as u64,
+        feasible: 0,
+        eliminated: n
+            .eliminated
+            .iter()
+            .map(|e| FilterCount {
+                filter: e.filter.as_str().to_string(),
+                hosts: e.hosts as u64,
+            })
+            .collect(),
+        near_misses: n.near_misses.iter().map(near_miss).collect(),
+    }
+}
+
+fn batch_message(e: &BatchNoFit, total: usize) -> String {
+    if total == 1 {
+        e.reason.to_string()
+    } else {
+        format!(
+            "only {} of {total} VMs could be placed, so none were: {}",
+            e.index, e.reason
+        )
+    }
+}
+
+fn no_fit_error(e: &BatchNoFit, total: usize) -> Error {
+    let details = serde_json::to_value(explanation_of(&e.reason)).unwrap_or_default();
+    Error::NoCapacity {
+        message: batch_message(e, total),
+        details,
+    }
+}
