@@ -261,7 +261,8 @@ pub struct PlacementExplanation {
     /// Hosts that could take the VM.
     pub feasible: u64,
     pub eliminated: Vec<FilterCount>,
-    /// The closest hosts that lacked room (at most three).
+    /// The closest hosts that lacked room (at most three; shown to admins
+    /// only).
     pub near_misses: Vec<NearMiss>,
 }
 
@@ -269,8 +270,9 @@ pub struct PlacementExplanation {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PlannedVm {
     pub name: String,
-    pub host_id: HostId,
-    pub host: String,
+    /// The host (shown to admins only: hosts are the operator's).
+    pub host_id: Option<HostId>,
+    pub host: Option<String>,
 }
 
 /// The answer to "where would this go, and why not elsewhere", with nothing

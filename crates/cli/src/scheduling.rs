@@ -232,7 +232,10 @@ pub fn print_preview(f: Format, p: &types::PlacementPreview) {
         t.row(vec!["fits".into(), p.fits.to_string()]);
         t.row(vec!["summary".into(), p.message.clone()]);
         for v in &p.placements {
-            t.row(vec![format!("  {}", v.name), format!("-> {}", v.host)]);
+            t.row(vec![
+                format!("  {}", v.name),
+                format!("-> {}", v.host.as_deref().unwrap_or("a host")),
+            ]);
         }
         explanation_rows(&mut t, &p.explanation);
         t

@@ -41,6 +41,10 @@ struct World {
     /// Path parameter name → A's resource id.
     a_ids: Vec<(&'static str, String)>,
     flavor: String,
+    host: String,
+    /// The world's host, when it enrolled one (settle() answers for it as
+    /// its agent would).
+    host_credential: Option<String>,
 }
 
 async fn world(ctx: &Ctx) -> World {
@@ -112,6 +116,27 @@ async fn world(ctx: &Ctx) -> World {
         "upload",
     )
     .await;
+    let group = ctx
+        .must(
+            ctx.post(
+                "/v1/server-groups",
+                &am,
+                json!({"name": "grp-a", "policy": "soft_anti_affinity"}),
+            )
+            .await,
+            "server group",
+        )
+        .await;
+    // VMs need a host with room: enroll one unless the test did.
+    let hosts = ctx.get("/v1/hosts", admin).await.body;
+    let host_credential = match hosts["items"].as_array().map(|a| a.is_empty()) {
+        Some(true) => Some(enroll(ctx, "host-w").await),
+        _ => None,
+    };
+    let host = ctx.get("/v1/hosts", admin).await.body["items"][0]["id"]
+        .as_str()
+        .expect("host id")
+        .to_string();
     let op = ctx
         .must(
             ctx.post(
@@ -136,8 +161,11 @@ async fn world(ctx: &Ctx) -> World {
             ("image", img_id),
             ("vm", op["vm"]["id"].as_str().expect("id").to_string()),
             ("job", op["job"]["id"].as_str().expect("id").to_string()),
+            ("group", group["id"].as_str().expect("id").to_string()),
         ],
         flavor: flavor["id"].as_str().expect("id").to_string(),
+        host,
+        host_credential,
     }
 }
 
@@ -179,6 +207,12 @@ fn valid_body(op: &str) -> Option<Value> {
         }
         "image_create" => json!({"name": "new-image"}),
         "vm_create" => json!({"name": "new-vm", "flavor": "tiny", "image": "img-a"}),
+        "vm_batch_create" | "vm_placement_preview" => {
+            json!({"count": 2, "vm": {"name": "new-vm", "flavor": "tiny", "image": "img-a"}})
+        }
+        "server_group_create" => json!({"name": "new-group", "policy": "anti_affinity"}),
+        "cluster_update" => json!({"cpu_ratio": 2.0}),
+        "host_update" => json!({"add_tags": ["ssd"]}),
         "vm_exec" => json!({"argv": ["true"]}),
         "agent_enroll" => {
             json!({"enroll_token": "stratus-enroll_bogus", "name": "h", "address": "127.0.0.1",
@@ -220,6 +254,8 @@ async fn snapshot(ctx: &Ctx) -> Value {
         "/v1/jobs",
         "/v1/flavors",
         "/v1/hosts",
+        "/v1/clusters",
+        "/v1/server-groups",
     ] {
         let mut r = ctx.get(list, &ctx.admin).await;
         assert_eq!(r.status, StatusCode::OK, "{list}");
@@ -236,9 +272,31 @@ async fn snapshot(ctx: &Ctx) -> Value {
     Value::Object(all)
 }
 
-async fn settle(ctx: &Ctx) {
-    // Let the runner finish what the world queued.
+async fn settle(ctx: &Ctx, w: &World) {
+    // Let the runner finish what the world queued, answering for the
+    // world's host as its agent would: every VM as it is desired.
+    let mut generation = 1000;
     for _ in 0..200 {
+        if let Some(cred) = &w.host_credential {
+            let desired = ctx.get("/v1/agent/desired", cred).await.body;
+            let mut vms = Vec::new();
+            for v in desired["vms"].as_array().cloned().unwrap_or_default() {
+                generation += 1;
+                let state = match v["desired_state"].as_str() {
+                    Some("running") => "running",
+                    Some("stopped") => "stopped",
+                    _ => "absent",
+                };
+                vms.push(json!({"vm_id": v["vm_id"], "generation": generation, "state": state,
+                    "reboot_generation": v["reboot_generation"], "intent_generation": v["generation"]}));
+            }
+            ctx.must(
+                ctx.post("/v1/agent/report", cred, json!({"facts": facts(), "vms": vms}))
+                    .await,
+                "report",
+            )
+            .await;
+        }
         let r = ctx.get("/v1/jobs?state=queued", &ctx.admin).await;
         let r2 = ctx.get("/v1/jobs?state=running", &ctx.admin).await;
         if r.body["items"].as_array().is_some_and(|a| a.is_empty())
@@ -254,7 +312,7 @@ async fn settle(ctx: &Ctx) {
 async fn tenant_isolation_sweep(b: Backend) {
     let ctx = Ctx::new(b, true).await;
     let w = world(&ctx).await;
-    settle(&ctx).await;
+    settle(&ctx, &w).await;
     let before = snapshot(&ctx).await;
     let mut checked = 0;
     for (method, template, op) in operations() {
@@ -262,8 +320,9 @@ async fn tenant_isolation_sweep(b: Backend) {
         if params.is_empty() || template.starts_with("/v1/agent/") {
             continue;
         }
-        // Hosts and flavors belong to no project: not a tenancy question.
-        if params.iter().any(|p| p == "host" || p == "flavor") {
+        // Hosts, clusters and flavors belong to no project: not a tenancy
+        // question.
+        if params.iter().any(|p| p == "host" || p == "flavor" || p == "cluster") {
             continue;
         }
         // Fill every parameter with A's resource, by id and (where it has
@@ -295,6 +354,7 @@ async fn tenant_isolation_sweep(b: Backend) {
         "/v1/images/img-a",
         "/v1/projects/a",
         "/v1/vms/vm-a?project=a",
+        "/v1/server-groups/grp-a",
     ] {
         let r = ctx.get(by_name, &w.b_member).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{by_name}");
@@ -306,6 +366,7 @@ async fn tenant_isolation_sweep(b: Backend) {
         "/v1/images",
         "/v1/vms",
         "/v1/jobs",
+        "/v1/server-groups",
     ] {
         let r = ctx.get(list, &w.b_member).await;
         assert_eq!(r.status, StatusCode::OK, "{list}");
@@ -352,6 +413,7 @@ async fn tenant_isolation_sweep(b: Backend) {
             "token" => format!("/v1/tokens/{id}"),
             "image" => format!("/v1/images/{id}"),
             "vm" => format!("/v1/vms/{id}"),
+            "group" => format!("/v1/server-groups/{id}"),
             _ => format!("/v1/jobs/{id}"),
         };
         assert_eq!(
@@ -366,7 +428,7 @@ async fn tenant_isolation_sweep(b: Backend) {
 async fn readers_cannot_change_anything(b: Backend) {
     let ctx = Ctx::new(b, true).await;
     let w = world(&ctx).await;
-    settle(&ctx).await;
+    settle(&ctx, &w).await;
     let before = snapshot(&ctx).await;
     let mut checked = 0;
     for (method, template, op) in operations() {
@@ -379,6 +441,8 @@ async fn readers_cannot_change_anything(b: Backend) {
         for p in params_of(&template) {
             let id = match p.as_str() {
                 "flavor" => w.flavor.clone(),
+                "host" => w.host.clone(),
+                "cluster" => "default".to_string(),
                 other => w
                     .a_ids
                     .iter()
@@ -666,44 +730,113 @@ async fn vm_intent_lifecycle(b: Backend) {
     let ctx = Ctx::new(b, true).await;
     let w = world(&ctx).await;
     let am = &w.a_member;
-    settle(&ctx).await;
-    // No host is enrolled, so creation fails and says why.
+    let cred = w.host_credential.clone().expect("the world enrolled its host");
+    let host_alloc = |h: &Value| h["allocated"]["memory_bytes"].as_u64().unwrap_or(u64::MAX);
+    // vm-a was placed at creation and holds its share of the host.
     let vm = ctx.get("/v1/vms/vm-a", am).await.body;
-    assert_eq!(vm["state"], "failed");
-    assert!(
-        vm["state_reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no hosts are enrolled"),
-        "{vm}"
-    );
+    assert_eq!(vm["host_id"], w.host.as_str(), "{vm}");
+    let host = ctx.get(&format!("/v1/hosts/{}", w.host), &ctx.admin).await.body;
+    assert_eq!(host_alloc(&host), 128 << 20, "{host}");
+    // Its job waits for the host, which reports the VM running.
+    settle(&ctx, &w).await;
     let job_id = &w.a_ids.iter().find(|(k, _)| *k == "job").expect("job").1;
     let job = ctx
         .get(&format!("/v1/jobs/{job_id}/wait?timeout_secs=5"), am)
         .await
         .body;
-    assert_eq!(job["state"], "failed");
-    assert_eq!(job["error"]["code"], "no_host_available");
+    assert_eq!(job["state"], "succeeded", "{job}");
     let steps: Vec<&str> = job["events"]
         .as_array()
         .expect("events")
         .iter()
         .filter_map(|e| e["step"].as_str())
         .collect();
-    assert_eq!(steps, ["queued", "schedule", "failed"]);
-    // An unplaced VM cannot be started, stopped or rebooted.
-    for action in ["start", "stop", "reboot"] {
-        let r = ctx
-            .call(
-                Method::POST,
-                &format!("/v1/vms/vm-a/{action}"),
-                Some(am),
-                None,
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CONFLICT, "{action}");
-        assert_eq!(r.code(), "vm_not_placed");
-    }
+    assert_eq!(steps.first(), Some(&"queued"), "{job}");
+    assert_eq!(steps.last(), Some(&"succeeded"), "{job}");
+    assert_eq!(ctx.get("/v1/vms/vm-a", am).await.body["state"], "running");
+
+    // What does not fit is refused at once, with the scheduler's reasons,
+    // and nothing is recorded. The host has 8 GiB; a 16 GiB flavor fits
+    // nowhere.
+    ctx.must(ctx.post("/v1/flavors", &ctx.admin, json!({"name": "huge", "vcpus": 2, "memory_bytes": 16u64 << 30, "disk_bytes": 10u64 << 30})).await, "huge").await;
+    let r = ctx
+        .post("/v1/vms", am, json!({"name": "big", "flavor": "huge", "image": "img-a"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "no_host_available");
+    assert!(r.body["message"].as_str().unwrap_or("").contains("memory"), "{}", r.body);
+    assert_eq!(r.body["details"]["hosts_total"], 1, "{}", r.body);
+    assert_eq!(r.body["details"]["eliminated"][0]["filter"], "memory", "{}", r.body);
+    assert_eq!(
+        r.body["details"]["near_misses"].as_array().map(|a| a.len()),
+        Some(0),
+        "host names are the operator's: {}",
+        r.body
+    );
+    assert_eq!(ctx.get("/v1/vms/big", am).await.status, StatusCode::NOT_FOUND);
+    // The admin sees the closest host by name.
+    let r = ctx
+        .post("/v1/vms", &ctx.admin, json!({"name": "big", "flavor": "huge", "image": "img-a", "project": "a"}))
+        .await;
+    assert_eq!(r.body["details"]["near_misses"][0]["host"], "host-w", "{}", r.body);
+    // A dry run answers the same question without creating anything.
+    let r = ctx
+        .post("/v1/vm-placements", &ctx.admin, json!({"count": 3, "vm": {"name": "web", "flavor": "tiny", "image": "img-a", "project": "a"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["fits"], true, "{}", r.body);
+    assert_eq!(r.body["placements"].as_array().map(|a| a.len()), Some(3));
+    assert_eq!(r.body["placements"][0]["host"], "host-w");
+    assert_eq!(r.body["explanation"]["feasible"], 1);
+    let r = ctx
+        .post("/v1/vm-placements", am, json!({"count": 1, "vm": {"name": "web", "flavor": "tiny", "image": "img-a", "zone": "nowhere"}}))
+        .await;
+    assert_eq!(r.body["fits"], false, "{}", r.body);
+    assert_eq!(r.body["explanation"]["eliminated"][0]["filter"], "zone", "{}", r.body);
+    assert!(r.body["placements"].as_array().is_some_and(|a| a.is_empty()));
+    assert_eq!(ctx.get("/v1/vms/web-1", am).await.status, StatusCode::NOT_FOUND);
+    // A batch is all or nothing: 80 tiny VMs (1 vCPU each) do not fit in
+    // the host's 16 vCPUs (4 CPUs at the default 4.0 overcommit) with vm-a
+    // on it, so none is created.
+    let r = ctx
+        .post("/v1/vm-batches", am, json!({"count": 80, "vm": {"name": "many", "flavor": "tiny", "image": "img-a"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body["message"].as_str().unwrap_or("").contains("15 of 80"), "{}", r.body);
+    assert_eq!(ctx.get("/v1/vms/many-1", am).await.status, StatusCode::NOT_FOUND);
+    // Three fit; hard anti-affinity with one host takes one, refuses more.
+    let r = ctx
+        .post("/v1/vm-batches", am, json!({"count": 3, "vm": {"name": "trio", "flavor": "tiny", "image": "img-a", "group": "grp-a"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["items"].as_array().map(|a| a.len()), Some(3));
+    assert_eq!(r.body["items"][2]["vm"]["name"], "trio-3");
+    assert_eq!(r.body["items"][0]["vm"]["server_group_id"], w.a_ids.iter().find(|(k, _)| *k == "group").expect("group").1.as_str());
+    ctx.must(ctx.post("/v1/server-groups", am, json!({"name": "apart", "policy": "anti_affinity"})).await, "apart").await;
+    let r = ctx
+        .post("/v1/vm-batches", am, json!({"count": 2, "vm": {"name": "pair", "flavor": "tiny", "image": "img-a", "group": "apart"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.body["details"]["eliminated"][0]["filter"], "anti_affinity", "{}", r.body);
+    let host = ctx.get(&format!("/v1/hosts/{}", w.host), &ctx.admin).await.body;
+    assert_eq!(host_alloc(&host), 4 * (128 << 20), "vm-a and the trio: {host}");
+    // A group with members cannot be deleted.
+    let r = ctx.delete("/v1/server-groups/grp-a", am).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "group_in_use");
+    // Placement constraints: tags the host lacks.
+    let r = ctx
+        .post("/v1/vms", am, json!({"name": "fast", "flavor": "tiny", "image": "img-a", "require_tags": ["ssd"]}))
+        .await;
+    assert_eq!(r.body["details"]["eliminated"][0]["filter"], "required_tags", "{}", r.body);
+    ctx.must(ctx.call(Method::PATCH, &format!("/v1/hosts/{}", w.host), Some(&ctx.admin), Some(json!({"add_tags": ["ssd"]}))).await, "tag").await;
+    let r = ctx
+        .post("/v1/vms", am, json!({"name": "fast", "flavor": "tiny", "image": "img-a", "require_tags": ["ssd"]}))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["vm"]["placement"]["require_tags"][0], "ssd");
+    settle(&ctx, &w).await;
+    let _ = cred;
     // Names are unique per project, not globally.
     let r = ctx
         .post(
@@ -727,6 +860,7 @@ async fn vm_intent_lifecycle(b: Backend) {
     let op = ctx.delete("/v1/vms/vm-a", am).await;
     assert_eq!(op.status, StatusCode::ACCEPTED);
     assert_eq!(op.body["vm"]["state"], "deleting");
+    settle(&ctx, &w).await;
     let job = ctx
         .get(
             &format!(
@@ -743,6 +877,8 @@ async fn vm_intent_lifecycle(b: Backend) {
         ctx.get("/v1/vms/vm-a", am).await.status,
         StatusCode::NOT_FOUND
     );
+    let host = ctx.get(&format!("/v1/hosts/{}", w.host), &ctx.admin).await.body;
+    assert_eq!(host_alloc(&host), 4 * (128 << 20), "vm-a's share was released: {host}");
     // A too-small flavor is refused up front.
     ctx.must(ctx.post("/v1/flavors", &ctx.admin, json!({"name": "mini", "vcpus": 1, "memory_bytes": 134217728u64, "disk_bytes": 1048576u64})).await, "mini").await;
     let r = ctx

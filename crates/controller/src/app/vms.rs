@@ -96,7 +96,8 @@ pub async fn vm_create(
     let mut done = app
         .scheduler
         .create_vms(vec![PendingVm { vm, job }], shape.group)
-        .await?;
+        .await
+        .map_err(|e| redact(actor, e))?;
     let (vm, job) = done
         .pop()
         .ok_or_else(|| Error::internal("the scheduler recorded no VM"))?;
@@ -131,7 +132,11 @@ pub async fn vm_batch_create(app: &App, actor: &Actor, p: VmBatchCreate) -> Resu
             PendingVm { vm, job }
         })
         .collect();
-    let done = app.scheduler.create_vms(pending, shape.group).await?;
+    let done = app
+        .scheduler
+        .create_vms(pending, shape.group)
+        .await
+        .map_err(|e| redact(actor, e))?;
     for (vm, _) in &done {
         wake_host(app, vm.host_id);
     }
@@ -147,46 +152,85 @@ pub async fn vm_placement_preview(
     actor: &Actor,
     p: VmBatchCreate,
 ) -> Result<PlacementPreview, Error> {
+    // A dry run creates nothing, but it answers what creating would: so it
+    // asks the same right.
+    actor.require_mutate()?;
     let names = batch_names(&p)?;
     let project = lookup::project_for_create(app, actor, p.vm.project.as_deref()).await?;
     let shape = shape(app, actor, &p.vm, project).await?;
     let vms: Vec<NewVm> = names.iter().map(|n| shape.new_vm(n.clone())).collect();
-    let preview = app.scheduler.preview(&vms, shape.group);
+    let mut preview = app.scheduler.preview(&vms, shape.group);
     let fits = preview.refusal.is_none();
+    let admin = actor.is_admin();
+    let distinct: std::collections::BTreeSet<stratus_common::HostId> =
+        preview.placed.iter().map(|(_, h, _)| *h).collect();
     let placements: Vec<PlannedVm> = preview
         .placed
         .into_iter()
         .map(|(i, host_id, host)| PlannedVm {
             name: names.get(i).cloned().unwrap_or_default(),
-            host_id,
-            host,
+            host_id: admin.then_some(host_id),
+            host: admin.then_some(host),
         })
         .collect();
     let message = match &preview.refusal {
-        Some(why) => why.clone(),
+        Some(why) if admin => why.clone(),
+        Some(why) => without_host_names(why),
         None if placements.len() == 1 => format!(
-            "{} would go on host {} ({} of {} hosts could take it)",
+            "{} would go on {} ({} of {} hosts could take it)",
             placements[0].name,
-            placements[0].host,
+            placements[0]
+                .host
+                .as_ref()
+                .map(|h| format!("host {h}"))
+                .unwrap_or_else(|| "a host".into()),
             preview.explanation.feasible,
             preview.explanation.hosts_total
         ),
-        None => {
-            let hosts: std::collections::BTreeSet<&str> =
-                placements.iter().map(|p| p.host.as_str()).collect();
-            format!(
-                "all {} VMs would be placed, on {} distinct host(s)",
-                placements.len(),
-                hosts.len()
-            )
-        }
+        None => format!(
+            "all {} VMs would be placed, on {} distinct host(s)",
+            placements.len(),
+            distinct.len()
+        ),
     };
+    if !admin {
+        preview.explanation.near_misses.clear();
+    }
     Ok(PlacementPreview {
         fits,
         message,
         placements,
         explanation: preview.explanation,
     })
+}
+
+/// Hosts are the operator's: a refusal shown to a project keeps the
+/// filter counts but not the names of the hosts that nearly fitted.
+fn redact(actor: &Actor, e: Error) -> Error {
+    match e {
+        Error::NoCapacity {
+            message,
+            mut details,
+        } if !actor.is_admin() => {
+            if let Some(n) = details.get_mut("near_misses") {
+                *n = serde_json::Value::Array(vec![]);
+            }
+            Error::NoCapacity {
+                message: without_host_names(&message),
+                details,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The scheduler's message up to its list of near-misses (which names
+/// hosts).
+fn without_host_names(message: &str) -> String {
+    match message.find("; closest:") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
 }
 
 fn batch_names(p: &VmBatchCreate) -> Result<Vec<String>, Error> {

@@ -63,7 +63,10 @@ impl Ctx {
         } else {
             (Arc::new(tokio::sync::Notify::new()), None)
         };
-        let app = Arc::new(App::new(ds, images, waker, signals));
+        let scheduler = stratus_scheduler::Scheduler::load(ds.clone())
+            .await
+            .expect("scheduler");
+        let app = Arc::new(App::new(ds, images, waker, signals, scheduler));
         let admin = stratus_controller::app::tokens::bootstrap_admin(&app)
             .await
             .expect("bootstrap")
