@@ -217,7 +217,64 @@ fn the_spine_through_the_cli() {
     assert_eq!(img["state"], "ready");
     assert_eq!(img["format"], "qcow2");
 
-    // A VM intent, as the member, by names.
+    // With no host, a VM is refused at once, and the CLI says why.
+    let refused = up.cli_with_token(
+        &member,
+        &["vm", "create", "web", "--flavor", "tiny", "--image", "base"],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("no_host_available") && stderr.contains("no host"),
+        "{stderr}"
+    );
+    let dry = up.cli_with_token(
+        &member,
+        &[
+            "vm", "create", "web", "--flavor", "tiny", "--image", "base", "--dry-run",
+        ],
+    );
+    assert_eq!(dry.status.code(), Some(1), "a dry run that does not fit");
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("fits"));
+
+    // A simulated host (the real agent binary, sim driver) joins.
+    let enroll = json(
+        up.cli(&["host", "enroll-token", "--uses", "1", "-o", "json"]),
+        "enroll token",
+    );
+    let mut agent = env_cmd(home.path())
+        .args(["agent", "--driver", "sim", "--name", "sim-1", "--url", &up.url])
+        .args(["--enroll-token", enroll["token"].as_str().expect("token")])
+        .arg("--data-dir")
+        .arg(home.path().join("agent"))
+        .env("STRATUS_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn stratus agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hosts = json(up.cli(&["host", "list", "-o", "json"]), "host list");
+        if hosts["items"][0]["state"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sim host never came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dry = json(
+        up.cli_with_token(
+            &member,
+            &[
+                "vm", "create", "web", "--flavor", "tiny", "--image", "base", "--dry-run",
+                "--count", "2", "-o", "json",
+            ],
+        ),
+        "dry run",
+    );
+    assert_eq!(dry["fits"], true, "{dry}");
+    assert_eq!(dry["placements"].as_array().map(|a| a.len()), Some(2));
+
+    // A VM, as the member, by names.
     let op = json(
         up.cli_with_token(
             &member,
@@ -229,6 +286,7 @@ fn the_spine_through_the_cli() {
     );
     let vm_id = op["vm"]["id"].as_str().expect("id").to_string();
     assert_eq!(op["job"]["kind"], "vm_create");
+    assert!(op["vm"]["host_id"].is_string(), "placed at creation: {op}");
     let list = json(
         up.cli_with_token(&member, &["vm", "list", "-o", "json"]),
         "vm list",
@@ -246,23 +304,70 @@ fn the_spine_through_the_cli() {
         "vm show by id",
     );
     assert_eq!(by_id["name"], "web");
-    // The job is visible and ends (no host is enrolled in this scope).
-    let job = up.cli_with_token(
-        &member,
-        &[
-            "job",
-            "wait",
-            op["job"]["id"].as_str().expect("job id"),
-            "-o",
-            "json",
-        ],
+    // The job ends, the sim host having run the VM.
+    let job = json(
+        up.cli_with_token(
+            &member,
+            &[
+                "job",
+                "wait",
+                op["job"]["id"].as_str().expect("job id"),
+                "-o",
+                "json",
+            ],
+        ),
+        "job wait",
     );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // Several at once, in one scheduling pass, in a server group.
+    ok(
+        up.cli_with_token(
+            &member,
+            &["server-group", "create", "apart", "--policy", "soft-anti-affinity"],
+        ),
+        "server-group create",
+    );
+    let many = json(
+        up.cli_with_token(
+            &member,
+            &[
+                "vm", "create", "many", "--flavor", "tiny", "--image", "base", "--count", "3",
+                "--group", "apart", "--wait", "-o", "json",
+            ],
+        ),
+        "vm create --count",
+    );
+    let names: Vec<&str> = many
+        .as_array()
+        .expect("VMs")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["many-1", "many-2", "many-3"]);
     assert!(
-        !job.status.success(),
-        "the create job cannot succeed without hosts"
+        many.as_array()
+            .expect("VMs")
+            .iter()
+            .all(|v| v["state"] == "running"),
+        "{many}"
     );
-    let job: Value = serde_json::from_slice(&job.stdout).expect("job JSON");
-    assert_eq!(job["error"]["code"], "no_host_available");
+    let groups = ok(
+        up.cli_with_token(&member, &["server-group", "list"]),
+        "server-group list",
+    );
+    assert!(groups.contains("apart") && groups.contains("3"), "{groups}");
+    let clusters = ok(up.cli(&["cluster", "list"]), "cluster list");
+    assert!(clusters.contains("default") && clusters.contains("spread"), "{clusters}");
+    ok(
+        up.cli(&["cluster", "update", "default", "--cpu-ratio", "2", "--weigher", "pack"]),
+        "cluster update",
+    );
+    let host = json(
+        up.cli(&["host", "update", "sim-1", "--add-tag", "ssd", "-o", "json"]),
+        "host update",
+    );
+    assert_eq!(host["tags"][0], "ssd");
+    assert_eq!(host["allocated"]["vcpus"], 4, "{host}");
     // Table output names things plainly.
     let table = ok(up.cli_with_token(&member, &["vm", "list"]), "vm list table");
     assert!(
@@ -275,6 +380,8 @@ fn the_spine_through_the_cli() {
         up.cli_with_token(&member, &["vm", "delete", "web", "--wait"]),
         "vm delete",
     );
+    let _ = agent.kill();
+    let _ = agent.wait();
     let gone = up.cli_with_token(&member, &["vm", "show", "web"]);
     assert_eq!(gone.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&gone.stderr);
