@@ -198,9 +198,28 @@ impl Datastore {
                 &crate::PageRequest::first(crate::page::MAX_LIMIT),
             )
             .await?;
+        // The images of those VMs in one query, not one per VM.
+        let rows = sqlx::query(&format!(
+            "{} WHERE id IN (SELECT image_id FROM vms WHERE host_id = $1)",
+            crate::images::SELECT
+        ))
+        .bind(id.to_string())
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading a host's images", e))?;
+        let mut images = std::collections::HashMap::new();
+        for r in &rows {
+            let img = ImageRecord::from_row(r)?;
+            images.insert(img.id, img);
+        }
         let mut out = Vec::with_capacity(vms.items.len());
         for vm in vms.items {
-            let image = self.image_get(vm.image_id).await?;
+            // An image deleted meanwhile (it cannot be while in use, but a
+            // VM placed between the two reads may name one not yet read).
+            let image = match images.get(&vm.image_id) {
+                Some(i) => i.clone(),
+                None => self.image_get(vm.image_id).await?,
+            };
             out.push((vm, image));
         }
         Ok((host.desired_revision, out))

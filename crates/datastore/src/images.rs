@@ -9,7 +9,7 @@ use crate::model::{enum_str, i64_of, ImageRecord};
 use crate::page::{ListQuery, Page, PageRequest};
 use crate::Datastore;
 
-const SELECT: &str =
+pub(crate) const SELECT: &str =
     "SELECT id, project_id, name, visibility, state, format, virtual_size, file_size, \
                       sha256, kernel_sha256, initrd_sha256, cmdline, created_at FROM images";
 

@@ -20,6 +20,7 @@ mod db;
 mod migrations;
 pub mod model;
 mod page;
+mod wal_sync;
 
 mod agents;
 mod flavors;

@@ -515,9 +515,9 @@ impl JobRunner {
     ) -> Result<VmRecord, Failure> {
         let started = tokio::time::Instant::now();
         let mut renewed = started;
-        let mut observed = self.signals.watch_observed();
+        let mut observed = self.signals.watch_vm(vm);
         loop {
-            observed.borrow_and_update();
+            observed.rx.borrow_and_update();
             let rec = self
                 .ds
                 .vm_get(vm)
@@ -617,7 +617,7 @@ impl JobRunner {
             // Woken by a report this controller applied; the timer catches
             // reports applied by other controllers and cancellations.
             tokio::select! {
-                _ = observed.changed() => {}
+                _ = observed.rx.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }

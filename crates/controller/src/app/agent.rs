@@ -70,7 +70,9 @@ pub async fn agent_report(
     let host = app.ds.host_heartbeat(actor.host.id, &r.facts).await?;
     let mut stale = 0;
     for obs in &r.vms {
-        if !app.ds.vm_apply_observation(host.id, obs).await? {
+        if app.ds.vm_apply_observation(host.id, obs).await? {
+            app.signals.vm_observed(obs.vm_id);
+        } else {
             stale += 1;
         }
     }
@@ -101,10 +103,11 @@ pub async fn agent_desired(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(wait));
     // Woken when this host's desired state changes: at once for changes made
     // through this controller, within a second (the revision watch) for
-    // changes made through others. The host record read when the agent was
-    // authenticated is the first look, so an idle poll costs no extra read.
+    // changes made through others. Subscribed before the revision is read,
+    // so a change in between is not missed.
     let mut changed = app.signals.watch_host(actor.host.id);
-    let mut rev = u64::try_from(actor.host.desired_revision).unwrap_or(0);
+    let mut rev =
+        u64::try_from(app.ds.host_get(actor.host.id).await?.desired_revision).unwrap_or(0);
     loop {
         if q.since.is_none_or(|s| rev > s) || tokio::time::Instant::now() >= deadline {
             break;

@@ -58,3 +58,51 @@ impl Actor {
         }
     }
 }
+
+/// How long an authenticated token is trusted without asking the store.
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tokens this controller authenticated in the last [`TOKEN_CACHE_TTL`],
+/// by hash: at thousands of requests a second, one store read per request
+/// just to authenticate would cost more than the request. Revoking a token
+/// (or deleting its project) through this controller clears the cache at
+/// once; through another controller it takes effect here within the TTL.
+/// Expiry is checked on every use.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    entries: std::sync::Mutex<
+        std::collections::HashMap<String, (stratus_datastore::model::TokenRecord, std::time::Instant)>,
+    >,
+}
+
+/// Beyond this many cached tokens the cache starts over (it is a cache of
+/// the tokens in active use, not of every token).
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+impl TokenCache {
+    pub fn get(&self, hash: &str) -> Option<stratus_datastore::model::TokenRecord> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (rec, at) = entries.get(hash)?;
+        let now = stratus_common::time::now_micros();
+        if at.elapsed() > TOKEN_CACHE_TTL || rec.expires_at.is_some_and(|x| x <= now) {
+            return None;
+        }
+        Some(rec.clone())
+    }
+
+    pub fn put(&self, hash: &str, rec: &stratus_datastore::model::TokenRecord) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= TOKEN_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(hash.to_string(), (rec.clone(), std::time::Instant::now()));
+    }
+
+    /// Forgets every token (after a revocation or a project deletion).
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}

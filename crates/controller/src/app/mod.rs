@@ -40,6 +40,8 @@ pub struct App {
     pub signals: Arc<Signals>,
     /// Chooses hosts for new VMs and claims them.
     pub scheduler: Arc<Scheduler>,
+    /// Recently authenticated API tokens (see [`authz::TokenCache`]).
+    pub tokens: authz::TokenCache,
 }
 
 impl App {
@@ -56,6 +58,7 @@ impl App {
             job_waker,
             signals,
             scheduler,
+            tokens: authz::TokenCache::default(),
         }
     }
 }

@@ -55,5 +55,7 @@ pub async fn project_view(app: &App, actor: &Actor, key: &str) -> Result<Project
 pub async fn project_delete(app: &App, actor: &Actor, key: &str) -> Result<(), Error> {
     let p = lookup::project(app, actor, key).await?;
     actor.require_admin("delete projects")?;
-    app.ds.project_delete(p.id).await
+    app.ds.project_delete(p.id).await?;
+    app.tokens.clear();
+    Ok(())
 }

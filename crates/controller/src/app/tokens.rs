@@ -105,7 +105,9 @@ pub async fn token_view(app: &App, actor: &Actor, key: &str) -> Result<Token, Er
 pub async fn token_revoke(app: &App, actor: &Actor, key: &str) -> Result<Token, Error> {
     let rec = visible_token(app, actor, key).await?;
     actor.require_mutate()?;
-    Ok(app.ds.token_revoke(rec.id).await?.into_view())
+    let revoked = app.ds.token_revoke(rec.id).await?;
+    app.tokens.clear();
+    Ok(revoked.into_view())
 }
 
 pub async fn whoami(app: &App, actor: &Actor) -> Result<WhoAmI, Error> {

@@ -40,8 +40,15 @@ impl FromRequestParts<Arc<App>> for Actor {
                     message: "the Authorization header must be `Bearer <token>`".into(),
                 })
             })?;
-        match app.ds.token_authenticate(&secrets::hash(token)).await? {
-            Some(token) => Ok(Actor { token }),
+        let hash = secrets::hash(token);
+        if let Some(token) = app.tokens.get(&hash) {
+            return Ok(Actor { token });
+        }
+        match app.ds.token_authenticate(&hash).await? {
+            Some(token) => {
+                app.tokens.put(&hash, &token);
+                Ok(Actor { token })
+            }
             None => Err(ApiError(Error::Unauthenticated {
                 message: "the token is not valid: unknown, revoked or expired".into(),
             })),

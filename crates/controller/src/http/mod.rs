@@ -21,6 +21,30 @@ use crate::app::App;
 /// which streams and has its own limit).
 const JSON_BODY_LIMIT: usize = 1 << 20;
 
+/// Nothing is acknowledged before it is on stable storage: a request that
+/// may have changed something (any method but GET and HEAD) is answered
+/// only after the store's next durable point (see `Datastore::durable`).
+/// Doing it here, once, covers every handler, and lets the store share one
+/// disk flush among every change waiting at that moment.
+async fn durable_changes(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let reads_only = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let resp = next.run(req).await;
+    if reads_only {
+        return resp;
+    }
+    match app.ds.durable().await {
+        Ok(()) => resp,
+        Err(e) => {
+            use axum::response::IntoResponse;
+            error::ApiError(e).into_response()
+        }
+    }
+}
+
 /// Builds the router with every route, the request-id and error layer, and
 /// panic containment.
 pub fn router(app: Arc<App>) -> Router {
@@ -116,6 +140,10 @@ pub fn router(app: Arc<App>) -> Router {
         .nest("/v1", v1)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            durable_changes,
+        ))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             error::panic_response,
