@@ -22,6 +22,8 @@ pub enum BenchCmd {
     Boot(BootArgs),
     /// The pure placement engine, in process, on one core
     Placement(PlacementArgs),
+    /// End to end: a controller, simulated hosts and concurrent HTTP clients
+    Api(crate::bench_api::ApiArgs),
 }
 
 #[derive(Args, Debug)]
@@ -61,6 +63,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Boot(a) => boot(a).await,
         BenchCmd::Placement(a) => placement(a).await,
+        BenchCmd::Api(a) => crate::bench_api::api(a).await,
     }
 }
 

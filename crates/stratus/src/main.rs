@@ -7,6 +7,7 @@
 
 mod agent_cmd;
 mod bench;
+mod bench_api;
 mod daemon;
 mod demo;
 
