@@ -67,6 +67,7 @@ pub struct Server {
     runner: Option<RunnerHandle>,
     refresher: JoinHandle<()>,
     revision_watch: JoinHandle<()>,
+    heartbeats: JoinHandle<()>,
 }
 
 /// How often the scheduler's index is rebuilt from the store (which is how
@@ -91,6 +92,8 @@ impl Server {
         let app = Arc::new(App::new(ds, images, runner.waker(), signals, scheduler));
         let revision_watch =
             crate::app::agent::spawn_revision_watch(app.clone(), std::time::Duration::from_secs(1));
+        let heartbeats =
+            crate::app::agent::spawn_heartbeats(app.clone(), std::time::Duration::from_secs(1));
 
         let bootstrap_token = tokens::bootstrap_admin(&app)
             .await
@@ -136,6 +139,7 @@ impl Server {
             runner: Some(runner),
             refresher,
             revision_watch,
+            heartbeats,
         })
     }
 
@@ -159,6 +163,7 @@ impl Server {
         }
         self.refresher.abort();
         self.revision_watch.abort();
+        self.heartbeats.abort();
         self.app.ds.close().await;
     }
 }

@@ -171,6 +171,48 @@ impl Datastore {
         self.host_get(id).await
     }
 
+    /// Records that these hosts were heard from at `at` (one statement for
+    /// all of them): how a controller writes thousands of heartbeats a
+    /// second as a few transactions. An unreachable host is up again; a
+    /// host in maintenance stays there.
+    pub async fn hosts_heard(&self, hosts: &[HostId], at: i64) -> Result<(), Error> {
+        for chunk in hosts.chunks(500) {
+            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "UPDATE hosts SET last_heartbeat_at = $1, \
+                 state = CASE WHEN state = 'unreachable' THEN 'up' ELSE state END \
+                 WHERE id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(at);
+            for h in chunk {
+                q = q.bind(h.to_string());
+            }
+            q.execute(&self.write)
+                .await
+                .map_err(|e| db_error("recording heartbeats", e))?;
+        }
+        Ok(())
+    }
+
+    /// The observation generation last applied for each VM on a host: lets
+    /// a report skip (without a write) every observation that is not newer.
+    pub async fn host_observed_generations(
+        &self,
+        host: HostId,
+    ) -> Result<std::collections::HashMap<VmId, i64>, Error> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, observed_generation FROM vms WHERE host_id = $1")
+                .bind(host.to_string())
+                .fetch_all(&self.read)
+                .await
+                .map_err(|e| db_error("reading a host's observations", e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, g)| id.parse().ok().map(|v| (v, g)))
+            .collect())
+    }
+
     /// Marks hosts silent since `before` as unreachable. Returns how many.
     pub async fn host_mark_unreachable(&self, before: i64) -> Result<u64, Error> {
         let done = sqlx::query(

@@ -67,10 +67,30 @@ pub async fn agent_report(
     actor: &HostActor,
     r: AgentReport,
 ) -> Result<AgentReportAck, Error> {
-    let host = app.ds.host_heartbeat(actor.host.id, &r.facts).await?;
+    let h = &actor.host;
+    let facts_changed = h.cpus != r.facts.cpus
+        || h.memory_bytes != r.facts.memory_bytes
+        || h.disk_bytes != r.facts.disk_bytes
+        || h.qemu_version != r.facts.qemu_version
+        || h.accel != r.facts.accel
+        || h.driver.as_deref() != Some(r.facts.driver.as_str());
+    let host = if facts_changed || h.state == stratus_api_types::views::HostState::Unreachable {
+        let host = app.ds.host_heartbeat(h.id, &r.facts).await?;
+        app.scheduler.host_changed(&host);
+        host
+    } else {
+        // The common case: only liveness. Written with every other host's
+        // heartbeat of the moment, in one statement (see `spawn_heartbeats`).
+        app.heartbeats.heard(h.id);
+        h.clone()
+    };
+    let known = app.ds.host_observed_generations(host.id).await?;
     let mut stale = 0;
     for obs in &r.vms {
-        if app.ds.vm_apply_observation(host.id, obs).await? {
+        let newer = known
+            .get(&obs.vm_id)
+            .is_none_or(|g| i64::try_from(obs.generation).unwrap_or(i64::MAX) > *g);
+        if newer && app.ds.vm_apply_observation(host.id, obs).await? {
             app.signals.vm_observed(obs.vm_id);
         } else {
             stale += 1;
@@ -287,6 +307,53 @@ pub fn spawn_revision_watch(app: std::sync::Arc<App>, every: Duration) -> tokio:
                     nudged.borrow_and_update();
                 }
                 _ = tokio::time::sleep(every) => {}
+            }
+        }
+    })
+}
+
+/// Hosts heard from since the last flush.
+#[derive(Debug, Default)]
+pub struct HeartbeatBook {
+    heard: std::sync::Mutex<std::collections::HashSet<stratus_common::HostId>>,
+}
+
+impl HeartbeatBook {
+    pub fn heard(&self, host: stratus_common::HostId) {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host);
+    }
+
+    fn take(&self) -> Vec<stratus_common::HostId> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
+    }
+}
+
+/// Writes the heartbeats heard every `every`: 10,000 hosts reporting every
+/// 10 s are 1,000 heartbeats a second, which as one write each would take
+/// most of a SQLite controller's writer; as one statement a second they
+/// cost nothing. (A host is marked unreachable only after 20 s of silence,
+/// so a second's delay in recording liveness changes nothing.)
+pub fn spawn_heartbeats(app: std::sync::Arc<App>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let heard = app.heartbeats.take();
+            if heard.is_empty() {
+                continue;
+            }
+            if let Err(e) = app
+                .ds
+                .hosts_heard(&heard, stratus_common::time::now_micros())
+                .await
+            {
+                tracing::warn!(error = %e, hosts = heard.len(), "could not record heartbeats");
             }
         }
     })

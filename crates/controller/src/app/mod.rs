@@ -42,6 +42,8 @@ pub struct App {
     pub scheduler: Arc<Scheduler>,
     /// Recently authenticated API tokens (see [`authz::TokenCache`]).
     pub tokens: authz::TokenCache,
+    /// Heartbeats waiting to be written (see [`agent::spawn_heartbeats`]).
+    pub heartbeats: agent::HeartbeatBook,
 }
 
 impl App {
@@ -59,6 +61,7 @@ impl App {
             signals,
             scheduler,
             tokens: authz::TokenCache::default(),
+            heartbeats: agent::HeartbeatBook::default(),
         }
     }
 }
