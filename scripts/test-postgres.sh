@@ -4,6 +4,9 @@
 #! Usage: eval "$(scripts/test-postgres.sh start DIR)"  → exports
 #! STRATUS_TEST_PG_URL and STRATUS_TEST_PG_DIR; scripts/test-postgres.sh stop DIR.
 #! As root, the server runs as the `postgres` user (initdb refuses root).
+#! Tests run it without fsync (a throw-away database); STRATUS_PG_DURABLE=1
+#! keeps PostgreSQL's default durability, for benchmarks whose figures claim
+#! durable commits (`stratus bench api --backend postgres`).
 set -euo pipefail
 
 cmd=${1:?start|stop}
@@ -24,8 +27,13 @@ start)
     if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$dir"; fi
     as_pg "$bin/initdb" -A trust -U postgres --no-sync -E UTF8 -D "$dir/data" >"$dir/initdb.log" 2>&1
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    if [ "${STRATUS_PG_DURABLE:-0}" = 1 ]; then
+        unsafe=""
+    else
+        unsafe="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    fi
     as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-        -o "-p $port -h 127.0.0.1 -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+        -o "-p $port -h 127.0.0.1 -k $dir $unsafe -c max_connections=300" \
         start >/dev/null
     echo "export STRATUS_TEST_PG_URL=postgres://postgres@127.0.0.1:$port/postgres"
     echo "export STRATUS_TEST_PG_DIR=$dir"
