@@ -1,6 +1,11 @@
 //! Starting and stopping an agent: enrollment or the saved credential, the
 //! driver, the shared state, the desired-state poller, and the tasks of the
 //! other loops (see the crate docs for how they fit).
+//!
+//! A lone agent and each host of a simulated fleet (`fleet.rs`) start the
+//! same way; what differs is [`Commons`], what the hosts of one process
+//! share: the HTTP client (one connection pool), the bound on calls in
+//! flight, and the token that stops them all.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -10,11 +15,11 @@ use std::time::Duration;
 use stratus_client::types::{AgentEnroll, HostFacts};
 use stratus_common::HostId;
 use stratus_driver::{Driver, QemuConfig, QemuDriver, SimConfig, SimDriver};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::Api;
+use crate::api::{http_client, Api};
 use crate::config::{AgentConfig, DriverConfig};
 use crate::credentials::{default_host_name, Credentials};
 use crate::error::{chain, AgentError};
@@ -25,11 +30,18 @@ use crate::state::{Book, Generations, Snapshot, VmRecords};
 pub(crate) struct Shared {
     pub driver: Arc<dyn Driver>,
     pub api: Api,
-    pub images: ImageCache,
+    pub images: Arc<ImageCache>,
     pub records: VmRecords,
     pub book: Mutex<Book>,
     /// Asks the reporter to report now rather than at its next tick.
     pub report_now: Notify,
+    /// Bumped by the reporter whenever the driver's list of VMs (ids or
+    /// states) changes, for the loops that only have work while VMs exist
+    /// (guest poller, console shipper): without VMs they wait here, so an
+    /// idle simulated host costs no timer at all.
+    pub vms_changed: watch::Sender<()>,
+    /// Wakes the guest poller (a guest query finished).
+    pub guest_wake: Notify,
     pub generations: Generations,
     pub facts: Mutex<HostFacts>,
     pub stop_timeout: Duration,
@@ -91,6 +103,51 @@ fn facts_of(driver: &str, f: stratus_driver::HostFacts) -> HostFacts {
     }
 }
 
+/// What the hosts of one process share. A lone agent has its own; every
+/// host of a simulated fleet gets a clone of the fleet's.
+#[derive(Clone)]
+pub(crate) struct Commons {
+    /// One connection pool for every host.
+    pub http: reqwest::Client,
+    /// Bounds the short calls in flight (see `api.rs`); `None`: unbounded.
+    pub limiter: Option<Arc<Semaphore>>,
+    /// Each host's loops stop on a child of this token.
+    pub cancel: CancellationToken,
+    /// Whether each host flocks its own data dir (a fleet flocks its top
+    /// directory once instead).
+    pub lock_data_dir: bool,
+    /// Per-host start, enrollment and stop lines at debug level (a fleet
+    /// logs a summary instead of 10,000 lines).
+    pub quiet: bool,
+    /// The fleet's one image cache; `None`: each host keeps its own in
+    /// `data_dir/images`.
+    pub images: Option<Arc<ImageCache>>,
+}
+
+impl Commons {
+    fn lone() -> Result<Commons, AgentError> {
+        Ok(Commons {
+            http: http_client()?,
+            limiter: None,
+            cancel: CancellationToken::new(),
+            lock_data_dir: true,
+            quiet: false,
+            images: None,
+        })
+    }
+}
+
+/// Logs at info, or at debug for a quiet (fleet) host.
+macro_rules! host_log {
+    ($quiet:expr, $($arg:tt)+) => {
+        if $quiet {
+            tracing::debug!($($arg)+)
+        } else {
+            tracing::info!($($arg)+)
+        }
+    };
+}
+
 /// The host agent. See the crate docs.
 pub struct Agent;
 
@@ -100,50 +157,79 @@ impl Agent {
     /// no credential yet, and spawns the loops. Returns once they run; the
     /// controller need not be reachable unless the host must enroll.
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+        Self::start_in(config, &Commons::lone()?).await
+    }
+
+    /// [`Agent::start`] for one host among others sharing `commons`.
+    pub(crate) async fn start_in(
+        config: AgentConfig,
+        commons: &Commons,
+    ) -> Result<AgentHandle, AgentError> {
+        let quiet = commons.quiet;
         let data_dir = prepare_data_dir(&config.data_dir)?;
-        let lock = lock_data_dir(&data_dir)?;
+        let lock = if commons.lock_data_dir {
+            Some(lock_data_dir(&data_dir)?)
+        } else {
+            None
+        };
         let driver = build_driver(&config.driver, &data_dir).await?;
         let facts = facts_of(
             driver.name(),
             driver.host_facts().await.map_err(AgentError::Facts)?,
         );
 
-        let creds = match Credentials::load(&data_dir)? {
+        let (creds, enrolled) = match Credentials::load(&data_dir)? {
             Some(c) => {
                 if c.url.trim_end_matches('/') != config.url.trim_end_matches('/') {
-                    tracing::info!(enrolled_with = %c.url, url = %config.url, "using the configured controller URL, not the one the host enrolled with");
+                    host_log!(quiet, enrolled_with = %c.url, url = %config.url, "using the configured controller URL, not the one the host enrolled with");
                 }
                 if config.enroll_token.is_some() {
-                    tracing::info!(host = %c.host_id, "already enrolled; the enrollment token is not needed");
+                    host_log!(quiet, host = %c.host_id, "already enrolled; the enrollment token is not needed");
                 }
-                c
+                (c, false)
             }
-            None => enroll(&config, &data_dir, facts.clone()).await?,
+            None => (
+                enroll(&config, commons, &data_dir, facts.clone()).await?,
+                true,
+            ),
         };
-        tracing::info!(host = %creds.host_id, url = %config.url, driver = driver.name(), data_dir = %data_dir.display(), "agent starting");
+        host_log!(quiet, host = %creds.host_id, url = %config.url, driver = driver.name(), data_dir = %data_dir.display(), "agent starting");
 
-        let api = Api::new(&config.url, Some(&creds.credential))?;
+        let api = Api::new(
+            commons.http.clone(),
+            &config.url,
+            Some(&creds.credential),
+            commons.limiter.clone(),
+        )?;
         let shared = Arc::new(Shared {
             driver,
-            images: ImageCache::new(data_dir.join("images"), api.clone()),
+            images: commons
+                .images
+                .clone()
+                .unwrap_or_else(|| Arc::new(ImageCache::new(data_dir.join("images")))),
             api,
             records: VmRecords::new(data_dir.join("vms")),
             book: Mutex::new(Book::default()),
             report_now: Notify::new(),
+            vms_changed: watch::Sender::new(()),
+            guest_wake: Notify::new(),
             generations: Generations::default(),
             facts: Mutex::new(facts),
             stop_timeout: config.stop_timeout,
             report_interval: config.report_interval,
             retry_interval: config.retry_interval,
             desired_wait: config.desired_wait,
-            cancel: CancellationToken::new(),
+            cancel: commons.cancel.child_token(),
             tasks: TaskTracker::new(),
         });
 
         let (desired_tx, desired_rx) = watch::channel(None);
         shared.spawn(poll_desired(shared.clone(), desired_tx));
         shared.spawn(crate::converge::supervise(shared.clone(), desired_rx));
-        shared.spawn(crate::report::report_loop(shared.clone()));
+        // A host that just enrolled is up with its facts already (the
+        // enrollment said it all): its first report can wait for its turn,
+        // which spares the controller a third of a fleet's start-up calls.
+        shared.spawn(crate::report::report_loop(shared.clone(), !enrolled));
         shared.spawn(crate::report::guest_loop(shared.clone()));
         shared.spawn(crate::console::console_loop(shared.clone()));
 
@@ -152,6 +238,8 @@ impl Agent {
             data_dir,
             driver: shared.driver.clone(),
             shared: Some(shared),
+            enrolled,
+            quiet,
             _lock: lock,
         })
     }
@@ -165,7 +253,13 @@ pub struct AgentHandle {
     driver: Arc<dyn Driver>,
     /// `None` once stopping.
     shared: Option<Arc<Shared>>,
-    _lock: File,
+    /// Whether this start enrolled the host (rather than reusing its
+    /// credential).
+    enrolled: bool,
+    quiet: bool,
+    /// `None` when the data dir is locked by someone else on the agent's
+    /// behalf (a fleet locks its top directory).
+    _lock: Option<File>,
 }
 
 impl AgentHandle {
@@ -184,6 +278,12 @@ impl AgentHandle {
         self.driver.clone()
     }
 
+    /// Whether this start enrolled the host, rather than reusing the
+    /// credential in its data dir.
+    pub fn enrolled_now(&self) -> bool {
+        self.enrolled
+    }
+
     /// Stops every loop and waits until they have ended and the driver is
     /// released (so a new agent can take the data dir at once). VMs keep
     /// running.
@@ -192,7 +292,7 @@ impl AgentHandle {
             shared.cancel.cancel();
             shared.tasks.close();
             shared.tasks.wait().await;
-            tracing::info!(host = %self.host_id, "agent stopped; its VMs keep running");
+            host_log!(self.quiet, host = %self.host_id, "agent stopped; its VMs keep running");
         }
     }
 }
@@ -222,8 +322,19 @@ fn prepare_data_dir(dir: &Path) -> Result<PathBuf, AgentError> {
     Ok(dir)
 }
 
-/// One agent per data dir: `agent.lock`, flock'ed for the agent's life.
-fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
+/// A fleet's top directory (see `fleet.rs`): created and made absolute; its
+/// hosts' data dirs are prepared as they start.
+pub(crate) fn prepare_fleet_dir(dir: &Path) -> Result<PathBuf, AgentError> {
+    let err = |source| AgentError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir.join("hosts")).map_err(err)?;
+    dir.canonicalize().map_err(err)
+}
+
+/// One agent (or fleet) per data dir: `agent.lock`, flock'ed for its life.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
     let path = dir.join("agent.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -282,6 +393,7 @@ async fn build_driver(
 
 async fn enroll(
     config: &AgentConfig,
+    commons: &Commons,
     data_dir: &Path,
     facts: HostFacts,
 ) -> Result<Credentials, AgentError> {
@@ -304,10 +416,16 @@ async fn enroll(
         cluster: config.cluster.clone(),
         address: config.address.clone().unwrap_or_else(|| name_text.clone()),
         facts,
+        tags: config.tags.clone(),
     };
     // A controller that is still starting is waited for a little; a refusal
     // (bad or spent token, name taken) is final.
-    let api = Api::new(&config.url, None)?;
+    let api = Api::new(
+        commons.http.clone(),
+        &config.url,
+        None,
+        commons.limiter.clone(),
+    )?;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     let deadline = std::time::Instant::now() + ENROLL_PATIENCE;
     let enrolled = loop {
@@ -330,13 +448,30 @@ async fn enroll(
         host_id: HostId(enrolled.host_id.0),
         credential: enrolled.credential,
     };
-    creds.save(data_dir)?;
-    tracing::info!(host = %creds.host_id, name = %name_text, "host enrolled");
+    // Off the async workers: saving ends with an fsync, and a fleet saves
+    // thousands of credentials.
+    let (saved, creds) = {
+        let dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || (creds.save(&dir), creds))
+            .await
+            .map_err(|e| AgentError::CredentialWrite {
+                path: Credentials::path(data_dir),
+                source: std::io::Error::other(e),
+            })?
+    };
+    saved?;
+    host_log!(commons.quiet, host = %creds.host_id, name = %name_text, "host enrolled");
     Ok(creds)
 }
 
 /// How long enrollment waits for an unreachable controller.
 const ENROLL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// `d` scaled by a random factor between `low` and `high`: spreads the
+/// periodic work of many hosts so they never act in lockstep.
+pub(crate) fn jitter(d: Duration, low: f64, high: f64) -> Duration {
+    d.mul_f64(low + rand::random::<f64>() * (high - low))
+}
 
 /// Exponential backoff with jitter: 0.5 s doubling to 10 s, each wait
 /// between half and all of the current step.
@@ -368,13 +503,16 @@ impl Backoff {
 }
 
 /// The desired-state poller: long polls forever, publishing each new
-/// revision; on any error waits (backoff) and polls again.
+/// revision; on any error waits (backoff) and polls again. Each poll asks to
+/// wait a random 75-100 % of `desired_wait`, so polls begun together (a
+/// fleet's start, a controller's restart) soon end apart.
 async fn poll_desired(shared: Arc<Shared>, tx: watch::Sender<Option<Arc<Snapshot>>>) {
     let mut since: Option<u64> = None;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        match shared.api.desired(since, shared.desired_wait).await {
+        let wait = jitter(shared.desired_wait, 0.75, 1.0).max(Duration::from_secs(1));
+        match shared.api.desired(since, wait).await {
             Ok(d) => {
                 backoff.reset();
                 if let Some(t) = failing_since.take() {

@@ -1,74 +1,172 @@
 //! The agent's side of the agent protocol: every call to the controller,
-//! through the generated client, each bounded in time so a hung connection
-//! never wedges a loop.
+//! each bounded in time so a hung connection never wedges a loop.
+//!
+//! The bodies are the generated client's types (`stratus_client::types`),
+//! but the requests are built here rather than by the generated `Client`:
+//! that one carries its credential in its `reqwest::Client`'s default
+//! headers, so hosts with different credentials could not share a
+//! connection pool. Built here, every simulated host of a fleet sends its
+//! own bearer token over one `reqwest::Client` (one pool, see
+//! `fleet.rs`), and a lone agent is just a fleet of one.
+//!
+//! Answers are read as the generated client reads them: the documented
+//! success status decodes the body, a 4xx or 5xx with an [`ErrorBody`] is
+//! [`ApiError::Refused`], anything else [`ApiError::Unexpected`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
 use stratus_client::types::{
     AgentDesired, AgentEnroll, AgentEnrolled, AgentReport, AgentReportAck, AgentRequestResult,
-    ConsoleAppend, ImagePart,
+    ConsoleAppend, ErrorBody, ImagePart,
 };
-use stratus_client::{ByteStream, Client};
+use stratus_client::{ByteStream, ClientInfo};
 use stratus_common::{ImageId, VmId};
+use tokio::sync::Semaphore;
 
 use crate::error::{AgentError, ApiError};
 
-/// How long an ordinary call (report, console, result) may take.
+/// How long an ordinary call (report, console, result) may take once it has
+/// a call slot.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the controller may take beyond the long poll's own wait.
 const POLL_SLACK: Duration = Duration::from_secs(15);
 
-/// The controller, as this agent talks to it.
+/// The controller, as one host talks to it. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Api {
-    client: Client,
+    http: reqwest::Client,
+    /// The controller's URL without a trailing `/`.
+    base: Arc<str>,
+    /// `Bearer <credential>`, once enrolled.
+    auth: Option<HeaderValue>,
+    /// Bounds the short calls in flight across every host sharing it, so
+    /// 10,000 simulated hosts starting at once queue here rather than open
+    /// 10,000 connections. `None`: unbounded (a lone agent).
+    limiter: Option<Arc<Semaphore>>,
+}
+
+/// The HTTP client an agent (or a whole fleet) talks to its controller
+/// with. No overall request timeout (image downloads are long); each call
+/// bounds itself instead.
+pub(crate) fn http_client() -> Result<reqwest::Client, AgentError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .user_agent(concat!("stratus-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(AgentError::Http)
 }
 
 impl Api {
-    /// A client for `url`; with a credential, every request carries it as a
-    /// bearer token. No overall request timeout (image downloads are long);
-    /// each call bounds itself instead.
-    pub fn new(url: &str, credential: Option<&str>) -> Result<Api, AgentError> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(c) = credential {
-            let v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", c.trim()))
-                .map_err(|_| AgentError::BadCredential)?;
-            headers.insert(reqwest::header::AUTHORIZATION, v);
-        }
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("stratus-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(AgentError::Http)?;
+    /// A host's view of the controller at `url` over `http`; with a
+    /// credential, every request carries it as a bearer token.
+    pub fn new(
+        http: reqwest::Client,
+        url: &str,
+        credential: Option<&str>,
+        limiter: Option<Arc<Semaphore>>,
+    ) -> Result<Api, AgentError> {
+        let auth = match credential {
+            Some(c) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", c.trim()))
+                    .map_err(|_| AgentError::BadCredential)?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
         Ok(Api {
-            client: Client::new_with_client(url.trim_end_matches('/'), http),
+            http,
+            base: url.trim_end_matches('/').into(),
+            auth,
+            limiter,
         })
     }
 
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(ACCEPT, "application/json")
+            .header(
+                "api-version",
+                <stratus_client::Client as ClientInfo<()>>::api_version(),
+            );
+        if let Some(auth) = &self.auth {
+            r = r.header(AUTHORIZATION, auth.clone());
+        }
+        r
+    }
+
+    /// Sends a short call: waits for a call slot (if limited), then gives
+    /// the call `limit` from there. The wait for a slot is not counted: a
+    /// call that timed out may still have been carried out, and retrying an
+    /// enrollment that was would find the host's name taken; a slot is
+    /// always freed within `limit` by the call holding it.
+    async fn send(
+        &self,
+        limit: Duration,
+        r: RequestBuilder,
+    ) -> Result<(Response, Bound), ApiError> {
+        let _slot = match &self.limiter {
+            // The semaphore is never closed.
+            Some(l) => l.acquire().await.ok(),
+            None => None,
+        };
+        self.send_unlimited(limit, r).await
+    }
+
+    /// Sends a long poll or a download: never waits for a call slot (it
+    /// holds its connection for long).
+    async fn send_unlimited(
+        &self,
+        limit: Duration,
+        r: RequestBuilder,
+    ) -> Result<(Response, Bound), ApiError> {
+        let bound = Bound::new(limit);
+        let resp = bound.run(r.send()).await?.map_err(ApiError::Unreachable)?;
+        Ok((resp, bound))
+    }
+
     pub async fn enroll(&self, body: AgentEnroll) -> Result<AgentEnrolled, ApiError> {
-        bounded(CALL_TIMEOUT, self.client.agent_enroll().body(body).send()).await
+        let r = self.request(Method::POST, "/v1/agent/enroll").json(&body);
+        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
+        decode(resp, StatusCode::CREATED, bound).await
     }
 
     /// The host's desired state, waiting up to `wait` for a revision newer
-    /// than `since`.
+    /// than `since`. Without `since` the controller answers at once, so
+    /// that first poll takes a call slot like any short call.
     pub async fn desired(
         &self,
         since: Option<u64>,
         wait: Duration,
     ) -> Result<AgentDesired, ApiError> {
         let secs = u32::try_from(wait.as_secs()).unwrap_or(60).min(60);
-        let mut call = self.client.agent_desired().wait_secs(secs);
-        if let Some(s) = since {
-            call = call.since(s);
-        }
-        bounded(wait + POLL_SLACK, call.send()).await
+        let limit = Duration::from_secs(u64::from(secs)) + POLL_SLACK;
+        let mut r = self
+            .request(Method::GET, "/v1/agent/desired")
+            .query(&[("wait_secs", secs)]);
+        let (resp, bound) = match since {
+            Some(s) => {
+                r = r.query(&[("since", s)]);
+                self.send_unlimited(limit, r).await?
+            }
+            None => self.send(limit, r).await?,
+        };
+        decode(resp, StatusCode::OK, bound).await
     }
 
     pub async fn report(&self, report: AgentReport) -> Result<AgentReportAck, ApiError> {
-        bounded(CALL_TIMEOUT, self.client.agent_report().body(report).send()).await
+        let r = self.request(Method::POST, "/v1/agent/report").json(&report);
+        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
+        decode(resp, StatusCode::OK, bound).await
     }
 
     pub async fn console_append(&self, vm: VmId, offset: u64, data: &[u8]) -> Result<(), ApiError> {
@@ -76,15 +174,11 @@ impl Api {
             offset,
             data_base64: STANDARD.encode(data),
         };
-        bounded(
-            CALL_TIMEOUT,
-            self.client
-                .agent_console_append()
-                .vm(vm.to_string())
-                .body(body)
-                .send(),
-        )
-        .await
+        let r = self
+            .request(Method::PUT, &format!("/v1/agent/vms/{vm}/console"))
+            .json(&body);
+        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
+        empty(resp, StatusCode::NO_CONTENT, bound).await
     }
 
     pub async fn request_result(
@@ -92,49 +186,98 @@ impl Api {
         id: uuid::Uuid,
         result: AgentRequestResult,
     ) -> Result<(), ApiError> {
-        bounded(
-            CALL_TIMEOUT,
-            self.client
-                .agent_request_result()
-                .request(id.to_string())
-                .body(result)
-                .send(),
-        )
-        .await
+        let r = self
+            .request(Method::POST, &format!("/v1/agent/requests/{id}/result"))
+            .json(&result);
+        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
+        empty(resp, StatusCode::NO_CONTENT, bound).await
     }
 
     /// Starts downloading an image part; the caller reads the stream (and
-    /// bounds each chunk in time).
+    /// bounds each chunk in time). Takes no call slot: a download can be
+    /// long, and slots are for short calls.
     pub async fn image_download(
         &self,
         image: ImageId,
         part: ImagePart,
     ) -> Result<ByteStream, ApiError> {
-        bounded(
-            CALL_TIMEOUT,
-            self.client
-                .agent_image_download()
-                .image(image.to_string())
-                .part(part)
-                .send(),
-        )
-        .await
+        let r = self.request(Method::GET, &format!("/v1/agent/images/{image}/{part}"));
+        let (resp, bound) = self.send_unlimited(CALL_TIMEOUT, r).await?;
+        if resp.status() == StatusCode::OK {
+            return Ok(ByteStream::new(Box::pin(resp.bytes_stream())));
+        }
+        Err(refusal(resp, bound).await)
     }
 }
 
-/// Runs a client call with a time bound and unwraps its answer.
-async fn bounded<T, F>(limit: Duration, call: F) -> Result<T, ApiError>
-where
-    F: std::future::Future<
-        Output = Result<
-            stratus_client::ResponseValue<T>,
-            stratus_client::Error<stratus_client::types::ErrorBody>,
-        >,
-    >,
-{
-    match tokio::time::timeout(limit, call).await {
-        Ok(Ok(v)) => Ok(v.into_inner()),
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(ApiError::Timeout(limit)),
+/// The body of an answer with status `ok`, else why not.
+async fn decode<T: DeserializeOwned>(
+    resp: Response,
+    ok: StatusCode,
+    bound: Bound,
+) -> Result<T, ApiError> {
+    if resp.status() != ok {
+        return Err(refusal(resp, bound).await);
+    }
+    let bytes = bound
+        .run(resp.bytes())
+        .await?
+        .map_err(ApiError::Unreachable)?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::Invalid(format!("the controller's answer could not be decoded: {e}"))
+    })
+}
+
+/// Nothing but status `ok` expected.
+async fn empty(resp: Response, ok: StatusCode, bound: Bound) -> Result<(), ApiError> {
+    if resp.status() == ok {
+        Ok(())
+    } else {
+        Err(refusal(resp, bound).await)
+    }
+}
+
+/// An answer other than the expected one: the controller's own error
+/// (4xx/5xx with an error body), or something the agent does not expect
+/// (another status, or a body that is not the controller's, e.g. a
+/// proxy's page).
+async fn refusal(resp: Response, bound: Bound) -> ApiError {
+    let status = resp.status().as_u16();
+    if !(400..600).contains(&status) {
+        return ApiError::Unexpected { status };
+    }
+    match bound.run(resp.bytes()).await {
+        Ok(Ok(bytes)) => match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => ApiError::Refused {
+                status,
+                code: e.error_code,
+                message: e.message,
+            },
+            Err(_) => ApiError::Unexpected { status },
+        },
+        _ => ApiError::Unexpected { status },
+    }
+}
+
+/// One call's time bound: a deadline for the whole call (queueing, head and
+/// body), and the limit it came from, for the error.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    deadline: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl Bound {
+    fn new(limit: Duration) -> Bound {
+        Bound {
+            deadline: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    async fn run<F: std::future::Future>(self, f: F) -> Result<F::Output, ApiError> {
+        tokio::time::timeout_at(self.deadline, f)
+            .await
+            .map_err(|_| ApiError::Timeout(self.limit))
     }
 }

@@ -23,6 +23,11 @@ pub struct AgentConfig {
     pub cluster: Option<String>,
     /// How operators reach this host (default: its name).
     pub address: Option<String>,
+    /// Host tags sent at enrollment (e.g. `ssd`, `gpu`): the scheduler
+    /// matches VMs' required and forbidden tags against them. Operators
+    /// change them later through the API; a restarted agent does not resend
+    /// them.
+    pub tags: Vec<String>,
     /// Needed only until the host is enrolled (`data_dir/agent.json` exists).
     pub enroll_token: Option<String>,
     pub driver: DriverConfig,
@@ -52,6 +57,7 @@ impl AgentConfig {
             zone: None,
             cluster: None,
             address: None,
+            tags: Vec::new(),
             enroll_token: None,
             driver,
             report_interval: Duration::from_secs(2),

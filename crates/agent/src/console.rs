@@ -1,6 +1,6 @@
 //! The console shipper: about once a second, new serial console bytes of
 //! every VM the controller placed here go to the controller with their
-//! offset. The controller keeps what it lacks and ignores what it has, so
+//! offset (a host without VMs waits for some, without a timer). The controller keeps what it lacks and ignores what it has, so
 //! after an agent restart (offsets start at 0 again) resending is harmless.
 
 use std::collections::HashMap;
@@ -23,26 +23,34 @@ const EVERY: Duration = Duration::from_secs(1);
 pub(crate) async fn console_loop(shared: Arc<Shared>) {
     // Per VM: the next offset to send.
     let mut offsets: HashMap<VmId, u64> = HashMap::new();
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut vms_changed = shared.vms_changed.subscribe();
     loop {
-        tick.tick().await;
-        let vms: Vec<VmId> = {
+        let (listed, vms): (bool, Vec<VmId>) = {
             let book = shared.book();
-            book.last_list
+            let vms = book
+                .last_list
                 .iter()
                 .map(|s| s.id)
                 .filter(|id| {
                     book.desired_vm(*id)
                         .is_some_and(|d| d.desired_state != VmDesiredState::Deleted)
                 })
-                .collect()
+                .collect();
+            (!book.last_list.is_empty(), vms)
         };
         offsets.retain(|id, _| vms.contains(id));
+        if !listed {
+            // Nothing to ship until the driver has VMs: no timer meanwhile.
+            if vms_changed.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         for id in vms {
             let offset = offsets.entry(id).or_insert(0);
             ship(&shared, id, offset).await;
         }
+        tokio::time::sleep(EVERY).await;
     }
 }
 

@@ -433,7 +433,7 @@ async fn converge_with(
 async fn spec_for(shared: &Arc<Shared>, id: VmId, vm: &DesiredVm) -> Result<VmSpec, ConvergeError> {
     let cached = shared
         .images
-        .ensure(&vm.image)
+        .ensure(&shared.api, &vm.image)
         .await
         .map_err(ConvergeError::Image)?;
     let boot = match cached.kernel {

@@ -75,6 +75,22 @@ pub enum AgentError {
 
     #[error("the credential contains characters not allowed in an HTTP header")]
     BadCredential,
+
+    #[error("a simulated fleet needs at least one host")]
+    FleetSize,
+
+    #[error(
+        "{hosts} simulated hosts need more open files than this process may have \
+         (limit {limit}; raise the hard limit, e.g. `ulimit -Hn`, or run fewer hosts)"
+    )]
+    OpenFilesLimit { hosts: usize, limit: u64 },
+
+    #[error("simulated host {name} cannot start")]
+    FleetHost {
+        name: String,
+        #[source]
+        source: Box<AgentError>,
+    },
 }
 
 /// A call to the controller that did not work out.

@@ -34,24 +34,27 @@ pub(crate) struct CachedImage {
     pub initrd: Option<PathBuf>,
 }
 
+/// One host's image cache, or a whole simulated fleet's: downloads go
+/// through the `Api` of the host that needs the image (the controller serves
+/// an image only to hosts with a VM of it), so hosts of one process can
+/// share a cache and download each image once.
 pub(crate) struct ImageCache {
     dir: PathBuf,
-    api: Api,
     /// One lock per image, so two VMs of one image download it once.
     locks: Mutex<HashMap<ImageId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ImageCache {
-    pub fn new(dir: PathBuf, api: Api) -> Self {
+    pub fn new(dir: PathBuf) -> Self {
         ImageCache {
             dir,
-            api,
             locks: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Every part of the image, verified, downloading what is missing.
-    pub async fn ensure(&self, image: &DesiredImage) -> Result<CachedImage, ImageError> {
+    /// Every part of the image, verified, downloading what is missing as
+    /// the host behind `api`.
+    pub async fn ensure(&self, api: &Api, image: &DesiredImage) -> Result<CachedImage, ImageError> {
         let id = ImageId(image.id.0);
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,6 +70,7 @@ impl ImageCache {
             })?;
         let disk = self
             .ensure_part(
+                api,
                 &dir,
                 id,
                 ImagePart::Disk,
@@ -76,14 +80,14 @@ impl ImageCache {
             .await?;
         let kernel = match &image.kernel_sha256 {
             Some(sha) => Some(
-                self.ensure_part(&dir, id, ImagePart::Kernel, sha, None)
+                self.ensure_part(api, &dir, id, ImagePart::Kernel, sha, None)
                     .await?,
             ),
             None => None,
         };
         let initrd = match (&image.kernel_sha256, &image.initrd_sha256) {
             (Some(_), Some(sha)) => Some(
-                self.ensure_part(&dir, id, ImagePart::Initrd, sha, None)
+                self.ensure_part(api, &dir, id, ImagePart::Initrd, sha, None)
                     .await?,
             ),
             _ => None,
@@ -97,6 +101,7 @@ impl ImageCache {
 
     async fn ensure_part(
         &self,
+        api: &Api,
         dir: &Path,
         id: ImageId,
         part: ImagePart,
@@ -112,7 +117,10 @@ impl ImageCache {
         }
         let started = std::time::Instant::now();
         let tmp = dir.join(format!(".{name}.{}.partial", uuid::Uuid::new_v4().simple()));
-        if let Err(e) = self.download(id, part, &tmp, &path, &expected, size).await {
+        if let Err(e) = self
+            .download(api, id, part, &tmp, &path, &expected, size)
+            .await
+        {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
@@ -126,8 +134,10 @@ impl ImageCache {
         Ok(path)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
+        api: &Api,
         id: ImageId,
         part: ImagePart,
         tmp: &Path,
@@ -135,15 +145,14 @@ impl ImageCache {
         expected: &str,
         size: Option<u64>,
     ) -> Result<(), ImageError> {
-        let stream =
-            self.api
-                .image_download(id, part)
-                .await
-                .map_err(|source| ImageError::Download {
-                    image: id,
-                    part,
-                    source,
-                })?;
+        let stream = api
+            .image_download(id, part)
+            .await
+            .map_err(|source| ImageError::Download {
+                image: id,
+                part,
+                source,
+            })?;
         let io = |source| ImageError::Io {
             path: tmp.to_path_buf(),
             source,

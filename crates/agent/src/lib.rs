@@ -15,14 +15,15 @@
 //!      │                any error)      │  orphans,   ├──► exec requests    │  sim)   │
 //!      │                                │  events)    │                     └────┬────┘
 //!      │                                └──────────────┘                          │
-//!      ├──────────── reporter: every 2 s and on every change ◄──── vm_list ───────┤
-//!      ├──────────── console shipper: every second ◄──────── console_read ────────┤
+//!      ├──────────── reporter: every ~2 s and on every change ◄─── vm_list ───────┤
+//!      ├──────────── console shipper: every second, with VMs ◄── console_read ────┤
 //!      │             guest poller: every 5 s per running VM ◄── guest_info ───────┘
 //! ```
 //!
-//! - The **desired poller** long-polls `GET /v1/agent/desired`, reconnecting
-//!   with exponential backoff (0.5 s to 10 s, jittered) so the agent survives
-//!   a controller restart; VMs keep running meanwhile.
+//! - The **desired poller** long-polls `GET /v1/agent/desired` (each poll
+//!   waiting a random 75-100 % of `desired_wait`), reconnecting with
+//!   exponential backoff (0.5 s to 10 s, jittered) so the agent survives a
+//!   controller restart; VMs keep running meanwhile.
 //! - The **supervisor** hands each desired VM to its own **worker** (so one
 //!   slow VM, e.g. a 30 s graceful stop, never holds up the others), hands VMs
 //!   the driver has but the controller does not mention to a worker that
@@ -32,7 +33,18 @@
 //! - The **reporter** posts an observation for every VM, with a generation
 //!   that only grows (microseconds since the epoch, or one more than the last),
 //!   so the controller never applies an older observation over a newer one,
-//!   across agent restarts too.
+//!   across agent restarts too. Its period is jittered (see `report.rs`).
+//! - The **console shipper** and **guest poller** have work only while the
+//!   host has VMs; until then they wait for the VM list to change, without
+//!   a timer.
+//!
+//! # Many simulated hosts in one process
+//!
+//! [`SimFleet::start`] runs N agents like the one above, each over its own
+//! [`SimDriver`], sharing one HTTP connection pool, one bound on calls in
+//! flight and one tokio runtime; one multi-use enrollment token enrolls them
+//! (see `fleet.rs`). `stratus agent --driver sim --hosts N` is its command
+//! line, and benchmarks call it in process.
 //!
 //! # One VM, as a worker sees it
 //!
@@ -65,7 +77,8 @@
 //! ```text
 //! data_dir/
 //!   agent.json              url, host id, credential (mode 0600)
-//!   agent.lock              flock'ed: one agent per data dir
+//!   agent.lock              flock'ed: one agent (or fleet) per data dir
+//!   hosts/<name>/           a fleet's host: agent.json, images/, vms/ as below
 //!   images/<image-id>/      disk, kernel, initrd (+ <part>.sha256 once verified)
 //!   vms/<vm-id>.json        applied reboot generation, whether the VM should be up
 //!   qemu/                   the QEMU driver's own tree (see stratus_driver::qemu)
@@ -78,6 +91,7 @@ mod console;
 mod converge;
 mod credentials;
 mod error;
+mod fleet;
 mod images;
 mod report;
 mod requests;
@@ -87,4 +101,5 @@ pub use agent::{Agent, AgentHandle};
 pub use config::{AgentConfig, DriverConfig};
 pub use credentials::{default_host_name, Credentials};
 pub use error::{AgentError, ApiError, ImageError};
-pub use stratus_driver::AccelChoice;
+pub use fleet::{raise_open_files_limit, SimFleet, SimFleetConfig, SimFleetHandle, SimHost};
+pub use stratus_driver::{AccelChoice, SimConfig, SimDriver};

@@ -1,11 +1,19 @@
-//! The reporter (heartbeat, host facts and an observation of every VM, every
-//! `report_interval` and right after any change) and the guest poller that
-//! keeps the guest-agent facts the reporter sends.
+//! The reporter (heartbeat, host facts and an observation of every VM, about
+//! every `report_interval` and right after any change) and the guest poller
+//! that keeps the guest-agent facts the reporter sends.
 //!
 //! A report never waits on a guest agent: guest facts are fetched by their
 //! own tasks (every 5 s per running VM; until the guest agent first answers,
 //! one query is always in flight) and cached; the reporter sends what is
 //! cached.
+//!
+//! Scale: 10,000 simulated hosts run these loops in one process, so
+//! - the period is jittered: the first wait is a random fraction of
+//!   `report_interval`, each later one 90-110 % of it, so hosts started
+//!   together (a fleet, a restart) report spread over the period rather than
+//!   in lockstep, and no gap exceeds 110 % of the period;
+//! - the guest poller has no tick: it sleeps until the next query falls due,
+//!   and without running VMs it waits for the VM list to change.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,26 +25,37 @@ use stratus_client::types::{
 use stratus_common::VmId;
 use stratus_driver::{GuestInfo, VmRuntimeState, VmStatus};
 
-use crate::agent::Shared;
+use crate::agent::{jitter, Shared};
 use crate::converge::{current_failure, observed_state};
 use crate::error::chain;
 use crate::state::Book;
 
 /// How often a connected guest agent is asked again.
 const GUEST_EVERY: Duration = Duration::from_secs(5);
-/// How often a guest agent that has not answered yet is asked: at once again.
+/// How often a guest agent that has not answered yet is asked: at once again
+/// (10 ms later, so a driver that fails fast is not asked in a busy loop).
 /// A query waits (up to the driver's first-contact timeout, 8 s) on a
 /// guest-sync the guest agent answers the moment it starts, so keeping one
 /// always in flight is what makes "guest agent connected" show without a
-/// polling delay; it is not a busy loop.
-const GUEST_EVERY_UNTIL_CONNECTED: Duration = Duration::ZERO;
+/// polling delay.
+const GUEST_EVERY_UNTIL_CONNECTED: Duration = Duration::from_millis(10);
 /// Bound on one guest-agent query (the driver has its own, shorter one).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Reports asked for within this window are sent as one.
 const COALESCE: Duration = Duration::from_millis(5);
 
-pub(crate) async fn report_loop(shared: Arc<Shared>) {
+/// Reports at once (unless `at_once` is false: then after the first,
+/// random, wait), then about every `report_interval` and after changes.
+pub(crate) async fn report_loop(shared: Arc<Shared>, at_once: bool) {
     let mut failing = false;
+    // Whether the wait ahead is the first (a random fraction of the period).
+    let mut first = at_once;
+    if !at_once {
+        tokio::select! {
+            _ = shared.report_now.notified() => {}
+            _ = tokio::time::sleep(jitter(shared.report_interval, 0.0, 1.0)) => {}
+        }
+    }
     loop {
         let report = build_report(&shared).await;
         let sent: Vec<VmId> = report.vms.iter().map(|o| VmId(o.vm_id.0)).collect();
@@ -66,11 +85,17 @@ pub(crate) async fn report_loop(shared: Arc<Shared>) {
                 }
             }
         }
+        let wait = if first {
+            first = false;
+            jitter(shared.report_interval, 0.0, 1.0)
+        } else {
+            jitter(shared.report_interval, 0.9, 1.1)
+        };
         tokio::select! {
             _ = shared.report_now.notified() => {
                 tokio::time::sleep(COALESCE).await;
             }
-            _ = tokio::time::sleep(shared.report_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -100,7 +125,17 @@ async fn build_report(shared: &Shared) -> AgentReport {
                 }
             }
         }
+        let changed = book.last_list.len() != list.len()
+            || book
+                .last_list
+                .iter()
+                .zip(&list)
+                .any(|(a, b)| a.id != b.id || a.state != b.state);
         book.last_list = list;
+        drop(book);
+        if changed {
+            shared.vms_changed.send_replace(());
+        }
     }
     AgentReport { facts, vms }
 }
@@ -189,40 +224,67 @@ fn observations(
 }
 
 /// Asks the guest agent of each running VM, in its own task, when due.
+/// Sleeps until the next query falls due, a query ends, or the VM list
+/// changes; with no running VM, only the last two wake it.
 pub(crate) async fn guest_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut vms_changed = shared.vms_changed.subscribe();
     loop {
-        tick.tick().await;
-        let due: Vec<VmId> = {
-            let mut book = shared.book();
-            let running: Vec<VmId> = book
-                .last_list
-                .iter()
-                .filter(|s| s.state == VmRuntimeState::Running)
-                .map(|s| s.id)
-                .collect();
-            let mut due = Vec::new();
-            for id in running {
-                let Some(b) = book.vms.get_mut(&id) else {
-                    continue;
-                };
-                let every = if b.guest.as_ref().is_some_and(|g| g.connected) {
-                    GUEST_EVERY
-                } else {
-                    GUEST_EVERY_UNTIL_CONNECTED
-                };
-                if !b.guest_in_flight && b.guest_fetched.is_none_or(|t| t.elapsed() >= every) {
-                    b.guest_in_flight = true;
-                    due.push(id);
-                }
-            }
-            due
-        };
+        let (due, next) = guest_queries_due(&shared);
         for id in due {
             shared.spawn(fetch_guest(shared.clone(), id));
         }
+        let until_next = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = vms_changed.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = shared.guest_wake.notified() => {}
+            _ = until_next => {}
+        }
     }
+}
+
+/// The running VMs whose guest agent should be asked now (marked in
+/// flight), and when the next one falls due.
+fn guest_queries_due(shared: &Shared) -> (Vec<VmId>, Option<Instant>) {
+    let now = Instant::now();
+    let mut book = shared.book();
+    let running: Vec<VmId> = book
+        .last_list
+        .iter()
+        .filter(|s| s.state == VmRuntimeState::Running)
+        .map(|s| s.id)
+        .collect();
+    let mut due = Vec::new();
+    let mut next: Option<Instant> = None;
+    for id in running {
+        let Some(b) = book.vms.get_mut(&id) else {
+            continue;
+        };
+        if b.guest_in_flight {
+            continue;
+        }
+        let every = if b.guest.as_ref().is_some_and(|g| g.connected) {
+            GUEST_EVERY
+        } else {
+            GUEST_EVERY_UNTIL_CONNECTED
+        };
+        match b.guest_fetched.map(|t| t + every) {
+            Some(at) if at > now => next = Some(next.map_or(at, |n| n.min(at))),
+            _ => {
+                b.guest_in_flight = true;
+                due.push(id);
+            }
+        }
+    }
+    (due, next)
 }
 
 async fn fetch_guest(shared: Arc<Shared>, id: VmId) {
@@ -240,6 +302,7 @@ async fn fetch_guest(shared: Arc<Shared>, id: VmId) {
     let changed = {
         let mut book = shared.book();
         let Some(b) = book.vms.get_mut(&id) else {
+            shared.guest_wake.notify_one();
             return;
         };
         b.guest_in_flight = false;
@@ -264,6 +327,7 @@ async fn fetch_guest(shared: Arc<Shared>, id: VmId) {
         b.guest = Some(new);
         changed
     };
+    shared.guest_wake.notify_one();
     if changed {
         shared.report_now.notify_one();
     }

@@ -6,6 +6,11 @@
 //! channel; a VM is one map entry. No task or thread exists per VM or per
 //! driver, so one test process can hold 10,000 simulated hosts.
 //!
+//! The capacity a simulated host reports ([`SimConfig`]) is whatever it is
+//! configured with (by default a realistic server: 64 vCPUs, 256 GiB of
+//! memory, 4 TiB of disk); each lifecycle operation (create, start, stop,
+//! reboot, destroy) takes the configured latency, zero by default.
+//!
 //! Differences from QEMU, on purpose: `guest_exec` is
 //! [`DriverError::Unsupported`]; the console holds one synthetic line per
 //! boot; the guest agent "answers" whenever the VM runs, with an address in
@@ -26,25 +31,29 @@ use crate::{
 };
 
 /// Events a simulated driver buffers per subscriber. Small on purpose: 10,000
-/// drivers in one process each allocate this many slots.
-const SIM_EVENT_CAPACITY: usize = 64;
+/// drivers in one process each allocate this many slots up front, and a
+/// subscriber that falls behind re-reads `vm_list` anyway.
+const SIM_EVENT_CAPACITY: usize = 16;
 
 /// The capacity a simulated host reports, and how slow its operations are.
-#[derive(Clone, Debug)]
+/// The default is a realistic two-socket server: 64 vCPUs, 256 GiB, 4 TiB,
+/// instant operations.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimConfig {
     pub cpus: u32,
     pub memory_bytes: u64,
     pub disk_bytes: u64,
-    /// Delay added to every lifecycle operation (zero: none).
+    /// How long each lifecycle operation (create, start, stop, reboot,
+    /// destroy) takes; zero: instant.
     pub latency: Duration,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            cpus: 16,
-            memory_bytes: 64 << 30,
-            disk_bytes: 1 << 40,
+            cpus: 64,
+            memory_bytes: 256 << 30,
+            disk_bytes: 4 << 40,
             latency: Duration::ZERO,
         }
     }
@@ -90,6 +99,11 @@ impl SimDriver {
                 reason: "simulated crash (injected)".into(),
             }))
         })
+    }
+
+    /// The capacity and latency this simulated host was configured with.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
     }
 
     /// How many VMs this simulated host holds.
@@ -471,16 +485,59 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn latency_is_applied() {
+    async fn latency_is_applied_to_every_lifecycle_operation() {
+        let latency = Duration::from_millis(30);
         let d = SimDriver::new(SimConfig {
-            latency: Duration::from_millis(30),
+            latency,
             ..SimConfig::default()
         });
         let s = spec();
+        let timed = |t: std::time::Instant, op: &str| {
+            assert!(t.elapsed() >= latency, "{op} took {:?}", t.elapsed());
+        };
         let t = std::time::Instant::now();
         d.vm_create(&s).await.expect("create");
+        timed(t, "create");
+        let t = std::time::Instant::now();
         d.vm_start(s.id).await.expect("start");
-        assert!(t.elapsed() >= Duration::from_millis(60));
+        timed(t, "start");
+        let t = std::time::Instant::now();
+        d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        timed(t, "stop");
+        let t = std::time::Instant::now();
+        d.vm_destroy(s.id).await.expect("destroy");
+        timed(t, "destroy");
+        // Queries are never slowed down.
+        let t = std::time::Instant::now();
+        d.vm_list().await.expect("list");
+        d.host_facts().await.expect("facts");
+        assert!(t.elapsed() < latency);
+    }
+
+    #[tokio::test]
+    async fn facts_are_the_configured_capacity() {
+        let d = sim();
+        let f = d.host_facts().await.expect("facts");
+        assert_eq!(
+            (f.cpus, f.memory_bytes, f.disk_bytes),
+            (64, 256 << 30, 4 << 40),
+            "a realistic server by default"
+        );
+        let d = SimDriver::new(SimConfig {
+            cpus: 8,
+            memory_bytes: 32 << 30,
+            disk_bytes: 500 << 30,
+            latency: Duration::ZERO,
+        });
+        let s = spec();
+        d.vm_create(&s).await.expect("create");
+        let f = d.host_facts().await.expect("facts");
+        assert_eq!(
+            (f.cpus, f.memory_bytes, f.disk_bytes),
+            (8, 32 << 30, 500 << 30)
+        );
+        assert_eq!(f.disk_free_bytes, (500 << 30) - s.disk_bytes);
+        assert_eq!(f.accel.as_deref(), Some("sim"));
     }
 
     #[tokio::test]

@@ -92,9 +92,17 @@ impl Cloud {
     }
 
     pub async fn enroll_token(&self) -> String {
+        self.enroll_token_for(1).await
+    }
+
+    /// A token `uses` hosts can enroll with.
+    pub async fn enroll_token_for(&self, uses: u32) -> String {
         self.admin
             .enrollment_token_create()
-            .body(types::EnrollmentTokenCreate::default())
+            .body(types::EnrollmentTokenCreate {
+                expires_in_hours: None,
+                uses: Some(uses),
+            })
             .send()
             .await
             .expect("enrollment token")
@@ -171,6 +179,11 @@ impl Cloud {
                 flavor: flavor.into(),
                 image: image.into(),
                 start: None,
+                zone: None,
+                cluster: None,
+                group: None,
+                require_tags: Vec::new(),
+                forbid_tags: Vec::new(),
             })
             .send()
             .await
