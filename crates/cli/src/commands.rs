@@ -749,7 +749,8 @@ async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
         HostCmd::Show { host } => {
             let h = c.host_view().host(host).send().await?.into_inner();
             output::print(f, &h, host_fields);
-        }        HostCmd::EnrollToken {
+        }
+        HostCmd::EnrollToken {
             expires_in_hours,
             uses,
         } => {
@@ -1067,35 +1068,42 @@ async fn vm_operation(
 /// Prints a batch create; with `--wait`, waits for every job first.
 fn host_fields(h: &types::Host) -> Table {
     fields(vec![
-                    ("name", h.name.clone()),
-                    ("id", h.id.to_string()),
-                    ("state", wire(&h.state)),
-                    ("zone", h.zone.clone()),
-                    ("cluster", h.cluster.clone()),
-                    ("address", h.address.clone()),
-                    ("cpus", h.cpus.to_string()),
-                    ("memory", bytes(h.memory_bytes)),
-                    ("disk", bytes(h.disk_bytes)),
-                    ("qemu", opt(&h.qemu_version)),
-                    ("accel", opt(&h.accel)),
-                    ("tags", if h.tags.is_empty() { "-".into() } else { h.tags.join(",") }),
-                    (
-                        "allocated",
-                        format!(
-                            "{} vCPUs, {} memory, {} disk",
-                            h.allocated.vcpus,
-                            bytes(h.allocated.memory_bytes),
-                            bytes(h.allocated.disk_bytes)
-                        ),
-                    ),
-                    (
-                        "last heartbeat",
-                        h.last_heartbeat_at
-                            .as_ref()
-                            .map(ts)
-                            .unwrap_or_else(|| "-".into()),
-                    ),
-                ])
+        ("name", h.name.clone()),
+        ("id", h.id.to_string()),
+        ("state", wire(&h.state)),
+        ("zone", h.zone.clone()),
+        ("cluster", h.cluster.clone()),
+        ("address", h.address.clone()),
+        ("cpus", h.cpus.to_string()),
+        ("memory", bytes(h.memory_bytes)),
+        ("disk", bytes(h.disk_bytes)),
+        ("qemu", opt(&h.qemu_version)),
+        ("accel", opt(&h.accel)),
+        (
+            "tags",
+            if h.tags.is_empty() {
+                "-".into()
+            } else {
+                h.tags.join(",")
+            },
+        ),
+        (
+            "allocated",
+            format!(
+                "{} vCPUs, {} memory, {} disk",
+                h.allocated.vcpus,
+                bytes(h.allocated.memory_bytes),
+                bytes(h.allocated.disk_bytes)
+            ),
+        ),
+        (
+            "last heartbeat",
+            h.last_heartbeat_at
+                .as_ref()
+                .map(ts)
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ])
 }
 
 async fn vm_batch(

@@ -169,7 +169,12 @@ pub async fn server_group(c: &Client, f: Format, cmd: ServerGroupCmd) -> Result<
                     PolicyArg::SoftAntiAffinity => types::GroupPolicy::SoftAntiAffinity,
                 },
             };
-            let g = c.server_group_create().body(body).send().await?.into_inner();
+            let g = c
+                .server_group_create()
+                .body(body)
+                .send()
+                .await?
+                .into_inner();
             output::print(f, &g, group_fields);
         }
         ServerGroupCmd::List { project } => {
@@ -275,9 +280,6 @@ pub fn explanation_rows(t: &mut Table, e: &types::PlacementExplanation) {
                 )
             })
             .collect();
-        t.row(vec![
-            format!("  near miss {}", n.host),
-            lacking.join("; "),
-        ]);
+        t.row(vec![format!("  near miss {}", n.host), lacking.join("; ")]);
     }
 }

@@ -291,8 +291,12 @@ async fn settle(ctx: &Ctx, w: &World) {
                     "reboot_generation": v["reboot_generation"], "intent_generation": v["generation"]}));
             }
             ctx.must(
-                ctx.post("/v1/agent/report", cred, json!({"facts": facts(), "vms": vms}))
-                    .await,
+                ctx.post(
+                    "/v1/agent/report",
+                    cred,
+                    json!({"facts": facts(), "vms": vms}),
+                )
+                .await,
                 "report",
             )
             .await;
@@ -322,7 +326,10 @@ async fn tenant_isolation_sweep(b: Backend) {
         }
         // Hosts, clusters and flavors belong to no project: not a tenancy
         // question.
-        if params.iter().any(|p| p == "host" || p == "flavor" || p == "cluster") {
+        if params
+            .iter()
+            .any(|p| p == "host" || p == "flavor" || p == "cluster")
+        {
             continue;
         }
         // Fill every parameter with A's resource, by id and (where it has
@@ -730,12 +737,18 @@ async fn vm_intent_lifecycle(b: Backend) {
     let ctx = Ctx::new(b, true).await;
     let w = world(&ctx).await;
     let am = &w.a_member;
-    let cred = w.host_credential.clone().expect("the world enrolled its host");
+    let cred = w
+        .host_credential
+        .clone()
+        .expect("the world enrolled its host");
     let host_alloc = |h: &Value| h["allocated"]["memory_bytes"].as_u64().unwrap_or(u64::MAX);
     // vm-a was placed at creation and holds its share of the host.
     let vm = ctx.get("/v1/vms/vm-a", am).await.body;
     assert_eq!(vm["host_id"], w.host.as_str(), "{vm}");
-    let host = ctx.get(&format!("/v1/hosts/{}", w.host), &ctx.admin).await.body;
+    let host = ctx
+        .get(&format!("/v1/hosts/{}", w.host), &ctx.admin)
+        .await
+        .body;
     assert_eq!(host_alloc(&host), 128 << 20, "{host}");
     // Its job waits for the host, which reports the VM running.
     settle(&ctx, &w).await;
@@ -760,25 +773,48 @@ async fn vm_intent_lifecycle(b: Backend) {
     // nowhere.
     ctx.must(ctx.post("/v1/flavors", &ctx.admin, json!({"name": "huge", "vcpus": 2, "memory_bytes": 16u64 << 30, "disk_bytes": 10u64 << 30})).await, "huge").await;
     let r = ctx
-        .post("/v1/vms", am, json!({"name": "big", "flavor": "huge", "image": "img-a"}))
+        .post(
+            "/v1/vms",
+            am,
+            json!({"name": "big", "flavor": "huge", "image": "img-a"}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert_eq!(r.code(), "no_host_available");
-    assert!(r.body["message"].as_str().unwrap_or("").contains("memory"), "{}", r.body);
+    assert!(
+        r.body["message"].as_str().unwrap_or("").contains("memory"),
+        "{}",
+        r.body
+    );
     assert_eq!(r.body["details"]["hosts_total"], 1, "{}", r.body);
-    assert_eq!(r.body["details"]["eliminated"][0]["filter"], "memory", "{}", r.body);
+    assert_eq!(
+        r.body["details"]["eliminated"][0]["filter"], "memory",
+        "{}",
+        r.body
+    );
     assert_eq!(
         r.body["details"]["near_misses"].as_array().map(|a| a.len()),
         Some(0),
         "host names are the operator's: {}",
         r.body
     );
-    assert_eq!(ctx.get("/v1/vms/big", am).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        ctx.get("/v1/vms/big", am).await.status,
+        StatusCode::NOT_FOUND
+    );
     // The admin sees the closest host by name.
     let r = ctx
-        .post("/v1/vms", &ctx.admin, json!({"name": "big", "flavor": "huge", "image": "img-a", "project": "a"}))
+        .post(
+            "/v1/vms",
+            &ctx.admin,
+            json!({"name": "big", "flavor": "huge", "image": "img-a", "project": "a"}),
+        )
         .await;
-    assert_eq!(r.body["details"]["near_misses"][0]["host"], "host-w", "{}", r.body);
+    assert_eq!(
+        r.body["details"]["near_misses"][0]["host"], "host-w",
+        "{}",
+        r.body
+    );
     // A dry run answers the same question without creating anything.
     let r = ctx
         .post("/v1/vm-placements", &ctx.admin, json!({"count": 3, "vm": {"name": "web", "flavor": "tiny", "image": "img-a", "project": "a"}}))
@@ -792,18 +828,41 @@ async fn vm_intent_lifecycle(b: Backend) {
         .post("/v1/vm-placements", am, json!({"count": 1, "vm": {"name": "web", "flavor": "tiny", "image": "img-a", "zone": "nowhere"}}))
         .await;
     assert_eq!(r.body["fits"], false, "{}", r.body);
-    assert_eq!(r.body["explanation"]["eliminated"][0]["filter"], "zone", "{}", r.body);
-    assert!(r.body["placements"].as_array().is_some_and(|a| a.is_empty()));
-    assert_eq!(ctx.get("/v1/vms/web-1", am).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        r.body["explanation"]["eliminated"][0]["filter"], "zone",
+        "{}",
+        r.body
+    );
+    assert!(r.body["placements"]
+        .as_array()
+        .is_some_and(|a| a.is_empty()));
+    assert_eq!(
+        ctx.get("/v1/vms/web-1", am).await.status,
+        StatusCode::NOT_FOUND
+    );
     // A batch is all or nothing: 80 tiny VMs (1 vCPU each) do not fit in
     // the host's 16 vCPUs (4 CPUs at the default 4.0 overcommit) with vm-a
     // on it, so none is created.
     let r = ctx
-        .post("/v1/vm-batches", am, json!({"count": 80, "vm": {"name": "many", "flavor": "tiny", "image": "img-a"}}))
+        .post(
+            "/v1/vm-batches",
+            am,
+            json!({"count": 80, "vm": {"name": "many", "flavor": "tiny", "image": "img-a"}}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
-    assert!(r.body["message"].as_str().unwrap_or("").contains("15 of 80"), "{}", r.body);
-    assert_eq!(ctx.get("/v1/vms/many-1", am).await.status, StatusCode::NOT_FOUND);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("15 of 80"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        ctx.get("/v1/vms/many-1", am).await.status,
+        StatusCode::NOT_FOUND
+    );
     // Three fit; hard anti-affinity with one host takes one, refuses more.
     let r = ctx
         .post("/v1/vm-batches", am, json!({"count": 3, "vm": {"name": "trio", "flavor": "tiny", "image": "img-a", "group": "grp-a"}}))
@@ -811,27 +870,77 @@ async fn vm_intent_lifecycle(b: Backend) {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     assert_eq!(r.body["items"].as_array().map(|a| a.len()), Some(3));
     assert_eq!(r.body["items"][2]["vm"]["name"], "trio-3");
-    assert_eq!(r.body["items"][0]["vm"]["server_group_id"], w.a_ids.iter().find(|(k, _)| *k == "group").expect("group").1.as_str());
-    ctx.must(ctx.post("/v1/server-groups", am, json!({"name": "apart", "policy": "anti_affinity"})).await, "apart").await;
+    assert_eq!(
+        r.body["items"][0]["vm"]["server_group_id"],
+        w.a_ids
+            .iter()
+            .find(|(k, _)| *k == "group")
+            .expect("group")
+            .1
+            .as_str()
+    );
+    ctx.must(
+        ctx.post(
+            "/v1/server-groups",
+            am,
+            json!({"name": "apart", "policy": "anti_affinity"}),
+        )
+        .await,
+        "apart",
+    )
+    .await;
     let r = ctx
         .post("/v1/vm-batches", am, json!({"count": 2, "vm": {"name": "pair", "flavor": "tiny", "image": "img-a", "group": "apart"}}))
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
-    assert_eq!(r.body["details"]["eliminated"][0]["filter"], "anti_affinity", "{}", r.body);
-    let host = ctx.get(&format!("/v1/hosts/{}", w.host), &ctx.admin).await.body;
-    assert_eq!(host_alloc(&host), 4 * (128 << 20), "vm-a and the trio: {host}");
+    assert_eq!(
+        r.body["details"]["eliminated"][0]["filter"], "anti_affinity",
+        "{}",
+        r.body
+    );
+    let host = ctx
+        .get(&format!("/v1/hosts/{}", w.host), &ctx.admin)
+        .await
+        .body;
+    assert_eq!(
+        host_alloc(&host),
+        4 * (128 << 20),
+        "vm-a and the trio: {host}"
+    );
     // A group with members cannot be deleted.
     let r = ctx.delete("/v1/server-groups/grp-a", am).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.code(), "group_in_use");
     // Placement constraints: tags the host lacks.
     let r = ctx
-        .post("/v1/vms", am, json!({"name": "fast", "flavor": "tiny", "image": "img-a", "require_tags": ["ssd"]}))
+        .post(
+            "/v1/vms",
+            am,
+            json!({"name": "fast", "flavor": "tiny", "image": "img-a", "require_tags": ["ssd"]}),
+        )
         .await;
-    assert_eq!(r.body["details"]["eliminated"][0]["filter"], "required_tags", "{}", r.body);
-    ctx.must(ctx.call(Method::PATCH, &format!("/v1/hosts/{}", w.host), Some(&ctx.admin), Some(json!({"add_tags": ["ssd"]}))).await, "tag").await;
+    assert_eq!(
+        r.body["details"]["eliminated"][0]["filter"], "required_tags",
+        "{}",
+        r.body
+    );
+    ctx.must(
+        ctx.call(
+            Method::PATCH,
+            &format!("/v1/hosts/{}", w.host),
+            Some(&ctx.admin),
+            Some(json!({"add_tags": ["ssd"]})),
+        )
+        .await,
+        "tag",
+    )
+    .await;
     let r = ctx
-        .post("/v1/vms", am, json!({"name": "fast", "flavor": "tiny", "image": "img-a", "require_tags": ["ssd"]}))
+        .post(
+            "/v1/vms",
+            am,
+            json!({"name": "fast", "flavor": "tiny", "image": "img-a", "require_tags": ["ssd"]}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     assert_eq!(r.body["vm"]["placement"]["require_tags"][0], "ssd");
@@ -877,8 +986,15 @@ async fn vm_intent_lifecycle(b: Backend) {
         ctx.get("/v1/vms/vm-a", am).await.status,
         StatusCode::NOT_FOUND
     );
-    let host = ctx.get(&format!("/v1/hosts/{}", w.host), &ctx.admin).await.body;
-    assert_eq!(host_alloc(&host), 4 * (128 << 20), "vm-a's share was released: {host}");
+    let host = ctx
+        .get(&format!("/v1/hosts/{}", w.host), &ctx.admin)
+        .await
+        .body;
+    assert_eq!(
+        host_alloc(&host),
+        4 * (128 << 20),
+        "vm-a's share was released: {host}"
+    );
     // A too-small flavor is refused up front.
     ctx.must(ctx.post("/v1/flavors", &ctx.admin, json!({"name": "mini", "vcpus": 1, "memory_bytes": 134217728u64, "disk_bytes": 1048576u64})).await, "mini").await;
     let r = ctx

@@ -124,9 +124,10 @@ impl Datastore {
         .map_err(|e| db_error(ctx, e))?;
         if spent.rows_affected() != 1 {
             return Err(Error::Unauthenticated {
-                message: "the enrollment token was used up while this host enrolled; make a new one \
+                message:
+                    "the enrollment token was used up while this host enrolled; make a new one \
                           with `stratus host enroll-token`"
-                    .into(),
+                        .into(),
             });
         }
         let host = fetch_host(&mut tx, id).await?;

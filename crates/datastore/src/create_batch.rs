@@ -44,24 +44,14 @@ struct Submission {
 /// The queue in front of the writer tasks.
 #[derive(Debug)]
 pub(crate) struct Combiner {
-    tx: mpsc::UnboundedSender<SubmissionBox>,
-}
-
-/// `Submission` is not `Debug` (it holds a reply channel); boxed to keep the
-/// queue's element small.
-pub(crate) struct SubmissionBox(Box<Submission>);
-
-impl std::fmt::Debug for SubmissionBox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Submission")
-    }
+    tx: mpsc::UnboundedSender<Submission>,
 }
 
 impl Combiner {
     /// Starts `writers` writer tasks on `pool` (one on SQLite, whose single
     /// writer connection would serialise more anyway).
     pub(crate) fn start(pool: AnyPool, writers: usize) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel::<SubmissionBox>();
+        let (tx, rx) = mpsc::unbounded_channel::<Submission>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
             let (pool, rx) = (pool.clone(), rx.clone());
@@ -72,13 +62,13 @@ impl Combiner {
                         let Some(first) = rx.recv().await else {
                             return;
                         };
-                        let mut n = first.0.items.len();
-                        let mut batch = vec![first.0];
+                        let mut n = first.items.len();
+                        let mut batch = vec![first];
                         while n < MAX_VMS {
                             match rx.try_recv() {
                                 Ok(s) => {
-                                    n += s.0.items.len();
-                                    batch.push(s.0);
+                                    n += s.items.len();
+                                    batch.push(s);
                                 }
                                 Err(_) => break,
                             }
@@ -103,7 +93,7 @@ impl Combiner {
             group,
             reply,
         };
-        if self.tx.send(SubmissionBox(Box::new(s))).is_err() {
+        if self.tx.send(s).is_err() {
             return Err(CreateError::Other(stratus_common::Error::Unavailable {
                 message: "the store is shutting down".into(),
             }));
@@ -116,7 +106,7 @@ impl Combiner {
     }
 }
 
-async fn write_batch(pool: &AnyPool, batch: Vec<Box<Submission>>) {
+async fn write_batch(pool: &AnyPool, batch: Vec<Submission>) {
     let combinable = batch.len() > 1 && batch.iter().all(|s| s.group.is_none());
     if combinable {
         let items: Vec<&VmToCreate> = batch.iter().flat_map(|s| s.items.iter()).collect();

@@ -36,9 +36,9 @@ pub use db::{Backend, Datastore, OpenError};
 pub use page::{Page, PageRequest};
 
 pub use agents::{HostRequestRecord, NewHost, CONSOLE_KEEP};
-pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};
 pub use jobs::{JobListFilter, JobOutcome, VmEffect};
+pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
 pub use tokens::NewToken;
 pub use vms::{CreateError, NewVm, VmListFilter, VmToCreate};

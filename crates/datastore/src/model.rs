@@ -401,8 +401,7 @@ impl VmRecord {
             observed_intent_generation: r.int("observed_intent_generation")?,
             server_group_id: r.opt_parse("server_group_id")?,
             placement: match r.opt_text("placement")? {
-                Some(p) => serde_json::from_str(&p)
-                    .map_err(|e| column_error("placement", e))?,
+                Some(p) => serde_json::from_str(&p).map_err(|e| column_error("placement", e))?,
                 None => views::VmPlacement::default(),
             },
             created_at: r.int("created_at")?,

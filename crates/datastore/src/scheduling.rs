@@ -188,11 +188,13 @@ impl Datastore {
     ) -> Result<Vec<ServerGroupRecord>, Error> {
         let rows = match project {
             Some(p) => {
-                sqlx::query(&format!("{GROUP_SELECT} WHERE project_id = $1 AND name = $2"))
-                    .bind(p.to_string())
-                    .bind(name)
-                    .fetch_all(&self.read)
-                    .await
+                sqlx::query(&format!(
+                    "{GROUP_SELECT} WHERE project_id = $1 AND name = $2"
+                ))
+                .bind(p.to_string())
+                .bind(name)
+                .fetch_all(&self.read)
+                .await
             }
             None => {
                 sqlx::query(&format!("{GROUP_SELECT} WHERE name = $1 ORDER BY id"))
@@ -244,7 +246,10 @@ impl Datastore {
                 if is_fk_violation(&e) {
                     Error::conflict(
                         "group_in_use",
-                        format!("server group {:?} gained a member; delete it first", group.name),
+                        format!(
+                            "server group {:?} gained a member; delete it first",
+                            group.name
+                        ),
                     )
                 } else {
                     db_error("deleting a server group", e)
@@ -255,14 +260,13 @@ impl Datastore {
 
     /// Replaces a host's tags.
     pub async fn host_set_tags(&self, id: HostId, tags: &[String]) -> Result<HostRecord, Error> {
-        let done = sqlx::query(
-            "UPDATE hosts SET tags = $1, generation = generation + 1 WHERE id = $2",
-        )
-        .bind(crate::model::tags_column(tags))
-        .bind(id.to_string())
-        .execute(&self.write)
-        .await
-        .map_err(|e| db_error("updating a host's tags", e))?;
+        let done =
+            sqlx::query("UPDATE hosts SET tags = $1, generation = generation + 1 WHERE id = $2")
+                .bind(crate::model::tags_column(tags))
+                .bind(id.to_string())
+                .execute(&self.write)
+                .await
+                .map_err(|e| db_error("updating a host's tags", e))?;
         if done.rows_affected() == 0 {
             return Err(Error::not_found(ResourceKind::Host, id));
         }

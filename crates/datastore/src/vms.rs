@@ -270,21 +270,20 @@ pub(crate) async fn fetch_vm(conn: &mut sqlx::AnyConnection, id: VmId) -> Result
 /// One create (of one or more VMs) in its own transaction: see
 /// [`Datastore::vms_create`].
 pub(crate) async fn create_one(
-pool: &sqlx::AnyPool,
-items: &[VmToCreate],
-group: Option<(ServerGroupId, GroupPolicy)>,
+    pool: &sqlx::AnyPool,
+    items: &[VmToCreate],
+    group: Option<(ServerGroupId, GroupPolicy)>,
 ) -> Result<Vec<(VmRecord, JobRecord)>, CreateError> {
     let ctx = "recording new VMs";
     let now = now_micros();
     let mut tx = pool.begin().await.map_err(|e| db_error(ctx, e))?;
     if let Some((gid, policy)) = group {
-        let locked = sqlx::query(
-            "UPDATE server_groups SET generation = generation + 1 WHERE id = $1",
-        )
-        .bind(gid.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(ctx, e))?;
+        let locked =
+            sqlx::query("UPDATE server_groups SET generation = generation + 1 WHERE id = $1")
+                .bind(gid.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
         if locked.rows_affected() == 0 {
             return Err(Error::not_found(ResourceKind::ServerGroup, gid).into());
         }
@@ -296,8 +295,7 @@ group: Option<(ServerGroupId, GroupPolicy)>,
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| db_error(ctx, e))?;
-            let used: std::collections::BTreeSet<String> =
-                rows.into_iter().map(|r| r.0).collect();
+            let used: std::collections::BTreeSet<String> = rows.into_iter().map(|r| r.0).collect();
             let chosen: Vec<String> = items
                 .iter()
                 .filter_map(|i| i.host.map(|h| h.to_string()))

@@ -135,10 +135,15 @@ async fn race(schedulers: &[Arc<Scheduler>], fx: &Arc<Fixture>, n: usize) -> (us
                 placed += 1;
             }
             Err(Error::NoCapacity { message, details }) => {
-                assert!(message.contains("memory"), "explains the refusal: {message}");
+                assert!(
+                    message.contains("memory"),
+                    "explains the refusal: {message}"
+                );
                 assert_eq!(details["feasible"], 0, "{details}");
                 assert!(
-                    details["eliminated"].as_array().is_some_and(|a| !a.is_empty()),
+                    details["eliminated"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty()),
                     "{details}"
                 );
                 refused += 1;
@@ -263,12 +268,16 @@ async fn a_batch_that_does_not_fit_leaves_nothing() {
         .expect("open");
     let fx = fixture(&ds).await;
     let s = Scheduler::load(ds.clone()).await.expect("scheduler");
-    let six = (0..6).map(|i| pending(&fx, &format!("b-{i}"), None)).collect();
+    let six = (0..6)
+        .map(|i| pending(&fx, &format!("b-{i}"), None))
+        .collect();
     let e = s.create_vms(six, None).await.expect_err("does not fit");
     assert_eq!(e.error_code(), "no_host_available");
     assert!(e.to_string().contains("5 of 6"), "{e}");
     check_allocations(&ds).await;
-    let five = (0..5).map(|i| pending(&fx, &format!("c-{i}"), None)).collect();
+    let five = (0..5)
+        .map(|i| pending(&fx, &format!("c-{i}"), None))
+        .collect();
     assert_eq!(s.create_vms(five, None).await.expect("fits").len(), 5);
     check_allocations(&ds).await;
 }

@@ -90,10 +90,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-async fn start_controller(
-    dir: &Path,
-    database_url: &str,
-) -> anyhow::Result<(Controller, String)> {
+async fn start_controller(dir: &Path, database_url: &str) -> anyhow::Result<(Controller, String)> {
     let port = free_port()?;
     let exe = std::env::current_exe().context("finding the stratus binary")?;
     let token_file = dir.join("admin.token");
@@ -330,7 +327,11 @@ pub async fn api(a: ApiArgs) -> anyhow::Result<()> {
     let enroll_time = t0.elapsed();
     let cluster = api.get("/v1/clusters/default", &admin).await?;
     if cluster["hosts"].as_u64() != Some(a.hosts as u64) {
-        bail!("expected {} hosts, the controller has {}", a.hosts, cluster["hosts"]);
+        bail!(
+            "expected {} hosts, the controller has {}",
+            a.hosts,
+            cluster["hosts"]
+        );
     }
     println!(
         "  {} hosts enrolled and running in {:.1} s",
@@ -433,15 +434,11 @@ pub async fn api(a: ApiArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let deadline = t + Duration::from_secs(900);
         loop {
-            let left = api
-                .get("/v1/jobs?state=queued&limit=1", &admin)
-                .await?["items"]
+            let left = api.get("/v1/jobs?state=queued&limit=1", &admin).await?["items"]
                 .as_array()
                 .map(|v| v.len())
                 .unwrap_or(0)
-                + api
-                    .get("/v1/jobs?state=running&limit=1", &admin)
-                    .await?["items"]
+                + api.get("/v1/jobs?state=running&limit=1", &admin).await?["items"]
                     .as_array()
                     .map(|v| v.len())
                     .unwrap_or(0);
@@ -530,7 +527,9 @@ pub async fn api(a: ApiArgs) -> anyhow::Result<()> {
         over,
         refused.len()
     );
-    println!("  controller RSS right after the creates, with every host connected: {rss_busy:.0} MiB");
+    println!(
+        "  controller RSS right after the creates, with every host connected: {rss_busy:.0} MiB"
+    );
     drop(controller);
     if unplaced > 0 || over > 0 {
         bail!("{unplaced} VMs without a host, {over} hosts over capacity");

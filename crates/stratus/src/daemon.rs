@@ -62,6 +62,15 @@ pub struct ServerArgs {
     log_json: bool,
 }
 
+/// Every connected agent holds a connection (its long poll): a controller
+/// of 10,000 hosts needs more open files than the usual soft limit of 1024.
+fn raise_open_files() {
+    match stratus_agent::raise_open_files_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
+
 pub(crate) fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
@@ -109,6 +118,7 @@ fn default_controller_id() -> String {
 pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let signal = shutdown_signal()?;
+    raise_open_files();
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_data_dir()?,
@@ -202,6 +212,7 @@ pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let signal = shutdown_signal()?;
+    raise_open_files();
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_data_dir()?,

@@ -231,7 +231,14 @@ fn the_spine_through_the_cli() {
     let dry = up.cli_with_token(
         &member,
         &[
-            "vm", "create", "web", "--flavor", "tiny", "--image", "base", "--dry-run",
+            "vm",
+            "create",
+            "web",
+            "--flavor",
+            "tiny",
+            "--image",
+            "base",
+            "--dry-run",
         ],
     );
     assert_eq!(dry.status.code(), Some(1), "a dry run that does not fit");
@@ -243,7 +250,9 @@ fn the_spine_through_the_cli() {
         "enroll token",
     );
     let mut agent = env_cmd(home.path())
-        .args(["agent", "--driver", "sim", "--name", "sim-1", "--url", &up.url])
+        .args([
+            "agent", "--driver", "sim", "--name", "sim-1", "--url", &up.url,
+        ])
         .args(["--enroll-token", enroll["token"].as_str().expect("token")])
         .arg("--data-dir")
         .arg(home.path().join("agent"))
@@ -265,8 +274,18 @@ fn the_spine_through_the_cli() {
         up.cli_with_token(
             &member,
             &[
-                "vm", "create", "web", "--flavor", "tiny", "--image", "base", "--dry-run",
-                "--count", "2", "-o", "json",
+                "vm",
+                "create",
+                "web",
+                "--flavor",
+                "tiny",
+                "--image",
+                "base",
+                "--dry-run",
+                "--count",
+                "2",
+                "-o",
+                "json",
             ],
         ),
         "dry run",
@@ -323,7 +342,13 @@ fn the_spine_through_the_cli() {
     ok(
         up.cli_with_token(
             &member,
-            &["server-group", "create", "apart", "--policy", "soft-anti-affinity"],
+            &[
+                "server-group",
+                "create",
+                "apart",
+                "--policy",
+                "soft-anti-affinity",
+            ],
         ),
         "server-group create",
     );
@@ -357,9 +382,20 @@ fn the_spine_through_the_cli() {
     );
     assert!(groups.contains("apart") && groups.contains("3"), "{groups}");
     let clusters = ok(up.cli(&["cluster", "list"]), "cluster list");
-    assert!(clusters.contains("default") && clusters.contains("spread"), "{clusters}");
+    assert!(
+        clusters.contains("default") && clusters.contains("spread"),
+        "{clusters}"
+    );
     ok(
-        up.cli(&["cluster", "update", "default", "--cpu-ratio", "2", "--weigher", "pack"]),
+        up.cli(&[
+            "cluster",
+            "update",
+            "default",
+            "--cpu-ratio",
+            "2",
+            "--weigher",
+            "pack",
+        ]),
         "cluster update",
     );
     let host = json(

@@ -283,7 +283,10 @@ fn valid_tags(tags: &[String]) -> Result<Vec<String>, Error> {
 /// polls of hosts whose revision grew: how agents polling this controller
 /// hear of changes made through other controllers (within `every`), and of
 /// changes made here by code that did not know the host (at once).
-pub fn spawn_revision_watch(app: std::sync::Arc<App>, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_revision_watch(
+    app: std::sync::Arc<App>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen: std::collections::HashMap<stratus_common::HostId, i64> =
             std::collections::HashMap::new();

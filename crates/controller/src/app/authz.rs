@@ -71,7 +71,10 @@ pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(
 #[derive(Debug, Default)]
 pub struct TokenCache {
     entries: std::sync::Mutex<
-        std::collections::HashMap<String, (stratus_datastore::model::TokenRecord, std::time::Instant)>,
+        std::collections::HashMap<
+            String,
+            (stratus_datastore::model::TokenRecord, std::time::Instant),
+        >,
     >,
 }
 

@@ -66,7 +66,12 @@ pub async fn cluster_update(
     Ok(c.into_view())
 }
 
-pub async fn host_update(app: &App, actor: &Actor, key: &str, p: HostUpdate) -> Result<Host, Error> {
+pub async fn host_update(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    p: HostUpdate,
+) -> Result<Host, Error> {
     actor.require_admin("change hosts")?;
     let host = lookup::host(app, key).await?;
     let mut tags: std::collections::BTreeSet<String> = host.tags.iter().cloned().collect();

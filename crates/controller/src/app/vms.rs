@@ -18,9 +18,9 @@ use stratus_common::time::now_micros;
 use stratus_common::{Error, JobId, ProjectId, ServerGroupId, VmId};
 use stratus_datastore::model::{FlavorRecord, ImageRecord, JobRecord, NewJob, VmRecord};
 use stratus_datastore::{NewVm, PageRequest, VmListFilter};
-use stratus_scheduler::PendingVm;
 use stratus_jobs::kinds::VmJobParams;
 use stratus_jobs::JobKind;
+use stratus_scheduler::PendingVm;
 
 use crate::app::{lookup, Actor, App};
 
@@ -248,7 +248,9 @@ fn batch_names(p: &VmBatchCreate) -> Result<Vec<String>, Error> {
             let n = format!("{}-{i}", p.vm.name.as_str());
             n.parse::<stratus_common::Name>()
                 .map(|n| n.as_str().to_string())
-                .map_err(|e| Error::invalid("vm.name", format!("{n:?} (name with its number): {e}")))
+                .map_err(|e| {
+                    Error::invalid("vm.name", format!("{n:?} (name with its number): {e}"))
+                })
         })
         .collect()
 }
@@ -310,7 +312,10 @@ fn check_location(field: &str, v: &Option<String>) -> Result<(), Error> {
 async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Result<Shape, Error> {
     check_location("zone", &p.zone)?;
     check_location("cluster", &p.cluster)?;
-    for (field, tags) in [("require_tags", &p.require_tags), ("forbid_tags", &p.forbid_tags)] {
+    for (field, tags) in [
+        ("require_tags", &p.require_tags),
+        ("forbid_tags", &p.forbid_tags),
+    ] {
         if tags.len() > 32 {
             return Err(Error::invalid(field, format!("at most 32 {field}")));
         }

@@ -31,7 +31,10 @@ async fn durable_changes(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let reads_only = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let reads_only = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
     let resp = next.run(req).await;
     if reads_only {
         return resp;
