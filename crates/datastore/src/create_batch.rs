@@ -26,7 +26,7 @@ use stratus_common::{HostId, ServerGroupId};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::db_error;
-use crate::model::{enum_str, i64_of, JobRecord, VmRecord};
+use crate::model::{i64_of, JobRecord, VmRecord};
 use crate::vms::{create_one, CreateError, VmToCreate};
 
 /// Most VMs one combined transaction writes (it bounds the statements'
@@ -251,23 +251,7 @@ async fn write_combined(
     let mut eq = sqlx::query(&event_sql);
     for i in items {
         let vm = &i.vm;
-        let placement = serde_json::to_string(&vm.placement)
-            .map_err(|e| stratus_common::Error::internal(format!("encoding placement: {e}")))?;
-        vq = vq
-            .bind(vm.id.to_string())
-            .bind(vm.project_id.to_string())
-            .bind(vm.name.clone())
-            .bind(vm.flavor_id.to_string())
-            .bind(vm.image_id.to_string())
-            .bind(i64::from(vm.vcpus))
-            .bind(i64_of(vm.memory_bytes))
-            .bind(i64_of(vm.disk_bytes))
-            .bind(enum_str(&vm.desired_state))
-            .bind(i.job.id.to_string())
-            .bind(now)
-            .bind(i.host.map(|h| h.to_string()))
-            .bind(vm.server_group_id.map(|g| g.to_string()))
-            .bind(placement);
+        vq = crate::vms::bind_vm(vq, i, now)?;
         jq = jq
             .bind(i.job.id.to_string())
             .bind(i.job.project_id.map(|p| p.to_string()))

@@ -155,7 +155,15 @@ impl Datastore {
             .max_connections(4)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    for pragma in ["PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 10000"] {
+                    // Reads map the database file (no read syscall per page)
+                    // and keep 64 MiB of pages: a page of 500 VMs out of
+                    // 100,000 touches hundreds of pages.
+                    for pragma in [
+                        "PRAGMA foreign_keys = ON",
+                        "PRAGMA busy_timeout = 10000",
+                        "PRAGMA mmap_size = 1073741824",
+                        "PRAGMA cache_size = -65536",
+                    ] {
                         conn.execute(pragma).await?;
                     }
                     Ok(())

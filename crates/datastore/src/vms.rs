@@ -354,31 +354,13 @@ pub(crate) async fn create_one(
     let mut out = Vec::with_capacity(items.len());
     for i in items {
         let vm = &i.vm;
-        let placement = serde_json::to_string(&vm.placement)
-            .map_err(|e| Error::internal(format!("encoding placement: {e}")))?;
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
              desired_state, state, active_job_id, generation, created_at, updated_at, host_id, \
              server_group_id, placement) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11, $12, $13, $14)",
-        )
-        .bind(vm.id.to_string())
-        .bind(vm.project_id.to_string())
-        .bind(&vm.name)
-        .bind(vm.flavor_id.to_string())
-        .bind(vm.image_id.to_string())
-        .bind(i64::from(vm.vcpus))
-        .bind(i64_of(vm.memory_bytes))
-        .bind(i64_of(vm.disk_bytes))
-        .bind(enum_str(&vm.desired_state))
-        .bind(i.job.id.to_string())
-        .bind(now)
-        .bind(i.host.map(|h| h.to_string()))
-        .bind(vm.server_group_id.map(|g| g.to_string()))
-        .bind(placement)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
+        );
+        bind_vm(q, i, now)?.execute(&mut *tx).await.map_err(|e| {
             if is_unique_violation(&e) {
                 Error::conflict(
                     "name_in_use",
@@ -393,4 +375,31 @@ pub(crate) async fn create_one(
     }
     tx.commit().await.map_err(|e| db_error(ctx, e))?;
     Ok(out)
+}
+
+/// Binds the 14 values a VM's `INSERT` takes, in the order both the single
+/// and the combined create write them: id, project, name, flavor, image,
+/// vCPUs, memory, disk, desired state, job, time, host, group, placement.
+pub(crate) fn bind_vm<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    i: &VmToCreate,
+    now: i64,
+) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>, Error> {
+    let vm = &i.vm;
+    let placement = serde_json::to_string(&vm.placement)
+        .map_err(|e| Error::internal(format!("encoding placement: {e}")))?;
+    Ok(q.bind(vm.id.to_string())
+        .bind(vm.project_id.to_string())
+        .bind(vm.name.clone())
+        .bind(vm.flavor_id.to_string())
+        .bind(vm.image_id.to_string())
+        .bind(i64::from(vm.vcpus))
+        .bind(i64_of(vm.memory_bytes))
+        .bind(i64_of(vm.disk_bytes))
+        .bind(enum_str(&vm.desired_state))
+        .bind(i.job.id.to_string())
+        .bind(now)
+        .bind(i.host.map(|h| h.to_string()))
+        .bind(vm.server_group_id.map(|g| g.to_string()))
+        .bind(placement))
 }

@@ -195,14 +195,7 @@ impl Scheduler {
         let mut explanation = PlacementExplanation {
             hosts_total: explained.hosts_total as u64,
             feasible: explained.feasible as u64,
-            eliminated: explained
-                .eliminated
-                .iter()
-                .map(|e| FilterCount {
-                    filter: e.filter.as_str().to_string(),
-                    hosts: e.hosts as u64,
-                })
-                .collect(),
+            eliminated: counts(&explained.eliminated),
             near_misses: explained.near_misses.iter().map(near_miss).collect(),
         };
         // The lock is held across the trial batch and its release, so no
@@ -339,16 +332,19 @@ fn explanation_of(n: &NoFit) -> PlacementExplanation {
     PlacementExplanation {
         hosts_total: n.hosts_total as u64,
         feasible: 0,
-        eliminated: n
-            .eliminated
-            .iter()
-            .map(|e| FilterCount {
-                filter: e.filter.as_str().to_string(),
-                hosts: e.hosts as u64,
-            })
-            .collect(),
+        eliminated: counts(&n.eliminated),
         near_misses: n.near_misses.iter().map(near_miss).collect(),
     }
+}
+
+fn counts(eliminated: &[stratus_placement::Elimination]) -> Vec<FilterCount> {
+    eliminated
+        .iter()
+        .map(|e| FilterCount {
+            filter: e.filter.as_str().to_string(),
+            hosts: e.hosts as u64,
+        })
+        .collect()
 }
 
 fn batch_message(e: &BatchNoFit, total: usize) -> String {

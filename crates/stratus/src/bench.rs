@@ -105,21 +105,25 @@ struct Cloud {
 
 impl Drop for Cloud {
     fn drop(&mut self) {
-        // SIGTERM, so the local agent's VMs are not orphaned by a SIGKILL
-        // mid-operation; then make sure.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
+}
+
+/// SIGTERM, so a child `stratus` stops cleanly (a local agent's VMs are not
+/// orphaned mid-operation); SIGKILL if it has not ended within 20 s.
+pub(crate) fn stop_child(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn start_cloud() -> anyhow::Result<Cloud> {
