@@ -39,6 +39,8 @@ const GUEST_EVERY: Duration = Duration::from_secs(5);
 /// always in flight is what makes "guest agent connected" show without a
 /// polling delay.
 const GUEST_EVERY_UNTIL_CONNECTED: Duration = Duration::from_millis(10);
+/// How soon a running VM without a worker yet is looked at again.
+const UNKNOWN_VM_RECHECK: Duration = Duration::from_millis(100);
 /// Bound on one guest-agent query (the driver has its own, shorter one).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Reports asked for within this window are sent as one.
@@ -266,6 +268,11 @@ fn guest_queries_due(shared: &Shared) -> (Vec<VmId>, Option<Instant>) {
     let mut next: Option<Instant> = None;
     for id in running {
         let Some(b) = book.vms.get_mut(&id) else {
+            // Running but not yet known to a worker (an adopted VM before
+            // the first desired state arrives): nothing else would wake this
+            // loop when its worker appears, so look again shortly.
+            let soon = now + UNKNOWN_VM_RECHECK;
+            next = Some(next.map_or(soon, |n| n.min(soon)));
             continue;
         };
         if b.guest_in_flight {
