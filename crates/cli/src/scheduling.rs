@@ -233,7 +233,7 @@ pub async fn server_group(c: &Client, f: Format, cmd: ServerGroupCmd) -> Result<
 /// Prints a dry run's answer.
 pub fn print_preview(f: Format, p: &types::PlacementPreview) {
     output::print(f, p, |p| {
-        let mut t = Table::new(&["", ""]);
+        let mut t = Table::new(&["FIELD", "VALUE"]);
         t.row(vec!["fits".into(), p.fits.to_string()]);
         t.row(vec!["summary".into(), p.message.clone()]);
         for v in &p.placements {
