@@ -371,8 +371,11 @@ impl Datastore {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;
-        sqlx::query("UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = $1")
+        sqlx::query(
+            "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 WHERE id = $1",
+        )
             .bind(host.to_string())
+            .bind(now_micros())
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(ctx, e))?;
@@ -602,9 +605,11 @@ impl Datastore {
             return Ok(None);
         }
         sqlx::query(
-            "UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
+            "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 \
+             WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
         )
         .bind(vm.to_string())
+        .bind(now_micros())
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;

@@ -174,17 +174,20 @@ async fn write_combined(
              alloc_vcpus = alloc_vcpus + (SELECT c FROM d WHERE d.hid = hosts.id), \
              alloc_memory_bytes = alloc_memory_bytes + (SELECT m FROM d WHERE d.hid = hosts.id), \
              alloc_disk_bytes = alloc_disk_bytes + (SELECT k FROM d WHERE d.hid = hosts.id), \
-             generation = generation + 1, desired_revision = desired_revision + 1 \
+             generation = generation + 1, desired_revision = desired_revision + 1, \
+             desired_changed_at = ${} \
              WHERE id IN (SELECT hid FROM d) AND state = 'up' AND EXISTS (\
              SELECT 1 FROM clusters cl, d WHERE cl.name = hosts.cluster AND d.hid = hosts.id \
              AND (hosts.alloc_vcpus + d.c) * 1000 <= hosts.cpus * cl.cpu_ratio_milli \
              AND (hosts.alloc_memory_bytes + d.m) * 1000 <= hosts.memory_bytes * cl.ram_ratio_milli \
-             AND (hosts.alloc_disk_bytes + d.k) * 1000 <= hosts.disk_bytes * cl.disk_ratio_milli)"
+             AND (hosts.alloc_disk_bytes + d.k) * 1000 <= hosts.disk_bytes * cl.disk_ratio_milli)",
+            per_host.len() * 4 + 1
         );
         let mut q = sqlx::query(&sql);
         for (h, (c, m, k)) in &per_host {
             q = q.bind(h.to_string()).bind(*c).bind(*m).bind(*k);
         }
+        q = q.bind(now);
         let done = q.execute(&mut *tx).await.map_err(|e| db_error(ctx, e))?;
         if done.rows_affected() != per_host.len() as u64 {
             return Err(CreateError::HostsChanged(vec![]));

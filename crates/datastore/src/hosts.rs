@@ -24,12 +24,15 @@ pub struct HostListFilter<'a> {
 }
 
 impl Datastore {
-    /// Every host's desired revision (what agents long-poll on).
-    pub async fn host_revisions(&self) -> Result<Vec<(HostId, i64)>, Error> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT id, desired_revision FROM hosts")
-            .fetch_all(&self.read)
-            .await
-            .map_err(|e| db_error("reading hosts' desired revisions", e))?;
+    /// The desired revision (what agents long-poll on) of every host whose
+    /// desired state changed at or after `since` (micros; 0 for all hosts).
+    pub async fn host_revisions(&self, since: i64) -> Result<Vec<(HostId, i64)>, Error> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, desired_revision FROM hosts WHERE desired_changed_at >= $1")
+                .bind(since)
+                .fetch_all(&self.read)
+                .await
+                .map_err(|e| db_error("reading hosts' desired revisions", e))?;
         rows.into_iter()
             .map(|(id, rev)| {
                 id.parse()

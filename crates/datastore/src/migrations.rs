@@ -23,6 +23,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "scheduling",
         include_str!("../migrations/0004_scheduling.sql"),
     ),
+    (
+        5,
+        "desired_changed",
+        include_str!("../migrations/0005_desired_changed.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

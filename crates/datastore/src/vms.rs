@@ -158,10 +158,11 @@ impl Datastore {
             }
             // The VM's host must hear of the new intent.
             sqlx::query(
-                "UPDATE hosts SET desired_revision = desired_revision + 1 \
+                "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 \
                  WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
             )
             .bind(vm_id.to_string())
+            .bind(now)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(ctx, e))?;
@@ -331,7 +332,7 @@ pub(crate) async fn create_one(
         let done = sqlx::query(
             "UPDATE hosts SET alloc_vcpus = alloc_vcpus + $1, alloc_memory_bytes = alloc_memory_bytes + $2, \
              alloc_disk_bytes = alloc_disk_bytes + $3, generation = generation + 1, \
-             desired_revision = desired_revision + 1 \
+             desired_revision = desired_revision + 1, desired_changed_at = $5 \
              WHERE id = $4 AND state = 'up' AND EXISTS (SELECT 1 FROM clusters c WHERE c.name = hosts.cluster \
              AND (hosts.alloc_vcpus + $1) * 1000 <= hosts.cpus * c.cpu_ratio_milli \
              AND (hosts.alloc_memory_bytes + $2) * 1000 <= hosts.memory_bytes * c.ram_ratio_milli \
@@ -341,6 +342,7 @@ pub(crate) async fn create_one(
         .bind(*mem)
         .bind(*disk)
         .bind(host.to_string())
+        .bind(now)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;

@@ -281,3 +281,27 @@ async fn a_batch_that_does_not_fit_leaves_nothing() {
     assert_eq!(s.create_vms(five, None).await.expect("fits").len(), 5);
     check_allocations(&ds).await;
 }
+
+/// The revision watch's incremental read: a claim marks its host's desired
+/// state as changed now, so a read since just before finds that host and
+/// only hosts changed since then.
+#[tokio::test]
+async fn a_claim_marks_its_host_desired_state_changed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ds = Datastore::open(&stratus_test_utils::sqlite_url(dir.path()))
+        .await
+        .expect("open");
+    let fx = fixture(&ds).await;
+    let s = Scheduler::load(ds.clone()).await.expect("scheduler");
+    assert_eq!(ds.host_revisions(0).await.expect("all").len(), 3);
+    let before = stratus_common::time::now_micros();
+    assert!(ds.host_revisions(before).await.expect("since").is_empty());
+    let made = s
+        .create_vms(vec![pending(&fx, "one", None)], None)
+        .await
+        .expect("placed");
+    let host = made[0].0.host_id.expect("host");
+    let changed = ds.host_revisions(before).await.expect("since");
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].0, host);
+}

@@ -279,6 +279,11 @@ fn valid_tags(tags: &[String]) -> Result<Vec<String>, Error> {
         .collect()
 }
 
+/// How far back the revision watch looks on its incremental reads.
+const REVISION_WINDOW_MICROS: i64 = 10_000_000;
+/// How often the revision watch reads every host's revision.
+const FULL_REVISION_READ: Duration = Duration::from_secs(30);
+
 /// Watches every host's desired revision in the store and wakes the long
 /// polls of hosts whose revision grew: how agents polling this controller
 /// hear of changes made through other controllers (within `every`), and of
@@ -291,12 +296,27 @@ pub fn spawn_revision_watch(
         let mut seen: std::collections::HashMap<stratus_common::HostId, i64> =
             std::collections::HashMap::new();
         let mut nudged = app.signals.watch_desired();
+        // Most reads look only at hosts changed in the last few seconds (a
+        // window wide enough for a transaction committing late and for
+        // clocks differing between controllers); every 30 s all hosts are
+        // read, as a backstop.
+        let mut last_full = tokio::time::Instant::now();
+        let mut first = true;
         loop {
-            match app.ds.host_revisions().await {
+            let since = if first || last_full.elapsed() > FULL_REVISION_READ {
+                last_full = tokio::time::Instant::now();
+                first = false;
+                0
+            } else {
+                stratus_common::time::now_micros() - REVISION_WINDOW_MICROS
+            };
+            match app.ds.host_revisions(since).await {
                 Ok(revs) => {
                     for (host, rev) in revs {
                         let old = seen.insert(host, rev);
-                        if old.is_some_and(|o| o < rev) {
+                        // A host first seen here may have a poll waiting on
+                        // it: a wake-up it does not need costs one read.
+                        if old.is_none_or(|o| o < rev) {
                             app.signals.host_desired_changed(host);
                         }
                     }
