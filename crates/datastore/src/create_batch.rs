@@ -16,17 +16,16 @@
 //! create is written on its own, so every caller gets exactly its own
 //! outcome. Nothing is ever half-written.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sqlx::AnyPool;
 use stratus_api_types::views::GroupPolicy;
 use stratus_common::time::now_micros;
-use stratus_common::{HostId, ServerGroupId};
+use stratus_common::ServerGroupId;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::db_error;
-use crate::model::{i64_of, JobRecord, VmRecord};
+use crate::model::{JobRecord, VmRecord};
 use crate::vms::{create_one, CreateError, VmToCreate};
 
 /// Most VMs one combined transaction writes (it bounds the statements'
@@ -141,57 +140,11 @@ async fn write_combined(
     let mut tx = pool.begin().await.map_err(|e| db_error(ctx, e))?;
 
     // Claims: one guarded UPDATE for every host at once. If any host's guard
-    // refuses, fewer rows change than hosts were named, and the whole batch
-    // is rolled back (then retried one create at a time, which tells each
-    // caller which of its hosts refused).
-    let mut per_host: BTreeMap<HostId, (i64, i64, i64)> = BTreeMap::new();
-    for i in items {
-        if let Some(h) = i.host {
-            let e = per_host.entry(h).or_default();
-            e.0 += i64::from(i.vm.vcpus);
-            e.1 += i64_of(i.vm.memory_bytes);
-            e.2 += i64_of(i.vm.disk_bytes);
-        }
-    }
-    if !per_host.is_empty() {
-        let mut values = String::new();
-        for n in 0..per_host.len() {
-            if n > 0 {
-                values.push_str(", ");
-            }
-            let b = n * 4;
-            values.push_str(&format!(
-                "(${}, CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4
-            ));
-        }
-        let sql = format!(
-            "WITH d(hid, c, m, k) AS (VALUES {values}) \
-             UPDATE hosts SET \
-             alloc_vcpus = alloc_vcpus + (SELECT c FROM d WHERE d.hid = hosts.id), \
-             alloc_memory_bytes = alloc_memory_bytes + (SELECT m FROM d WHERE d.hid = hosts.id), \
-             alloc_disk_bytes = alloc_disk_bytes + (SELECT k FROM d WHERE d.hid = hosts.id), \
-             generation = generation + 1, desired_revision = desired_revision + 1, \
-             desired_changed_at = ${} \
-             WHERE id IN (SELECT hid FROM d) AND state = 'up' AND EXISTS (\
-             SELECT 1 FROM clusters cl, d WHERE cl.name = hosts.cluster AND d.hid = hosts.id \
-             AND (hosts.alloc_vcpus + d.c) * 1000 <= hosts.cpus * cl.cpu_ratio_milli \
-             AND (hosts.alloc_memory_bytes + d.m) * 1000 <= hosts.memory_bytes * cl.ram_ratio_milli \
-             AND (hosts.alloc_disk_bytes + d.k) * 1000 <= hosts.disk_bytes * cl.disk_ratio_milli)",
-            per_host.len() * 4 + 1
-        );
-        let mut q = sqlx::query(&sql);
-        for (h, (c, m, k)) in &per_host {
-            q = q.bind(h.to_string()).bind(*c).bind(*m).bind(*k);
-        }
-        q = q.bind(now);
-        let done = q.execute(&mut *tx).await.map_err(|e| db_error(ctx, e))?;
-        if done.rows_affected() != per_host.len() as u64 {
-            return Err(CreateError::HostsChanged(vec![]));
-        }
+    // refuses, the whole batch is rolled back (then retried one create at a
+    // time, so each caller gets its own outcome).
+    let per_host = crate::vms::claims_of(items.iter().copied());
+    if !crate::vms::claim_hosts(&mut tx, &per_host, now).await? {
+        return Err(CreateError::HostsChanged(vec![]));
     }
 
     // The VMs, their jobs and the jobs' first events: one statement each.

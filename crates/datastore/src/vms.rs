@@ -101,8 +101,8 @@ impl Datastore {
     /// Records new VMs with their jobs and claims their hosts, all in one
     /// transaction: every VM or none.
     ///
-    /// **Claims never overbook.** Each host's allocation grows by one guarded
-    /// `UPDATE` whose condition re-checks, in the database, that the host is
+    /// **Claims never overbook.** The hosts' allocations grow by one guarded
+    /// `UPDATE` ([`claim_hosts`]) whose condition re-checks, in the database, that the host is
     /// up and that the new allocation stays within its capacity times its
     /// cluster's ratios. Whatever the scheduler believed, two controllers (or
     /// two requests) cannot both take a host's last slot: the second guard
@@ -317,41 +317,9 @@ pub(crate) async fn create_one(
             }
         }
     }
-    // One guarded claim per host, for everything placed on it.
-    let mut per_host: BTreeMap<HostId, (i64, i64, i64)> = BTreeMap::new();
-    for i in items {
-        if let Some(h) = i.host {
-            let e = per_host.entry(h).or_default();
-            e.0 += i64::from(i.vm.vcpus);
-            e.1 += i64_of(i.vm.memory_bytes);
-            e.2 += i64_of(i.vm.disk_bytes);
-        }
-    }
-    let mut changed = Vec::new();
-    for (host, (cpu, mem, disk)) in &per_host {
-        let done = sqlx::query(
-            "UPDATE hosts SET alloc_vcpus = alloc_vcpus + $1, alloc_memory_bytes = alloc_memory_bytes + $2, \
-             alloc_disk_bytes = alloc_disk_bytes + $3, generation = generation + 1, \
-             desired_revision = desired_revision + 1, desired_changed_at = $5 \
-             WHERE id = $4 AND state = 'up' AND EXISTS (SELECT 1 FROM clusters c WHERE c.name = hosts.cluster \
-             AND (hosts.alloc_vcpus + $1) * 1000 <= hosts.cpus * c.cpu_ratio_milli \
-             AND (hosts.alloc_memory_bytes + $2) * 1000 <= hosts.memory_bytes * c.ram_ratio_milli \
-             AND (hosts.alloc_disk_bytes + $3) * 1000 <= hosts.disk_bytes * c.disk_ratio_milli)",
-        )
-        .bind(*cpu)
-        .bind(*mem)
-        .bind(*disk)
-        .bind(host.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(ctx, e))?;
-        if done.rows_affected() == 0 {
-            changed.push(*host);
-        }
-    }
-    if !changed.is_empty() {
-        return Err(CreateError::HostsChanged(changed));
+    let per_host = claims_of(items.iter());
+    if !claim_hosts(&mut tx, &per_host, now).await? {
+        return Err(CreateError::HostsChanged(per_host.into_keys().collect()));
     }
     let mut out = Vec::with_capacity(items.len());
     for i in items {
@@ -404,4 +372,73 @@ pub(crate) fn bind_vm<'q>(
         .bind(i.host.map(|h| h.to_string()))
         .bind(vm.server_group_id.map(|g| g.to_string()))
         .bind(placement))
+}
+
+/// What these VMs claim on each of their hosts: (vCPUs, memory, disk).
+pub(crate) fn claims_of<'a>(
+    items: impl Iterator<Item = &'a VmToCreate>,
+) -> BTreeMap<HostId, (i64, i64, i64)> {
+    let mut per_host: BTreeMap<HostId, (i64, i64, i64)> = BTreeMap::new();
+    for i in items {
+        if let Some(h) = i.host {
+            let e = per_host.entry(h).or_default();
+            e.0 += i64::from(i.vm.vcpus);
+            e.1 += i64_of(i.vm.memory_bytes);
+            e.2 += i64_of(i.vm.disk_bytes);
+        }
+    }
+    per_host
+}
+
+/// Claims every host at once with one guarded `UPDATE`: each host's
+/// allocation grows only if the host is up and the result stays within its
+/// capacity × its cluster's ratios, checked in the database. Returns whether
+/// every host was claimed; if not, the caller rolls the transaction back.
+/// The one definition of "a claim never overbooks", for every create path.
+pub(crate) async fn claim_hosts(
+    conn: &mut sqlx::AnyConnection,
+    per_host: &BTreeMap<HostId, (i64, i64, i64)>,
+    now: i64,
+) -> Result<bool, Error> {
+    if per_host.is_empty() {
+        return Ok(true);
+    }
+    let values: Vec<String> = (0..per_host.len())
+        .map(|n| {
+            let b = n * 4;
+            format!(
+                "(${}, CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4
+            )
+        })
+        .collect();
+    let sql = format!(
+        "WITH d(hid, c, m, k) AS (VALUES {}) \
+         UPDATE hosts SET \
+         alloc_vcpus = alloc_vcpus + (SELECT c FROM d WHERE d.hid = hosts.id), \
+         alloc_memory_bytes = alloc_memory_bytes + (SELECT m FROM d WHERE d.hid = hosts.id), \
+         alloc_disk_bytes = alloc_disk_bytes + (SELECT k FROM d WHERE d.hid = hosts.id), \
+         generation = generation + 1, desired_revision = desired_revision + 1, \
+         desired_changed_at = ${} \
+         WHERE id IN (SELECT hid FROM d) AND state = 'up' AND EXISTS (\
+         SELECT 1 FROM clusters cl, d WHERE cl.name = hosts.cluster AND d.hid = hosts.id \
+         AND (hosts.alloc_vcpus + d.c) * 1000 <= hosts.cpus * cl.cpu_ratio_milli \
+         AND (hosts.alloc_memory_bytes + d.m) * 1000 <= hosts.memory_bytes * cl.ram_ratio_milli \
+         AND (hosts.alloc_disk_bytes + d.k) * 1000 <= hosts.disk_bytes * cl.disk_ratio_milli)",
+        values.join(", "),
+        per_host.len() * 4 + 1
+    );
+    let mut q = sqlx::query(&sql);
+    for (h, (c, m, k)) in per_host {
+        q = q.bind(h.to_string()).bind(*c).bind(*m).bind(*k);
+    }
+    let done = q
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| db_error("claiming hosts", e))?;
+    Ok(done.rows_affected() == per_host.len() as u64)
 }
