@@ -427,6 +427,11 @@ pub(crate) fn name(v: &str) -> Result<types::Name, CliError> {
         .map_err(|e| CliError::Usage(format!("invalid name {v:?}: {e}")))
 }
 
+/// Several names (tags), each checked like [`name`].
+fn names(v: &[String]) -> Result<Vec<types::Name>, CliError> {
+    v.iter().map(|t| name(t)).collect()
+}
+
 /// Runs one client command.
 pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
     let c = client(&g)?;
@@ -464,7 +469,7 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
 }
 
 /// Fetches one page or, with `--all`, every page.
-async fn pages<T, F, Fut>(
+pub(crate) async fn pages<T, F, Fut>(
     opts: &ListOpts,
     mut fetch: F,
 ) -> Result<(Vec<T>, Option<String>), CliError>
@@ -730,12 +735,9 @@ async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
             add_tags,
             remove_tags,
         } => {
-            let tags = |v: Vec<String>| -> Result<Vec<types::Name>, CliError> {
-                v.iter().map(|t| name(t)).collect()
-            };
             let body = types::HostUpdate {
-                add_tags: tags(add_tags)?,
-                remove_tags: tags(remove_tags)?,
+                add_tags: names(&add_tags)?,
+                remove_tags: names(&remove_tags)?,
             };
             let h = c
                 .host_update()
@@ -1162,9 +1164,6 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
             group,
             wait,
         } => {
-            let tags = |v: Vec<String>| -> Result<Vec<types::Name>, CliError> {
-                v.iter().map(|t| name(t)).collect()
-            };
             let body = types::VmCreate {
                 name: name(&n)?,
                 flavor,
@@ -1173,8 +1172,8 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
                 start: Some(!no_start),
                 zone,
                 cluster,
-                require_tags: tags(require_tags)?,
-                forbid_tags: tags(forbid_tags)?,
+                require_tags: names(&require_tags)?,
+                forbid_tags: names(&forbid_tags)?,
                 group,
             };
             if dry_run {

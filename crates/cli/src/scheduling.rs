@@ -178,23 +178,26 @@ pub async fn server_group(c: &Client, f: Format, cmd: ServerGroupCmd) -> Result<
             output::print(f, &g, group_fields);
         }
         ServerGroupCmd::List { project } => {
-            let mut items = Vec::new();
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut r = c.server_group_list().limit(1000);
-                if let Some(p) = &project {
-                    r = r.project(p.clone());
+            let every_page = crate::commands::ListOpts {
+                limit: 1000,
+                cursor: None,
+                all: true,
+            };
+            let (items, _) = crate::commands::pages(&every_page, |limit, cursor| {
+                let project = project.clone();
+                async move {
+                    let mut r = c.server_group_list().limit(limit);
+                    if let Some(p) = project {
+                        r = r.project(p);
+                    }
+                    if let Some(cu) = cursor {
+                        r = r.cursor(cu);
+                    }
+                    let p = r.send().await?.into_inner();
+                    Ok((p.items, p.next_cursor))
                 }
-                if let Some(cu) = cursor {
-                    r = r.cursor(cu);
-                }
-                let p = r.send().await?.into_inner();
-                items.extend(p.items);
-                match p.next_cursor {
-                    Some(n) => cursor = Some(n),
-                    None => break,
-                }
-            }
+            })
+            .await?;
             output::print(f, &items, |items| {
                 let mut t = Table::new(&["NAME", "POLICY", "MEMBERS", "ID"]);
                 for g in items {

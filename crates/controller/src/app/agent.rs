@@ -265,10 +265,14 @@ pub async fn host_from_credential(app: &App, credential: &str) -> Result<Option<
         .map(|host| HostActor { host }))
 }
 
-/// Tags must be valid names (lowercase DNS labels), at most 32 per host.
+/// Tags must be valid names (lowercase DNS labels), at most
+/// [`super::MAX_TAGS`] per host.
 fn valid_tags(tags: &[String]) -> Result<Vec<String>, Error> {
-    if tags.len() > 32 {
-        return Err(Error::invalid("tags", "a host has at most 32 tags"));
+    if tags.len() > super::MAX_TAGS {
+        return Err(Error::invalid(
+            "tags",
+            format!("a host has at most {} tags", super::MAX_TAGS),
+        ));
     }
     tags.iter()
         .map(|t| {

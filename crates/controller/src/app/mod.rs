@@ -30,6 +30,11 @@ use tokio::sync::Notify;
 
 use crate::app::image_store::ImageStore;
 
+/// Most tags a host carries, and most a VM may require or forbid: enough
+/// for any real placement policy, few enough that tag sets stay cheap for
+/// the scheduler's index.
+pub const MAX_TAGS: usize = 32;
+
 /// Everything an API operation needs. Shared by all requests.
 pub struct App {
     pub ds: Datastore,

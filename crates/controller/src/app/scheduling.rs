@@ -81,8 +81,11 @@ pub async fn host_update(
     for t in &p.remove_tags {
         tags.remove(t.as_str());
     }
-    if tags.len() > 32 {
-        return Err(Error::invalid("add_tags", "a host has at most 32 tags"));
+    if tags.len() > super::MAX_TAGS {
+        return Err(Error::invalid(
+            "add_tags",
+            format!("a host has at most {} tags", super::MAX_TAGS),
+        ));
     }
     let tags: Vec<String> = tags.into_iter().collect();
     let host = app.ds.host_set_tags(host.id, &tags).await?;

@@ -316,8 +316,11 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
         ("require_tags", &p.require_tags),
         ("forbid_tags", &p.forbid_tags),
     ] {
-        if tags.len() > 32 {
-            return Err(Error::invalid(field, format!("at most 32 {field}")));
+        if tags.len() > super::MAX_TAGS {
+            return Err(Error::invalid(
+                field,
+                format!("at most {} {field}", super::MAX_TAGS),
+            ));
         }
     }
     if let Some(t) = p.require_tags.iter().find(|t| p.forbid_tags.contains(t)) {
