@@ -5,56 +5,19 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Cloud};
-use stratus_agent::{Agent, AgentConfig, AgentHandle, DriverConfig};
+use common::{agent_config, cloud, sim, start_agent, wait_for, Cloud};
+use stratus_agent::{Agent, AgentConfig, DriverConfig};
 use stratus_client::types::{HostState, JobState, Vm, VmState};
 use stratus_common::VmId;
 use stratus_driver::{
     BootSpec, ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, ImageFormat,
-    NicSpec, SimConfig, SimDriver, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus,
+    NicSpec, SimDriver, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus,
 };
 
 const JOB: Duration = Duration::from_secs(30);
-
-fn sim() -> Arc<SimDriver> {
-    Arc::new(SimDriver::new(SimConfig {
-        cpus: 8,
-        memory_bytes: 16 << 30,
-        disk_bytes: 100 << 30,
-        latency: Duration::ZERO,
-    }))
-}
-
-fn agent_config(cloud: &Cloud, dir: &Path, name: &str, driver: Arc<SimDriver>) -> AgentConfig {
-    let mut c = AgentConfig::new(&cloud.url, dir, DriverConfig::Instance(driver));
-    c.name = Some(name.into());
-    // Short long polls: a controller shutdown waits for them.
-    c.desired_wait = Duration::from_secs(3);
-    c.retry_interval = Duration::from_secs(2);
-    c
-}
-
-async fn start_agent(cloud: &Cloud, dir: &Path, name: &str, driver: Arc<SimDriver>) -> AgentHandle {
-    let mut c = agent_config(cloud, dir, name, driver);
-    c.enroll_token = Some(cloud.enroll_token().await);
-    Agent::start(c).await.expect("agent starts")
-}
-
-/// A cloud with project `p`, flavor `small` and image `img`.
-async fn cloud() -> (Cloud, tempfile::TempDir) {
-    common::logging();
-    let cloud = Cloud::start().await;
-    let files = tempfile::tempdir().expect("tempdir");
-    cloud.project("p").await;
-    cloud.flavor("small", 128, 64).await;
-    let disk = common::small_qcow2(files.path());
-    cloud.image("p", "img", &disk, None, None, None).await;
-    (cloud, files)
-}
 
 fn vm_id(vm: &Vm) -> VmId {
     VmId(vm.id.0)
@@ -543,10 +506,29 @@ async fn sim_image_with_a_wrong_checksum_fails_the_job_with_the_reason() {
     let (vm, job) = cloud.vm_create("p", "web-1", "small", "bad").await;
     let j = cloud.job_ends(&job, JOB).await;
     assert_eq!(j.state, JobState::Failed, "{j:?}");
-    let message = j.error.map(|e| e.message).unwrap_or_default();
+    let message = j
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
     assert!(message.contains("SHA-256"), "{message}");
-    let v = cloud.vm(&vm.id).await;
-    assert_eq!(v.state, VmState::Failed, "{v:?}");
+    // The host's failure was retried (with backoff) before the job failed.
+    let retries: Vec<&str> = j
+        .events
+        .iter()
+        .filter(|e| e.step == "retry")
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(retries.len(), 2, "{:?}", j.events);
+    assert!(retries[0].contains("attempt 2 of 3"), "{retries:?}");
+    // A create that failed leaves nothing: the saga's undo removed the VM
+    // from its host and discarded its record and its host's claim.
+    let gone = cloud.admin.vm_view().vm(vm.id.to_string()).send().await;
+    assert_eq!(
+        gone.err().and_then(|e| e.status()).map(|s| s.as_u16()),
+        Some(404),
+        "the failed VM's record should be gone"
+    );
     // Nothing half-downloaded is left in the cache.
     let cached = dir.path().join("images").join(image.id.to_string());
     let left: Vec<String> = std::fs::read_dir(&cached)

@@ -4,7 +4,8 @@
 //! before anything listens; the job runner starts before the listener so a
 //! job queued by the first request is picked up at once; on shutdown the
 //! listener stops accepting first, in-flight requests finish, then the
-//! runner stops (jobs it held are requeued when their lease runs out).
+//! runner stops (it hands its jobs' leases back, so the next controller resumes
+//! their sagas at once).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -141,6 +142,12 @@ impl Server {
             revision_watch,
             heartbeats,
         })
+    }
+
+    /// The saga engine running this controller's jobs (tests inject faults
+    /// through it); `None` once shut down.
+    pub fn saga_engine(&self) -> Option<&Arc<stratus_jobs::SagaEngine>> {
+        self.runner.as_ref().map(|r| r.engine())
     }
 
     pub fn local_addr(&self) -> SocketAddr {

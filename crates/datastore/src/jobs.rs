@@ -6,7 +6,8 @@
 //!    │               │  └───► failed
 //!    │               └─cancel─► cancelling ─► cancelled
 //!    └─cancel (before any step ran)─────────► cancelled
-//!  running, lease expired (controller died) ─► queued  (steps are idempotent)
+//!  running, lease expired (controller died) ─► running under another
+//!  controller, its saga resumed from the log (see `sagas.rs`)
 //! ```
 //!
 //! **Invariant**: a job's outcome and its effect on its target (the VM's new
@@ -419,36 +420,5 @@ impl Datastore {
         let job = fetch_job(&mut tx, id).await?;
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
         Ok(job)
-    }
-
-    /// Extends the lease on a job the owner still runs.
-    pub async fn job_renew_lease(
-        &self,
-        id: JobId,
-        owner: &str,
-        lease_until: i64,
-    ) -> Result<bool, Error> {
-        let done = sqlx::query("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND owner = $3 AND state IN ('running', 'cancelling')")
-            .bind(lease_until)
-            .bind(id.to_string())
-            .bind(owner)
-            .execute(&self.write)
-            .await
-            .map_err(|e| db_error("renewing a job lease", e))?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Puts jobs whose owner's lease ran out back in the queue, so another
-    /// (or the restarted) controller picks them up. Returns how many.
-    pub async fn job_requeue_expired(&self, now: i64) -> Result<u64, Error> {
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'queued', owner = NULL, lease_expires_at = NULL, updated_at = $1 \
-             WHERE state IN ('running', 'cancelling') AND lease_expires_at < $1",
-        )
-        .bind(now)
-        .execute(&self.write)
-        .await
-        .map_err(|e| db_error("requeueing jobs", e))?;
-        Ok(done.rows_affected())
     }
 }

@@ -28,6 +28,7 @@ mod hosts;
 mod images;
 mod jobs;
 mod projects;
+mod sagas;
 mod scheduling;
 mod tokens;
 mod vms;

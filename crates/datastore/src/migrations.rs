@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "desired_changed",
         include_str!("../migrations/0005_desired_changed.sql"),
     ),
+    (6, "sagas", include_str!("../migrations/0006_sagas.sql")),
 ];
 
 /// The schema version this binary expects: the last migration's.

@@ -128,6 +128,7 @@ impl Datastore {
         }
         for sql in [
             "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE project_id = $1)",
+            "DELETE FROM saga_events WHERE job_id IN (SELECT id FROM jobs WHERE project_id = $1)",
             "DELETE FROM jobs WHERE project_id = $1",
             "DELETE FROM host_enrollment_tokens WHERE created_by IN (SELECT id FROM api_tokens WHERE project_id = $1)",
             "DELETE FROM api_tokens WHERE project_id = $1",

@@ -49,7 +49,7 @@ both_backends!(
     flavors_and_images,
     vm_intent_and_job_are_one_transaction,
     jobs_claim_step_finish_and_cancel,
-    expired_leases_requeue_jobs,
+    expired_leases_are_adopted_with_their_saga_log,
     project_delete_refuses_while_in_use,
 );
 
@@ -549,14 +549,18 @@ async fn jobs_claim_step_finish_and_cancel(ds: &Datastore) {
         .await
         .expect_err("not owner");
     assert_eq!(wrong.error_code(), "job_not_owned");
-    assert!(ds
-        .job_renew_lease(j.id, "ctl-1", lease + 1)
-        .await
-        .expect("renew"));
-    assert!(!ds
-        .job_renew_lease(j.id, "ctl-2", lease + 1)
-        .await
-        .expect("renew"));
+    assert_eq!(
+        ds.job_renew_leases("ctl-1", lease + 1)
+            .await
+            .expect("renew"),
+        1
+    );
+    assert_eq!(
+        ds.job_renew_leases("ctl-2", lease + 1)
+            .await
+            .expect("renew"),
+        0
+    );
 
     let cancelling = ds.job_request_cancel(j.id).await.expect("cancel");
     assert_eq!(cancelling.state, JobState::Cancelling);
@@ -622,7 +626,7 @@ async fn jobs_claim_step_finish_and_cancel(ds: &Datastore) {
         .is_none());
 }
 
-async fn expired_leases_requeue_jobs(ds: &Datastore) {
+async fn expired_leases_are_adopted_with_their_saga_log(ds: &Datastore) {
     let fx = fixture(ds).await;
     let vm = new_vm(&fx, "a");
     let (_, j) = ds
@@ -634,27 +638,96 @@ async fn expired_leases_requeue_jobs(ds: &Datastore) {
         .await
         .expect("claim")
         .expect("job");
-    assert_eq!(
-        ds.job_requeue_expired(now).await.expect("requeue"),
-        0,
-        "lease still valid"
-    );
-    assert_eq!(
-        ds.job_requeue_expired(now + 2_000).await.expect("requeue"),
-        1
-    );
-    let again = ds
-        .job_claim_next("alive", now + 60_000_000)
+    ds.saga_create(j.id, "dead", "{\"dag\":1}")
         .await
-        .expect("claim")
-        .expect("requeued job");
-    assert_eq!(again.id, j.id);
-    assert_eq!(again.owner.as_deref(), Some("alive"));
+        .expect("saga");
+    assert_eq!(
+        ds.saga_dag(j.id).await.expect("dag").as_deref(),
+        Some("{\"dag\":1}")
+    );
+    assert!(ds
+        .saga_record(j.id, "dead", 1, "started", "e1")
+        .await
+        .expect("record"));
+    // Recording an event twice is recording it once.
+    assert!(ds
+        .saga_record(j.id, "dead", 1, "started", "e1")
+        .await
+        .expect("record again"));
+    assert_eq!(ds.saga_events(j.id).await.expect("log"), vec!["e1"]);
+
+    // Not adopted while the lease holds; adopted once it ran out.
+    let none = ds
+        .job_adopt("alive", now, now + 60_000_000, false, 10)
+        .await
+        .expect("adopt");
+    assert!(none.is_empty(), "lease still valid");
+    let got = ds
+        .job_adopt("alive", now + 2_000, now + 60_000_000, false, 10)
+        .await
+        .expect("adopt");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, j.id);
+    assert_eq!(got[0].owner.as_deref(), Some("alive"));
+    assert_eq!(
+        got[0].state,
+        JobState::Running,
+        "adoption keeps the saga running"
+    );
+
+    // The old owner can no longer write the log, the saga or the outcome.
+    assert!(!ds
+        .saga_record(j.id, "dead", 1, "succeeded", "e2")
+        .await
+        .expect("record"));
+    assert_eq!(ds.saga_events(j.id).await.expect("log"), vec!["e1"]);
+    assert_eq!(
+        ds.saga_create(j.id, "dead", "{}")
+            .await
+            .expect_err("not owner")
+            .error_code(),
+        "job_not_owned"
+    );
     let late = ds
         .job_finish(j.id, "dead", JobOutcome::Succeeded, None)
         .await
         .expect_err("old owner");
     assert_eq!(late.error_code(), "job_not_owned");
+    assert!(ds
+        .saga_record(j.id, "alive", 1, "succeeded", "e2")
+        .await
+        .expect("record"));
+    assert_eq!(ds.saga_events(j.id).await.expect("log").len(), 2);
+
+    // Renewal covers every job of an owner; release hands them over at once.
+    assert_eq!(
+        ds.job_renew_leases("alive", now + 120_000_000)
+            .await
+            .expect("renew"),
+        1
+    );
+    assert_eq!(ds.job_release_all("alive").await.expect("release"), 1);
+    let third = ds
+        .job_adopt("third", now, now + 60_000_000, false, 10)
+        .await
+        .expect("adopt");
+    assert_eq!(third.len(), 1, "a released job is adopted at once");
+    // `everything` (SQLite's single controller) takes even valid leases.
+    let all = ds
+        .job_adopt("fourth", now, now + 60_000_000, true, 10)
+        .await
+        .expect("adopt");
+    assert_eq!(all.len(), 1);
+    assert!(ds.job_owned_by(j.id, "fourth").await.expect("owner"));
+    assert!(!ds.job_owned_by(j.id, "third").await.expect("owner"));
+
+    // Discarding the create's VM: once, then nothing left to discard.
+    assert!(ds.vm_discard(vm.id, j.id).await.expect("discard"));
+    assert!(!ds.vm_discard(vm.id, j.id).await.expect("discard again"));
+    assert_eq!(
+        ds.vm_get(vm.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
 }
 
 async fn project_delete_refuses_while_in_use(ds: &Datastore) {

@@ -7,7 +7,11 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use stratus_agent::{Agent, AgentConfig, AgentHandle, DriverConfig};
+use stratus_driver::{SimConfig, SimDriver};
 
 use stratus_client::types::{self, Job, JobState, Vm};
 use stratus_client::Client;
@@ -302,4 +306,47 @@ fn tracing_subscriber_filter() -> tracing_subscriber::EnvFilter {
             "warn,stratus_agent=info,stratus_jobs=info,stratus_driver=info",
         )
     })
+}
+
+// ---- the simulated host most agent tests use ----
+
+pub fn sim() -> Arc<SimDriver> {
+    Arc::new(SimDriver::new(SimConfig {
+        cpus: 8,
+        memory_bytes: 16 << 30,
+        disk_bytes: 100 << 30,
+        latency: Duration::ZERO,
+    }))
+}
+
+pub fn agent_config(cloud: &Cloud, dir: &Path, name: &str, driver: Arc<SimDriver>) -> AgentConfig {
+    let mut c = AgentConfig::new(&cloud.url, dir, DriverConfig::Instance(driver));
+    c.name = Some(name.into());
+    // Short long polls: a controller shutdown waits for them.
+    c.desired_wait = Duration::from_secs(3);
+    c.retry_interval = Duration::from_secs(2);
+    c
+}
+
+pub async fn start_agent(
+    cloud: &Cloud,
+    dir: &Path,
+    name: &str,
+    driver: Arc<SimDriver>,
+) -> AgentHandle {
+    let mut c = agent_config(cloud, dir, name, driver);
+    c.enroll_token = Some(cloud.enroll_token().await);
+    Agent::start(c).await.expect("agent starts")
+}
+
+/// A cloud with project `p`, flavor `small` and image `img`.
+pub async fn cloud() -> (Cloud, tempfile::TempDir) {
+    logging();
+    let cloud = Cloud::start().await;
+    let files = tempfile::tempdir().expect("tempdir");
+    cloud.project("p").await;
+    cloud.flavor("small", 128, 64).await;
+    let disk = small_qcow2(files.path());
+    cloud.image("p", "img", &disk, None, None, None).await;
+    (cloud, files)
 }

@@ -66,6 +66,11 @@ pub async fn job_cancel(app: &App, actor: &Actor, key: &str) -> Result<Job, Erro
     actor.require_mutate()?;
     let job = app.ds.job_request_cancel(job.id).await?;
     app.job_waker.notify_one();
+    // A saga step waiting on the VM's host hears of it at once.
+    if job.target_kind == "vm" {
+        app.signals
+            .vm_observed(stratus_common::VmId::from(job.target_id));
+    }
     let events = app.ds.job_events(job.id).await?;
     Ok(job.into_view(events))
 }

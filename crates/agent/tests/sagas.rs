@@ -1,0 +1,341 @@
+//! Generated saga tests: for every saga (create, start, stop, reboot,
+//! delete), against a real controller and a real agent on the simulated
+//! driver,
+//! - every action runs twice and the operation ends exactly as it does
+//!   once;
+//! - a failure injected at each step unwinds to a clean slate: the store's
+//!   rows (the VM and its state, intent and job), the host's allocation and
+//!   what the host itself runs are as before the operation;
+//! - the same with every undo run twice.
+//!
+//! Faults are injected through steno (`SagaEngine::inject`), so the real
+//! actions and undos run, not stand-ins.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{cloud, sim, start_agent, wait_for, Cloud};
+use stratus_agent::AgentHandle;
+use stratus_client::types::{Allocation, Job, JobState, Vm, VmDesiredState, VmState};
+use stratus_common::VmId;
+use stratus_driver::{Driver, SimDriver, VmRuntimeState};
+use stratus_jobs::{sagas::node_names, Injection, JobKind};
+
+const JOB: Duration = Duration::from_secs(40);
+
+struct Rig {
+    cloud: Cloud,
+    _files: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    agent: AgentHandle,
+    sim: Arc<SimDriver>,
+    host: String,
+}
+
+async fn rig() -> Rig {
+    let (cloud, files) = cloud().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = sim();
+    let agent = start_agent(&cloud, dir.path(), "sim-sagas", sim.clone()).await;
+    wait_for("the host to enroll", JOB, || async {
+        let hosts = cloud
+            .admin
+            .host_list()
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        if hosts.items.is_empty() {
+            Err("no host yet".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    Rig {
+        cloud,
+        _files: files,
+        _dir: dir,
+        agent,
+        sim,
+        host: "sim-sagas".into(),
+    }
+}
+
+impl Rig {
+    async fn allocated(&self) -> (u64, u64, u64) {
+        let a = self
+            .cloud
+            .admin
+            .host_view()
+            .host(&self.host)
+            .send()
+            .await
+            .expect("host_view")
+            .into_inner()
+            .allocated;
+        let Allocation {
+            vcpus,
+            memory_bytes,
+            disk_bytes,
+        } = a;
+        (vcpus, memory_bytes, disk_bytes)
+    }
+
+    async fn sim_state(&self, vm: &Vm) -> Option<VmRuntimeState> {
+        self.sim
+            .vm_status(VmId(vm.id.0))
+            .await
+            .expect("vm_status")
+            .map(|s| s.state)
+    }
+
+    async fn find(&self, vm: &Vm) -> Option<Vm> {
+        match self
+            .cloud
+            .admin
+            .vm_view()
+            .vm(vm.id.to_string())
+            .send()
+            .await
+        {
+            Ok(v) => Some(v.into_inner()),
+            Err(e) if e.status().map(|s| s.as_u16()) == Some(404) => None,
+            Err(e) => panic!("vm_view: {e}"),
+        }
+    }
+
+    /// A VM in the state the operation starts from.
+    async fn precondition(&self, kind: JobKind) -> Option<Vm> {
+        if kind == JobKind::VmCreate {
+            return None;
+        }
+        let (vm, job) = self.cloud.vm_create("p", "web", "small", "img").await;
+        self.cloud.job_succeeds(&job, JOB).await;
+        if kind == JobKind::VmStart {
+            let op = self
+                .cloud
+                .admin
+                .vm_stop()
+                .vm(vm.id.to_string())
+                .send()
+                .await
+                .expect("vm_stop")
+                .into_inner();
+            self.cloud.job_succeeds(&op.job, JOB).await;
+        }
+        Some(self.cloud.vm(&vm.id).await)
+    }
+
+    /// Runs the operation; returns the VM it acted on and its job.
+    async fn operate(&self, kind: JobKind, vm: Option<&Vm>) -> (Vm, Job) {
+        let a = &self.cloud.admin;
+        let id = || vm.expect("a VM").id.to_string();
+        let op = match kind {
+            JobKind::VmCreate => {
+                let (vm, job) = self.cloud.vm_create("p", "web", "small", "img").await;
+                return (vm, job);
+            }
+            JobKind::VmStart => a.vm_start().vm(id()).send().await,
+            JobKind::VmStop => a.vm_stop().vm(id()).send().await,
+            JobKind::VmReboot => a.vm_reboot().vm(id()).send().await,
+            JobKind::VmDelete => a.vm_delete().vm(id()).send().await,
+        }
+        .expect("operation accepted")
+        .into_inner();
+        (op.vm, op.job)
+    }
+}
+
+/// What the host runs for a VM in this state.
+fn runtime(state: VmState) -> Option<VmRuntimeState> {
+    match state {
+        VmState::Running => Some(VmRuntimeState::Running),
+        VmState::Stopped => Some(VmRuntimeState::Stopped),
+        _ => None,
+    }
+}
+
+/// Every action twice: the operation ends as it does with each once.
+async fn repeat_actions(kind: JobKind) {
+    let rig = rig().await;
+    let before = rig.precondition(kind).await;
+    rig.cloud
+        .server
+        .as_ref()
+        .and_then(|s| s.saga_engine())
+        .expect("engine")
+        .inject(kind, Injection::RepeatActions);
+    let (vm, job) = rig.operate(kind, before.as_ref()).await;
+    let j = rig.cloud.job_succeeds(&job, JOB).await;
+    let (want, desired) = match kind {
+        JobKind::VmStop => (Some(VmState::Stopped), VmDesiredState::Stopped),
+        JobKind::VmDelete => (None, VmDesiredState::Deleted),
+        _ => (Some(VmState::Running), VmDesiredState::Running),
+    };
+    let now = rig.find(&vm).await;
+    match want {
+        Some(state) => {
+            let now = now.expect("the VM exists");
+            assert_eq!(now.state, state, "{now:?}");
+            assert_eq!(now.desired_state, desired, "{now:?}");
+            assert_eq!(rig.sim_state(&now).await, runtime(state));
+            assert_eq!(rig.allocated().await.0, u64::from(now.vcpus));
+        }
+        None => {
+            assert!(now.is_none(), "deleted VM still listed: {now:?}");
+            assert_eq!(rig.sim_state(&vm).await, None, "the host still has it");
+            assert_eq!(rig.allocated().await.0, 0);
+        }
+    }
+    // The steps really ran twice (each records its step in the job's log).
+    let first = node_names(kind)[0];
+    let runs = j.events.iter().filter(|e| e.step == first).count();
+    assert_eq!(
+        runs, 2,
+        "step {first} should have run twice: {:?}",
+        j.events
+    );
+    rig.agent.shutdown().await;
+}
+
+/// A failure at `node` (with every undo run `undos` times): the job fails
+/// and nothing of the operation is left.
+async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
+    let rig = rig().await;
+    let before = rig.precondition(kind).await;
+    let alloc_before = rig.allocated().await;
+    let sim_before = match &before {
+        Some(v) => rig.sim_state(v).await,
+        None => None,
+    };
+    let injection = if repeat_undos {
+        Injection::FailRepeatingUndos(node)
+    } else {
+        Injection::Fail(node)
+    };
+    rig.cloud
+        .server
+        .as_ref()
+        .and_then(|s| s.saga_engine())
+        .expect("engine")
+        .inject(kind, injection);
+    let (vm, job) = rig.operate(kind, before.as_ref()).await;
+    let j = rig.cloud.job_ends(&job, JOB).await;
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert_eq!(
+        j.error.as_ref().map(|e| e.code.as_str()),
+        Some("injected_error"),
+        "{j:?}"
+    );
+    // Undo ran for every step before the failed one, twice when asked.
+    let undos = j.events.iter().filter(|e| e.step == "undo").count();
+    let failed_first = node == node_names(kind)[0];
+    let expected = match (failed_first, repeat_undos) {
+        // Nothing before it to undo; a create still discards its VM once.
+        (true, _) => usize::from(kind == JobKind::VmCreate),
+        (false, false) => 1,
+        (false, true) => 2,
+    };
+    assert_eq!(undos, expected, "undo steps: {:?}", j.events);
+
+    match before {
+        None => {
+            // A create: no record, no claim, nothing on the host.
+            assert!(rig.find(&vm).await.is_none(), "the VM record is left");
+            assert_eq!(rig.allocated().await, alloc_before);
+            wait_for("the host to drop the VM", JOB, || async {
+                match rig.sim_state(&vm).await {
+                    None => Ok(()),
+                    Some(s) => Err(format!("{s:?}")),
+                }
+            })
+            .await;
+        }
+        Some(before) => {
+            // The VM as it was: its intent, its state (once the host
+            // converged back), its allocation, what the host runs.
+            let now = wait_for("the VM to be as before", JOB, || async {
+                let v = rig.find(&before).await.expect("the VM exists");
+                if v.state == before.state && v.desired_state == before.desired_state {
+                    Ok(v)
+                } else {
+                    Err(format!("{} / {}", v.state, v.desired_state))
+                }
+            })
+            .await;
+            assert_eq!(
+                now.host_id.as_ref().map(|h| h.to_string()),
+                before.host_id.as_ref().map(|h| h.to_string())
+            );
+            assert_eq!(rig.allocated().await, alloc_before);
+            wait_for("the host to run the VM as before", JOB, || async {
+                let s = rig.sim_state(&before).await;
+                if s == sim_before {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?}, want {sim_before:?}"))
+                }
+            })
+            .await;
+            // The VM is free for the next operation.
+            let next = if now.state == VmState::Running {
+                JobKind::VmReboot
+            } else {
+                JobKind::VmStart
+            };
+            let (_, job) = rig.operate(next, Some(&now)).await;
+            rig.cloud.job_succeeds(&job, JOB).await;
+        }
+    }
+    rig.agent.shutdown().await;
+}
+
+macro_rules! saga_tests {
+    ($($name:ident: $kind:expr;)*) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn every_action_twice() {
+                    repeat_actions($kind).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn fail_first_step() {
+                    fail_at($kind, node_names($kind)[0], false).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn fail_last_step() {
+                    fail_at($kind, node_names($kind)[1], false).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn fail_last_step_every_undo_twice() {
+                    fail_at($kind, node_names($kind)[1], true).await;
+                }
+            }
+        )*
+    };
+}
+
+saga_tests! {
+    vm_create: JobKind::VmCreate;
+    vm_start: JobKind::VmStart;
+    vm_stop: JobKind::VmStop;
+    vm_reboot: JobKind::VmReboot;
+    vm_delete: JobKind::VmDelete;
+}
+
+#[test]
+fn every_saga_has_generated_tests() {
+    // A new JobKind must be added to `saga_tests!` above.
+    assert_eq!(JobKind::ALL.len(), 5);
+    for kind in JobKind::ALL {
+        assert_eq!(node_names(kind).len(), 2, "{kind}");
+    }
+}
