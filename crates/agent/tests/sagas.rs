@@ -339,3 +339,60 @@ fn every_saga_has_generated_tests() {
         assert_eq!(node_names(kind).len(), 2, "{kind}");
     }
 }
+
+/// `Idempotency-Key` on an operation: a retry (its answer lost) gets the
+/// first request's job, not a second operation; the key on another
+/// operation is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_honour_idempotency_keys() {
+    let rig = rig().await;
+    let vm = rig.precondition(JobKind::VmStop).await.expect("a VM");
+    let http = reqwest::Client::new();
+    let post = |path: String, key: &'static str| {
+        http.post(format!("{}{path}", rig.cloud.url))
+            .bearer_auth(&rig.cloud.admin_token)
+            .header("idempotency-key", key)
+            .send()
+    };
+    let stop = format!("/v1/vms/{}/stop", vm.id);
+    let first = post(stop.clone(), "stop-1").await.expect("stop");
+    assert_eq!(first.status().as_u16(), 202);
+    let first: serde_json::Value = first.json().await.expect("json");
+    let job_id = first["job"]["id"].as_str().expect("job id").to_string();
+    let again = post(stop.clone(), "stop-1").await.expect("stop again");
+    assert_eq!(again.status().as_u16(), 202);
+    let again: serde_json::Value = again.json().await.expect("json");
+    assert_eq!(again["job"]["id"], job_id.as_str(), "the same job");
+    let jobs = rig
+        .cloud
+        .admin
+        .job_list()
+        .kind("vm_stop")
+        .send()
+        .await
+        .expect("jobs")
+        .into_inner();
+    assert_eq!(jobs.items.len(), 1, "one stop, not two");
+    // After the job ended, still the same job.
+    let stopped = wait_for("the stop to end", JOB, || async {
+        let v = rig.find(&vm).await.expect("vm");
+        if v.state == VmState::Stopped {
+            Ok(v)
+        } else {
+            Err(v.state.to_string())
+        }
+    })
+    .await;
+    let late = post(stop, "stop-1").await.expect("stop late");
+    assert_eq!(late.status().as_u16(), 202);
+    let late: serde_json::Value = late.json().await.expect("json");
+    assert_eq!(late["job"]["id"], job_id.as_str());
+    // The key on a different operation is a conflict.
+    let start = post(format!("/v1/vms/{}/start", stopped.id), "stop-1")
+        .await
+        .expect("start");
+    assert_eq!(start.status().as_u16(), 409);
+    let body: serde_json::Value = start.json().await.expect("json");
+    assert_eq!(body["error_code"], "idempotency_key_in_use", "{body}");
+    rig.agent.shutdown().await;
+}

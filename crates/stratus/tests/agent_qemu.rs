@@ -160,8 +160,9 @@ fn guest_dir() -> PathBuf {
     dir
 }
 
-fn start_server(home: &Path, data: &Path) -> (Proc, String, String) {
-    let port = free_port();
+/// A controller on `port` over the store in `data` (started again after a
+/// kill: same port, same database; the first admin token stays in its file).
+fn start_server_on(home: &Path, data: &Path, port: u16, log: &str) -> (Proc, String, String) {
     let url = format!("http://127.0.0.1:{port}");
     let token_file = data.join("admin.token");
     let env = Env {
@@ -181,7 +182,7 @@ fn start_server(home: &Path, data: &Path) -> (Proc, String, String) {
             "--bootstrap-token-file",
             token_file.to_str().expect("utf8"),
         ],
-        home.join("server.log"),
+        home.join(log),
     );
     let token = wait_until("the controller to start", Duration::from_secs(30), || {
         let t = std::fs::read_to_string(&token_file).map_err(|e| e.to_string())?;
@@ -211,13 +212,25 @@ fn agent_args<'a>(url: &'a str, data: &'a str, token: Option<&'a str>) -> Vec<&'
     args
 }
 
-#[test]
-fn real_qemu_vms_survive_agent_kill_and_crashes_are_reported() {
+/// A controller, a project `p` with flavor `tiny` and image `guest`, and one
+/// real-QEMU agent `host-1`, up.
+struct World {
+    home: tempfile::TempDir,
+    data: PathBuf,
+    port: u16,
+    server: Proc,
+    env: Env,
+    agent: Proc,
+    agent_dir: PathBuf,
+}
+
+fn world() -> World {
     let guest = guest_dir();
     let home = tempfile::tempdir().expect("home");
     let data = home.path().join("cloud");
     std::fs::create_dir_all(&data).expect("mkdir");
-    let (_server, url, token) = start_server(home.path(), &data);
+    let port = free_port();
+    let (server, url, token) = start_server_on(home.path(), &data, port, "server.log");
     let env = Env {
         home: home.path().to_path_buf(),
         url: url.clone(),
@@ -276,6 +289,29 @@ fn real_qemu_vms_survive_agent_kill_and_crashes_are_reported() {
         },
     );
     println!("TIMING child agent: start -> host up {:?}", t.elapsed());
+    World {
+        home,
+        data,
+        port,
+        server,
+        env,
+        agent,
+        agent_dir,
+    }
+}
+
+#[test]
+fn real_qemu_vms_survive_agent_kill_and_crashes_are_reported() {
+    let World {
+        home,
+        server: _server,
+        env,
+        agent,
+        agent_dir,
+        ..
+    } = world();
+    let url = env.url.clone();
+    let agent_dir_s = agent_dir.display().to_string();
 
     // A VM, booted, with its guest agent answering.
     let t = Instant::now();
@@ -442,4 +478,153 @@ fn real_qemu_vms_survive_agent_kill_and_crashes_are_reported() {
         agent.log_text()
     );
     assert_eq!(qemu_of(&vm_id), running, "SIGTERM does not stop VMs");
+}
+
+/// Every file or directory under `dir` whose path names the VM (its disks,
+/// its run directory).
+fn files_of(dir: &Path, vm_id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.to_string_lossy().contains(vm_id) {
+                found.push(path.clone());
+            }
+            if path.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    found
+}
+
+impl World {
+    /// SIGKILLs the controller and starts it again on the same port and
+    /// database.
+    fn kill_and_restart_controller(&mut self, log: &str) {
+        self.server.child.kill().expect("SIGKILL the controller");
+        self.server.child.wait().expect("reap");
+        let (server, _, _) = start_server_on(self.home.path(), &self.data, self.port, log);
+        self.server = server;
+    }
+
+    fn job_ends(&self, job: &str) -> Value {
+        wait_until("the job to end", BOOT, || {
+            let j = self.env.json(&["job", "show", job, "-o", "json"]);
+            match j["state"].as_str() {
+                Some("succeeded" | "failed" | "cancelled") => Ok(j),
+                s => Err(format!("{s:?}: {j}")),
+            }
+        })
+    }
+
+    fn vm_gone(&self, name: &str) -> bool {
+        let out = self
+            .env
+            .cli(&["vm", "show", name, "--project", "p", "-o", "json"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found")
+    }
+
+    fn allocated_vcpus(&self) -> u64 {
+        let hosts = self.env.json(&["host", "list", "-o", "json"]);
+        hosts["items"][0]["allocated"]["vcpus"]
+            .as_u64()
+            .expect("allocated vcpus")
+    }
+}
+
+/// Issue 5's kill test with the real driver: a VM create interrupted by a
+/// controller SIGKILL ends as a running VM or as nothing, never as a
+/// leftover; a cancelled create whose controller is killed mid-undo is
+/// finished by the next controller, leaving no QEMU and no disk.
+#[test]
+fn real_qemu_create_interrupted_by_a_controller_kill_ends_running_or_as_nothing() {
+    let mut w = world();
+    let create = |w: &World, name: &str| -> (String, String) {
+        let op = w.env.json(&[
+            "vm",
+            "create",
+            name,
+            "--flavor",
+            "tiny",
+            "--image",
+            "guest",
+            "--project",
+            "p",
+            "-o",
+            "json",
+        ]);
+        (
+            op["vm"]["id"].as_str().expect("vm id").to_string(),
+            op["job"]["id"].as_str().expect("job id").to_string(),
+        )
+    };
+
+    // 1. Killed right after the create was accepted.
+    let (a, a_job) = create(&w, "a");
+    let _kill_a = KillVm(Some(a.clone()));
+    w.kill_and_restart_controller("server-2.log");
+    let j = w.job_ends(&a_job);
+    let a_running = match j["state"].as_str() {
+        Some("succeeded") => {
+            let v = w.env.vm("a");
+            assert_eq!(v["state"], "running", "{v}");
+            assert_eq!(qemu_of(&a).len(), 1, "exactly one QEMU for a");
+            true
+        }
+        _ => {
+            assert!(w.vm_gone("a"), "a failed create leaves no record: {j}");
+            wait_until(
+                "a's QEMU to go",
+                Duration::from_secs(30),
+                || match qemu_of(&a).as_slice() {
+                    [] => Ok(()),
+                    p => Err(format!("{p:?}")),
+                },
+            );
+            assert!(files_of(&w.agent_dir, &a).is_empty());
+            false
+        }
+    };
+    println!("kill test: create killed at once -> {}", j["state"]);
+
+    // 2. Cancelled while the host builds it, the controller killed right
+    //    after accepting the cancel: the next controller runs the undo.
+    let (b, b_job) = create(&w, "b");
+    let _kill_b = KillVm(Some(b.clone()));
+    wait_until("b's saga to wait on its host", BOOT, || {
+        let j = w.env.json(&["job", "show", &b_job, "-o", "json"]);
+        if j["current_step"] == "provision" {
+            Ok(())
+        } else {
+            Err(j.to_string())
+        }
+    });
+    w.env.json(&["job", "cancel", &b_job, "-o", "json"]);
+    w.kill_and_restart_controller("server-3.log");
+    let j = w.job_ends(&b_job);
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert!(
+        j["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["step"] == "undo")),
+        "the undo ran: {j}"
+    );
+    assert!(w.vm_gone("b"), "a cancelled create leaves no record");
+    wait_until("b's QEMU and disks to go", Duration::from_secs(30), || {
+        let procs = qemu_of(&b);
+        let files = files_of(&w.agent_dir, &b);
+        if procs.is_empty() && files.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("QEMU {procs:?}, files {files:?}"))
+        }
+    });
+    // The host's claim follows the VMs that exist.
+    assert_eq!(w.allocated_vcpus(), u64::from(a_running));
+    drop(w.agent);
 }

@@ -449,7 +449,9 @@ pub async fn vm_action(
     key: &str,
     scope: Option<&str>,
     action: VmAction,
+    idempotency_key: Option<String>,
 ) -> Result<VmOperation, Error> {
+    check_key(&idempotency_key)?;
     let vm = lookup::vm(app, actor, key, scope).await?;
     actor.require_mutate()?;
     let (kind, desired, transitional) = match action {
@@ -466,6 +468,22 @@ pub async fn vm_action(
             VmState::Deleting,
         ),
     };
+    // The same request again (its answer was lost): the same job.
+    if let Some(k) = &idempotency_key {
+        if let Some(job) = app
+            .ds
+            .job_by_idempotency_key(Some(vm.project_id), k)
+            .await?
+        {
+            if job.kind != kind.as_str() || job.target_id != vm.id.as_uuid() {
+                return Err(Error::conflict(
+                    "idempotency_key_in_use",
+                    "this Idempotency-Key was already used for another request",
+                ));
+            }
+            return Ok(operation(vm, job));
+        }
+    }
     if action != VmAction::Delete {
         if vm.active_job_id.is_none() && vm.host_id.is_none() {
             return Err(Error::conflict(
@@ -502,7 +520,7 @@ pub async fn vm_action(
             ));
         }
     }
-    let job = new_job(kind, &vm, vm.state, None);
+    let job = new_job(kind, &vm, vm.state, idempotency_key);
     let (vm, job) = app
         .ds
         .vm_begin_operation(

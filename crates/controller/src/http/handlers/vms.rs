@@ -115,13 +115,18 @@ async fn action(
     actor: Actor,
     key: String,
     scope: ProjectScope,
+    headers: HeaderMap,
     a: VmAction,
 ) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
-    let op = vms::vm_action(&s.0, &actor, &key, scope.project.as_deref(), a).await?;
+    let idem = idempotency_key(&headers)?;
+    let op = vms::vm_action(&s.0, &actor, &key, scope.project.as_deref(), a, idem).await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
 /// Delete a VM (and, on its host, its disks and process).
+///
+/// Honours an `Idempotency-Key` header like `POST /v1/vms`: a retry with the
+/// same key returns the first request's job.
 #[utoipa::path(delete, path = "/v1/vms/{vm}", tag = "vms", operation_id = "vm_delete",
     params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
     responses((status = 202, body = VmOperation, description = "accepted"),
@@ -133,11 +138,15 @@ pub async fn vm_delete(
     actor: Actor,
     Path(key): Path<String>,
     ApiQuery(scope): ApiQuery<ProjectScope>,
+    headers: HeaderMap,
 ) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
-    action(s, actor, key, scope, VmAction::Delete).await
+    action(s, actor, key, scope, headers, VmAction::Delete).await
 }
 
 /// Start a stopped VM.
+///
+/// Honours an `Idempotency-Key` header like `POST /v1/vms`: a retry with the
+/// same key returns the first request's job.
 #[utoipa::path(post, path = "/v1/vms/{vm}/start", tag = "vms", operation_id = "vm_start",
     params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
     responses((status = 202, body = VmOperation, description = "accepted"),
@@ -149,11 +158,15 @@ pub async fn vm_start(
     actor: Actor,
     Path(key): Path<String>,
     ApiQuery(scope): ApiQuery<ProjectScope>,
+    headers: HeaderMap,
 ) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
-    action(s, actor, key, scope, VmAction::Start).await
+    action(s, actor, key, scope, headers, VmAction::Start).await
 }
 
 /// Stop a running VM (ACPI power-down, then a hard stop after a timeout).
+///
+/// Honours an `Idempotency-Key` header like `POST /v1/vms`: a retry with the
+/// same key returns the first request's job.
 #[utoipa::path(post, path = "/v1/vms/{vm}/stop", tag = "vms", operation_id = "vm_stop",
     params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
     responses((status = 202, body = VmOperation, description = "accepted"),
@@ -165,11 +178,15 @@ pub async fn vm_stop(
     actor: Actor,
     Path(key): Path<String>,
     ApiQuery(scope): ApiQuery<ProjectScope>,
+    headers: HeaderMap,
 ) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
-    action(s, actor, key, scope, VmAction::Stop).await
+    action(s, actor, key, scope, headers, VmAction::Stop).await
 }
 
 /// Reboot a running VM.
+///
+/// Honours an `Idempotency-Key` header like `POST /v1/vms`: a retry with the
+/// same key returns the first request's job.
 #[utoipa::path(post, path = "/v1/vms/{vm}/reboot", tag = "vms", operation_id = "vm_reboot",
     params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
     responses((status = 202, body = VmOperation, description = "accepted"),
@@ -181,8 +198,9 @@ pub async fn vm_reboot(
     actor: Actor,
     Path(key): Path<String>,
     ApiQuery(scope): ApiQuery<ProjectScope>,
+    headers: HeaderMap,
 ) -> Result<(StatusCode, Json<VmOperation>), ApiError> {
-    action(s, actor, key, scope, VmAction::Reboot).await
+    action(s, actor, key, scope, headers, VmAction::Reboot).await
 }
 
 /// Read a VM's serial console.
