@@ -54,7 +54,8 @@ pub struct ServerArgs {
     /// [default: DATA_DIR/admin.token]
     #[arg(long)]
     bootstrap_token_file: Option<PathBuf>,
-    /// This controller's name in job claims [default: HOSTNAME-PID]
+    /// This controller's name in job leases; unique among live controllers
+    /// [default: HOSTNAME-PID-RANDOM]
     #[arg(long)]
     controller_id: Option<String>,
     /// Log as JSON lines instead of text

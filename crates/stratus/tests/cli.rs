@@ -598,3 +598,52 @@ fn server_on_postgres() {
     let p = json(run(&["project", "show", "pg", "-o", "json"]), "show");
     assert_eq!(p["name"], "pg");
 }
+
+/// SQLite mode runs one controller: a second `stratus server` on the same
+/// database refuses to start and says why and what to do instead.
+#[test]
+fn a_second_sqlite_controller_refuses_to_start() {
+    let home = tempfile::tempdir().expect("home");
+    let data = home.path().join("srv");
+    let token_file = home.path().join("admin.token");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let child = env_cmd(home.path())
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--bootstrap-token-file")
+        .arg(&token_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let _first = Running {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        home: home.path().to_path_buf(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !token_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = env_cmd(home.path())
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("second server");
+    assert!(!second.status.success(), "a second controller started");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("already in use by another Stratus controller")
+            && err.contains("use PostgreSQL to run several"),
+        "{err}"
+    );
+}
