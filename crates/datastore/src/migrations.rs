@@ -28,6 +28,12 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "desired_changed",
         include_str!("../migrations/0005_desired_changed.sql"),
     ),
+    // 6 is the saga log (issue 5), merged from its own branch.
+    (
+        7,
+        "reconcilers",
+        include_str!("../migrations/0007_reconcilers.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.
