@@ -392,6 +392,29 @@ pub enum VmDesiredState {
     Deleted,
 }
 
+/// What becomes of a VM that goes down by itself (its hypervisor process
+/// ended without being asked to).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// It stays down (`crashed`) until someone starts it.
+    #[default]
+    Never,
+    /// The controller starts it again, on its host, a few times; a VM that
+    /// keeps crashing (by default a fourth crash within 10 minutes) is left
+    /// down with a reason that says restarts were given up.
+    OnCrash,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnCrash => "on_crash",
+        }
+    }
+}
+
 /// What the VM is, as last observed.
 ///
 /// ```text
@@ -443,8 +466,11 @@ pub struct Vm {
     pub disk_bytes: u64,
     pub desired_state: VmDesiredState,
     pub state: VmState,
-    /// Why the VM is in its state, when that needs saying (a failure, a crash).
+    /// Why the VM is in its state, when that needs saying (a failure, a
+    /// crash, an automatic restart, restarts given up).
     pub state_reason: Option<String>,
+    /// What happens when the VM goes down by itself.
+    pub restart_policy: RestartPolicy,
     /// The host the VM is placed on, once placed.
     pub host_id: Option<HostId>,
     /// The server group the VM belongs to.

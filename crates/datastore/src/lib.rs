@@ -43,4 +43,4 @@ pub use jobs::{JobListFilter, JobOutcome, VmEffect};
 pub use leases::LeaseRecord;
 pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
 pub use tokens::NewToken;
-pub use vms::{CreateError, NewVm, VmListFilter, VmToCreate};
+pub use vms::{AutoRestart, CreateError, NewVm, RestartLimit, VmListFilter, VmToCreate};

@@ -8,11 +8,11 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use stratus_api_types::agent::{AgentRequestKind, ExecResult};
 use stratus_api_types::params::{
-    ConsoleQuery, PageParams, VmBatchCreate, VmCreate, VmExec, VmFilter,
+    ConsoleQuery, PageParams, VmBatchCreate, VmCreate, VmExec, VmFilter, VmUpdate,
 };
 use stratus_api_types::views::{
-    GroupPolicy, ImageState, PlacementPreview, PlannedVm, Vm, VmBatch, VmConsole, VmDesiredState,
-    VmOperation, VmPage, VmPlacement, VmState,
+    GroupPolicy, ImageState, PlacementPreview, PlannedVm, RestartPolicy, Vm, VmBatch, VmConsole,
+    VmDesiredState, VmOperation, VmPage, VmPlacement, VmState,
 };
 use stratus_common::time::now_micros;
 use stratus_common::{Error, JobId, ProjectId, ServerGroupId, VmId};
@@ -263,6 +263,7 @@ struct Shape {
     desired: VmDesiredState,
     placement: VmPlacement,
     group: Option<(ServerGroupId, GroupPolicy)>,
+    restart_policy: RestartPolicy,
 }
 
 impl Shape {
@@ -279,6 +280,7 @@ impl Shape {
             desired_state: self.desired,
             server_group_id: self.group.map(|g| g.0),
             placement: self.placement.clone(),
+            restart_policy: self.restart_policy,
         }
     }
 
@@ -403,6 +405,7 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
             forbid_tags: sorted(&p.forbid_tags),
         },
         group,
+        restart_policy: p.restart_policy.unwrap_or_default(),
     })
 }
 
@@ -441,6 +444,23 @@ pub async fn vm_view(
     scope: Option<&str>,
 ) -> Result<Vm, Error> {
     Ok(lookup::vm(app, actor, key, scope).await?.into_view())
+}
+
+/// Changes what needs nothing of the VM's host: recorded at once, no job.
+pub async fn vm_update(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    p: VmUpdate,
+) -> Result<Vm, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    let vm = match p.restart_policy {
+        Some(policy) => app.ds.vm_set_restart_policy(vm.id, policy).await?,
+        None => vm,
+    };
+    Ok(vm.into_view())
 }
 
 pub async fn vm_action(
