@@ -8,7 +8,7 @@ use stratus_common::{
 };
 use utoipa::ToSchema;
 
-use crate::agent::GuestAgentInfo;
+use crate::agent::{GuestAgentInfo, OrphanAction};
 
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -138,6 +138,23 @@ pub struct Host {
     pub allocated: Allocation,
     pub created_at: DateTime<Utc>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// VMs the host's agent found that the controller does not place there,
+    /// and what it did with them: kept ones while they exist, destroyed ones
+    /// for a day (only in single-host answers, `GET /v1/hosts/{host}`).
+    #[serde(default)]
+    pub orphans: Vec<HostOrphan>,
+}
+
+/// A VM found on a host without the controller's say (see
+/// [`OrphanAction`]).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostOrphan {
+    /// The VM's id (unknown to the controller, or a VM placed elsewhere).
+    pub vm_id: VmId,
+    pub action: OrphanAction,
+    pub first_seen_at: DateTime<Utc>,
+    /// When the host last reported it.
+    pub last_seen_at: DateTime<Utc>,
 }
 
 /// Resources allocated to VMs on a host.

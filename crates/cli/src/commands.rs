@@ -1103,7 +1103,7 @@ async fn vm_operation(
 
 /// Prints a batch create; with `--wait`, waits for every job first.
 fn host_fields(h: &types::Host) -> Table {
-    fields(vec![
+    let mut t = fields(vec![
         ("name", h.name.clone()),
         ("id", h.id.to_string()),
         ("state", wire(&h.state)),
@@ -1139,7 +1139,24 @@ fn host_fields(h: &types::Host) -> Table {
                 .map(ts)
                 .unwrap_or_else(|| "-".into()),
         ),
-    ])
+    ]);
+    // VMs the host has without the controller's say, one row each.
+    if h.orphans.is_empty() {
+        t.row(vec!["orphans".into(), "-".into()]);
+    }
+    for o in &h.orphans {
+        t.row(vec![
+            "orphan".into(),
+            format!(
+                "{} {} (first seen {}, last {})",
+                o.vm_id,
+                wire(&o.action),
+                ts(&o.first_seen_at),
+                ts(&o.last_seen_at)
+            ),
+        ]);
+    }
+    t
 }
 
 async fn vm_batch(

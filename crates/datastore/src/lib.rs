@@ -28,6 +28,7 @@ mod hosts;
 mod images;
 mod jobs;
 mod leases;
+mod orphans;
 mod projects;
 mod scheduling;
 mod tokens;

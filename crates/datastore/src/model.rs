@@ -250,6 +250,37 @@ impl HostRecord {
             },
             created_at: from_micros(self.created_at),
             last_heartbeat_at: self.last_heartbeat_at.map(from_micros),
+            orphans: Vec::new(),
+        }
+    }
+}
+
+/// An orphan VM a host reported (see `orphans.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanRecord {
+    pub host_id: HostId,
+    pub vm_id: VmId,
+    pub action: stratus_api_types::agent::OrphanAction,
+    pub first_seen_at: i64,
+    pub last_seen_at: i64,
+}
+
+impl OrphanRecord {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self, Error> {
+        Ok(OrphanRecord {
+            host_id: r.parse("host_id")?,
+            vm_id: r.parse("vm_id")?,
+            action: enum_parse(r, "action")?,
+            first_seen_at: r.int("first_seen_at")?,
+            last_seen_at: r.int("last_seen_at")?,
+        })
+    }
+    pub fn into_view(self) -> views::HostOrphan {
+        views::HostOrphan {
+            vm_id: self.vm_id,
+            action: self.action,
+            first_seen_at: from_micros(self.first_seen_at),
+            last_seen_at: from_micros(self.last_seen_at),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! What the reconcilers read and write, on both backends: leader leases
-//! (including races between controllers), and restart policies and
-//! automatic restarts with their crash-loop limit.
+//! (including races between controllers), restart policies and automatic
+//! restarts with their crash-loop limit, and orphan VMs reported by hosts.
 
-use stratus_api_types::agent::{HostFacts, ObservedVmState, VmObservation};
+use stratus_api_types::agent::{HostFacts, ObservedVmState, OrphanAction, VmObservation};
 use stratus_api_types::views::{
     HostState, ImageVisibility, JobState, RestartPolicy, VmDesiredState, VmPlacement, VmState,
 };
@@ -46,6 +46,7 @@ both_backends!(
     a_new_window_and_the_operator_rearm_automatic_restarts,
     only_crashed_on_crash_vms_on_up_hosts_are_restarted,
     concurrent_restarts_of_one_vm_start_it_once,
+    orphans_are_recorded_listed_and_forgotten,
 );
 
 const SEC: i64 = 1_000_000;
@@ -637,4 +638,85 @@ async fn concurrent_restarts_of_one_vm_start_it_once(ds: &Datastore) {
         .expect("jobs");
     assert_eq!(jobs.items.len(), 1, "one job, no strays");
     assert_eq!(ds.vm_get(vm.id).await.expect("vm").auto_restarts, 1);
+}
+
+// ---- orphans ----
+
+async fn orphans_are_recorded_listed_and_forgotten(ds: &Datastore) {
+    let w = world(ds).await;
+    let (kept, destroyed) = (VmId::new(), VmId::new());
+    let t = now_micros();
+    ds.hosts_heard(&[w.host], t).await.expect("heard");
+    assert!(ds
+        .host_orphans_seen(w.host, &[], t)
+        .await
+        .expect("nothing")
+        .is_empty());
+    let new = ds
+        .host_orphans_seen(
+            w.host,
+            &[
+                (kept, OrphanAction::Kept),
+                (destroyed, OrphanAction::Destroyed),
+            ],
+            t,
+        )
+        .await
+        .expect("seen");
+    assert_eq!(new.len(), 2);
+    // Reported again: nothing new; first seen stays, last seen moves.
+    let again = ds
+        .host_orphans_seen(w.host, &[(kept, OrphanAction::Kept)], t + SEC)
+        .await
+        .expect("seen again");
+    assert!(again.is_empty());
+    let listed = ds.host_orphans(w.host).await.expect("list");
+    assert_eq!(listed.len(), 2);
+    let k = listed.iter().find(|o| o.vm_id == kept).expect("kept");
+    assert_eq!(
+        (k.action, k.first_seen_at, k.last_seen_at),
+        (OrphanAction::Kept, t, t + SEC)
+    );
+    let d = listed
+        .iter()
+        .find(|o| o.vm_id == destroyed)
+        .expect("destroyed");
+    assert_eq!(d.action, OrphanAction::Destroyed);
+    // Pruning: a kept orphan stays while its host is silent, or while the
+    // host's reports without it span less than the grace period.
+    assert_eq!(
+        ds.host_orphans_prune(30 * SEC, t - SEC)
+            .await
+            .expect("prune"),
+        0
+    );
+    ds.hosts_heard(&[w.host], t + 20 * SEC)
+        .await
+        .expect("heard");
+    assert_eq!(
+        ds.host_orphans_prune(30 * SEC, t - SEC)
+            .await
+            .expect("prune"),
+        0
+    );
+    ds.hosts_heard(&[w.host], t + 40 * SEC)
+        .await
+        .expect("heard");
+    assert_eq!(
+        ds.host_orphans_prune(30 * SEC, t - SEC)
+            .await
+            .expect("prune"),
+        1
+    );
+    let listed = ds.host_orphans(w.host).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].vm_id, destroyed);
+    // Destroyed ones go once old enough.
+    assert_eq!(
+        ds.host_orphans_prune(30 * SEC, t + SEC)
+            .await
+            .expect("prune"),
+        1
+    );
+    assert!(ds.host_orphans(w.host).await.expect("list").is_empty());
 }

@@ -251,7 +251,15 @@ fn the_spine_through_the_cli() {
     );
     let mut agent = env_cmd(home.path())
         .args([
-            "agent", "--driver", "sim", "--name", "sim-1", "--url", &up.url,
+            "agent",
+            "--driver",
+            "sim",
+            "--name",
+            "sim-1",
+            "--url",
+            &up.url,
+            "--orphans",
+            "keep",
         ])
         .args(["--enroll-token", enroll["token"].as_str().expect("token")])
         .arg("--data-dir")
@@ -358,6 +366,8 @@ fn the_spine_through_the_cli() {
         table.contains("restart policy") && table.contains("never"),
         "{table}"
     );
+    let host = ok(up.cli(&["host", "show", "sim-1"]), "host show");
+    assert!(host.contains("orphans"), "{host}");
     // The job ends, the sim host having run the VM.
     let job = json(
         up.cli_with_token(
