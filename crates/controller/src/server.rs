@@ -94,6 +94,7 @@ impl Server {
             crate::app::agent::spawn_revision_watch(app.clone(), std::time::Duration::from_secs(1));
         let heartbeats =
             crate::app::agent::spawn_heartbeats(app.clone(), std::time::Duration::from_secs(1));
+        crate::app::reconcile::spawn(&app, &config.controller_id);
 
         let bootstrap_token = tokens::bootstrap_admin(&app)
             .await

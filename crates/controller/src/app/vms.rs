@@ -17,7 +17,7 @@ use stratus_api_types::views::{
 use stratus_common::time::now_micros;
 use stratus_common::{Error, JobId, ProjectId, ServerGroupId, VmId};
 use stratus_datastore::model::{FlavorRecord, ImageRecord, JobRecord, NewJob, VmRecord};
-use stratus_datastore::{NewVm, PageRequest, VmListFilter};
+use stratus_datastore::{AutoRestart, NewVm, PageRequest, RestartLimit, VmListFilter};
 use stratus_jobs::kinds::VmJobParams;
 use stratus_jobs::JobKind;
 use stratus_scheduler::PendingVm;
@@ -536,6 +536,28 @@ pub async fn vm_action(
     wake_host(app, vm.host_id);
     app.job_waker.notify_one();
     Ok(operation(vm, job))
+}
+
+/// Starts a crashed VM again without an operator (the reconciler's doing,
+/// for VMs with restart policy `on_crash`): the same intent and the same
+/// `vm_start` job as [`vm_action`]'s start, recorded by the store only if
+/// the VM is still crashed, unheld and under its crash-loop `limit` (else it
+/// is left crashed and marked given up).
+pub(crate) async fn vm_restart_after_crash(
+    app: &App,
+    vm: &VmRecord,
+    limit: RestartLimit,
+) -> Result<AutoRestart, Error> {
+    let job = new_job(JobKind::VmStart, vm, vm.state, None);
+    let done = app
+        .ds
+        .vm_auto_restart(vm.id, limit, now_micros(), job)
+        .await?;
+    if let AutoRestart::Started { vm, .. } = &done {
+        wake_host(app, vm.host_id);
+        app.job_waker.notify_one();
+    }
+    Ok(done)
 }
 
 const CONSOLE_DEFAULT: u32 = 64 * 1024;
