@@ -48,6 +48,7 @@ pub(crate) struct Shared {
     pub report_interval: Duration,
     pub retry_interval: Duration,
     pub desired_wait: Duration,
+    pub orphans: crate::config::OrphanPolicy,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -219,6 +220,7 @@ impl Agent {
             report_interval: config.report_interval,
             retry_interval: config.retry_interval,
             desired_wait: config.desired_wait,
+            orphans: config.orphans,
             cancel: commons.cancel.child_token(),
             tasks: TaskTracker::new(),
         });

@@ -43,6 +43,20 @@ pub struct AgentConfig {
     /// How soon a VM whose convergence failed is tried again (it is also
     /// tried again on every change of desired state).
     pub retry_interval: Duration,
+    /// What to do with orphans: VMs the host has that the controller does
+    /// not place here. Either way they are reported.
+    pub orphans: OrphanPolicy,
+}
+
+/// What an agent does with an orphan VM (see [`AgentConfig::orphans`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OrphanPolicy {
+    /// Destroy it with its disks: nothing the controller forgot stays
+    /// behind (and no second copy of a VM placed elsewhere keeps running).
+    #[default]
+    Destroy,
+    /// Leave it untouched for the operator.
+    Keep,
 }
 
 impl AgentConfig {
@@ -64,6 +78,7 @@ impl AgentConfig {
             stop_timeout: Duration::from_secs(30),
             desired_wait: Duration::from_secs(20),
             retry_interval: Duration::from_secs(15),
+            orphans: OrphanPolicy::Destroy,
         }
     }
 }

@@ -8,7 +8,9 @@
 //!   one if needed;
 //! - sends "orphan" to the worker of every VM the driver has but the latest
 //!   desired state does not mention, which destroys it (nothing is left
-//!   behind by a VM the controller forgot);
+//!   behind by a VM the controller forgot) or, under `OrphanPolicy::Keep`,
+//!   leaves it be and notes it as kept (kept orphans get no worker again
+//!   while they stay orphans); the reporter reports both kinds;
 //! - starts exec requests not seen before (see `requests.rs`).
 //!
 //! A worker converges once per wake-up: on a new target, on a driver event
@@ -25,6 +27,7 @@ use stratus_driver::{BootSpec, DriverError, ImageFormat, NicSpec, VmRuntimeState
 use tokio::sync::{broadcast, watch, Notify};
 
 use crate::agent::Shared;
+use crate::config::OrphanPolicy;
 use crate::error::{chain, ImageError};
 use crate::state::{Failure, Snapshot, VmBook, VmRecord};
 
@@ -166,6 +169,12 @@ async fn dispatch(shared: &Arc<Shared>, workers: &mut HashMap<VmId, Worker>, s: 
         .collect();
     match shared.driver.vm_list().await {
         Ok(list) => {
+            // Kept orphans stay kept while the driver has them and the
+            // controller does not want them.
+            shared
+                .book()
+                .kept
+                .retain(|id| s.vm(*id).is_none() && list.iter().any(|st| st.id == *id));
             for st in list {
                 if s.vm(st.id).is_none() && !orphans.contains(&st.id) {
                     orphans.push(st.id);
@@ -178,7 +187,17 @@ async fn dispatch(shared: &Arc<Shared>, workers: &mut HashMap<VmId, Worker>, s: 
     }
     for id in orphans {
         if !workers.contains_key(&id) {
-            tracing::warn!(vm = %id, "the controller does not know this VM; destroying it");
+            if shared.book().kept.contains(&id) {
+                continue;
+            }
+            match shared.orphans {
+                OrphanPolicy::Destroy => {
+                    tracing::warn!(vm = %id, "the controller does not know this VM; destroying it")
+                }
+                OrphanPolicy::Keep => {
+                    tracing::debug!(vm = %id, "the controller does not know this VM; looking at it")
+                }
+            }
         }
         send(shared, workers, id, Target::Orphan);
     }
@@ -460,6 +479,9 @@ async fn spec_for(shared: &Arc<Shared>, id: VmId, vm: &DesiredVm) -> Result<VmSp
     })
 }
 
+/// An orphan's worker: destroys the VM (or, under `OrphanPolicy::Keep`,
+/// notes it as kept and leaves it be) and forgets what this agent knew of
+/// it.
 async fn destroy_orphan(shared: &Arc<Shared>, id: VmId) -> Result<(), ConvergeError> {
     let known = shared
         .driver
@@ -467,6 +489,15 @@ async fn destroy_orphan(shared: &Arc<Shared>, id: VmId) -> Result<(), ConvergeEr
         .await
         .map_err(driver_err("look up"))?
         .is_some();
+    if known && shared.orphans == OrphanPolicy::Keep {
+        shared.records.remove(id);
+        let mut book = shared.book();
+        book.vms.remove(&id);
+        if book.kept.insert(id) {
+            tracing::warn!(vm = %id, "orphan VM kept (the controller does not know it; --orphans keep)");
+        }
+        return Ok(());
+    }
     if known {
         shared
             .driver

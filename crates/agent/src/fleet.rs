@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{lock_data_dir, prepare_fleet_dir, Agent, AgentHandle, Commons};
 use crate::api::http_client;
-use crate::config::{AgentConfig, DriverConfig};
+use crate::config::{AgentConfig, DriverConfig, OrphanPolicy};
 use crate::credentials::default_host_name;
 use crate::error::AgentError;
 use crate::images::ImageCache;
@@ -89,6 +89,8 @@ pub struct SimFleetConfig {
     /// in flight at once across the fleet; long polls and image downloads
     /// are not counted.
     pub calls_in_flight: usize,
+    /// What every host does with orphan VMs.
+    pub orphans: OrphanPolicy,
 }
 
 impl SimFleetConfig {
@@ -119,6 +121,7 @@ impl SimFleetConfig {
             retry_interval: Duration::from_secs(15),
             enroll_concurrency: 32,
             calls_in_flight: 64,
+            orphans: OrphanPolicy::Destroy,
         }
     }
 
@@ -302,6 +305,7 @@ fn host_config(
     c.report_interval = config.report_interval;
     c.desired_wait = config.desired_wait;
     c.retry_interval = config.retry_interval;
+    c.orphans = config.orphans;
     c
 }
 

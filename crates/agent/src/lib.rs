@@ -26,8 +26,9 @@
 //!   controller restart; VMs keep running meanwhile.
 //! - The **supervisor** hands each desired VM to its own **worker** (so one
 //!   slow VM, e.g. a 30 s graceful stop, never holds up the others), hands VMs
-//!   the driver has but the controller does not mention to a worker that
-//!   destroys them, and starts exec requests.
+//!   the driver has but the controller does not mention (orphans) to a worker
+//!   that destroys them, or with `--orphans keep` leaves them be, and starts
+//!   exec requests. The reporter reports orphans either way.
 //! - A **worker** converges one VM (see below), reports a failure as `failed`
 //!   with the reason, and retries every `retry_interval` and on every change.
 //! - The **reporter** posts an observation for every VM, with a generation
@@ -98,7 +99,7 @@ mod requests;
 mod state;
 
 pub use agent::{Agent, AgentHandle};
-pub use config::{AgentConfig, DriverConfig};
+pub use config::{AgentConfig, DriverConfig, OrphanPolicy};
 pub use credentials::{default_host_name, Credentials};
 pub use error::{AgentError, ApiError, ImageError};
 pub use fleet::{raise_open_files_limit, SimFleet, SimFleetConfig, SimFleetHandle, SimHost};

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stratus_client::types::{
-    AgentReport, GuestAgentInfo, ObservedVmState, VmDesiredState, VmObservation,
+    AgentReport, GuestAgentInfo, ObservedVmState, OrphanAction, OrphanReport, VmDesiredState,
+    VmObservation,
 };
 use stratus_common::VmId;
 use stratus_driver::{GuestInfo, VmRuntimeState, VmStatus};
@@ -117,6 +118,7 @@ async fn build_report(shared: &Shared) -> AgentReport {
         Some(list) => observations(&book, list, || shared.generations.next()),
         None => Vec::new(),
     };
+    let orphans = orphans(&book);
     if let Some(list) = list {
         // Guest facts belong to a boot: forget them for VMs not running.
         for st in &list {
@@ -139,7 +141,29 @@ async fn build_report(shared: &Shared) -> AgentReport {
             shared.vms_changed.send_replace(());
         }
     }
-    AgentReport { facts, vms }
+    AgentReport {
+        facts,
+        vms,
+        orphans,
+    }
+}
+
+/// The orphans to report: those destroyed lately, and those kept.
+fn orphans(book: &Book) -> Vec<OrphanReport> {
+    let destroyed = book
+        .destroyed
+        .keys()
+        .map(|id| (id, OrphanAction::Destroyed));
+    let kept = book.kept.iter().map(|id| (id, OrphanAction::Kept));
+    let mut out: Vec<OrphanReport> = destroyed
+        .chain(kept)
+        .map(|(id, action)| OrphanReport {
+            vm_id: stratus_client::types::VmId(id.0),
+            action,
+        })
+        .collect();
+    out.sort_by_key(|o| o.vm_id.0);
+    out
 }
 
 /// Observations of every VM the driver lists, of desired VMs it does not
@@ -154,6 +178,10 @@ fn observations(
     let mut seen = HashSet::new();
     for st in list {
         seen.insert(st.id);
+        if book.kept.contains(&st.id) {
+            // A kept orphan is reported as such, not observed.
+            continue;
+        }
         let desired = book.desired_vm(st.id);
         let vb = book.vms.get(&st.id);
         let (mut state, mut reason) = observed_state(&st.state, desired);
@@ -267,6 +295,10 @@ fn guest_queries_due(shared: &Shared) -> (Vec<VmId>, Option<Instant>) {
     let mut due = Vec::new();
     let mut next: Option<Instant> = None;
     for id in running {
+        if book.kept.contains(&id) {
+            // A kept orphan's guest is none of this agent's business.
+            continue;
+        }
         let Some(b) = book.vms.get_mut(&id) else {
             // Running but not yet known to a worker (an adopted VM before
             // the first desired state arrives): nothing else would wake this

@@ -3,7 +3,7 @@
 //! down by itself), the in-memory [`Book`] its loops share, and the
 //! generation counter of observations.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -157,8 +157,12 @@ pub(crate) struct Book {
     pub desired: Option<Arc<Snapshot>>,
     pub vms: HashMap<VmId, VmBook>,
     /// VMs destroyed because the controller no longer mentions them, with
-    /// how many more reports should say `absent`.
+    /// how many more reports should say `absent` (and list them as
+    /// destroyed orphans).
     pub destroyed: HashMap<VmId, u32>,
+    /// Orphans left untouched (`OrphanPolicy::Keep`) that the driver still
+    /// has: reported as kept in every report, not observed, not polled.
+    pub kept: HashSet<VmId>,
     pub requests: HashMap<uuid::Uuid, RequestState>,
     /// What the driver listed at the last report.
     pub last_list: Vec<VmStatus>,

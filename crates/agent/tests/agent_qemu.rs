@@ -286,3 +286,112 @@ async fn real_qemu_vm_lives_and_dies_through_the_agent() {
     );
     agent.shutdown().await;
 }
+
+/// A real QEMU killed with SIGKILL: the agent reports the VM crashed, and
+/// with restart policy `on_crash` the controller's reconciler starts it
+/// again, a new QEMU that boots the guest once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_killed_with_restart_policy_on_crash_is_started_again() {
+    common::logging();
+    let g = guest();
+    let cloud = Cloud::start().await;
+    cloud.project("p").await;
+    cloud.flavor("tiny", 128, 64).await;
+    cloud
+        .image(
+            "p",
+            "guest",
+            &g.disk,
+            Some(&g.kernel),
+            Some(&g.initrd),
+            Some(&g.cmdline),
+        )
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = AgentConfig::new(
+        &cloud.url,
+        dir.path(),
+        DriverConfig::Qemu {
+            accel: AccelChoice::Tcg,
+            qemu_binary: None,
+        },
+    );
+    config.name = Some("qemu-1".into());
+    config.enroll_token = Some(cloud.enroll_token().await);
+    config.desired_wait = Duration::from_secs(5);
+    let agent = Agent::start(config).await.expect("agent starts");
+    let mut guard = KillOnDrop(None);
+
+    let (vm, job) = cloud.vm_create("p", "web-1", "tiny", "guest").await;
+    let id = VmId(vm.id.0);
+    guard.0 = Some(id);
+    cloud.job_succeeds(&job, JOB).await;
+    let v = cloud
+        .admin
+        .vm_update()
+        .vm(vm.id.to_string())
+        .body(stratus_client::types::VmUpdate {
+            restart_policy: Some(stratus_client::types::RestartPolicy::OnCrash),
+        })
+        .send()
+        .await
+        .expect("vm_update")
+        .into_inner();
+    assert_eq!(
+        v.restart_policy,
+        stratus_client::types::RestartPolicy::OnCrash
+    );
+    wait_booted(&cloud, &vm, 1).await;
+    let before = processes_of(id);
+    assert_eq!(before.len(), 1, "one QEMU for the VM");
+
+    let t = Instant::now();
+    for pid in &before {
+        let pid = i32::try_from(*pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill QEMU");
+    }
+    wait_booted(&cloud, &vm, 2).await;
+    println!(
+        "TIMING QEMU killed -> booted again by the reconciler: {:?}",
+        t.elapsed()
+    );
+    let v = wait_for("the VM running again", JOB, || async {
+        let v = cloud.vm(&vm.id).await;
+        match v.state {
+            VmState::Running => Ok(v),
+            s => Err(format!("{s} ({:?})", v.state_reason)),
+        }
+    })
+    .await;
+    assert!(v.state_reason.is_none(), "{:?}", v.state_reason);
+    let after = processes_of(id);
+    assert_eq!(after.len(), 1, "one QEMU again: {after:?}");
+    assert_ne!(after, before, "a new QEMU");
+    let starts = cloud
+        .admin
+        .job_list()
+        .target(vm.id.0)
+        .kind("vm_start")
+        .send()
+        .await
+        .expect("job_list")
+        .into_inner()
+        .items;
+    assert_eq!(starts.len(), 1, "one automatic start: {starts:?}");
+    assert_eq!(starts[0].state, stratus_client::types::JobState::Succeeded);
+
+    let op = cloud
+        .admin
+        .vm_delete()
+        .vm(vm.id.to_string())
+        .send()
+        .await
+        .expect("vm_delete")
+        .into_inner();
+    cloud.job_succeeds(&op.job, JOB).await;
+    assert!(processes_of(id).is_empty(), "no QEMU left");
+    agent.shutdown().await;
+}

@@ -7,7 +7,10 @@
 //!  GET  /v1/agent/desired?since=R (long poll)◄─ VMs this host should run, and
 //!                                               requests (exec) to carry out
 //!  POST /v1/agent/report  (every 2 s, and   ─► heartbeat, facts, observed VM
-//!                          on every change)     states with generations
+//!                          on every change)     states with generations, and
+//!                                               orphans (VMs running here the
+//!                                               desired state does not mention)
+//!                                               with what the agent did to them
 //!  POST /v1/agent/requests/{id}/result      ─► a request's outcome
 //!  PUT  /v1/agent/vms/{vm}/console          ─► new console output
 //!  GET  /v1/agent/images/{id}/{part}        ◄─ image files, to cache
@@ -109,10 +112,34 @@ pub struct VmObservation {
     pub intent_generation: Option<u64>,
 }
 
+/// What an agent does with an orphan: a VM its host has that the
+/// controller's desired state for the host does not mention (forgotten by
+/// the controller, or placed elsewhere since, e.g. after the host was cut
+/// off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrphanAction {
+    /// Destroyed, with its disks (the agent's default, `--orphans destroy`).
+    Destroyed,
+    /// Left untouched for the operator (`--orphans keep`).
+    Kept,
+}
+
+/// An orphan found on the host, and what the agent did with it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OrphanReport {
+    pub vm_id: VmId,
+    pub action: OrphanAction,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AgentReport {
     pub facts: HostFacts,
     pub vms: Vec<VmObservation>,
+    /// Orphans: kept ones in every report while they exist, destroyed ones
+    /// in the few reports after their destruction. Absent from older agents.
+    #[serde(default)]
+    pub orphans: Vec<OrphanReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

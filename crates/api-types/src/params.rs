@@ -5,7 +5,8 @@ use stratus_common::{Name, Role};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::views::{
-    GroupPolicy, HostState, ImageFormat, ImageState, ImageVisibility, JobState, VmState, Weigher,
+    GroupPolicy, HostState, ImageFormat, ImageState, ImageVisibility, JobState, RestartPolicy,
+    VmState, Weigher,
 };
 
 /// Pagination shared by every list: at most `limit` items (default 100, at most
@@ -153,6 +154,8 @@ pub struct VmCreate {
     /// Server group (name or id, in the VM's project) whose affinity or
     /// anti-affinity policy the VM follows.
     pub group: Option<String>,
+    /// What happens when the VM goes down by itself (default `never`).
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 /// Several VMs of one shape, placed in one scheduling pass: named
@@ -207,6 +210,16 @@ pub struct HostUpdate {
     /// Tags to remove.
     #[serde(default)]
     pub remove_tags: Vec<Name>,
+}
+
+/// Changes to a VM that need nothing of its host; absent fields stay as
+/// they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmUpdate {
+    /// What happens when the VM goes down by itself. Setting it (even to
+    /// the same value) also re-arms automatic restarts that were given up.
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]

@@ -8,7 +8,7 @@ use stratus_common::{
 };
 use utoipa::ToSchema;
 
-use crate::agent::GuestAgentInfo;
+use crate::agent::{GuestAgentInfo, OrphanAction};
 
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -138,6 +138,23 @@ pub struct Host {
     pub allocated: Allocation,
     pub created_at: DateTime<Utc>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// VMs the host's agent found that the controller does not place there,
+    /// and what it did with them: kept ones while they exist, destroyed ones
+    /// for a day (only in single-host answers, `GET /v1/hosts/{host}`).
+    #[serde(default)]
+    pub orphans: Vec<HostOrphan>,
+}
+
+/// A VM found on a host without the controller's say (see
+/// [`OrphanAction`]).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostOrphan {
+    /// The VM's id (unknown to the controller, or a VM placed elsewhere).
+    pub vm_id: VmId,
+    pub action: OrphanAction,
+    pub first_seen_at: DateTime<Utc>,
+    /// When the host last reported it.
+    pub last_seen_at: DateTime<Utc>,
 }
 
 /// Resources allocated to VMs on a host.
@@ -392,6 +409,29 @@ pub enum VmDesiredState {
     Deleted,
 }
 
+/// What becomes of a VM that goes down by itself (its hypervisor process
+/// ended without being asked to).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// It stays down (`crashed`) until someone starts it.
+    #[default]
+    Never,
+    /// The controller starts it again, on its host, a few times; a VM that
+    /// keeps crashing (by default a fourth crash within 10 minutes) is left
+    /// down with a reason that says restarts were given up.
+    OnCrash,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnCrash => "on_crash",
+        }
+    }
+}
+
 /// What the VM is, as last observed.
 ///
 /// ```text
@@ -443,8 +483,11 @@ pub struct Vm {
     pub disk_bytes: u64,
     pub desired_state: VmDesiredState,
     pub state: VmState,
-    /// Why the VM is in its state, when that needs saying (a failure, a crash).
+    /// Why the VM is in its state, when that needs saying (a failure, a
+    /// crash, an automatic restart, restarts given up).
     pub state_reason: Option<String>,
+    /// What happens when the VM goes down by itself.
+    pub restart_policy: RestartPolicy,
     /// The host the VM is placed on, once placed.
     pub host_id: Option<HostId>,
     /// The server group the VM belongs to.

@@ -246,6 +246,24 @@ pub enum FlavorCmd {
     Delete { flavor: String },
 }
 
+/// A VM's restart policy on the command line.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartPolicyArg {
+    /// The VM stays down after a crash until someone starts it
+    Never,
+    /// The controller starts the VM again after a crash
+    OnCrash,
+}
+
+impl From<RestartPolicyArg> for types::RestartPolicy {
+    fn from(p: RestartPolicyArg) -> Self {
+        match p {
+            RestartPolicyArg::Never => types::RestartPolicy::Never,
+            RestartPolicyArg::OnCrash => types::RestartPolicy::OnCrash,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Create a VM
@@ -282,8 +300,23 @@ pub enum VmCmd {
         /// Server group to join (its affinity policy applies)
         #[arg(long)]
         group: Option<String>,
+        /// What happens when the VM goes down by itself: never (it stays
+        /// crashed) or on-crash (the controller starts it again, at most 3
+        /// times within 10 minutes)
+        #[arg(long, value_enum, default_value_t = RestartPolicyArg::Never)]
+        restart_policy: RestartPolicyArg,
         #[command(flatten)]
         wait: WaitOpt,
+    },
+    /// Change a VM's settings (its restart policy)
+    Update {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+        /// never or on-crash; setting it also re-arms automatic restarts
+        /// that were given up
+        #[arg(long, value_enum)]
+        restart_policy: Option<RestartPolicyArg>,
     },
     /// List VMs
     List {
@@ -1011,6 +1044,7 @@ fn vm_fields(v: &types::Vm) -> Table {
         ("state", wire(&v.state)),
         ("desired", wire(&v.desired_state)),
         ("reason", opt(&v.state_reason)),
+        ("restart policy", wire(&v.restart_policy)),
         ("host", opt(&v.host_id)),
         ("vcpus", v.vcpus.to_string()),
         ("memory", bytes(v.memory_bytes)),
@@ -1069,7 +1103,7 @@ async fn vm_operation(
 
 /// Prints a batch create; with `--wait`, waits for every job first.
 fn host_fields(h: &types::Host) -> Table {
-    fields(vec![
+    let mut t = fields(vec![
         ("name", h.name.clone()),
         ("id", h.id.to_string()),
         ("state", wire(&h.state)),
@@ -1105,7 +1139,24 @@ fn host_fields(h: &types::Host) -> Table {
                 .map(ts)
                 .unwrap_or_else(|| "-".into()),
         ),
-    ])
+    ]);
+    // VMs the host has without the controller's say, one row each.
+    if h.orphans.is_empty() {
+        t.row(vec!["orphans".into(), "-".into()]);
+    }
+    for o in &h.orphans {
+        t.row(vec![
+            "orphan".into(),
+            format!(
+                "{} {} (first seen {}, last {})",
+                o.vm_id,
+                wire(&o.action),
+                ts(&o.first_seen_at),
+                ts(&o.last_seen_at)
+            ),
+        ]);
+    }
+    t
 }
 
 async fn vm_batch(
@@ -1162,6 +1213,7 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
             require_tags,
             forbid_tags,
             group,
+            restart_policy,
             wait,
         } => {
             let body = types::VmCreate {
@@ -1175,6 +1227,7 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
                 require_tags: names(&require_tags)?,
                 forbid_tags: names(&forbid_tags)?,
                 group,
+                restart_policy: Some(restart_policy.into()),
             };
             if dry_run {
                 let batch = types::VmBatchCreate {
@@ -1248,6 +1301,21 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
         }
         VmCmd::Show { vm, project } => {
             let mut r = c.vm_view().vm(vm);
+            if let Some(p) = project {
+                r = r.project(p);
+            }
+            let v = r.send().await?.into_inner();
+            output::print(f, &v, vm_fields);
+        }
+        VmCmd::Update {
+            vm,
+            project,
+            restart_policy,
+        } => {
+            let body = types::VmUpdate {
+                restart_policy: restart_policy.map(Into::into),
+            };
+            let mut r = c.vm_update().vm(vm).body(body);
             if let Some(p) = project {
                 r = r.project(p);
             }

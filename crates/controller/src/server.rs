@@ -69,6 +69,7 @@ pub struct Server {
     refresher: JoinHandle<()>,
     revision_watch: JoinHandle<()>,
     heartbeats: JoinHandle<()>,
+    reconciler: Option<crate::app::reconcile::ReconcilerHandle>,
 }
 
 /// How often the scheduler's index is rebuilt from the store (which is how
@@ -95,6 +96,10 @@ impl Server {
             crate::app::agent::spawn_revision_watch(app.clone(), std::time::Duration::from_secs(1));
         let heartbeats =
             crate::app::agent::spawn_heartbeats(app.clone(), std::time::Duration::from_secs(1));
+        let reconciler = crate::app::reconcile::start(
+            &app,
+            crate::app::reconcile::ReconcilerConfig::new(&config.controller_id),
+        );
 
         let bootstrap_token = tokens::bootstrap_admin(&app)
             .await
@@ -141,6 +146,7 @@ impl Server {
             refresher,
             revision_watch,
             heartbeats,
+            reconciler: Some(reconciler),
         })
     }
 
@@ -166,6 +172,10 @@ impl Server {
         }
         let _ = (&mut self.http).await;
         if let Some(r) = self.runner.take() {
+            r.shutdown().await;
+        }
+        // Gives up the leader lease so another controller takes over at once.
+        if let Some(r) = self.reconciler.take() {
             r.shutdown().await;
         }
         self.refresher.abort();

@@ -213,6 +213,7 @@ fn valid_body(op: &str) -> Option<Value> {
         "server_group_create" => json!({"name": "new-group", "policy": "anti_affinity"}),
         "cluster_update" => json!({"cpu_ratio": 2.0}),
         "host_update" => json!({"add_tags": ["ssd"]}),
+        "vm_update" => json!({"restart_policy": "on_crash"}),
         "vm_exec" => json!({"argv": ["true"]}),
         "agent_enroll" => {
             json!({"enroll_token": "stratus-enroll_bogus", "name": "h", "address": "127.0.0.1",

@@ -304,7 +304,9 @@ impl Datastore {
 
     /// Applies one observation from a host, unless a newer one was already
     /// applied (or the VM is not on that host). When no job holds the VM,
-    /// its shown state follows what was observed (a crash, say).
+    /// its shown state follows what was observed (a crash, say), and so
+    /// does its reason, except that a crashed VM whose automatic restarts
+    /// were given up keeps the reason that says so.
     pub async fn vm_apply_observation(
         &self,
         host: HostId,
@@ -327,7 +329,8 @@ impl Datastore {
              observed_reboot_generation = $4, observed_at = $5, guest = COALESCE($6, guest), \
              observed_intent_generation = COALESCE($10, observed_intent_generation), \
              state = CASE WHEN active_job_id IS NULL AND $7 <> '' THEN $7 ELSE state END, \
-             state_reason = CASE WHEN active_job_id IS NULL AND $7 <> '' THEN $2 ELSE state_reason END \
+             state_reason = CASE WHEN active_job_id IS NULL AND $7 <> '' \
+             AND NOT (auto_restart_given_up_at IS NOT NULL AND $7 = 'crashed') THEN $2 ELSE state_reason END \
              WHERE id = $8 AND host_id = $9 AND observed_generation < $3",
         )
         .bind(enum_str(&obs.state))

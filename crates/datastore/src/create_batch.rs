@@ -152,7 +152,7 @@ async fn write_combined(
     let mut vm_sql = String::from(
         "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
          desired_state, state, active_job_id, generation, created_at, updated_at, host_id, \
-         server_group_id, placement) VALUES ",
+         server_group_id, placement, restart_policy) VALUES ",
     );
     let mut job_sql = String::from(
         "INSERT INTO jobs (id, project_id, kind, target_kind, target_id, state, progress, params, \
@@ -162,10 +162,10 @@ async fn write_combined(
         String::from("INSERT INTO job_events (job_id, seq, at, step, message) VALUES ");
     for n in 0..items.len() {
         let sep = if n > 0 { ", " } else { "" };
-        let v = n * 14;
+        let v = n * crate::vms::VM_INSERT_VALUES;
         let p = |k: usize| format!("${}", v + k);
         vm_sql.push_str(&format!(
-            "{sep}({}, {}, {}, {}, {}, {}, {}, {}, {}, 'creating', {}, 1, {}, {}, {}, {}, {})",
+            "{sep}({}, {}, {}, {}, {}, {}, {}, {}, {}, 'creating', {}, 1, {}, {}, {}, {}, {}, {})",
             p(1),
             p(2),
             p(3),
@@ -180,7 +180,8 @@ async fn write_combined(
             p(11),
             p(12),
             p(13),
-            p(14)
+            p(14),
+            p(15)
         ));
         let j = n * 8;
         job_sql.push_str(&format!(

@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0005_desired_changed.sql"),
     ),
     (6, "sagas", include_str!("../migrations/0006_sagas.sql")),
+    (
+        7,
+        "reconcilers",
+        include_str!("../migrations/0007_reconcilers.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

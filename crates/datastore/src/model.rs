@@ -250,6 +250,37 @@ impl HostRecord {
             },
             created_at: from_micros(self.created_at),
             last_heartbeat_at: self.last_heartbeat_at.map(from_micros),
+            orphans: Vec::new(),
+        }
+    }
+}
+
+/// An orphan VM a host reported (see `orphans.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanRecord {
+    pub host_id: HostId,
+    pub vm_id: VmId,
+    pub action: stratus_api_types::agent::OrphanAction,
+    pub first_seen_at: i64,
+    pub last_seen_at: i64,
+}
+
+impl OrphanRecord {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self, Error> {
+        Ok(OrphanRecord {
+            host_id: r.parse("host_id")?,
+            vm_id: r.parse("vm_id")?,
+            action: enum_parse(r, "action")?,
+            first_seen_at: r.int("first_seen_at")?,
+            last_seen_at: r.int("last_seen_at")?,
+        })
+    }
+    pub fn into_view(self) -> views::HostOrphan {
+        views::HostOrphan {
+            vm_id: self.vm_id,
+            action: self.action,
+            first_seen_at: from_micros(self.first_seen_at),
+            last_seen_at: from_micros(self.last_seen_at),
         }
     }
 }
@@ -367,6 +398,14 @@ pub struct VmRecord {
     pub observed_intent_generation: i64,
     pub server_group_id: Option<ServerGroupId>,
     pub placement: views::VmPlacement,
+    pub restart_policy: views::RestartPolicy,
+    /// Automatic restarts since `auto_restart_window_at`.
+    pub auto_restarts: i64,
+    /// When the first automatic restart counted in `auto_restarts` began.
+    pub auto_restart_window_at: Option<i64>,
+    /// When automatic restarts were given up (a crash loop), until the
+    /// operator's next operation on the VM.
+    pub auto_restart_given_up_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -404,6 +443,10 @@ impl VmRecord {
                 Some(p) => serde_json::from_str(&p).map_err(|e| column_error("placement", e))?,
                 None => views::VmPlacement::default(),
             },
+            restart_policy: enum_parse(r, "restart_policy")?,
+            auto_restarts: r.int("auto_restarts")?,
+            auto_restart_window_at: r.opt_int("auto_restart_window_at")?,
+            auto_restart_given_up_at: r.opt_int("auto_restart_given_up_at")?,
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -421,6 +464,7 @@ impl VmRecord {
             desired_state: self.desired_state,
             state: self.state,
             state_reason: self.state_reason,
+            restart_policy: self.restart_policy,
             host_id: self.host_id,
             server_group_id: self.server_group_id,
             placement: self.placement,
@@ -644,6 +688,10 @@ impl VmRecord {
             observed_intent_generation: 0,
             server_group_id: vm.server_group_id,
             placement: vm.placement.clone(),
+            restart_policy: vm.restart_policy,
+            auto_restarts: 0,
+            auto_restart_window_at: None,
+            auto_restart_given_up_at: None,
             created_at: now,
             updated_at: now,
         }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use stratus_api_types::views::{GroupPolicy, VmDesiredState, VmPlacement, VmState};
+use stratus_api_types::views::{GroupPolicy, RestartPolicy, VmDesiredState, VmPlacement, VmState};
 use stratus_common::time::now_micros;
 use stratus_common::{
     Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, ServerGroupId, VmId,
@@ -23,6 +23,7 @@ const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, m
                       desired_state, state, state_reason, host_id, active_job_id, generation, reboot_generation, \
                       observed_state, observed_reason, observed_generation, observed_reboot_generation, \
                       observed_at, guest, observed_intent_generation, server_group_id, placement, \
+                      restart_policy, auto_restarts, auto_restart_window_at, auto_restart_given_up_at, \
                       created_at, updated_at FROM vms";
 
 /// A VM to record.
@@ -39,6 +40,7 @@ pub struct NewVm {
     pub desired_state: VmDesiredState,
     pub server_group_id: Option<ServerGroupId>,
     pub placement: VmPlacement,
+    pub restart_policy: RestartPolicy,
 }
 
 /// A VM to record with its create job and, once the scheduler chose one,
@@ -67,6 +69,44 @@ impl From<Error> for CreateError {
     fn from(e: Error) -> Self {
         CreateError::Other(e)
     }
+}
+
+/// The crash-loop limit of automatic restarts: at most `max` restarts
+/// within `window_micros` of the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartLimit {
+    pub max: u32,
+    pub window_micros: i64,
+}
+
+impl RestartLimit {
+    /// The window for a person: `10 min`, `90 s`.
+    fn window_text(&self) -> String {
+        let secs = self.window_micros / 1_000_000;
+        if secs >= 60 && secs % 60 == 0 {
+            format!("{} min", secs / 60)
+        } else {
+            format!("{secs} s")
+        }
+    }
+}
+
+/// What [`Datastore::vm_auto_restart`] did.
+#[derive(Debug, Clone)]
+pub enum AutoRestart {
+    /// The start (intent and job) is recorded; `attempt` counts the
+    /// automatic restarts in the current window, this one included.
+    Started {
+        vm: Box<VmRecord>,
+        job: Box<JobRecord>,
+        attempt: i64,
+    },
+    /// Too many restarts within the window: left crashed, its reason saying
+    /// so.
+    GaveUp { vm: Box<VmRecord> },
+    /// No longer a candidate (an operator or another controller acted on
+    /// it, it is no longer crashed, its host went down, ...).
+    NotEligible,
 }
 
 /// Filters for [`Datastore::vm_list`].
@@ -124,7 +164,9 @@ impl Datastore {
     }
 
     /// Records a new intent for an existing VM and the job that carries it
-    /// out, provided no other job is acting on the VM.
+    /// out, provided no other job is acting on the VM. The operator taking
+    /// charge also resets the VM's automatic-restart record (a VM whose
+    /// restarts were given up restarts by itself again after its next crash).
     pub async fn vm_begin_operation(
         &self,
         vm_id: VmId,
@@ -136,55 +178,164 @@ impl Datastore {
         let ctx = "recording a VM operation";
         let now = now_micros();
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        let q = sqlx::query(
-            "UPDATE vms SET desired_state = $1, active_job_id = $2, generation = generation + 1, \
-             updated_at = $3, state = $4, state_reason = NULL WHERE id = $5 AND active_job_id IS NULL",
+        let job = begin_operation(&mut tx, vm_id, desired, state, bump_reboot, &job, now).await?;
+        sqlx::query(
+            "UPDATE vms SET auto_restarts = 0, auto_restart_window_at = NULL, \
+             auto_restart_given_up_at = NULL WHERE id = $1",
         )
-        .bind(enum_str(&desired))
-        .bind(job.id.to_string())
+        .bind(vm_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        let vm = fetch_vm(&mut tx, vm_id).await?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok((vm, job))
+    }
+
+    /// Sets what happens when the VM goes down by itself, and re-arms its
+    /// automatic restarts (the record of past ones is reset).
+    pub async fn vm_set_restart_policy(
+        &self,
+        vm_id: VmId,
+        policy: RestartPolicy,
+    ) -> Result<VmRecord, Error> {
+        let ctx = "setting a VM's restart policy";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        let done = sqlx::query(
+            "UPDATE vms SET restart_policy = $1, auto_restarts = 0, auto_restart_window_at = NULL, \
+             auto_restart_given_up_at = NULL, updated_at = $2 WHERE id = $3",
+        )
+        .bind(enum_str(&policy))
+        .bind(now_micros())
+        .bind(vm_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(ResourceKind::Vm, vm_id));
+        }
+        let vm = fetch_vm(&mut tx, vm_id).await?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(vm)
+    }
+
+    /// VMs to restart after a crash: restart policy `on_crash`, shown
+    /// `crashed` while still wanted running, no job acting on them,
+    /// restarts not given up, on a host that is up. At most `limit`, oldest
+    /// first.
+    pub async fn vm_restart_candidates(&self, limit: u32) -> Result<Vec<VmRecord>, Error> {
+        let rows = sqlx::query(&format!(
+            "{SELECT} WHERE {RESTARTABLE} ORDER BY id LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading VMs to restart", e))?;
+        rows.iter().map(VmRecord::from_row).collect()
+    }
+
+    /// Restarts a crashed VM by itself (the reconciler's doing), through the
+    /// same intent-and-job path as an operator's start, unless it has been
+    /// restarted `limit.max` times within `limit.window_micros` already:
+    /// then it is left crashed, with a reason saying restarts were given up,
+    /// until the operator acts on it. Everything is re-checked in the
+    /// transaction (a controller racing for the same VM, an operator acting
+    /// meanwhile), so of two callers at most one restarts the VM.
+    pub async fn vm_auto_restart(
+        &self,
+        vm_id: VmId,
+        limit: RestartLimit,
+        now: i64,
+        job: NewJob,
+    ) -> Result<AutoRestart, Error> {
+        let ctx = "restarting a crashed VM";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        let before = match fetch_vm(&mut tx, vm_id).await {
+            Ok(v) => v,
+            Err(Error::NotFound { .. }) => return Ok(AutoRestart::NotEligible),
+            Err(e) => return Err(e),
+        };
+        let crash = before
+            .state_reason
+            .clone()
+            .unwrap_or_else(|| "no reason given".into());
+        let window_start = now - limit.window_micros;
+        // A window that began before `window_start` is over: this restart
+        // opens a new one.
+        let counted = sqlx::query(&format!(
+            "UPDATE vms SET \
+             auto_restarts = CASE WHEN auto_restart_window_at IS NULL OR auto_restart_window_at <= $1 \
+             THEN 1 ELSE auto_restarts + 1 END, \
+             auto_restart_window_at = CASE WHEN auto_restart_window_at IS NULL OR auto_restart_window_at <= $1 \
+             THEN $2 ELSE auto_restart_window_at END \
+             WHERE id = $3 AND {RESTARTABLE} AND (auto_restart_window_at IS NULL \
+             OR auto_restart_window_at <= $1 OR auto_restarts < $4)"
+        ))
+        .bind(window_start)
         .bind(now)
-        .bind(enum_str(&state))
-        .bind(vm_id.to_string());
-        let done = q.execute(&mut *tx).await.map_err(|e| db_error(ctx, e))?;
-        if done.rows_affected() == 1 {
-            if bump_reboot {
-                sqlx::query(
-                    "UPDATE vms SET reboot_generation = reboot_generation + 1 WHERE id = $1",
-                )
+        .bind(vm_id.to_string())
+        .bind(i64::from(limit.max))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if counted.rows_affected() == 1 {
+            let job = begin_operation(
+                &mut tx,
+                vm_id,
+                VmDesiredState::Running,
+                VmState::Starting,
+                false,
+                &job,
+                now,
+            )
+            .await?;
+            let attempt: i64 = sqlx::query_scalar("SELECT auto_restarts FROM vms WHERE id = $1")
+                .bind(vm_id.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+            sqlx::query("UPDATE vms SET state_reason = $1 WHERE id = $2")
+                .bind(format!(
+                    "restarting by itself after a crash (restart policy on_crash; automatic restart \
+                     {attempt} of at most {} within {}): {crash}",
+                    limit.max,
+                    limit.window_text()
+                ))
                 .bind(vm_id.to_string())
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(ctx, e))?;
-            }
-            // The VM's host must hear of the new intent.
-            sqlx::query(
-                "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 \
-                 WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
-            )
-            .bind(vm_id.to_string())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?;
+            let vm = fetch_vm(&mut tx, vm_id).await?;
+            tx.commit().await.map_err(|e| db_error(ctx, e))?;
+            return Ok(AutoRestart::Started {
+                vm: Box::new(vm),
+                job: Box::new(job),
+                attempt,
+            });
         }
-        if done.rows_affected() == 0 {
-            let current = fetch_vm(&mut tx, vm_id).await?;
-            return Err(Error::conflict(
-                "vm_busy",
-                format!(
-                    "VM {:?} is busy with job {}; wait for it or cancel it",
-                    current.name,
-                    current
-                        .active_job_id
-                        .map(|j| j.to_string())
-                        .unwrap_or_default()
-                ),
-            ));
+        let gave_up = sqlx::query(&format!(
+            "UPDATE vms SET auto_restart_given_up_at = $1, state_reason = $2, updated_at = $1 \
+             WHERE id = $3 AND {RESTARTABLE} AND auto_restart_window_at > $4 AND auto_restarts >= $5"
+        ))
+        .bind(now)
+        .bind(format!(
+            "automatic restarts given up: it crashed again after {} automatic restarts within {}; \
+             start it to try again (last crash: {crash})",
+            before.auto_restarts,
+            limit.window_text()
+        ))
+        .bind(vm_id.to_string())
+        .bind(window_start)
+        .bind(i64::from(limit.max))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if gave_up.rows_affected() == 0 {
+            return Ok(AutoRestart::NotEligible);
         }
-        let job = insert_job(&mut tx, &job, now).await?;
         let vm = fetch_vm(&mut tx, vm_id).await?;
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
-        Ok((vm, job))
+        Ok(AutoRestart::GaveUp { vm: Box::new(vm) })
     }
 
     pub async fn vm_get(&self, id: VmId) -> Result<VmRecord, Error> {
@@ -254,6 +405,70 @@ impl Datastore {
             .map_err(|e| db_error("reading a VM", e))?;
         row.as_ref().map(VmRecord::from_row).transpose()
     }
+}
+
+/// The condition (on `vms`) for a VM the reconciler restarts after a crash.
+const RESTARTABLE: &str = "restart_policy = 'on_crash' AND state = 'crashed' \
+     AND desired_state = 'running' AND active_job_id IS NULL AND auto_restart_given_up_at IS NULL \
+     AND host_id IN (SELECT id FROM hosts WHERE state = 'up')";
+
+/// Records a new intent for a VM and its job, in the caller's transaction,
+/// provided no other job holds the VM (else `vm_busy`, and the caller rolls
+/// back); the VM's host is told (its desired revision grows).
+async fn begin_operation(
+    tx: &mut sqlx::AnyConnection,
+    vm_id: VmId,
+    desired: VmDesiredState,
+    state: VmState,
+    bump_reboot: bool,
+    job: &NewJob,
+    now: i64,
+) -> Result<JobRecord, Error> {
+    let ctx = "recording a VM operation";
+    let done = sqlx::query(
+        "UPDATE vms SET desired_state = $1, active_job_id = $2, generation = generation + 1, \
+         updated_at = $3, state = $4, state_reason = NULL WHERE id = $5 AND active_job_id IS NULL",
+    )
+    .bind(enum_str(&desired))
+    .bind(job.id.to_string())
+    .bind(now)
+    .bind(enum_str(&state))
+    .bind(vm_id.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_error(ctx, e))?;
+    if done.rows_affected() == 0 {
+        let current = fetch_vm(tx, vm_id).await?;
+        return Err(Error::conflict(
+            "vm_busy",
+            format!(
+                "VM {:?} is busy with job {}; wait for it or cancel it",
+                current.name,
+                current
+                    .active_job_id
+                    .map(|j| j.to_string())
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if bump_reboot {
+        sqlx::query("UPDATE vms SET reboot_generation = reboot_generation + 1 WHERE id = $1")
+            .bind(vm_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+    }
+    // The VM's host must hear of the new intent.
+    sqlx::query(
+        "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 \
+         WHERE id = (SELECT host_id FROM vms WHERE id = $1)",
+    )
+    .bind(vm_id.to_string())
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_error(ctx, e))?;
+    insert_job(tx, job, now).await
 }
 
 pub(crate) async fn fetch_vm(conn: &mut sqlx::AnyConnection, id: VmId) -> Result<VmRecord, Error> {
@@ -327,8 +542,8 @@ pub(crate) async fn create_one(
         let q = sqlx::query(
             "INSERT INTO vms (id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
              desired_state, state, active_job_id, generation, created_at, updated_at, host_id, \
-             server_group_id, placement) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11, $12, $13, $14)",
+             server_group_id, placement, restart_policy) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, 1, $11, $11, $12, $13, $14, $15)",
         );
         bind_vm(q, i, now)?.execute(&mut *tx).await.map_err(|e| {
             if is_unique_violation(&e) {
@@ -347,9 +562,13 @@ pub(crate) async fn create_one(
     Ok(out)
 }
 
-/// Binds the 14 values a VM's `INSERT` takes, in the order both the single
-/// and the combined create write them: id, project, name, flavor, image,
-/// vCPUs, memory, disk, desired state, job, time, host, group, placement.
+/// How many values [`bind_vm`] binds.
+pub(crate) const VM_INSERT_VALUES: usize = 15;
+
+/// Binds the [`VM_INSERT_VALUES`] values a VM's `INSERT` takes, in the order
+/// both the single and the combined create write them: id, project, name,
+/// flavor, image, vCPUs, memory, disk, desired state, job, time, host, group,
+/// placement, restart policy.
 pub(crate) fn bind_vm<'q>(
     q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     i: &VmToCreate,
@@ -371,7 +590,8 @@ pub(crate) fn bind_vm<'q>(
         .bind(now)
         .bind(i.host.map(|h| h.to_string()))
         .bind(vm.server_group_id.map(|g| g.to_string()))
-        .bind(placement))
+        .bind(placement)
+        .bind(enum_str(&vm.restart_policy)))
 }
 
 /// What these VMs claim on each of their hosts: (vCPUs, memory, disk).

@@ -366,6 +366,7 @@ fn new_vm(fx: &Fixture, name: &str) -> NewVm {
         desired_state: VmDesiredState::Running,
         server_group_id: None,
         placement: Default::default(),
+        restart_policy: Default::default(),
     }
 }
 

@@ -101,6 +101,7 @@ fn pending(fx: &Fixture, name: &str, group: Option<stratus_common::ServerGroupId
             desired_state: VmDesiredState::Running,
             server_group_id: group,
             placement: VmPlacement::default(),
+            restart_policy: Default::default(),
         },
         job: NewJob {
             id: JobId::new(),

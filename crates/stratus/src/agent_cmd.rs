@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use stratus_agent::{
-    default_host_name, AccelChoice, Agent, AgentConfig, Credentials, DriverConfig, SimFleet,
-    SimFleetConfig,
+    default_host_name, AccelChoice, Agent, AgentConfig, Credentials, DriverConfig, OrphanPolicy,
+    SimFleet, SimFleetConfig,
 };
 use stratus_cli::{config, GlobalOpts};
 use stratus_common::ByteCount;
@@ -85,9 +85,29 @@ pub struct AgentArgs {
     /// is ended
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
+    /// What to do with orphans, VMs this host has that the controller does
+    /// not place here: destroy them with their disks, or keep them
+    /// untouched. Either way they are reported (`stratus host show`)
+    #[arg(long, value_enum, default_value_t = OrphansArg::Destroy)]
+    orphans: OrphansArg,
     /// Log as JSON lines instead of text
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OrphansArg {
+    Destroy,
+    Keep,
+}
+
+impl From<OrphansArg> for OrphanPolicy {
+    fn from(a: OrphansArg) -> Self {
+        match a {
+            OrphansArg::Destroy => OrphanPolicy::Destroy,
+            OrphansArg::Keep => OrphanPolicy::Keep,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -145,6 +165,7 @@ pub async fn run(args: AgentArgs, global: GlobalOpts) -> anyhow::Result<()> {
     config.tags = args.tags;
     config.enroll_token = args.enroll_token;
     config.stop_timeout = Duration::from_secs(args.stop_timeout);
+    config.orphans = args.orphans.into();
     if let Some(secs) = args.report_interval {
         config.report_interval = Duration::from_secs(secs);
     }
@@ -178,6 +199,7 @@ async fn run_fleet(
     config.zone = args.zone.clone();
     config.cluster = args.cluster.clone();
     config.tags = args.tags.clone();
+    config.orphans = args.orphans.into();
     let mut sim = stratus_agent::SimConfig::default();
     apply_sim_args(&args_sim(&args), &mut sim);
     config.cpus = sim.cpus;

@@ -202,6 +202,7 @@ async fn stratus_boot(c: &stratus_client::Client, name: &str) -> anyhow::Result<
             require_tags: vec![],
             forbid_tags: vec![],
             group: None,
+            restart_policy: None,
         })
         .send()
         .await?

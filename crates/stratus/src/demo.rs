@@ -116,6 +116,7 @@ pub async fn seed(url: &str, token: &str, guest_dir: &Path) -> anyhow::Result<St
             require_tags: vec![],
             forbid_tags: vec![],
             group: None,
+            restart_policy: None,
         })
         .send()
         .await

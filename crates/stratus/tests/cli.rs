@@ -251,7 +251,15 @@ fn the_spine_through_the_cli() {
     );
     let mut agent = env_cmd(home.path())
         .args([
-            "agent", "--driver", "sim", "--name", "sim-1", "--url", &up.url,
+            "agent",
+            "--driver",
+            "sim",
+            "--name",
+            "sim-1",
+            "--url",
+            &up.url,
+            "--orphans",
+            "keep",
         ])
         .args(["--enroll-token", enroll["token"].as_str().expect("token")])
         .arg("--data-dir")
@@ -298,13 +306,24 @@ fn the_spine_through_the_cli() {
         up.cli_with_token(
             &member,
             &[
-                "vm", "create", "web", "--flavor", "tiny", "--image", "base", "-o", "json",
+                "vm",
+                "create",
+                "web",
+                "--flavor",
+                "tiny",
+                "--image",
+                "base",
+                "--restart-policy",
+                "on-crash",
+                "-o",
+                "json",
             ],
         ),
         "vm create",
     );
     let vm_id = op["vm"]["id"].as_str().expect("id").to_string();
     assert_eq!(op["job"]["kind"], "vm_create");
+    assert_eq!(op["vm"]["restart_policy"], "on_crash", "{op}");
     assert!(op["vm"]["host_id"].is_string(), "placed at creation: {op}");
     let list = json(
         up.cli_with_token(&member, &["vm", "list", "-o", "json"]),
@@ -323,6 +342,32 @@ fn the_spine_through_the_cli() {
         "vm show by id",
     );
     assert_eq!(by_id["name"], "web");
+    let updated = json(
+        up.cli_with_token(
+            &member,
+            &[
+                "vm",
+                "update",
+                "web",
+                "--restart-policy",
+                "never",
+                "-o",
+                "json",
+            ],
+        ),
+        "vm update",
+    );
+    assert_eq!(updated["restart_policy"], "never", "{updated}");
+    let table = ok(
+        up.cli_with_token(&member, &["vm", "show", "web"]),
+        "vm show",
+    );
+    assert!(
+        table.contains("restart policy") && table.contains("never"),
+        "{table}"
+    );
+    let host = ok(up.cli(&["host", "show", "sim-1"]), "host show");
+    assert!(host.contains("orphans"), "{host}");
     // The job ends, the sim host having run the VM.
     let job = json(
         up.cli_with_token(

@@ -188,6 +188,7 @@ impl Cloud {
                 group: None,
                 require_tags: Vec::new(),
                 forbid_tags: Vec::new(),
+                restart_policy: None,
             })
             .send()
             .await

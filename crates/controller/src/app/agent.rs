@@ -8,7 +8,7 @@ use base64::Engine;
 use stratus_api_types::agent::{
     AgentDesired, AgentEnroll, AgentEnrolled, AgentReport, AgentReportAck, AgentRequest,
     AgentRequestKind, AgentRequestResult, ConsoleAppend, DesiredImage, DesiredQuery, DesiredVm,
-    ImagePart,
+    ImagePart, OrphanAction, OrphanReport,
 };
 use stratus_common::{Error, ImageId, ResourceKind, VmId};
 use stratus_datastore::model::HostRecord;
@@ -99,11 +99,45 @@ pub async fn agent_report(
     if stale < r.vms.len() as u32 {
         app.signals.observed_changed();
     }
+    record_orphans(app, &host, &r.orphans).await?;
     Ok(AgentReportAck {
         host_id: host.id,
         host_state: host.state,
         stale,
     })
+}
+
+/// Most orphans recorded from one report: a host with more has a problem
+/// the first thousand show well enough.
+const MAX_ORPHANS_PER_REPORT: usize = 1000;
+
+/// Records the orphans a host reported (nothing to write when there are
+/// none, the common case), and logs the ones not seen before.
+async fn record_orphans(
+    app: &App,
+    host: &HostRecord,
+    orphans: &[OrphanReport],
+) -> Result<(), Error> {
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    if orphans.len() > MAX_ORPHANS_PER_REPORT {
+        tracing::warn!(host = %host.id, name = %host.name, orphans = orphans.len(), kept = MAX_ORPHANS_PER_REPORT, "host reports more orphan VMs than are recorded");
+    }
+    let list: Vec<(VmId, OrphanAction)> = orphans
+        .iter()
+        .take(MAX_ORPHANS_PER_REPORT)
+        .map(|o| (o.vm_id, o.action))
+        .collect();
+    let new = app
+        .ds
+        .host_orphans_seen(host.id, &list, stratus_common::time::now_micros())
+        .await?;
+    for vm in new {
+        let action = list.iter().find(|o| o.0 == vm).map(|o| o.1);
+        tracing::warn!(host = %host.id, name = %host.name, %vm, ?action, "host has a VM the controller does not place there (an orphan)");
+    }
+    Ok(())
 }
 
 /// The host's desired state; with `wait_secs`, waits (long poll) until its

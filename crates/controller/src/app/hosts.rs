@@ -32,9 +32,14 @@ pub async fn host_list(
     })
 }
 
+/// A host, with the orphan VMs its agent reported.
 pub async fn host_view(app: &App, actor: &Actor, key: &str) -> Result<Host, Error> {
     actor.require_admin("see hosts")?;
-    Ok(lookup::host(app, key).await?.into_view())
+    let host = lookup::host(app, key).await?;
+    let orphans = app.ds.host_orphans(host.id).await?;
+    let mut view = host.into_view();
+    view.orphans = orphans.into_iter().map(|o| o.into_view()).collect();
+    Ok(view)
 }
 
 pub async fn enrollment_token_create(

@@ -15,6 +15,7 @@ pub mod images;
 pub mod jobs;
 mod lookup;
 pub mod projects;
+pub mod reconcile;
 pub mod scheduling;
 pub mod secrets;
 pub mod tokens;

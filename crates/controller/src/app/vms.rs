@@ -8,16 +8,16 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use stratus_api_types::agent::{AgentRequestKind, ExecResult};
 use stratus_api_types::params::{
-    ConsoleQuery, PageParams, VmBatchCreate, VmCreate, VmExec, VmFilter,
+    ConsoleQuery, PageParams, VmBatchCreate, VmCreate, VmExec, VmFilter, VmUpdate,
 };
 use stratus_api_types::views::{
-    GroupPolicy, ImageState, PlacementPreview, PlannedVm, Vm, VmBatch, VmConsole, VmDesiredState,
-    VmOperation, VmPage, VmPlacement, VmState,
+    GroupPolicy, ImageState, PlacementPreview, PlannedVm, RestartPolicy, Vm, VmBatch, VmConsole,
+    VmDesiredState, VmOperation, VmPage, VmPlacement, VmState,
 };
 use stratus_common::time::now_micros;
 use stratus_common::{Error, JobId, ProjectId, ServerGroupId, VmId};
 use stratus_datastore::model::{FlavorRecord, ImageRecord, JobRecord, NewJob, VmRecord};
-use stratus_datastore::{NewVm, PageRequest, VmListFilter};
+use stratus_datastore::{AutoRestart, NewVm, PageRequest, RestartLimit, VmListFilter};
 use stratus_jobs::kinds::VmJobParams;
 use stratus_jobs::JobKind;
 use stratus_scheduler::PendingVm;
@@ -263,6 +263,7 @@ struct Shape {
     desired: VmDesiredState,
     placement: VmPlacement,
     group: Option<(ServerGroupId, GroupPolicy)>,
+    restart_policy: RestartPolicy,
 }
 
 impl Shape {
@@ -279,6 +280,7 @@ impl Shape {
             desired_state: self.desired,
             server_group_id: self.group.map(|g| g.0),
             placement: self.placement.clone(),
+            restart_policy: self.restart_policy,
         }
     }
 
@@ -403,6 +405,7 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
             forbid_tags: sorted(&p.forbid_tags),
         },
         group,
+        restart_policy: p.restart_policy.unwrap_or_default(),
     })
 }
 
@@ -441,6 +444,23 @@ pub async fn vm_view(
     scope: Option<&str>,
 ) -> Result<Vm, Error> {
     Ok(lookup::vm(app, actor, key, scope).await?.into_view())
+}
+
+/// Changes what needs nothing of the VM's host: recorded at once, no job.
+pub async fn vm_update(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    p: VmUpdate,
+) -> Result<Vm, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    let vm = match p.restart_policy {
+        Some(policy) => app.ds.vm_set_restart_policy(vm.id, policy).await?,
+        None => vm,
+    };
+    Ok(vm.into_view())
 }
 
 pub async fn vm_action(
@@ -534,6 +554,28 @@ pub async fn vm_action(
     wake_host(app, vm.host_id);
     app.job_waker.notify_one();
     Ok(operation(vm, job))
+}
+
+/// Starts a crashed VM again without an operator (the reconciler's doing,
+/// for VMs with restart policy `on_crash`): the same intent and the same
+/// `vm_start` job as [`vm_action`]'s start, recorded by the store only if
+/// the VM is still crashed, unheld and under its crash-loop `limit` (else it
+/// is left crashed and marked given up).
+pub(crate) async fn vm_restart_after_crash(
+    app: &App,
+    vm: &VmRecord,
+    limit: RestartLimit,
+) -> Result<AutoRestart, Error> {
+    let job = new_job(JobKind::VmStart, vm, vm.state, None);
+    let done = app
+        .ds
+        .vm_auto_restart(vm.id, limit, now_micros(), job)
+        .await?;
+    if let AutoRestart::Started { vm, .. } = &done {
+        wake_host(app, vm.host_id);
+        app.job_waker.notify_one();
+    }
+    Ok(done)
 }
 
 const CONSOLE_DEFAULT: u32 = 64 * 1024;

@@ -116,7 +116,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms", get(vms::vm_list).post(vms::vm_create))
         .route("/vm-batches", post(vms::vm_batch_create))
         .route("/vm-placements", post(vms::vm_placement_preview))
-        .route("/vms/{vm}", get(vms::vm_view).delete(vms::vm_delete))
+        .route(
+            "/vms/{vm}",
+            get(vms::vm_view)
+                .delete(vms::vm_delete)
+                .patch(vms::vm_update),
+        )
         .route("/vms/{vm}/start", post(vms::vm_start))
         .route("/vms/{vm}/stop", post(vms::vm_stop))
         .route("/vms/{vm}/reboot", post(vms::vm_reboot))

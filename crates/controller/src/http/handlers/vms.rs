@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use stratus_api_types::agent::ExecResult;
 use stratus_api_types::params::{
-    ConsoleQuery, PageParams, ProjectScope, VmBatchCreate, VmCreate, VmExec, VmFilter,
+    ConsoleQuery, PageParams, ProjectScope, VmBatchCreate, VmCreate, VmExec, VmFilter, VmUpdate,
 };
 use stratus_api_types::views::{PlacementPreview, Vm, VmBatch, VmConsole, VmOperation, VmPage};
 
@@ -107,6 +107,29 @@ pub async fn vm_view(
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(
         vms::vm_view(&s.0, &actor, &key, scope.project.as_deref()).await?,
+    ))
+}
+
+/// Change a VM's settings (its restart policy).
+///
+/// These need nothing of the VM's host: the answer is the VM as changed, at
+/// once, with no job.
+#[utoipa::path(patch, path = "/v1/vms/{vm}", tag = "vms", operation_id = "vm_update",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    request_body = VmUpdate,
+    responses((status = 200, body = Vm, description = "the VM as changed"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn vm_update(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+    ApiJson(p): ApiJson<VmUpdate>,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(
+        vms::vm_update(&s.0, &actor, &key, scope.project.as_deref(), p).await?,
     ))
 }
 
