@@ -8,8 +8,8 @@
 //! runs them one at a time, and under `cargo test` a lock does.
 //!
 //! Both are ignored until the saga engine (issue 5) lands: on the current
-//! job runner they find a real anomaly in about one run in three (see the
-//! ignore reason). Run them with `cargo nextest run -p stratus --test chaos
+//! job runner they find a real anomaly in about one run in two (see the
+//! ignore reason and BENCHMARKS.md). Run them with `cargo nextest run -p stratus --test chaos
 //! --run-ignored all`.
 
 use std::io::Read;
@@ -130,9 +130,10 @@ const SMALL: [&str; 16] = [
 ];
 
 #[test]
-#[ignore = "needs the saga engine (issue 5): about one run in three the current job runner \
-            cancels a vm_delete requeued after its owner died as if nothing had been done, though \
-            its host had already destroyed the VM (anomaly: VM shown running, host reports it absent)"]
+#[ignore = "needs the saga engine (issue 5): in about one run in two the current job runner \
+            cancels a job requeued after its owner died as if nothing had been done, though its \
+            host had already acted (a VM shown running while its host reports it absent, or \
+            stopped while desired running)"]
 fn chaos_on_sqlite_leaves_nothing_inconsistent() {
     let (text, ok) = chaos(&SMALL, Duration::from_secs(240));
     assert!(text.contains("backend=sqlite"), "{text}");
@@ -140,9 +141,10 @@ fn chaos_on_sqlite_leaves_nothing_inconsistent() {
 }
 
 #[test]
-#[ignore = "needs the saga engine (issue 5): about one run in three the current job runner \
-            cancels a vm_delete requeued after its owner died as if nothing had been done, though \
-            its host had already destroyed the VM (anomaly: VM shown running, host reports it absent)"]
+#[ignore = "needs the saga engine (issue 5): in about one run in two the current job runner \
+            cancels a job requeued after its owner died as if nothing had been done, though its \
+            host had already acted (a VM shown running while its host reports it absent, or \
+            stopped while desired running)"]
 fn chaos_on_postgres_with_three_controllers_leaves_nothing_inconsistent() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let db = rt.block_on(stratus_test_utils::postgres_url());
