@@ -337,12 +337,20 @@ pub async fn chaos(a: ChaosArgs) -> anyhow::Result<()> {
     let clients: Vec<_> = (0..a.clients)
         .map(|_| tokio::spawn(client_loop(ctx.clone())))
         .collect();
+    // The killer is always stopped and awaited (it owns the controllers,
+    // which stop when dropped) before any error goes up.
+    let mut failed = None;
     for c in clients {
-        c.await?;
+        if let Err(e) = c.await {
+            failed.get_or_insert(e);
+        }
     }
     let ops_time = started.elapsed();
     let _ = stop_tx.send(true);
     let mut nodes = killer.await??;
+    if let Some(e) = failed {
+        bail!("a client task failed: {e}");
+    }
     let kills = kills.load(Ordering::Relaxed);
     println!(
         "  {} operations in {:.1} s, {} kills",
