@@ -4,8 +4,9 @@
 //!
 //! A lone agent and each host of a simulated fleet (`fleet.rs`) start the
 //! same way; what differs is [`Commons`], what the hosts of one process
-//! share: the HTTP client (one connection pool), the bound on calls in
-//! flight, and the token that stops them all.
+//! share: the HTTP client (one connection pool), the controllers (and which
+//! one calls go to), the bound on calls in flight, and the token that stops
+//! them all.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{http_client, Api};
 use crate::config::{AgentConfig, DriverConfig};
+use crate::controllers::{same_list, Controllers};
 use crate::credentials::{default_host_name, Credentials};
 use crate::error::{chain, AgentError};
 use crate::images::ImageCache;
@@ -110,6 +112,8 @@ fn facts_of(driver: &str, f: stratus_driver::HostFacts) -> HostFacts {
 pub(crate) struct Commons {
     /// One connection pool for every host.
     pub http: reqwest::Client,
+    /// The controllers, and which one calls go to (one failover for all).
+    pub controllers: Arc<Controllers>,
     /// Bounds the short calls in flight (see `api.rs`); `None`: unbounded.
     pub limiter: Option<Arc<Semaphore>>,
     /// Each host's loops stop on a child of this token.
@@ -126,9 +130,10 @@ pub(crate) struct Commons {
 }
 
 impl Commons {
-    fn lone() -> Result<Commons, AgentError> {
+    fn lone(url: &str) -> Result<Commons, AgentError> {
         Ok(Commons {
             http: http_client()?,
+            controllers: Arc::new(Controllers::parse(url)?),
             limiter: None,
             cancel: CancellationToken::new(),
             lock_data_dir: true,
@@ -158,10 +163,12 @@ impl Agent {
     /// no credential yet, and spawns the loops. Returns once they run; the
     /// controller need not be reachable unless the host must enroll.
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
-        Self::start_in(config, &Commons::lone()?).await
+        let commons = Commons::lone(&config.url)?;
+        Self::start_in(config, &commons).await
     }
 
-    /// [`Agent::start`] for one host among others sharing `commons`.
+    /// [`Agent::start`] for one host among others sharing `commons` (whose
+    /// controllers are the ones `config.url` names).
     pub(crate) async fn start_in(
         config: AgentConfig,
         commons: &Commons,
@@ -181,7 +188,7 @@ impl Agent {
 
         let (creds, enrolled) = match Credentials::load(&data_dir)? {
             Some(c) => {
-                if c.url.trim_end_matches('/') != config.url.trim_end_matches('/') {
+                if !same_list(&c.url, &config.url) {
                     host_log!(quiet, enrolled_with = %c.url, url = %config.url, "using the configured controller URL, not the one the host enrolled with");
                 }
                 if config.enroll_token.is_some() {
@@ -198,7 +205,7 @@ impl Agent {
 
         let api = Api::new(
             commons.http.clone(),
-            &config.url,
+            commons.controllers.clone(),
             Some(&creds.credential),
             commons.limiter.clone(),
         )?;
@@ -424,7 +431,7 @@ async fn enroll(
     // (bad or spent token, name taken) is final.
     let api = Api::new(
         commons.http.clone(),
-        &config.url,
+        commons.controllers.clone(),
         None,
         commons.limiter.clone(),
     )?;

@@ -9,10 +9,15 @@
 //! own bearer token over one `reqwest::Client` (one pool, see
 //! `fleet.rs`), and a lone agent is just a fleet of one.
 //!
+//! A host may have several controllers to talk to; [`Api::call`] sends
+//! each call to the current one and fails over to the next (see
+//! `controllers.rs`).
+//!
 //! Answers are read as the generated client reads them: the documented
 //! success status decodes the body, a 4xx or 5xx with an [`ErrorBody`] is
 //! [`ApiError::Refused`], anything else [`ApiError::Unexpected`].
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +34,8 @@ use stratus_client::{ByteStream, ClientInfo};
 use stratus_common::{ImageId, VmId};
 use tokio::sync::Semaphore;
 
+use crate::agent::Backoff;
+use crate::controllers::Controllers;
 use crate::error::{AgentError, ApiError};
 
 /// How long an ordinary call (report, console, result) may take once it has
@@ -36,13 +43,17 @@ use crate::error::{AgentError, ApiError};
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the controller may take beyond the long poll's own wait.
 const POLL_SLACK: Duration = Duration::from_secs(15);
+/// The backoff between tries of one call on successive controllers.
+const FAILOVER_MIN: Duration = Duration::from_millis(100);
+const FAILOVER_MAX: Duration = Duration::from_secs(2);
 
 /// The controller, as one host talks to it. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Api {
     http: reqwest::Client,
-    /// The controller's URL without a trailing `/`.
-    base: Arc<str>,
+    /// Where calls go, and where they go when that fails (shared by every
+    /// host of a fleet; see `controllers.rs`).
+    controllers: Arc<Controllers>,
     /// `Bearer <credential>`, once enrolled.
     auth: Option<HeaderValue>,
     /// Bounds the short calls in flight across every host sharing it, so
@@ -63,12 +74,22 @@ pub(crate) fn http_client() -> Result<reqwest::Client, AgentError> {
         .map_err(AgentError::Http)
 }
 
+/// Whether a call waits for a call slot (see [`Api::call`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// A short call: waits for a slot if the hosts share a bound.
+    Short,
+    /// A long poll or a download: holds its connection for long, so it
+    /// never takes a slot.
+    Long,
+}
+
 impl Api {
-    /// A host's view of the controller at `url` over `http`; with a
-    /// credential, every request carries it as a bearer token.
+    /// A host's view of the controllers over `http`; with a credential,
+    /// every request carries it as a bearer token.
     pub fn new(
         http: reqwest::Client,
-        url: &str,
+        controllers: Arc<Controllers>,
         credential: Option<&str>,
         limiter: Option<Arc<Semaphore>>,
     ) -> Result<Api, AgentError> {
@@ -83,16 +104,16 @@ impl Api {
         };
         Ok(Api {
             http,
-            base: url.trim_end_matches('/').into(),
+            controllers,
             auth,
             limiter,
         })
     }
 
-    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+    fn request(&self, base: &str, method: Method, path: &str) -> RequestBuilder {
         let mut r = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{base}{path}"))
             .header(ACCEPT, "application/json")
             .header(
                 "api-version",
@@ -104,40 +125,82 @@ impl Api {
         r
     }
 
-    /// Sends a short call: waits for a call slot (if limited), then gives
-    /// the call `limit` from there. The wait for a slot is not counted: a
-    /// call that timed out may still have been carried out, and retrying an
-    /// enrollment that was would find the host's name taken; a slot is
-    /// always freed within `limit` by the call holding it.
-    async fn send(
+    /// Makes one call: `build` makes the request for a controller's base
+    /// URL, `answer` reads the response. The call goes to the current
+    /// controller; if that one cannot be reached, times out or fails (5xx,
+    /// see [`ApiError::is_failover`]), the controllers move on to the next
+    /// and the call is tried there after a short backoff, each controller
+    /// at most once (so a single controller is tried once, as a caller
+    /// expects). Every agent call is safe to repeat: reports carry
+    /// generations, console appends offsets, the others are reads or
+    /// answers the controller takes once.
+    ///
+    /// A short call waits for a call slot (if limited), then gets `limit`
+    /// from there. The wait for a slot is not counted: a call that timed
+    /// out may still have been carried out, and retrying an enrollment
+    /// that was would find the host's name taken; a slot is always freed
+    /// within `limit` by the call holding it. The slot is not held during
+    /// the backoff.
+    async fn call<T, B, A, F>(
         &self,
+        slot: Slot,
         limit: Duration,
-        r: RequestBuilder,
-    ) -> Result<(Response, Bound), ApiError> {
-        let _slot = match &self.limiter {
-            // The semaphore is never closed.
-            Some(l) => l.acquire().await.ok(),
-            None => None,
-        };
-        self.send_unlimited(limit, r).await
-    }
-
-    /// Sends a long poll or a download: never waits for a call slot (it
-    /// holds its connection for long).
-    async fn send_unlimited(
-        &self,
-        limit: Duration,
-        r: RequestBuilder,
-    ) -> Result<(Response, Bound), ApiError> {
-        let bound = Bound::new(limit);
-        let resp = bound.run(r.send()).await?.map_err(ApiError::Unreachable)?;
-        Ok((resp, bound))
+        build: B,
+        answer: A,
+    ) -> Result<T, ApiError>
+    where
+        B: Fn(&str) -> RequestBuilder,
+        A: Fn(Response, Bound) -> F,
+        F: Future<Output = Result<T, ApiError>>,
+    {
+        let mut tried = 0;
+        let mut backoff = Backoff::new(FAILOVER_MIN, FAILOVER_MAX);
+        loop {
+            let (index, base) = self.controllers.current();
+            let result = async {
+                let _slot = match (&self.limiter, slot) {
+                    // The semaphore is never closed.
+                    (Some(l), Slot::Short) => l.acquire().await.ok(),
+                    _ => None,
+                };
+                let bound = Bound::new(limit);
+                let resp = bound
+                    .run(build(&base).send())
+                    .await?
+                    .map_err(ApiError::Unreachable)?;
+                Ok::<_, ApiError>((resp, bound))
+            }
+            .await;
+            let result = match result {
+                Ok((resp, bound)) => answer(resp, bound).await,
+                Err(e) => Err(e),
+            };
+            tried += 1;
+            match result {
+                Err(e) if e.is_failover() && tried < self.controllers.len() => {
+                    self.controllers.fail_over(index, &e);
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+                Err(e) => return Err(e),
+                Ok(v) => {
+                    self.controllers.succeeded(index);
+                    return Ok(v);
+                }
+            }
+        }
     }
 
     pub async fn enroll(&self, body: AgentEnroll) -> Result<AgentEnrolled, ApiError> {
-        let r = self.request(Method::POST, "/v1/agent/enroll").json(&body);
-        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
-        decode(resp, StatusCode::CREATED, bound).await
+        self.call(
+            Slot::Short,
+            CALL_TIMEOUT,
+            |base| {
+                self.request(base, Method::POST, "/v1/agent/enroll")
+                    .json(&body)
+            },
+            |resp, bound| decode(resp, StatusCode::CREATED, bound),
+        )
+        .await
     }
 
     /// The host's desired state, waiting up to `wait` for a revision newer
@@ -150,23 +213,39 @@ impl Api {
     ) -> Result<AgentDesired, ApiError> {
         let secs = u32::try_from(wait.as_secs()).unwrap_or(60).min(60);
         let limit = Duration::from_secs(u64::from(secs)) + POLL_SLACK;
-        let mut r = self
-            .request(Method::GET, "/v1/agent/desired")
-            .query(&[("wait_secs", secs)]);
-        let (resp, bound) = match since {
-            Some(s) => {
-                r = r.query(&[("since", s)]);
-                self.send_unlimited(limit, r).await?
-            }
-            None => self.send(limit, r).await?,
+        let slot = if since.is_some() {
+            Slot::Long
+        } else {
+            Slot::Short
         };
-        decode(resp, StatusCode::OK, bound).await
+        self.call(
+            slot,
+            limit,
+            |base| {
+                let r = self
+                    .request(base, Method::GET, "/v1/agent/desired")
+                    .query(&[("wait_secs", secs)]);
+                match since {
+                    Some(s) => r.query(&[("since", s)]),
+                    None => r,
+                }
+            },
+            |resp, bound| decode(resp, StatusCode::OK, bound),
+        )
+        .await
     }
 
     pub async fn report(&self, report: AgentReport) -> Result<AgentReportAck, ApiError> {
-        let r = self.request(Method::POST, "/v1/agent/report").json(&report);
-        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
-        decode(resp, StatusCode::OK, bound).await
+        self.call(
+            Slot::Short,
+            CALL_TIMEOUT,
+            |base| {
+                self.request(base, Method::POST, "/v1/agent/report")
+                    .json(&report)
+            },
+            |resp, bound| decode(resp, StatusCode::OK, bound),
+        )
+        .await
     }
 
     pub async fn console_append(&self, vm: VmId, offset: u64, data: &[u8]) -> Result<(), ApiError> {
@@ -174,11 +253,16 @@ impl Api {
             offset,
             data_base64: STANDARD.encode(data),
         };
-        let r = self
-            .request(Method::PUT, &format!("/v1/agent/vms/{vm}/console"))
-            .json(&body);
-        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
-        empty(resp, StatusCode::NO_CONTENT, bound).await
+        self.call(
+            Slot::Short,
+            CALL_TIMEOUT,
+            |base| {
+                self.request(base, Method::PUT, &format!("/v1/agent/vms/{vm}/console"))
+                    .json(&body)
+            },
+            |resp, bound| empty(resp, StatusCode::NO_CONTENT, bound),
+        )
+        .await
     }
 
     pub async fn request_result(
@@ -186,27 +270,49 @@ impl Api {
         id: uuid::Uuid,
         result: AgentRequestResult,
     ) -> Result<(), ApiError> {
-        let r = self
-            .request(Method::POST, &format!("/v1/agent/requests/{id}/result"))
-            .json(&result);
-        let (resp, bound) = self.send(CALL_TIMEOUT, r).await?;
-        empty(resp, StatusCode::NO_CONTENT, bound).await
+        self.call(
+            Slot::Short,
+            CALL_TIMEOUT,
+            |base| {
+                self.request(
+                    base,
+                    Method::POST,
+                    &format!("/v1/agent/requests/{id}/result"),
+                )
+                .json(&result)
+            },
+            |resp, bound| empty(resp, StatusCode::NO_CONTENT, bound),
+        )
+        .await
     }
 
     /// Starts downloading an image part; the caller reads the stream (and
     /// bounds each chunk in time). Takes no call slot: a download can be
-    /// long, and slots are for short calls.
+    /// long, and slots are for short calls. A download that breaks off
+    /// midway is the image cache's to retry, not this call's.
     pub async fn image_download(
         &self,
         image: ImageId,
         part: ImagePart,
     ) -> Result<ByteStream, ApiError> {
-        let r = self.request(Method::GET, &format!("/v1/agent/images/{image}/{part}"));
-        let (resp, bound) = self.send_unlimited(CALL_TIMEOUT, r).await?;
-        if resp.status() == StatusCode::OK {
-            return Ok(ByteStream::new(Box::pin(resp.bytes_stream())));
-        }
-        Err(refusal(resp, bound).await)
+        self.call(
+            Slot::Long,
+            CALL_TIMEOUT,
+            |base| {
+                self.request(
+                    base,
+                    Method::GET,
+                    &format!("/v1/agent/images/{image}/{part}"),
+                )
+            },
+            |resp, bound| async move {
+                if resp.status() == StatusCode::OK {
+                    return Ok(ByteStream::new(Box::pin(resp.bytes_stream())));
+                }
+                Err(refusal(resp, bound).await)
+            },
+        )
+        .await
     }
 }
 

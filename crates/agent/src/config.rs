@@ -11,7 +11,10 @@ use stratus_driver::{AccelChoice, Driver};
 /// Configuration of one agent. [`AgentConfig::new`] fills in the defaults.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// The controller's API, e.g. `http://10.0.0.1:8480`.
+    /// The controller's API, e.g. `http://10.0.0.1:8480`; or several
+    /// controllers on one database, separated by commas
+    /// (`http://10.0.0.1:8480,http://10.0.0.2:8480`): calls go to one and
+    /// fail over to the next when it is unreachable or failing.
     pub url: String,
     /// Credential, image cache, per-VM records and the QEMU driver's tree.
     /// Two agents on one machine need two data dirs.

@@ -17,7 +17,8 @@ const FILE: &str = "agent.json";
 /// What an enrolled agent keeps.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
-    /// The controller the host enrolled with.
+    /// The controller the host enrolled with, as it was given: one URL,
+    /// or several separated by commas. A start without `--url` uses it.
     pub url: String,
     pub host_id: HostId,
     /// The host's secret (`stratus-host_...`), sent as a bearer token.

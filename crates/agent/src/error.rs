@@ -50,6 +50,11 @@ pub enum AgentError {
         source: std::io::Error,
     },
 
+    #[error(
+        "{url:?} is not a controller URL: {reason} (pass one URL, or several separated by commas)"
+    )]
+    ControllerUrl { url: String, reason: String },
+
     #[error("{name:?} cannot be a host name: {reason} (pass another with --name)")]
     InvalidName { name: String, reason: String },
 
@@ -123,6 +128,18 @@ impl ApiError {
         match self {
             ApiError::Refused { status, .. } | ApiError::Unexpected { status } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// Whether another controller might do better: this one could not be
+    /// reached, did not answer in time, or failed (5xx). What a controller
+    /// refused (4xx) or an answer that cannot be read is not worth asking
+    /// another.
+    pub fn is_failover(&self) -> bool {
+        match self {
+            ApiError::Unreachable(_) | ApiError::Timeout(_) => true,
+            ApiError::Refused { status, .. } | ApiError::Unexpected { status } => *status >= 500,
+            ApiError::Invalid(_) => false,
         }
     }
 
@@ -249,5 +266,9 @@ mod tests {
         assert!(e.is_permanent());
         assert!(!ApiError::Timeout(Duration::from_secs(1)).is_permanent());
         assert!(!ApiError::Unexpected { status: 503 }.is_permanent());
+        assert!(ApiError::Unexpected { status: 503 }.is_failover());
+        assert!(ApiError::Timeout(Duration::from_secs(1)).is_failover());
+        assert!(!e.is_failover(), "a 404 is the same everywhere");
+        assert!(!ApiError::Invalid("x".into()).is_failover());
     }
 }

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{lock_data_dir, prepare_fleet_dir, Agent, AgentHandle, Commons};
 use crate::api::http_client;
 use crate::config::{AgentConfig, DriverConfig, OrphanPolicy};
+use crate::controllers::Controllers;
 use crate::credentials::default_host_name;
 use crate::error::AgentError;
 use crate::images::ImageCache;
@@ -52,7 +53,9 @@ const SPARE_FILES: u64 = 256;
 /// A simulated fleet. [`SimFleetConfig::new`] fills in the defaults.
 #[derive(Clone, Debug)]
 pub struct SimFleetConfig {
-    /// The controller's API, e.g. `http://127.0.0.1:8480`.
+    /// The controller's API, e.g. `http://127.0.0.1:8480`, or several
+    /// controllers of one database separated by commas: the hosts share
+    /// one failover among them (see `controllers.rs`).
     pub url: String,
     /// Holds `hosts/NAME/` for every host, and the fleet's lock.
     pub data_dir: PathBuf,
@@ -187,6 +190,7 @@ impl SimFleet {
         let prefix = config.name_prefix.clone().unwrap_or_else(default_host_name);
         let commons = Commons {
             http: http_client()?,
+            controllers: Arc::new(Controllers::parse(&config.url)?),
             limiter: Some(Arc::new(Semaphore::new(config.calls_in_flight.max(1)))),
             cancel: CancellationToken::new(),
             lock_data_dir: false,

@@ -23,7 +23,9 @@
 //! - The **desired poller** long-polls `GET /v1/agent/desired` (each poll
 //!   waiting a random 75-100 % of `desired_wait`), reconnecting with
 //!   exponential backoff (0.5 s to 10 s, jittered) so the agent survives a
-//!   controller restart; VMs keep running meanwhile.
+//!   controller restart; VMs keep running meanwhile. Given several
+//!   controllers (`--url A,B,C`), every call of every loop fails over from
+//!   one that is down or failing to the next (`controllers.rs`).
 //! - The **supervisor** hands each desired VM to its own **worker** (so one
 //!   slow VM, e.g. a 30 s graceful stop, never holds up the others), hands VMs
 //!   the driver has but the controller does not mention (orphans) to a worker
@@ -89,6 +91,7 @@ mod agent;
 mod api;
 mod config;
 mod console;
+mod controllers;
 mod converge;
 mod credentials;
 mod error;

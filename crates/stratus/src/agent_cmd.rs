@@ -20,7 +20,10 @@ use stratus_common::ByteCount;
 
 /// The controller's URL comes from the global `--url` (or `STRATUS_URL`);
 /// without it, from `DATA_DIR/agent.json` once enrolled, else from the CLI
-/// config file.
+/// config file. With several controllers on one database, `--url` takes
+/// them all, separated by commas (`--url http://a:8480,http://b:8480`): the
+/// agent talks to one and fails over to the next when it is down or
+/// failing.
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// Enrollment token from `stratus host enroll-token`; needed only until
@@ -225,7 +228,8 @@ async fn run_fleet(
 }
 
 /// The global `--url`, else the one the host enrolled with (its credential
-/// in `host_dir`), else the CLI config file's.
+/// in `host_dir`), else the CLI config file's. Any of them may be a
+/// comma-separated list of controllers.
 fn controller_url(global: &GlobalOpts, host_dir: &Path) -> anyhow::Result<String> {
     if let Some(u) = &global.url {
         return Ok(u.clone());

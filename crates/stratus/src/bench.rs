@@ -24,6 +24,9 @@ pub enum BenchCmd {
     Placement(PlacementArgs),
     /// End to end: a controller, simulated hosts and concurrent HTTP clients
     Api(crate::bench_api::ApiArgs),
+    /// VM operations while controllers are SIGKILLed and restarted, then a
+    /// check that every job ended and nothing is left inconsistent
+    Chaos(crate::bench_chaos::ChaosArgs),
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +67,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Boot(a) => boot(a).await,
         BenchCmd::Placement(a) => placement(a).await,
         BenchCmd::Api(a) => crate::bench_api::api(a).await,
+        BenchCmd::Chaos(a) => crate::bench_chaos::chaos(a).await,
     }
 }
 

@@ -9,16 +9,16 @@
 //! project's VMs, and the controller's memory. Then it verifies what it
 //! measured: every VM placed, no host over its capacity.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, ValueEnum};
-use serde_json::{json, Value};
+use clap::Args;
+use serde_json::json;
 use stratus_agent::{SimFleet, SimFleetConfig};
+
+use crate::bench_support::{start_controller, Api, BackendArg};
 
 #[derive(Args, Debug)]
 pub struct ApiArgs {
@@ -47,12 +47,6 @@ pub struct ApiArgs {
     wait_running: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum BackendArg {
-    Sqlite,
-    Postgres,
-}
-
 const PROJECTS: usize = 4;
 /// (name, vCPUs, memory GiB, disk GiB)
 const FLAVORS: [(&str, u64, u64, u64); 4] = [
@@ -61,129 +55,6 @@ const FLAVORS: [(&str, u64, u64, u64); 4] = [
     ("b4", 4, 8, 80),
     ("b8", 8, 16, 160),
 ];
-
-/// The controller as a child process; SIGTERM then SIGKILL on drop.
-struct Controller {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        crate::bench::stop_child(&mut self.child);
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-async fn start_controller(dir: &Path, database_url: &str) -> anyhow::Result<(Controller, String)> {
-    let port = free_port()?;
-    let exe = std::env::current_exe().context("finding the stratus binary")?;
-    let token_file = dir.join("admin.token");
-    let child = Command::new(exe)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database-url", database_url])
-        .arg("--data-dir")
-        .arg(dir.join("controller"))
-        .arg("--bootstrap-token-file")
-        .arg(&token_file)
-        .env(
-            "STRATUS_LOG",
-            std::env::var("STRATUS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting stratus server")?;
-    let c = Controller {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(format!("{}/healthz", c.url)).send().await {
-            if r.status().is_success() && token_file.exists() {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the controller did not answer /healthz within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let token = std::fs::read_to_string(&token_file)?.trim().to_string();
-    Ok((c, token))
-}
-
-/// A small JSON client for set-up and checks.
-#[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    url: String,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let mut r = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.url))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("{method} {path}: {status}: {text}");
-        }
-        Ok(if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text)?
-        })
-    }
-
-    async fn post(&self, path: &str, token: &str, body: Value) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::POST, path, token, Some(body))
-            .await
-    }
-
-    async fn get(&self, path: &str, token: &str) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::GET, path, token, None).await
-    }
-
-    /// Every item of a list, page by page (1000 at a time).
-    async fn all(&self, path: &str, token: &str) -> anyhow::Result<Vec<Value>> {
-        let mut items = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let p = match &cursor {
-                Some(c) => format!("{path}{sep}limit=1000&cursor={c}"),
-                None => format!("{path}{sep}limit=1000"),
-            };
-            let page = self.get(&p, token).await?;
-            if let Some(a) = page["items"].as_array() {
-                items.extend(a.iter().cloned());
-            }
-            match page["next_cursor"].as_str() {
-                Some(c) => cursor = Some(c.to_string()),
-                None => return Ok(items),
-            }
-        }
-    }
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -268,36 +139,8 @@ pub async fn api(a: ApiArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    let img_path = dir.path().join("bench.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img_path)
-        .arg("1G")
-        .status()
-        .context("running qemu-img (scripts/setup-host.sh installs it)")?;
-    if !st.success() {
-        bail!("qemu-img create failed");
-    }
-    let data = std::fs::read(&img_path)?;
-    let img = api
-        .post(
-            "/v1/images",
-            &admin,
-            json!({"name": "bench", "project": "p0", "visibility": "public"}),
-        )
+    api.upload_test_image(&admin, dir.path(), "p0", "bench")
         .await?;
-    let img_id = img["id"].as_str().context("image id")?;
-    let r = api
-        .http
-        .put(format!("{}/v1/images/{img_id}/data", api.url))
-        .bearer_auth(&admin)
-        .header("content-type", "application/octet-stream")
-        .body(data)
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        bail!("uploading the image: {}", r.text().await?);
-    }
 
     // The fleet.
     let t = api

@@ -8,6 +8,8 @@
 mod agent_cmd;
 mod bench;
 mod bench_api;
+mod bench_chaos;
+mod bench_support;
 mod daemon;
 mod demo;
 
