@@ -43,6 +43,7 @@ pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};
 pub use jobs::{JobListFilter, JobOutcome, VmEffect};
 pub use leases::LeaseRecord;
+pub use sagas::Adopt;
 pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
 pub use tokens::NewToken;
 pub use vms::{AutoRestart, CreateError, NewVm, RestartLimit, VmListFilter, VmToCreate};

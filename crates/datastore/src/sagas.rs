@@ -17,28 +17,54 @@ use crate::db::db_error;
 use crate::model::JobRecord;
 use crate::Datastore;
 
+/// Which running jobs [`Datastore::job_adopt`] takes besides those whose
+/// lease ran out.
+#[derive(Clone, Copy, Debug)]
+pub enum Adopt<'a> {
+    /// Only expired leases.
+    Expired,
+    /// Also jobs held by earlier lives of the controller with this name (it
+    /// restarted: they are dead). Controller names must be unique among
+    /// live controllers.
+    EarlierLivesOf(&'a str),
+    /// Every running job: only when no other controller can be alive
+    /// (SQLite, whose lock file admits one).
+    Everything,
+}
+
 /// States in which a job has an owner and a saga in progress.
 const ACTIVE: &str = "state IN ('running', 'cancelling')";
 
 impl Datastore {
-    /// Takes over running jobs whose owner stopped renewing its lease
-    /// (`lease_expires_at < now`), or with `everything` every running job
-    /// not owned by `owner` (only safe when no other controller can be
-    /// alive: SQLite, whose lock file admits one controller). Each takeover
-    /// is a conditional update, so two controllers never adopt one job.
+    /// Takes over running jobs: those whose owner stopped renewing its lease
+    /// (`lease_expires_at < now`), plus, per `also`, those of this
+    /// controller's earlier lives (or, on SQLite, every running job). Each
+    /// takeover is a conditional update, so two controllers never adopt one
+    /// job.
     pub async fn job_adopt(
         &self,
         owner: &str,
         now: i64,
         lease_until: i64,
-        everything: bool,
+        also: Adopt<'_>,
         limit: i64,
     ) -> Result<Vec<JobRecord>, Error> {
         let ctx = "adopting jobs";
-        let expired = if everything {
-            "COALESCE(owner, '') <> $1"
-        } else {
-            "(lease_expires_at IS NULL OR lease_expires_at < $2)"
+        let expired = match also {
+            Adopt::Everything => "COALESCE(owner, '') <> $1".to_string(),
+            Adopt::Expired => "(lease_expires_at IS NULL OR lease_expires_at < $2)".to_string(),
+            // `owner` is `CONTROLLER#INCARNATION`: a restarted controller
+            // keeps its name, so jobs under that name and another
+            // incarnation were its own, left when it died.
+            Adopt::EarlierLivesOf(name) => {
+                let prefix = format!("{name}#");
+                format!(
+                    "(lease_expires_at IS NULL OR lease_expires_at < $2 OR \
+                     (owner <> $1 AND substr(owner, 1, {}) = '{}'))",
+                    prefix.chars().count(),
+                    prefix.replace('\'', "''")
+                )
+            }
         };
         let ids: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT id FROM jobs WHERE {ACTIVE} AND {expired} ORDER BY id LIMIT $3"

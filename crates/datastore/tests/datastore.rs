@@ -659,12 +659,12 @@ async fn expired_leases_are_adopted_with_their_saga_log(ds: &Datastore) {
 
     // Not adopted while the lease holds; adopted once it ran out.
     let none = ds
-        .job_adopt("alive", now, now + 60_000_000, false, 10)
+        .job_adopt("alive", now, now + 60_000_000, Adopt::Expired, 10)
         .await
         .expect("adopt");
     assert!(none.is_empty(), "lease still valid");
     let got = ds
-        .job_adopt("alive", now + 2_000, now + 60_000_000, false, 10)
+        .job_adopt("alive", now + 2_000, now + 60_000_000, Adopt::Expired, 10)
         .await
         .expect("adopt");
     assert_eq!(got.len(), 1);
@@ -709,18 +709,33 @@ async fn expired_leases_are_adopted_with_their_saga_log(ds: &Datastore) {
     );
     assert_eq!(ds.job_release_all("alive").await.expect("release"), 1);
     let third = ds
-        .job_adopt("third", now, now + 60_000_000, false, 10)
+        .job_adopt("third", now, now + 60_000_000, Adopt::Expired, 10)
         .await
         .expect("adopt");
     assert_eq!(third.len(), 1, "a released job is adopted at once");
     // `everything` (SQLite's single controller) takes even valid leases.
     let all = ds
-        .job_adopt("fourth", now, now + 60_000_000, true, 10)
+        .job_adopt("fourth", now, now + 60_000_000, Adopt::Everything, 10)
         .await
         .expect("adopt");
     assert_eq!(all.len(), 1);
     assert!(ds.job_owned_by(j.id, "fourth").await.expect("owner"));
     assert!(!ds.job_owned_by(j.id, "third").await.expect("owner"));
+
+    // A controller restarted under its name takes its earlier life's jobs
+    // at once, and nobody else's.
+    let later = now + 60_000_000;
+    let adopt = |who: &'static str, name: &'static str| {
+        ds.job_adopt(who, now, later, Adopt::EarlierLivesOf(name), 10)
+    };
+    assert!(adopt("ctl#new", "ctl").await.expect("adopt").is_empty());
+    ds.job_adopt("ctl#old", now, later, Adopt::Everything, 10)
+        .await
+        .expect("adopt");
+    assert!(adopt("ctlx#1", "ctlx").await.expect("adopt").is_empty());
+    assert!(adopt("o'ther#1", "o'ther").await.expect("adopt").is_empty());
+    assert_eq!(adopt("ctl#new", "ctl").await.expect("adopt").len(), 1);
+    assert!(ds.job_owned_by(j.id, "ctl#new").await.expect("owner"));
 
     // Discarding the create's VM: once, then nothing left to discard.
     assert!(ds.vm_discard(vm.id, j.id).await.expect("discard"));

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stratus_common::time::now_micros;
-use stratus_datastore::{Backend, Datastore};
+use stratus_datastore::{Adopt, Backend, Datastore};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -27,9 +27,11 @@ pub const LEASE: Duration = Duration::from_secs(8);
 
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
-    /// This controller's name in job leases; unique among live controllers
-    /// (the default includes the process id and a random part).
-    pub owner: String,
+    /// This controller's name; unique among live controllers (the default
+    /// includes the process id and a random part). Job leases are held as
+    /// `NAME#INCARNATION`, so a controller restarted under the same name
+    /// is a new holder, and it adopts its earlier life's jobs at once.
+    pub controller: String,
     /// How often to look for work nobody woke us for.
     pub poll_interval: Duration,
     /// Jobs run at once. A job waiting on a host costs a task and a few
@@ -39,9 +41,9 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
-    pub fn new(owner: impl Into<String>) -> Self {
+    pub fn new(controller: impl Into<String>) -> Self {
         RunnerConfig {
-            owner: owner.into(),
+            controller: controller.into(),
             poll_interval: Duration::from_millis(500),
             max_concurrent: 1024,
             timing: Timing::default(),
@@ -52,6 +54,8 @@ impl RunnerConfig {
 pub struct JobRunner {
     ds: Datastore,
     config: RunnerConfig,
+    /// `CONTROLLER#INCARNATION`: this process's name in job leases.
+    owner: String,
     wake: Arc<Notify>,
     engine: Arc<SagaEngine>,
 }
@@ -101,16 +105,22 @@ impl RunnerHandle {
 
 impl JobRunner {
     pub fn new(ds: Datastore, config: RunnerConfig, signals: Arc<Signals>) -> Self {
+        let owner = format!(
+            "{}#{}",
+            config.controller,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let engine = Arc::new(SagaEngine::new(SagaContext {
             ds: ds.clone(),
             signals,
-            owner: config.owner.clone(),
+            owner: owner.clone(),
             timing: config.timing.clone(),
             halted: watch::channel(false).0,
         }));
         JobRunner {
             ds,
             config,
+            owner,
             wake: Arc::new(Notify::new()),
             engine,
         }
@@ -121,7 +131,7 @@ impl JobRunner {
         let (stop, stopped) = watch::channel(false);
         let engine = self.engine.clone();
         let ds = self.ds.clone();
-        let owner = self.config.owner.clone();
+        let owner = self.owner.clone();
         let renew = tokio::spawn(renew_leases(ds.clone(), owner.clone()));
         let task = tokio::spawn(self.run(stopped));
         RunnerHandle {
@@ -138,9 +148,11 @@ impl JobRunner {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.config.max_concurrent));
-        // With SQLite no other controller can be alive (the lock file), so
-        // whatever is running was this store's previous controller's.
-        let mut adopt_everything = this.ds.backend() == Backend::Sqlite;
+        // At start, on SQLite no other controller can be alive (the lock
+        // file), so whatever is running was this store's previous
+        // controller's; on PostgreSQL, jobs of this controller's earlier
+        // lives (same name, another incarnation) are taken at once.
+        let mut first = true;
         let mut last_adopt = tokio::time::Instant::now() - Duration::from_secs(60);
         loop {
             if *stopped.borrow() {
@@ -150,21 +162,20 @@ impl JobRunner {
                 last_adopt = tokio::time::Instant::now();
                 let room = i64::try_from(slots.available_permits()).unwrap_or(i64::MAX);
                 let now = now_micros();
+                let also = match (first, this.ds.backend()) {
+                    (false, _) => Adopt::Expired,
+                    (true, Backend::Sqlite) => Adopt::Everything,
+                    (true, _) => Adopt::EarlierLivesOf(&this.config.controller),
+                };
                 match this
                     .ds
-                    .job_adopt(
-                        &this.config.owner,
-                        now,
-                        now + micros(LEASE),
-                        adopt_everything,
-                        room,
-                    )
+                    .job_adopt(&this.owner, now, now + micros(LEASE), also, room)
                     .await
                 {
                     Ok(jobs) => {
-                        adopt_everything = false;
+                        first = false;
                         for job in jobs {
-                            tracing::info!(job = %job.id, kind = %job.kind, previous_owner = ?job.owner, "adopted a job");
+                            tracing::info!(job = %job.id, kind = %job.kind, "adopted a job");
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
                             };
@@ -183,11 +194,7 @@ impl JobRunner {
                     break;
                 };
                 let lease_until = now_micros() + micros(LEASE);
-                match this
-                    .ds
-                    .job_claim_next(&this.config.owner, lease_until)
-                    .await
-                {
+                match this.ds.job_claim_next(&this.owner, lease_until).await {
                     Ok(Some(job)) => {
                         tracing::info!(job = %job.id, kind = %job.kind, target = %job.target_id, "running job");
                         let engine = this.engine.clone();
