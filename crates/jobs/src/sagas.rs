@@ -143,6 +143,22 @@ async fn not_cancelled(sc: &SagaContext, job: JobId) -> Result<(), ActionError> 
     Ok(())
 }
 
+/// The VM's host, once the job is known not to be cancelled: the start of
+/// every step that waits on a host.
+async fn placed_host(sc: &SagaContext, p: &VmSagaParams) -> Result<HostId, ActionError> {
+    not_cancelled(sc, p.job_id).await?;
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    vm.host_id.ok_or_else(|| {
+        StepError::new(
+            "vm_not_placed",
+            format!("VM {:?} is not placed on a host", vm.name),
+        )
+        .into()
+    })
+}
+
 // ---- vm_create --------------------------------------------------------
 
 /// The API placed the VM and claimed its host's capacity when it accepted
@@ -225,17 +241,7 @@ pub(crate) async fn discard_create(
 async fn create_boot(ctx: Ctx) -> Result<Settled, ActionError> {
     let p = params(&ctx)?;
     let sc = ctx.user_data();
-    not_cancelled(sc, p.job_id).await?;
-    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
-        .await
-        .map_err(|e| StepError::internal("reading the VM", e))?;
-    let Some(host) = vm.host_id else {
-        return Err(StepError::new(
-            "vm_not_placed",
-            format!("VM {:?} was recorded without a host", vm.name),
-        )
-        .into());
-    };
+    let host = placed_host(sc, &p).await?;
     let want = if p.desired == VmDesiredState::Stopped {
         ObservedVmState::Stopped
     } else {
@@ -293,17 +299,7 @@ async fn intent_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
 async fn power_converge(ctx: Ctx) -> Result<Settled, ActionError> {
     let p = params(&ctx)?;
     let sc = ctx.user_data();
-    not_cancelled(sc, p.job_id).await?;
-    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
-        .await
-        .map_err(|e| StepError::internal("reading the VM", e))?;
-    let Some(host) = vm.host_id else {
-        return Err(StepError::new(
-            "vm_not_placed",
-            format!("VM {:?} is not placed on a host", vm.name),
-        )
-        .into());
-    };
+    let host = placed_host(sc, &p).await?;
     let (wait, target, message) = match p.desired {
         VmDesiredState::Running if p.reboot_generation > 0 => (
             Wait::Reboot(p.reboot_generation),

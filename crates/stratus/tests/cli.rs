@@ -591,26 +591,20 @@ fn every_command_has_help() {
     assert!(seen > 30, "only {seen} commands have help");
 }
 
-#[test]
-fn server_on_postgres() {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let db = rt.block_on(stratus_test_utils::postgres_url());
-    let home = tempfile::tempdir().expect("home");
-    let token_file = home.path().join("admin.token");
+/// `stratus server` on a free loopback port with `extra` arguments (e.g.
+/// `--database-url`), data in `home/srv`; waits until it listens. Returns it
+/// and its first admin token.
+fn start_server(home: &Path, extra: &[&str]) -> (Running, String) {
+    let token_file = home.join("admin.token");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
         l.local_addr().expect("addr").port()
     };
-    let child = env_cmd(home.path())
-        .args([
-            "server",
-            "--database-url",
-            &db,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(home.path().join("srv"))
+    let child = env_cmd(home)
+        .arg("server")
+        .args(extra)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(home.join("srv"))
         .arg("--bootstrap-token-file")
         .arg(&token_file)
         .stdout(Stdio::null())
@@ -620,7 +614,7 @@ fn server_on_postgres() {
     let srv = Running {
         child,
         url: format!("http://127.0.0.1:{port}"),
-        home: home.path().to_path_buf(),
+        home: home.to_path_buf(),
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !token_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -631,6 +625,15 @@ fn server_on_postgres() {
         .expect("token")
         .trim()
         .to_string();
+    (srv, token)
+}
+
+#[test]
+fn server_on_postgres() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let db = rt.block_on(stratus_test_utils::postgres_url());
+    let home = tempfile::tempdir().expect("home");
+    let (srv, token) = start_server(home.path(), &["--database-url", &db]);
     let run = |args: &[&str]| {
         env_cmd(home.path())
             .env("STRATUS_URL", &srv.url)
@@ -650,35 +653,7 @@ fn server_on_postgres() {
 fn a_second_sqlite_controller_refuses_to_start() {
     let home = tempfile::tempdir().expect("home");
     let data = home.path().join("srv");
-    let token_file = home.path().join("admin.token");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let child = env_cmd(home.path())
-        .args([
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .arg("--bootstrap-token-file")
-        .arg(&token_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn server");
-    let _first = Running {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        home: home.path().to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !token_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_first, _) = start_server(home.path(), &[]);
     let second = env_cmd(home.path())
         .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
