@@ -58,7 +58,7 @@ impl SagaEngine {
             owner: ctx.owner.clone(),
             lost: Mutex::new(HashMap::new()),
         });
-        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let log = slog::Logger::root(ToTracing, slog::o!());
         SagaEngine {
             sec: steno::sec(log, store.clone()),
             registry: Arc::new(sagas::registry()),
@@ -451,6 +451,26 @@ impl SagaEngine {
                 tracing::warn!(job = %job.id, error = %e, "could not record the job's outcome")
             }
         }
+    }
+}
+
+/// steno logs through slog; its warnings and errors go to our tracing log
+/// (its routine chatter, one line per saga event, is dropped).
+struct ToTracing;
+
+impl slog::Drain for ToTracing {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, r: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        match r.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "steno", "{}", r.msg())
+            }
+            slog::Level::Warning => tracing::warn!(target: "steno", "{}", r.msg()),
+            _ => {}
+        }
+        Ok(())
     }
 }
 
