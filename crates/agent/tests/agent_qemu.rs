@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::{wait_for, Cloud};
-use stratus_agent::{AccelChoice, Agent, AgentConfig, DriverConfig};
+use stratus_agent::{AccelChoice, Agent, AgentConfig, AgentHandle, DriverConfig};
 use stratus_client::types::{Vm, VmState};
 use stratus_common::VmId;
 
@@ -122,8 +122,10 @@ async fn wait_booted(cloud: &Cloud, vm: &Vm, count: usize) -> Duration {
     t.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_qemu_vm_lives_and_dies_through_the_agent() {
+/// A controller with project `p`, flavor `tiny` and the test guest as image
+/// `guest`, and one real-QEMU (TCG) agent `qemu-1` whose data dir is the
+/// returned temp dir.
+async fn qemu_cloud() -> (Cloud, tempfile::TempDir, AgentHandle) {
     common::logging();
     let g = guest();
     let cloud = Cloud::start().await;
@@ -152,6 +154,12 @@ async fn real_qemu_vm_lives_and_dies_through_the_agent() {
     config.enroll_token = Some(cloud.enroll_token().await);
     config.desired_wait = Duration::from_secs(5);
     let agent = Agent::start(config).await.expect("agent starts");
+    (cloud, dir, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_vm_lives_and_dies_through_the_agent() {
+    let (cloud, dir, agent) = qemu_cloud().await;
     let mut guard = KillOnDrop(None);
 
     // Create: the job ends when the agent reports the VM running.
@@ -292,34 +300,7 @@ async fn real_qemu_vm_lives_and_dies_through_the_agent() {
 /// again, a new QEMU that boots the guest once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_qemu_killed_with_restart_policy_on_crash_is_started_again() {
-    common::logging();
-    let g = guest();
-    let cloud = Cloud::start().await;
-    cloud.project("p").await;
-    cloud.flavor("tiny", 128, 64).await;
-    cloud
-        .image(
-            "p",
-            "guest",
-            &g.disk,
-            Some(&g.kernel),
-            Some(&g.initrd),
-            Some(&g.cmdline),
-        )
-        .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = AgentConfig::new(
-        &cloud.url,
-        dir.path(),
-        DriverConfig::Qemu {
-            accel: AccelChoice::Tcg,
-            qemu_binary: None,
-        },
-    );
-    config.name = Some("qemu-1".into());
-    config.enroll_token = Some(cloud.enroll_token().await);
-    config.desired_wait = Duration::from_secs(5);
-    let agent = Agent::start(config).await.expect("agent starts");
+    let (cloud, _dir, agent) = qemu_cloud().await;
     let mut guard = KillOnDrop(None);
 
     let (vm, job) = cloud.vm_create("p", "web-1", "tiny", "guest").await;
