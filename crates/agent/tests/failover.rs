@@ -8,17 +8,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_for, Cloud};
+use common::{cloud, sim, sim_state, wait_for, Cloud};
 use stratus_agent::{
     Agent, AgentConfig, AgentError, Credentials, DriverConfig, SimFleet, SimFleetConfig,
 };
 use stratus_client::types::{HostState, VmState};
 use stratus_common::{HostId, VmId};
-use stratus_driver::{Driver, SimConfig, SimDriver, VmRuntimeState};
+use stratus_driver::VmRuntimeState;
 
 const JOB: Duration = Duration::from_secs(30);
 
@@ -26,26 +24,6 @@ const JOB: Duration = Duration::from_secs(30);
 fn closed_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
-}
-
-fn sim() -> Arc<SimDriver> {
-    Arc::new(SimDriver::new(SimConfig {
-        cpus: 8,
-        memory_bytes: 16 << 30,
-        disk_bytes: 100 << 30,
-        latency: Duration::ZERO,
-    }))
-}
-
-/// A cloud with project `p`, flavor `small` and image `img`.
-async fn cloud(files: &Path) -> Cloud {
-    common::logging();
-    let cloud = Cloud::start().await;
-    cloud.project("p").await;
-    cloud.flavor("small", 128, 64).await;
-    let disk = common::small_qcow2(files);
-    cloud.image("p", "img", &disk, None, None, None).await;
-    cloud
 }
 
 async fn heartbeat(cloud: &Cloud, host: HostId) -> chrono::DateTime<chrono::Utc> {
@@ -61,14 +39,9 @@ async fn heartbeat(cloud: &Cloud, host: HostId) -> chrono::DateTime<chrono::Utc>
     h.last_heartbeat_at.expect("a heartbeat")
 }
 
-async fn sim_state(sim: &SimDriver, id: VmId) -> Option<VmRuntimeState> {
-    sim.vm_status(id).await.expect("vm_status").map(|s| s.state)
-}
-
 #[tokio::test]
 async fn an_agent_fails_over_to_the_controller_that_answers() {
-    let files = tempfile::tempdir().expect("tempdir");
-    let mut cloud = cloud(files.path()).await;
+    let (mut cloud, _files) = cloud().await;
     let dead = closed_addr();
     let list = format!("http://{dead},{}", cloud.url);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -157,8 +130,7 @@ async fn an_agent_fails_over_to_the_controller_that_answers() {
 
 #[tokio::test]
 async fn a_fleet_fails_over_as_one_and_a_bad_list_is_refused() {
-    let files = tempfile::tempdir().expect("tempdir");
-    let cloud = cloud(files.path()).await;
+    let (cloud, _files) = cloud().await;
     let dead = closed_addr();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = SimFleetConfig::new(format!("http://{dead}, {}/", cloud.url), dir.path(), 3);

@@ -10,27 +10,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Cloud};
-use stratus_agent::{Agent, AgentConfig, AgentHandle, DriverConfig, OrphanPolicy};
+use common::{agent_config, cloud, sim, sim_state, wait_for, Cloud};
+use stratus_agent::{Agent, AgentHandle, OrphanPolicy};
 use stratus_client::types::{self, JobState, OrphanAction, RestartPolicy, Vm, VmState};
 use stratus_common::VmId;
-use stratus_driver::{
-    BootSpec, Driver, ImageFormat, NicSpec, SimConfig, SimDriver, VmRuntimeState, VmSpec,
-};
+use stratus_driver::{BootSpec, Driver, ImageFormat, NicSpec, SimDriver, VmRuntimeState, VmSpec};
 
 const JOB: Duration = Duration::from_secs(30);
 /// Crash to running again: a report, a reconciler pass (every 2 s), a job.
 const RESTART: Duration = Duration::from_secs(20);
 
-fn sim() -> Arc<SimDriver> {
-    Arc::new(SimDriver::new(SimConfig {
-        cpus: 8,
-        memory_bytes: 16 << 30,
-        disk_bytes: 100 << 30,
-        latency: Duration::ZERO,
-    }))
-}
-
+/// A simulated agent with the given orphan policy (the common set-up
+/// otherwise).
 async fn start_agent(
     cloud: &Cloud,
     dir: &Path,
@@ -38,24 +29,10 @@ async fn start_agent(
     driver: Arc<SimDriver>,
     orphans: OrphanPolicy,
 ) -> AgentHandle {
-    let mut c = AgentConfig::new(&cloud.url, dir, DriverConfig::Instance(driver));
-    c.name = Some(name.into());
-    c.desired_wait = Duration::from_secs(3);
-    c.retry_interval = Duration::from_secs(2);
+    let mut c = agent_config(cloud, dir, name, driver);
     c.orphans = orphans;
     c.enroll_token = Some(cloud.enroll_token().await);
     Agent::start(c).await.expect("agent starts")
-}
-
-async fn cloud() -> (Cloud, tempfile::TempDir) {
-    common::logging();
-    let cloud = Cloud::start().await;
-    let files = tempfile::tempdir().expect("tempdir");
-    cloud.project("p").await;
-    cloud.flavor("small", 128, 64).await;
-    let disk = common::small_qcow2(files.path());
-    cloud.image("p", "img", &disk, None, None, None).await;
-    (cloud, files)
 }
 
 /// Creates a running VM with `policy`.
@@ -101,10 +78,6 @@ async fn start_jobs(cloud: &Cloud, vm: &Vm) -> Vec<types::Job> {
         .items;
     jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at));
     jobs
-}
-
-async fn sim_state(sim: &SimDriver, id: VmId) -> Option<VmRuntimeState> {
-    sim.vm_status(id).await.expect("vm_status").map(|s| s.state)
 }
 
 /// Crashes the VM and waits until the controller has started it again by

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{agent_config, cloud, sim, start_agent, wait_for, Cloud};
+use common::{agent_config, cloud, sim, sim_state, start_agent, wait_for, Cloud};
 use stratus_agent::{Agent, AgentConfig, DriverConfig};
 use stratus_client::types::{HostState, JobState, Vm, VmState};
 use stratus_common::VmId;
@@ -60,10 +60,6 @@ async fn console_text(cloud: &Cloud, vm: &Vm) -> String {
         .decode(c.data_base64)
         .expect("base64");
     String::from_utf8_lossy(&bytes).into_owned()
-}
-
-async fn sim_state(sim: &SimDriver, id: VmId) -> Option<VmRuntimeState> {
-    sim.vm_status(id).await.expect("vm_status").map(|s| s.state)
 }
 
 #[tokio::test]

@@ -351,3 +351,12 @@ pub async fn cloud() -> (Cloud, tempfile::TempDir) {
     cloud.image("p", "img", &disk, None, None, None).await;
     (cloud, files)
 }
+
+/// What the simulated host runs for a VM.
+pub async fn sim_state(
+    sim: &SimDriver,
+    id: stratus_common::VmId,
+) -> Option<stratus_driver::VmRuntimeState> {
+    use stratus_driver::Driver;
+    sim.vm_status(id).await.expect("vm_status").map(|s| s.state)
+}
