@@ -163,16 +163,12 @@ impl SagaContext {
         message: &str,
     ) -> Result<(), StepError> {
         self.unless_halted().await;
-        let until = now_micros() + micros(self.timing_lease());
+        let until = now_micros() + micros(crate::runner::LEASE);
         self.ds
             .job_step(job, &self.owner, step, progress, message, until)
             .await
             .map(|_| ())
             .map_err(|e| StepError::internal("recording a step", e))
-    }
-
-    fn timing_lease(&self) -> Duration {
-        crate::runner::LEASE
     }
 
     /// Whether someone asked to cancel the job.

@@ -229,7 +229,11 @@ impl SagaEngine {
 
     fn store_error(&self, context: &str, e: anyhow::Error) -> StepError {
         let text = format!("{e:#}");
-        if text.contains("job_not_owned") || text.contains("no longer held") {
+        // The store's refusal (another controller owns the job) comes
+        // through steno's context wrapping as our own error.
+        if e.downcast_ref::<Error>()
+            .is_some_and(|inner| inner.error_code() == "job_not_owned")
+        {
             return StepError::new("job_not_owned", text);
         }
         tracing::warn!(error = %text, context, "saga engine error");
@@ -527,7 +531,7 @@ impl SecStore for LogStore {
         let job = Self::job_of(p.id);
         retry_store(|| self.ds.saga_create(job, &self.owner, &dag))
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(anyhow::Error::from)
     }
 
     async fn record_event(&self, event: SagaNodeEvent) {
