@@ -257,6 +257,7 @@ async fn stray(sim: &SimDriver) -> VmId {
         disk_bytes: 1 << 30,
         image: "/nowhere.qcow2".into(),
         image_format: ImageFormat::Qcow2,
+        restore_from: None,
         boot: BootSpec::Firmware,
         nic: NicSpec::User,
     };

@@ -1,6 +1,7 @@
 //! The [`Driver`] trait: the one interface the host agent uses to run VMs,
 //! implemented by [`crate::QemuDriver`] and [`crate::SimDriver`].
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,7 +9,8 @@ use stratus_common::VmId;
 use tokio::sync::broadcast;
 
 use crate::{
-    ConsoleChunk, DriverError, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent, VmSpec, VmStatus,
+    BackupCheck, BackupOutcome, BackupRequest, ConsoleChunk, DriverError, ExecOutput, GuestInfo,
+    HostFacts, ProgressFn, StopHow, VmEvent, VmSpec, VmStatus,
 };
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
@@ -72,6 +74,44 @@ pub trait Driver: Send + Sync {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, DriverError>;
+
+    /// Backs up the disk of the running VM `id` (see [`crate::backup`]),
+    /// calling `progress` as the copy advances. A VM that is not running is
+    /// [`DriverError::InvalidState`]; a VM that stops during the backup fails
+    /// it, and nothing partial is left at `req.target`.
+    async fn vm_backup(
+        &self,
+        id: VmId,
+        req: &BackupRequest,
+        progress: &ProgressFn,
+    ) -> Result<BackupOutcome, DriverError> {
+        let _ = (req, progress);
+        Err(DriverError::Unsupported(format!(
+            "backups of VM {id} with the {} driver",
+            self.name()
+        )))
+    }
+
+    /// Reads a backup file and its chain back: its SHA-256 and what
+    /// `qemu-img check` says of each file in the chain.
+    async fn backup_verify(&self, file: &Path) -> Result<BackupCheck, DriverError> {
+        Err(DriverError::Unsupported(format!(
+            "verifying {} with the {} driver",
+            file.display(),
+            self.name()
+        )))
+    }
+
+    /// Replaces the disk of the stopped VM `id` with the content of the
+    /// backup `file` (read through its chain). Change tracking starts afresh:
+    /// the next backup is a full one.
+    async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported(format!(
+            "restoring VM {id} from {} with the {} driver",
+            file.display(),
+            self.name()
+        )))
+    }
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

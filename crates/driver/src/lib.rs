@@ -44,6 +44,7 @@
 //! QEMU 10, and an event it does not know ends its event stream with a decode
 //! error; the QEMU driver then reconnects QMP (see [`qemu`]).
 
+pub mod backup;
 pub mod driver;
 pub mod error;
 pub mod qemu;
@@ -51,6 +52,10 @@ pub mod sim;
 pub mod spec;
 pub mod status;
 
+pub use backup::{
+    bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
+    BackupRequest, ProgressFn,
+};
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};
 pub use qemu::{

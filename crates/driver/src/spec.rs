@@ -29,6 +29,11 @@ pub struct VmSpec {
     /// Base image cached on the host; never written to.
     pub image: PathBuf,
     pub image_format: ImageFormat,
+    /// When set, the disk starts as a copy of this backup file (read through
+    /// its backing chain) instead of an empty overlay of `image`; `image`
+    /// still provides the boot files. How a backup is restored into a new VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<PathBuf>,
     pub boot: BootSpec,
     pub nic: NicSpec,
 }
@@ -144,6 +149,7 @@ pub(crate) mod tests {
             disk_bytes: 1 << 30,
             image: "/images/base.qcow2".into(),
             image_format: ImageFormat::Qcow2,
+            restore_from: None,
             boot: BootSpec::Firmware,
             nic: NicSpec::User,
         }

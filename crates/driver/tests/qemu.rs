@@ -59,6 +59,7 @@ fn spec(g: &GuestImage, name: &str) -> VmSpec {
         disk_bytes: 64 << 20,
         image: g.disk.clone(),
         image_format: ImageFormat::Qcow2,
+        restore_from: None,
         boot: BootSpec::Kernel {
             kernel: g.kernel.clone(),
             initrd: Some(g.initrd.clone()),
@@ -656,6 +657,7 @@ async fn firmware_boot_from_a_raw_disk() {
         disk_bytes: 16 << 20,
         image: disk,
         image_format: ImageFormat::Raw,
+        restore_from: None,
         boot: BootSpec::Firmware,
         nic: NicSpec::User,
     };
