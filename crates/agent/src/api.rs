@@ -286,6 +286,28 @@ impl Api {
         .await
     }
 
+    /// Reports how far a long request has come.
+    pub async fn request_progress(
+        &self,
+        id: uuid::Uuid,
+        progress: stratus_client::types::RequestProgress,
+    ) -> Result<(), ApiError> {
+        self.call(
+            Slot::Short,
+            CALL_TIMEOUT,
+            |base| {
+                self.request(
+                    base,
+                    Method::POST,
+                    &format!("/v1/agent/requests/{id}/progress"),
+                )
+                .json(&progress)
+            },
+            |resp, bound| empty(resp, StatusCode::NO_CONTENT, bound),
+        )
+        .await
+    }
+
     /// Starts downloading an image part; the caller reads the stream (and
     /// bounds each chunk in time). Takes no call slot: a download can be
     /// long, and slots are for short calls. A download that breaks off

@@ -474,7 +474,7 @@ async fn spec_for(shared: &Arc<Shared>, id: VmId, vm: &DesiredVm) -> Result<VmSp
             stratus_client::types::ImageFormat::Qcow2 => ImageFormat::Qcow2,
             stratus_client::types::ImageFormat::Raw => ImageFormat::Raw,
         },
-        restore_from: None,
+        restore_from: vm.restore_from.as_ref().map(std::path::PathBuf::from),
         boot,
         nic: NicSpec::User,
     })

@@ -412,6 +412,7 @@ mod tests {
             desired_state: state,
             reboot_generation: 0,
             generation: 1,
+            restore_from: None,
         }
     }
 

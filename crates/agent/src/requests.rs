@@ -1,5 +1,7 @@
-//! Requests the controller hands the agent with its desired state (today:
-//! run a command in a guest). Each is carried out once, in its own task, and
+//! Requests the controller hands the agent with its desired state: run a
+//! command in a guest, back up a VM's disk (posting progress as it goes),
+//! restore a stopped VM's disk from a backup, read a backup back. Each is
+//! carried out once, in its own task, and
 //! its outcome posted back; the controller keeps delivering a request until
 //! it is answered, so the agent remembers the ids it has handled (and for a
 //! while after answering, in case a desired state fetched before the answer
@@ -10,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use stratus_client::types::{AgentRequest, AgentRequestKind, AgentRequestResult, ExecResult};
+use stratus_client::types::{
+    AgentRequest, AgentRequestKind, AgentRequestResult, BackupChecked, BackupDone, BackupParentRef,
+    ExecResult, RequestProgress,
+};
 use stratus_common::VmId;
 
 use crate::agent::{Backoff, Shared};
@@ -57,6 +62,24 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
             argv,
             timeout_secs,
         } => exec(&shared, VmId(vm_id.0), argv, *timeout_secs).await,
+        AgentRequestKind::Backup {
+            vm_id,
+            backup_id,
+            file,
+            parent,
+        } => {
+            backup(
+                &shared,
+                r.id,
+                VmId(vm_id.0),
+                *backup_id,
+                file,
+                parent.as_ref(),
+            )
+            .await
+        }
+        AgentRequestKind::Restore { vm_id, file } => restore(&shared, VmId(vm_id.0), file).await,
+        AgentRequestKind::VerifyBackup { file } => verify(&shared, file).await,
     };
     tracing::info!(
         request = %r.id,
@@ -90,6 +113,130 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         .insert(r.id, RequestState::Answered(Instant::now()));
 }
 
+/// An answer that carries only an error.
+fn failed(error: String) -> AgentRequestResult {
+    AgentRequestResult {
+        result: None,
+        backup: None,
+        verified: None,
+        error: Some(error),
+    }
+}
+
+/// How often backup progress is posted at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+async fn backup(
+    shared: &Arc<Shared>,
+    request: uuid::Uuid,
+    vm: VmId,
+    backup_id: uuid::Uuid,
+    file: &str,
+    parent: Option<&BackupParentRef>,
+) -> AgentRequestResult {
+    let target = std::path::PathBuf::from(file);
+    if let Some(dir) = target.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return failed(format!(
+                "cannot create the backup directory {}: {e}",
+                dir.display()
+            ));
+        }
+    }
+    let req = stratus_driver::BackupRequest {
+        backup_id,
+        target,
+        parent: parent.map(|p| stratus_driver::BackupParent {
+            backup_id: p.backup_id,
+            file: p.file.clone().into(),
+        }),
+    };
+    // The driver reports progress often; the newest is posted at most once
+    // a second by a task of its own, so a slow controller never slows the copy.
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<stratus_driver::BackupProgress>);
+    let poster = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(p) = *rx.borrow_and_update() else {
+                    continue;
+                };
+                let body = RequestProgress {
+                    done_bytes: p.done_bytes,
+                    total_bytes: p.total_bytes,
+                };
+                if let Err(e) = shared.api.request_progress(request, body).await {
+                    tracing::debug!(request = %request, error = %chain(&e), "cannot post backup progress");
+                }
+                tokio::time::sleep(PROGRESS_EVERY).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let progress = move |p: stratus_driver::BackupProgress| {
+        let _ = tx.send(Some(p));
+    };
+    let outcome = shared.driver.vm_backup(vm, &req, &progress).await;
+    poster.abort();
+    match outcome {
+        Ok(o) => AgentRequestResult {
+            result: None,
+            backup: Some(BackupDone {
+                mode: match o.mode {
+                    stratus_driver::BackupMode::Full => stratus_client::types::BackupMode::Full,
+                    stratus_driver::BackupMode::Incremental => {
+                        stratus_client::types::BackupMode::Incremental
+                    }
+                },
+                fallback_reason: o.fallback_reason,
+                data_bytes: o.data_bytes,
+                file_bytes: o.file_bytes,
+                disk_bytes: o.disk_bytes,
+                sha256: o.sha256,
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            verified: None,
+            error: None,
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
+    match shared
+        .driver
+        .vm_restore(vm, std::path::Path::new(file))
+        .await
+    {
+        Ok(()) => AgentRequestResult {
+            result: None,
+            backup: None,
+            verified: None,
+            error: None,
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+async fn verify(shared: &Shared, file: &str) -> AgentRequestResult {
+    match shared
+        .driver
+        .backup_verify(std::path::Path::new(file))
+        .await
+    {
+        Ok(c) => AgentRequestResult {
+            result: None,
+            backup: None,
+            verified: Some(BackupChecked {
+                sha256: c.sha256,
+                problems: c.problems,
+            }),
+            error: None,
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
 async fn exec(shared: &Shared, vm: VmId, argv: &[String], timeout_secs: u32) -> AgentRequestResult {
     let timeout = Duration::from_secs(u64::from(timeout_secs.max(1)));
     let run = shared.driver.guest_exec(vm, argv, timeout);
@@ -100,18 +247,14 @@ async fn exec(shared: &Shared, vm: VmId, argv: &[String], timeout_secs: u32) -> 
                 stdout_base64: STANDARD.encode(&out.stdout),
                 stderr_base64: STANDARD.encode(&out.stderr),
             }),
+            backup: None,
+            verified: None,
             error: None,
         },
-        Ok(Err(e)) => AgentRequestResult {
-            result: None,
-            error: Some(chain(&e)),
-        },
-        Err(_) => AgentRequestResult {
-            result: None,
-            error: Some(format!(
-                "the guest agent of VM {vm} did not finish the command within {} s",
-                (timeout + EXEC_SLACK).as_secs()
-            )),
-        },
+        Ok(Err(e)) => failed(chain(&e)),
+        Err(_) => failed(format!(
+            "the guest agent of VM {vm} did not finish the command within {} s",
+            (timeout + EXEC_SLACK).as_secs()
+        )),
     }
 }

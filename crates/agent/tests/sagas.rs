@@ -1,5 +1,5 @@
 //! Generated saga tests: for every saga (create, start, stop, reboot,
-//! delete), against a real controller and a real agent on the simulated
+//! delete, backup, in-place restore), against a real controller and a real agent on the simulated
 //! driver,
 //! - every action runs twice and the operation ends exactly as it does
 //!   once;
@@ -114,7 +114,38 @@ impl Rig {
         }
         let (vm, job) = self.cloud.vm_create("p", "web", "small", "img").await;
         self.cloud.job_succeeds(&job, JOB).await;
-        if kind == JobKind::VmStart {
+        if matches!(kind, JobKind::VmBackup | JobKind::VmRestore) {
+            let dir = self._dir.path().join("backups");
+            std::fs::create_dir_all(&dir).expect("backup dir");
+            self.cloud
+                .admin
+                .backup_target_create()
+                .body(stratus_client::types::BackupTargetCreate {
+                    name: "t".parse().expect("name"),
+                    path: dir.to_string_lossy().into_owned(),
+                })
+                .send()
+                .await
+                .expect("backup target");
+        }
+        if kind == JobKind::VmRestore {
+            // A restore point to restore.
+            let op = self
+                .cloud
+                .admin
+                .backup_create()
+                .vm(vm.id.to_string())
+                .body(stratus_client::types::BackupCreate {
+                    full: Some(false),
+                    target: None,
+                })
+                .send()
+                .await
+                .expect("backup_create")
+                .into_inner();
+            self.cloud.job_succeeds(&op.job, JOB).await;
+        }
+        if matches!(kind, JobKind::VmStart | JobKind::VmRestore) {
             let op = self
                 .cloud
                 .admin
@@ -142,6 +173,39 @@ impl Rig {
             JobKind::VmStop => a.vm_stop().vm(id()).send().await,
             JobKind::VmReboot => a.vm_reboot().vm(id()).send().await,
             JobKind::VmDelete => a.vm_delete().vm(id()).send().await,
+            JobKind::VmBackup => {
+                let op = a
+                    .backup_create()
+                    .vm(id())
+                    .body(stratus_client::types::BackupCreate {
+                        full: Some(false),
+                        target: None,
+                    })
+                    .send()
+                    .await
+                    .expect("backup accepted")
+                    .into_inner();
+                return (self.cloud.vm(&op.backup.vm_id).await, op.job);
+            }
+            JobKind::VmRestore => {
+                let backups = a
+                    .backup_list()
+                    .vm(id())
+                    .send()
+                    .await
+                    .expect("backup_list")
+                    .into_inner();
+                let last = backups.items.last().expect("a backup");
+                a.backup_restore()
+                    .backup(last.id.to_string())
+                    .body(stratus_client::types::BackupRestore {
+                        as_vm: None,
+                        in_place: Some(true),
+                        start: None,
+                    })
+                    .send()
+                    .await
+            }
         }
         .expect("operation accepted")
         .into_inner();
@@ -171,7 +235,7 @@ async fn repeat_actions(kind: JobKind) {
     let (vm, job) = rig.operate(kind, before.as_ref()).await;
     let j = rig.cloud.job_succeeds(&job, JOB).await;
     let (want, desired) = match kind {
-        JobKind::VmStop => (Some(VmState::Stopped), VmDesiredState::Stopped),
+        JobKind::VmStop | JobKind::VmRestore => (Some(VmState::Stopped), VmDesiredState::Stopped),
         JobKind::VmDelete => (None, VmDesiredState::Deleted),
         _ => (Some(VmState::Running), VmDesiredState::Running),
     };
@@ -240,6 +304,24 @@ async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
         (false, true) => 2,
     };
     assert_eq!(undos, expected, "undo steps: {:?}", j.events);
+    if kind == JobKind::VmBackup {
+        // Never a restore point.
+        let backups = rig
+            .cloud
+            .admin
+            .backup_list()
+            .vm(vm.id.to_string())
+            .send()
+            .await
+            .expect("backup_list")
+            .into_inner();
+        let last = backups.items.last().expect("the backup's record");
+        assert_eq!(
+            last.status,
+            stratus_client::types::BackupStatus::Failed,
+            "{last:?}"
+        );
+    }
 
     match before {
         None => {
@@ -310,13 +392,14 @@ macro_rules! saga_tests {
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn fail_last_step() {
+                async fn fail_second_step() {
                     fail_at($kind, node_names($kind)[1], false).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn fail_last_step_every_undo_twice() {
-                    fail_at($kind, node_names($kind)[1], true).await;
+                    let last = node_names($kind).last().copied().unwrap_or_default();
+                    fail_at($kind, last, true).await;
                 }
             }
         )*
@@ -329,14 +412,16 @@ saga_tests! {
     vm_stop: JobKind::VmStop;
     vm_reboot: JobKind::VmReboot;
     vm_delete: JobKind::VmDelete;
+    vm_backup: JobKind::VmBackup;
+    vm_restore: JobKind::VmRestore;
 }
 
 #[test]
 fn every_saga_has_generated_tests() {
     // A new JobKind must be added to `saga_tests!` above.
-    assert_eq!(JobKind::ALL.len(), 5);
+    assert_eq!(JobKind::ALL.len(), 7);
     for kind in JobKind::ALL {
-        assert_eq!(node_names(kind).len(), 2, "{kind}");
+        assert!(node_names(kind).len() >= 2, "{kind}");
     }
 }
 

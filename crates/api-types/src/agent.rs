@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use stratus_common::{HostId, ImageId, Name, VmId};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::views::{HostState, ImageFormat, VmDesiredState};
+use crate::views::{BackupMode, HostState, ImageFormat, VmDesiredState};
 
 /// What an agent knows about its host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -196,6 +196,10 @@ pub struct DesiredVm {
     /// Bumped by each reboot request; the agent reboots when this exceeds
     /// the last one it carried out.
     pub reboot_generation: u64,
+    /// A VM restored from a backup: its disk is built from this backup file
+    /// (absolute; read through its chain) instead of an empty overlay.
+    #[serde(default)]
+    pub restore_from: Option<String>,
     /// Grows with every new intent for this VM. A VM that went down by
     /// itself (crash, guest power-off) stays down until this grows: until
     /// the operator asks for something, not when anything else on the host
@@ -212,6 +216,53 @@ pub enum AgentRequestKind {
         argv: Vec<String>,
         timeout_secs: u32,
     },
+    /// Back up the running VM's disk into `file` (absolute), incrementally to
+    /// the parent restore point when there is one and its change tracking
+    /// is intact. Progress is posted to `/v1/agent/requests/{id}/progress`.
+    Backup {
+        vm_id: VmId,
+        backup_id: uuid::Uuid,
+        file: String,
+        parent: Option<BackupParentRef>,
+    },
+    /// Replace the stopped VM's disk with the content of a backup file.
+    Restore { vm_id: VmId, file: String },
+    /// Read a backup file and its chain back: checksum and consistency.
+    VerifyBackup { file: String },
+}
+
+/// The restore point an incremental backup builds on.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupParentRef {
+    pub backup_id: uuid::Uuid,
+    pub file: String,
+}
+
+/// What a backup request produced.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupDone {
+    pub mode: BackupMode,
+    pub fallback_reason: Option<String>,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub disk_bytes: u64,
+    pub sha256: String,
+    pub duration_ms: u64,
+}
+
+/// What a verify request found.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupChecked {
+    pub sha256: String,
+    pub problems: Vec<String>,
+}
+
+/// How far a long request has come.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -243,7 +294,14 @@ pub struct ExecResult {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRequestResult {
+    /// An exec's output.
     pub result: Option<ExecResult>,
+    /// A backup's outcome.
+    #[serde(default)]
+    pub backup: Option<BackupDone>,
+    /// A verification's findings.
+    #[serde(default)]
+    pub verified: Option<BackupChecked>,
     /// Why the request could not be carried out.
     pub error: Option<String>,
 }

@@ -281,3 +281,46 @@ pub struct VmExec {
     /// Seconds to wait for the command (default 60, at most 600).
     pub timeout_secs: Option<u32>,
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupTargetCreate {
+    pub name: Name,
+    /// An absolute directory, the same path on every host (e.g. an NFS
+    /// mount). It must exist on the hosts; backups go in `<path>/<vm id>/`.
+    pub path: String,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupCreate {
+    /// Take a full backup even when an incremental one is possible.
+    #[serde(default)]
+    pub full: bool,
+    /// Backup target (name or id). Defaults to the target of the VM's last
+    /// backup, else to the only target there is.
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BackupFilter {
+    /// Only backups of this VM (name or id; a deleted VM by id).
+    pub vm: Option<String>,
+    /// Project name or id (admins: any project; default: all visible).
+    pub project: Option<String>,
+}
+
+/// Where to restore a backup: into a new VM (`as_vm`) or over the VM it was
+/// taken of (`in_place`, which must be stopped). Exactly one.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRestore {
+    /// Name of the new VM, in the backup's project. It gets the backed-up
+    /// VM's image, flavor and size.
+    pub as_vm: Option<Name>,
+    #[serde(default)]
+    pub in_place: bool,
+    /// Start the new VM once restored (default true; `as_vm` only).
+    pub start: Option<bool>,
+}

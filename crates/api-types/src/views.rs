@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stratus_common::{
-    EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role, ServerGroupId, TokenId,
-    VmId,
+    BackupId, BackupTargetId, EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role,
+    ServerGroupId, TokenId, VmId,
 };
 use utoipa::ToSchema;
 
@@ -566,4 +566,95 @@ pub struct Job {
     /// The step log, oldest first (only in single-job answers).
     #[serde(default)]
     pub events: Vec<JobEvent>,
+}
+
+/// A directory backups are written to. Every host that runs VMs to back up,
+/// or restores them, must see it at the same path (e.g. an NFS mount).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupTarget {
+    pub id: BackupTargetId,
+    pub name: String,
+    pub path: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Full or incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupMode {
+    /// The whole disk.
+    Full,
+    /// Only what changed since the parent restore point.
+    Incremental,
+}
+
+/// Where a backup stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupStatus {
+    Running,
+    /// Complete: a restore point.
+    Succeeded,
+    /// Never a restore point; `error` says why.
+    Failed,
+}
+
+/// One backup of a VM's disk: a restore point once `succeeded`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Backup {
+    pub id: BackupId,
+    pub project_id: ProjectId,
+    /// The VM backed up (it may have been deleted since).
+    pub vm_id: VmId,
+    pub vm_name: String,
+    pub target_id: BackupTargetId,
+    /// The restore point this one is incremental to.
+    pub parent_id: Option<BackupId>,
+    pub requested_mode: BackupMode,
+    /// What was taken (an incremental whose change tracking was lost is
+    /// taken as full; `fallback_reason` says why).
+    pub mode: Option<BackupMode>,
+    pub fallback_reason: Option<String>,
+    pub status: BackupStatus,
+    pub error: Option<String>,
+    /// The file, absolute (target path + name).
+    pub file: String,
+    pub job_id: JobId,
+    /// Size of the disk backed up.
+    pub disk_bytes: u64,
+    /// Guest data this backup holds (for an incremental: what changed).
+    pub data_bytes: Option<u64>,
+    pub file_bytes: Option<u64>,
+    /// SHA-256 of the file, recorded when the backup completed.
+    pub sha256: Option<String>,
+    /// How long the copy took.
+    pub duration_ms: Option<u64>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The last verification: when, and whether the file and its chain were
+    /// intact.
+    pub verified_at: Option<DateTime<Utc>>,
+    pub verify_ok: Option<bool>,
+}
+
+page!(
+    /// A page of backups.
+    BackupPage, Backup);
+
+/// What reading a backup back found.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupVerification {
+    pub backup: Backup,
+    /// The file's SHA-256 equals the one recorded, and `qemu-img check`
+    /// found nothing wrong in it or its chain.
+    pub ok: bool,
+    pub sha256: String,
+    pub problems: Vec<String>,
+}
+
+/// A backup accepted: its record and the job that takes it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupOperation {
+    pub backup: Backup,
+    pub job: Job,
 }

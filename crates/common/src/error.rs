@@ -24,6 +24,8 @@ pub enum ResourceKind {
     Job,
     ServerGroup,
     Cluster,
+    BackupTarget,
+    Backup,
 }
 
 impl ResourceKind {
@@ -39,6 +41,8 @@ impl ResourceKind {
             ResourceKind::Job => "job",
             ResourceKind::ServerGroup => "server group",
             ResourceKind::Cluster => "cluster",
+            ResourceKind::BackupTarget => "backup target",
+            ResourceKind::Backup => "backup",
         }
     }
 }

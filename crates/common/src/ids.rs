@@ -100,6 +100,12 @@ typed_id!(
 typed_id!(
     /// Id of a server group (VMs placed together or apart).
     ServerGroupId, "server group");
+typed_id!(
+    /// Id of a backup target (a directory backups are written to).
+    BackupTargetId, "backup target");
+typed_id!(
+    /// Id of a backup (one restore point of a VM's disk).
+    BackupId, "backup");
 
 #[cfg(test)]
 mod tests {

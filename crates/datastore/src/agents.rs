@@ -23,6 +23,8 @@ pub struct HostRequestRecord {
     pub answered_at: Option<i64>,
     pub result: Option<serde_json::Value>,
     pub error: Option<String>,
+    /// A long request's progress as the agent last reported it (done, total).
+    pub progress: Option<(u64, u64)>,
 }
 
 /// Bytes of console output kept per VM.
@@ -358,11 +360,28 @@ impl Datastore {
         expires_at: i64,
     ) -> Result<uuid::Uuid, Error> {
         let id = uuid::Uuid::now_v7();
+        self.host_request_ensure(id, host, vm, kind, payload, expires_at)
+            .await?;
+        Ok(id)
+    }
+
+    /// Queues the request `id` unless it exists already (a saga step that
+    /// runs again, on this controller or another, finds its request rather
+    /// than sending a second one).
+    pub async fn host_request_ensure(
+        &self,
+        id: uuid::Uuid,
+        host: HostId,
+        vm: Option<VmId>,
+        kind: &str,
+        payload: &serde_json::Value,
+        expires_at: i64,
+    ) -> Result<(), Error> {
         let ctx = "queueing a host request";
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO host_requests (id, host_id, vm_id, kind, payload, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
         )
         .bind(id.to_string())
         .bind(host.to_string())
@@ -374,6 +393,9 @@ impl Datastore {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;
+        if inserted.rows_affected() == 0 {
+            return Ok(());
+        }
         sqlx::query(
             "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 WHERE id = $1",
         )
@@ -383,7 +405,50 @@ impl Datastore {
             .await
             .map_err(|e| db_error(ctx, e))?;
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
-        Ok(id)
+        Ok(())
+    }
+
+    /// Records a long request's progress; only its host may, and only while
+    /// it is pending.
+    pub async fn host_request_progress(
+        &self,
+        id: uuid::Uuid,
+        host: HostId,
+        done: u64,
+        total: u64,
+    ) -> Result<(), Error> {
+        let r = sqlx::query(
+            "UPDATE host_requests SET progress_done = $1, progress_total = $2 \
+             WHERE id = $3 AND host_id = $4 AND answered_at IS NULL",
+        )
+        .bind(i64::try_from(done).unwrap_or(i64::MAX))
+        .bind(i64::try_from(total).unwrap_or(i64::MAX))
+        .bind(id.to_string())
+        .bind(host.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a request's progress", e))?;
+        if r.rows_affected() == 0 {
+            return Err(Error::conflict(
+                "request_not_pending",
+                "no pending request with that id for this host",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Withdraws a pending request (nobody waits for it any more): the host
+    /// stops receiving it and its late answer is refused.
+    pub async fn host_request_withdraw(&self, id: uuid::Uuid) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE host_requests SET expires_at = $1 WHERE id = $2 AND answered_at IS NULL",
+        )
+        .bind(now_micros())
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("withdrawing a host request", e))?;
+        Ok(())
     }
 
     /// Unanswered, unexpired requests for a host.
@@ -392,7 +457,7 @@ impl Datastore {
         host: HostId,
     ) -> Result<Vec<HostRequestRecord>, Error> {
         let rows = sqlx::query(
-            "SELECT id, host_id, kind, payload, answered_at, result, error FROM host_requests \
+            "SELECT id, host_id, kind, payload, answered_at, result, error, progress_done, progress_total FROM host_requests \
              WHERE host_id = $1 AND answered_at IS NULL AND expires_at > $2 ORDER BY id",
         )
         .bind(host.to_string())
@@ -404,7 +469,7 @@ impl Datastore {
     }
 
     pub async fn host_request_get(&self, id: uuid::Uuid) -> Result<HostRequestRecord, Error> {
-        let row = sqlx::query("SELECT id, host_id, kind, payload, answered_at, result, error FROM host_requests WHERE id = $1")
+        let row = sqlx::query("SELECT id, host_id, kind, payload, answered_at, result, error, progress_done, progress_total FROM host_requests WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.read)
             .await
@@ -578,6 +643,12 @@ fn request_from_row(r: &sqlx::any::AnyRow) -> Result<HostRequestRecord, Error> {
         answered_at: r.opt_int("answered_at")?,
         result: parse_json(r.opt_text("result")?),
         error: r.opt_text("error")?,
+        progress: match (r.opt_int("progress_done")?, r.opt_int("progress_total")?) {
+            (Some(d), Some(t)) => {
+                Some((u64::try_from(d).unwrap_or(0), u64::try_from(t).unwrap_or(0)))
+            }
+            _ => None,
+        },
     })
 }
 

@@ -23,6 +23,7 @@ mod page;
 mod wal_sync;
 
 mod agents;
+mod backups;
 mod flavors;
 mod hosts;
 mod images;
@@ -39,6 +40,7 @@ pub use db::{Backend, Datastore, OpenError};
 pub use page::{Page, PageRequest};
 
 pub use agents::{HostRequestRecord, NewHost, CONSOLE_KEEP};
+pub use backups::{BackupListFilter, BackupRecord, BackupTargetRecord, NewBackup};
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};
 pub use jobs::{JobListFilter, JobOutcome, VmEffect};

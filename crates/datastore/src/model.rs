@@ -406,6 +406,8 @@ pub struct VmRecord {
     /// When automatic restarts were given up (a crash loop), until the
     /// operator's next operation on the VM.
     pub auto_restart_given_up_at: Option<i64>,
+    /// A VM restored from a backup: its disk starts as this file.
+    pub restore_from: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -447,6 +449,7 @@ impl VmRecord {
             auto_restarts: r.int("auto_restarts")?,
             auto_restart_window_at: r.opt_int("auto_restart_window_at")?,
             auto_restart_given_up_at: r.opt_int("auto_restart_given_up_at")?,
+            restore_from: r.opt_text("restore_from")?,
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -692,6 +695,7 @@ impl VmRecord {
             auto_restarts: 0,
             auto_restart_window_at: None,
             auto_restart_given_up_at: None,
+            restore_from: vm.restore_from.clone(),
             created_at: now,
             updated_at: now,
         }

@@ -24,7 +24,7 @@ const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, m
                       observed_state, observed_reason, observed_generation, observed_reboot_generation, \
                       observed_at, guest, observed_intent_generation, server_group_id, placement, \
                       restart_policy, auto_restarts, auto_restart_window_at, auto_restart_given_up_at, \
-                      created_at, updated_at FROM vms";
+                      restore_from, created_at, updated_at FROM vms";
 
 /// A VM to record.
 #[derive(Debug, Clone)]
@@ -41,6 +41,8 @@ pub struct NewVm {
     pub server_group_id: Option<ServerGroupId>,
     pub placement: VmPlacement,
     pub restart_policy: RestartPolicy,
+    /// Restored from a backup: the disk starts as this file (absolute).
+    pub restore_from: Option<String>,
 }
 
 /// A VM to record with its create job and, once the scheduler chose one,
@@ -157,9 +159,11 @@ impl Datastore {
         items: &[VmToCreate],
         group: Option<(ServerGroupId, GroupPolicy)>,
     ) -> Result<Vec<(VmRecord, JobRecord)>, CreateError> {
+        let restores = items.iter().any(|i| i.vm.restore_from.is_some());
         match &self.combiner {
-            Some(c) => c.submit(items.to_vec(), group).await,
-            None => create_one(&self.write, items, group).await,
+            // Restores are rare; the combined insert does not carry their source.
+            Some(c) if !restores => c.submit(items.to_vec(), group).await,
+            _ => create_one(&self.write, items, group).await,
         }
     }
 
@@ -555,6 +559,14 @@ pub(crate) async fn create_one(
                 db_error(ctx, e)
             }
         })?;
+        if let Some(from) = &vm.restore_from {
+            sqlx::query("UPDATE vms SET restore_from = $1 WHERE id = $2")
+                .bind(from.clone())
+                .bind(vm.id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+        }
         let job = insert_job(&mut tx, &i.job, now).await?;
         out.push((VmRecord::created(vm, i.host, i.job.id, now), job));
     }

@@ -367,6 +367,7 @@ fn new_vm(fx: &Fixture, name: &str) -> NewVm {
         server_group_id: None,
         placement: Default::default(),
         restart_policy: Default::default(),
+        restore_from: None,
     }
 }
 

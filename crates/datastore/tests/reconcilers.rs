@@ -280,6 +280,7 @@ fn to_create(w: &World, name: &str, policy: RestartPolicy) -> VmToCreate {
             server_group_id: None,
             placement: VmPlacement::default(),
             restart_policy: policy,
+            restore_from: None,
         },
         job: job(w, "vm_create", id),
         host: Some(w.host),

@@ -83,6 +83,8 @@ pub struct Timing {
     pub create: Duration,
     pub power: Duration,
     pub delete: Duration,
+    /// A backup's copy, or a restore, on the host.
+    pub backup: Duration,
     /// Attempts (the first included) when the host reports a failure,
     /// before the job fails.
     pub attempts: u32,
@@ -99,6 +101,7 @@ impl Default for Timing {
             create: Duration::from_secs(600),
             power: Duration::from_secs(300),
             delete: Duration::from_secs(300),
+            backup: Duration::from_secs(6 * 3600),
             attempts: 3,
             backoff: Duration::from_secs(1),
             recheck: Duration::from_millis(1000),
@@ -145,6 +148,12 @@ impl SagaContext {
         if *self.halted.borrow() {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// Resolves never; parks forever once halted (for steps outside this
+    /// module).
+    pub(crate) async fn halted_wait(&self) {
+        self.halt_signal().await
     }
 
     /// Resolves never; parks forever once halted.

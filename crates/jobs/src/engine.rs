@@ -336,12 +336,23 @@ impl SagaEngine {
                 // steno never undoes the step that failed; when that was the
                 // first, what the API wrote with the job is taken back here.
                 let first_failed = e.error_node_name.as_ref() == sagas::node_names(kind)[0];
+                if kind == JobKind::VmBackup {
+                    // Never a restore point; the reason is the job's.
+                    if let Err(e) =
+                        crate::storage::backup_discard(&self.ctx, job.id, &failure.message).await
+                    {
+                        tracing::warn!(job = %job.id, error = %e, "could not mark the backup failed");
+                    }
+                }
                 let effect = self
                     .failure_effect(job, kind, previous, &failure, first_failed)
                     .await;
                 let outcome = if failure.is_cancel() {
                     JobOutcome::Cancelled {
                         message: match kind {
+                            JobKind::VmBackup => {
+                                "cancelled on request; the backup was discarded".into()
+                            }
                             JobKind::VmCreate => {
                                 "cancelled on request; the VM was removed from its host".into()
                             }

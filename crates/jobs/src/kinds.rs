@@ -14,15 +14,21 @@ pub enum JobKind {
     VmStop,
     VmReboot,
     VmDelete,
+    /// Back up a running VM's disk (full or incremental).
+    VmBackup,
+    /// Replace a stopped VM's disk with a backup.
+    VmRestore,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 5] = [
+    pub const ALL: [JobKind; 7] = [
         JobKind::VmCreate,
         JobKind::VmStart,
         JobKind::VmStop,
         JobKind::VmReboot,
         JobKind::VmDelete,
+        JobKind::VmBackup,
+        JobKind::VmRestore,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +38,8 @@ impl JobKind {
             JobKind::VmStop => "vm_stop",
             JobKind::VmReboot => "vm_reboot",
             JobKind::VmDelete => "vm_delete",
+            JobKind::VmBackup => "vm_backup",
+            JobKind::VmRestore => "vm_restore",
         }
     }
 }
@@ -60,4 +68,15 @@ pub struct VmJobParams {
     pub previous_state: VmState,
     /// What the operator had asked for before this operation.
     pub previous_desired: VmDesiredState,
+    /// For a restore: the backup whose file becomes the VM's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreParams>,
+}
+
+/// What a `vm_restore` job restores.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreParams {
+    pub backup_id: stratus_common::BackupId,
+    /// The backup's file (absolute).
+    pub file: String,
 }

@@ -19,9 +19,11 @@
 pub mod context;
 pub mod engine;
 pub mod kinds;
+mod requests;
 mod runner;
 pub mod sagas;
 pub mod signals;
+mod storage;
 
 pub use context::{StepError, Timing};
 pub use engine::{Injection, SagaEngine};

@@ -10,6 +10,10 @@
 //!  vm_stop    (the API       (the host     previous desired state is restored
 //!  vm_reboot   recorded it)   converged)
 //!  vm_delete  intent ────► settled        (same undo)
+//!  vm_backup  accepted ──► copy ──► settled    undo of accepted: the backup
+//!             (record,     (the host   (recorded  is marked failed, its
+//!              VM held)     copies)     good)      request withdrawn
+//!  vm_restore intent ────► restore ──► settled    (intent's undo)
 //! ```
 //!
 //! The first step of each saga stands for what the API already wrote when it
@@ -42,7 +46,7 @@ impl steno::SagaType for StratusSaga {
     type ExecContextType = SagaContext;
 }
 
-type Ctx = ActionContext<StratusSaga>;
+pub(crate) type Ctx = ActionContext<StratusSaga>;
 
 /// Everything a VM saga needs that must not change when another controller
 /// resumes it: stored in the saga's graph.
@@ -76,6 +80,8 @@ pub const SETTLED: &str = "settled";
 pub fn node_names(kind: JobKind) -> &'static [&'static str] {
     match kind {
         JobKind::VmCreate => &["accepted", SETTLED],
+        JobKind::VmBackup => &["accepted", "copy", SETTLED],
+        JobKind::VmRestore => &["intent", "restore", SETTLED],
         _ => &["intent", SETTLED],
     }
 }
@@ -92,6 +98,18 @@ static DELETE_INTENT: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| ActionFunc::new_action("vm_delete.intent", intent, intent_undo));
 static DELETE_DESTROY: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| new_action_noop_undo("vm_delete.destroy", delete_destroy));
+static BACKUP_ACCEPT: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| ActionFunc::new_action("vm_backup.accept", backup_accept, backup_accept_undo));
+static BACKUP_COPY: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| new_action_noop_undo("vm_backup.copy", crate::storage::backup_copy));
+static BACKUP_RECORD: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| new_action_noop_undo("vm_backup.record", crate::storage::backup_record));
+static RESTORE_INTENT: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| ActionFunc::new_action("vm_restore.intent", intent, intent_undo));
+static RESTORE_DISK: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| new_action_noop_undo("vm_restore.disk", crate::storage::restore_disk));
+static RESTORE_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| new_action_noop_undo("vm_restore.settled", crate::storage::restore_settled));
 
 /// Every action of every saga, for the engine (and for resuming a saga
 /// another controller began).
@@ -104,6 +122,12 @@ pub fn registry() -> ActionRegistry<StratusSaga> {
         &POWER_CONVERGE,
         &DELETE_INTENT,
         &DELETE_DESTROY,
+        &BACKUP_ACCEPT,
+        &BACKUP_COPY,
+        &BACKUP_RECORD,
+        &RESTORE_INTENT,
+        &RESTORE_DISK,
+        &RESTORE_SETTLED,
     ] {
         r.register(Arc::clone(a));
     }
@@ -113,16 +137,26 @@ pub fn registry() -> ActionRegistry<StratusSaga> {
 /// The saga graph of one job.
 pub fn dag(kind: JobKind, params: &VmSagaParams) -> Result<Arc<SagaDag>, StepError> {
     let mut b = DagBuilder::new(SagaName::new(kind.as_str()));
-    let (first, second): (&dyn Action<StratusSaga>, &dyn Action<StratusSaga>) = match kind {
-        JobKind::VmCreate => (CREATE_ACCEPT.as_ref(), CREATE_BOOT.as_ref()),
+    let actions: Vec<&dyn Action<StratusSaga>> = match kind {
+        JobKind::VmCreate => vec![CREATE_ACCEPT.as_ref(), CREATE_BOOT.as_ref()],
         JobKind::VmStart | JobKind::VmStop | JobKind::VmReboot => {
-            (POWER_INTENT.as_ref(), POWER_CONVERGE.as_ref())
+            vec![POWER_INTENT.as_ref(), POWER_CONVERGE.as_ref()]
         }
-        JobKind::VmDelete => (DELETE_INTENT.as_ref(), DELETE_DESTROY.as_ref()),
+        JobKind::VmDelete => vec![DELETE_INTENT.as_ref(), DELETE_DESTROY.as_ref()],
+        JobKind::VmBackup => vec![
+            BACKUP_ACCEPT.as_ref(),
+            BACKUP_COPY.as_ref(),
+            BACKUP_RECORD.as_ref(),
+        ],
+        JobKind::VmRestore => vec![
+            RESTORE_INTENT.as_ref(),
+            RESTORE_DISK.as_ref(),
+            RESTORE_SETTLED.as_ref(),
+        ],
     };
-    let names = node_names(kind);
-    b.append(Node::action(names[0], names[0], first));
-    b.append(Node::action(names[1], names[1], second));
+    for (name, action) in node_names(kind).iter().zip(actions) {
+        b.append(Node::action(*name, *name, action));
+    }
     let frag = b
         .build()
         .map_err(|e| StepError::new("internal", format!("building the saga: {e}")))?;
@@ -131,7 +165,7 @@ pub fn dag(kind: JobKind, params: &VmSagaParams) -> Result<Arc<SagaDag>, StepErr
     Ok(Arc::new(SagaDag::new(frag, params)))
 }
 
-fn params(ctx: &Ctx) -> Result<VmSagaParams, ActionError> {
+pub(crate) fn params(ctx: &Ctx) -> Result<VmSagaParams, ActionError> {
     ctx.saga_params::<VmSagaParams>()
 }
 
@@ -145,7 +179,7 @@ async fn not_cancelled(sc: &SagaContext, job: JobId) -> Result<(), ActionError> 
 
 /// The VM's host, once the job is known not to be cancelled: the start of
 /// every step that waits on a host.
-async fn placed_host(sc: &SagaContext, p: &VmSagaParams) -> Result<HostId, ActionError> {
+pub(crate) async fn placed_host(sc: &SagaContext, p: &VmSagaParams) -> Result<HostId, ActionError> {
     not_cancelled(sc, p.job_id).await?;
     let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
         .await
@@ -269,6 +303,30 @@ async fn create_boot(ctx: Ctx) -> Result<Settled, ActionError> {
         host_id: Some(seen.host_id.unwrap_or(host)),
         removed: false,
     })
+}
+
+// ---- vm_backup -----------------------------------------------------------
+
+/// The API recorded the backup (`running`) and held the VM with the job;
+/// this step only confirms it, so its undo can take it back.
+async fn backup_accept(ctx: Ctx) -> Result<(), ActionError> {
+    let p = params(&ctx)?;
+    ctx.user_data()
+        .step(p.job_id, "accepted", 5, "backup recorded")
+        .await?;
+    Ok(())
+}
+
+/// A backup that did not complete is never a restore point: marked failed
+/// (a backup already failed or succeeded is left alone), and its request
+/// withdrawn so the host stops being handed it.
+async fn backup_accept_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "undo", 60, "discarding the backup")
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    crate::storage::backup_discard(sc, p.job_id, "the backup was undone").await
 }
 
 // ---- vm_start, vm_stop, vm_reboot, vm_delete ----------------------------

@@ -102,6 +102,7 @@ fn pending(fx: &Fixture, name: &str, group: Option<stratus_common::ServerGroupId
             server_group_id: group,
             placement: VmPlacement::default(),
             restart_policy: Default::default(),
+            restore_from: None,
         },
         job: NewJob {
             id: JobId::new(),

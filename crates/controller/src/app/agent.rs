@@ -200,6 +200,7 @@ pub async fn agent_desired(
             desired_state: vm.desired_state,
             reboot_generation: u64::try_from(vm.reboot_generation).unwrap_or(0),
             generation: u64::try_from(vm.generation).unwrap_or(0),
+            restore_from: vm.restore_from.clone(),
         });
     }
     let requests = app
@@ -231,11 +232,28 @@ pub async fn agent_request_result(
 ) -> Result<(), Error> {
     let id =
         uuid::Uuid::parse_str(id).map_err(|_| Error::invalid("request", "not a request id"))?;
-    let result = r
-        .result
-        .map(|x| serde_json::to_value(x).unwrap_or_default());
+    // The whole answer is kept (an exec's output, a backup's outcome, ...);
+    // whoever waits on the request reads its part.
+    let result = (r.error.is_none())
+        .then(|| serde_json::to_value(&r))
+        .transpose()
+        .map_err(|e| Error::internal(format!("encoding a request's result: {e}")))?;
     app.ds
         .host_request_answer(id, actor.host.id, result.as_ref(), r.error.as_deref())
+        .await
+}
+
+/// A long request's progress, from its host.
+pub async fn agent_request_progress(
+    app: &App,
+    actor: &HostActor,
+    id: &str,
+    p: stratus_api_types::agent::RequestProgress,
+) -> Result<(), Error> {
+    let id =
+        uuid::Uuid::parse_str(id).map_err(|_| Error::invalid("request", "not a request id"))?;
+    app.ds
+        .host_request_progress(id, actor.host.id, p.done_bytes, p.total_bytes)
         .await
 }
 

@@ -226,3 +226,45 @@ pub(crate) async fn server_group(
         )),
     }
 }
+
+/// A backup target by name or id (targets are shared by every project).
+pub(crate) async fn backup_target(
+    app: &App,
+    key: &str,
+) -> Result<stratus_datastore::BackupTargetRecord, Error> {
+    match as_id(key) {
+        Some(id) => keyed(
+            app.ds
+                .backup_target_get(stratus_common::BackupTargetId(id))
+                .await,
+            ResourceKind::BackupTarget,
+            key,
+        ),
+        None => app
+            .ds
+            .backup_target_by_name(key)
+            .await?
+            .ok_or_else(|| Error::not_found(ResourceKind::BackupTarget, key)),
+    }
+}
+
+/// A backup by id, if the actor can see its project.
+pub(crate) async fn backup(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+) -> Result<stratus_datastore::BackupRecord, Error> {
+    let Some(id) = as_id(key) else {
+        return Err(Error::invalid("backup", "a backup is named by its id"));
+    };
+    let b = keyed(
+        app.ds.backup_get(stratus_common::BackupId(id)).await,
+        ResourceKind::Backup,
+        key,
+    )?;
+    if actor.can_see(b.project_id) {
+        Ok(b)
+    } else {
+        Err(Error::not_found(ResourceKind::Backup, key))
+    }
+}

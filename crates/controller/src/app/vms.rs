@@ -45,6 +45,7 @@ fn new_job(kind: JobKind, vm: &VmRecord, previous: VmState, key: Option<String>)
         params: serde_json::to_value(VmJobParams {
             previous_state: previous,
             previous_desired: vm.desired_state,
+            restore: None,
         })
         .unwrap_or_default(),
         idempotency_key: key,
@@ -76,6 +77,18 @@ pub async fn vm_create(
     p: VmCreate,
     idempotency_key: Option<String>,
 ) -> Result<(bool, VmOperation), Error> {
+    vm_create_from(app, actor, p, idempotency_key, None).await
+}
+
+/// Creates a VM whose disk starts as `restore_from` (a backup file) when
+/// given, else as an empty overlay of its image.
+pub(crate) async fn vm_create_from(
+    app: &App,
+    actor: &Actor,
+    p: VmCreate,
+    idempotency_key: Option<String>,
+    restore_from: Option<String>,
+) -> Result<(bool, VmOperation), Error> {
     actor.require_mutate()?;
     check_key(&idempotency_key)?;
     let project = lookup::project_for_create(app, actor, p.project.as_deref()).await?;
@@ -90,7 +103,8 @@ pub async fn vm_create(
             return Ok((false, operation(vm, job)));
         }
     }
-    let shape = shape(app, actor, &p, project).await?;
+    let mut shape = shape(app, actor, &p, project).await?;
+    shape.restore_from = restore_from;
     let vm = shape.new_vm(p.name.as_str().to_string());
     let job = shape.create_job(&vm, idempotency_key);
     let mut done = app
@@ -264,6 +278,7 @@ struct Shape {
     placement: VmPlacement,
     group: Option<(ServerGroupId, GroupPolicy)>,
     restart_policy: RestartPolicy,
+    restore_from: Option<String>,
 }
 
 impl Shape {
@@ -281,6 +296,7 @@ impl Shape {
             server_group_id: self.group.map(|g| g.0),
             placement: self.placement.clone(),
             restart_policy: self.restart_policy,
+            restore_from: self.restore_from.clone(),
         }
     }
 
@@ -294,6 +310,7 @@ impl Shape {
             params: serde_json::to_value(VmJobParams {
                 previous_state: VmState::Creating,
                 previous_desired: self.desired,
+                restore: None,
             })
             .unwrap_or_default(),
             idempotency_key,
@@ -406,6 +423,7 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
         },
         group,
         restart_policy: p.restart_policy.unwrap_or_default(),
+        restore_from: None,
     })
 }
 
@@ -678,6 +696,7 @@ pub async fn vm_exec(
             }
             return r
                 .result
+                .and_then(|v| v.get("result").cloned())
                 .and_then(|v| serde_json::from_value(v).ok())
                 .ok_or_else(|| Error::internal("the agent's exec result could not be read"));
         }

@@ -12,7 +12,7 @@ pub mod openapi;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 
 use crate::app::App;
@@ -127,12 +127,29 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms/{vm}/reboot", post(vms::vm_reboot))
         .route("/vms/{vm}/console", get(vms::vm_console))
         .route("/vms/{vm}/exec", post(vms::vm_exec))
+        .route("/vms/{vm}/backups", post(backups::backup_create))
+        .route(
+            "/backup-targets",
+            get(backups::backup_target_list).post(backups::backup_target_create),
+        )
+        .route(
+            "/backup-targets/{target}",
+            delete(backups::backup_target_delete),
+        )
+        .route("/backups", get(backups::backup_list))
+        .route("/backups/{backup}", get(backups::backup_view))
+        .route("/backups/{backup}/verify", post(backups::backup_verify))
+        .route("/backups/{backup}/restore", post(backups::backup_restore))
         .route("/agent/enroll", post(agent::agent_enroll))
         .route("/agent/report", post(agent::agent_report))
         .route("/agent/desired", get(agent::agent_desired))
         .route(
             "/agent/requests/{request}/result",
             post(agent::agent_request_result),
+        )
+        .route(
+            "/agent/requests/{request}/progress",
+            post(agent::agent_request_progress),
         )
         .route("/agent/vms/{vm}/console", put(agent::agent_console_append))
         .route(

@@ -39,14 +39,21 @@ impl Modify for BearerAuth {
         vms::vm_create, vms::vm_list, vms::vm_view, vms::vm_update, vms::vm_delete, vms::vm_start, vms::vm_stop, vms::vm_reboot,
         vms::vm_console, vms::vm_exec, vms::vm_batch_create, vms::vm_placement_preview,
         agent::agent_enroll, agent::agent_report, agent::agent_desired, agent::agent_request_result,
-        agent::agent_console_append, agent::agent_image_download,
+        agent::agent_console_append, agent::agent_image_download, agent::agent_request_progress,
+        backups::backup_target_create, backups::backup_target_list, backups::backup_target_delete,
+        backups::backup_create, backups::backup_list, backups::backup_view, backups::backup_verify,
+        backups::backup_restore,
         jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
     ),
     components(schemas(
         stratus_common::ProjectId, stratus_common::TokenId, stratus_common::HostId,
         stratus_common::EnrollmentTokenId, stratus_common::ImageId, stratus_common::FlavorId,
         stratus_common::VmId, stratus_common::JobId, stratus_common::Name, stratus_common::Role,
-        stratus_common::ServerGroupId,
+        stratus_common::ServerGroupId, stratus_common::BackupTargetId, stratus_common::BackupId,
+        params::BackupTargetCreate, params::BackupCreate, params::BackupRestore,
+        views::BackupTarget, views::BackupMode, views::BackupStatus, views::Backup, views::BackupPage,
+        views::BackupVerification, views::BackupOperation,
+        proto::BackupParentRef, proto::BackupDone, proto::BackupChecked, proto::RequestProgress,
         params::VmBatchCreate, params::ClusterUpdate, params::ServerGroupCreate, params::HostUpdate,
         views::Allocation, views::Weigher, views::Cluster, views::ClusterPage, views::GroupPolicy,
         views::ServerGroup, views::ServerGroupPage, views::VmPlacement, views::FilterCount, views::Shortfall,
@@ -68,7 +75,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
         (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"), (name = "agent"),
-        (name = "scheduling"),
+        (name = "scheduling"), (name = "backups"),
     )
 )]
 pub struct ApiDoc;

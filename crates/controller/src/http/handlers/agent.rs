@@ -9,7 +9,7 @@ use axum::response::Response;
 use axum::Json;
 use stratus_api_types::agent::{
     AgentDesired, AgentEnroll, AgentEnrolled, AgentReport, AgentReportAck, AgentRequestResult,
-    ConsoleAppend, DesiredQuery, ImagePart,
+    ConsoleAppend, DesiredQuery, ImagePart, RequestProgress,
 };
 use stratus_common::Error;
 
@@ -81,6 +81,24 @@ pub async fn agent_request_result(
     ApiJson(r): ApiJson<AgentRequestResult>,
 ) -> Result<StatusCode, ApiError> {
     agent::agent_request_result(&s.0, &host, &id, r).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How far a long request (a backup) has come.
+#[utoipa::path(post, path = "/v1/agent/requests/{request}/progress", tag = "agent", operation_id = "agent_request_progress",
+    params(("request" = String, Path, description = "request id")),
+    request_body = RequestProgress,
+    responses((status = 204, description = "recorded"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn agent_request_progress(
+    s: AppState,
+    host: HostActor,
+    Path(id): Path<String>,
+    ApiJson(p): ApiJson<RequestProgress>,
+) -> Result<StatusCode, ApiError> {
+    agent::agent_request_progress(&s.0, &host, &id, p).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -2,6 +2,7 @@
 //! document (`openapi.rs` lists them); the annotation is the route's contract.
 
 pub mod agent;
+pub mod backups;
 pub mod flavors;
 pub mod hosts;
 pub mod images;

@@ -1,0 +1,401 @@
+//! Backups: targets (directories every host sees), taking a backup (intent
+//! first: the record, the job and the VM held in one transaction, then the
+//! `vm_backup` saga), listing, verifying (the host reads the file back) and
+//! restoring into a new VM or over the VM it was taken of.
+
+use std::path::Path;
+use std::time::Duration;
+
+use stratus_api_types::agent::{AgentRequestKind, BackupChecked};
+use stratus_api_types::params::{
+    BackupCreate, BackupFilter, BackupRestore, BackupTargetCreate, PageParams, VmCreate,
+};
+use stratus_api_types::views::{
+    Backup, BackupMode, BackupOperation, BackupPage, BackupStatus, BackupTarget,
+    BackupVerification, HostState, VmDesiredState, VmOperation, VmState,
+};
+use stratus_common::time::now_micros;
+use stratus_common::{BackupId, Error, JobId, ResourceKind, VmId};
+use stratus_datastore::model::NewJob;
+use stratus_datastore::{BackupListFilter, BackupTargetRecord, NewBackup, PageRequest};
+use stratus_jobs::kinds::{RestoreParams, VmJobParams};
+use stratus_jobs::JobKind;
+
+use crate::app::{lookup, Actor, App};
+
+/// Longest backup target path.
+const MAX_PATH: usize = 1024;
+/// How long a verification may take on the host.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub async fn backup_target_create(
+    app: &App,
+    actor: &Actor,
+    p: BackupTargetCreate,
+) -> Result<BackupTarget, Error> {
+    actor.require_admin("create backup targets")?;
+    let path = p.path.trim_end_matches('/');
+    let bad = |why: &str| Err(Error::invalid("path", format!("path {:?} {why}", p.path)));
+    if !Path::new(path).is_absolute() {
+        return bad("is not absolute");
+    }
+    if path.len() > MAX_PATH {
+        return bad(&format!("is longer than {MAX_PATH} bytes"));
+    }
+    if path.chars().any(char::is_control) || path.split('/').any(|c| c == "..") {
+        return bad("contains control characters or `..`");
+    }
+    Ok(app
+        .ds
+        .backup_target_create(p.name.as_str(), path)
+        .await?
+        .into_view())
+}
+
+pub async fn backup_target_list(app: &App) -> Result<Vec<BackupTarget>, Error> {
+    Ok(app
+        .ds
+        .backup_target_list()
+        .await?
+        .into_iter()
+        .map(BackupTargetRecord::into_view)
+        .collect())
+}
+
+pub async fn backup_target_delete(app: &App, actor: &Actor, key: &str) -> Result<(), Error> {
+    actor.require_admin("delete backup targets")?;
+    let t = lookup::backup_target(app, key).await?;
+    app.ds.backup_target_delete(t.id).await
+}
+
+/// The target a backup goes to: the one named, else the one the VM's last
+/// backup went to, else the only one there is.
+async fn choose_target(
+    app: &App,
+    vm: VmId,
+    named: Option<&str>,
+) -> Result<BackupTargetRecord, Error> {
+    if let Some(key) = named {
+        return lookup::backup_target(app, key).await.map_err(|e| match e {
+            Error::NotFound { .. } => {
+                Error::invalid("target", format!("backup target {key:?} not found"))
+            }
+            other => other,
+        });
+    }
+    if let Some(last) = app.ds.backup_latest_succeeded(vm, None).await? {
+        return app.ds.backup_target_get(last.target_id).await;
+    }
+    let mut all = app.ds.backup_target_list().await?;
+    match all.len() {
+        0 => Err(Error::conflict(
+            "no_backup_target",
+            "there is no backup target; an administrator creates one with \
+             `stratus backup target create NAME PATH`",
+        )),
+        1 => Ok(all.remove(0)),
+        n => Err(Error::invalid(
+            "target",
+            format!("there are {n} backup targets; name one"),
+        )),
+    }
+}
+
+/// Takes a backup of a running VM: incremental to its last restore point on
+/// the same target unless `full` is asked or there is none.
+pub async fn backup_create(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    p: BackupCreate,
+) -> Result<BackupOperation, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    let (Some(host), VmState::Running) = (vm.host_id, vm.state) else {
+        return Err(Error::conflict(
+            "vm_not_running",
+            format!(
+                "VM {:?} is {}; backups are taken of running VMs (start it first)",
+                vm.name,
+                vm.state.as_str()
+            ),
+        ));
+    };
+    let target = choose_target(app, vm.id, p.target.as_deref()).await?;
+    let parent = if p.full {
+        None
+    } else {
+        app.ds
+            .backup_latest_succeeded(vm.id, Some(target.id))
+            .await?
+    };
+    let id = BackupId::new();
+    let backup = NewBackup {
+        id,
+        project_id: vm.project_id,
+        vm_id: vm.id,
+        vm_name: vm.name.clone(),
+        target_id: target.id,
+        parent_id: parent.as_ref().map(|b| b.id),
+        requested_mode: if parent.is_some() {
+            BackupMode::Incremental
+        } else {
+            BackupMode::Full
+        },
+        file: format!("{}/{}/{}.qcow2", target.path, vm.id, id),
+        host_id: Some(host),
+        image_id: vm.image_id,
+        flavor_id: vm.flavor_id,
+        vcpus: vm.vcpus,
+        memory_bytes: vm.memory_bytes,
+        disk_bytes: vm.disk_bytes,
+    };
+    let job = NewJob {
+        id: JobId::new(),
+        project_id: Some(vm.project_id),
+        kind: JobKind::VmBackup.as_str().to_string(),
+        target_kind: "vm",
+        target_id: vm.id.as_uuid(),
+        params: serde_json::to_value(VmJobParams {
+            previous_state: vm.state,
+            previous_desired: vm.desired_state,
+            restore: None,
+        })
+        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
+        idempotency_key: None,
+    };
+    let (backup, job) = app.ds.backup_begin(&backup, &job).await?;
+    app.job_waker.notify_one();
+    Ok(BackupOperation {
+        backup: backup.into_view(),
+        job: job.into_view(vec![]),
+    })
+}
+
+pub async fn backup_list(
+    app: &App,
+    actor: &Actor,
+    f: BackupFilter,
+    page: PageParams,
+) -> Result<BackupPage, Error> {
+    let page = PageRequest::parse(page.limit, page.cursor.as_deref())?;
+    let project = lookup::project_filter(app, actor, f.project.as_deref()).await?;
+    let vm = match f.vm.as_deref() {
+        // A deleted VM's backups stay listable by its id.
+        Some(key) => match uuid::Uuid::parse_str(key) {
+            Ok(id) => Some(VmId(id)),
+            Err(_) => Some(lookup::vm(app, actor, key, f.project.as_deref()).await?.id),
+        },
+        None => None,
+    };
+    let p = app
+        .ds
+        .backup_list(&BackupListFilter { project, vm }, &page)
+        .await?;
+    Ok(BackupPage {
+        items: p
+            .items
+            .into_iter()
+            .filter(|b| actor.can_see(b.project_id))
+            .map(|b| b.into_view())
+            .collect(),
+        next_cursor: p.next_cursor,
+    })
+}
+
+pub async fn backup_view(app: &App, actor: &Actor, key: &str) -> Result<Backup, Error> {
+    Ok(lookup::backup(app, actor, key).await?.into_view())
+}
+
+/// Has a host read the backup back (checksum, `qemu-img check` over its
+/// chain) and records the result.
+pub async fn backup_verify(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+) -> Result<BackupVerification, Error> {
+    let b = lookup::backup(app, actor, key).await?;
+    actor.require_mutate()?;
+    let Some(recorded) = b
+        .sha256
+        .clone()
+        .filter(|_| b.status == BackupStatus::Succeeded)
+    else {
+        return Err(Error::conflict(
+            "backup_not_succeeded",
+            "only a completed backup can be verified",
+        ));
+    };
+    // The host that took it sees the target; any other host that is up
+    // should too.
+    let host = match b.host_id {
+        Some(h) if app.ds.host_get(h).await?.state == HostState::Up => h,
+        _ => {
+            return Err(Error::conflict(
+                "host_unavailable",
+                "the host that took the backup is not up, so it cannot read it back",
+            ))
+        }
+    };
+    let request = AgentRequestKind::VerifyBackup {
+        file: b.file.clone(),
+    };
+    let payload = serde_json::to_value(&request)
+        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
+    let expires = now_micros() + i64::try_from(VERIFY_TIMEOUT.as_micros()).unwrap_or(i64::MAX);
+    let id = app
+        .ds
+        .host_request_create(host, Some(b.vm_id), "verify_backup", &payload, expires)
+        .await?;
+    app.signals.host_desired_changed(host);
+    let deadline = tokio::time::Instant::now() + VERIFY_TIMEOUT;
+    let checked: BackupChecked = loop {
+        let r = app.ds.host_request_get(id).await?;
+        if r.answered_at.is_some() {
+            if let Some(e) = r.error {
+                return Err(Error::unprocessable("verify_failed", e));
+            }
+            break r
+                .result
+                .and_then(|v| v.get("verified").cloned())
+                .and_then(|v| serde_json::from_value(v).ok())
+                .ok_or_else(|| Error::internal("the host's verification could not be read"))?;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            app.ds.host_request_withdraw(id).await?;
+            return Err(Error::Unavailable {
+                message: "the host did not finish reading the backup in time".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut problems = checked.problems.clone();
+    if checked.sha256 != recorded {
+        problems.insert(
+            0,
+            format!(
+                "the file's SHA-256 is {}, not the {} recorded when it was taken",
+                checked.sha256, recorded
+            ),
+        );
+    }
+    let ok = problems.is_empty();
+    let b = app
+        .ds
+        .backup_record_verification(b.id, ok, &problems)
+        .await?;
+    Ok(BackupVerification {
+        backup: b.into_view(),
+        ok,
+        sha256: checked.sha256,
+        problems,
+    })
+}
+
+/// Restores a backup into a new VM (`as_vm`) or over its own, stopped, VM
+/// (`in_place`).
+pub async fn backup_restore(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    p: BackupRestore,
+) -> Result<VmOperation, Error> {
+    let b = lookup::backup(app, actor, key).await?;
+    actor.require_mutate()?;
+    if b.status != BackupStatus::Succeeded {
+        return Err(Error::conflict(
+            "backup_not_succeeded",
+            "only a completed backup is a restore point",
+        ));
+    }
+    match (p.as_vm, p.in_place) {
+        (Some(name), false) => {
+            let create = VmCreate {
+                name,
+                project: Some(b.project_id.to_string()),
+                flavor: b.flavor_id.to_string(),
+                image: b.image_id.to_string(),
+                start: p.start,
+                zone: None,
+                cluster: None,
+                require_tags: vec![],
+                forbid_tags: vec![],
+                group: None,
+                restart_policy: None,
+            };
+            let (_, op) =
+                crate::app::vms::vm_create_from(app, actor, create, None, Some(b.file.clone()))
+                    .await?;
+            Ok(op)
+        }
+        (None, true) => {
+            if p.start.is_some() {
+                return Err(Error::invalid(
+                    "start",
+                    "start applies to a new VM only; start the VM after an in-place restore",
+                ));
+            }
+            restore_in_place(app, b).await
+        }
+        _ => Err(Error::invalid(
+            "as_vm",
+            "give exactly one of as_vm (a new VM's name) and in_place",
+        )),
+    }
+}
+
+async fn restore_in_place(
+    app: &App,
+    b: stratus_datastore::BackupRecord,
+) -> Result<VmOperation, Error> {
+    let vm = app.ds.vm_get(b.vm_id).await.map_err(|e| match e {
+        Error::NotFound { .. } => Error::conflict(
+            "vm_gone",
+            format!(
+                "VM {:?} no longer exists; restore the backup into a new VM instead",
+                b.vm_name
+            ),
+        ),
+        other => other,
+    })?;
+    if vm.state != VmState::Stopped || vm.desired_state != VmDesiredState::Stopped {
+        return Err(Error::conflict(
+            "vm_not_stopped",
+            format!(
+                "VM {:?} is {}; stop it before restoring over its disk",
+                vm.name,
+                vm.state.as_str()
+            ),
+        ));
+    }
+    if vm.host_id.is_none() {
+        return Err(Error::not_found(ResourceKind::Host, "of the VM"));
+    }
+    let job = NewJob {
+        id: JobId::new(),
+        project_id: Some(vm.project_id),
+        kind: JobKind::VmRestore.as_str().to_string(),
+        target_kind: "vm",
+        target_id: vm.id.as_uuid(),
+        params: serde_json::to_value(VmJobParams {
+            previous_state: vm.state,
+            previous_desired: vm.desired_state,
+            restore: Some(RestoreParams {
+                backup_id: b.id,
+                file: b.file.clone(),
+            }),
+        })
+        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
+        idempotency_key: None,
+    };
+    let (vm, job) = app
+        .ds
+        .vm_begin_operation(vm.id, VmDesiredState::Stopped, VmState::Stopped, false, job)
+        .await?;
+    app.job_waker.notify_one();
+    Ok(VmOperation {
+        vm: vm.into_view(),
+        job: job.into_view(vec![]),
+    })
+}

@@ -1,0 +1,56 @@
+-- Version 8: backups. Backup targets (directories every host can reach),
+-- restore points (full and incremental, chained through `parent_id`), VMs
+-- whose disk starts as a restore point, and progress on host requests.
+
+CREATE TABLE backup_targets (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    -- An absolute directory, the same path on every host (e.g. an NFS mount).
+    path TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE backups (
+    id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL REFERENCES projects(id),
+    -- No foreign key: restore points outlive their VM.
+    vm_id TEXT NOT NULL,
+    vm_name TEXT NOT NULL,
+    target_id TEXT NOT NULL REFERENCES backup_targets(id),
+    -- The restore point this one is incremental to (NULL: asked as full).
+    parent_id TEXT REFERENCES backups(id),
+    -- `full` or `incremental`: asked for, then what was taken.
+    requested_mode TEXT NOT NULL,
+    mode TEXT,
+    fallback_reason TEXT,
+    -- `running`, `succeeded` or `failed`. Only `succeeded` ones are restore points.
+    status TEXT NOT NULL,
+    error TEXT,
+    -- The file, relative to the target's path.
+    file TEXT NOT NULL,
+    host_id TEXT,
+    job_id TEXT NOT NULL,
+    -- What a restore needs to rebuild the VM.
+    image_id TEXT NOT NULL,
+    flavor_id TEXT NOT NULL,
+    vcpus BIGINT NOT NULL,
+    memory_bytes BIGINT NOT NULL,
+    disk_bytes BIGINT NOT NULL,
+    data_bytes BIGINT,
+    file_bytes BIGINT,
+    sha256 TEXT,
+    created_at BIGINT NOT NULL,
+    finished_at BIGINT,
+    verified_at BIGINT,
+    verify_ok BIGINT,
+    verify_problems TEXT
+);
+CREATE INDEX backups_vm ON backups (vm_id, id);
+CREATE INDEX backups_project ON backups (project_id, id);
+
+-- A VM restored from a backup: its disk starts as this file (absolute path).
+ALTER TABLE vms ADD COLUMN restore_from TEXT;
+
+-- Progress of a long request (a backup), as the agent reports it.
+ALTER TABLE host_requests ADD COLUMN progress_done BIGINT;
+ALTER TABLE host_requests ADD COLUMN progress_total BIGINT;

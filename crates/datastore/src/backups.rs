@@ -1,0 +1,471 @@
+//! Backup targets and backups (restore points).
+//!
+//! ```text
+//!  backup_begin ──► running ──► succeeded   (backup_succeed: a restore point)
+//!  (record + job +     │
+//!   VM held, one tx)   └──────► failed      (backup_fail: never a restore point)
+//! ```
+//!
+//! **Invariant**: only a `succeeded` backup is ever offered as a parent or a
+//! restore point, and a backup leaves `running` exactly once (both updates
+//! are guarded by `status = 'running'`), so a late or repeated outcome never
+//! turns a failed backup into a good one.
+
+use stratus_api_types::agent::BackupDone;
+use stratus_api_types::views::{self, BackupMode, BackupStatus};
+use stratus_common::time::{from_micros, now_micros};
+use stratus_common::{
+    BackupId, BackupTargetId, Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind,
+    VmId,
+};
+
+use crate::db::{db_error, is_fk_violation, is_unique_violation};
+use crate::jobs::insert_job;
+use crate::model::{
+    enum_parse, enum_str, i64_of, opt_enum_parse, u64_of, JobRecord, NewJob, RowExt,
+};
+use crate::page::{ListQuery, Page, PageRequest};
+use crate::Datastore;
+
+const TARGET_SELECT: &str = "SELECT id, name, path, created_at FROM backup_targets";
+const SELECT: &str =
+    "SELECT id, project_id, vm_id, vm_name, target_id, parent_id, requested_mode, \
+     mode, fallback_reason, status, error, file, host_id, job_id, image_id, flavor_id, vcpus, \
+     memory_bytes, disk_bytes, data_bytes, file_bytes, sha256, created_at, finished_at, \
+     verified_at, verify_ok, verify_problems FROM backups";
+
+#[derive(Debug, Clone)]
+pub struct BackupTargetRecord {
+    pub id: BackupTargetId,
+    pub name: String,
+    pub path: String,
+    pub created_at: i64,
+}
+
+impl BackupTargetRecord {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, Error> {
+        Ok(BackupTargetRecord {
+            id: r.parse("id")?,
+            name: r.text("name")?,
+            path: r.text("path")?,
+            created_at: r.int("created_at")?,
+        })
+    }
+
+    pub fn into_view(self) -> views::BackupTarget {
+        views::BackupTarget {
+            id: self.id,
+            name: self.name,
+            path: self.path,
+            created_at: from_micros(self.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupRecord {
+    pub id: BackupId,
+    pub project_id: ProjectId,
+    pub vm_id: VmId,
+    pub vm_name: String,
+    pub target_id: BackupTargetId,
+    pub parent_id: Option<BackupId>,
+    pub requested_mode: BackupMode,
+    pub mode: Option<BackupMode>,
+    pub fallback_reason: Option<String>,
+    pub status: BackupStatus,
+    pub error: Option<String>,
+    /// Absolute path of the file.
+    pub file: String,
+    pub host_id: Option<HostId>,
+    pub job_id: JobId,
+    pub image_id: ImageId,
+    pub flavor_id: FlavorId,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub data_bytes: Option<u64>,
+    pub file_bytes: Option<u64>,
+    pub sha256: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+    pub verified_at: Option<i64>,
+    pub verify_ok: Option<bool>,
+    pub verify_problems: Vec<String>,
+}
+
+impl BackupRecord {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, Error> {
+        Ok(BackupRecord {
+            id: r.parse("id")?,
+            project_id: r.parse("project_id")?,
+            vm_id: r.parse("vm_id")?,
+            vm_name: r.text("vm_name")?,
+            target_id: r.parse("target_id")?,
+            parent_id: r.opt_parse("parent_id")?,
+            requested_mode: enum_parse(r, "requested_mode")?,
+            mode: opt_enum_parse(r, "mode")?,
+            fallback_reason: r.opt_text("fallback_reason")?,
+            status: enum_parse(r, "status")?,
+            error: r.opt_text("error")?,
+            file: r.text("file")?,
+            host_id: r.opt_parse("host_id")?,
+            job_id: r.parse("job_id")?,
+            image_id: r.parse("image_id")?,
+            flavor_id: r.parse("flavor_id")?,
+            vcpus: u32::try_from(r.int("vcpus")?).unwrap_or(0),
+            memory_bytes: u64_of(r.int("memory_bytes")?),
+            disk_bytes: u64_of(r.int("disk_bytes")?),
+            data_bytes: r.opt_int("data_bytes")?.map(u64_of),
+            file_bytes: r.opt_int("file_bytes")?.map(u64_of),
+            sha256: r.opt_text("sha256")?,
+            created_at: r.int("created_at")?,
+            finished_at: r.opt_int("finished_at")?,
+            verified_at: r.opt_int("verified_at")?,
+            verify_ok: r.opt_int("verify_ok")?.map(|v| v != 0),
+            verify_problems: match r.opt_text("verify_problems")? {
+                Some(p) => serde_json::from_str(&p).unwrap_or_default(),
+                None => Vec::new(),
+            },
+        })
+    }
+
+    pub fn into_view(self) -> views::Backup {
+        views::Backup {
+            id: self.id,
+            project_id: self.project_id,
+            vm_id: self.vm_id,
+            vm_name: self.vm_name,
+            target_id: self.target_id,
+            parent_id: self.parent_id,
+            requested_mode: self.requested_mode,
+            mode: self.mode,
+            fallback_reason: self.fallback_reason,
+            status: self.status,
+            error: self.error,
+            file: self.file,
+            job_id: self.job_id,
+            disk_bytes: self.disk_bytes,
+            data_bytes: self.data_bytes,
+            file_bytes: self.file_bytes,
+            sha256: self.sha256,
+            duration_ms: self
+                .finished_at
+                .filter(|_| self.status == BackupStatus::Succeeded)
+                .map(|f| u64_of((f - self.created_at) / 1000)),
+            created_at: from_micros(self.created_at),
+            finished_at: self.finished_at.map(from_micros),
+            verified_at: self.verified_at.map(from_micros),
+            verify_ok: self.verify_ok,
+        }
+    }
+}
+
+/// A backup to record with its job.
+#[derive(Debug, Clone)]
+pub struct NewBackup {
+    pub id: BackupId,
+    pub project_id: ProjectId,
+    pub vm_id: VmId,
+    pub vm_name: String,
+    pub target_id: BackupTargetId,
+    pub parent_id: Option<BackupId>,
+    pub requested_mode: BackupMode,
+    pub file: String,
+    pub host_id: Option<HostId>,
+    pub image_id: ImageId,
+    pub flavor_id: FlavorId,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Filters for [`Datastore::backup_list`].
+#[derive(Debug, Default)]
+pub struct BackupListFilter {
+    pub project: Option<ProjectId>,
+    pub vm: Option<VmId>,
+}
+
+impl Datastore {
+    pub async fn backup_target_create(
+        &self,
+        name: &str,
+        path: &str,
+    ) -> Result<BackupTargetRecord, Error> {
+        let rec = BackupTargetRecord {
+            id: BackupTargetId::new(),
+            name: name.to_string(),
+            path: path.to_string(),
+            created_at: now_micros(),
+        };
+        sqlx::query(
+            "INSERT INTO backup_targets (id, name, path, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(rec.id.to_string())
+        .bind(&rec.name)
+        .bind(&rec.path)
+        .bind(rec.created_at)
+        .execute(&self.write)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::conflict(
+                    "name_in_use",
+                    format!("a backup target named {name:?} already exists"),
+                )
+            } else {
+                db_error("recording a backup target", e)
+            }
+        })?;
+        Ok(rec)
+    }
+
+    pub async fn backup_target_list(&self) -> Result<Vec<BackupTargetRecord>, Error> {
+        let rows = sqlx::query(&format!("{TARGET_SELECT} ORDER BY name"))
+            .fetch_all(&self.read)
+            .await
+            .map_err(|e| db_error("reading backup targets", e))?;
+        rows.iter().map(BackupTargetRecord::from_row).collect()
+    }
+
+    pub async fn backup_target_get(&self, id: BackupTargetId) -> Result<BackupTargetRecord, Error> {
+        let row = sqlx::query(&format!("{TARGET_SELECT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a backup target", e))?;
+        match row {
+            Some(r) => BackupTargetRecord::from_row(&r),
+            None => Err(Error::not_found(ResourceKind::BackupTarget, id)),
+        }
+    }
+
+    pub async fn backup_target_by_name(
+        &self,
+        name: &str,
+    ) -> Result<Option<BackupTargetRecord>, Error> {
+        let row = sqlx::query(&format!("{TARGET_SELECT} WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a backup target", e))?;
+        row.as_ref().map(BackupTargetRecord::from_row).transpose()
+    }
+
+    /// Removes a target that holds no backups (their records keep it).
+    pub async fn backup_target_delete(&self, id: BackupTargetId) -> Result<(), Error> {
+        let done = sqlx::query("DELETE FROM backup_targets WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| {
+                if is_fk_violation(&e) {
+                    Error::conflict(
+                        "target_in_use",
+                        "the backup target still holds backups; delete them first",
+                    )
+                } else {
+                    db_error("removing a backup target", e)
+                }
+            })?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(ResourceKind::BackupTarget, id));
+        }
+        Ok(())
+    }
+
+    /// Records a backup (`running`) and the job that takes it, and makes the
+    /// job the VM's one active job, all in one transaction; `vm_busy` if
+    /// another job holds the VM.
+    pub async fn backup_begin(
+        &self,
+        b: &NewBackup,
+        job: &NewJob,
+    ) -> Result<(BackupRecord, JobRecord), Error> {
+        let ctx = "recording a backup";
+        let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        let held = sqlx::query(
+            "UPDATE vms SET active_job_id = $1, updated_at = $2 WHERE id = $3 AND active_job_id IS NULL",
+        )
+        .bind(job.id.to_string())
+        .bind(now)
+        .bind(b.vm_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if held.rows_affected() == 0 {
+            return Err(Error::conflict(
+                "vm_busy",
+                format!(
+                    "VM {:?} is busy with another job; wait for it or cancel it",
+                    b.vm_name
+                ),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO backups (id, project_id, vm_id, vm_name, target_id, parent_id, requested_mode, \
+             status, file, host_id, job_id, image_id, flavor_id, vcpus, memory_bytes, disk_bytes, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'running', $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(b.id.to_string())
+        .bind(b.project_id.to_string())
+        .bind(b.vm_id.to_string())
+        .bind(&b.vm_name)
+        .bind(b.target_id.to_string())
+        .bind(b.parent_id.map(|p| p.to_string()))
+        .bind(enum_str(&b.requested_mode))
+        .bind(&b.file)
+        .bind(b.host_id.map(|h| h.to_string()))
+        .bind(job.id.to_string())
+        .bind(b.image_id.to_string())
+        .bind(b.flavor_id.to_string())
+        .bind(i64::from(b.vcpus))
+        .bind(i64_of(b.memory_bytes))
+        .bind(i64_of(b.disk_bytes))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        let job = insert_job(&mut tx, job, now).await?;
+        let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
+            .bind(b.id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        let backup = BackupRecord::from_row(&row)?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok((backup, job))
+    }
+
+    pub async fn backup_get(&self, id: BackupId) -> Result<BackupRecord, Error> {
+        let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a backup", e))?;
+        match row {
+            Some(r) => BackupRecord::from_row(&r),
+            None => Err(Error::not_found(ResourceKind::Backup, id)),
+        }
+    }
+
+    /// The backup a job takes.
+    pub async fn backup_of_job(&self, job: JobId) -> Result<Option<BackupRecord>, Error> {
+        let row = sqlx::query(&format!("{SELECT} WHERE job_id = $1"))
+            .bind(job.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a backup", e))?;
+        row.as_ref().map(BackupRecord::from_row).transpose()
+    }
+
+    /// Backups, newest first within the page order of ids (ids grow with
+    /// time, so the list reads oldest first).
+    pub async fn backup_list(
+        &self,
+        f: &BackupListFilter,
+        page: &PageRequest,
+    ) -> Result<Page<BackupRecord>, Error> {
+        let mut q = ListQuery::new();
+        if let Some(p) = f.project {
+            q.eq("project_id", p.to_string());
+        }
+        if let Some(v) = f.vm {
+            q.eq("vm_id", v.to_string());
+        }
+        q.fetch(&self.read, SELECT, page, BackupRecord::from_row, |b| {
+            b.id.to_string()
+        })
+        .await
+    }
+
+    /// The VM's newest restore point (on `target`, when given): the parent
+    /// of its next incremental backup.
+    pub async fn backup_latest_succeeded(
+        &self,
+        vm: VmId,
+        target: Option<BackupTargetId>,
+    ) -> Result<Option<BackupRecord>, Error> {
+        let rows = sqlx::query(&format!(
+            "{SELECT} WHERE vm_id = $1 AND status = 'succeeded' ORDER BY id DESC"
+        ))
+        .bind(vm.to_string())
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading backups", e))?;
+        for r in &rows {
+            let b = BackupRecord::from_row(r)?;
+            if target.is_none_or(|t| t == b.target_id) {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes a running backup a restore point. `false` if it was no longer
+    /// running (it failed meanwhile): the outcome is then not recorded.
+    pub async fn backup_succeed(
+        &self,
+        id: BackupId,
+        host: HostId,
+        done: &BackupDone,
+    ) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "UPDATE backups SET status = 'succeeded', mode = $1, fallback_reason = $2, data_bytes = $3, \
+             file_bytes = $4, sha256 = $5, host_id = $6, finished_at = $7, \
+             parent_id = CASE WHEN $1 = 'full' THEN NULL ELSE parent_id END \
+             WHERE id = $8 AND status = 'running'",
+        )
+        .bind(enum_str(&done.mode))
+        .bind(done.fallback_reason.clone())
+        .bind(i64_of(done.data_bytes))
+        .bind(i64_of(done.file_bytes))
+        .bind(&done.sha256)
+        .bind(host.to_string())
+        .bind(now_micros())
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a backup's outcome", e))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Marks a running backup failed; a backup no longer running is left as
+    /// it is.
+    pub async fn backup_fail(&self, id: BackupId, error: &str) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE backups SET status = 'failed', error = $1, finished_at = $2 \
+             WHERE id = $3 AND status = 'running'",
+        )
+        .bind(error)
+        .bind(now_micros())
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a failed backup", e))?;
+        Ok(())
+    }
+
+    pub async fn backup_record_verification(
+        &self,
+        id: BackupId,
+        ok: bool,
+        problems: &[String],
+    ) -> Result<BackupRecord, Error> {
+        let problems = serde_json::to_string(problems)
+            .map_err(|e| Error::internal(format!("encoding problems: {e}")))?;
+        sqlx::query(
+            "UPDATE backups SET verified_at = $1, verify_ok = $2, verify_problems = $3 WHERE id = $4",
+        )
+        .bind(now_micros())
+        .bind(i64::from(ok))
+        .bind(problems)
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a backup verification", e))?;
+        self.backup_get(id).await
+    }
+}

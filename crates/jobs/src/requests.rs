@@ -1,0 +1,130 @@
+//! Steps that hand a host one request (a backup, a restore, ...) and wait
+//! for its answer, reporting the host's progress into the job.
+//!
+//! The request's id is the job's id, so a step that runs again (the saga
+//! resumed by this or another controller) finds the request it already sent
+//! instead of sending a second one; a host that restarted meanwhile is
+//! handed the unanswered request again and carries it out from the start.
+
+use std::time::Duration;
+
+use stratus_api_types::agent::{AgentRequestKind, AgentRequestResult};
+use stratus_api_types::views::HostState;
+use stratus_common::time::now_micros;
+use stratus_common::{HostId, JobId, VmId};
+
+use crate::context::{micros, retry_store, SagaContext, StepError};
+
+/// How long a host may stay unreachable during a request before the step
+/// gives up on it.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(60);
+
+/// One request for a step to send and wait on.
+pub struct HostRequest<'a> {
+    pub job: JobId,
+    pub host: HostId,
+    pub vm: Option<VmId>,
+    /// What it is, for the request's `kind` column and messages: `backup`.
+    pub kind: &'static str,
+    pub request: &'a AgentRequestKind,
+    pub timeout: Duration,
+}
+
+impl SagaContext {
+    /// Sends `r` (once) and waits for the host's answer. While waiting,
+    /// `progress(done, total)` turns the host's progress reports into the
+    /// job's (percent, message). Fails on the host's error, on cancellation
+    /// (the request is withdrawn), when the host stays unreachable, or at
+    /// the timeout.
+    pub async fn await_request(
+        &self,
+        r: HostRequest<'_>,
+        progress: impl Fn(u64, u64) -> (u8, String),
+    ) -> Result<AgentRequestResult, StepError> {
+        let id = r.job.as_uuid();
+        let payload = serde_json::to_value(r.request)
+            .map_err(|e| StepError::new("internal", format!("encoding the request: {e}")))?;
+        let expires = now_micros() + micros(r.timeout);
+        retry_store(|| {
+            self.ds
+                .host_request_ensure(id, r.host, r.vm, r.kind, &payload, expires)
+        })
+        .await
+        .map_err(|e| StepError::internal("sending the request to the host", e))?;
+        self.signals.host_desired_changed(r.host);
+        let started = tokio::time::Instant::now();
+        let mut shown = None;
+        let mut unreachable_since: Option<tokio::time::Instant> = None;
+        loop {
+            let req = retry_store(|| self.ds.host_request_get(id))
+                .await
+                .map_err(|e| StepError::internal("reading the request", e))?;
+            if req.answered_at.is_some() {
+                if let Some(e) = req.error {
+                    return Err(StepError::new("host_failed", e));
+                }
+                let answer = AgentRequestResult {
+                    result: None,
+                    backup: None,
+                    verified: None,
+                    error: None,
+                };
+                return Ok(match req.result {
+                    Some(v) => serde_json::from_value(v).map_err(|e| {
+                        StepError::new("internal", format!("reading the host's answer: {e}"))
+                    })?,
+                    None => answer,
+                });
+            }
+            if let Some((done, total)) = req.progress {
+                if shown != Some((done, total)) {
+                    shown = Some((done, total));
+                    let (pct, message) = progress(done, total);
+                    self.step(r.job, r.kind, pct, &message).await?;
+                }
+            }
+            if self.cancel_requested(r.job).await? {
+                let _ = retry_store(|| self.ds.host_request_withdraw(id)).await;
+                return Err(StepError::cancelled());
+            }
+            let host = retry_store(|| self.ds.host_get(r.host))
+                .await
+                .map_err(|e| StepError::internal("reading the host", e))?;
+            if host.state == HostState::Up {
+                unreachable_since = None;
+            } else {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > UNREACHABLE_GRACE {
+                    let _ = retry_store(|| self.ds.host_request_withdraw(id)).await;
+                    return Err(StepError::new(
+                        "host_unreachable",
+                        format!(
+                            "host {:?} is {} and did not finish the {}",
+                            host.name,
+                            serde_json::to_value(host.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default(),
+                            r.kind
+                        ),
+                    ));
+                }
+            }
+            if started.elapsed() > r.timeout {
+                let _ = retry_store(|| self.ds.host_request_withdraw(id)).await;
+                return Err(StepError::new(
+                    "host_timeout",
+                    format!(
+                        "the host did not finish the {} within {} s",
+                        r.kind,
+                        r.timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = self.halted_wait() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The steps of the storage sagas: `vm_backup` (the host copies the disk,
+//! then the backup is recorded as a restore point) and `vm_restore` (the
+//! host replaces a stopped VM's disk with a backup). Their graphs are in
+//! [`crate::sagas`].
+//!
+//! **Invariant**: a backup becomes a restore point only in
+//! [`backup_record`], after the host answered with the file's checksum;
+//! every other way out of the saga marks it failed.
+
+use steno::ActionError;
+use stratus_api_types::agent::{AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState};
+use stratus_api_types::views::VmState;
+use stratus_common::{ByteCount, JobId};
+use stratus_datastore::BackupRecord;
+
+use crate::context::{retry_store, SagaContext, StepError};
+use crate::requests::HostRequest;
+use crate::sagas::{params, placed_host, shown, Ctx, Settled};
+
+/// The backup a job takes.
+async fn backup_of(sc: &SagaContext, job: JobId) -> Result<BackupRecord, StepError> {
+    retry_store(|| sc.ds.backup_of_job(job))
+        .await
+        .map_err(|e| StepError::internal("reading the backup", e))?
+        .ok_or_else(|| StepError::new("internal", "the job's backup record is missing"))
+}
+
+/// `copied 12 MiB of 1 GiB` as the job's progress, between 10 % and 95 %.
+fn copy_progress(done: u64, total: u64) -> (u8, String) {
+    let pct = if total == 0 {
+        10
+    } else {
+        10 + (85 * done.min(total) / total) as u8
+    };
+    (
+        pct,
+        format!(
+            "copying the disk: {} of {} ({done} of {total} bytes)",
+            ByteCount(done),
+            ByteCount(total)
+        ),
+    )
+}
+
+/// Hands the host the backup and waits for its outcome (with the file's
+/// size and checksum).
+pub(crate) async fn backup_copy(ctx: Ctx) -> Result<BackupDone, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let host = placed_host(sc, &p).await?;
+    let backup = backup_of(sc, p.job_id).await?;
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    if vm.observed_state != Some(ObservedVmState::Running) {
+        return Err(StepError::new(
+            "vm_not_running",
+            format!(
+                "VM {:?} is not running, so its disk cannot be backed up live",
+                vm.name
+            ),
+        )
+        .into());
+    }
+    let parent = match backup.parent_id {
+        Some(id) => {
+            let parent = retry_store(|| sc.ds.backup_get(id))
+                .await
+                .map_err(|e| StepError::internal("reading the parent backup", e))?;
+            Some(BackupParentRef {
+                backup_id: id.as_uuid(),
+                file: parent.file,
+            })
+        }
+        None => None,
+    };
+    sc.step(
+        p.job_id,
+        "copy",
+        10,
+        "the host is copying the disk into the backup target",
+    )
+    .await?;
+    let request = AgentRequestKind::Backup {
+        vm_id: p.vm_id,
+        backup_id: backup.id.as_uuid(),
+        file: backup.file.clone(),
+        parent,
+    };
+    let answer = sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                host,
+                vm: Some(p.vm_id),
+                kind: "backup",
+                request: &request,
+                timeout: sc.timing.backup,
+            },
+            copy_progress,
+        )
+        .await?;
+    let done = answer.backup.ok_or_else(|| {
+        StepError::new(
+            "internal",
+            "the host answered the backup without its outcome",
+        )
+    })?;
+    Ok(done)
+}
+
+/// Makes the backup a restore point, with what the host measured.
+pub(crate) async fn backup_record(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let done: BackupDone = ctx.lookup("copy")?;
+    let backup = backup_of(sc, p.job_id).await?;
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    let host = vm
+        .host_id
+        .ok_or_else(|| StepError::new("vm_not_placed", "the VM left its host"))?;
+    let recorded = retry_store(|| sc.ds.backup_succeed(backup.id, host, &done))
+        .await
+        .map_err(|e| StepError::internal("recording the backup", e))?;
+    if !recorded {
+        return Err(StepError::new(
+            "backup_not_running",
+            "the backup was marked failed before its outcome arrived",
+        )
+        .into());
+    }
+    let message = match (&done.mode, &done.fallback_reason) {
+        (_, Some(why)) => format!(
+            "full backup of {} taken instead of an incremental one: {why}",
+            ByteCount(done.data_bytes)
+        ),
+        (mode, None) => format!(
+            "{} backup recorded: {} of data, {} file",
+            serde_json::to_value(mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            ByteCount(done.data_bytes),
+            ByteCount(done.file_bytes)
+        ),
+    };
+    sc.step(p.job_id, "recorded", 100, &message).await?;
+    Ok(Settled {
+        state: vm.observed_state.map(shown).unwrap_or(vm.state),
+        host_id: Some(host),
+        removed: false,
+    })
+}
+
+/// Marks the job's backup failed (unless it already ended) and withdraws
+/// its request: the clean-up of a backup saga that did not complete.
+pub(crate) async fn backup_discard(
+    sc: &SagaContext,
+    job: JobId,
+    reason: &str,
+) -> Result<(), anyhow::Error> {
+    let backup = backup_of(sc, job)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    retry_store(|| sc.ds.backup_fail(backup.id, reason))
+        .await
+        .map_err(|e| anyhow::anyhow!("marking the backup failed: {e}"))?;
+    retry_store(|| sc.ds.host_request_withdraw(job.as_uuid()))
+        .await
+        .map_err(|e| anyhow::anyhow!("withdrawing the backup request: {e}"))?;
+    Ok(())
+}
+
+/// Hands the host the restore of the stopped VM's disk and waits for it.
+pub(crate) async fn restore_disk(ctx: Ctx) -> Result<(), ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let host = placed_host(sc, &p).await?;
+    let Some(restore) = p.previous.restore.clone() else {
+        return Err(StepError::new("internal", "the restore job names no backup").into());
+    };
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    if vm.observed_state == Some(ObservedVmState::Running) {
+        return Err(StepError::new(
+            "vm_running",
+            format!(
+                "VM {:?} is running; stop it before restoring over it",
+                vm.name
+            ),
+        )
+        .into());
+    }
+    sc.step(
+        p.job_id,
+        "restore",
+        20,
+        &format!(
+            "the host is replacing the disk with backup {}",
+            restore.backup_id
+        ),
+    )
+    .await?;
+    let request = AgentRequestKind::Restore {
+        vm_id: p.vm_id,
+        file: restore.file,
+    };
+    sc.await_request(
+        HostRequest {
+            job: p.job_id,
+            host,
+            vm: Some(p.vm_id),
+            kind: "restore",
+            request: &request,
+            timeout: sc.timing.backup,
+        },
+        |done, total| (20, format!("restoring: {done} of {total} bytes")),
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn restore_settled(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    sc.step(p.job_id, "restored", 100, "the disk now holds the backup")
+        .await?;
+    Ok(Settled {
+        state: VmState::Stopped,
+        host_id: vm.host_id,
+        removed: false,
+    })
+}
