@@ -58,6 +58,9 @@ pub enum ClientCommand {
     /// Jobs: the operations carried out on hosts
     #[command(subcommand)]
     Job(JobCmd),
+    /// Backups of VM disks: full, then incremental forever; verify, restore
+    #[command(subcommand)]
+    Backup(crate::backups::BackupCmd),
     /// Show who the token is
     Whoami,
 }
@@ -497,6 +500,7 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
         ClientCommand::Cluster(cl) => crate::scheduling::cluster(&c, f, cl).await?,
         ClientCommand::ServerGroup(g) => crate::scheduling::server_group(&c, f, g).await?,
         ClientCommand::Job(j) => job(&c, f, j, interactive).await?,
+        ClientCommand::Backup(b) => crate::backups::backup(&c, f, b, interactive).await?,
     }
     Ok(())
 }
@@ -522,7 +526,7 @@ where
     }
 }
 
-fn print_list<T: serde::Serialize>(
+pub(crate) fn print_list<T: serde::Serialize>(
     f: Format,
     items: Vec<T>,
     next: Option<String>,
@@ -542,7 +546,7 @@ fn print_list<T: serde::Serialize>(
     }
 }
 
-fn ts(t: &chrono::DateTime<chrono::Utc>) -> String {
+pub(crate) fn ts(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
@@ -1065,7 +1069,7 @@ fn vm_fields(v: &types::Vm) -> Table {
 }
 
 /// Prints an accepted VM operation, or waits for it and prints the result.
-async fn vm_operation(
+pub(crate) async fn vm_operation(
     c: &Client,
     f: Format,
     op: types::VmOperation,

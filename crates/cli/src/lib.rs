@@ -7,6 +7,7 @@
 //! `STRATUS_TOKEN`, then the config file `stratus up` writes
 //! ([`config`]).
 
+pub mod backups;
 pub mod commands;
 pub mod config;
 pub mod output;

@@ -186,6 +186,10 @@ pub async fn up(args: UpArgs, global: GlobalOpts) -> anyhow::Result<()> {
             p.display()
         );
     }
+    match crate::demo::ensure_backup_target(&url, &admin, &data_dir.join("backups")).await {
+        Ok(line) => println!("  {line}"),
+        Err(e) => println!("  no backup target: {e:#}"),
+    }
     if agent.is_some() && !args.no_demo {
         match crate::demo::default_guest_dir() {
             Some(dir) => match crate::demo::seed(&url, &admin, &dir).await {

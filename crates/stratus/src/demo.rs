@@ -129,3 +129,29 @@ pub async fn seed(url: &str, token: &str, guest_dir: &Path) -> anyhow::Result<St
         Err(e) => Err(anyhow::anyhow!("creating the demo VM: {e}")),
     }
 }
+
+/// Gives the all-in-one cloud a backup target, `local` at `dir`, unless it
+/// has one already: `stratus backup create VM` then works out of the box.
+pub async fn ensure_backup_target(url: &str, token: &str, dir: &Path) -> anyhow::Result<String> {
+    let c = client(url, token)?;
+    let existing = c.backup_target_list().send().await?.into_inner();
+    if let Some(t) = existing.first() {
+        return Ok(format!("backups:     target {:?} at {}", t.name, t.path));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let t = c
+        .backup_target_create()
+        .body(stratus_client::types::BackupTargetCreate {
+            name: "local"
+                .parse()
+                .map_err(|e| anyhow::anyhow!("target name: {e}"))?,
+            path: dir.to_string_lossy().into_owned(),
+        })
+        .send()
+        .await?
+        .into_inner();
+    Ok(format!(
+        "backups:     target {:?} at {} (created now)",
+        t.name, t.path
+    ))
+}

@@ -1,0 +1,301 @@
+//! The real-QEMU world the end-to-end tests share: `stratus server` and one
+//! `stratus agent` (QEMU driver, TCG) as child processes, driven through the
+//! CLI, with a project `p`, a flavor `tiny` and the test guest image.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stratus");
+pub const BOOT: Duration = Duration::from_secs(90);
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub what: &'static str,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.what, self.log_text());
+        }
+    }
+}
+
+/// Kills the VM's processes when dropped: daemonized QEMUs outlive the test.
+pub struct KillVm(pub Option<String>);
+
+impl Drop for KillVm {
+    fn drop(&mut self) {
+        if let Some(id) = &self.0 {
+            for pid in qemu_of(id) {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+/// Live (not zombie) QEMU processes whose command line names the VM.
+pub fn qemu_of(vm_id: &str) -> Vec<u32> {
+    stratus_test_utils::live_processes_matching(&["qemu", vm_id])
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct Env {
+    pub home: PathBuf,
+    pub url: String,
+    pub token: String,
+}
+
+impl Env {
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("HOME", &self.home)
+            .env("XDG_CONFIG_HOME", self.home.join("config"))
+            .env("XDG_DATA_HOME", self.home.join("data"))
+            .env("STRATUS_URL", &self.url)
+            .env("STRATUS_TOKEN", &self.token)
+            .env_remove("STRATUS_CONFIG")
+            .env_remove("STRATUS_DATA_DIR")
+            .env_remove("STRATUS_ENROLL_TOKEN");
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run stratus")
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "stratus {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stratus {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn spawn(&self, what: &'static str, args: &[&str], log: PathBuf) -> Proc {
+        let file = File::create(&log).expect("log file");
+        let child = self
+            .cmd()
+            .args(args)
+            .env("STRATUS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn stratus");
+        Proc { child, what, log }
+    }
+
+    pub fn vm(&self, name: &str) -> Value {
+        self.json(&["vm", "show", name, "--project", "p", "-o", "json"])
+    }
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last seen: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn guest_dir() -> PathBuf {
+    let dir = match std::env::var_os("STRATUS_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/stratus/guest")
+        }
+    };
+    for f in ["disk.qcow2", "vmlinuz", "initrd.img", "manifest.json"] {
+        assert!(
+            dir.join(f).is_file(),
+            "test guest image missing: {} does not exist. Run `bash scripts/build-guest-image.sh` \
+             (or point STRATUS_GUEST_DIR at a built guest)",
+            dir.join(f).display()
+        );
+    }
+    dir
+}
+
+/// A controller on `port` over the store in `data` (started again after a
+/// kill: same port, same database; the first admin token stays in its file).
+pub fn start_server_on(home: &Path, data: &Path, port: u16, log: &str) -> (Proc, String, String) {
+    let url = format!("http://127.0.0.1:{port}");
+    let token_file = data.join("admin.token");
+    let env = Env {
+        home: home.to_path_buf(),
+        url: url.clone(),
+        token: String::new(),
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let server = env.spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--bootstrap-token-file",
+            token_file.to_str().expect("utf8"),
+        ],
+        home.join(log),
+    );
+    let token = wait_until("the controller to start", Duration::from_secs(30), || {
+        let t = std::fs::read_to_string(&token_file).map_err(|e| e.to_string())?;
+        std::net::TcpStream::connect(&listen).map_err(|e| e.to_string())?;
+        Ok(t.trim().to_string())
+    });
+    (server, url, token)
+}
+
+pub fn agent_args<'a>(url: &'a str, data: &'a str, token: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec![
+        "agent",
+        "--url",
+        url,
+        "--data-dir",
+        data,
+        "--name",
+        "host-1",
+        "--driver",
+        "qemu",
+        "--accel",
+        "tcg",
+    ];
+    if let Some(t) = token {
+        args.extend(["--enroll-token", t]);
+    }
+    args
+}
+
+/// A controller, a project `p` with flavor `tiny` and image `guest`, and one
+/// real-QEMU agent `host-1`, up.
+pub struct World {
+    pub home: tempfile::TempDir,
+    pub data: PathBuf,
+    pub port: u16,
+    pub server: Proc,
+    pub env: Env,
+    pub agent: Proc,
+    pub agent_dir: PathBuf,
+}
+
+pub fn world() -> World {
+    let guest = guest_dir();
+    let home = tempfile::tempdir().expect("home");
+    let data = home.path().join("cloud");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let port = free_port();
+    let (server, url, token) = start_server_on(home.path(), &data, port, "server.log");
+    let env = Env {
+        home: home.path().to_path_buf(),
+        url: url.clone(),
+        token,
+    };
+
+    env.json(&["project", "create", "p", "-o", "json"]);
+    env.json(&[
+        "flavor", "create", "tiny", "--vcpus", "1", "--memory", "128MiB", "--disk", "64MiB", "-o",
+        "json",
+    ]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(guest.join("manifest.json")).expect("manifest"))
+            .expect("JSON");
+    let cmdline = manifest["cmdline"].as_str().unwrap_or("console=ttyS0");
+    let p = |f: &str| guest.join(f).display().to_string();
+    env.json(&[
+        "image",
+        "register",
+        "guest",
+        "--project",
+        "p",
+        "--path",
+        &p("disk.qcow2"),
+        "--kernel-path",
+        &p("vmlinuz"),
+        "--initrd-path",
+        &p("initrd.img"),
+        "--cmdline",
+        cmdline,
+        "-o",
+        "json",
+    ]);
+    let enroll = env.json(&["host", "enroll-token", "-o", "json"]);
+    let enroll = enroll["token"].as_str().expect("token").to_string();
+
+    let agent_dir = home.path().join("agent");
+    let agent_dir_s = agent_dir.display().to_string();
+    let agent = env.spawn(
+        "agent",
+        &agent_args(&url, &agent_dir_s, Some(&enroll)),
+        home.path().join("agent-1.log"),
+    );
+
+    let t = Instant::now();
+    wait_until(
+        "the host to enroll and be up",
+        Duration::from_secs(60),
+        || {
+            let hosts = env.json(&["host", "list", "-o", "json"]);
+            if hosts["items"][0]["state"] == "up" {
+                Ok(())
+            } else {
+                Err(hosts.to_string())
+            }
+        },
+    );
+    println!("TIMING child agent: start -> host up {:?}", t.elapsed());
+    World {
+        home,
+        data,
+        port,
+        server,
+        env,
+        agent,
+        agent_dir,
+    }
+}
