@@ -230,7 +230,10 @@ pub(super) async fn backup(
             BackupMode::Incremental => req.parent.as_ref().map(|p| p.file.as_path()),
             BackupMode::Full => None,
         };
-        create_target(shared, &req.target, parent_file, disk.virtual_size).await?;
+        if let Err(e) = create_target(shared, &req.target, parent_file, disk.virtual_size).await {
+            let _ = remove_file_if_exists(&req.target);
+            return Err(e);
+        }
         let started_job = start_job(
             &qmp,
             &target,
