@@ -84,34 +84,16 @@ pub trait Driver: Send + Sync {
         id: VmId,
         req: &BackupRequest,
         progress: &ProgressFn,
-    ) -> Result<BackupOutcome, DriverError> {
-        let _ = (req, progress);
-        Err(DriverError::Unsupported(format!(
-            "backups of VM {id} with the {} driver",
-            self.name()
-        )))
-    }
+    ) -> Result<BackupOutcome, DriverError>;
 
     /// Reads a backup file and its chain back: its SHA-256 and what
     /// `qemu-img check` says of each file in the chain.
-    async fn backup_verify(&self, file: &Path) -> Result<BackupCheck, DriverError> {
-        Err(DriverError::Unsupported(format!(
-            "verifying {} with the {} driver",
-            file.display(),
-            self.name()
-        )))
-    }
+    async fn backup_verify(&self, file: &Path) -> Result<BackupCheck, DriverError>;
 
     /// Replaces the disk of the stopped VM `id` with the content of the
     /// backup `file` (read through its chain). Change tracking starts afresh:
     /// the next backup is a full one.
-    async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported(format!(
-            "restoring VM {id} from {} with the {} driver",
-            file.display(),
-            self.name()
-        )))
-    }
+    async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError>;
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

@@ -63,6 +63,17 @@ pub enum DriverError {
     #[error("timed out {what}")]
     Timeout { what: String },
 
+    /// A backup failed while it ran: the target ran out of space, the VM
+    /// stopped, QEMU's job failed. Nothing partial is left at the target and
+    /// the parent's change tracking is intact, so the backup can be retried.
+    #[error("backup of VM {id} failed: {reason}")]
+    Backup {
+        id: VmId,
+        reason: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// The driver cannot do this at all (e.g. `guest_exec` on the simulation).
     #[error("not supported: {0}")]
     Unsupported(String),

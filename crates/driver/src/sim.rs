@@ -15,8 +15,18 @@
 //! [`DriverError::Unsupported`]; the console holds one synthetic line per
 //! boot; the guest agent "answers" whenever the VM runs, with an address in
 //! 10.0.0.0/16 derived from the VM id; [`SimDriver::crash`] injects a crash.
+//!
+//! Backups are modelled without files: each VM keeps the names of its
+//! change-tracking bitmaps, and the driver the SHA-256 it handed out per
+//! backup path. The full/incremental decision and its fallback reasons are
+//! the QEMU driver's: a missing bitmap (a restored disk) or an inconsistent
+//! one (after [`SimDriver::crash`], as after QEMU is killed) means a full
+//! backup. A full backup "holds" the whole disk (`data_bytes` is the spec's
+//! disk size), an incremental one nothing (0); the checksum is that of a
+//! description of the backup, so it is stable and distinct per backup.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -25,9 +35,12 @@ use chrono::{DateTime, Utc};
 use stratus_common::VmId;
 use tokio::sync::broadcast;
 
+use sha2::{Digest, Sha256};
+
 use crate::{
-    ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent,
-    VmRuntimeState, VmSpec, VmStatus,
+    bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupProgress, BackupRequest,
+    ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, ProgressFn, StopHow,
+    VmEvent, VmRuntimeState, VmSpec, VmStatus,
 };
 
 /// Events a simulated driver buffers per subscriber. Small on purpose: 10,000
@@ -66,6 +79,8 @@ struct SimVm {
     /// Completed boots, for the synthetic console.
     boots: u32,
     last_contact: Option<DateTime<Utc>>,
+    /// Change-tracking bitmaps of the disk: name -> inconsistent.
+    bitmaps: HashMap<String, bool>,
 }
 
 /// The simulated driver. See the module docs.
@@ -73,6 +88,8 @@ pub struct SimDriver {
     config: SimConfig,
     vms: Mutex<HashMap<VmId, SimVm>>,
     events: broadcast::Sender<VmEvent>,
+    /// SHA-256 of every backup this host took, by path.
+    backups: Mutex<HashMap<PathBuf, String>>,
 }
 
 impl SimDriver {
@@ -82,10 +99,13 @@ impl SimDriver {
             config,
             vms: Mutex::new(HashMap::new()),
             events,
+            backups: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Makes a running (or paused) VM crash, as if its hypervisor died.
+    /// Makes a running (or paused) VM crash, as if its hypervisor died. Its
+    /// change-tracking bitmaps become inconsistent, as QEMU's do when it is
+    /// killed.
     pub fn crash(&self, id: VmId) -> Result<(), DriverError> {
         self.with_vm(id, |vm| {
             if !vm.state.is_active() {
@@ -94,6 +114,9 @@ impl SimDriver {
                     operation: "crash",
                     state: vm.state.to_string(),
                 });
+            }
+            for inconsistent in vm.bitmaps.values_mut() {
+                *inconsistent = true;
             }
             Ok(Some(VmRuntimeState::Crashed {
                 reason: "simulated crash (injected)".into(),
@@ -203,6 +226,7 @@ impl Driver for SimDriver {
                 since: Utc::now(),
                 boots: 0,
                 last_contact: None,
+                bitmaps: HashMap::new(),
             },
         );
         Ok(())
@@ -329,6 +353,114 @@ impl Driver for SimDriver {
         Err(DriverError::Unsupported(
             "the simulated driver cannot run commands in a guest".into(),
         ))
+    }
+
+    async fn vm_backup(
+        &self,
+        id: VmId,
+        req: &BackupRequest,
+        progress: &ProgressFn,
+    ) -> Result<BackupOutcome, DriverError> {
+        self.delay().await;
+        let outcome = {
+            let mut vms = self.lock();
+            let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+            if !vm.state.is_active() {
+                return Err(DriverError::InvalidState {
+                    id,
+                    operation: "back up",
+                    state: vm.state.to_string(),
+                });
+            }
+            let (mode, fallback_reason) = match &req.parent {
+                None => (BackupMode::Full, None),
+                Some(parent) => match vm.bitmaps.get(&bitmap_name(parent.backup_id)) {
+                    None => (
+                        BackupMode::Full,
+                        Some(format!(
+                            "the change-tracking bitmap of backup {} is missing (the disk was \
+                             restored or replaced, or QEMU ended without storing it)",
+                            parent.backup_id
+                        )),
+                    ),
+                    Some(true) => (
+                        BackupMode::Full,
+                        Some(format!(
+                            "the change-tracking bitmap of backup {} is inconsistent (QEMU did \
+                             not close the disk cleanly)",
+                            parent.backup_id
+                        )),
+                    ),
+                    Some(false) => (BackupMode::Incremental, None),
+                },
+            };
+            // As in QEMU: only the new bitmap remains (the parent's is
+            // replaced, strays are removed).
+            vm.bitmaps.clear();
+            vm.bitmaps.insert(bitmap_name(req.backup_id), false);
+            let data_bytes = match mode {
+                BackupMode::Full => vm.spec.disk_bytes,
+                BackupMode::Incremental => 0,
+            };
+            let description = format!(
+                "stratus-sim backup {} of VM {id} ({mode:?}, {data_bytes} bytes) at {}",
+                req.backup_id,
+                req.target.display()
+            );
+            BackupOutcome {
+                mode,
+                fallback_reason,
+                data_bytes,
+                file_bytes: data_bytes,
+                disk_bytes: vm.spec.disk_bytes,
+                sha256: format!("{:x}", Sha256::digest(description.as_bytes())),
+            }
+        };
+        progress(BackupProgress {
+            done_bytes: outcome.data_bytes,
+            total_bytes: outcome.data_bytes,
+        });
+        self.backups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req.target.clone(), outcome.sha256.clone());
+        Ok(outcome)
+    }
+
+    async fn backup_verify(&self, file: &Path) -> Result<BackupCheck, DriverError> {
+        let known = self
+            .backups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(file)
+            .cloned();
+        match known {
+            Some(sha256) => Ok(BackupCheck {
+                sha256,
+                problems: Vec::new(),
+            }),
+            None => Err(DriverError::Io {
+                context: "not a backup this simulated host took".into(),
+                path: file.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "unknown backup"),
+            }),
+        }
+    }
+
+    async fn vm_restore(&self, id: VmId, _file: &Path) -> Result<(), DriverError> {
+        self.delay().await;
+        let mut vms = self.lock();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        if vm.state.is_active() {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "restore",
+                state: vm.state.to_string(),
+            });
+        }
+        // A new disk: no change tracking until the next (full) backup.
+        vm.bitmaps.clear();
+        Ok(())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
@@ -538,6 +670,101 @@ mod tests {
         );
         assert_eq!(f.disk_free_bytes, (500 << 30) - s.disk_bytes);
         assert_eq!(f.accel.as_deref(), Some("sim"));
+    }
+
+    fn backup_req(dir: &str, parent: Option<&BackupRequest>) -> BackupRequest {
+        BackupRequest {
+            backup_id: uuid::Uuid::new_v4(),
+            target: PathBuf::from(format!("/backups/{dir}/{}.qcow2", uuid::Uuid::new_v4())),
+            parent: parent.map(|p| crate::BackupParent {
+                backup_id: p.backup_id,
+                file: p.target.clone(),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn backups_chain_and_fall_back_like_qemu() {
+        let d = sim();
+        let s = spec();
+        d.vm_create(&s).await.expect("create");
+        let quiet = |_: BackupProgress| {};
+        let full = backup_req("a", None);
+        assert!(matches!(
+            d.vm_backup(s.id, &full, &quiet).await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        d.vm_start(s.id).await.expect("start");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = {
+            let seen = seen.clone();
+            move |p: BackupProgress| seen.lock().expect("lock").push(p)
+        };
+        let f = d.vm_backup(s.id, &full, &record).await.expect("full");
+        assert_eq!(
+            (f.mode, f.fallback_reason.as_deref()),
+            (BackupMode::Full, None)
+        );
+        assert_eq!((f.data_bytes, f.disk_bytes), (s.disk_bytes, s.disk_bytes));
+        assert_eq!(seen.lock().expect("lock").len(), 1);
+
+        // The bitmap survives a stop and start: incremental.
+        d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        d.vm_start(s.id).await.expect("start");
+        let inc = backup_req("a", Some(&full));
+        let i = d.vm_backup(s.id, &inc, &quiet).await.expect("incremental");
+        assert_eq!((i.mode, i.data_bytes), (BackupMode::Incremental, 0));
+        assert_ne!(i.sha256, f.sha256);
+
+        // The parent's bitmap was replaced: an incremental over the full
+        // backup again falls back.
+        let again = backup_req("a", Some(&full));
+        let a = d.vm_backup(s.id, &again, &quiet).await.expect("backup");
+        assert_eq!(a.mode, BackupMode::Full);
+        assert!(a.fallback_reason.expect("reason").contains("is missing"));
+
+        // A crash makes the bitmap inconsistent.
+        d.crash(s.id).expect("crash");
+        d.vm_start(s.id).await.expect("start");
+        let after_crash = backup_req("a", Some(&again));
+        let c = d
+            .vm_backup(s.id, &after_crash, &quiet)
+            .await
+            .expect("backup");
+        assert_eq!(c.mode, BackupMode::Full);
+        assert!(c.fallback_reason.expect("reason").contains("inconsistent"));
+        let next = backup_req("a", Some(&after_crash));
+        assert_eq!(
+            d.vm_backup(s.id, &next, &quiet).await.expect("backup").mode,
+            BackupMode::Incremental
+        );
+
+        // Verify knows what this host took, and only that.
+        let check = d.backup_verify(&inc.target).await.expect("verify");
+        assert_eq!((check.sha256, check.problems.len()), (i.sha256, 0));
+        let unknown = d
+            .backup_verify(Path::new("/backups/elsewhere.qcow2"))
+            .await
+            .expect_err("unknown file");
+        assert!(unknown
+            .to_string()
+            .contains("not a backup this simulated host took"));
+
+        // Restore needs a stopped VM and starts change tracking afresh.
+        assert!(matches!(
+            d.vm_restore(s.id, &inc.target).await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        d.vm_restore(s.id, &inc.target).await.expect("restore");
+        d.vm_start(s.id).await.expect("start");
+        let after_restore = backup_req("a", Some(&next));
+        let r = d
+            .vm_backup(s.id, &after_restore, &quiet)
+            .await
+            .expect("backup");
+        assert_eq!(r.mode, BackupMode::Full);
+        assert!(r.fallback_reason.expect("reason").contains("is missing"));
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ struct ImageInfo {
     virtual_size: u64,
 }
 
-async fn run_qemu_img(
+pub(super) async fn run_qemu_img(
     qemu_img: &Path,
     args: &[&std::ffi::OsStr],
     context: &str,

@@ -45,6 +45,7 @@
 //! The outcome goes to `state.json` so later status calls, from this or a
 //! restarted agent, still say crashed or stopped.
 
+mod backup;
 mod cmdline;
 mod config;
 mod console;
@@ -81,8 +82,9 @@ use self::layout::{
 use self::qga::QgaConn;
 use self::qmp::QmpService;
 use crate::{
-    BootSpec, ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, QemuSaid,
-    StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus,
+    BackupCheck, BackupOutcome, BackupRequest, BootSpec, ConsoleChunk, Driver, DriverError,
+    ExecOutput, GuestInfo, HostFacts, ProgressFn, QemuSaid, StopHow, VmEvent, VmRuntimeState,
+    VmSpec, VmStatus,
 };
 
 /// Events buffered per subscriber.
@@ -130,6 +132,9 @@ struct VmEntry {
     /// Serializes lifecycle operations (create, start, stop, reboot, destroy,
     /// adoption) on this VM.
     op: tokio::sync::Mutex<()>,
+    /// One backup of the VM at a time. Held for a whole backup, while `op` is
+    /// held only around its changes to QEMU's block graph (see `backup.rs`).
+    backup: tokio::sync::Mutex<()>,
     /// One guest agent client at a time (the chardev serves one).
     qga: tokio::sync::Mutex<()>,
     console_lock: Arc<Mutex<()>>,
@@ -264,6 +269,7 @@ impl Shared {
                     ),
                     paths,
                     op: tokio::sync::Mutex::new(()),
+                    backup: tokio::sync::Mutex::new(()),
                     qga: tokio::sync::Mutex::new(()),
                     console_lock: Arc::new(Mutex::new(())),
                     record_lock: Mutex::new(()),
@@ -947,6 +953,9 @@ impl Driver for QemuDriver {
             reason,
         };
         let mut files = vec![("image", &spec.image)];
+        if let Some(backup) = &spec.restore_from {
+            files.push(("backup to restore", backup));
+        }
         if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {
             files.push(("kernel", kernel));
             if let Some(initrd) = initrd {
@@ -980,33 +989,38 @@ impl Driver for QemuDriver {
         // No vm.json: new, or a create that failed half-way. Start over.
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
-        let image_size =
-            image::virtual_size(&shared.config.qemu_img, &spec.image, spec.image_format).await?;
-        let size = (spec.disk_bytes > image_size).then_some(spec.disk_bytes);
-        let tmp = paths.dir.join("disk.qcow2.tmp");
-        remove_file_if_exists(&tmp)?;
-        let started = std::time::Instant::now();
-        image::create_overlay(
-            &shared.config.qemu_img,
-            &spec.image,
-            spec.image_format,
-            &tmp,
-            size,
-        )
-        .await?;
-        std::fs::rename(&tmp, &paths.overlay).map_err(|e| {
-            DriverError::io(
-                "cannot move the new disk overlay into place",
-                &paths.overlay,
-                e,
+        if let Some(backup) = &spec.restore_from {
+            backup::build_restored_disk(shared, spec, backup, paths).await?;
+        } else {
+            let image_size =
+                image::virtual_size(&shared.config.qemu_img, &spec.image, spec.image_format)
+                    .await?;
+            let size = (spec.disk_bytes > image_size).then_some(spec.disk_bytes);
+            let tmp = paths.dir.join("disk.qcow2.tmp");
+            remove_file_if_exists(&tmp)?;
+            let started = std::time::Instant::now();
+            image::create_overlay(
+                &shared.config.qemu_img,
+                &spec.image,
+                spec.image_format,
+                &tmp,
+                size,
             )
-        })?;
-        tracing::info!(
-            vm = %spec.id,
-            ms = started.elapsed().as_millis() as u64,
-            image = %spec.image.display(),
-            "disk overlay created"
-        );
+            .await?;
+            std::fs::rename(&tmp, &paths.overlay).map_err(|e| {
+                DriverError::io(
+                    "cannot move the new disk overlay into place",
+                    &paths.overlay,
+                    e,
+                )
+            })?;
+            tracing::info!(
+                vm = %spec.id,
+                ms = started.elapsed().as_millis() as u64,
+                image = %spec.image.display(),
+                "disk overlay created"
+            );
+        }
         {
             let _g = lock(&vm.record_lock);
             write_json(
@@ -1227,6 +1241,23 @@ impl Driver for QemuDriver {
         shared.guest_exec(&vm, argv, timeout).await
     }
 
+    async fn vm_backup(
+        &self,
+        id: VmId,
+        req: &BackupRequest,
+        progress: &ProgressFn,
+    ) -> Result<BackupOutcome, DriverError> {
+        backup::backup(&self.shared, id, req, progress).await
+    }
+
+    async fn backup_verify(&self, file: &Path) -> Result<BackupCheck, DriverError> {
+        backup::verify(&self.shared.config.qemu_img, file).await
+    }
+
+    async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError> {
+        backup::restore(&self.shared, id, file).await
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.shared.events.subscribe()
     }
@@ -1249,6 +1280,9 @@ fn spec_difference(a: &VmSpec, b: &VmSpec) -> String {
     }
     if a.image != b.image || a.image_format != b.image_format {
         fields.push("image");
+    }
+    if a.restore_from != b.restore_from {
+        fields.push("backup to restore");
     }
     if a.boot != b.boot {
         fields.push("boot");

@@ -1,0 +1,1117 @@
+//! Backups, verification and restores for the QEMU driver (the contract is in
+//! [`crate::backup`]).
+//!
+//! # A backup, step by step
+//!
+//! 1. Under the VM's operation lock: clear what an earlier, interrupted attempt
+//!    left in QEMU (block jobs named `stratus-backup-*`, block nodes named
+//!    `stratus-bk-*`) and at the target; read `disk0`'s dirty bitmaps with
+//!    `query-block`; choose full or incremental (and say why a requested
+//!    incremental fell back); remove stray `stratus-backup-*` bitmaps; create
+//!    the target qcow2 with `qemu-img` (an incremental's backing file is the
+//!    parent's file); `blockdev-add` it (without opening its backing chain);
+//!    then one QMP `transaction`: add the new persistent bitmap and start
+//!    `blockdev-backup` (`sync: full`, or `sync: bitmap` over the parent's
+//!    bitmap with `bitmap-mode: never`, so a failed copy leaves the parent's
+//!    bitmap untouched).
+//! 2. Without the operation lock: poll `query-jobs` every 200 ms, reporting
+//!    progress, until the job concludes.
+//! 3. Under the operation lock again: dismiss the job and `blockdev-del` the
+//!    target; on failure also cancel the job, remove the new bitmap and the
+//!    target file.
+//! 4. Without the lock: fsync the file, measure it (`qemu-img map` of its own
+//!    layer, SHA-256); then remove the parent's bitmap, which the new one
+//!    replaces.
+//!
+//! # Locks: why the copy runs without the operation lock
+//!
+//! A copy can take hours; holding the operation lock for it would make a
+//! `vm_stop` (host evacuation, operator) wait for the backup. So the lock is
+//! held only while the driver changes QEMU's block graph, and a per-VM backup
+//! lock keeps backups of one VM one at a time. A VM that stops while its copy
+//! runs (`vm_stop`, the guest powering off, QEMU killed) ends the job; the
+//! poll notices that QEMU pid is gone and fails the backup with "the VM
+//! stopped during the backup", removing the target. The VM's state is
+//! recorded by the monitor as for any other end. On a clean exit QEMU stores
+//! the new bitmap too; the next backup removes it as a stray.
+//!
+//! A `vm_backup` future that is dropped mid-copy (agent shutting down) leaves
+//! the job and target node in QEMU; the next attempt clears them (step 1).
+//!
+//! # Restores
+//!
+//! A restored disk is a standalone qcow2 written by `qemu-img convert` from
+//! the backup file through its chain. Not an overlay of the base image with
+//! `-B`: convert then consults only the top file's allocation and leaves
+//! clusters that are unallocated there to the new backing file, so a restore
+//! of an incremental showed the base image where the full backup had data
+//! (measured with qemu-img 10.0.2: "Content mismatch"); and from a full
+//! backup, which holds every allocated cluster, `-B` saves nothing.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qapi::qmp as q;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use stratus_common::VmId;
+
+use super::image::run_qemu_img;
+use super::layout::{read_json, remove_file_if_exists, VmPaths};
+use super::qmp::{execute, QmpService};
+use super::{process, Shared, VmEntry, QMP_TIMEOUT};
+use crate::{
+    bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
+    BackupRequest, DriverError, ProgressFn, QemuSaid, VmSpec,
+};
+
+/// The VM's disk node (see `cmdline.rs`).
+const DISK_NODE: &str = "disk0";
+/// Prefix of the bitmaps this driver owns (see [`bitmap_name`]).
+const BITMAP_PREFIX: &str = "stratus-backup-";
+/// Prefix of the backup block jobs' ids.
+const JOB_PREFIX: &str = "stratus-backup-";
+/// Prefix of the backup target nodes' names.
+const NODE_PREFIX: &str = "stratus-bk-";
+/// How often a running backup job is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the poll tolerates QMP being unreachable while QEMU lives (the
+/// monitor reconnects after an event qapi cannot decode).
+const QMP_GONE_GRACE: Duration = Duration::from_secs(30);
+/// How long a cancelled job may take to conclude.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The QEMU block job id of a backup: valid across agent restarts, so a
+/// retry finds the job of an interrupted attempt.
+fn job_id(backup_id: uuid::Uuid) -> String {
+    format!("{JOB_PREFIX}{backup_id}")
+}
+
+/// The block node name of a backup's target. QEMU allows at most 31
+/// characters, too few for a UUID: a hash of it instead.
+fn node_name(backup_id: uuid::Uuid) -> String {
+    let digest = Sha256::digest(backup_id.as_bytes());
+    let hex = format!("{digest:x}");
+    format!("{NODE_PREFIX}{}", &hex[..20])
+}
+
+/// A dirty bitmap of the disk, as `query-block` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Bitmap {
+    name: String,
+    inconsistent: bool,
+}
+
+/// What the driver needs to know about the disk before a backup.
+struct DiskState {
+    virtual_size: u64,
+    bitmaps: Vec<Bitmap>,
+}
+
+/// Full or incremental, and why an incremental was not possible.
+fn choose_mode(parent: Option<&BackupParent>, bitmaps: &[Bitmap]) -> (BackupMode, Option<String>) {
+    let Some(parent) = parent else {
+        return (BackupMode::Full, None);
+    };
+    let name = bitmap_name(parent.backup_id);
+    let reason = match bitmaps.iter().find(|b| b.name == name) {
+        None => format!(
+            "the change-tracking bitmap of backup {} is missing (the disk was restored or \
+             replaced, or QEMU ended without storing it)",
+            parent.backup_id
+        ),
+        Some(b) if b.inconsistent => format!(
+            "the change-tracking bitmap of backup {} is inconsistent (QEMU did not close the \
+             disk cleanly)",
+            parent.backup_id
+        ),
+        Some(_) if !parent.file.is_file() => format!(
+            "the file of backup {} ({}) does not exist",
+            parent.backup_id,
+            parent.file.display()
+        ),
+        Some(_) => return (BackupMode::Incremental, None),
+    };
+    (BackupMode::Full, Some(reason))
+}
+
+/// The bitmaps to remove before a backup: every `stratus-backup-*` bitmap but
+/// the parent's when the backup is incremental over it.
+fn stray_bitmaps(bitmaps: &[Bitmap], keep: Option<&str>) -> Vec<String> {
+    bitmaps
+        .iter()
+        .filter(|b| b.name.starts_with(BITMAP_PREFIX) && Some(b.name.as_str()) != keep)
+        .map(|b| b.name.clone())
+        .collect()
+}
+
+fn utf8<'a>(id: VmId, what: &str, p: &'a Path) -> Result<&'a str, DriverError> {
+    p.to_str().ok_or_else(|| DriverError::Backup {
+        id,
+        reason: format!("the {what} path {} is not UTF-8", p.display()),
+        source: None,
+    })
+}
+
+fn backup_error(id: VmId, reason: impl Into<String>) -> DriverError {
+    DriverError::Backup {
+        id,
+        reason: reason.into(),
+        source: None,
+    }
+}
+
+/// The live QEMU pid of a VM that must be running or paused, else
+/// [`DriverError::InvalidState`]. Caller holds `vm.op`.
+fn running_pid(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    operation: &'static str,
+) -> Result<u32, DriverError> {
+    match shared.ensure_adopted(vm)? {
+        Some(pid) => Ok(pid),
+        None => {
+            shared.reconcile_dead(vm)?;
+            Err(DriverError::InvalidState {
+                id: vm.id,
+                operation,
+                state: shared.read_record(vm)?.state.to_string(),
+            })
+        }
+    }
+}
+
+/// Backs up the disk of VM `id`. See the module docs.
+pub(super) async fn backup(
+    shared: &Arc<Shared>,
+    id: VmId,
+    req: &BackupRequest,
+    progress: &ProgressFn,
+) -> Result<BackupOutcome, DriverError> {
+    if !req.target.is_absolute() {
+        return Err(backup_error(
+            id,
+            format!("the target path {} is not absolute", req.target.display()),
+        ));
+    }
+    let target = utf8(id, "target", &req.target)?.to_string();
+    let vm = shared.existing(id)?;
+    let _one_backup = vm.backup.lock().await;
+    let started = Instant::now();
+    let job = job_id(req.backup_id);
+    let node = node_name(req.backup_id);
+    let new_bitmap = bitmap_name(req.backup_id);
+
+    // Step 1: set up and start the job.
+    let (pid, mode, fallback_reason, disk_bytes) = {
+        let _op = vm.op.lock().await;
+        let pid = running_pid(shared, &vm, "back up")?;
+        let qmp = shared.qmp(&vm).await?;
+        clear_leftovers(&qmp, id).await?;
+        remove_file_if_exists(&req.target)?;
+        let disk = disk_state(&qmp).await?;
+        let (mode, fallback_reason) = choose_mode(req.parent.as_ref(), &disk.bitmaps);
+        let parent_bitmap = match (mode, &req.parent) {
+            (BackupMode::Incremental, Some(p)) => Some(bitmap_name(p.backup_id)),
+            _ => None,
+        };
+        for stray in stray_bitmaps(&disk.bitmaps, parent_bitmap.as_deref()) {
+            tracing::info!(vm = %id, bitmap = %stray, "removing a stray backup bitmap");
+            remove_bitmap(&qmp, &stray).await?;
+        }
+        if let Some(reason) = &fallback_reason {
+            tracing::warn!(vm = %id, backup = %req.backup_id, %reason, "taking a full backup instead of an incremental one");
+        }
+        let parent_file = match mode {
+            BackupMode::Incremental => req.parent.as_ref().map(|p| p.file.as_path()),
+            BackupMode::Full => None,
+        };
+        if let Err(e) = create_target(shared, &req.target, parent_file, disk.virtual_size).await {
+            let _ = remove_file_if_exists(&req.target);
+            return Err(e);
+        }
+        let started_job = start_job(
+            &qmp,
+            &target,
+            &node,
+            &job,
+            &new_bitmap,
+            parent_bitmap.as_deref(),
+            mode,
+        )
+        .await;
+        if let Err(e) = started_job {
+            abandon(shared, &vm, pid, &job, &node, None, &req.target).await;
+            return Err(e);
+        }
+        (pid, mode, fallback_reason, disk.virtual_size)
+    };
+    tracing::info!(vm = %id, backup = %req.backup_id, ?mode, target = %req.target.display(), "backup started");
+
+    // Step 2: wait for the copy.
+    let polled = poll_job(shared, &vm, pid, &job, progress).await;
+
+    // Step 3: tear down the job and the target node.
+    {
+        let _op = vm.op.lock().await;
+        let failure = match polled {
+            Ok(None) => None,
+            Ok(Some(job_error)) => Some(job_failure(id, &req.target, job_error)),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failure {
+            abandon(
+                shared,
+                &vm,
+                pid,
+                &job,
+                &node,
+                Some(&new_bitmap),
+                &req.target,
+            )
+            .await;
+            return Err(e);
+        }
+        let teardown = async {
+            let qmp = shared.qmp(&vm).await?;
+            execute(
+                &qmp,
+                q::job_dismiss { id: job.clone() },
+                QMP_TIMEOUT,
+                "backup",
+            )
+            .await?;
+            execute(
+                &qmp,
+                q::blockdev_del {
+                    node_name: node.clone(),
+                },
+                QMP_TIMEOUT,
+                "backup",
+            )
+            .await?;
+            Ok::<_, DriverError>(())
+        }
+        .await;
+        if let Err(e) = teardown {
+            let e = if process::is_qemu_of(pid, id) {
+                e
+            } else {
+                backup_error(id, "the VM stopped during the backup")
+            };
+            abandon(
+                shared,
+                &vm,
+                pid,
+                &job,
+                &node,
+                Some(&new_bitmap),
+                &req.target,
+            )
+            .await;
+            return Err(e);
+        }
+    }
+
+    // Step 4: make the file durable and measure it.
+    let measured = async {
+        fsync_file_and_dir(&req.target)?;
+        let data_bytes = data_bytes(&shared.config.qemu_img, &req.target).await?;
+        let file_bytes = std::fs::metadata(&req.target)
+            .map_err(|e| DriverError::io("cannot read the backup file's size", &req.target, e))?
+            .len();
+        let sha256 = sha256_file(&req.target).await?;
+        Ok::<_, DriverError>((data_bytes, file_bytes, sha256))
+    }
+    .await;
+    let (data_bytes, file_bytes, sha256) = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            // The copy is complete, but a backup the driver cannot vouch for
+            // is no restore point. The parent's bitmap is still there: a
+            // retry is incremental again. The new bitmap goes as a stray.
+            let _ = remove_file_if_exists(&req.target);
+            return Err(e);
+        }
+    };
+    if let (BackupMode::Incremental, Some(parent)) = (mode, &req.parent) {
+        // The new bitmap tracks changes from this point; the parent's is no
+        // longer needed. If this fails it is removed as a stray next time.
+        let _op = vm.op.lock().await;
+        let name = bitmap_name(parent.backup_id);
+        match shared.qmp(&vm).await {
+            Ok(qmp) => {
+                if let Err(e) = remove_bitmap(&qmp, &name).await {
+                    tracing::warn!(vm = %id, bitmap = %name, error = %e, "cannot remove the parent's bitmap; the next backup will");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, bitmap = %name, error = %e, "cannot remove the parent's bitmap; the next backup will")
+            }
+        }
+    }
+    tracing::info!(
+        vm = %id,
+        backup = %req.backup_id,
+        ?mode,
+        data_bytes,
+        file_bytes,
+        ms = started.elapsed().as_millis() as u64,
+        "backup complete"
+    );
+    Ok(BackupOutcome {
+        mode,
+        fallback_reason,
+        data_bytes,
+        file_bytes,
+        disk_bytes,
+        sha256,
+    })
+}
+
+/// Cancels and dismisses every backup job and deletes every backup target
+/// node this driver (or an earlier instance of it) left in QEMU. Only one
+/// backup of a VM runs at a time, so all of them are leftovers.
+async fn clear_leftovers(qmp: &QmpService, id: VmId) -> Result<(), DriverError> {
+    let jobs = execute(qmp, q::query_jobs {}, QMP_TIMEOUT, "backup").await?;
+    for job in jobs.into_iter().filter(|j| j.id.starts_with(JOB_PREFIX)) {
+        tracing::info!(vm = %id, job = %job.id, status = ?job.status, "clearing a block job left by an earlier backup attempt");
+        finish_job(qmp, &job.id).await?;
+    }
+    let nodes = execute(
+        qmp,
+        q::query_named_block_nodes { flat: Some(true) },
+        QMP_TIMEOUT,
+        "backup",
+    )
+    .await?;
+    for name in nodes
+        .into_iter()
+        .filter_map(|n| n.node_name)
+        .filter(|n| n.starts_with(NODE_PREFIX))
+    {
+        tracing::info!(vm = %id, node = %name, "removing a block node left by an earlier backup attempt");
+        execute(
+            qmp,
+            q::blockdev_del { node_name: name },
+            QMP_TIMEOUT,
+            "backup",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Cancels job `id` unless it has concluded, waits for it to conclude and
+/// dismisses it. A job that does not exist is fine.
+async fn finish_job(qmp: &QmpService, id: &str) -> Result<(), DriverError> {
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    let mut cancelled = false;
+    loop {
+        let jobs = execute(qmp, q::query_jobs {}, QMP_TIMEOUT, "backup").await?;
+        let Some(job) = jobs.into_iter().find(|j| j.id == id) else {
+            return Ok(());
+        };
+        match job.status {
+            q::JobStatus::concluded => {
+                execute(qmp, q::job_dismiss { id: id.into() }, QMP_TIMEOUT, "backup").await?;
+                return Ok(());
+            }
+            q::JobStatus::null => return Ok(()),
+            _ if !cancelled => {
+                // The job may conclude between the query and the cancel.
+                let _ = execute(qmp, q::job_cancel { id: id.into() }, QMP_TIMEOUT, "backup").await;
+                cancelled = true;
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(DriverError::timeout(format!(
+                "waiting {}s for the cancelled block job {id} to end",
+                CANCEL_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The disk's size and dirty bitmaps.
+async fn disk_state(qmp: &QmpService) -> Result<DiskState, DriverError> {
+    let blocks = execute(qmp, q::query_block {}, QMP_TIMEOUT, "backup").await?;
+    let disk = blocks
+        .into_iter()
+        .filter_map(|b| b.inserted)
+        .find(|i| i.node_name.as_deref() == Some(DISK_NODE))
+        .ok_or_else(|| {
+            DriverError::qemu(
+                "QMP query-block does not list the VM's disk",
+                QemuSaid(format!("no inserted medium with node-name {DISK_NODE}")),
+            )
+        })?;
+    let virtual_size = u64::try_from(disk.image.base.virtual_size)
+        .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
+    let bitmaps = disk
+        .dirty_bitmaps
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| {
+            Some(Bitmap {
+                name: b.name?,
+                inconsistent: b.inconsistent.unwrap_or(false),
+            })
+        })
+        .collect();
+    Ok(DiskState {
+        virtual_size,
+        bitmaps,
+    })
+}
+
+async fn remove_bitmap(qmp: &QmpService, name: &str) -> Result<(), DriverError> {
+    execute(
+        qmp,
+        q::block_dirty_bitmap_remove(q::BlockDirtyBitmap {
+            node: DISK_NODE.into(),
+            name: name.into(),
+        }),
+        QMP_TIMEOUT,
+        "backup",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Creates the target file: a standalone qcow2 of the disk's size, or for an
+/// incremental one whose backing file is the parent's file.
+async fn create_target(
+    shared: &Shared,
+    target: &Path,
+    parent_file: Option<&Path>,
+    size: u64,
+) -> Result<(), DriverError> {
+    let size = size.to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+    ];
+    if let Some(parent) = parent_file {
+        args.extend([
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            parent.as_os_str(),
+        ]);
+    }
+    args.extend([target.as_os_str(), size.as_ref()]);
+    run_qemu_img(
+        &shared.config.qemu_img,
+        &args,
+        &format!("create the backup file {}", target.display()),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Opens the target in QEMU and starts the copy, atomically with the new
+/// bitmap.
+async fn start_job(
+    qmp: &QmpService,
+    target: &str,
+    node: &str,
+    job: &str,
+    new_bitmap: &str,
+    parent_bitmap: Option<&str>,
+    mode: BackupMode,
+) -> Result<(), DriverError> {
+    // The backing chain is not opened: the job writes only this file's layer.
+    let options: q::BlockdevOptions = serde_json::from_value(json!({
+        "driver": "qcow2",
+        "node-name": node,
+        "backing": null,
+        "file": { "driver": "file", "filename": target },
+    }))
+    .map_err(|e| DriverError::qemu("cannot build the blockdev-add options", e))?;
+    execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "backup").await?;
+    let (sync, bitmap, bitmap_mode) = match (mode, parent_bitmap) {
+        (BackupMode::Incremental, Some(parent)) => (
+            q::MirrorSyncMode::bitmap,
+            Some(parent.to_string()),
+            Some(q::BitmapSyncMode::never),
+        ),
+        _ => (q::MirrorSyncMode::full, None, None),
+    };
+    let actions = vec![
+        q::TransactionAction::block_dirty_bitmap_add(
+            q::BlockDirtyBitmapAdd {
+                node: DISK_NODE.into(),
+                name: new_bitmap.into(),
+                persistent: Some(true),
+                disabled: None,
+                granularity: None,
+            }
+            .into(),
+        ),
+        q::TransactionAction::blockdev_backup(
+            q::BlockdevBackup {
+                target: node.into(),
+                base: q::BackupCommon {
+                    device: DISK_NODE.into(),
+                    sync,
+                    bitmap,
+                    bitmap_mode,
+                    job_id: Some(job.into()),
+                    // Kept after it ends, so its outcome can be read even
+                    // when the poll misses the moment.
+                    auto_dismiss: Some(false),
+                    auto_finalize: Some(true),
+                    compress: None,
+                    discard_source: None,
+                    filter_node_name: None,
+                    on_source_error: None,
+                    on_target_error: None,
+                    speed: None,
+                    x_perf: None,
+                },
+            }
+            .into(),
+        ),
+    ];
+    execute(
+        qmp,
+        q::transaction {
+            actions,
+            properties: None,
+        },
+        QMP_TIMEOUT,
+        "backup",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Polls the job until it concludes: `Ok(None)` when it succeeded,
+/// `Ok(Some(error))` with QEMU's error when it failed, `Err` when QEMU went
+/// away or could not be asked.
+async fn poll_job(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    pid: u32,
+    job: &str,
+    progress: &ProgressFn,
+) -> Result<Option<String>, DriverError> {
+    let id = vm.id;
+    let gone = || backup_error(id, "the VM stopped during the backup");
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        if !process::is_qemu_of(pid, id) {
+            return Err(gone());
+        }
+        let asked = async {
+            let qmp = shared.qmp(vm).await?;
+            execute(&qmp, q::query_jobs {}, QMP_TIMEOUT, "backup").await
+        }
+        .await;
+        let jobs = match asked {
+            Ok(jobs) => {
+                unreachable_since = None;
+                jobs
+            }
+            Err(e) => {
+                if !process::is_qemu_of(pid, id) {
+                    return Err(gone());
+                }
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > QMP_GONE_GRACE {
+                    return Err(e);
+                }
+                tracing::debug!(vm = %id, error = %e, "cannot poll the backup job; retrying");
+                tokio::time::sleep(POLL_INTERVAL).await;
+                continue;
+            }
+        };
+        let Some(info) = jobs.into_iter().find(|j| j.id == job) else {
+            return Err(backup_error(
+                id,
+                format!("QEMU's block job {job} disappeared before it ended"),
+            ));
+        };
+        progress(BackupProgress {
+            done_bytes: u64::try_from(info.current_progress).unwrap_or(0),
+            total_bytes: u64::try_from(info.total_progress).unwrap_or(0),
+        });
+        if info.status == q::JobStatus::concluded {
+            return Ok(info.error);
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The error of a job that concluded with `error`, in words an operator can
+/// act on.
+fn job_failure(id: VmId, target: &Path, error: String) -> DriverError {
+    let reason = if error.contains("No space left on device") {
+        format!(
+            "the backup target ran out of space (writing {})",
+            target.display()
+        )
+    } else if error.to_ascii_lowercase().contains("cancel") {
+        "QEMU's backup job was cancelled".to_string()
+    } else {
+        "QEMU's backup job failed".to_string()
+    };
+    DriverError::Backup {
+        id,
+        reason,
+        source: Some(Box::new(QemuSaid(error))),
+    }
+}
+
+/// Undoes a failed backup, best effort: cancels and dismisses the job,
+/// removes the target node and the new bitmap (while QEMU still runs) and
+/// the target file. The parent's bitmap stays. Caller holds `vm.op`.
+async fn abandon(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    pid: u32,
+    job: &str,
+    node: &str,
+    new_bitmap: Option<&str>,
+    target: &Path,
+) {
+    let id = vm.id;
+    if process::is_qemu_of(pid, id) {
+        match shared.qmp(vm).await {
+            Ok(qmp) => {
+                if let Err(e) = finish_job(&qmp, job).await {
+                    tracing::warn!(vm = %id, %job, error = %e, "cannot end the failed backup job; the next backup will");
+                }
+                let deleted = execute(
+                    &qmp,
+                    q::blockdev_del {
+                        node_name: node.into(),
+                    },
+                    QMP_TIMEOUT,
+                    "backup",
+                )
+                .await;
+                if let Err(e) = deleted {
+                    tracing::debug!(vm = %id, %node, error = %e, "backup target node not removed");
+                }
+                if let Some(bitmap) = new_bitmap {
+                    if let Err(e) = remove_bitmap(&qmp, bitmap).await {
+                        tracing::debug!(vm = %id, %bitmap, error = %e, "new bitmap not removed");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, error = %e, "no QMP to clean up after the failed backup")
+            }
+        }
+    }
+    if let Err(e) = remove_file_if_exists(target) {
+        tracing::warn!(vm = %id, error = %e, "cannot remove the failed backup's file");
+    }
+}
+
+/// Flushes a file and the directory entry naming it to stable storage.
+fn fsync_file_and_dir(path: &Path) -> Result<(), DriverError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| DriverError::io("cannot flush the file to disk", path, e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| DriverError::io("cannot flush the directory to disk", dir, e))?;
+    }
+    Ok(())
+}
+
+/// A `json:` image name that opens `file` as qcow2 without its backing chain.
+fn own_layer_spec(file: &Path) -> Result<String, DriverError> {
+    let name = file.to_str().ok_or_else(|| {
+        DriverError::io(
+            "the path is not UTF-8",
+            file,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+        )
+    })?;
+    Ok(format!(
+        "json:{}",
+        json!({
+            "driver": "qcow2",
+            "backing": null,
+            "file": { "driver": "file", "filename": name },
+        })
+    ))
+}
+
+#[derive(Deserialize)]
+struct MapEntry {
+    length: u64,
+    data: bool,
+}
+
+/// Guest data held in the file's own layer: the clusters `qemu-img map`
+/// reports as data when the backing chain is not opened. Zero clusters (the
+/// copy of a zeroed area) hold no data.
+async fn data_bytes(qemu_img: &Path, file: &Path) -> Result<u64, DriverError> {
+    let spec = own_layer_spec(file)?;
+    let context = format!("map the backup file {}", file.display());
+    let out = run_qemu_img(
+        qemu_img,
+        &["map".as_ref(), "--output=json".as_ref(), spec.as_ref()],
+        &context,
+    )
+    .await?;
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out)
+        .map_err(|e| DriverError::qemu(format!("cannot {context}"), e))?;
+    Ok(entries.iter().filter(|e| e.data).map(|e| e.length).sum())
+}
+
+/// SHA-256 of a file, hex, streamed (backups are large).
+pub(super) async fn sha256_file(path: &Path) -> Result<String, DriverError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&p)
+            .map_err(|e| DriverError::io("cannot open the file to hash it", &p, e))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| DriverError::io("cannot read the file to hash it", &p, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(format!("{:x}", hasher.finalize()))
+    })
+    .await
+    .map_err(|e| DriverError::io("the hashing task failed", path, std::io::Error::other(e)))?
+}
+
+#[derive(Deserialize)]
+struct InfoOut {
+    format: String,
+    #[serde(rename = "full-backing-filename")]
+    full_backing_filename: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct CheckOut {
+    #[serde(rename = "check-errors", default)]
+    check_errors: u64,
+    #[serde(default)]
+    corruptions: u64,
+    #[serde(default)]
+    leaks: u64,
+}
+
+/// Hashes `file` and checks it and every file of its backing chain.
+pub(super) async fn verify(qemu_img: &Path, file: &Path) -> Result<BackupCheck, DriverError> {
+    let sha256 = sha256_file(file).await?;
+    let mut problems = Vec::new();
+    let mut seen = HashSet::new();
+    let mut current = file.to_path_buf();
+    loop {
+        if !seen.insert(current.clone()) {
+            problems.push(format!(
+                "{} appears twice in its own backing chain",
+                current.display()
+            ));
+            break;
+        }
+        // -U: a file of the chain may be open in QEMU (read-only) meanwhile.
+        let out = tokio::process::Command::new(qemu_img)
+            .args(["info", "-U", "--output=json", "-f", "qcow2"])
+            .arg(&current)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| DriverError::io("cannot run qemu-img to verify a backup", qemu_img, e))?;
+        if !out.status.success() {
+            problems.push(format!(
+                "{} cannot be read as qcow2: {}",
+                current.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+            break;
+        }
+        let info: InfoOut = serde_json::from_slice(&out.stdout).map_err(|e| {
+            DriverError::qemu(
+                format!("cannot read qemu-img info of {}", current.display()),
+                e,
+            )
+        })?;
+        if info.format != "qcow2" {
+            problems.push(format!(
+                "{} is {}, not qcow2",
+                current.display(),
+                info.format
+            ));
+        }
+        problems.extend(check_one(qemu_img, &current).await?);
+        let Some(backing) = info.full_backing_filename else {
+            break;
+        };
+        let backing = PathBuf::from(backing);
+        if !backing.is_file() {
+            problems.push(format!(
+                "the backing file {} of {} is missing",
+                backing.display(),
+                current.display()
+            ));
+            break;
+        }
+        current = backing;
+    }
+    Ok(BackupCheck { sha256, problems })
+}
+
+/// What `qemu-img check` finds in one file of a chain (opened alone).
+async fn check_one(qemu_img: &Path, file: &Path) -> Result<Vec<String>, DriverError> {
+    let spec = own_layer_spec(file)?;
+    let out = tokio::process::Command::new(qemu_img)
+        .args(["check", "-U", "--output=json"])
+        .arg(&spec)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| DriverError::io("cannot run qemu-img to verify a backup", qemu_img, e))?;
+    // Exit codes: 0 clean, 1 check failed to run, 2 corruptions, 3 leaks.
+    let parsed: Option<CheckOut> = serde_json::from_slice(&out.stdout).ok();
+    let shown = file.display();
+    let mut problems = Vec::new();
+    match parsed {
+        Some(c) => {
+            if c.corruptions > 0 {
+                problems.push(format!("{shown}: {} corruptions", c.corruptions));
+            }
+            if c.leaks > 0 {
+                problems.push(format!("{shown}: {} leaked clusters", c.leaks));
+            }
+            if c.check_errors > 0 {
+                problems.push(format!("{shown}: {} errors while checking", c.check_errors));
+            }
+            if problems.is_empty() && !out.status.success() {
+                problems.push(format!(
+                    "{shown}: qemu-img check failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        None => problems.push(format!(
+            "{shown}: qemu-img check failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+    Ok(problems)
+}
+
+/// Replaces the disk of the stopped VM `id` with the content of `file`.
+pub(super) async fn restore(
+    shared: &Arc<Shared>,
+    id: VmId,
+    file: &Path,
+) -> Result<(), DriverError> {
+    let vm = shared.existing(id)?;
+    check_restore_source(id, file)?;
+    let _op = vm.op.lock().await;
+    let strays = process::find_qemu_of(id);
+    if shared.ensure_adopted(&vm)?.is_some() || !strays.is_empty() {
+        return Err(DriverError::InvalidState {
+            id,
+            operation: "restore",
+            state: shared.read_record(&vm)?.state.to_string(),
+        });
+    }
+    let spec: VmSpec = read_json(&vm.paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(id))?;
+    build_restored_disk(shared, &spec, file, &vm.paths).await?;
+    tracing::info!(vm = %id, from = %file.display(), "disk restored from a backup");
+    Ok(())
+}
+
+/// A backup to restore must be an absolute path to an existing file.
+pub(super) fn check_restore_source(id: VmId, file: &Path) -> Result<(), DriverError> {
+    if !file.is_absolute() {
+        return Err(DriverError::InvalidSpec {
+            id,
+            reason: format!("backup path {} is not absolute", file.display()),
+        });
+    }
+    if !file.is_file() {
+        return Err(DriverError::InvalidSpec {
+            id,
+            reason: format!("backup {} does not exist", file.display()),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the VM's disk from `file` (read through its chain) into a
+/// temporary file, grows it to the spec's size, and renames it over the disk:
+/// a crash leaves either the old disk or the new one. Caller holds `vm.op`.
+pub(super) async fn build_restored_disk(
+    shared: &Shared,
+    spec: &VmSpec,
+    file: &Path,
+    paths: &VmPaths,
+) -> Result<(), DriverError> {
+    let started = Instant::now();
+    let qemu_img = &shared.config.qemu_img;
+    let tmp = paths.dir.join("disk.qcow2.tmp");
+    remove_file_if_exists(&tmp)?;
+    let converted = async {
+        run_qemu_img(
+            qemu_img,
+            &[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                file.as_os_str(),
+                tmp.as_os_str(),
+            ],
+            &format!("restore {} into a disk", file.display()),
+        )
+        .await?;
+        let size = super::image::virtual_size(qemu_img, &tmp, crate::ImageFormat::Qcow2).await?;
+        if spec.disk_bytes > size {
+            let grow = spec.disk_bytes.to_string();
+            run_qemu_img(
+                qemu_img,
+                &[
+                    "resize".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    tmp.as_os_str(),
+                    grow.as_ref(),
+                ],
+                &format!("grow the restored disk to {} bytes", spec.disk_bytes),
+            )
+            .await?;
+        }
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| DriverError::io("cannot flush the restored disk", &tmp, e))?;
+        Ok::<_, DriverError>(())
+    }
+    .await;
+    if let Err(e) = converted {
+        let _ = remove_file_if_exists(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &paths.overlay).map_err(|e| {
+        DriverError::io(
+            "cannot move the restored disk into place",
+            &paths.overlay,
+            e,
+        )
+    })?;
+    fsync_file_and_dir(&paths.overlay)?;
+    tracing::info!(
+        vm = %spec.id,
+        ms = started.elapsed().as_millis() as u64,
+        from = %file.display(),
+        "disk written from a backup"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent(dir: &Path) -> BackupParent {
+        let file = dir.join("parent.qcow2");
+        std::fs::write(&file, b"x").expect("write");
+        BackupParent {
+            backup_id: uuid::Uuid::new_v4(),
+            file,
+        }
+    }
+
+    fn bitmap(name: String, inconsistent: bool) -> Bitmap {
+        Bitmap { name, inconsistent }
+    }
+
+    #[test]
+    fn mode_follows_the_parent_bitmap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = parent(dir.path());
+        assert_eq!(choose_mode(None, &[]), (BackupMode::Full, None));
+        let (mode, reason) = choose_mode(Some(&p), &[]);
+        assert_eq!(mode, BackupMode::Full);
+        assert!(reason.expect("reason").contains("is missing"));
+        let ok = [bitmap(bitmap_name(p.backup_id), false)];
+        assert_eq!(choose_mode(Some(&p), &ok), (BackupMode::Incremental, None));
+        let bad = [bitmap(bitmap_name(p.backup_id), true)];
+        let (mode, reason) = choose_mode(Some(&p), &bad);
+        assert_eq!(mode, BackupMode::Full);
+        assert!(reason
+            .expect("reason")
+            .contains("inconsistent (QEMU did not close the disk cleanly)"));
+        let mut gone = p.clone();
+        gone.file = dir.path().join("gone.qcow2");
+        let (mode, reason) = choose_mode(Some(&gone), &ok);
+        assert_eq!(mode, BackupMode::Full);
+        assert!(reason.expect("reason").contains("does not exist"));
+    }
+
+    #[test]
+    fn strays_are_ours_but_the_kept_parent() {
+        let keep = bitmap_name(uuid::Uuid::new_v4());
+        let other = bitmap_name(uuid::Uuid::new_v4());
+        let bitmaps = [
+            bitmap(keep.clone(), false),
+            bitmap(other.clone(), true),
+            bitmap("someone-elses".into(), false),
+        ];
+        assert_eq!(stray_bitmaps(&bitmaps, Some(&keep)), vec![other.clone()]);
+        assert_eq!(stray_bitmaps(&bitmaps, None), vec![keep, other]);
+    }
+
+    #[test]
+    fn names_fit_qemu() {
+        let id = uuid::Uuid::new_v4();
+        let node = node_name(id);
+        assert!(node.len() <= 31, "{node}");
+        assert_eq!(node, node_name(id), "stable across attempts");
+        assert_ne!(node, node_name(uuid::Uuid::new_v4()));
+        assert!(job_id(id).ends_with(&id.to_string()));
+    }
+
+    #[test]
+    fn job_errors_are_worded_for_operators() {
+        let id = VmId::new();
+        let e = job_failure(
+            id,
+            Path::new("/b/x.qcow2"),
+            "No space left on device".into(),
+        );
+        assert!(e.to_string().contains("ran out of space"), "{e}");
+        let e = job_failure(id, Path::new("/b/x.qcow2"), "Input/output error".into());
+        assert!(e.to_string().contains("backup job failed"), "{e}");
+    }
+
+    #[test]
+    fn own_layer_spec_is_json_without_backing() {
+        let spec = own_layer_spec(Path::new("/b/a \"q\".qcow2")).expect("spec");
+        let v: serde_json::Value =
+            serde_json::from_str(spec.strip_prefix("json:").expect("prefix")).expect("json");
+        assert_eq!(v["backing"], serde_json::Value::Null);
+        assert_eq!(v["file"]["filename"], "/b/a \"q\".qcow2");
+    }
+}
