@@ -549,6 +549,23 @@ impl Driver for SlowStops {
     fn name(&self) -> &'static str {
         "sim"
     }
+    async fn vm_backup(
+        &self,
+        id: VmId,
+        req: &stratus_driver::BackupRequest,
+        p: &stratus_driver::ProgressFn,
+    ) -> Result<stratus_driver::BackupOutcome, DriverError> {
+        self.sim.vm_backup(id, req, p).await
+    }
+    async fn backup_verify(
+        &self,
+        f: &std::path::Path,
+    ) -> Result<stratus_driver::BackupCheck, DriverError> {
+        self.sim.backup_verify(f).await
+    }
+    async fn vm_restore(&self, id: VmId, f: &std::path::Path) -> Result<(), DriverError> {
+        self.sim.vm_restore(id, f).await
+    }
     async fn host_facts(&self) -> Result<HostFacts, DriverError> {
         self.sim.host_facts().await
     }
