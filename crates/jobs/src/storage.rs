@@ -124,7 +124,12 @@ pub(crate) async fn backup_record(ctx: Ctx) -> Result<Settled, ActionError> {
     let recorded = retry_store(|| sc.ds.backup_succeed(backup.id, host, &done))
         .await
         .map_err(|e| StepError::internal("recording the backup", e))?;
-    if !recorded {
+    // Recorded by an earlier run of this step: the same outcome.
+    let already = !recorded
+        && retry_store(|| sc.ds.backup_get(backup.id))
+            .await
+            .is_ok_and(|b| b.status == stratus_api_types::views::BackupStatus::Succeeded);
+    if !recorded && !already {
         return Err(StepError::new(
             "backup_not_running",
             "the backup was marked failed before its outcome arrived",
