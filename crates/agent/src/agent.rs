@@ -371,9 +371,14 @@ async fn build_driver(
     data_dir: &Path,
 ) -> Result<Arc<dyn Driver>, AgentError> {
     Ok(match config {
-        DriverConfig::Qemu { accel, qemu_binary } => {
+        DriverConfig::Qemu {
+            accel,
+            qemu_binary,
+            backup_bandwidth,
+        } => {
             let mut qc = QemuConfig::new(data_dir.join("qemu"));
             qc.accel = *accel;
+            qc.backup_bandwidth = *backup_bandwidth;
             if let Some(b) = qemu_binary {
                 qc.qemu_binary = b.clone();
             }

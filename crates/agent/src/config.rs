@@ -94,6 +94,8 @@ pub enum DriverConfig {
         accel: AccelChoice,
         /// `qemu-system-x86_64` from `PATH` when `None`.
         qemu_binary: Option<PathBuf>,
+        /// Most bytes per second a backup copies; unlimited when `None`.
+        backup_bandwidth: Option<u64>,
     },
     /// A simulated host of this size (nothing boots).
     Sim {
@@ -124,10 +126,15 @@ impl DriverConfig {
 impl fmt::Debug for DriverConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DriverConfig::Qemu { accel, qemu_binary } => f
+            DriverConfig::Qemu {
+                accel,
+                qemu_binary,
+                backup_bandwidth,
+            } => f
                 .debug_struct("Qemu")
                 .field("accel", accel)
                 .field("qemu_binary", qemu_binary)
+                .field("backup_bandwidth", backup_bandwidth)
                 .finish(),
             DriverConfig::Sim {
                 cpus,

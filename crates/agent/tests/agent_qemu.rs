@@ -148,6 +148,7 @@ async fn qemu_cloud() -> (Cloud, tempfile::TempDir, AgentHandle) {
         DriverConfig::Qemu {
             accel: AccelChoice::Tcg,
             qemu_binary: None,
+            backup_bandwidth: None,
         },
     );
     config.name = Some("qemu-1".into());

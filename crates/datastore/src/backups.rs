@@ -432,12 +432,14 @@ impl Datastore {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Marks a running backup failed; a backup no longer running is left as
-    /// it is.
+    /// Marks a running backup failed, or gives a failed one a better reason
+    /// (the job's own, known only once the saga has unwound); a backup that
+    /// succeeded is left as it is.
     pub async fn backup_fail(&self, id: BackupId, error: &str) -> Result<(), Error> {
         sqlx::query(
-            "UPDATE backups SET status = 'failed', error = $1, finished_at = $2 \
-             WHERE id = $3 AND status = 'running'",
+            "UPDATE backups SET status = 'failed', error = $1, \
+             finished_at = COALESCE(finished_at, $2) \
+             WHERE id = $3 AND status IN ('running', 'failed')",
         )
         .bind(error)
         .bind(now_micros())

@@ -159,8 +159,9 @@ pub(crate) async fn backup_record(ctx: Ctx) -> Result<Settled, ActionError> {
     })
 }
 
-/// Marks the job's backup failed (unless it already ended) and withdraws
-/// its request: the clean-up of a backup saga that did not complete.
+/// Marks the job's backup failed (unless it succeeded) and withdraws its
+/// request: the clean-up of a backup saga that did not complete. Run by the
+/// undo and again, with the job's reason, when the saga has ended.
 pub(crate) async fn backup_discard(
     sc: &SagaContext,
     job: JobId,

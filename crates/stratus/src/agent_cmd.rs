@@ -84,6 +84,10 @@ pub struct AgentArgs {
     /// The QEMU binary [default: qemu-system-x86_64 from PATH]
     #[arg(long)]
     qemu_binary: Option<PathBuf>,
+    /// Most bytes per second a backup copies, e.g. 100MiB, so backups
+    /// leave the guests disk bandwidth [default: unlimited]
+    #[arg(long, value_name = "BYTES")]
+    backup_bandwidth: Option<ByteCount>,
     /// Seconds a guest gets to power off after the ACPI button before QEMU
     /// is ended
     #[arg(long, default_value_t = 30)]
@@ -148,6 +152,7 @@ pub async fn run(args: AgentArgs, global: GlobalOpts) -> anyhow::Result<()> {
                 AccelArg::Tcg => AccelChoice::Tcg,
             },
             qemu_binary: args.qemu_binary,
+            backup_bandwidth: args.backup_bandwidth.map(|b| b.0),
         },
         DriverArg::Sim => {
             let mut d = stratus_agent::SimConfig::default();

@@ -292,6 +292,7 @@ async fn start_local_agent(
         stratus_agent::DriverConfig::Qemu {
             accel,
             qemu_binary: None,
+            backup_bandwidth: None,
         },
     );
     config.enroll_token = enroll_token;

@@ -240,3 +240,174 @@ fn real_qemu_incremental_backups_survive_a_restart_and_restore_exactly() {
         ]);
     }
 }
+
+/// Waits until the backup job is copying (its progress past the start).
+fn wait_copying(env: &Env, job: &str) {
+    wait_until("the backup to be copying", BOOT, || {
+        let j = env.json(&["job", "show", job, "-o", "json"]);
+        let p = j["progress"].as_u64().unwrap_or(0);
+        if j["state"] == "running" && p > 10 && p < 95 {
+            Ok(())
+        } else {
+            Err(format!("{} {}%: {}", j["state"], p, j["current_step"]))
+        }
+    });
+}
+
+fn job_state(env: &Env, job: &str) -> Value {
+    wait_until("the job to end", BOOT * 2, || {
+        let j = env.json(&["job", "show", job, "-o", "json"]);
+        match j["state"].as_str() {
+            Some("succeeded" | "failed" | "cancelled") => Ok(j),
+            _ => Err(format!("{}: {}", j["state"], j["current_step"])),
+        }
+    })
+}
+
+fn start_backup(env: &Env, vm: &str) -> (String, String) {
+    let op = env.json(&["backup", "create", vm, "--project", "p", "-o", "json"]);
+    (
+        op["backup"]["id"].as_str().expect("backup id").to_string(),
+        op["job"]["id"].as_str().expect("job id").to_string(),
+    )
+}
+
+/// An agent killed in the middle of a backup: the host is handed the
+/// backup again when its agent is back and takes it from the start; the
+/// restore point is good. A guest that powers off in the middle of a
+/// backup: the backup fails, is never a restore point, and the next one is
+/// incremental to the last good one and holds everything since.
+#[test]
+fn real_qemu_interrupted_backups_resume_or_fail_cleanly() {
+    let World {
+        home,
+        server: _server,
+        env,
+        agent,
+        agent_dir,
+        ..
+    } = world();
+    let targets = home.path().join("backups");
+    std::fs::create_dir_all(&targets).expect("mkdir");
+    env.json(&[
+        "backup",
+        "target",
+        "create",
+        "t",
+        targets.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    let vm = env.json(&[
+        "vm",
+        "create",
+        "web",
+        "--flavor",
+        "tiny",
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let _kill = KillVm(vm["id"].as_str().map(str::to_string));
+    wait_guest(&env, "web");
+    let a = write_file(&env, "web", "a", 1);
+    let full = backup(&env, "web");
+
+    // From here backups are slowed to 512 KiB/s (the full one above copied
+    // the whole disk, zeros included, at full speed), so they last seconds
+    // and can be interrupted. VMs outlive their agent.
+    drop(agent);
+    let agent_dir_s = agent_dir.display().to_string();
+    let mut args = agent_args(&env.url, &agent_dir_s, None);
+    args.extend(["--backup-bandwidth", "512KiB"]);
+    let agent = env.spawn("agent", &args, home.path().join("agent-2.log"));
+
+    // The agent SIGKILLed mid-copy, then started again.
+    let b = write_file(&env, "web", "b", 3);
+    let (inc_id, job) = start_backup(&env, "web");
+    wait_copying(&env, &job);
+    drop(agent);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let agent = env.spawn("agent", &args, home.path().join("agent-3.log"));
+    let j = job_state(&env, &job);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let inc = env.json(&["backup", "show", &inc_id, "-o", "json"]);
+    assert_eq!(inc["mode"], "incremental", "{inc}");
+    assert_eq!(inc["parent_id"], full["id"], "{inc}");
+    assert!(data_bytes(&inc) >= 3 << 20, "{inc}");
+    let v = env.json(&["backup", "verify", &inc_id, "-o", "json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    println!("MEASURED backup resumed after an agent kill: {inc}");
+
+    // The guest powers off mid-copy: the backup fails and is no restore point.
+    let c = write_file(&env, "web", "c", 3);
+    let (bad_id, job) = start_backup(&env, "web");
+    wait_copying(&env, &job);
+    let _ = env.cli(&[
+        "vm",
+        "exec",
+        "web",
+        "--project",
+        "p",
+        "--timeout",
+        "5",
+        "--",
+        "sh",
+        "-c",
+        "sync; poweroff -f",
+    ]);
+    let j = job_state(&env, &job);
+    assert_eq!(j["state"], "failed", "{j}");
+    let bad = env.json(&["backup", "show", &bad_id, "-o", "json"]);
+    assert_eq!(bad["status"], "failed", "{bad}");
+    assert!(bad["sha256"].is_null(), "{bad}");
+    println!(
+        "MEASURED backup failed as the guest powered off: {}",
+        bad["error"]
+    );
+    assert!(
+        !std::path::Path::new(bad["file"].as_str().unwrap_or_default()).exists(),
+        "the failed backup's file is left: {bad}"
+    );
+
+    // The next backup builds on the last good one and holds c.
+    wait_until("the VM to be seen stopped", BOOT, || {
+        let v = env.vm("web");
+        if v["state"] == "stopped" {
+            Ok(())
+        } else {
+            Err(v["state"].to_string())
+        }
+    });
+    env.json(&[
+        "vm",
+        "start",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(&env, "web");
+    let next = backup(&env, "web");
+    assert_eq!(next["mode"], "incremental", "{next}");
+    assert_eq!(next["parent_id"], inc["id"], "{next}");
+    assert!(data_bytes(&next) >= 3 << 20, "{next}");
+    let id = next["id"].as_str().expect("id");
+    let restored = env.json(&[
+        "backup", "restore", id, "--as", "back", "--wait", "-o", "json",
+    ]);
+    let _kill2 = KillVm(restored["id"].as_str().map(str::to_string));
+    wait_guest(&env, "back");
+    let want: Vec<(String, String)> = [("a", a), ("b", b), ("c", c)]
+        .into_iter()
+        .map(|(f, s)| (f.to_string(), s))
+        .collect();
+    assert_eq!(checksums(&env, "back"), want);
+    drop(agent);
+}

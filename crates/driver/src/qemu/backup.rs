@@ -242,6 +242,7 @@ pub(super) async fn backup(
             &new_bitmap,
             parent_bitmap.as_deref(),
             mode,
+            shared.config.backup_bandwidth,
         )
         .await;
         if let Err(e) = started_job {
@@ -528,6 +529,7 @@ async fn start_job(
     new_bitmap: &str,
     parent_bitmap: Option<&str>,
     mode: BackupMode,
+    speed: Option<u64>,
 ) -> Result<(), DriverError> {
     // The backing chain is not opened: the job writes only this file's layer.
     let options: q::BlockdevOptions = serde_json::from_value(json!({
@@ -575,7 +577,7 @@ async fn start_job(
                     filter_node_name: None,
                     on_source_error: None,
                     on_target_error: None,
-                    speed: None,
+                    speed: speed.and_then(|s| i64::try_from(s).ok()),
                     x_perf: None,
                 },
             }

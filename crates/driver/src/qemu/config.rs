@@ -54,6 +54,9 @@ pub struct QemuConfig {
     pub probe_kernel: Option<PathBuf>,
     /// How long the KVM probe boot may take to print the kernel banner.
     pub probe_timeout: Duration,
+    /// Most bytes per second a backup copies (QEMU's block job `speed`), so
+    /// backups do not starve the guests' own disk I/O. `None`: unlimited.
+    pub backup_bandwidth: Option<u64>,
 }
 
 impl QemuConfig {
@@ -67,6 +70,7 @@ impl QemuConfig {
             console_log_max: 1024 * 1024,
             probe_kernel: None,
             probe_timeout: Duration::from_secs(15),
+            backup_bandwidth: None,
         }
     }
 }
