@@ -27,11 +27,9 @@ async fn backup_of(sc: &SagaContext, job: JobId) -> Result<BackupRecord, StepErr
 
 /// `copied 12 MiB of 1 GiB` as the job's progress, between 10 % and 95 %.
 fn copy_progress(done: u64, total: u64) -> (u8, String) {
-    let pct = if total == 0 {
-        10
-    } else {
-        10 + (85 * done.min(total) / total) as u8
-    };
+    let pct = (85 * done.min(total))
+        .checked_div(total)
+        .map_or(10, |p| 10 + p as u8);
     (
         pct,
         format!(
