@@ -521,6 +521,7 @@ async fn create_target(
 
 /// Opens the target in QEMU and starts the copy, atomically with the new
 /// bitmap.
+#[allow(clippy::too_many_arguments)] // every name the one transaction needs
 async fn start_job(
     qmp: &QmpService,
     target: &str,
