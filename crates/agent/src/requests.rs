@@ -80,6 +80,9 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         }
         AgentRequestKind::Restore { vm_id, file } => restore(&shared, VmId(vm_id.0), file).await,
         AgentRequestKind::VerifyBackup { file } => verify(&shared, file).await,
+        AgentRequestKind::DeleteBackup { file, child } => {
+            delete_backup(&shared, file, child.as_ref()).await
+        }
     };
     tracing::info!(
         request = %r.id,
@@ -119,6 +122,7 @@ fn failed(error: String) -> AgentRequestResult {
         result: None,
         backup: None,
         verified: None,
+        pruned: None,
         error: Some(error),
     }
 }
@@ -196,6 +200,7 @@ async fn backup(
                 duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             }),
             verified: None,
+            pruned: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -212,6 +217,7 @@ async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
             result: None,
             backup: None,
             verified: None,
+            pruned: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -231,6 +237,36 @@ async fn verify(shared: &Shared, file: &str) -> AgentRequestResult {
                 sha256: c.sha256,
                 problems: c.problems,
             }),
+            pruned: None,
+            error: None,
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+async fn delete_backup(
+    shared: &Shared,
+    file: &str,
+    child: Option<&stratus_client::types::BackupChildRef>,
+) -> AgentRequestResult {
+    let child = child.map(|c| stratus_driver::PruneChild {
+        file: c.file.clone().into(),
+        new_backing: c.new_backing.clone().map(Into::into),
+    });
+    match shared
+        .driver
+        .backup_delete(std::path::Path::new(file), child.as_ref())
+        .await
+    {
+        Ok(p) => AgentRequestResult {
+            result: None,
+            backup: None,
+            verified: None,
+            pruned: p.map(|p| stratus_client::types::BackupPruned {
+                data_bytes: p.data_bytes,
+                file_bytes: p.file_bytes,
+                sha256: p.sha256,
+            }),
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -249,6 +285,7 @@ async fn exec(shared: &Shared, vm: VmId, argv: &[String], timeout_secs: u32) -> 
             }),
             backup: None,
             verified: None,
+            pruned: None,
             error: None,
         },
         Ok(Err(e)) => failed(chain(&e)),

@@ -566,6 +566,13 @@ impl Driver for SlowStops {
     async fn vm_restore(&self, id: VmId, f: &std::path::Path) -> Result<(), DriverError> {
         self.sim.vm_restore(id, f).await
     }
+    async fn backup_delete(
+        &self,
+        f: &std::path::Path,
+        c: Option<&stratus_driver::PruneChild>,
+    ) -> Result<Option<stratus_driver::Pruned>, DriverError> {
+        self.sim.backup_delete(f, c).await
+    }
     async fn host_facts(&self) -> Result<HostFacts, DriverError> {
         self.sim.host_facts().await
     }

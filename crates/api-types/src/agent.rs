@@ -229,6 +229,29 @@ pub enum AgentRequestKind {
     Restore { vm_id: VmId, file: String },
     /// Read a backup file and its chain back: checksum and consistency.
     VerifyBackup { file: String },
+    /// Delete a backup file, first merging it into `child` (the restore
+    /// point built on it) so the child stays whole.
+    DeleteBackup {
+        file: String,
+        child: Option<BackupChildRef>,
+    },
+}
+
+/// The restore point built on one being deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupChildRef {
+    pub file: String,
+    /// Its new backing file (the deleted one's parent); absent: it becomes
+    /// a full backup.
+    pub new_backing: Option<String>,
+}
+
+/// The child's figures after a merge.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupPruned {
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
 }
 
 /// The restore point an incremental backup builds on.
@@ -302,6 +325,9 @@ pub struct AgentRequestResult {
     /// A verification's findings.
     #[serde(default)]
     pub verified: Option<BackupChecked>,
+    /// A deleted backup's child, merged.
+    #[serde(default)]
+    pub pruned: Option<BackupPruned>,
     /// Why the request could not be carried out.
     pub error: Option<String>,
 }

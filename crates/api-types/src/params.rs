@@ -324,3 +324,21 @@ pub struct BackupRestore {
     /// Start the new VM once restored (default true; `as_vm` only).
     pub start: Option<bool>,
 }
+
+/// A VM's backup policy. Retention keeps the union of `keep_last`,
+/// `keep_daily` and `keep_weekly`; all zero keeps everything.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupPolicySet {
+    /// Take a backup at most this often, in seconds (at least 60); absent:
+    /// no schedule.
+    pub every_secs: Option<u64>,
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    /// Backup target (name or id) for scheduled backups.
+    pub target: Option<String>,
+}

@@ -597,6 +597,8 @@ pub enum BackupStatus {
     Succeeded,
     /// Never a restore point; `error` says why.
     Failed,
+    /// Being deleted (merged into the restore point built on it).
+    Deleting,
 }
 
 /// One backup of a VM's disk: a restore point once `succeeded`.
@@ -657,4 +659,23 @@ pub struct BackupVerification {
 pub struct BackupOperation {
     pub backup: Backup,
     pub job: Job,
+}
+
+/// When a VM is backed up by itself, and which of its restore points are
+/// kept (the others are deleted, merged into the ones built on them).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupPolicy {
+    pub vm_id: VmId,
+    pub project_id: ProjectId,
+    /// Where scheduled backups go (absent: the VM's usual target).
+    pub target_id: Option<BackupTargetId>,
+    /// A backup at most this often (absent: no schedule, retention only).
+    pub every_secs: Option<u64>,
+    /// Keep the newest N restore points.
+    pub keep_last: u32,
+    /// Keep the newest restore point of each of the last N days (UTC).
+    pub keep_daily: u32,
+    /// Keep the newest restore point of each of the last N weeks (UTC).
+    pub keep_weekly: u32,
+    pub updated_at: DateTime<Utc>,
 }

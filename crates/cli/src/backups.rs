@@ -53,9 +53,166 @@ pub enum BackupCmd {
         #[command(flatten)]
         wait: WaitOpt,
     },
+    /// Delete a backup (a restore point is merged into the one built on it)
+    Delete { id: String },
+    /// Backup schedules and retention, per VM
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Backup targets: directories every host sees (admin)
     #[command(subcommand)]
     Target(TargetCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Set a VM's backup schedule and retention (replaces its policy)
+    Set {
+        vm: String,
+        /// Back up at most this often: 90s, 30m, 6h, 1d, 1w [default: no schedule]
+        #[arg(long, value_parser = parse_every)]
+        every: Option<u64>,
+        /// Keep the newest N restore points
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest restore point of each of the last N days
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        /// Keep the newest restore point of each of the last N weeks
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        /// Backup target for scheduled backups
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Show a VM's backup policy
+    Show {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// List backup policies
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Remove a VM's backup policy (its backups stay)
+    Delete {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+/// `90s`, `30m`, `6h`, `1d`, `1w` (or plain seconds) as seconds.
+fn parse_every(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{v:?} is not a duration like 90s, 30m, 6h, 1d or 1w"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("{v:?}: the unit must be s, m, h, d or w")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{v:?} is too long"))
+}
+
+fn policy_fields(p: &types::BackupPolicy) -> Table {
+    fields(vec![
+        ("vm", p.vm_id.to_string()),
+        (
+            "every",
+            p.every_secs
+                .map(|s| format!("{s} s"))
+                .unwrap_or_else(|| "- (no schedule)".into()),
+        ),
+        ("keep last", p.keep_last.to_string()),
+        ("keep daily", p.keep_daily.to_string()),
+        ("keep weekly", p.keep_weekly.to_string()),
+        ("target", opt(&p.target_id)),
+        ("updated", ts(&p.updated_at)),
+    ])
+}
+
+async fn policy(c: &Client, f: Format, cmd: PolicyCmd) -> Result<(), CliError> {
+    match cmd {
+        PolicyCmd::Set {
+            vm,
+            every,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            target,
+            project,
+        } => {
+            let mut r = c.backup_policy_set().vm(&vm).body(types::BackupPolicySet {
+                every_secs: every,
+                keep_last: Some(keep_last),
+                keep_daily: Some(keep_daily),
+                keep_weekly: Some(keep_weekly),
+                target,
+            });
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let p = r.send().await?.into_inner();
+            output::print(f, &p, policy_fields);
+        }
+        PolicyCmd::Show { vm, project } => {
+            let mut r = c.backup_policy_view().vm(&vm);
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let p = r.send().await?.into_inner();
+            output::print(f, &p, policy_fields);
+        }
+        PolicyCmd::List { project } => {
+            let mut r = c.backup_policy_list();
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let items = r.send().await?.into_inner();
+            print_list(f, items, None, |items| {
+                let mut t = Table::new(&["VM", "EVERY", "LAST", "DAILY", "WEEKLY"]);
+                for p in items {
+                    t.row(vec![
+                        p.vm_id.to_string(),
+                        p.every_secs
+                            .map(|s| format!("{s} s"))
+                            .unwrap_or_else(|| "-".into()),
+                        p.keep_last.to_string(),
+                        p.keep_daily.to_string(),
+                        p.keep_weekly.to_string(),
+                    ]);
+                }
+                t
+            });
+        }
+        PolicyCmd::Delete { vm, project } => {
+            let mut r = c.backup_policy_delete().vm(&vm);
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            r.send().await?;
+            output::print(f, &serde_json::json!({ "deleted_policy_of": vm }), |v| {
+                fields(vec![(
+                    "deleted policy of",
+                    v["deleted_policy_of"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )])
+            });
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +390,16 @@ pub async fn backup(
                 .into_inner();
             vm_operation(c, f, op, wait, interactive, false).await?;
         }
+        BackupCmd::Delete { id } => {
+            c.backup_delete().backup(&id).send().await?;
+            output::print(f, &serde_json::json!({ "deleted": id }), |v| {
+                fields(vec![(
+                    "deleted",
+                    v["deleted"].as_str().unwrap_or_default().to_string(),
+                )])
+            });
+        }
+        BackupCmd::Policy(p) => policy(c, f, p).await?,
         BackupCmd::Target(t) => target(c, f, t).await?,
     }
     Ok(())

@@ -26,6 +26,7 @@ pub enum ResourceKind {
     Cluster,
     BackupTarget,
     Backup,
+    BackupPolicy,
 }
 
 impl ResourceKind {
@@ -43,6 +44,7 @@ impl ResourceKind {
             ResourceKind::Cluster => "cluster",
             ResourceKind::BackupTarget => "backup target",
             ResourceKind::Backup => "backup",
+            ResourceKind::BackupPolicy => "backup policy",
         }
     }
 }

@@ -54,3 +54,20 @@ ALTER TABLE vms ADD COLUMN restore_from TEXT;
 -- Progress of a long request (a backup), as the agent reports it.
 ALTER TABLE host_requests ADD COLUMN progress_done BIGINT;
 ALTER TABLE host_requests ADD COLUMN progress_total BIGINT;
+
+-- Backup schedules and retention, one policy per VM.
+CREATE TABLE backup_policies (
+    vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+    project_id TEXT NOT NULL REFERENCES projects(id),
+    -- Where scheduled backups go (NULL: the VM's usual target).
+    target_id TEXT REFERENCES backup_targets(id),
+    -- A backup at most this often (NULL: no schedule, retention only).
+    every_secs BIGINT,
+    -- Retention: the newest N, the newest of each of the last N days and
+    -- weeks (UTC). All zero: keep everything.
+    keep_last BIGINT NOT NULL,
+    keep_daily BIGINT NOT NULL,
+    keep_weekly BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);

@@ -6,12 +6,16 @@
 //!   VM held, one tx)   └──────► failed      (backup_fail: never a restore point)
 //! ```
 //!
+//! Deleting a restore point (`deleting`, then gone) first merges it into
+//! the restore point built on it (on a host), then records the child's new
+//! parent and checksum and removes the row, in one transaction.
+//!
 //! **Invariant**: only a `succeeded` backup is ever offered as a parent or a
 //! restore point, and a backup leaves `running` exactly once (both updates
 //! are guarded by `status = 'running'`), so a late or repeated outcome never
 //! turns a failed backup into a good one.
 
-use stratus_api_types::agent::BackupDone;
+use stratus_api_types::agent::{BackupDone, BackupPruned};
 use stratus_api_types::views::{self, BackupMode, BackupStatus};
 use stratus_common::time::{from_micros, now_micros};
 use stratus_common::{
@@ -469,5 +473,225 @@ impl Datastore {
         .await
         .map_err(|e| db_error("recording a backup verification", e))?;
         self.backup_get(id).await
+    }
+
+    /// The VM's newest backup, whatever its outcome (when a schedule last
+    /// tried).
+    pub async fn backup_latest(&self, vm: VmId) -> Result<Option<BackupRecord>, Error> {
+        let row = sqlx::query(&format!(
+            "{SELECT} WHERE vm_id = $1 ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(vm.to_string())
+        .fetch_optional(&self.read)
+        .await
+        .map_err(|e| db_error("reading backups", e))?;
+        row.as_ref().map(BackupRecord::from_row).transpose()
+    }
+
+    /// The backups built on `id` (its children in the chain).
+    pub async fn backup_children(&self, id: BackupId) -> Result<Vec<BackupRecord>, Error> {
+        let rows = sqlx::query(&format!("{SELECT} WHERE parent_id = $1 ORDER BY id"))
+            .bind(id.to_string())
+            .fetch_all(&self.read)
+            .await
+            .map_err(|e| db_error("reading backups", e))?;
+        rows.iter().map(BackupRecord::from_row).collect()
+    }
+
+    /// Marks a finished backup `deleting`, unless a backup built on it is
+    /// still running or being deleted (`backup_busy`). From then on it is
+    /// nobody's parent-to-be.
+    pub async fn backup_delete_begin(&self, id: BackupId) -> Result<BackupRecord, Error> {
+        let done = sqlx::query(
+            "UPDATE backups SET status = 'deleting' WHERE id = $1 \
+             AND status IN ('succeeded', 'failed') AND NOT EXISTS (\
+             SELECT 1 FROM backups c WHERE c.parent_id = $1 AND c.status IN ('running', 'deleting'))",
+        )
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("deleting a backup", e))?;
+        let b = self.backup_get(id).await?;
+        if done.rows_affected() == 0 && b.status != BackupStatus::Deleting {
+            return Err(Error::conflict(
+                "backup_busy",
+                "the backup is being taken, or a backup built on it is; try again when it ended",
+            ));
+        }
+        Ok(b)
+    }
+
+    /// Takes a delete back (the host could not merge): the backup is what it
+    /// was.
+    pub async fn backup_delete_abort(&self, id: BackupId, was: BackupStatus) -> Result<(), Error> {
+        sqlx::query("UPDATE backups SET status = $1 WHERE id = $2 AND status = 'deleting'")
+            .bind(enum_str(&was))
+            .bind(id.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("restoring a backup", e))?;
+        Ok(())
+    }
+
+    /// Ends a delete: the child (if any) now builds on `new_parent` with
+    /// these figures, and the backup's row goes, in one transaction.
+    pub async fn backup_delete_finish(
+        &self,
+        id: BackupId,
+        child: Option<(BackupId, &BackupPruned)>,
+        new_parent: Option<BackupId>,
+    ) -> Result<(), Error> {
+        let ctx = "deleting a backup";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        // Failed backups that named it as parent (they hold no data) now
+        // name its parent.
+        sqlx::query("UPDATE backups SET parent_id = $1 WHERE parent_id = $2 AND status = 'failed'")
+            .bind(new_parent.map(|p| p.to_string()))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        if let Some((child, figures)) = child {
+            let parent = new_parent;
+            sqlx::query(
+                "UPDATE backups SET parent_id = $1, data_bytes = $2, file_bytes = $3, sha256 = $4, \
+                 mode = CASE WHEN $1 IS NULL THEN 'full' ELSE mode END, \
+                 verified_at = NULL, verify_ok = NULL, verify_problems = NULL WHERE id = $5",
+            )
+            .bind(parent.map(|p| p.to_string()))
+            .bind(i64_of(figures.data_bytes))
+            .bind(i64_of(figures.file_bytes))
+            .bind(&figures.sha256)
+            .bind(child.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        }
+        sqlx::query("DELETE FROM backups WHERE id = $1 AND status = 'deleting'")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(())
+    }
+
+    /// Sets (creates or replaces) a VM's backup policy.
+    pub async fn backup_policy_set(
+        &self,
+        p: &BackupPolicyRecord,
+    ) -> Result<BackupPolicyRecord, Error> {
+        let now = now_micros();
+        sqlx::query(
+            "INSERT INTO backup_policies (vm_id, project_id, target_id, every_secs, keep_last, \
+             keep_daily, keep_weekly, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+             ON CONFLICT (vm_id) DO UPDATE SET target_id = $3, every_secs = $4, keep_last = $5, \
+             keep_daily = $6, keep_weekly = $7, updated_at = $8",
+        )
+        .bind(p.vm_id.to_string())
+        .bind(p.project_id.to_string())
+        .bind(p.target_id.map(|t| t.to_string()))
+        .bind(p.every_secs.map(i64_of))
+        .bind(i64::from(p.keep_last))
+        .bind(i64::from(p.keep_daily))
+        .bind(i64::from(p.keep_weekly))
+        .bind(now)
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a backup policy", e))?;
+        self.backup_policy_get(p.vm_id)
+            .await?
+            .ok_or_else(|| Error::internal("the backup policy vanished"))
+    }
+
+    pub async fn backup_policy_get(&self, vm: VmId) -> Result<Option<BackupPolicyRecord>, Error> {
+        let row = sqlx::query(&format!("{POLICY_SELECT} WHERE vm_id = $1"))
+            .bind(vm.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a backup policy", e))?;
+        row.as_ref().map(BackupPolicyRecord::from_row).transpose()
+    }
+
+    /// Every policy (of one project, when given), by VM id.
+    pub async fn backup_policy_list(
+        &self,
+        project: Option<ProjectId>,
+    ) -> Result<Vec<BackupPolicyRecord>, Error> {
+        let rows = match project {
+            Some(p) => {
+                sqlx::query(&format!(
+                    "{POLICY_SELECT} WHERE project_id = $1 ORDER BY vm_id"
+                ))
+                .bind(p.to_string())
+                .fetch_all(&self.read)
+                .await
+            }
+            None => {
+                sqlx::query(&format!("{POLICY_SELECT} ORDER BY vm_id"))
+                    .fetch_all(&self.read)
+                    .await
+            }
+        }
+        .map_err(|e| db_error("reading backup policies", e))?;
+        rows.iter().map(BackupPolicyRecord::from_row).collect()
+    }
+
+    /// Removes a VM's policy; whether there was one.
+    pub async fn backup_policy_delete(&self, vm: VmId) -> Result<bool, Error> {
+        let done = sqlx::query("DELETE FROM backup_policies WHERE vm_id = $1")
+            .bind(vm.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("removing a backup policy", e))?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+const POLICY_SELECT: &str =
+    "SELECT vm_id, project_id, target_id, every_secs, keep_last, keep_daily, \
+     keep_weekly, created_at, updated_at FROM backup_policies";
+
+/// When a VM is backed up by itself, and which restore points are kept.
+#[derive(Debug, Clone)]
+pub struct BackupPolicyRecord {
+    pub vm_id: VmId,
+    pub project_id: ProjectId,
+    pub target_id: Option<BackupTargetId>,
+    pub every_secs: Option<u64>,
+    pub keep_last: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl BackupPolicyRecord {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, Error> {
+        let count = |c: &str| -> Result<u32, Error> { Ok(u32::try_from(r.int(c)?).unwrap_or(0)) };
+        Ok(BackupPolicyRecord {
+            vm_id: r.parse("vm_id")?,
+            project_id: r.parse("project_id")?,
+            target_id: r.opt_parse("target_id")?,
+            every_secs: r.opt_int("every_secs")?.map(u64_of),
+            keep_last: count("keep_last")?,
+            keep_daily: count("keep_daily")?,
+            keep_weekly: count("keep_weekly")?,
+            created_at: r.int("created_at")?,
+            updated_at: r.int("updated_at")?,
+        })
+    }
+
+    pub fn into_view(self) -> views::BackupPolicy {
+        views::BackupPolicy {
+            vm_id: self.vm_id,
+            project_id: self.project_id,
+            target_id: self.target_id,
+            every_secs: self.every_secs,
+            keep_last: self.keep_last,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            updated_at: from_micros(self.updated_at),
+        }
     }
 }

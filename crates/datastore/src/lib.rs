@@ -40,7 +40,9 @@ pub use db::{Backend, Datastore, OpenError};
 pub use page::{Page, PageRequest};
 
 pub use agents::{HostRequestRecord, NewHost, CONSOLE_KEEP};
-pub use backups::{BackupListFilter, BackupRecord, BackupTargetRecord, NewBackup};
+pub use backups::{
+    BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, NewBackup,
+};
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};
 pub use jobs::{JobListFilter, JobOutcome, VmEffect};

@@ -101,3 +101,21 @@ pub struct BackupCheck {
 
 /// Called with progress while a backup runs.
 pub type ProgressFn = dyn Fn(BackupProgress) + Send + Sync;
+
+/// The restore point that follows one being deleted, whose data must stop
+/// depending on the deleted file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneChild {
+    pub file: PathBuf,
+    /// Its new backing file: the deleted one's parent. `None`: the deleted
+    /// one was a full backup, and the child becomes one (standalone).
+    pub new_backing: Option<PathBuf>,
+}
+
+/// The child's figures once the deleted restore point was merged into it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
+}

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     BackupCheck, BackupOutcome, BackupRequest, ConsoleChunk, DriverError, ExecOutput, GuestInfo,
-    HostFacts, ProgressFn, StopHow, VmEvent, VmSpec, VmStatus,
+    HostFacts, ProgressFn, PruneChild, Pruned, StopHow, VmEvent, VmSpec, VmStatus,
 };
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
@@ -94,6 +94,15 @@ pub trait Driver: Send + Sync {
     /// backup `file` (read through its chain). Change tracking starts afresh:
     /// the next backup is a full one.
     async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError>;
+
+    /// Deletes the backup `file`, first merging its data into `child` (the
+    /// restore point built on it) so the child stays whole; returns the
+    /// child's new figures. Running it again after a crash finishes the job.
+    async fn backup_delete(
+        &self,
+        file: &Path,
+        child: Option<&PruneChild>,
+    ) -> Result<Option<Pruned>, DriverError>;
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

@@ -54,7 +54,7 @@ pub mod status;
 
 pub use backup::{
     bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
-    BackupRequest, ProgressFn,
+    BackupRequest, ProgressFn, PruneChild, Pruned,
 };
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};

@@ -463,6 +463,29 @@ impl Driver for SimDriver {
         Ok(())
     }
 
+    /// The simulated merge: the child gets a new checksum (its content is
+    /// unchanged, its file is not), the deleted backup is forgotten.
+    async fn backup_delete(
+        &self,
+        file: &Path,
+        child: Option<&crate::PruneChild>,
+    ) -> Result<Option<crate::Pruned>, DriverError> {
+        let mut backups = self.backups.lock().unwrap_or_else(|e| e.into_inner());
+        backups.remove(file);
+        Ok(child.map(|c| {
+            let sha256 = format!(
+                "{:064x}",
+                c.file.display().to_string().len() as u64 + backups.len() as u64
+            );
+            backups.insert(c.file.clone(), sha256.clone());
+            crate::Pruned {
+                data_bytes: 0,
+                file_bytes: 0,
+                sha256,
+            }
+        }))
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.events.subscribe()
     }

@@ -67,6 +67,7 @@ impl SagaContext {
                     result: None,
                     backup: None,
                     verified: None,
+                    pruned: None,
                     error: None,
                 };
                 return Ok(match req.result {

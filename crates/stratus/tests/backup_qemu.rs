@@ -239,6 +239,50 @@ fn real_qemu_incremental_backups_survive_a_restart_and_restore_exactly() {
             "json",
         ]);
     }
+
+    // Retention keeps the newest restore point only: the two before it are
+    // merged into it, oldest first, and it becomes a whole (full) backup
+    // that still restores exactly a, b and c.
+    env.json(&[
+        "backup",
+        "policy",
+        "set",
+        "web",
+        "--project",
+        "p",
+        "--keep-last",
+        "1",
+        "-o",
+        "json",
+    ]);
+    let kept = wait_until("retention to delete the older restore points", BOOT, || {
+        let list = env.json(&["backup", "list", "web", "--project", "p", "-o", "json"]);
+        match list["items"].as_array().map(Vec::as_slice) {
+            Some([one]) => Ok(one.clone()),
+            _ => Err(list.to_string()),
+        }
+    });
+    assert_eq!(kept["id"], inc2["id"], "{kept}");
+    assert_eq!(kept["mode"], "full", "{kept}");
+    assert!(kept["parent_id"].is_null(), "{kept}");
+    assert!(!std::path::Path::new(full["file"].as_str().unwrap_or_default()).exists());
+    assert!(!std::path::Path::new(inc1["file"].as_str().unwrap_or_default()).exists());
+    let v = env.json(&["backup", "verify", id2, "-o", "json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let restored = env.json(&[
+        "backup", "restore", id2, "--as", "r-kept", "--wait", "-o", "json",
+    ]);
+    let _kill = KillVm(restored["id"].as_str().map(str::to_string));
+    wait_guest(env, "r-kept");
+    let want: Vec<(String, String)> = [("a", &a), ("b", &b), ("c", &c)]
+        .into_iter()
+        .map(|(f, s)| (f.to_string(), s.clone()))
+        .collect();
+    assert_eq!(checksums(env, "r-kept"), want, "the merged restore point");
+    // The VM's next backup builds on the kept one.
+    let next = backup(env, "web");
+    assert_eq!(next["mode"], "incremental", "{next}");
+    assert_eq!(next["parent_id"], inc2["id"], "{next}");
 }
 
 /// Waits until the backup job is copying (its progress past the start).

@@ -6,18 +6,24 @@
 use std::path::Path;
 use std::time::Duration;
 
-use stratus_api_types::agent::{AgentRequestKind, BackupChecked};
+use stratus_api_types::agent::{
+    AgentRequestKind, AgentRequestResult, BackupChecked, BackupChildRef,
+};
 use stratus_api_types::params::{
-    BackupCreate, BackupFilter, BackupRestore, BackupTargetCreate, PageParams, VmCreate,
+    BackupCreate, BackupFilter, BackupPolicySet, BackupRestore, BackupTargetCreate, PageParams,
+    VmCreate,
 };
 use stratus_api_types::views::{
-    Backup, BackupMode, BackupOperation, BackupPage, BackupStatus, BackupTarget,
+    Backup, BackupMode, BackupOperation, BackupPage, BackupPolicy, BackupStatus, BackupTarget,
     BackupVerification, HostState, VmDesiredState, VmOperation, VmState,
 };
 use stratus_common::time::now_micros;
-use stratus_common::{BackupId, Error, JobId, ResourceKind, VmId};
+use stratus_common::{BackupId, Error, HostId, JobId, ResourceKind, VmId};
 use stratus_datastore::model::NewJob;
-use stratus_datastore::{BackupListFilter, BackupTargetRecord, NewBackup, PageRequest};
+use stratus_datastore::model::VmRecord;
+use stratus_datastore::{
+    BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, NewBackup, PageRequest,
+};
 use stratus_jobs::kinds::{RestoreParams, VmJobParams};
 use stratus_jobs::JobKind;
 
@@ -25,8 +31,8 @@ use crate::app::{lookup, Actor, App};
 
 /// Longest backup target path.
 const MAX_PATH: usize = 1024;
-/// How long a verification may take on the host.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a host may take over a verification or a delete (a merge).
+const HOST_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub async fn backup_target_create(
     app: &App,
@@ -112,6 +118,17 @@ pub async fn backup_create(
 ) -> Result<BackupOperation, Error> {
     let vm = lookup::vm(app, actor, key, scope).await?;
     actor.require_mutate()?;
+    let target = p.target.as_deref();
+    backup_start(app, &vm, p.full, target).await
+}
+
+/// Takes a backup of `vm` (for the API, and for schedules).
+pub(crate) async fn backup_start(
+    app: &App,
+    vm: &VmRecord,
+    full: bool,
+    target: Option<&str>,
+) -> Result<BackupOperation, Error> {
     let (Some(host), VmState::Running) = (vm.host_id, vm.state) else {
         return Err(Error::conflict(
             "vm_not_running",
@@ -122,8 +139,8 @@ pub async fn backup_create(
             ),
         ));
     };
-    let target = choose_target(app, vm.id, p.target.as_deref()).await?;
-    let parent = if p.full {
+    let target = choose_target(app, vm.id, target).await?;
+    let parent = if full {
         None
     } else {
         app.ds
@@ -227,49 +244,19 @@ pub async fn backup_verify(
             "only a completed backup can be verified",
         ));
     };
-    // The host that took it sees the target; any other host that is up
-    // should too.
-    let host = match b.host_id {
-        Some(h) if app.ds.host_get(h).await?.state == HostState::Up => h,
-        _ => {
-            return Err(Error::conflict(
-                "host_unavailable",
-                "the host that took the backup is not up, so it cannot read it back",
-            ))
-        }
-    };
+    let host = backup_host(app, &b).await?;
     let request = AgentRequestKind::VerifyBackup {
         file: b.file.clone(),
     };
-    let payload = serde_json::to_value(&request)
-        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
-    let expires = now_micros() + i64::try_from(VERIFY_TIMEOUT.as_micros()).unwrap_or(i64::MAX);
-    let id = app
-        .ds
-        .host_request_create(host, Some(b.vm_id), "verify_backup", &payload, expires)
-        .await?;
-    app.signals.host_desired_changed(host);
-    let deadline = tokio::time::Instant::now() + VERIFY_TIMEOUT;
-    let checked: BackupChecked = loop {
-        let r = app.ds.host_request_get(id).await?;
-        if r.answered_at.is_some() {
-            if let Some(e) = r.error {
-                return Err(Error::unprocessable("verify_failed", e));
-            }
-            break r
-                .result
-                .and_then(|v| v.get("verified").cloned())
-                .and_then(|v| serde_json::from_value(v).ok())
-                .ok_or_else(|| Error::internal("the host's verification could not be read"))?;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            app.ds.host_request_withdraw(id).await?;
-            return Err(Error::Unavailable {
-                message: "the host did not finish reading the backup in time".into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let answer = host_request(app, host, Some(b.vm_id), "verify_backup", &request)
+        .await
+        .map_err(|e| match e {
+            Error::Unprocessable { message, .. } => Error::unprocessable("verify_failed", message),
+            other => other,
+        })?;
+    let checked: BackupChecked = answer
+        .verified
+        .ok_or_else(|| Error::internal("the host's verification could not be read"))?;
     let mut problems = checked.problems.clone();
     if checked.sha256 != recorded {
         problems.insert(
@@ -291,6 +278,207 @@ pub async fn backup_verify(
         sha256: checked.sha256,
         problems,
     })
+}
+
+/// Hands `host` one request and waits for its answer (at most
+/// [`HOST_REQUEST_TIMEOUT`]); the host's error is `422` with its words.
+async fn host_request(
+    app: &App,
+    host: HostId,
+    vm: Option<VmId>,
+    kind: &str,
+    request: &AgentRequestKind,
+) -> Result<AgentRequestResult, Error> {
+    let payload = serde_json::to_value(request)
+        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
+    let expires =
+        now_micros() + i64::try_from(HOST_REQUEST_TIMEOUT.as_micros()).unwrap_or(i64::MAX);
+    let id = app
+        .ds
+        .host_request_create(host, vm, kind, &payload, expires)
+        .await?;
+    app.signals.host_desired_changed(host);
+    let deadline = tokio::time::Instant::now() + HOST_REQUEST_TIMEOUT;
+    loop {
+        let r = app.ds.host_request_get(id).await?;
+        if r.answered_at.is_some() {
+            if let Some(e) = r.error {
+                return Err(Error::unprocessable("host_failed", e));
+            }
+            return r
+                .result
+                .and_then(|v| serde_json::from_value(v).ok())
+                .ok_or_else(|| Error::internal("the host's answer could not be read"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            app.ds.host_request_withdraw(id).await?;
+            return Err(Error::Unavailable {
+                message: format!("the host did not finish the {kind} in time"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The host that reads and writes a backup's files: the one that took it,
+/// if it is up (every host sees the target; that one surely does).
+async fn backup_host(app: &App, b: &BackupRecord) -> Result<HostId, Error> {
+    match b.host_id {
+        Some(h) if app.ds.host_get(h).await?.state == HostState::Up => Ok(h),
+        _ => Err(Error::conflict(
+            "host_unavailable",
+            "the host that took the backup is not up, so it cannot reach its file",
+        )),
+    }
+}
+
+pub async fn backup_delete(app: &App, actor: &Actor, key: &str) -> Result<(), Error> {
+    let b = lookup::backup(app, actor, key).await?;
+    actor.require_mutate()?;
+    delete_backup(app, b).await
+}
+
+/// Deletes a backup: a restore point is first merged into the restore
+/// point built on it (so that one stays whole, see `qemu/prune.rs`); a
+/// failed backup has no data and just goes.
+pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Error> {
+    let was = b.status;
+    if was == BackupStatus::Running {
+        return Err(Error::conflict(
+            "backup_busy",
+            "the backup is still being taken; cancel its job first",
+        ));
+    }
+    let b = app.ds.backup_delete_begin(b.id).await?;
+    if was == BackupStatus::Failed {
+        return app.ds.backup_delete_finish(b.id, None, b.parent_id).await;
+    }
+    let outcome = async {
+        let children: Vec<BackupRecord> = app
+            .ds
+            .backup_children(b.id)
+            .await?
+            .into_iter()
+            .filter(|c| c.status == BackupStatus::Succeeded)
+            .collect();
+        if children.len() > 1 {
+            return Err(Error::conflict(
+                "backup_busy",
+                "several restore points are built on this backup; delete the newer ones first",
+            ));
+        }
+        let child = children.into_iter().next();
+        let parent = match b.parent_id {
+            Some(p) => Some(app.ds.backup_get(p).await?),
+            None => None,
+        };
+        let host = backup_host(app, &b).await?;
+        let request = AgentRequestKind::DeleteBackup {
+            file: b.file.clone(),
+            child: child.as_ref().map(|c| BackupChildRef {
+                file: c.file.clone(),
+                new_backing: parent.as_ref().map(|p| p.file.clone()),
+            }),
+        };
+        let answer = host_request(app, host, Some(b.vm_id), "delete_backup", &request).await?;
+        let merged = match (&child, answer.pruned) {
+            (Some(c), Some(figures)) => Some((c.id, figures)),
+            (Some(_), None) => {
+                return Err(Error::internal(
+                    "the host merged the backup without its figures",
+                ))
+            }
+            (None, _) => None,
+        };
+        app.ds
+            .backup_delete_finish(b.id, merged.as_ref().map(|(id, f)| (*id, f)), b.parent_id)
+            .await
+    }
+    .await;
+    if outcome.is_err() {
+        app.ds.backup_delete_abort(b.id, was).await?;
+    }
+    outcome
+}
+
+const MIN_EVERY_SECS: u64 = 60;
+
+pub async fn backup_policy_set(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    p: BackupPolicySet,
+) -> Result<BackupPolicy, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    if p.every_secs.is_some_and(|s| s < MIN_EVERY_SECS) {
+        return Err(Error::invalid(
+            "every_secs",
+            format!("backups are scheduled at most every {MIN_EVERY_SECS} s"),
+        ));
+    }
+    let target = match p.target.as_deref() {
+        Some(t) => Some(choose_target(app, vm.id, Some(t)).await?.id),
+        None => None,
+    };
+    let rec = BackupPolicyRecord {
+        vm_id: vm.id,
+        project_id: vm.project_id,
+        target_id: target,
+        every_secs: p.every_secs,
+        keep_last: p.keep_last,
+        keep_daily: p.keep_daily,
+        keep_weekly: p.keep_weekly,
+        created_at: 0,
+        updated_at: 0,
+    };
+    Ok(app.ds.backup_policy_set(&rec).await?.into_view())
+}
+
+pub async fn backup_policy_view(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+) -> Result<BackupPolicy, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    app.ds
+        .backup_policy_get(vm.id)
+        .await?
+        .map(BackupPolicyRecord::into_view)
+        .ok_or_else(|| Error::not_found(ResourceKind::BackupPolicy, key))
+}
+
+pub async fn backup_policy_delete(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+) -> Result<(), Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_mutate()?;
+    if app.ds.backup_policy_delete(vm.id).await? {
+        Ok(())
+    } else {
+        Err(Error::not_found(ResourceKind::BackupPolicy, key))
+    }
+}
+
+pub async fn backup_policy_list(
+    app: &App,
+    actor: &Actor,
+    project: Option<&str>,
+) -> Result<Vec<BackupPolicy>, Error> {
+    let project = lookup::project_filter(app, actor, project).await?;
+    Ok(app
+        .ds
+        .backup_policy_list(project)
+        .await?
+        .into_iter()
+        .filter(|p| actor.can_see(p.project_id))
+        .map(BackupPolicyRecord::into_view)
+        .collect())
 }
 
 /// Restores a backup into a new VM (`as_vm`) or over its own, stopped, VM

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod authz;
+pub mod backup_policies;
 pub mod backups;
 pub mod flavors;
 pub mod hosts;

@@ -15,6 +15,8 @@
 //!           (c) orphans    VMs hosts reported running without the
 //!                          controller's say: kept ones the host stopped
 //!                          reporting are forgotten, destroyed ones after a day
+//!           (d) backups    scheduled backups and retention
+//!                          (`backup_policies.rs`), in a task of its own
 //! ```
 //!
 //! **Invariant**: the lease keeps the work on one controller (on PostgreSQL
@@ -142,7 +144,7 @@ async fn run(app: Weak<App>, config: ReconcilerConfig, mut stopped: watch::Recei
 
 /// Takes or renews the lease and, if held, runs one pass. Returns whether
 /// this controller leads now.
-async fn lead_and_pass(app: &App, config: &ReconcilerConfig, was_leading: bool) -> bool {
+async fn lead_and_pass(app: &Arc<App>, config: &ReconcilerConfig, was_leading: bool) -> bool {
     let now = now_micros();
     let leading = match app
         .ds
@@ -164,6 +166,7 @@ async fn lead_and_pass(app: &App, config: &ReconcilerConfig, was_leading: bool) 
     }
     if leading {
         pass(app, config).await;
+        super::backup_policies::kick(app);
     }
     leading
 }

@@ -137,7 +137,17 @@ pub fn router(app: Arc<App>) -> Router {
             delete(backups::backup_target_delete),
         )
         .route("/backups", get(backups::backup_list))
-        .route("/backups/{backup}", get(backups::backup_view))
+        .route(
+            "/backups/{backup}",
+            get(backups::backup_view).delete(backups::backup_delete),
+        )
+        .route(
+            "/vms/{vm}/backup-policy",
+            get(backups::backup_policy_view)
+                .put(backups::backup_policy_set)
+                .delete(backups::backup_policy_delete),
+        )
+        .route("/backup-policies", get(backups::backup_policy_list))
         .route("/backups/{backup}/verify", post(backups::backup_verify))
         .route("/backups/{backup}/restore", post(backups::backup_restore))
         .route("/agent/enroll", post(agent::agent_enroll))

@@ -42,7 +42,8 @@ impl Modify for BearerAuth {
         agent::agent_console_append, agent::agent_image_download, agent::agent_request_progress,
         backups::backup_target_create, backups::backup_target_list, backups::backup_target_delete,
         backups::backup_create, backups::backup_list, backups::backup_view, backups::backup_verify,
-        backups::backup_restore,
+        backups::backup_restore, backups::backup_delete, backups::backup_policy_set,
+        backups::backup_policy_view, backups::backup_policy_delete, backups::backup_policy_list,
         jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
     ),
     components(schemas(
@@ -54,6 +55,7 @@ impl Modify for BearerAuth {
         views::BackupTarget, views::BackupMode, views::BackupStatus, views::Backup, views::BackupPage,
         views::BackupVerification, views::BackupOperation,
         proto::BackupParentRef, proto::BackupDone, proto::BackupChecked, proto::RequestProgress,
+        proto::BackupChildRef, proto::BackupPruned, views::BackupPolicy, params::BackupPolicySet,
         params::VmBatchCreate, params::ClusterUpdate, params::ServerGroupCreate, params::HostUpdate,
         views::Allocation, views::Weigher, views::Cluster, views::ClusterPage, views::GroupPolicy,
         views::ServerGroup, views::ServerGroupPage, views::VmPlacement, views::FilterCount, views::Shortfall,

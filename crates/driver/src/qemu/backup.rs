@@ -763,7 +763,7 @@ struct MapEntry {
 /// Guest data held in the file's own layer: the clusters `qemu-img map`
 /// reports as data when the backing chain is not opened. Zero clusters (the
 /// copy of a zeroed area) hold no data.
-async fn data_bytes(qemu_img: &Path, file: &Path) -> Result<u64, DriverError> {
+pub(super) async fn data_bytes(qemu_img: &Path, file: &Path) -> Result<u64, DriverError> {
     let spec = own_layer_spec(file)?;
     let context = format!("map the backup file {}", file.display());
     let out = run_qemu_img(

@@ -54,6 +54,7 @@ mod image;
 mod layout;
 mod probe;
 mod process;
+mod prune;
 mod qga;
 mod qmp;
 
@@ -83,8 +84,8 @@ use self::qga::QgaConn;
 use self::qmp::QmpService;
 use crate::{
     BackupCheck, BackupOutcome, BackupRequest, BootSpec, ConsoleChunk, Driver, DriverError,
-    ExecOutput, GuestInfo, HostFacts, ProgressFn, QemuSaid, StopHow, VmEvent, VmRuntimeState,
-    VmSpec, VmStatus,
+    ExecOutput, GuestInfo, HostFacts, ProgressFn, PruneChild, Pruned, QemuSaid, StopHow, VmEvent,
+    VmRuntimeState, VmSpec, VmStatus,
 };
 
 /// Events buffered per subscriber.
@@ -1256,6 +1257,14 @@ impl Driver for QemuDriver {
 
     async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError> {
         backup::restore(&self.shared, id, file).await
+    }
+
+    async fn backup_delete(
+        &self,
+        file: &Path,
+        child: Option<&PruneChild>,
+    ) -> Result<Option<Pruned>, DriverError> {
+        prune::delete(&self.shared.config.qemu_img, file, child).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

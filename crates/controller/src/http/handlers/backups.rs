@@ -6,10 +6,12 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::Json;
 use stratus_api_types::params::{
-    BackupCreate, BackupFilter, BackupRestore, BackupTargetCreate, PageParams, ProjectScope,
+    BackupCreate, BackupFilter, BackupPolicySet, BackupRestore, BackupTargetCreate, PageParams,
+    ProjectScope,
 };
 use stratus_api_types::views::{
-    Backup, BackupOperation, BackupPage, BackupTarget, BackupVerification, VmOperation,
+    Backup, BackupOperation, BackupPage, BackupPolicy, BackupTarget, BackupVerification,
+    VmOperation,
 };
 
 use super::AppState;
@@ -157,5 +159,98 @@ pub async fn backup_restore(
     Ok((
         StatusCode::ACCEPTED,
         Json(backups::backup_restore(&s.0, &actor, &key, p).await?),
+    ))
+}
+
+/// Delete a backup. A restore point is first merged into the restore point
+/// built on it (on a host), so every restore point left reads as before;
+/// the newest one's deletion makes the VM's next backup a full one.
+#[utoipa::path(delete, path = "/v1/backups/{backup}", tag = "backups", operation_id = "backup_delete",
+    params(("backup" = String, Path, description = "backup id")),
+    responses((status = 204, description = "deleted"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn backup_delete(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    backups::backup_delete(&s.0, &actor, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Set a VM's backup policy: a schedule and retention (keep the newest N,
+/// the newest of each of the last N days and weeks). Restore points the
+/// policy does not keep are deleted by the controller, merged into the ones
+/// built on them.
+#[utoipa::path(put, path = "/v1/vms/{vm}/backup-policy", tag = "backups", operation_id = "backup_policy_set",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    request_body = BackupPolicySet,
+    responses((status = 200, body = BackupPolicy, description = "the policy"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn backup_policy_set(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+    ApiJson(p): ApiJson<BackupPolicySet>,
+) -> Result<Json<BackupPolicy>, ApiError> {
+    Ok(Json(
+        backups::backup_policy_set(&s.0, &actor, &key, scope.project.as_deref(), p).await?,
+    ))
+}
+
+/// Show a VM's backup policy.
+#[utoipa::path(get, path = "/v1/vms/{vm}/backup-policy", tag = "backups", operation_id = "backup_policy_view",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 200, body = BackupPolicy, description = "the policy"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn backup_policy_view(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<Json<BackupPolicy>, ApiError> {
+    Ok(Json(
+        backups::backup_policy_view(&s.0, &actor, &key, scope.project.as_deref()).await?,
+    ))
+}
+
+/// Remove a VM's backup policy (its backups stay).
+#[utoipa::path(delete, path = "/v1/vms/{vm}/backup-policy", tag = "backups", operation_id = "backup_policy_delete",
+    params(("vm" = String, Path, description = "VM name or id"), ProjectScope),
+    responses((status = 204, description = "removed"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn backup_policy_delete(
+    s: AppState,
+    actor: Actor,
+    Path(key): Path<String>,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<StatusCode, ApiError> {
+    backups::backup_policy_delete(&s.0, &actor, &key, scope.project.as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// List backup policies.
+#[utoipa::path(get, path = "/v1/backup-policies", tag = "backups", operation_id = "backup_policy_list",
+    params(ProjectScope),
+    responses((status = 200, body = Vec<BackupPolicy>, description = "the policies"),
+              (status = "4XX", body = ErrorBody, description = "client error"),
+              (status = "5XX", body = ErrorBody, description = "server error")),
+    security(("bearer" = [])))]
+pub async fn backup_policy_list(
+    s: AppState,
+    actor: Actor,
+    ApiQuery(scope): ApiQuery<ProjectScope>,
+) -> Result<Json<Vec<BackupPolicy>>, ApiError> {
+    Ok(Json(
+        backups::backup_policy_list(&s.0, &actor, scope.project.as_deref()).await?,
     ))
 }
