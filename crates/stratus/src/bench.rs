@@ -27,6 +27,8 @@ pub enum BenchCmd {
     /// VM operations while controllers are SIGKILLed and restarted, then a
     /// check that every job ended and nothing is left inconsistent
     Chaos(crate::bench_chaos::ChaosArgs),
+    /// Bytes an incremental backup copies against bytes the guest wrote
+    Backup(crate::bench_backup::BackupArgs),
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +70,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Placement(a) => placement(a).await,
         BenchCmd::Api(a) => crate::bench_api::api(a).await,
         BenchCmd::Chaos(a) => crate::bench_chaos::chaos(a).await,
+        BenchCmd::Backup(a) => crate::bench_backup::backup_bench(a).await,
     }
 }
 
@@ -100,10 +103,10 @@ async fn placement(a: PlacementArgs) -> anyhow::Result<()> {
 }
 
 /// A `stratus up` child process on a temporary data dir.
-struct Cloud {
+pub(crate) struct Cloud {
     child: std::process::Child,
-    url: String,
-    token: String,
+    pub(crate) url: String,
+    pub(crate) token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -130,7 +133,7 @@ pub(crate) fn stop_child(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-fn start_cloud() -> anyhow::Result<Cloud> {
+pub(crate) fn start_cloud() -> anyhow::Result<Cloud> {
     let dir = tempfile::Builder::new()
         .prefix("stratus-bench-")
         .tempdir()?;
@@ -167,7 +170,7 @@ fn start_cloud() -> anyhow::Result<Cloud> {
     })
 }
 
-fn client(url: &str, token: &str) -> anyhow::Result<stratus_client::Client> {
+pub(crate) fn client(url: &str, token: &str) -> anyhow::Result<stratus_client::Client> {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert(
         reqwest::header::AUTHORIZATION,

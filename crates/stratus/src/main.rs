@@ -8,6 +8,7 @@
 mod agent_cmd;
 mod bench;
 mod bench_api;
+mod bench_backup;
 mod bench_chaos;
 mod bench_support;
 mod daemon;
