@@ -573,6 +573,34 @@ impl Driver for SlowStops {
     ) -> Result<Option<stratus_driver::Pruned>, DriverError> {
         self.sim.backup_delete(f, c).await
     }
+
+    async fn vm_snapshot_create(
+        &self,
+        id: VmId,
+        req: &stratus_driver::SnapshotRequest,
+    ) -> Result<stratus_driver::SnapshotInfo, DriverError> {
+        self.sim.vm_snapshot_create(id, req).await
+    }
+    async fn vm_snapshot_list(
+        &self,
+        id: VmId,
+    ) -> Result<Vec<stratus_driver::SnapshotInfo>, DriverError> {
+        self.sim.vm_snapshot_list(id).await
+    }
+    async fn vm_snapshot_revert(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<Vec<uuid::Uuid>, DriverError> {
+        self.sim.vm_snapshot_revert(id, snapshot_id).await
+    }
+    async fn vm_snapshot_delete(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<(), DriverError> {
+        self.sim.vm_snapshot_delete(id, snapshot_id).await
+    }
     async fn host_facts(&self) -> Result<HostFacts, DriverError> {
         self.sim.host_facts().await
     }

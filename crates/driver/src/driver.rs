@@ -10,7 +10,8 @@ use tokio::sync::broadcast;
 
 use crate::{
     BackupCheck, BackupOutcome, BackupRequest, ConsoleChunk, DriverError, ExecOutput, GuestInfo,
-    HostFacts, ProgressFn, PruneChild, Pruned, StopHow, VmEvent, VmSpec, VmStatus,
+    HostFacts, ProgressFn, PruneChild, Pruned, SnapshotInfo, SnapshotRequest, StopHow, VmEvent,
+    VmSpec, VmStatus,
 };
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
@@ -103,6 +104,41 @@ pub trait Driver: Send + Sync {
         file: &Path,
         child: Option<&PruneChild>,
     ) -> Result<Option<Pruned>, DriverError>;
+
+    /// Snapshots the disk of VM `id`, running (live: the VM keeps running;
+    /// its file systems are frozen through the guest agent for the moment
+    /// if it answers) or stopped (see [`crate::snapshot`]). Names are unique
+    /// per VM ([`DriverError::Conflict`]); a request whose `snapshot_id`
+    /// exists already returns that snapshot. A VM holding
+    /// [`crate::MAX_SNAPSHOTS`] is refused.
+    async fn vm_snapshot_create(
+        &self,
+        id: VmId,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotInfo, DriverError>;
+
+    /// The VM's snapshots, oldest first.
+    async fn vm_snapshot_list(&self, id: VmId) -> Result<Vec<SnapshotInfo>, DriverError>;
+
+    /// Makes the disk of the stopped VM `id` what it was when the snapshot
+    /// was taken (a running VM is [`DriverError::InvalidState`]). The
+    /// snapshot stays; the ones taken after it are dropped: their ids are
+    /// returned. The disk's backup change tracking starts afresh (the next
+    /// backup is full).
+    async fn vm_snapshot_revert(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<Vec<uuid::Uuid>, DriverError>;
+
+    /// Deletes a snapshot of VM `id`, running (live: the VM keeps running)
+    /// or stopped. Its layer is merged into the next one up, so the chain
+    /// gets one shorter and every other snapshot keeps its content.
+    async fn vm_snapshot_delete(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<(), DriverError>;
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

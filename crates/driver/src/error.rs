@@ -29,9 +29,15 @@ pub enum DriverError {
     #[error("invalid spec for VM {id}: {reason}")]
     InvalidSpec { id: VmId, reason: String },
 
-    /// `vm_create` for an id that already exists with another spec.
-    #[error("VM {id} already exists with a different spec ({difference})")]
+    /// What was asked for clashes with what exists: `vm_create` for an id
+    /// that exists with another spec, a snapshot name already taken.
+    #[error("conflict on VM {id}: {difference}")]
     Conflict { id: VmId, difference: String },
+
+    /// The VM has no snapshot with this id (never taken, deleted, or dropped
+    /// by a revert to an older one).
+    #[error("VM {id} has no snapshot {snapshot_id}")]
+    SnapshotNotFound { id: VmId, snapshot_id: uuid::Uuid },
 
     /// QEMU (or qemu-img) refused, failed or answered with an error.
     #[error("{context}")]

@@ -49,6 +49,7 @@ pub mod driver;
 pub mod error;
 pub mod qemu;
 pub mod sim;
+pub mod snapshot;
 pub mod spec;
 pub mod status;
 
@@ -62,6 +63,7 @@ pub use qemu::{
     guest_agent_wait, probe_accel, Accel, AccelChoice, AccelProbe, QemuConfig, QemuDriver,
 };
 pub use sim::{SimConfig, SimDriver};
+pub use snapshot::{SnapshotInfo, SnapshotRequest, MAX_SNAPSHOTS};
 pub use spec::{BootSpec, ImageFormat, NicSpec, VmSpec};
 pub use status::{
     ConsoleChunk, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent, VmRuntimeState, VmStatus,

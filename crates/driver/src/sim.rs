@@ -24,6 +24,13 @@
 //! backup. A full backup "holds" the whole disk (`data_bytes` is the spec's
 //! disk size), an incremental one nothing (0); the checksum is that of a
 //! description of the backup, so it is stable and distinct per backup.
+//!
+//! Snapshots are records in the VM's row with the QEMU driver's rules: names
+//! unique per VM, at most [`crate::MAX_SNAPSHOTS`], revert only while
+//! stopped (dropping the newer ones and the change-tracking bitmaps, as the
+//! fresh disk layer QEMU gets has none), delete running or stopped. A
+//! snapshot of a running VM is `quiesced` (the simulated guest agent always
+//! answers); `bytes` is always 0 (no data is written).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,8 +46,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupProgress, BackupRequest,
-    ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, ProgressFn, StopHow,
-    VmEvent, VmRuntimeState, VmSpec, VmStatus,
+    ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, ProgressFn, SnapshotInfo,
+    SnapshotRequest, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus, MAX_SNAPSHOTS,
 };
 
 /// Events a simulated driver buffers per subscriber. Small on purpose: 10,000
@@ -81,6 +88,8 @@ struct SimVm {
     last_contact: Option<DateTime<Utc>>,
     /// Change-tracking bitmaps of the disk: name -> inconsistent.
     bitmaps: HashMap<String, bool>,
+    /// Snapshots of the disk, oldest first.
+    snapshots: Vec<SnapshotInfo>,
 }
 
 /// The simulated driver. See the module docs.
@@ -213,7 +222,9 @@ impl Driver for SimDriver {
             if existing.spec != *spec {
                 return Err(DriverError::Conflict {
                     id: spec.id,
-                    difference: "the simulated VM was created with another spec".into(),
+                    difference: "it already exists with a different spec (the simulated VM \
+                                 was created with another spec)"
+                        .into(),
                 });
             }
             return Ok(());
@@ -227,6 +238,7 @@ impl Driver for SimDriver {
                 boots: 0,
                 last_contact: None,
                 bitmaps: HashMap::new(),
+                snapshots: Vec::new(),
             },
         );
         Ok(())
@@ -379,7 +391,8 @@ impl Driver for SimDriver {
                         BackupMode::Full,
                         Some(format!(
                             "the change-tracking bitmap of backup {} is missing (the disk was \
-                             restored or replaced, or QEMU ended without storing it)",
+                             restored, replaced or reverted to a snapshot, or QEMU ended \
+                             without storing it)",
                             parent.backup_id
                         )),
                     ),
@@ -484,6 +497,97 @@ impl Driver for SimDriver {
                 sha256,
             }
         }))
+    }
+
+    async fn vm_snapshot_create(
+        &self,
+        id: VmId,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotInfo, DriverError> {
+        self.delay().await;
+        let mut vms = self.lock();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        if let Some(existing) = vm
+            .snapshots
+            .iter()
+            .find(|s| s.snapshot_id == req.snapshot_id)
+        {
+            return Ok(existing.clone());
+        }
+        req.validate(id)?;
+        if let Some(taken) = vm.snapshots.iter().find(|s| s.name == req.name) {
+            return Err(crate::snapshot::name_taken(
+                id,
+                &req.name,
+                taken.snapshot_id,
+            ));
+        }
+        if vm.snapshots.len() >= MAX_SNAPSHOTS {
+            return Err(crate::snapshot::limit_error(id));
+        }
+        let info = SnapshotInfo {
+            snapshot_id: req.snapshot_id,
+            name: req.name.clone(),
+            created_at: Utc::now(),
+            quiesced: vm.state == VmRuntimeState::Running,
+            bytes: 0,
+        };
+        vm.snapshots.push(info.clone());
+        Ok(info)
+    }
+
+    async fn vm_snapshot_list(&self, id: VmId) -> Result<Vec<SnapshotInfo>, DriverError> {
+        let vms = self.lock();
+        let vm = vms.get(&id).ok_or(DriverError::NotFound(id))?;
+        Ok(vm.snapshots.clone())
+    }
+
+    async fn vm_snapshot_revert(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<Vec<uuid::Uuid>, DriverError> {
+        self.delay().await;
+        let mut vms = self.lock();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        if vm.state.is_active() {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "revert to a snapshot",
+                state: vm.state.to_string(),
+            });
+        }
+        let at = vm
+            .snapshots
+            .iter()
+            .position(|s| s.snapshot_id == snapshot_id)
+            .ok_or(DriverError::SnapshotNotFound { id, snapshot_id })?;
+        let dropped = vm
+            .snapshots
+            .split_off(at + 1)
+            .into_iter()
+            .map(|s| s.snapshot_id)
+            .collect();
+        // The disk gets a fresh layer without change tracking.
+        vm.bitmaps.clear();
+        Ok(dropped)
+    }
+
+    async fn vm_snapshot_delete(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<(), DriverError> {
+        self.delay().await;
+        let mut vms = self.lock();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        let at = vm
+            .snapshots
+            .iter()
+            .position(|s| s.snapshot_id == snapshot_id)
+            .ok_or(DriverError::SnapshotNotFound { id, snapshot_id })?;
+        vm.snapshots.remove(at);
+        Ok(())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
@@ -788,6 +892,86 @@ mod tests {
             .expect("backup");
         assert_eq!(r.mode, BackupMode::Full);
         assert!(r.fallback_reason.expect("reason").contains("is missing"));
+    }
+
+    #[tokio::test]
+    async fn snapshots_follow_the_qemu_rules() {
+        let d = sim();
+        let s = spec();
+        d.vm_create(&s).await.expect("create");
+        d.vm_start(s.id).await.expect("start");
+        let req = |name: &str| SnapshotRequest {
+            snapshot_id: uuid::Uuid::new_v4(),
+            name: name.into(),
+        };
+        let s1 = req("s1");
+        let i1 = d.vm_snapshot_create(s.id, &s1).await.expect("s1");
+        assert!(i1.quiesced, "a running VM's agent answers");
+        assert_eq!(
+            d.vm_snapshot_create(s.id, &s1).await.expect("again"),
+            i1,
+            "idempotent by id"
+        );
+        assert!(matches!(
+            d.vm_snapshot_create(s.id, &req("s1")).await,
+            Err(DriverError::Conflict { .. })
+        ));
+        let s2 = req("s2");
+        d.vm_snapshot_create(s.id, &s2).await.expect("s2");
+        let s3 = req("s3");
+        d.vm_snapshot_create(s.id, &s3).await.expect("s3");
+        assert!(matches!(
+            d.vm_snapshot_revert(s.id, s1.snapshot_id).await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        // Delete works running.
+        d.vm_snapshot_delete(s.id, s2.snapshot_id)
+            .await
+            .expect("delete s2");
+        assert!(matches!(
+            d.vm_snapshot_delete(s.id, s2.snapshot_id).await,
+            Err(DriverError::SnapshotNotFound { .. })
+        ));
+        let names: Vec<String> = d
+            .vm_snapshot_list(s.id)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["s1", "s3"]);
+
+        d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        assert_eq!(
+            d.vm_snapshot_revert(s.id, s1.snapshot_id)
+                .await
+                .expect("revert"),
+            vec![s3.snapshot_id]
+        );
+        assert_eq!(d.vm_snapshot_list(s.id).await.expect("list").len(), 1);
+        let stopped = d
+            .vm_snapshot_create(s.id, &req("stopped"))
+            .await
+            .expect("snapshot of a stopped VM");
+        assert!(!stopped.quiesced);
+
+        // The limit.
+        for n in 2..MAX_SNAPSHOTS {
+            d.vm_snapshot_create(s.id, &req(&format!("n{n}")))
+                .await
+                .expect("below the limit");
+        }
+        let e = d
+            .vm_snapshot_create(s.id, &req("one too many"))
+            .await
+            .expect_err("limit");
+        assert!(e.to_string().contains("limit of 16"), "{e}");
+        d.vm_snapshot_delete(s.id, stopped.snapshot_id)
+            .await
+            .expect("delete while stopped");
+        d.vm_snapshot_create(s.id, &req("one too many"))
+            .await
+            .expect("room again");
     }
 
     #[tokio::test]

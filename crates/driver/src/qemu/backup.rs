@@ -5,9 +5,13 @@
 //!
 //! 1. Under the VM's operation lock: clear what an earlier, interrupted attempt
 //!    left in QEMU (block jobs named `stratus-backup-*`, block nodes named
-//!    `stratus-bk-*`) and at the target; read `disk0`'s dirty bitmaps with
-//!    `query-block`; choose full or incremental (and say why a requested
-//!    incremental fell back); remove stray `stratus-backup-*` bitmaps; create
+//!    `stratus-bk-*`) and at the target; find the disk's active layer (after
+//!    a snapshot it is no longer `disk0`, see `snapshot.rs`) and read its
+//!    dirty bitmaps with `query-block`, and the copies of them older layers
+//!    hold with `query-named-block-nodes`; choose full or incremental (and say
+//!    why a requested incremental fell back); for an incremental, merge the
+//!    older layers' copies of the parent's bitmap into the active layer's
+//!    (see below); remove stray `stratus-backup-*` bitmaps; create
 //!    the target qcow2 with `qemu-img` (an incremental's backing file is the
 //!    parent's file); `blockdev-add` it (without opening its backing chain);
 //!    then one QMP `transaction`: add the new persistent bitmap and start
@@ -22,6 +26,19 @@
 //! 4. Without the lock: fsync the file, measure it (`qemu-img map` of its own
 //!    layer, SHA-256); then remove the parent's bitmap, which the new one
 //!    replaces.
+//!
+//! # Bitmaps across snapshots
+//!
+//! A snapshot freezes the active layer and adds, on the new layer, a copy of
+//! each backup bitmap (same name, empty). The frozen layer's copy keeps the
+//! writes made before the snapshot and stops changing; the new copy records
+//! those after. So the writes since a backup are the union of its bitmap's
+//! copies down the chain: before an incremental backup the driver merges the
+//! older copies into the active layer's (`block-dirty-bitmap-merge` with
+//! `{node, name}` sources). The older copies sit on read-only layers and
+//! cannot be removed; they are never used again once the backup completes
+//! (its successor's bitmap starts on the active layer). A copy on any layer
+//! that is inconsistent means writes may be missing: full backup.
 //!
 //! # Locks: why the copy runs without the operation lock
 //!
@@ -63,14 +80,13 @@ use stratus_common::VmId;
 use super::image::run_qemu_img;
 use super::layout::{read_json, remove_file_if_exists, VmPaths};
 use super::qmp::{execute, QmpService};
+use super::snapshot::{active_node, block_nodes, disk_device};
 use super::{process, Shared, VmEntry, QMP_TIMEOUT};
 use crate::{
     bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
     BackupRequest, DriverError, ProgressFn, QemuSaid, VmSpec,
 };
 
-/// The VM's disk node (see `cmdline.rs`).
-const DISK_NODE: &str = "disk0";
 /// Prefix of the bitmaps this driver owns (see [`bitmap_name`]).
 const BITMAP_PREFIX: &str = "stratus-backup-";
 /// Prefix of the backup block jobs' ids.
@@ -106,27 +122,51 @@ struct Bitmap {
     inconsistent: bool,
 }
 
+/// A copy of a backup bitmap on an older (backing) layer of the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct OlderCopy {
+    node: String,
+    bitmap: Bitmap,
+}
+
 /// What the driver needs to know about the disk before a backup.
 struct DiskState {
+    /// The active layer's node.
+    node: String,
     virtual_size: u64,
+    /// The active layer's bitmaps.
     bitmaps: Vec<Bitmap>,
+    /// Our bitmaps' copies on the other layers.
+    older: Vec<OlderCopy>,
 }
 
 /// Full or incremental, and why an incremental was not possible.
-fn choose_mode(parent: Option<&BackupParent>, bitmaps: &[Bitmap]) -> (BackupMode, Option<String>) {
+fn choose_mode(
+    parent: Option<&BackupParent>,
+    bitmaps: &[Bitmap],
+    older: &[OlderCopy],
+) -> (BackupMode, Option<String>) {
     let Some(parent) = parent else {
         return (BackupMode::Full, None);
     };
     let name = bitmap_name(parent.backup_id);
+    let older_inconsistent = older
+        .iter()
+        .any(|c| c.bitmap.name == name && c.bitmap.inconsistent);
     let reason = match bitmaps.iter().find(|b| b.name == name) {
         None => format!(
-            "the change-tracking bitmap of backup {} is missing (the disk was restored or \
-             replaced, or QEMU ended without storing it)",
+            "the change-tracking bitmap of backup {} is missing (the disk was restored, \
+             replaced or reverted to a snapshot, or QEMU ended without storing it)",
             parent.backup_id
         ),
         Some(b) if b.inconsistent => format!(
             "the change-tracking bitmap of backup {} is inconsistent (QEMU did not close the \
              disk cleanly)",
+            parent.backup_id
+        ),
+        Some(_) if older_inconsistent => format!(
+            "the change-tracking bitmap of backup {} is inconsistent in a disk layer a snapshot \
+             froze (QEMU did not close the disk cleanly before that snapshot)",
             parent.backup_id
         ),
         Some(_) if !parent.file.is_file() => format!(
@@ -214,14 +254,17 @@ pub(super) async fn backup(
         clear_leftovers(&qmp, id).await?;
         remove_file_if_exists(&req.target)?;
         let disk = disk_state(&qmp).await?;
-        let (mode, fallback_reason) = choose_mode(req.parent.as_ref(), &disk.bitmaps);
+        let (mode, fallback_reason) = choose_mode(req.parent.as_ref(), &disk.bitmaps, &disk.older);
         let parent_bitmap = match (mode, &req.parent) {
             (BackupMode::Incremental, Some(p)) => Some(bitmap_name(p.backup_id)),
             _ => None,
         };
         for stray in stray_bitmaps(&disk.bitmaps, parent_bitmap.as_deref()) {
             tracing::info!(vm = %id, bitmap = %stray, "removing a stray backup bitmap");
-            remove_bitmap(&qmp, &stray).await?;
+            remove_bitmap(&qmp, &disk.node, &stray).await?;
+        }
+        if let Some(parent) = &parent_bitmap {
+            merge_older_copies(&qmp, id, &disk, parent).await?;
         }
         if let Some(reason) = &fallback_reason {
             tracing::warn!(vm = %id, backup = %req.backup_id, %reason, "taking a full backup instead of an incremental one");
@@ -236,6 +279,7 @@ pub(super) async fn backup(
         }
         let started_job = start_job(
             &qmp,
+            &disk.node,
             &target,
             &node,
             &job,
@@ -346,7 +390,12 @@ pub(super) async fn backup(
         let name = bitmap_name(parent.backup_id);
         match shared.qmp(&vm).await {
             Ok(qmp) => {
-                if let Err(e) = remove_bitmap(&qmp, &name).await {
+                let removed = async {
+                    let node = active_node(&qmp).await?;
+                    remove_bitmap(&qmp, &node, &name).await
+                }
+                .await;
+                if let Err(e) = removed {
                     tracing::warn!(vm = %id, bitmap = %name, error = %e, "cannot remove the parent's bitmap; the next backup will");
                 }
             }
@@ -440,19 +489,34 @@ async fn finish_job(qmp: &QmpService, id: &str) -> Result<(), DriverError> {
     }
 }
 
-/// The disk's size and dirty bitmaps.
+/// The disk's active node, size and dirty bitmaps, and the copies of our
+/// bitmaps on its other layers.
 async fn disk_state(qmp: &QmpService) -> Result<DiskState, DriverError> {
-    let blocks = execute(qmp, q::query_block {}, QMP_TIMEOUT, "backup").await?;
-    let disk = blocks
+    let disk = disk_device(qmp).await?;
+    let node = disk.node_name.clone().ok_or_else(|| {
+        DriverError::qemu(
+            "QMP query-block lists the VM's disk without a node name",
+            QemuSaid(String::new()),
+        )
+    })?;
+    // Every other node holding our bitmaps is a layer of the chain (backup
+    // targets carry none): merging from a layer no longer in the chain would
+    // only add dirty bits, never lose one.
+    let older = block_nodes(qmp)
+        .await?
         .into_iter()
-        .filter_map(|b| b.inserted)
-        .find(|i| i.node_name.as_deref() == Some(DISK_NODE))
-        .ok_or_else(|| {
-            DriverError::qemu(
-                "QMP query-block does not list the VM's disk",
-                QemuSaid(format!("no inserted medium with node-name {DISK_NODE}")),
-            )
-        })?;
+        .filter(|n| n.name != node && !n.name.starts_with(NODE_PREFIX))
+        .flat_map(|n| {
+            let node = n.name;
+            n.bitmaps
+                .into_iter()
+                .filter(|(name, _)| name.starts_with(BITMAP_PREFIX))
+                .map(move |(name, inconsistent)| OlderCopy {
+                    node: node.clone(),
+                    bitmap: Bitmap { name, inconsistent },
+                })
+        })
+        .collect();
     let virtual_size = u64::try_from(disk.image.base.virtual_size)
         .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
     let bitmaps = disk
@@ -467,16 +531,55 @@ async fn disk_state(qmp: &QmpService) -> Result<DiskState, DriverError> {
         })
         .collect();
     Ok(DiskState {
+        node,
         virtual_size,
         bitmaps,
+        older,
     })
 }
 
-async fn remove_bitmap(qmp: &QmpService, name: &str) -> Result<(), DriverError> {
+/// Makes the active layer's copy of the parent's bitmap the union of all its
+/// copies down the chain (see the module docs).
+async fn merge_older_copies(
+    qmp: &QmpService,
+    id: VmId,
+    disk: &DiskState,
+    parent_bitmap: &str,
+) -> Result<(), DriverError> {
+    let sources: Vec<q::BlockDirtyBitmapOrStr> = disk
+        .older
+        .iter()
+        .filter(|c| c.bitmap.name == parent_bitmap)
+        .map(|c| {
+            q::BlockDirtyBitmapOrStr::external(q::BlockDirtyBitmap {
+                node: c.node.clone(),
+                name: c.bitmap.name.clone(),
+            })
+        })
+        .collect();
+    if sources.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(vm = %id, bitmap = %parent_bitmap, layers = sources.len(), "merging the copies older disk layers hold into the active layer's bitmap");
+    execute(
+        qmp,
+        q::block_dirty_bitmap_merge(q::BlockDirtyBitmapMerge {
+            node: disk.node.clone(),
+            target: parent_bitmap.into(),
+            bitmaps: sources,
+        }),
+        QMP_TIMEOUT,
+        "backup",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn remove_bitmap(qmp: &QmpService, node: &str, name: &str) -> Result<(), DriverError> {
     execute(
         qmp,
         q::block_dirty_bitmap_remove(q::BlockDirtyBitmap {
-            node: DISK_NODE.into(),
+            node: node.into(),
             name: name.into(),
         }),
         QMP_TIMEOUT,
@@ -524,6 +627,7 @@ async fn create_target(
 #[allow(clippy::too_many_arguments)] // every name the one transaction needs
 async fn start_job(
     qmp: &QmpService,
+    disk_node: &str,
     target: &str,
     node: &str,
     job: &str,
@@ -533,13 +637,7 @@ async fn start_job(
     speed: Option<u64>,
 ) -> Result<(), DriverError> {
     // The backing chain is not opened: the job writes only this file's layer.
-    let options: q::BlockdevOptions = serde_json::from_value(json!({
-        "driver": "qcow2",
-        "node-name": node,
-        "backing": null,
-        "file": { "driver": "file", "filename": target },
-    }))
-    .map_err(|e| DriverError::qemu("cannot build the blockdev-add options", e))?;
+    let options = super::snapshot::qcow2_without_backing(node, target, false)?;
     execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "backup").await?;
     let (sync, bitmap, bitmap_mode) = match (mode, parent_bitmap) {
         (BackupMode::Incremental, Some(parent)) => (
@@ -552,7 +650,7 @@ async fn start_job(
     let actions = vec![
         q::TransactionAction::block_dirty_bitmap_add(
             q::BlockDirtyBitmapAdd {
-                node: DISK_NODE.into(),
+                node: disk_node.into(),
                 name: new_bitmap.into(),
                 persistent: Some(true),
                 disabled: None,
@@ -564,7 +662,7 @@ async fn start_job(
             q::BlockdevBackup {
                 target: node.into(),
                 base: q::BackupCommon {
-                    device: DISK_NODE.into(),
+                    device: disk_node.into(),
                     sync,
                     bitmap,
                     bitmap_mode,
@@ -707,7 +805,12 @@ async fn abandon(
                     tracing::debug!(vm = %id, %node, error = %e, "backup target node not removed");
                 }
                 if let Some(bitmap) = new_bitmap {
-                    if let Err(e) = remove_bitmap(&qmp, bitmap).await {
+                    let removed = async {
+                        let node = active_node(&qmp).await?;
+                        remove_bitmap(&qmp, &node, bitmap).await
+                    }
+                    .await;
+                    if let Err(e) = removed {
                         tracing::debug!(vm = %id, %bitmap, error = %e, "new bitmap not removed");
                     }
                 }
@@ -736,7 +839,7 @@ fn fsync_file_and_dir(path: &Path) -> Result<(), DriverError> {
 }
 
 /// A `json:` image name that opens `file` as qcow2 without its backing chain.
-fn own_layer_spec(file: &Path) -> Result<String, DriverError> {
+pub(super) fn own_layer_spec(file: &Path) -> Result<String, DriverError> {
     let name = file.to_str().ok_or_else(|| {
         DriverError::io(
             "the path is not UTF-8",
@@ -938,7 +1041,18 @@ pub(super) async fn restore(
         });
     }
     let spec: VmSpec = read_json(&vm.paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(id))?;
-    build_restored_disk(shared, &spec, file, &vm.paths).await?;
+    let chain = super::snapshot::read_chain(&vm.paths)?;
+    if chain == super::snapshot::Chain::default() {
+        build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.overlay).await?;
+    } else {
+        // The disk has snapshots: its layers are replaced wholesale. Written
+        // beside them, then recorded as the only layer (which drops the
+        // others), so a failure leaves the old chain intact.
+        let layer = format!("disk.{}.qcow2", uuid::Uuid::new_v4());
+        build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.dir.join(&layer)).await?;
+        super::snapshot::replace_chain(&vm.paths, &layer)?;
+        tracing::info!(vm = %id, snapshots = chain.snapshots.len(), "restoring in place dropped the VM's snapshots");
+    }
     tracing::info!(vm = %id, from = %file.display(), "disk restored from a backup");
     Ok(())
 }
@@ -961,13 +1075,15 @@ pub(super) fn check_restore_source(id: VmId, file: &Path) -> Result<(), DriverEr
 }
 
 /// Writes the VM's disk from `file` (read through its chain) into a
-/// temporary file, grows it to the spec's size, and renames it over the disk:
-/// a crash leaves either the old disk or the new one. Caller holds `vm.op`.
+/// temporary file, grows it to the spec's size, and renames it to `disk`
+/// (a layer file in the VM directory): a crash leaves either the old disk or
+/// the new one. Caller holds `vm.op`.
 pub(super) async fn build_restored_disk(
     shared: &Shared,
     spec: &VmSpec,
     file: &Path,
     paths: &VmPaths,
+    disk: &Path,
 ) -> Result<(), DriverError> {
     let started = Instant::now();
     let qemu_img = &shared.config.qemu_img;
@@ -1016,14 +1132,9 @@ pub(super) async fn build_restored_disk(
         let _ = remove_file_if_exists(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, &paths.overlay).map_err(|e| {
-        DriverError::io(
-            "cannot move the restored disk into place",
-            &paths.overlay,
-            e,
-        )
-    })?;
-    fsync_file_and_dir(&paths.overlay)?;
+    std::fs::rename(&tmp, disk)
+        .map_err(|e| DriverError::io("cannot move the restored disk into place", disk, e))?;
+    fsync_file_and_dir(disk)?;
     tracing::info!(
         vm = %spec.id,
         ms = started.elapsed().as_millis() as u64,
@@ -1054,21 +1165,43 @@ mod tests {
     fn mode_follows_the_parent_bitmap() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = parent(dir.path());
-        assert_eq!(choose_mode(None, &[]), (BackupMode::Full, None));
-        let (mode, reason) = choose_mode(Some(&p), &[]);
+        assert_eq!(choose_mode(None, &[], &[]), (BackupMode::Full, None));
+        let (mode, reason) = choose_mode(Some(&p), &[], &[]);
         assert_eq!(mode, BackupMode::Full);
         assert!(reason.expect("reason").contains("is missing"));
         let ok = [bitmap(bitmap_name(p.backup_id), false)];
-        assert_eq!(choose_mode(Some(&p), &ok), (BackupMode::Incremental, None));
+        assert_eq!(
+            choose_mode(Some(&p), &ok, &[]),
+            (BackupMode::Incremental, None)
+        );
+        // Copies on older layers: consistent ones are merged, an
+        // inconsistent one means writes may be missing.
+        let copy = |inconsistent| OlderCopy {
+            node: "disk0".into(),
+            bitmap: bitmap(bitmap_name(p.backup_id), inconsistent),
+        };
+        assert_eq!(
+            choose_mode(Some(&p), &ok, &[copy(false)]),
+            (BackupMode::Incremental, None)
+        );
+        let (mode, reason) = choose_mode(Some(&p), &ok, &[copy(false), copy(true)]);
+        assert_eq!(mode, BackupMode::Full);
+        assert!(reason
+            .expect("reason")
+            .contains("inconsistent in a disk layer a snapshot froze"));
+        // Only an active copy counts: after a revert the older one is no use.
+        let (mode, reason) = choose_mode(Some(&p), &[], &[copy(false)]);
+        assert_eq!(mode, BackupMode::Full);
+        assert!(reason.expect("reason").contains("reverted to a snapshot"));
         let bad = [bitmap(bitmap_name(p.backup_id), true)];
-        let (mode, reason) = choose_mode(Some(&p), &bad);
+        let (mode, reason) = choose_mode(Some(&p), &bad, &[]);
         assert_eq!(mode, BackupMode::Full);
         assert!(reason
             .expect("reason")
             .contains("inconsistent (QEMU did not close the disk cleanly)"));
         let mut gone = p.clone();
         gone.file = dir.path().join("gone.qcow2");
-        let (mode, reason) = choose_mode(Some(&gone), &ok);
+        let (mode, reason) = choose_mode(Some(&gone), &ok, &[]);
         assert_eq!(mode, BackupMode::Full);
         assert!(reason.expect("reason").contains("does not exist"));
     }

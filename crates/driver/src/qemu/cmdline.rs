@@ -1,7 +1,7 @@
 //! The QEMU command line for one VM: a pure function of the spec, the VM's
 //! paths and the host's capabilities, so it can be tested without QEMU.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
@@ -15,6 +15,28 @@ pub(crate) struct LaunchOptions {
     pub accel: Accel,
     /// QEMU has seccomp (`-sandbox`).
     pub sandbox: bool,
+}
+
+/// The disk as the command line opens it: every layer of the VM's chain
+/// (see `snapshot.rs`) as its own `-blockdev` with a node name the driver
+/// chose, so live snapshot operations can address each of them.
+#[derive(Clone, Debug)]
+pub(crate) struct DiskLaunch {
+    /// Node name, file and format of the base image the bottom layer is
+    /// backed by; `None` for a standalone bottom layer (a restored disk).
+    /// Opened read-only: it is shared and never written.
+    pub base: Option<(String, PathBuf, String)>,
+    /// Bottom to top; the last one is the active layer the device uses.
+    pub layers: Vec<DiskLayer>,
+}
+
+/// One qcow2 layer of the disk.
+#[derive(Clone, Debug)]
+pub(crate) struct DiskLayer {
+    pub node: String,
+    pub path: PathBuf,
+    /// The layer the VM writes to; all others are opened read-only.
+    pub active: bool,
 }
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (a comma is
@@ -56,6 +78,7 @@ pub(crate) fn kernel_cmdline(cmdline: &str) -> String {
 pub(crate) fn qemu_args(
     spec: &VmSpec,
     paths: &VmPaths,
+    disk: &DiskLaunch,
     opts: LaunchOptions,
 ) -> Result<Vec<String>, DriverError> {
     let mut a: Vec<String> = Vec::new();
@@ -90,7 +113,6 @@ pub(crate) fn qemu_args(
     let qmp = run(&paths.qmp_sock, "QMP socket")?;
     let qga = run(&paths.qga_sock, "guest agent socket")?;
     let console = run(&paths.console_sock, "console socket")?;
-    let overlay = run(&paths.overlay, "disk overlay")?;
 
     push(&["-S", "-daemonize", "-pidfile", &pidfile]);
     // With -D, a daemonized QEMU keeps stderr (pointed at this log by the driver).
@@ -114,17 +136,45 @@ pub(crate) fn qemu_args(
         "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
     ]);
 
-    // JSON -blockdev: no option-syntax escaping of the path.
-    let blockdev = json!({
-        "driver": "qcow2",
-        "node-name": "disk0",
-        "discard": "unmap",
-        "file": { "driver": "file", "filename": overlay },
-    });
-    push(&["-blockdev", &blockdev.to_string()]);
+    // JSON -blockdev: no option-syntax escaping of the paths. Each layer's
+    // backing node is named, so QEMU opens exactly the recorded chain.
+    let mut below: Option<String> = None;
+    if let Some((node, path, format)) = &disk.base {
+        let base = json!({
+            "driver": format,
+            "node-name": node,
+            "read-only": true,
+            "file": { "driver": "file", "filename": run(path, "base image")? },
+        });
+        push(&["-blockdev", &base.to_string()]);
+        below = Some(node.clone());
+    }
+    let mut top: Option<&str> = None;
+    for layer in &disk.layers {
+        let mut blockdev = json!({
+            "driver": "qcow2",
+            "node-name": layer.node,
+            "discard": "unmap",
+            "read-only": !layer.active,
+            "file": { "driver": "file", "filename": run(&layer.path, "disk layer")? },
+        });
+        // No backing below the bottom layer of a restored disk: null keeps
+        // QEMU from looking for one.
+        blockdev["backing"] = match &below {
+            Some(node) => json!(node),
+            None => serde_json::Value::Null,
+        };
+        push(&["-blockdev", &blockdev.to_string()]);
+        below = Some(layer.node.clone());
+        top = Some(&layer.node);
+    }
+    let top = top.ok_or_else(|| DriverError::InvalidSpec {
+        id: spec.id,
+        reason: "the disk has no layer to open".into(),
+    })?;
     push(&[
         "-device",
-        "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=1",
+        &format!("virtio-blk-pci,drive={top},id=disk0-dev,bootindex=1"),
     ]);
 
     match &spec.nic {
@@ -162,6 +212,24 @@ mod tests {
     use super::*;
     use crate::spec::tests::spec;
 
+    fn disk(paths: &VmPaths) -> DiskLaunch {
+        DiskLaunch {
+            base: Some(("base0".into(), "/images/base.qcow2".into(), "qcow2".into())),
+            layers: vec![
+                DiskLayer {
+                    node: "disk0".into(),
+                    path: paths.overlay.clone(),
+                    active: false,
+                },
+                DiskLayer {
+                    node: "layer-1".into(),
+                    path: paths.dir.join("disk.1.qcow2"),
+                    active: true,
+                },
+            ],
+        }
+    }
+
     fn has_pair(args: &[String], flag: &str, value: &str) -> bool {
         args.windows(2).any(|w| w[0] == flag && w[1] == value)
     }
@@ -179,6 +247,7 @@ mod tests {
         let args = qemu_args(
             &s,
             &paths,
+            &disk(&paths),
             LaunchOptions {
                 accel: Accel::Tcg,
                 sandbox: true,
@@ -200,13 +269,27 @@ mod tests {
         assert!(args
             .iter()
             .any(|a| a.contains("name=org.qemu.guest_agent.0")));
-        let blockdev = args
+        let blockdevs: Vec<serde_json::Value> = args
             .windows(2)
-            .find(|w| w[0] == "-blockdev")
-            .map(|w| w[1].clone())
-            .expect("blockdev");
-        let v: serde_json::Value = serde_json::from_str(&blockdev).expect("json");
-        assert_eq!(v["file"]["filename"], paths.overlay.to_str().expect("utf8"));
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).expect("json"))
+            .collect();
+        assert_eq!(blockdevs.len(), 3, "base and two layers");
+        assert_eq!(blockdevs[0]["node-name"], "base0");
+        assert_eq!(blockdevs[0]["read-only"], true, "the base is never written");
+        assert_eq!(blockdevs[1]["backing"], "base0");
+        assert_eq!(blockdevs[1]["read-only"], true, "a frozen layer");
+        assert_eq!(
+            blockdevs[1]["file"]["filename"],
+            paths.overlay.to_str().expect("utf8")
+        );
+        assert_eq!(blockdevs[2]["backing"], "disk0");
+        assert_eq!(blockdevs[2]["read-only"], false);
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-blk-pci,drive=layer-1,id=disk0-dev,bootindex=1"
+        ));
     }
 
     #[test]
@@ -216,6 +299,14 @@ mod tests {
         let args = qemu_args(
             &s,
             &paths,
+            &DiskLaunch {
+                base: None,
+                layers: vec![DiskLayer {
+                    node: "disk0".into(),
+                    path: paths.overlay.clone(),
+                    active: true,
+                }],
+            },
             LaunchOptions {
                 accel: Accel::Kvm,
                 sandbox: false,
@@ -225,6 +316,17 @@ mod tests {
         assert!(has_pair(&args, "-accel", "kvm"));
         assert!(has_pair(&args, "-cpu", "host"));
         assert!(!args.iter().any(|a| a == "-kernel" || a == "-sandbox"));
+        let blockdev = args
+            .windows(2)
+            .find(|w| w[0] == "-blockdev")
+            .map(|w| w[1].clone())
+            .expect("blockdev");
+        let v: serde_json::Value = serde_json::from_str(&blockdev).expect("json");
+        assert_eq!(
+            v["backing"],
+            serde_json::Value::Null,
+            "a standalone disk gets no backing"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! ```text
 //! vms/<vm-id>/
 //!   vm.json            the VmSpec (written last by vm_create: its presence means "created")
-//!   disk.qcow2         copy-on-write overlay of the base image
+//!   disk.qcow2         copy-on-write overlay of the base image (the disk's first layer)
+//!   disk.<id>.qcow2    further layers: one per snapshot (see snapshot.rs)
+//!   snapshots.json     the snapshots and which layer is active (absent: just disk.qcow2)
 //!   state.json         last state the driver recorded: running/paused (with pid) or stopped/crashed
 //!   console.log        newest console output (bounded), console.offset: its first byte's offset
 //!   run/qemu.pid       written and locked by QEMU, removed by QEMU when it exits cleanly
@@ -35,6 +37,7 @@ pub(crate) struct VmPaths {
     pub dir: PathBuf,
     pub vm_json: PathBuf,
     pub overlay: PathBuf,
+    pub snapshots_json: PathBuf,
     pub state_json: PathBuf,
     pub console_log: PathBuf,
     pub console_offset: PathBuf,
@@ -55,6 +58,7 @@ impl VmPaths {
         VmPaths {
             vm_json: dir.join("vm.json"),
             overlay: dir.join("disk.qcow2"),
+            snapshots_json: dir.join("snapshots.json"),
             state_json: dir.join("state.json"),
             console_log: dir.join("console.log"),
             console_offset: dir.join("console.offset"),

@@ -57,6 +57,7 @@ mod process;
 mod prune;
 mod qga;
 mod qmp;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -84,8 +85,8 @@ use self::qga::QgaConn;
 use self::qmp::QmpService;
 use crate::{
     BackupCheck, BackupOutcome, BackupRequest, BootSpec, ConsoleChunk, Driver, DriverError,
-    ExecOutput, GuestInfo, HostFacts, ProgressFn, PruneChild, Pruned, QemuSaid, StopHow, VmEvent,
-    VmRuntimeState, VmSpec, VmStatus,
+    ExecOutput, GuestInfo, HostFacts, ProgressFn, PruneChild, Pruned, QemuSaid, SnapshotInfo,
+    SnapshotRequest, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus,
 };
 
 /// Events buffered per subscriber.
@@ -520,13 +521,7 @@ impl Shared {
         let paths = &vm.paths;
         let spec: VmSpec =
             read_json(&paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(vm.id))?;
-        if !paths.overlay.exists() {
-            return Err(DriverError::InvalidState {
-                id: vm.id,
-                operation: "start",
-                state: "missing its disk overlay (create it again)".into(),
-            });
-        }
+        let disk = snapshot::launch_disk(&self.config.qemu_img, vm.id, paths).await?;
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
         for p in [&paths.pidfile, &paths.stop_marker, &paths.shutdown_json] {
@@ -543,7 +538,7 @@ impl Shared {
                     .open(&paths.qemu_log)
             })
             .map_err(|e| DriverError::io("cannot create the QEMU log", &paths.qemu_log, e))?;
-        let args = cmdline::qemu_args(&spec, paths, self.launch)?;
+        let args = cmdline::qemu_args(&spec, paths, &disk, self.launch)?;
         tracing::debug!(vm = %vm.id, ?args, "starting QEMU");
         let status = tokio::time::timeout(
             Duration::from_secs(60),
@@ -984,14 +979,18 @@ impl Driver for QemuDriver {
             }
             return Err(DriverError::Conflict {
                 id: spec.id,
-                difference: spec_difference(&existing, spec),
+                difference: format!(
+                    "it already exists with a different spec ({})",
+                    spec_difference(&existing, spec)
+                ),
             });
         }
         // No vm.json: new, or a create that failed half-way. Start over.
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
+        remove_file_if_exists(&paths.snapshots_json)?;
         if let Some(backup) = &spec.restore_from {
-            backup::build_restored_disk(shared, spec, backup, paths).await?;
+            backup::build_restored_disk(shared, spec, backup, paths, &paths.overlay).await?;
         } else {
             let image_size =
                 image::virtual_size(&shared.config.qemu_img, &spec.image, spec.image_format)
@@ -1265,6 +1264,34 @@ impl Driver for QemuDriver {
         child: Option<&PruneChild>,
     ) -> Result<Option<Pruned>, DriverError> {
         prune::delete(&self.shared.config.qemu_img, file, child).await
+    }
+
+    async fn vm_snapshot_create(
+        &self,
+        id: VmId,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotInfo, DriverError> {
+        snapshot::create(&self.shared, id, req).await
+    }
+
+    async fn vm_snapshot_list(&self, id: VmId) -> Result<Vec<SnapshotInfo>, DriverError> {
+        snapshot::list(&self.shared, id).await
+    }
+
+    async fn vm_snapshot_revert(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<Vec<uuid::Uuid>, DriverError> {
+        snapshot::revert(&self.shared, id, snapshot_id).await
+    }
+
+    async fn vm_snapshot_delete(
+        &self,
+        id: VmId,
+        snapshot_id: uuid::Uuid,
+    ) -> Result<(), DriverError> {
+        snapshot::delete(&self.shared, id, snapshot_id).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

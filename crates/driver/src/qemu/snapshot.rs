@@ -1,0 +1,1411 @@
+//! Live and offline disk snapshots for the QEMU driver (the contract is in
+//! [`crate::snapshot`]): an external qcow2 chain in the VM's directory.
+//!
+//! # The chain
+//!
+//! ```text
+//!   base image ◄─ disk.qcow2 ◄─ disk.<S1>.qcow2 ◄─ disk.<S2>.qcow2   (active: the VM writes here)
+//!   (shared, read-only,  │ frozen by S1      │ frozen by S2
+//!    never written)      │                   │
+//!   snapshots.json: { active: "disk.<S2>.qcow2",
+//!                     snapshots: [ {S1, file: "disk.qcow2"}, {S2, file: "disk.<S1>.qcow2"} ] }
+//! ```
+//!
+//! Snapshot S_i freezes the layer written until then (its `file`) and puts a
+//! new empty overlay `disk.<S_i>.qcow2` (backing file: the frozen layer) on
+//! top, which becomes the active layer. The records in `snapshots.json`
+//! (written atomically: temporary file, then rename) are the truth: the
+//! command line opens exactly that chain at every start, each layer as a
+//! `-blockdev` with an explicit node name (`disk0` for `disk.qcow2`,
+//! `layer-<hash of the file name>` for the others, `base0` for the base
+//! image, all read-only but the active layer), so the chain survives a stop,
+//! a start and an agent restart, and every node a live operation addresses
+//! has a name the driver knows. Without `snapshots.json` the chain is just
+//! `disk.qcow2`, as before snapshots existed.
+//!
+//! # Taking a snapshot
+//!
+//! Running VM: `qemu-img create -u` the overlay (unsafe mode: the backing
+//! file is open read-write in QEMU and cannot be opened again), `blockdev-add`
+//! it without a backing file, record the new chain, freeze the guest's file
+//! systems through the guest agent if it answers (`guest-fsfreeze-freeze`),
+//! then one QMP `transaction`: `blockdev-snapshot` (the overlay goes on top of
+//! the active node, which QEMU reopens read-only and stores its persistent
+//! bitmaps in) plus, for every `stratus-backup-*` bitmap of the old active
+//! node, a persistent `block-dirty-bitmap-add` of the same name on the new
+//! node, so backup change tracking continues on the new layer without missing
+//! a write; then thaw, whatever happened. Recording the chain *before* the
+//! switch is what makes a crash safe: an agent that dies in between leaves a
+//! record whose active layer is an empty overlay over the old active one,
+//! which reads the same as the disk.
+//!
+//! Stopped VM: `qemu-img create` the overlay, `qemu-img bitmap --add` the
+//! same bitmaps to it, record the chain.
+//!
+//! # Deleting a snapshot (merging its layer)
+//!
+//! Deleting S_i removes its frozen layer L_i: its data is pulled *up* into
+//! the layer above it (the next snapshot's layer, or the active one) and that
+//! layer's backing file becomes the layer below L_i (the previous snapshot's
+//! layer, or the base image). Running: a `block-stream` job on the layer
+//! above with `base-node` = the layer below, named explicitly (`base0` for the
+//! first snapshot); stopped: `qemu-img rebase -b <below>` (safe mode: it copies
+//! what L_i held). Not `block-commit`: a commit pushes data *down*, so
+//! committing L_i would write into the previous snapshot's layer (changing
+//! what that snapshot holds) or, for the first snapshot, into the shared base
+//! image (the pitfall measured on our hosts: a `block-commit` without
+//! `base-node` committed one VM's data into the base image). A stream never
+//! writes below the layer it runs on. A chain whose bottom layer has no
+//! backing file (a disk restored from a backup) has no base to name: the
+//! stream then flattens everything below into the layer above.
+//!
+//! L_i may hold copies of backup bitmaps (the writes between the snapshot
+//! before it and S_i): they are merged into the active layer's bitmaps of the
+//! same name first, so the next incremental backup still sees those writes.
+//!
+//! The stream runs without the VM's operation lock (a large layer can take
+//! long; a `vm_stop` must not wait for it); the records change only once it
+//! is done. A VM that stops mid-stream fails the delete and keeps a valid
+//! chain: the layer above points at L_i until the job completes.
+//!
+//! # Reverting (stopped VMs only)
+//!
+//! A fresh empty overlay on top of S's frozen layer becomes the active layer;
+//! the layers of the snapshots taken after S, and the old active layer, are
+//! dropped with their records. The new layer has no backup bitmaps, so the
+//! next backup is a full one ("bitmap ... is missing ... reverted to a
+//! snapshot").
+//!
+//! # Concurrency
+//!
+//! Snapshot operations hold the VM's backup lock (refusing while a backup
+//! runs: both rearrange the same block graph) and its operation lock, but
+//! for the stream's copy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use qapi::qmp as q;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use stratus_common::VmId;
+
+use super::cmdline::{DiskLaunch, DiskLayer};
+use super::image::run_qemu_img;
+use super::layout::{read_json, remove_file_if_exists, write_json, VmPaths};
+use super::qga::QgaConn;
+use super::qmp::{execute, QmpService};
+use super::{process, Shared, VmEntry, QMP_TIMEOUT};
+use crate::snapshot::{limit_error, name_taken};
+use crate::{DriverError, QemuSaid, SnapshotInfo, SnapshotRequest, MAX_SNAPSHOTS};
+
+/// The base image's node name.
+pub(super) const BASE_NODE: &str = "base0";
+/// The node name of `disk.qcow2` (the disk's first layer; the only one of a
+/// VM without snapshots).
+const FIRST_NODE: &str = "disk0";
+/// The disk's first layer: `vm_create` makes it.
+const FIRST_FILE: &str = "disk.qcow2";
+/// Prefix of the driver's own backup bitmaps (see [`crate::bitmap_name`]).
+const BITMAP_PREFIX: &str = "stratus-backup-";
+/// Prefix of the merge (block-stream) jobs' ids.
+const MERGE_JOB_PREFIX: &str = "stratus-merge-";
+/// How long to wait for a guest agent before snapshotting unfrozen.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a freeze or thaw may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a merge job is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the poll tolerates QMP being unreachable while QEMU lives.
+const QMP_GONE_GRACE: Duration = Duration::from_secs(30);
+
+/// One snapshot in `snapshots.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SnapshotRecord {
+    pub snapshot_id: uuid::Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub quiesced: bool,
+    /// The file (in the VM directory) holding the layer this snapshot froze.
+    pub file: String,
+    /// Bytes allocated in that layer when last measured (reported when it
+    /// cannot be measured again).
+    pub bytes: u64,
+}
+
+/// `snapshots.json`: the disk's layers, bottom to top.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Chain {
+    /// The file (in the VM directory) the VM writes to.
+    pub active: String,
+    /// Oldest first. `snapshots[0].file` is backed by the base image (or
+    /// nothing), each next one by the previous one, `active` by the last.
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            active: FIRST_FILE.into(),
+            snapshots: Vec::new(),
+        }
+    }
+}
+
+impl Chain {
+    /// The layer files, bottom to top (the active one last).
+    fn files(&self) -> Vec<&str> {
+        self.snapshots
+            .iter()
+            .map(|s| s.file.as_str())
+            .chain(std::iter::once(self.active.as_str()))
+            .collect()
+    }
+
+    fn position(&self, snapshot_id: uuid::Uuid) -> Option<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.snapshot_id == snapshot_id)
+    }
+
+    /// The layer above snapshot `k`'s layer: the next snapshot's, or the active one.
+    fn above(&self, k: usize) -> &str {
+        self.snapshots
+            .get(k + 1)
+            .map_or(self.active.as_str(), |s| s.file.as_str())
+    }
+}
+
+impl SnapshotRecord {
+    fn info(&self, bytes: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            snapshot_id: self.snapshot_id,
+            name: self.name.clone(),
+            created_at: self.created_at,
+            quiesced: self.quiesced,
+            bytes,
+        }
+    }
+}
+
+/// The node name of a layer file. QEMU allows 31 characters, too few for a
+/// UUID: a hash of the file name instead, stable across starts.
+pub(super) fn node_name(file: &str) -> String {
+    if file == FIRST_FILE {
+        return FIRST_NODE.into();
+    }
+    let hex = format!("{:x}", Sha256::digest(file.as_bytes()));
+    format!("layer-{}", &hex[..20])
+}
+
+/// The file name of the overlay a snapshot (or a revert) puts on top.
+fn overlay_file(id: uuid::Uuid) -> String {
+    format!("disk.{id}.qcow2")
+}
+
+/// The block job id of a snapshot's merge: stable, so a retry finds the job
+/// an interrupted attempt left.
+fn merge_job_id(snapshot_id: uuid::Uuid) -> String {
+    format!("{MERGE_JOB_PREFIX}{snapshot_id}")
+}
+
+/// The VM's chain; the default (just `disk.qcow2`) when it has no record.
+pub(super) fn read_chain(paths: &VmPaths) -> Result<Chain, DriverError> {
+    Ok(read_json::<Chain>(&paths.snapshots_json, "snapshot records")?.unwrap_or_default())
+}
+
+fn write_chain(paths: &VmPaths, chain: &Chain) -> Result<(), DriverError> {
+    write_json(&paths.snapshots_json, "snapshot records", chain)
+}
+
+/// Removes layer files (`disk*.qcow2`) of the VM directory the chain does not
+/// name: what a crash between recording a chain and deleting the files it
+/// dropped left behind. Caller holds `vm.op`.
+fn remove_orphans(paths: &VmPaths, chain: &Chain) {
+    let keep = chain.files();
+    let Ok(entries) = std::fs::read_dir(&paths.dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("disk") && name.ends_with(".qcow2") && !keep.contains(&name) {
+            tracing::info!(file = %entry.path().display(), "removing a disk layer no snapshot record names");
+            if let Err(e) = remove_file_if_exists(&entry.path()) {
+                tracing::warn!(error = %e, "cannot remove an unused disk layer");
+            }
+        }
+    }
+}
+
+/// Makes `file` the VM's only layer, dropping every snapshot (a disk restored
+/// in place from a backup). Caller holds `vm.op`, the VM is stopped.
+pub(super) fn replace_chain(paths: &VmPaths, file: &str) -> Result<(), DriverError> {
+    let chain = Chain {
+        active: file.into(),
+        snapshots: Vec::new(),
+    };
+    write_chain(paths, &chain)?;
+    remove_orphans(paths, &chain);
+    Ok(())
+}
+
+/// What the command line opens: the recorded chain, and the base image the
+/// bottom layer's header names (if any; a restored disk has none).
+pub(super) async fn launch_disk(
+    qemu_img: &Path,
+    id: VmId,
+    paths: &VmPaths,
+) -> Result<DiskLaunch, DriverError> {
+    let chain = read_chain(paths)?;
+    let files = chain.files();
+    let mut layers = Vec::with_capacity(files.len());
+    for (i, file) in files.iter().enumerate() {
+        let path = paths.dir.join(file);
+        if !path.is_file() {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "start",
+                state: format!(
+                    "missing its disk layer {} (create the VM again or restore a backup)",
+                    path.display()
+                ),
+            });
+        }
+        layers.push(DiskLayer {
+            node: node_name(file),
+            path,
+            active: i + 1 == files.len(),
+        });
+    }
+    let base = match layers.first() {
+        Some(bottom) => backing_of(qemu_img, &bottom.path).await?,
+        None => None,
+    };
+    Ok(DiskLaunch {
+        base: base.map(|(path, format)| (BASE_NODE.to_string(), path, format)),
+        layers,
+    })
+}
+
+#[derive(Deserialize)]
+struct ImgInfo {
+    #[serde(rename = "full-backing-filename")]
+    full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename-format")]
+    backing_filename_format: Option<String>,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecific {
+    data: Option<FormatData>,
+}
+
+#[derive(Deserialize)]
+struct FormatData {
+    #[serde(default)]
+    bitmaps: Vec<ImgBitmap>,
+}
+
+#[derive(Deserialize)]
+struct ImgBitmap {
+    name: String,
+    #[serde(default)]
+    flags: Vec<String>,
+}
+
+/// `qemu-img info` of one qcow2 file, its backing chain not opened (`-U`: it
+/// may be open in QEMU).
+async fn img_info(qemu_img: &Path, file: &Path) -> Result<ImgInfo, DriverError> {
+    let context = format!("read the disk layer {}", file.display());
+    let out = run_qemu_img(
+        qemu_img,
+        &[
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            file.as_os_str(),
+        ],
+        &context,
+    )
+    .await?;
+    serde_json::from_slice(&out).map_err(|e| DriverError::qemu(format!("cannot {context}"), e))
+}
+
+/// The backing file a layer's header names, and its format.
+async fn backing_of(
+    qemu_img: &Path,
+    file: &Path,
+) -> Result<Option<(PathBuf, String)>, DriverError> {
+    let info = img_info(qemu_img, file).await?;
+    Ok(info.full_backing_filename.map(|b| {
+        (
+            PathBuf::from(b),
+            info.backing_filename_format
+                .unwrap_or_else(|| "qcow2".to_string()),
+        )
+    }))
+}
+
+/// The driver's backup bitmaps stored in a qcow2 file: name, in use
+/// (inconsistent: QEMU did not close the file cleanly).
+async fn file_bitmaps(qemu_img: &Path, file: &Path) -> Result<Vec<(String, bool)>, DriverError> {
+    let info = img_info(qemu_img, file).await?;
+    Ok(info
+        .format_specific
+        .and_then(|f| f.data)
+        .map(|d| d.bitmaps)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|b| b.name.starts_with(BITMAP_PREFIX))
+        .map(|b| {
+            let in_use = b.flags.iter().any(|f| f == "in-use");
+            (b.name, in_use)
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+struct MapEntry {
+    length: u64,
+    data: bool,
+}
+
+/// Bytes allocated in one layer (its backing chain not opened; `-U`: it may
+/// be open in QEMU).
+async fn layer_bytes(qemu_img: &Path, file: &Path) -> Result<u64, DriverError> {
+    let spec = super::backup::own_layer_spec(file)?;
+    let context = format!("map the disk layer {}", file.display());
+    let out = run_qemu_img(
+        qemu_img,
+        &[
+            "map".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            spec.as_ref(),
+        ],
+        &context,
+    )
+    .await?;
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out)
+        .map_err(|e| DriverError::qemu(format!("cannot {context}"), e))?;
+    Ok(entries.iter().filter(|e| e.data).map(|e| e.length).sum())
+}
+
+/// `blockdev-add` options of a qcow2 file opened without its backing chain.
+/// `"backing": null` must be set on the typed options: serde reads a JSON
+/// null into `None`, which leaves the option out, and QEMU then opens the
+/// backing file the header names (failing on a file QEMU has open
+/// read-write: "Failed to get shared \"write\" lock").
+pub(super) fn qcow2_without_backing(
+    node: &str,
+    filename: &str,
+    discard: bool,
+) -> Result<q::BlockdevOptions, DriverError> {
+    let mut value = json!({
+        "driver": "qcow2",
+        "node-name": node,
+        "file": { "driver": "file", "filename": filename },
+    });
+    if discard {
+        value["discard"] = json!("unmap");
+    }
+    let mut options: q::BlockdevOptions = serde_json::from_value(value)
+        .map_err(|e| DriverError::qemu("cannot build the blockdev-add options", e))?;
+    if let q::BlockdevOptions::qcow2 { qcow2, .. } = &mut options {
+        qcow2.base.backing = Some(q::BlockdevRefOrNull::null(()));
+    }
+    Ok(options)
+}
+
+/// The VM's disk as `query-block` reports it: the device's inserted medium,
+/// whose node is the active layer (or a filter a block job put on top).
+pub(super) async fn disk_device(qmp: &QmpService) -> Result<q::BlockDeviceInfo, DriverError> {
+    let blocks = execute(qmp, q::query_block {}, QMP_TIMEOUT, "find the disk").await?;
+    let mut inserted: Vec<(Option<String>, q::BlockDeviceInfo)> = blocks
+        .into_iter()
+        .filter_map(|b| b.inserted.map(|i| (b.qdev, i)))
+        .collect();
+    if let Some(i) = inserted
+        .iter()
+        .position(|(qdev, _)| qdev.as_deref().is_some_and(|q| q.contains("disk0-dev")))
+    {
+        return Ok(inserted.swap_remove(i).1);
+    }
+    if inserted.len() == 1 {
+        if let Some((_, info)) = inserted.pop() {
+            return Ok(info);
+        }
+    }
+    Err(DriverError::qemu(
+        "QMP query-block does not list the VM's disk",
+        QemuSaid(format!(
+            "{} block devices with a medium, none is disk0-dev",
+            inserted.len()
+        )),
+    ))
+}
+
+/// The node name of the disk's active layer: after a snapshot it is no
+/// longer `disk0`, so everything that addresses the disk asks here.
+pub(crate) async fn active_node(qmp: &QmpService) -> Result<String, DriverError> {
+    disk_device(qmp).await?.node_name.ok_or_else(|| {
+        DriverError::qemu(
+            "QMP query-block lists the VM's disk without a node name",
+            QemuSaid(String::new()),
+        )
+    })
+}
+
+/// A named block node and its dirty bitmaps (name, inconsistent).
+pub(super) struct BlockNode {
+    pub name: String,
+    pub file: String,
+    pub drv: String,
+    pub bitmaps: Vec<(String, bool)>,
+}
+
+/// Every named block node (layers, their file nodes, backup targets).
+pub(super) async fn block_nodes(qmp: &QmpService) -> Result<Vec<BlockNode>, DriverError> {
+    let nodes = execute(
+        qmp,
+        q::query_named_block_nodes { flat: Some(true) },
+        QMP_TIMEOUT,
+        "list the disk layers",
+    )
+    .await?;
+    Ok(nodes
+        .into_iter()
+        .filter_map(|n| {
+            Some(BlockNode {
+                name: n.node_name?,
+                file: n.file,
+                drv: n.drv,
+                bitmaps: n
+                    .dirty_bitmaps
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|b| Some((b.name?, b.inconsistent.unwrap_or(false))))
+                    .collect(),
+            })
+        })
+        .collect())
+}
+
+/// The node of a layer: by the name this driver gives it, else (a chain a
+/// QEMU started by an older driver opened by itself) the format node of the
+/// file.
+fn find_node<'a>(nodes: &'a [BlockNode], name: &str, path: &Path) -> Option<&'a BlockNode> {
+    nodes.iter().find(|n| n.name == name).or_else(|| {
+        nodes
+            .iter()
+            .find(|n| n.drv != "file" && Path::new(&n.file) == path)
+    })
+}
+
+fn not_found(id: VmId, snapshot_id: uuid::Uuid) -> DriverError {
+    DriverError::SnapshotNotFound { id, snapshot_id }
+}
+
+/// Takes the VM's backup lock (refusing while a backup runs) and operation
+/// lock, and finds whether QEMU runs: `Some(pid)`.
+async fn lock_vm<'a>(
+    shared: &Arc<Shared>,
+    vm: &'a Arc<VmEntry>,
+    operation: &'static str,
+) -> Result<
+    (
+        tokio::sync::MutexGuard<'a, ()>,
+        tokio::sync::MutexGuard<'a, ()>,
+        Option<u32>,
+    ),
+    DriverError,
+> {
+    let backup = vm
+        .backup
+        .try_lock()
+        .map_err(|_| DriverError::InvalidState {
+            id: vm.id,
+            operation,
+            state: "being backed up (try again when the backup is done)".into(),
+        })?;
+    let op = vm.op.lock().await;
+    let pid = shared.ensure_adopted(vm)?;
+    if pid.is_none() {
+        shared.reconcile_dead(vm)?;
+        let strays = process::find_qemu_of(vm.id);
+        if !strays.is_empty() {
+            return Err(DriverError::InvalidState {
+                id: vm.id,
+                operation,
+                state: format!("running in QEMU pid {strays:?} that has no pidfile"),
+            });
+        }
+    }
+    Ok((backup, op, pid))
+}
+
+/// Takes snapshot `req` of VM `id`. See the module docs.
+pub(super) async fn create(
+    shared: &Arc<Shared>,
+    id: VmId,
+    req: &SnapshotRequest,
+) -> Result<SnapshotInfo, DriverError> {
+    let vm = shared.existing(id)?;
+    let (_backup, _op, pid) = lock_vm(shared, &vm, "snapshot").await?;
+    let mut chain = read_chain(&vm.paths)?;
+    if let Some(k) = chain.position(req.snapshot_id) {
+        let rec = &chain.snapshots[k];
+        return Ok(rec.info(rec.bytes));
+    }
+    req.validate(id)?;
+    if let Some(taken) = chain.snapshots.iter().find(|s| s.name == req.name) {
+        return Err(name_taken(id, &req.name, taken.snapshot_id));
+    }
+    if chain.snapshots.len() >= MAX_SNAPSHOTS {
+        return Err(limit_error(id));
+    }
+    let started = Instant::now();
+    let frozen_file = chain.active.clone();
+    let frozen_path = vm.paths.dir.join(&frozen_file);
+    let new_file = overlay_file(req.snapshot_id);
+    let new_path = vm.paths.dir.join(&new_file);
+    remove_file_if_exists(&new_path)?;
+    let mut record = SnapshotRecord {
+        snapshot_id: req.snapshot_id,
+        name: req.name.clone(),
+        created_at: Utc::now(),
+        quiesced: false,
+        file: frozen_file.clone(),
+        bytes: 0,
+    };
+    let qemu_img = &shared.config.qemu_img;
+    match pid {
+        Some(_) => {
+            let qmp = shared.qmp(&vm).await?;
+            record.quiesced =
+                switch_live(shared, &vm, &qmp, &mut chain, record.clone(), &new_file).await?;
+        }
+        None => {
+            let created = async {
+                create_overlay(qemu_img, &frozen_path, &new_path, None).await?;
+                for (name, _) in file_bitmaps(qemu_img, &frozen_path).await? {
+                    run_qemu_img(
+                        qemu_img,
+                        &[
+                            "bitmap".as_ref(),
+                            "--add".as_ref(),
+                            "-f".as_ref(),
+                            "qcow2".as_ref(),
+                            new_path.as_os_str(),
+                            name.as_ref(),
+                        ],
+                        &format!("add the backup bitmap {name} to the new disk layer"),
+                    )
+                    .await?;
+                }
+                Ok::<_, DriverError>(())
+            }
+            .await;
+            if let Err(e) = created {
+                let _ = remove_file_if_exists(&new_path);
+                return Err(e);
+            }
+            chain.snapshots.push(record.clone());
+            chain.active = new_file.clone();
+            if let Err(e) = write_chain(&vm.paths, &chain) {
+                let _ = remove_file_if_exists(&new_path);
+                return Err(e);
+            }
+        }
+    }
+    record.bytes = match layer_bytes(qemu_img, &frozen_path).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(vm = %id, error = %e, "cannot measure the frozen layer");
+            0
+        }
+    };
+    if let Some(last) = chain.snapshots.last_mut() {
+        *last = record.clone();
+    }
+    write_chain(&vm.paths, &chain)?;
+    remove_orphans(&vm.paths, &chain);
+    tracing::info!(
+        vm = %id,
+        snapshot = %req.snapshot_id,
+        name = %req.name,
+        live = pid.is_some(),
+        quiesced = record.quiesced,
+        bytes = record.bytes,
+        ms = started.elapsed().as_millis() as u64,
+        "snapshot taken"
+    );
+    Ok(record.info(record.bytes))
+}
+
+/// `qemu-img create` of an overlay backed by `backing` (qcow2). With `size`,
+/// in unsafe mode (`-u`): the backing file is not opened, as it must not be
+/// while QEMU has it open read-write.
+async fn create_overlay(
+    qemu_img: &Path,
+    backing: &Path,
+    overlay: &Path,
+    size: Option<u64>,
+) -> Result<(), DriverError> {
+    let size = size.map(|s| s.to_string());
+    let mut args: Vec<&std::ffi::OsStr> = vec!["create".as_ref(), "-q".as_ref()];
+    if size.is_some() {
+        args.push("-u".as_ref());
+    }
+    args.extend::<[&std::ffi::OsStr; 7]>([
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        overlay.as_os_str(),
+    ]);
+    if let Some(size) = &size {
+        args.push(size.as_ref());
+    }
+    run_qemu_img(
+        qemu_img,
+        &args,
+        &format!("create the disk layer {}", overlay.display()),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The live part of a snapshot: new overlay, recorded chain, freeze, switch,
+/// thaw. Returns whether the guest was frozen. On failure the chain record
+/// and QEMU are as before. Caller holds `vm.op`.
+async fn switch_live(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    qmp: &QmpService,
+    chain: &mut Chain,
+    record: SnapshotRecord,
+    new_file: &str,
+) -> Result<bool, DriverError> {
+    let id = vm.id;
+    let old_node = active_node(qmp).await?;
+    let expected = node_name(&chain.active);
+    if old_node != expected {
+        return Err(DriverError::qemu(
+            format!(
+                "QEMU's active disk layer of VM {id} is not the recorded one ({})",
+                chain.active
+            ),
+            QemuSaid(format!(
+                "active node {old_node}, expected {expected}; stop and start the VM to reopen \
+                 the recorded chain"
+            )),
+        ));
+    }
+    let device = disk_device(qmp).await?;
+    let size = u64::try_from(device.image.base.virtual_size)
+        .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
+    let bitmaps: Vec<String> = device
+        .dirty_bitmaps
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| b.name)
+        .filter(|n| n.starts_with(BITMAP_PREFIX))
+        .collect();
+    let old_path = vm.paths.dir.join(&chain.active);
+    let new_path = vm.paths.dir.join(new_file);
+    let new_node = node_name(new_file);
+    let new_path_str = new_path.to_str().ok_or_else(|| {
+        DriverError::io(
+            "the disk layer path is not UTF-8",
+            &new_path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+        )
+    })?;
+    create_overlay(&shared.config.qemu_img, &old_path, &new_path, Some(size)).await?;
+    // No backing yet: blockdev-snapshot attaches the active node as backing.
+    let added = async {
+        let options = qcow2_without_backing(&new_node, new_path_str, true)?;
+        execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "snapshot").await?;
+        Ok::<_, DriverError>(())
+    }
+    .await;
+    if let Err(e) = added {
+        let _ = remove_file_if_exists(&new_path);
+        return Err(e);
+    }
+    let old_chain = chain.clone();
+    chain.snapshots.push(record);
+    chain.active = new_file.to_string();
+    if let Err(e) = write_chain(&vm.paths, chain) {
+        *chain = old_chain;
+        drop_node(qmp, id, &new_node).await;
+        let _ = remove_file_if_exists(&new_path);
+        return Err(e);
+    }
+    let mut actions = vec![q::TransactionAction::blockdev_snapshot(
+        q::BlockdevSnapshot {
+            node: old_node.clone(),
+            overlay: new_node.clone(),
+        }
+        .into(),
+    )];
+    for name in &bitmaps {
+        actions.push(q::TransactionAction::block_dirty_bitmap_add(
+            q::BlockDirtyBitmapAdd {
+                node: new_node.clone(),
+                name: name.clone(),
+                persistent: Some(true),
+                disabled: None,
+                granularity: None,
+            }
+            .into(),
+        ));
+    }
+    let freeze = Freeze::begin(vm).await;
+    let switched = execute(
+        qmp,
+        q::transaction {
+            actions,
+            properties: None,
+        },
+        QMP_TIMEOUT,
+        "snapshot",
+    )
+    .await;
+    let quiesced = freeze.end(id).await;
+    if let Err(e) = switched {
+        *chain = old_chain;
+        drop_node(qmp, id, &new_node).await;
+        write_chain(&vm.paths, chain)?;
+        let _ = remove_file_if_exists(&new_path);
+        return Err(e);
+    }
+    tracing::debug!(vm = %id, from = %old_node, to = %new_node, bitmaps = bitmaps.len(), "active disk layer switched");
+    Ok(quiesced)
+}
+
+/// Removes a block node the driver added, best effort.
+async fn drop_node(qmp: &QmpService, id: VmId, node: &str) {
+    let deleted = execute(
+        qmp,
+        q::blockdev_del {
+            node_name: node.to_string(),
+        },
+        QMP_TIMEOUT,
+        "snapshot",
+    )
+    .await;
+    if let Err(e) = deleted {
+        tracing::warn!(vm = %id, %node, error = %e, "cannot remove an unused block node");
+    }
+}
+
+/// The guest's file systems frozen through its agent for the time of a
+/// snapshot, holding the VM's guest agent lock so no other client talks to
+/// the agent meanwhile.
+struct Freeze<'a> {
+    _agent: tokio::sync::MutexGuard<'a, ()>,
+    conn: Option<QgaConn>,
+    frozen: bool,
+    path: PathBuf,
+}
+
+impl<'a> Freeze<'a> {
+    /// Freezes if the agent answers; a snapshot without it is still
+    /// crash-consistent, so failing to freeze is a warning, not an error.
+    async fn begin(vm: &'a VmEntry) -> Freeze<'a> {
+        let agent = vm.qga.lock().await;
+        let path = vm.paths.qga_sock.clone();
+        let conn = match QgaConn::connect(&path, AGENT_CONNECT_TIMEOUT).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vm = %vm.id, error = %e, "guest agent not answering: snapshot taken without freezing the guest's file systems (crash-consistent only)");
+                return Freeze {
+                    _agent: agent,
+                    conn: None,
+                    frozen: false,
+                    path,
+                };
+            }
+        };
+        let frozen = match conn
+            .run(qapi::qga::guest_fsfreeze_freeze {}, FREEZE_TIMEOUT)
+            .await
+        {
+            Ok(n) => {
+                tracing::debug!(vm = %vm.id, file_systems = n, "guest file systems frozen");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.id, error = %e, "guest file systems not frozen: snapshot taken unfrozen (crash-consistent only)");
+                false
+            }
+        };
+        Freeze {
+            _agent: agent,
+            conn: Some(conn),
+            frozen,
+            path,
+        }
+    }
+
+    /// Thaws, always (a failed or timed-out freeze may have frozen some file
+    /// systems), retrying with a new connection; returns whether the freeze
+    /// had succeeded.
+    async fn end(mut self, id: VmId) -> bool {
+        let Some(mut conn) = self.conn.take() else {
+            return false;
+        };
+        for attempt in 1..=3 {
+            match conn
+                .run(qapi::qga::guest_fsfreeze_thaw {}, FREEZE_TIMEOUT)
+                .await
+            {
+                Ok(_) => return self.frozen,
+                Err(e) => {
+                    tracing::warn!(vm = %id, attempt, error = %e, "cannot thaw the guest's file systems; retrying");
+                    match QgaConn::connect(&self.path, FREEZE_TIMEOUT).await {
+                        Ok(c) => conn = c,
+                        Err(e) => {
+                            tracing::warn!(vm = %id, error = %e, "guest agent not answering");
+                        }
+                    }
+                }
+            }
+        }
+        tracing::error!(vm = %id, "the guest's file systems may still be frozen: thaw failed three times (guest-fsfreeze-thaw through the guest agent)");
+        self.frozen
+    }
+}
+
+/// The VM's snapshots, oldest first, each layer measured now.
+pub(super) async fn list(shared: &Arc<Shared>, id: VmId) -> Result<Vec<SnapshotInfo>, DriverError> {
+    let vm = shared.existing(id)?;
+    let chain = read_chain(&vm.paths)?;
+    let mut out = Vec::with_capacity(chain.snapshots.len());
+    for rec in &chain.snapshots {
+        let path = vm.paths.dir.join(&rec.file);
+        let bytes = match layer_bytes(&shared.config.qemu_img, &path).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(vm = %id, error = %e, "cannot measure a snapshot's layer; reporting the last measure");
+                rec.bytes
+            }
+        };
+        out.push(rec.info(bytes));
+    }
+    Ok(out)
+}
+
+/// Reverts the stopped VM `id` to a snapshot. See the module docs.
+pub(super) async fn revert(
+    shared: &Arc<Shared>,
+    id: VmId,
+    snapshot_id: uuid::Uuid,
+) -> Result<Vec<uuid::Uuid>, DriverError> {
+    let vm = shared.existing(id)?;
+    let (_backup, _op, pid) = lock_vm(shared, &vm, "revert to a snapshot").await?;
+    if pid.is_some() {
+        return Err(DriverError::InvalidState {
+            id,
+            operation: "revert to a snapshot",
+            state: shared.read_record(&vm)?.state.to_string(),
+        });
+    }
+    let mut chain = read_chain(&vm.paths)?;
+    let k = chain
+        .position(snapshot_id)
+        .ok_or_else(|| not_found(id, snapshot_id))?;
+    let frozen = vm.paths.dir.join(&chain.snapshots[k].file);
+    let new_file = overlay_file(uuid::Uuid::new_v4());
+    let new_path = vm.paths.dir.join(&new_file);
+    create_overlay(&shared.config.qemu_img, &frozen, &new_path, None).await?;
+    let dropped: Vec<uuid::Uuid> = chain.snapshots[k + 1..]
+        .iter()
+        .map(|s| s.snapshot_id)
+        .collect();
+    chain.snapshots.truncate(k + 1);
+    chain.active = new_file;
+    if let Err(e) = write_chain(&vm.paths, &chain) {
+        let _ = remove_file_if_exists(&new_path);
+        return Err(e);
+    }
+    // The dropped layers and the old active layer.
+    remove_orphans(&vm.paths, &chain);
+    tracing::info!(vm = %id, snapshot = %snapshot_id, dropped = dropped.len(), "disk reverted to a snapshot");
+    Ok(dropped)
+}
+
+/// Deletes a snapshot, merging its layer into the one above. See the module docs.
+pub(super) async fn delete(
+    shared: &Arc<Shared>,
+    id: VmId,
+    snapshot_id: uuid::Uuid,
+) -> Result<(), DriverError> {
+    let vm = shared.existing(id)?;
+    let (_backup, op, pid) = lock_vm(shared, &vm, "delete a snapshot of").await?;
+    let chain = read_chain(&vm.paths)?;
+    let k = chain
+        .position(snapshot_id)
+        .ok_or_else(|| not_found(id, snapshot_id))?;
+    let started = Instant::now();
+    let layer = chain.snapshots[k].file.clone();
+    let layer_path = vm.paths.dir.join(&layer);
+    let above = chain.above(k).to_string();
+    let above_path = vm.paths.dir.join(&above);
+    let qemu_img = &shared.config.qemu_img;
+    // The layer below: the previous snapshot's, or what the bottom layer's
+    // header names (the base image; none for a restored disk).
+    let below: Option<(String, PathBuf, String)> = if k > 0 {
+        let file = &chain.snapshots[k - 1].file;
+        Some((node_name(file), vm.paths.dir.join(file), "qcow2".into()))
+    } else {
+        backing_of(qemu_img, &layer_path)
+            .await?
+            .map(|(path, format)| (BASE_NODE.to_string(), path, format))
+    };
+    match pid {
+        Some(pid) => {
+            let qmp = shared.qmp(&vm).await?;
+            let job = merge_job_id(snapshot_id);
+            let layer_node = start_stream(
+                &qmp,
+                id,
+                &vm.paths,
+                &chain,
+                &layer,
+                &above,
+                below.as_ref(),
+                &job,
+            )
+            .await?;
+            drop(op);
+            let polled = poll_stream(shared, &vm, pid, &job).await;
+            let _op = vm.op.lock().await;
+            polled?;
+            let qmp = shared.qmp(&vm).await?;
+            execute(
+                &qmp,
+                q::job_dismiss { id: job.clone() },
+                QMP_TIMEOUT,
+                "merge",
+            )
+            .await?;
+            if let Some(node) = layer_node {
+                // A node the command line or blockdev-add opened stays open
+                // until deleted; one QEMU opened itself went with the chain.
+                if let Err(e) = execute(
+                    &qmp,
+                    q::blockdev_del {
+                        node_name: node.clone(),
+                    },
+                    QMP_TIMEOUT,
+                    "merge",
+                )
+                .await
+                {
+                    tracing::debug!(vm = %id, %node, error = %e, "merged layer's node not deleted");
+                }
+            }
+            finish_delete(&vm, snapshot_id, &layer_path)?;
+        }
+        None => {
+            merge_bitmaps_offline(qemu_img, &layer_path, &vm.paths.dir.join(&chain.active)).await?;
+            let (backing, format) = match &below {
+                Some((_, path, format)) => (path.as_os_str(), format.as_str()),
+                None => ("".as_ref(), "qcow2"),
+            };
+            let mut args: Vec<&std::ffi::OsStr> = vec![
+                "rebase".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-b".as_ref(),
+                backing,
+            ];
+            if below.is_some() {
+                args.extend::<[&std::ffi::OsStr; 2]>(["-F".as_ref(), format.as_ref()]);
+            }
+            args.push(above_path.as_os_str());
+            run_qemu_img(
+                qemu_img,
+                &args,
+                &format!("merge the disk layer {layer} into {above}"),
+            )
+            .await?;
+            finish_delete(&vm, snapshot_id, &layer_path)?;
+            drop(op);
+        }
+    }
+    tracing::info!(
+        vm = %id,
+        snapshot = %snapshot_id,
+        live = pid.is_some(),
+        ms = started.elapsed().as_millis() as u64,
+        "snapshot deleted (layer merged)"
+    );
+    Ok(())
+}
+
+/// Drops the snapshot's record and then its layer file. Caller holds `vm.op`.
+fn finish_delete(
+    vm: &VmEntry,
+    snapshot_id: uuid::Uuid,
+    layer_path: &Path,
+) -> Result<(), DriverError> {
+    // Read again: the records may have changed while the stream ran without
+    // the operation lock (not by snapshot operations: the backup lock is held).
+    let mut chain = read_chain(&vm.paths)?;
+    if let Some(k) = chain.position(snapshot_id) {
+        chain.snapshots.remove(k);
+    }
+    write_chain(&vm.paths, &chain)?;
+    remove_file_if_exists(layer_path)?;
+    remove_orphans(&vm.paths, &chain);
+    Ok(())
+}
+
+/// Merges the backup bitmaps of the layer to delete into the active node's
+/// bitmaps of the same name (an inconsistent copy makes the active one
+/// useless: it is removed, so the next backup is full), then starts the
+/// stream. Returns the node of the layer to delete, when QEMU has one.
+#[allow(clippy::too_many_arguments)]
+async fn start_stream(
+    qmp: &QmpService,
+    id: VmId,
+    paths: &VmPaths,
+    chain: &Chain,
+    layer: &str,
+    above: &str,
+    below: Option<&(String, PathBuf, String)>,
+    job: &str,
+) -> Result<Option<String>, DriverError> {
+    let jobs = execute(qmp, q::query_jobs {}, QMP_TIMEOUT, "merge").await?;
+    let nodes = block_nodes(qmp).await?;
+    let layer_node = find_node(&nodes, &node_name(layer), &paths.dir.join(layer));
+    if jobs.iter().any(|j| j.id == job) {
+        // An interrupted attempt's job: wait for it rather than start another.
+        tracing::info!(vm = %id, %job, "resuming the wait for an earlier merge job");
+        return Ok(layer_node.map(|n| n.name.clone()));
+    }
+    let missing = |what: &str| {
+        DriverError::qemu(
+            format!("cannot find the {what} in QEMU's block graph of VM {id}"),
+            QemuSaid("stop and start the VM, or delete the snapshot while it is stopped".into()),
+        )
+    };
+    let active = active_node(qmp).await?;
+    let above_node = if above == chain.active {
+        active.clone()
+    } else {
+        find_node(&nodes, &node_name(above), &paths.dir.join(above))
+            .ok_or_else(|| missing("layer above the snapshot's"))?
+            .name
+            .clone()
+    };
+    let below_node = match below {
+        Some((name, path, _)) => Some(
+            find_node(&nodes, name, path)
+                .ok_or_else(|| missing("layer below the snapshot's"))?
+                .name
+                .clone(),
+        ),
+        None => None,
+    };
+    if let (Some(layer_node), Some(active_node)) =
+        (layer_node, nodes.iter().find(|n| n.name == active))
+    {
+        for (name, inconsistent) in layer_node
+            .bitmaps
+            .iter()
+            .filter(|(n, _)| n.starts_with(BITMAP_PREFIX))
+        {
+            let Some((_, active_inconsistent)) =
+                active_node.bitmaps.iter().find(|(n, _)| n == name)
+            else {
+                continue;
+            };
+            if *inconsistent {
+                tracing::info!(vm = %id, bitmap = %name, "a merged layer's copy of a backup bitmap is inconsistent; removing the active one (next backup is full)");
+                execute(
+                    qmp,
+                    q::block_dirty_bitmap_remove(q::BlockDirtyBitmap {
+                        node: active.clone(),
+                        name: name.clone(),
+                    }),
+                    QMP_TIMEOUT,
+                    "merge",
+                )
+                .await?;
+            } else if !active_inconsistent {
+                execute(
+                    qmp,
+                    q::block_dirty_bitmap_merge(q::BlockDirtyBitmapMerge {
+                        node: active.clone(),
+                        target: name.clone(),
+                        bitmaps: vec![q::BlockDirtyBitmapOrStr::external(q::BlockDirtyBitmap {
+                            node: layer_node.name.clone(),
+                            name: name.clone(),
+                        })],
+                    }),
+                    QMP_TIMEOUT,
+                    "merge",
+                )
+                .await?;
+            }
+        }
+    }
+    let backing_file = match below {
+        Some((_, path, _)) => Some(
+            path.to_str()
+                .ok_or_else(|| {
+                    DriverError::io(
+                        "the backing file path is not UTF-8",
+                        path,
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+                    )
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    tracing::debug!(vm = %id, device = %above_node, base = ?below_node, "starting the merge stream");
+    execute(
+        qmp,
+        q::block_stream {
+            auto_dismiss: Some(false),
+            auto_finalize: Some(true),
+            backing_file,
+            backing_mask_protocol: None,
+            // Never omitted when there is a base: see the module docs.
+            base_node: below_node,
+            base: None,
+            bottom: None,
+            filter_node_name: None,
+            job_id: Some(job.to_string()),
+            on_error: None,
+            speed: None,
+            device: above_node,
+        },
+        QMP_TIMEOUT,
+        "merge",
+    )
+    .await?;
+    Ok(layer_node.map(|n| n.name.clone()))
+}
+
+/// Polls the merge job until it concludes, without the operation lock.
+async fn poll_stream(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    pid: u32,
+    job: &str,
+) -> Result<(), DriverError> {
+    let id = vm.id;
+    let gone = || {
+        DriverError::qemu(
+            format!("the VM {id} stopped while a snapshot's layer was merged"),
+            QemuSaid("the chain is intact; delete the snapshot again".into()),
+        )
+    };
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        if !process::is_qemu_of(pid, id) {
+            return Err(gone());
+        }
+        let asked = async {
+            let qmp = shared.qmp(vm).await?;
+            execute(&qmp, q::query_jobs {}, QMP_TIMEOUT, "merge").await
+        }
+        .await;
+        let jobs = match asked {
+            Ok(jobs) => {
+                unreachable_since = None;
+                jobs
+            }
+            Err(e) => {
+                if !process::is_qemu_of(pid, id) {
+                    return Err(gone());
+                }
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > QMP_GONE_GRACE {
+                    return Err(e);
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+                continue;
+            }
+        };
+        let Some(info) = jobs.into_iter().find(|j| j.id == job) else {
+            return Err(DriverError::qemu(
+                format!("the merge job of VM {id} disappeared before it ended"),
+                QemuSaid(job.to_string()),
+            ));
+        };
+        if info.status == q::JobStatus::concluded {
+            return match info.error {
+                None => Ok(()),
+                Some(error) => {
+                    if let Ok(qmp) = shared.qmp(vm).await {
+                        let _ = execute(
+                            &qmp,
+                            q::job_dismiss { id: job.into() },
+                            QMP_TIMEOUT,
+                            "merge",
+                        )
+                        .await;
+                    }
+                    Err(DriverError::qemu(
+                        format!("merging a snapshot's layer of VM {id} failed"),
+                        QemuSaid(error),
+                    ))
+                }
+            };
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The stopped counterpart of the live bitmap merge: `qemu-img bitmap
+/// --merge` of the deleted layer's backup bitmaps into the active file's.
+async fn merge_bitmaps_offline(
+    qemu_img: &Path,
+    layer: &Path,
+    active: &Path,
+) -> Result<(), DriverError> {
+    let theirs = file_bitmaps(qemu_img, layer).await?;
+    if theirs.is_empty() {
+        return Ok(());
+    }
+    let ours = file_bitmaps(qemu_img, active).await?;
+    for (name, inconsistent) in theirs {
+        let Some((_, active_inconsistent)) = ours.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let args: Vec<&std::ffi::OsStr> = if inconsistent {
+            vec![
+                "bitmap".as_ref(),
+                "--remove".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                active.as_os_str(),
+                name.as_ref(),
+            ]
+        } else if !active_inconsistent {
+            vec![
+                "bitmap".as_ref(),
+                "--merge".as_ref(),
+                name.as_ref(),
+                "-b".as_ref(),
+                layer.as_os_str(),
+                "-F".as_ref(),
+                "qcow2".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                active.as_os_str(),
+                name.as_ref(),
+            ]
+        } else {
+            continue;
+        };
+        run_qemu_img(
+            qemu_img,
+            &args,
+            &format!("carry the backup bitmap {name} over to the active disk layer"),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(file: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            snapshot_id: uuid::Uuid::new_v4(),
+            name: file.into(),
+            created_at: Utc::now(),
+            quiesced: false,
+            file: file.into(),
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn node_names_fit_qemu_and_are_stable() {
+        assert_eq!(node_name("disk.qcow2"), "disk0");
+        let f = overlay_file(uuid::Uuid::new_v4());
+        let n = node_name(&f);
+        assert!(n.len() <= 31, "{n}");
+        assert_eq!(n, node_name(&f));
+        assert_ne!(n, node_name(&overlay_file(uuid::Uuid::new_v4())));
+        assert_ne!(n, BASE_NODE);
+    }
+
+    #[test]
+    fn chain_records_round_trip_and_orphans_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = VmPaths::new(dir.path(), VmId::new());
+        std::fs::create_dir_all(&paths.dir).expect("mkdir");
+        assert_eq!(read_chain(&paths).expect("read"), Chain::default());
+        let a = rec("disk.qcow2");
+        let b = rec(&overlay_file(a.snapshot_id));
+        let chain = Chain {
+            active: overlay_file(b.snapshot_id),
+            snapshots: vec![a.clone(), b.clone()],
+        };
+        write_chain(&paths, &chain).expect("write");
+        assert_eq!(read_chain(&paths).expect("read"), chain);
+        assert_eq!(
+            chain.files(),
+            vec![a.file.as_str(), b.file.as_str(), chain.active.as_str()]
+        );
+        assert_eq!(chain.above(0), b.file);
+        assert_eq!(chain.above(1), chain.active);
+        for f in chain.files() {
+            std::fs::write(paths.dir.join(f), b"x").expect("write");
+        }
+        let orphan = paths.dir.join("disk.dropped.qcow2");
+        std::fs::write(&orphan, b"x").expect("write");
+        let tmp = paths.dir.join("disk.qcow2.tmp");
+        std::fs::write(&tmp, b"x").expect("write");
+        remove_orphans(&paths, &chain);
+        assert!(!orphan.exists());
+        assert!(tmp.exists(), "not a layer");
+        for f in chain.files() {
+            assert!(paths.dir.join(f).exists(), "{f}");
+        }
+    }
+
+    #[test]
+    fn blockdev_options_keep_the_null_backing() {
+        let options = qcow2_without_backing("layer-x", "/d/disk.x.qcow2", true).expect("options");
+        let v = serde_json::to_value(&options).expect("json");
+        assert_eq!(v["backing"], serde_json::Value::Null);
+        assert!(
+            v.as_object().expect("object").contains_key("backing"),
+            "{v}"
+        );
+        assert_eq!(v["node-name"], "layer-x");
+        assert_eq!(v["discard"], "unmap");
+    }
+
+    #[test]
+    fn merge_jobs_are_named_after_the_snapshot() {
+        let id = uuid::Uuid::new_v4();
+        assert!(merge_job_id(id).ends_with(&id.to_string()));
+        assert!(merge_job_id(id).starts_with(MERGE_JOB_PREFIX));
+    }
+}
