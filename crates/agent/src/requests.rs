@@ -83,6 +83,46 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         AgentRequestKind::DeleteBackup { file, child } => {
             delete_backup(&shared, file, child.as_ref()).await
         }
+        AgentRequestKind::SnapshotCreate {
+            vm_id,
+            snapshot_id,
+            name,
+        } => {
+            let req = stratus_driver::SnapshotRequest {
+                snapshot_id: *snapshot_id,
+                name: name.clone(),
+            };
+            match shared.driver.vm_snapshot_create(VmId(vm_id.0), &req).await {
+                Ok(info) => AgentRequestResult {
+                    snapshot: Some(stratus_client::types::SnapshotTaken {
+                        quiesced: info.quiesced,
+                        bytes: info.bytes,
+                    }),
+                    ..answered()
+                },
+                Err(e) => failed(chain(&e)),
+            }
+        }
+        AgentRequestKind::SnapshotRevert { vm_id, snapshot_id } => match shared
+            .driver
+            .vm_snapshot_revert(VmId(vm_id.0), *snapshot_id)
+            .await
+        {
+            Ok(dropped) => AgentRequestResult {
+                dropped_snapshots: Some(dropped),
+                ..answered()
+            },
+            Err(e) => failed(chain(&e)),
+        },
+        AgentRequestKind::SnapshotDelete { vm_id, snapshot_id } => match shared
+            .driver
+            .vm_snapshot_delete(VmId(vm_id.0), *snapshot_id)
+            .await
+        {
+            // Gone already (a repeated or undone request): the outcome asked for.
+            Ok(()) | Err(stratus_driver::DriverError::SnapshotNotFound { .. }) => answered(),
+            Err(e) => failed(chain(&e)),
+        },
     };
     tracing::info!(
         request = %r.id,
@@ -116,6 +156,20 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         .insert(r.id, RequestState::Answered(Instant::now()));
 }
 
+/// A successful answer with nothing in it (fields are filled in by the
+/// caller).
+fn answered() -> AgentRequestResult {
+    AgentRequestResult {
+        result: None,
+        backup: None,
+        verified: None,
+        pruned: None,
+        snapshot: None,
+        dropped_snapshots: None,
+        error: None,
+    }
+}
+
 /// An answer that carries only an error.
 fn failed(error: String) -> AgentRequestResult {
     AgentRequestResult {
@@ -123,6 +177,8 @@ fn failed(error: String) -> AgentRequestResult {
         backup: None,
         verified: None,
         pruned: None,
+        snapshot: None,
+        dropped_snapshots: None,
         error: Some(error),
     }
 }
@@ -201,6 +257,8 @@ async fn backup(
             }),
             verified: None,
             pruned: None,
+            snapshot: None,
+            dropped_snapshots: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -218,6 +276,8 @@ async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
             backup: None,
             verified: None,
             pruned: None,
+            snapshot: None,
+            dropped_snapshots: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -238,6 +298,8 @@ async fn verify(shared: &Shared, file: &str) -> AgentRequestResult {
                 problems: c.problems,
             }),
             pruned: None,
+            snapshot: None,
+            dropped_snapshots: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -267,6 +329,8 @@ async fn delete_backup(
                 file_bytes: p.file_bytes,
                 sha256: p.sha256,
             }),
+            snapshot: None,
+            dropped_snapshots: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -286,6 +350,8 @@ async fn exec(shared: &Shared, vm: VmId, argv: &[String], timeout_secs: u32) -> 
             backup: None,
             verified: None,
             pruned: None,
+            snapshot: None,
+            dropped_snapshots: None,
             error: None,
         },
         Ok(Err(e)) => failed(chain(&e)),

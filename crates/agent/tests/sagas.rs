@@ -1,5 +1,6 @@
 //! Generated saga tests: for every saga (create, start, stop, reboot,
-//! delete, backup, in-place restore), against a real controller and a real agent on the simulated
+//! delete, backup, in-place restore, snapshot create, revert and delete),
+//! against a real controller and a real agent on the simulated
 //! driver,
 //! - every action runs twice and the operation ends exactly as it does
 //!   once;
@@ -145,7 +146,23 @@ impl Rig {
                 .into_inner();
             self.cloud.job_succeeds(&op.job, JOB).await;
         }
-        if matches!(kind, JobKind::VmStart | JobKind::VmRestore) {
+        if matches!(kind, JobKind::VmSnapshotDelete | JobKind::VmSnapshotRevert) {
+            let op = self
+                .cloud
+                .admin
+                .snapshot_create()
+                .vm(vm.id.to_string())
+                .body(stratus_client::types::SnapshotCreate { name: "s1".into() })
+                .send()
+                .await
+                .expect("snapshot_create")
+                .into_inner();
+            self.cloud.job_succeeds(&op.job, JOB).await;
+        }
+        if matches!(
+            kind,
+            JobKind::VmStart | JobKind::VmRestore | JobKind::VmSnapshotRevert
+        ) {
             let op = self
                 .cloud
                 .admin
@@ -187,6 +204,21 @@ impl Rig {
                     .into_inner();
                 return (self.cloud.vm(&op.backup.vm_id).await, op.job);
             }
+            JobKind::VmSnapshotCreate | JobKind::VmSnapshotDelete => {
+                let op = if kind == JobKind::VmSnapshotCreate {
+                    a.snapshot_create()
+                        .vm(id())
+                        .body(stratus_client::types::SnapshotCreate { name: "s2".into() })
+                        .send()
+                        .await
+                } else {
+                    a.snapshot_delete().vm(id()).snapshot("s1").send().await
+                }
+                .expect("snapshot operation accepted")
+                .into_inner();
+                return (self.cloud.vm(&op.snapshot.vm_id).await, op.job);
+            }
+            JobKind::VmSnapshotRevert => a.snapshot_revert().vm(id()).snapshot("s1").send().await,
             JobKind::VmRestore => {
                 let backups = a
                     .backup_list()
@@ -235,7 +267,9 @@ async fn repeat_actions(kind: JobKind) {
     let (vm, job) = rig.operate(kind, before.as_ref()).await;
     let j = rig.cloud.job_succeeds(&job, JOB).await;
     let (want, desired) = match kind {
-        JobKind::VmStop | JobKind::VmRestore => (Some(VmState::Stopped), VmDesiredState::Stopped),
+        JobKind::VmStop | JobKind::VmRestore | JobKind::VmSnapshotRevert => {
+            (Some(VmState::Stopped), VmDesiredState::Stopped)
+        }
         JobKind::VmDelete => (None, VmDesiredState::Deleted),
         _ => (Some(VmState::Running), VmDesiredState::Running),
     };
@@ -304,6 +338,54 @@ async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
         (false, true) => 2,
     };
     assert_eq!(undos, expected, "undo steps: {:?}", j.events);
+    if matches!(kind, JobKind::VmSnapshotCreate | JobKind::VmSnapshotDelete) {
+        // A failed take leaves no snapshot (recorded or on the host); a
+        // failed delete leaves it as it was.
+        let names: Vec<String> = rig
+            .cloud
+            .admin
+            .snapshot_list()
+            .vm(vm.id.to_string())
+            .send()
+            .await
+            .expect("snapshot_list")
+            .into_inner()
+            .into_iter()
+            .map(|s| format!("{}:{}", s.name, s.status))
+            .collect();
+        let on_host: Vec<String> = rig
+            .sim
+            .vm_snapshot_list(VmId(vm.id.0))
+            .await
+            .expect("sim snapshots")
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        if kind == JobKind::VmSnapshotCreate {
+            assert!(names.is_empty(), "{names:?}");
+            wait_for("the host to drop the snapshot", JOB, || async {
+                let n = rig
+                    .sim
+                    .vm_snapshot_list(VmId(vm.id.0))
+                    .await
+                    .map(|v| v.len())
+                    .unwrap_or(0);
+                if n == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} left"))
+                }
+            })
+            .await;
+        } else if node == node_names(kind)[2] {
+            // Past the merge there is no way back: deleted on both sides.
+            assert!(names.is_empty(), "{names:?}");
+            assert!(on_host.is_empty(), "{on_host:?}");
+        } else {
+            assert_eq!(names, vec!["s1:ready".to_string()]);
+            assert_eq!(on_host, vec!["s1".to_string()]);
+        }
+    }
     if kind == JobKind::VmBackup {
         // Never a restore point.
         let backups = rig
@@ -414,12 +496,15 @@ saga_tests! {
     vm_delete: JobKind::VmDelete;
     vm_backup: JobKind::VmBackup;
     vm_restore: JobKind::VmRestore;
+    vm_snapshot_create: JobKind::VmSnapshotCreate;
+    vm_snapshot_revert: JobKind::VmSnapshotRevert;
+    vm_snapshot_delete: JobKind::VmSnapshotDelete;
 }
 
 #[test]
 fn every_saga_has_generated_tests() {
     // A new JobKind must be added to `saga_tests!` above.
-    assert_eq!(JobKind::ALL.len(), 7);
+    assert_eq!(JobKind::ALL.len(), 10);
     for kind in JobKind::ALL {
         assert!(node_names(kind).len() >= 2, "{kind}");
     }

@@ -229,12 +229,35 @@ pub enum AgentRequestKind {
     Restore { vm_id: VmId, file: String },
     /// Read a backup file and its chain back: checksum and consistency.
     VerifyBackup { file: String },
+    /// Snapshot the VM's disk (live when it runs).
+    SnapshotCreate {
+        vm_id: VmId,
+        snapshot_id: uuid::Uuid,
+        name: String,
+    },
+    /// Make the stopped VM's disk what it was at the snapshot.
+    SnapshotRevert {
+        vm_id: VmId,
+        snapshot_id: uuid::Uuid,
+    },
+    /// Delete a snapshot, merging its layer (live when the VM runs).
+    SnapshotDelete {
+        vm_id: VmId,
+        snapshot_id: uuid::Uuid,
+    },
     /// Delete a backup file, first merging it into `child` (the restore
     /// point built on it) so the child stays whole.
     DeleteBackup {
         file: String,
         child: Option<BackupChildRef>,
     },
+}
+
+/// What the host measured of a snapshot it took.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotTaken {
+    pub quiesced: bool,
+    pub bytes: u64,
 }
 
 /// The restore point built on one being deleted.
@@ -328,6 +351,12 @@ pub struct AgentRequestResult {
     /// A deleted backup's child, merged.
     #[serde(default)]
     pub pruned: Option<BackupPruned>,
+    /// A snapshot taken.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotTaken>,
+    /// Snapshots a revert dropped (those taken after the one reverted to).
+    #[serde(default)]
+    pub dropped_snapshots: Option<Vec<uuid::Uuid>>,
     /// Why the request could not be carried out.
     pub error: Option<String>,
 }

@@ -342,3 +342,11 @@ pub struct BackupPolicySet {
     /// Backup target (name or id) for scheduled backups.
     pub target: Option<String>,
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// Unique among the VM's snapshots; 1-128 characters, no control
+    /// characters.
+    pub name: String,
+}

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stratus_common::{
     BackupId, BackupTargetId, EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role,
-    ServerGroupId, TokenId, VmId,
+    ServerGroupId, SnapshotId, TokenId, VmId,
 };
 use utoipa::ToSchema;
 
@@ -678,4 +678,37 @@ pub struct BackupPolicy {
     /// Keep the newest restore point of each of the last N weeks (UTC).
     pub keep_weekly: u32,
     pub updated_at: DateTime<Utc>,
+}
+
+/// Where a snapshot stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    Creating,
+    Ready,
+    Deleting,
+}
+
+/// A disk snapshot of a VM: its disk as it was at `created_at`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub vm_id: VmId,
+    pub name: String,
+    pub status: SnapshotStatus,
+    /// The guest's file systems were frozen (through its guest agent) while
+    /// it was taken, so it is consistent; `false`: crash-consistent only.
+    pub quiesced: Option<bool>,
+    /// Bytes its layer holds on the host.
+    pub bytes: Option<u64>,
+    /// The job that took (or deletes) it.
+    pub job_id: JobId,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A snapshot operation accepted: the snapshot and the job carrying it out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotOperation {
+    pub snapshot: Snapshot,
+    pub job: Job,
 }

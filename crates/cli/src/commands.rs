@@ -61,6 +61,9 @@ pub enum ClientCommand {
     /// Backups of VM disks: full, then incremental forever; verify, restore
     #[command(subcommand)]
     Backup(crate::backups::BackupCmd),
+    /// Disk snapshots of a VM: take, list, revert, delete (merge)
+    #[command(subcommand)]
+    Snapshot(crate::snapshots::SnapshotCmd),
     /// Show who the token is
     Whoami,
 }
@@ -501,6 +504,7 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
         ClientCommand::ServerGroup(g) => crate::scheduling::server_group(&c, f, g).await?,
         ClientCommand::Job(j) => job(&c, f, j, interactive).await?,
         ClientCommand::Backup(b) => crate::backups::backup(&c, f, b, interactive).await?,
+        ClientCommand::Snapshot(s) => crate::snapshots::snapshot(&c, f, s, interactive).await?,
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod output;
 pub mod scheduling;
+pub mod snapshots;
 mod wait;
 
 pub use commands::{run, ClientCommand, GlobalOpts};

@@ -27,6 +27,7 @@ pub enum ResourceKind {
     BackupTarget,
     Backup,
     BackupPolicy,
+    Snapshot,
 }
 
 impl ResourceKind {
@@ -45,6 +46,7 @@ impl ResourceKind {
             ResourceKind::BackupTarget => "backup target",
             ResourceKind::Backup => "backup",
             ResourceKind::BackupPolicy => "backup policy",
+            ResourceKind::Snapshot => "snapshot",
         }
     }
 }

@@ -106,6 +106,9 @@ typed_id!(
 typed_id!(
     /// Id of a backup (one restore point of a VM's disk).
     BackupId, "backup");
+typed_id!(
+    /// Id of a disk snapshot of a VM.
+    SnapshotId, "snapshot");
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
--- Version 8: backups. Backup targets (directories every host can reach),
+-- Version 8: storage: backups and snapshots. Backup targets (directories every host can reach),
 -- restore points (full and incremental, chained through `parent_id`), VMs
 -- whose disk starts as a restore point, and progress on host requests.
 
@@ -70,4 +70,20 @@ CREATE TABLE backup_policies (
     keep_weekly BIGINT NOT NULL,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
+);
+
+-- Disk snapshots of a VM (external qcow2 layers on its host).
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    project_id TEXT NOT NULL REFERENCES projects(id),
+    name TEXT NOT NULL,
+    -- `creating`, `ready` or `deleting`.
+    status TEXT NOT NULL,
+    -- The guest's file systems were frozen while it was taken.
+    quiesced BIGINT,
+    bytes BIGINT,
+    job_id TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (vm_id, name)
 );

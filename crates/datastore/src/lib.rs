@@ -33,6 +33,7 @@ mod orphans;
 mod projects;
 mod sagas;
 mod scheduling;
+mod snapshots;
 mod tokens;
 mod vms;
 
@@ -49,5 +50,6 @@ pub use jobs::{JobListFilter, JobOutcome, VmEffect};
 pub use leases::LeaseRecord;
 pub use sagas::Adopt;
 pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
+pub use snapshots::SnapshotRecord;
 pub use tokens::NewToken;
 pub use vms::{AutoRestart, CreateError, NewVm, RestartLimit, VmListFilter, VmToCreate};

@@ -34,7 +34,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reconcilers",
         include_str!("../migrations/0007_reconcilers.sql"),
     ),
-    (8, "backups", include_str!("../migrations/0008_backups.sql")),
+    (8, "storage", include_str!("../migrations/0008_backups.sql")),
 ];
 
 /// The schema version this binary expects: the last migration's.

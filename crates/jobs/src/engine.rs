@@ -336,6 +336,25 @@ impl SagaEngine {
                 // steno never undoes the step that failed; when that was the
                 // first, what the API wrote with the job is taken back here.
                 let first_failed = e.error_node_name.as_ref() == sagas::node_names(kind)[0];
+                if first_failed {
+                    // steno undoes only completed steps: take back what the
+                    // API recorded with the job here.
+                    let undone = match kind {
+                        JobKind::VmSnapshotCreate => {
+                            crate::storage::snapshot_discard(&self.ctx, job.id).await
+                        }
+                        JobKind::VmSnapshotDelete => match previous.snapshot {
+                            Some(id) => retry_store(|| self.ctx.ds.snapshot_undelete(id))
+                                .await
+                                .map_err(|e| anyhow::anyhow!("{e}")),
+                            None => Ok(()),
+                        },
+                        _ => Ok(()),
+                    };
+                    if let Err(e) = undone {
+                        tracing::warn!(job = %job.id, error = %e, "could not take back what the job recorded");
+                    }
+                }
                 if kind == JobKind::VmBackup {
                     // Never a restore point; the reason is the job's.
                     if let Err(e) =

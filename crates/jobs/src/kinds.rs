@@ -18,10 +18,16 @@ pub enum JobKind {
     VmBackup,
     /// Replace a stopped VM's disk with a backup.
     VmRestore,
+    /// Snapshot a VM's disk (live when it runs).
+    VmSnapshotCreate,
+    /// Make a stopped VM's disk what it was at a snapshot.
+    VmSnapshotRevert,
+    /// Delete a snapshot, merging its layer (live when the VM runs).
+    VmSnapshotDelete,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 7] = [
+    pub const ALL: [JobKind; 10] = [
         JobKind::VmCreate,
         JobKind::VmStart,
         JobKind::VmStop,
@@ -29,6 +35,9 @@ impl JobKind {
         JobKind::VmDelete,
         JobKind::VmBackup,
         JobKind::VmRestore,
+        JobKind::VmSnapshotCreate,
+        JobKind::VmSnapshotRevert,
+        JobKind::VmSnapshotDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +49,9 @@ impl JobKind {
             JobKind::VmDelete => "vm_delete",
             JobKind::VmBackup => "vm_backup",
             JobKind::VmRestore => "vm_restore",
+            JobKind::VmSnapshotCreate => "vm_snapshot_create",
+            JobKind::VmSnapshotRevert => "vm_snapshot_revert",
+            JobKind::VmSnapshotDelete => "vm_snapshot_delete",
         }
     }
 }
@@ -71,6 +83,9 @@ pub struct VmJobParams {
     /// For a restore: the backup whose file becomes the VM's disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreParams>,
+    /// For a snapshot job: the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<stratus_common::SnapshotId>,
 }
 
 /// What a `vm_restore` job restores.

@@ -68,6 +68,8 @@ impl SagaContext {
                     backup: None,
                     verified: None,
                     pruned: None,
+                    snapshot: None,
+                    dropped_snapshots: None,
                     error: None,
                 };
                 return Ok(match req.result {

@@ -14,6 +14,15 @@
 //!             (record,     (the host   (recorded  is marked failed, its
 //!              VM held)     copies)     good)      request withdrawn
 //!  vm_restore intent ────► restore ──► settled    (intent's undo)
+//!  vm_snapshot_create  accepted ──► snapshot ──► settled   undo: the host
+//!                       (record,      (the host    (ready)   deletes what it
+//!                        VM held)      takes it)             took; record gone
+//!  vm_snapshot_delete  accepted ──► merge ──► settled      undo: the
+//!                                    (layer merged,          snapshot stays
+//!                                     record gone: no        (if not merged)
+//!                                     way back)
+//!  vm_snapshot_revert  intent ────► revert ──► settled     (intent's undo;
+//!                                     (newer ones forgotten) VM stopped)
 //! ```
 //!
 //! The first step of each saga stands for what the API already wrote when it
@@ -82,6 +91,9 @@ pub fn node_names(kind: JobKind) -> &'static [&'static str] {
         JobKind::VmCreate => &["accepted", SETTLED],
         JobKind::VmBackup => &["accepted", "copy", SETTLED],
         JobKind::VmRestore => &["intent", "restore", SETTLED],
+        JobKind::VmSnapshotCreate => &["accepted", "snapshot", SETTLED],
+        JobKind::VmSnapshotDelete => &["accepted", "merge", SETTLED],
+        JobKind::VmSnapshotRevert => &["intent", "revert", SETTLED],
         _ => &["intent", SETTLED],
     }
 }
@@ -108,6 +120,39 @@ static RESTORE_INTENT: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| ActionFunc::new_action("vm_restore.intent", intent, intent_undo));
 static RESTORE_DISK: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| new_action_noop_undo("vm_restore.disk", crate::storage::restore_disk));
+static SNAPSHOT_ACCEPT: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    ActionFunc::new_action("vm_snapshot_create.accept", confirm, snapshot_accept_undo)
+});
+static SNAPSHOT_TAKE: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_snapshot_create.take", crate::storage::snapshot_take)
+});
+static SNAPSHOT_RECORD: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_snapshot_create.record", crate::storage::snapshot_record)
+});
+static SNAPSHOT_DELETE_ACCEPT: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    ActionFunc::new_action(
+        "vm_snapshot_delete.accept",
+        confirm,
+        crate::storage::snapshot_delete_undo,
+    )
+});
+static SNAPSHOT_MERGE: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_snapshot_delete.merge", crate::storage::snapshot_merge)
+});
+static SNAPSHOT_FORGET: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_snapshot_delete.forget", crate::storage::snapshot_forget)
+});
+static REVERT_INTENT: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| ActionFunc::new_action("vm_snapshot_revert.intent", intent, intent_undo));
+static REVERT_DISK: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_snapshot_revert.disk", crate::storage::snapshot_revert)
+});
+static REVERT_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo(
+        "vm_snapshot_revert.settled",
+        crate::storage::snapshot_reverted,
+    )
+});
 static RESTORE_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| new_action_noop_undo("vm_restore.settled", crate::storage::restore_settled));
 
@@ -128,6 +173,15 @@ pub fn registry() -> ActionRegistry<StratusSaga> {
         &RESTORE_INTENT,
         &RESTORE_DISK,
         &RESTORE_SETTLED,
+        &SNAPSHOT_ACCEPT,
+        &SNAPSHOT_TAKE,
+        &SNAPSHOT_RECORD,
+        &SNAPSHOT_DELETE_ACCEPT,
+        &SNAPSHOT_MERGE,
+        &SNAPSHOT_FORGET,
+        &REVERT_INTENT,
+        &REVERT_DISK,
+        &REVERT_SETTLED,
     ] {
         r.register(Arc::clone(a));
     }
@@ -152,6 +206,21 @@ pub fn dag(kind: JobKind, params: &VmSagaParams) -> Result<Arc<SagaDag>, StepErr
             RESTORE_INTENT.as_ref(),
             RESTORE_DISK.as_ref(),
             RESTORE_SETTLED.as_ref(),
+        ],
+        JobKind::VmSnapshotCreate => vec![
+            SNAPSHOT_ACCEPT.as_ref(),
+            SNAPSHOT_TAKE.as_ref(),
+            SNAPSHOT_RECORD.as_ref(),
+        ],
+        JobKind::VmSnapshotDelete => vec![
+            SNAPSHOT_DELETE_ACCEPT.as_ref(),
+            SNAPSHOT_MERGE.as_ref(),
+            SNAPSHOT_FORGET.as_ref(),
+        ],
+        JobKind::VmSnapshotRevert => vec![
+            REVERT_INTENT.as_ref(),
+            REVERT_DISK.as_ref(),
+            REVERT_SETTLED.as_ref(),
         ],
     };
     for (name, action) in node_names(kind).iter().zip(actions) {
@@ -327,6 +396,27 @@ async fn backup_accept_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
     crate::storage::backup_discard(sc, p.job_id, "the backup was undone").await
+}
+
+// ---- snapshots -------------------------------------------------------------
+
+/// The API recorded what the job acts on with the job; this step only
+/// confirms it, so its undo can take it back.
+async fn confirm(ctx: Ctx) -> Result<(), ActionError> {
+    let p = params(&ctx)?;
+    ctx.user_data()
+        .step(p.job_id, "accepted", 5, "recorded")
+        .await?;
+    Ok(())
+}
+
+async fn snapshot_accept_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "undo", 60, "removing the snapshot")
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    crate::storage::snapshot_discard(sc, p.job_id).await
 }
 
 // ---- vm_start, vm_stop, vm_reboot, vm_delete ----------------------------

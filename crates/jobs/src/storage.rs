@@ -8,9 +8,11 @@
 //! every other way out of the saga marks it failed.
 
 use steno::ActionError;
-use stratus_api_types::agent::{AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState};
+use stratus_api_types::agent::{
+    AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState, SnapshotTaken,
+};
 use stratus_api_types::views::VmState;
-use stratus_common::{ByteCount, JobId};
+use stratus_common::{ByteCount, JobId, SnapshotId, VmId};
 use stratus_datastore::BackupRecord;
 
 use crate::context::{retry_store, SagaContext, StepError};
@@ -237,6 +239,264 @@ pub(crate) async fn restore_settled(ctx: Ctx) -> Result<Settled, ActionError> {
         .await?;
     Ok(Settled {
         state: VmState::Stopped,
+        host_id: vm.host_id,
+        removed: false,
+    })
+}
+
+// ---- snapshots ------------------------------------------------------------
+
+fn snapshot_of(p: &crate::sagas::VmSagaParams) -> Result<SnapshotId, StepError> {
+    p.previous
+        .snapshot
+        .ok_or_else(|| StepError::new("internal", "the snapshot job names no snapshot"))
+}
+
+async fn snapshot_request(
+    sc: &SagaContext,
+    p: &crate::sagas::VmSagaParams,
+    kind: &'static str,
+    request: AgentRequestKind,
+) -> Result<stratus_api_types::agent::AgentRequestResult, ActionError> {
+    let host = placed_host(sc, p).await?;
+    Ok(sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                host,
+                vm: Some(p.vm_id),
+                kind,
+                request: &request,
+                timeout: sc.timing.backup,
+            },
+            |done, total| (30, format!("{kind}: {done} of {total} bytes")),
+        )
+        .await?)
+}
+
+/// The host takes the snapshot (freezing the guest's file systems for the
+/// moment when its guest agent answers).
+pub(crate) async fn snapshot_take(ctx: Ctx) -> Result<SnapshotTaken, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = snapshot_of(&p)?;
+    let snap = retry_store(|| sc.ds.snapshot_get(id))
+        .await
+        .map_err(|e| StepError::internal("reading the snapshot", e))?;
+    sc.step(p.job_id, "snapshot", 20, "the host is taking the snapshot")
+        .await?;
+    let answer = snapshot_request(
+        sc,
+        &p,
+        "snapshot",
+        AgentRequestKind::SnapshotCreate {
+            vm_id: p.vm_id,
+            snapshot_id: id.as_uuid(),
+            name: snap.name,
+        },
+    )
+    .await?;
+    Ok(answer.snapshot.ok_or_else(|| {
+        StepError::new(
+            "internal",
+            "the host answered the snapshot without its figures",
+        )
+    })?)
+}
+
+pub(crate) async fn snapshot_record(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = snapshot_of(&p)?;
+    let taken: SnapshotTaken = ctx.lookup("snapshot")?;
+    retry_store(|| sc.ds.snapshot_ready(id, taken.quiesced, taken.bytes))
+        .await
+        .map_err(|e| StepError::internal("recording the snapshot", e))?;
+    let message = if taken.quiesced {
+        "snapshot taken with the guest's file systems frozen"
+    } else {
+        "snapshot taken (crash-consistent: the guest agent did not freeze the file systems)"
+    };
+    sc.step(p.job_id, "recorded", 100, message).await?;
+    settled_as_is(sc, &p).await
+}
+
+/// Takes a snapshot back: the host deletes it if it took it (a snapshot it
+/// never took is not an error), then the record goes.
+pub(crate) async fn snapshot_discard(sc: &SagaContext, job: JobId) -> Result<(), anyhow::Error> {
+    let Ok(j) = retry_store(|| sc.ds.job_get(job)).await else {
+        return Ok(());
+    };
+    let vm = retry_store(|| sc.ds.vm_get(VmId(j.target_id))).await.ok();
+    let params: crate::kinds::VmJobParams = match serde_json::from_value(j.params.clone()) {
+        Ok(p) => p,
+        Err(_) => return Ok(()),
+    };
+    let Some(id) = params.snapshot else {
+        return Ok(());
+    };
+    let _ = retry_store(|| sc.ds.host_request_withdraw(job.as_uuid())).await;
+    if let Some((vm_id, host)) = vm.and_then(|v| Some((v.id, v.host_id?))) {
+        // A fresh request (its own id) to delete what the host may have made.
+        let request = AgentRequestKind::SnapshotDelete {
+            vm_id,
+            snapshot_id: id.as_uuid(),
+        };
+        let payload = serde_json::to_value(&request)?;
+        let rid = uuid::Uuid::new_v4();
+        let expires = stratus_common::time::now_micros() + 60_000_000;
+        if retry_store(|| {
+            sc.ds.host_request_ensure(
+                rid,
+                host,
+                Some(vm_id),
+                "snapshot_discard",
+                &payload,
+                expires,
+            )
+        })
+        .await
+        .is_ok()
+        {
+            sc.signals.host_desired_changed(host);
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while tokio::time::Instant::now() < deadline {
+                match sc.ds.host_request_get(rid).await {
+                    Ok(r) if r.answered_at.is_some() => break,
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+                }
+            }
+        }
+    }
+    retry_store(|| sc.ds.snapshot_forget(std::slice::from_ref(&id)))
+        .await
+        .map_err(|e| anyhow::anyhow!("forgetting the snapshot: {e}"))?;
+    Ok(())
+}
+
+/// The host merges the snapshot's layer away (live when the VM runs), and
+/// the record goes with it: a merge cannot be taken back, so from here on
+/// the snapshot is deleted whatever happens to the rest of the saga.
+pub(crate) async fn snapshot_merge(ctx: Ctx) -> Result<(), ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = snapshot_of(&p)?;
+    sc.step(
+        p.job_id,
+        "merge",
+        20,
+        "the host is merging the snapshot's layer into the next one",
+    )
+    .await?;
+    snapshot_request(
+        sc,
+        &p,
+        "merge",
+        AgentRequestKind::SnapshotDelete {
+            vm_id: p.vm_id,
+            snapshot_id: id.as_uuid(),
+        },
+    )
+    .await?;
+    retry_store(|| sc.ds.snapshot_forget(std::slice::from_ref(&id)))
+        .await
+        .map_err(|e| StepError::internal("forgetting the snapshot", e))?;
+    Ok(())
+}
+
+pub(crate) async fn snapshot_forget(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(
+        p.job_id,
+        "merged",
+        100,
+        "snapshot deleted; its layer merged",
+    )
+    .await?;
+    settled_as_is(sc, &p).await
+}
+
+/// A delete that did not complete leaves the snapshot as it was.
+pub(crate) async fn snapshot_delete_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "undo", 60, "keeping the snapshot")
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let id = snapshot_of(&p).map_err(|e| anyhow::anyhow!(e.message))?;
+    retry_store(|| sc.ds.snapshot_undelete(id))
+        .await
+        .map_err(|e| anyhow::anyhow!("restoring the snapshot record: {e}"))
+}
+
+/// The host makes the stopped VM's disk what it was at the snapshot.
+pub(crate) async fn snapshot_revert(ctx: Ctx) -> Result<Vec<uuid::Uuid>, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = snapshot_of(&p)?;
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    if vm.observed_state == Some(ObservedVmState::Running) {
+        return Err(StepError::new(
+            "vm_running",
+            format!("VM {:?} is running; stop it before reverting", vm.name),
+        )
+        .into());
+    }
+    sc.step(p.job_id, "revert", 20, "the host is reverting the disk")
+        .await?;
+    let answer = snapshot_request(
+        sc,
+        &p,
+        "revert",
+        AgentRequestKind::SnapshotRevert {
+            vm_id: p.vm_id,
+            snapshot_id: id.as_uuid(),
+        },
+    )
+    .await?;
+    Ok(answer.dropped_snapshots.unwrap_or_default())
+}
+
+pub(crate) async fn snapshot_reverted(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let dropped: Vec<uuid::Uuid> = ctx.lookup("revert")?;
+    let ids: Vec<SnapshotId> = dropped.into_iter().map(SnapshotId).collect();
+    retry_store(|| sc.ds.snapshot_forget(&ids))
+        .await
+        .map_err(|e| StepError::internal("forgetting dropped snapshots", e))?;
+    let message = if ids.is_empty() {
+        "the disk is as it was at the snapshot".to_string()
+    } else {
+        format!(
+            "the disk is as it was at the snapshot; {} later snapshot(s) dropped",
+            ids.len()
+        )
+    };
+    sc.step(p.job_id, "reverted", 100, &message).await?;
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    Ok(Settled {
+        state: VmState::Stopped,
+        host_id: vm.host_id,
+        removed: false,
+    })
+}
+
+/// The VM as its host last showed it.
+async fn settled_as_is(
+    sc: &SagaContext,
+    p: &crate::sagas::VmSagaParams,
+) -> Result<Settled, ActionError> {
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the VM", e))?;
+    Ok(Settled {
+        state: vm.observed_state.map(shown).unwrap_or(vm.state),
         host_id: vm.host_id,
         removed: false,
     })

@@ -178,6 +178,7 @@ pub(crate) async fn backup_start(
             previous_state: vm.state,
             previous_desired: vm.desired_state,
             restore: None,
+            snapshot: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,
@@ -573,6 +574,7 @@ async fn restore_in_place(
                 backup_id: b.id,
                 file: b.file.clone(),
             }),
+            snapshot: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,

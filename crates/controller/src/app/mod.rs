@@ -20,6 +20,7 @@ pub mod projects;
 pub mod reconcile;
 pub mod scheduling;
 pub mod secrets;
+pub mod snapshots;
 pub mod tokens;
 pub mod vms;
 

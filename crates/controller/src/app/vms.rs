@@ -46,6 +46,7 @@ fn new_job(kind: JobKind, vm: &VmRecord, previous: VmState, key: Option<String>)
             previous_state: previous,
             previous_desired: vm.desired_state,
             restore: None,
+            snapshot: None,
         })
         .unwrap_or_default(),
         idempotency_key: key,
@@ -311,6 +312,7 @@ impl Shape {
                 previous_state: VmState::Creating,
                 previous_desired: self.desired,
                 restore: None,
+                snapshot: None,
             })
             .unwrap_or_default(),
             idempotency_key,

@@ -148,6 +148,18 @@ pub fn router(app: Arc<App>) -> Router {
                 .delete(backups::backup_policy_delete),
         )
         .route("/backup-policies", get(backups::backup_policy_list))
+        .route(
+            "/vms/{vm}/snapshots",
+            get(snapshots::snapshot_list).post(snapshots::snapshot_create),
+        )
+        .route(
+            "/vms/{vm}/snapshots/{snapshot}",
+            delete(snapshots::snapshot_delete),
+        )
+        .route(
+            "/vms/{vm}/snapshots/{snapshot}/revert",
+            post(snapshots::snapshot_revert),
+        )
         .route("/backups/{backup}/verify", post(backups::backup_verify))
         .route("/backups/{backup}/restore", post(backups::backup_restore))
         .route("/agent/enroll", post(agent::agent_enroll))

@@ -44,6 +44,8 @@ impl Modify for BearerAuth {
         backups::backup_create, backups::backup_list, backups::backup_view, backups::backup_verify,
         backups::backup_restore, backups::backup_delete, backups::backup_policy_set,
         backups::backup_policy_view, backups::backup_policy_delete, backups::backup_policy_list,
+        snapshots::snapshot_create, snapshots::snapshot_list, snapshots::snapshot_delete,
+        snapshots::snapshot_revert,
         jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
     ),
     components(schemas(
@@ -55,7 +57,8 @@ impl Modify for BearerAuth {
         views::BackupTarget, views::BackupMode, views::BackupStatus, views::Backup, views::BackupPage,
         views::BackupVerification, views::BackupOperation,
         proto::BackupParentRef, proto::BackupDone, proto::BackupChecked, proto::RequestProgress,
-        proto::BackupChildRef, proto::BackupPruned, views::BackupPolicy, params::BackupPolicySet,
+        proto::BackupChildRef, proto::BackupPruned, proto::SnapshotTaken, stratus_common::SnapshotId,
+        views::SnapshotStatus, views::Snapshot, views::SnapshotOperation, params::SnapshotCreate, views::BackupPolicy, params::BackupPolicySet,
         params::VmBatchCreate, params::ClusterUpdate, params::ServerGroupCreate, params::HostUpdate,
         views::Allocation, views::Weigher, views::Cluster, views::ClusterPage, views::GroupPolicy,
         views::ServerGroup, views::ServerGroupPage, views::VmPlacement, views::FilterCount, views::Shortfall,
@@ -77,7 +80,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
         (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"), (name = "agent"),
-        (name = "scheduling"), (name = "backups"),
+        (name = "scheduling"), (name = "backups"), (name = "snapshots"),
     )
 )]
 pub struct ApiDoc;

@@ -9,6 +9,7 @@ pub mod images;
 pub mod jobs;
 pub mod projects;
 pub mod scheduling;
+pub mod snapshots;
 pub mod system;
 pub mod tokens;
 pub mod vms;

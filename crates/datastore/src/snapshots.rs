@@ -1,0 +1,247 @@
+//! Disk snapshots of VMs, as the controller records them (the layers
+//! themselves are on the VM's host).
+//!
+//! ```text
+//!  snapshot_begin ──► creating ──► ready ──► deleting ──► (row gone)
+//!  (row + job + VM                    │
+//!   held, one tx)                     └── dropped by a revert to an older one
+//! ```
+
+use stratus_api_types::views::{self, SnapshotStatus};
+use stratus_common::time::{from_micros, now_micros};
+use stratus_common::{Error, JobId, ProjectId, ResourceKind, SnapshotId, VmId};
+
+use crate::db::{db_error, is_unique_violation};
+use crate::jobs::insert_job;
+use crate::model::{enum_parse, u64_of, JobRecord, NewJob, RowExt};
+use crate::Datastore;
+
+const SELECT: &str =
+    "SELECT id, vm_id, project_id, name, status, quiesced, bytes, job_id, created_at FROM snapshots";
+
+#[derive(Debug, Clone)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub vm_id: VmId,
+    pub project_id: ProjectId,
+    pub name: String,
+    pub status: SnapshotStatus,
+    pub quiesced: Option<bool>,
+    pub bytes: Option<u64>,
+    pub job_id: JobId,
+    pub created_at: i64,
+}
+
+impl SnapshotRecord {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, Error> {
+        Ok(SnapshotRecord {
+            id: r.parse("id")?,
+            vm_id: r.parse("vm_id")?,
+            project_id: r.parse("project_id")?,
+            name: r.text("name")?,
+            status: enum_parse(r, "status")?,
+            quiesced: r.opt_int("quiesced")?.map(|q| q != 0),
+            bytes: r.opt_int("bytes")?.map(u64_of),
+            job_id: r.parse("job_id")?,
+            created_at: r.int("created_at")?,
+        })
+    }
+
+    pub fn into_view(self) -> views::Snapshot {
+        views::Snapshot {
+            id: self.id,
+            vm_id: self.vm_id,
+            name: self.name,
+            status: self.status,
+            quiesced: self.quiesced,
+            bytes: self.bytes,
+            job_id: self.job_id,
+            created_at: from_micros(self.created_at),
+        }
+    }
+}
+
+impl Datastore {
+    /// Records a snapshot (`creating`) and the job that takes it, and makes
+    /// the job the VM's one active job, in one transaction.
+    pub async fn snapshot_begin(
+        &self,
+        id: SnapshotId,
+        vm: VmId,
+        project: ProjectId,
+        name: &str,
+        job: &NewJob,
+    ) -> Result<(SnapshotRecord, JobRecord), Error> {
+        let ctx = "recording a snapshot";
+        let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        hold_vm(&mut tx, vm, job.id, now).await?;
+        sqlx::query(
+            "INSERT INTO snapshots (id, vm_id, project_id, name, status, job_id, created_at) \
+             VALUES ($1, $2, $3, $4, 'creating', $5, $6)",
+        )
+        .bind(id.to_string())
+        .bind(vm.to_string())
+        .bind(project.to_string())
+        .bind(name)
+        .bind(job.id.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::conflict(
+                    "name_in_use",
+                    format!("the VM already has a snapshot named {name:?}"),
+                )
+            } else {
+                db_error(ctx, e)
+            }
+        })?;
+        let job = insert_job(&mut tx, job, now).await?;
+        let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        let snap = SnapshotRecord::from_row(&row)?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok((snap, job))
+    }
+
+    /// Records a delete of a ready snapshot (`deleting`) and its job, the
+    /// VM held, in one transaction.
+    pub async fn snapshot_delete_begin(
+        &self,
+        id: SnapshotId,
+        vm: VmId,
+        job: &NewJob,
+    ) -> Result<JobRecord, Error> {
+        let ctx = "recording a snapshot delete";
+        let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        hold_vm(&mut tx, vm, job.id, now).await?;
+        let done = sqlx::query(
+            "UPDATE snapshots SET status = 'deleting', job_id = $1 WHERE id = $2 AND status = 'ready'",
+        )
+        .bind(job.id.to_string())
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        if done.rows_affected() == 0 {
+            return Err(Error::conflict(
+                "snapshot_not_ready",
+                "the snapshot is being taken or deleted",
+            ));
+        }
+        let job = insert_job(&mut tx, job, now).await?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(job)
+    }
+
+    pub async fn snapshot_get(&self, id: SnapshotId) -> Result<SnapshotRecord, Error> {
+        let row = sqlx::query(&format!("{SELECT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a snapshot", e))?;
+        match row {
+            Some(r) => SnapshotRecord::from_row(&r),
+            None => Err(Error::not_found(ResourceKind::Snapshot, id)),
+        }
+    }
+
+    /// A VM's snapshot by name or id.
+    pub async fn snapshot_find(
+        &self,
+        vm: VmId,
+        key: &str,
+    ) -> Result<Option<SnapshotRecord>, Error> {
+        let row = sqlx::query(&format!(
+            "{SELECT} WHERE vm_id = $1 AND (name = $2 OR id = $2)"
+        ))
+        .bind(vm.to_string())
+        .bind(key)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(|e| db_error("reading a snapshot", e))?;
+        row.as_ref().map(SnapshotRecord::from_row).transpose()
+    }
+
+    /// A VM's snapshots, oldest first.
+    pub async fn snapshot_list(&self, vm: VmId) -> Result<Vec<SnapshotRecord>, Error> {
+        let rows = sqlx::query(&format!("{SELECT} WHERE vm_id = $1 ORDER BY id"))
+            .bind(vm.to_string())
+            .fetch_all(&self.read)
+            .await
+            .map_err(|e| db_error("reading snapshots", e))?;
+        rows.iter().map(SnapshotRecord::from_row).collect()
+    }
+
+    /// A snapshot the host took: `ready`, with what it measured.
+    pub async fn snapshot_ready(
+        &self,
+        id: SnapshotId,
+        quiesced: bool,
+        bytes: u64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE snapshots SET status = 'ready', quiesced = $1, bytes = $2 WHERE id = $3",
+        )
+        .bind(i64::from(quiesced))
+        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a snapshot", e))?;
+        Ok(())
+    }
+
+    /// Puts a snapshot whose delete was taken back to `ready`.
+    pub async fn snapshot_undelete(&self, id: SnapshotId) -> Result<(), Error> {
+        sqlx::query("UPDATE snapshots SET status = 'ready' WHERE id = $1 AND status = 'deleting'")
+            .bind(id.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("restoring a snapshot record", e))?;
+        Ok(())
+    }
+
+    /// Forgets snapshots (deleted, dropped by a revert, or never taken).
+    pub async fn snapshot_forget(&self, ids: &[SnapshotId]) -> Result<(), Error> {
+        for id in ids {
+            sqlx::query("DELETE FROM snapshots WHERE id = $1")
+                .bind(id.to_string())
+                .execute(&self.write)
+                .await
+                .map_err(|e| db_error("forgetting a snapshot", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes `job` the VM's one active job (`vm_busy` if another holds it).
+pub(crate) async fn hold_vm(
+    tx: &mut sqlx::AnyConnection,
+    vm: VmId,
+    job: JobId,
+    now: i64,
+) -> Result<(), Error> {
+    let held = sqlx::query(
+        "UPDATE vms SET active_job_id = $1, updated_at = $2 WHERE id = $3 AND active_job_id IS NULL",
+    )
+    .bind(job.to_string())
+    .bind(now)
+    .bind(vm.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_error("holding a VM", e))?;
+    if held.rows_affected() == 0 {
+        return Err(Error::conflict(
+            "vm_busy",
+            "the VM is busy with another job; wait for it or cancel it",
+        ));
+    }
+    Ok(())
+}
