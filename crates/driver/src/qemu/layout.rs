@@ -7,6 +7,7 @@
 //!   vm.json            the VmSpec (written last by vm_create: its presence means "created")
 //!   disk.qcow2         copy-on-write overlay of the base image
 //!   state.json         last state the driver recorded: running/paused (with pid) or stopped/crashed
+//!   volumes.json       the volumes attached to the VM, in attachment order, with their ports (see volume.rs)
 //!   console.log        newest console output (bounded), console.offset: its first byte's offset
 //!   run/qemu.pid       written and locked by QEMU, removed by QEMU when it exits cleanly
 //!   run/qemu.log       QEMU's own messages (stderr, -D)
@@ -36,6 +37,7 @@ pub(crate) struct VmPaths {
     pub vm_json: PathBuf,
     pub overlay: PathBuf,
     pub state_json: PathBuf,
+    pub volumes_json: PathBuf,
     pub console_log: PathBuf,
     pub console_offset: PathBuf,
     pub run: PathBuf,
@@ -56,6 +58,7 @@ impl VmPaths {
             vm_json: dir.join("vm.json"),
             overlay: dir.join("disk.qcow2"),
             state_json: dir.join("state.json"),
+            volumes_json: dir.join("volumes.json"),
             console_log: dir.join("console.log"),
             console_offset: dir.join("console.offset"),
             pidfile: run.join("qemu.pid"),

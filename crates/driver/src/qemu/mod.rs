@@ -57,6 +57,7 @@ mod process;
 mod prune;
 mod qga;
 mod qmp;
+mod volume;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,7 @@ use crate::{
     ExecOutput, GuestInfo, HostFacts, ProgressFn, PruneChild, Pruned, QemuSaid, StopHow, VmEvent,
     VmRuntimeState, VmSpec, VmStatus,
 };
+use crate::{VolumeInfo, VolumeSpec};
 
 /// Events buffered per subscriber.
 const EVENT_CAPACITY: usize = 1024;
@@ -123,6 +125,8 @@ struct Shared {
     qemu_version: String,
     vms: Mutex<HashMap<VmId, Arc<VmEntry>>>,
     events: broadcast::Sender<VmEvent>,
+    /// One operation per data volume at a time (see `volume.rs`).
+    volume_locks: volume::VolumeLocks,
 }
 
 /// What the driver keeps in memory per VM it has seen.
@@ -226,6 +230,7 @@ impl QemuDriver {
                 qemu_version,
                 vms: Mutex::new(HashMap::new()),
                 events,
+                volume_locks: volume::VolumeLocks::default(),
             }),
             _data_dir_lock: data_dir_lock,
         };
@@ -543,7 +548,8 @@ impl Shared {
                     .open(&paths.qemu_log)
             })
             .map_err(|e| DriverError::io("cannot create the QEMU log", &paths.qemu_log, e))?;
-        let args = cmdline::qemu_args(&spec, paths, self.launch)?;
+        let mut args = cmdline::qemu_args(&spec, paths, self.launch)?;
+        args.extend(volume::boot_args(self, vm)?);
         tracing::debug!(vm = %vm.id, ?args, "starting QEMU");
         let status = tokio::time::timeout(
             Duration::from_secs(60),
@@ -1145,6 +1151,9 @@ impl Driver for QemuDriver {
                 })?;
             }
         }
+        // Volumes outlive the VM: forget its attachments first, so even a
+        // directory removal that fails half-way leaves them free.
+        remove_file_if_exists(&vm.paths.volumes_json)?;
         match std::fs::remove_dir_all(&vm.paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1265,6 +1274,34 @@ impl Driver for QemuDriver {
         child: Option<&PruneChild>,
     ) -> Result<Option<Pruned>, DriverError> {
         prune::delete(&self.shared.config.qemu_img, file, child).await
+    }
+
+    async fn volume_create(&self, spec: &VolumeSpec) -> Result<VolumeInfo, DriverError> {
+        volume::create(&self.shared, spec).await
+    }
+
+    async fn vm_volume_attach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        volume::attach(&self.shared, vm, volume_id).await
+    }
+
+    async fn vm_volume_detach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        volume::detach(&self.shared, vm, volume_id).await
+    }
+
+    async fn volume_resize(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, DriverError> {
+        volume::resize(&self.shared, volume_id, size_bytes).await
+    }
+
+    async fn volume_delete(&self, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        volume::delete(&self.shared, volume_id).await
+    }
+
+    async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError> {
+        volume::info(&self.shared, volume_id).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
