@@ -83,6 +83,47 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         AgentRequestKind::DeleteBackup { file, child } => {
             delete_backup(&shared, file, child.as_ref()).await
         }
+        AgentRequestKind::VolumeAttach {
+            vm_id,
+            volume_id,
+            size_bytes,
+            image,
+        } => {
+            volume_attach(
+                &shared,
+                VmId(vm_id.0),
+                *volume_id,
+                *size_bytes,
+                image.as_ref(),
+            )
+            .await
+        }
+        AgentRequestKind::VolumeDetach { vm_id, volume_id } => {
+            match shared
+                .driver
+                .vm_volume_detach(VmId(vm_id.0), *volume_id)
+                .await
+            {
+                Ok(()) => answered(),
+                Err(e) => failed(chain(&e)),
+            }
+        }
+        AgentRequestKind::VolumeResize {
+            volume_id,
+            size_bytes,
+        } => match shared.driver.volume_resize(*volume_id, *size_bytes).await {
+            Ok(v) => AgentRequestResult {
+                volume: Some(on_host(&v)),
+                ..answered()
+            },
+            Err(e) => failed(chain(&e)),
+        },
+        AgentRequestKind::VolumeDelete { volume_id } => {
+            match shared.driver.volume_delete(*volume_id).await {
+                Ok(()) => answered(),
+                Err(e) => failed(chain(&e)),
+            }
+        }
         AgentRequestKind::SnapshotCreate {
             vm_id,
             snapshot_id,
@@ -156,6 +197,54 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         .insert(r.id, RequestState::Answered(Instant::now()));
 }
 
+fn on_host(v: &stratus_driver::VolumeInfo) -> stratus_client::types::VolumeOnHost {
+    stratus_client::types::VolumeOnHost {
+        size_bytes: v.size_bytes,
+        allocated_bytes: v.allocated_bytes,
+    }
+}
+
+/// Makes the volume's file if it has none (caching its image first, as for
+/// a VM) and attaches it to the VM.
+async fn volume_attach(
+    shared: &Arc<Shared>,
+    vm: VmId,
+    volume_id: uuid::Uuid,
+    size_bytes: u64,
+    image: Option<&stratus_client::types::DesiredImage>,
+) -> AgentRequestResult {
+    let (image, image_format) = match image {
+        Some(img) => match shared.images.ensure(&shared.api, img).await {
+            Ok(cached) => (
+                Some(cached.disk),
+                Some(match img.format {
+                    stratus_client::types::ImageFormat::Qcow2 => stratus_driver::ImageFormat::Qcow2,
+                    stratus_client::types::ImageFormat::Raw => stratus_driver::ImageFormat::Raw,
+                }),
+            ),
+            Err(e) => return failed(format!("cannot fetch the volume's image: {}", chain(&e))),
+        },
+        None => (None, None),
+    };
+    let spec = stratus_driver::VolumeSpec {
+        volume_id,
+        size_bytes,
+        image,
+        image_format,
+    };
+    let made = match shared.driver.volume_create(&spec).await {
+        Ok(v) => v,
+        Err(e) => return failed(chain(&e)),
+    };
+    match shared.driver.vm_volume_attach(vm, volume_id).await {
+        Ok(()) => AgentRequestResult {
+            volume: Some(on_host(&made)),
+            ..answered()
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
 /// A successful answer with nothing in it (fields are filled in by the
 /// caller).
 fn answered() -> AgentRequestResult {
@@ -166,6 +255,7 @@ fn answered() -> AgentRequestResult {
         pruned: None,
         snapshot: None,
         dropped_snapshots: None,
+        volume: None,
         error: None,
     }
 }
@@ -179,6 +269,7 @@ fn failed(error: String) -> AgentRequestResult {
         pruned: None,
         snapshot: None,
         dropped_snapshots: None,
+        volume: None,
         error: Some(error),
     }
 }
@@ -259,6 +350,7 @@ async fn backup(
             pruned: None,
             snapshot: None,
             dropped_snapshots: None,
+            volume: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -278,6 +370,7 @@ async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
             pruned: None,
             snapshot: None,
             dropped_snapshots: None,
+            volume: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -300,6 +393,7 @@ async fn verify(shared: &Shared, file: &str) -> AgentRequestResult {
             pruned: None,
             snapshot: None,
             dropped_snapshots: None,
+            volume: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -331,6 +425,7 @@ async fn delete_backup(
             }),
             snapshot: None,
             dropped_snapshots: None,
+            volume: None,
             error: None,
         },
         Err(e) => failed(chain(&e)),
@@ -352,6 +447,7 @@ async fn exec(shared: &Shared, vm: VmId, argv: &[String], timeout_secs: u32) -> 
             pruned: None,
             snapshot: None,
             dropped_snapshots: None,
+            volume: None,
             error: None,
         },
         Ok(Err(e)) => failed(chain(&e)),

@@ -1,5 +1,6 @@
 //! Generated saga tests: for every saga (create, start, stop, reboot,
-//! delete, backup, in-place restore, snapshot create, revert and delete),
+//! delete, backup, in-place restore, snapshot create, revert and delete,
+//! volume attach and detach),
 //! against a real controller and a real agent on the simulated
 //! driver,
 //! - every action runs twice and the operation ends exactly as it does
@@ -146,6 +147,36 @@ impl Rig {
                 .into_inner();
             self.cloud.job_succeeds(&op.job, JOB).await;
         }
+        if matches!(kind, JobKind::VmVolumeAttach | JobKind::VmVolumeDetach) {
+            self.cloud
+                .admin
+                .volume_create()
+                .body(stratus_client::types::VolumeCreate {
+                    name: "v1".parse().expect("name"),
+                    project: Some("p".into()),
+                    size_bytes: 16 << 20,
+                    image: None,
+                })
+                .send()
+                .await
+                .expect("volume_create");
+        }
+        if kind == JobKind::VmVolumeDetach {
+            let op = self
+                .cloud
+                .admin
+                .volume_attach()
+                .volume("v1")
+                .project("p")
+                .body(stratus_client::types::VolumeAttach {
+                    vm: vm.id.to_string(),
+                })
+                .send()
+                .await
+                .expect("volume_attach")
+                .into_inner();
+            self.cloud.job_succeeds(&op.job, JOB).await;
+        }
         if matches!(kind, JobKind::VmSnapshotDelete | JobKind::VmSnapshotRevert) {
             let op = self
                 .cloud
@@ -219,6 +250,22 @@ impl Rig {
                 return (self.cloud.vm(&op.snapshot.vm_id).await, op.job);
             }
             JobKind::VmSnapshotRevert => a.snapshot_revert().vm(id()).snapshot("s1").send().await,
+            JobKind::VmVolumeAttach | JobKind::VmVolumeDetach => {
+                let op = if kind == JobKind::VmVolumeAttach {
+                    a.volume_attach()
+                        .volume("v1")
+                        .project("p")
+                        .body(stratus_client::types::VolumeAttach { vm: id() })
+                        .send()
+                        .await
+                } else {
+                    a.volume_detach().volume("v1").project("p").send().await
+                }
+                .expect("volume operation accepted")
+                .into_inner();
+                let vm = vm.expect("a VM");
+                return (self.cloud.vm(&vm.id).await, op.job);
+            }
             JobKind::VmRestore => {
                 let backups = a
                     .backup_list()
@@ -386,6 +433,43 @@ async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
             assert_eq!(on_host, vec!["s1".to_string()]);
         }
     }
+    if matches!(kind, JobKind::VmVolumeAttach | JobKind::VmVolumeDetach) {
+        // A failed attach leaves the volume available and attached nowhere;
+        // a failed detach leaves it attached, unless it failed past the
+        // host's detach (no way back; it is then available).
+        let v = rig
+            .cloud
+            .admin
+            .volume_view()
+            .volume("v1")
+            .project("p")
+            .send()
+            .await
+            .expect("volume_view")
+            .into_inner();
+        let want_attached = kind == JobKind::VmVolumeDetach && node != node_names(kind)[2];
+        let expected = if want_attached {
+            stratus_client::types::VolumeStatus::Attached
+        } else {
+            stratus_client::types::VolumeStatus::Available
+        };
+        assert_eq!(v.status, expected, "{v:?}");
+        let id = v.id.0;
+        wait_for("the host to agree on the attachment", JOB, || async {
+            let on_host = rig
+                .sim
+                .volume_info(id)
+                .await
+                .expect("volume_info")
+                .and_then(|i| i.attached_to);
+            if on_host.is_some() == want_attached {
+                Ok(())
+            } else {
+                Err(format!("{on_host:?}"))
+            }
+        })
+        .await;
+    }
     if kind == JobKind::VmBackup {
         // Never a restore point.
         let backups = rig
@@ -499,12 +583,14 @@ saga_tests! {
     vm_snapshot_create: JobKind::VmSnapshotCreate;
     vm_snapshot_revert: JobKind::VmSnapshotRevert;
     vm_snapshot_delete: JobKind::VmSnapshotDelete;
+    vm_volume_attach: JobKind::VmVolumeAttach;
+    vm_volume_detach: JobKind::VmVolumeDetach;
 }
 
 #[test]
 fn every_saga_has_generated_tests() {
     // A new JobKind must be added to `saga_tests!` above.
-    assert_eq!(JobKind::ALL.len(), 10);
+    assert_eq!(JobKind::ALL.len(), 12);
     for kind in JobKind::ALL {
         assert!(node_names(kind).len() >= 2, "{kind}");
     }

@@ -648,6 +648,34 @@ impl Driver for SlowStops {
     ) -> Result<ExecOutput, DriverError> {
         self.sim.guest_exec(id, argv, timeout).await
     }
+    async fn volume_create(
+        &self,
+        spec: &stratus_driver::VolumeSpec,
+    ) -> Result<stratus_driver::VolumeInfo, DriverError> {
+        self.sim.volume_create(spec).await
+    }
+    async fn vm_volume_attach(&self, vm: VmId, volume: uuid::Uuid) -> Result<(), DriverError> {
+        self.sim.vm_volume_attach(vm, volume).await
+    }
+    async fn vm_volume_detach(&self, vm: VmId, volume: uuid::Uuid) -> Result<(), DriverError> {
+        self.sim.vm_volume_detach(vm, volume).await
+    }
+    async fn volume_resize(
+        &self,
+        volume: uuid::Uuid,
+        size_bytes: u64,
+    ) -> Result<stratus_driver::VolumeInfo, DriverError> {
+        self.sim.volume_resize(volume, size_bytes).await
+    }
+    async fn volume_delete(&self, volume: uuid::Uuid) -> Result<(), DriverError> {
+        self.sim.volume_delete(volume).await
+    }
+    async fn volume_info(
+        &self,
+        volume: uuid::Uuid,
+    ) -> Result<Option<stratus_driver::VolumeInfo>, DriverError> {
+        self.sim.volume_info(volume).await
+    }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<VmEvent> {
         self.sim.subscribe()
     }

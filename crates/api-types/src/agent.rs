@@ -229,6 +229,24 @@ pub enum AgentRequestKind {
     Restore { vm_id: VmId, file: String },
     /// Read a backup file and its chain back: checksum and consistency.
     VerifyBackup { file: String },
+    /// Create the volume's file if it has none (blank, or a copy-on-write
+    /// clone of `image`, which the host caches like a VM's) and attach it
+    /// to the VM (hot-plugged when it runs).
+    VolumeAttach {
+        vm_id: VmId,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        image: Option<DesiredImage>,
+    },
+    /// Detach the volume from the VM (hot-unplugged when it runs).
+    VolumeDetach { vm_id: VmId, volume_id: uuid::Uuid },
+    /// Grow the volume (live when attached to a running VM).
+    VolumeResize {
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+    },
+    /// Delete the volume's file.
+    VolumeDelete { volume_id: uuid::Uuid },
     /// Snapshot the VM's disk (live when it runs).
     SnapshotCreate {
         vm_id: VmId,
@@ -251,6 +269,13 @@ pub enum AgentRequestKind {
         file: String,
         child: Option<BackupChildRef>,
     },
+}
+
+/// A volume's file on its host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeOnHost {
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
 }
 
 /// What the host measured of a snapshot it took.
@@ -357,6 +382,9 @@ pub struct AgentRequestResult {
     /// Snapshots a revert dropped (those taken after the one reverted to).
     #[serde(default)]
     pub dropped_snapshots: Option<Vec<uuid::Uuid>>,
+    /// A volume as the host has it now.
+    #[serde(default)]
+    pub volume: Option<VolumeOnHost>,
     /// Why the request could not be carried out.
     pub error: Option<String>,
 }

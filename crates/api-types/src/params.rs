@@ -350,3 +350,36 @@ pub struct SnapshotCreate {
     /// characters.
     pub name: String,
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    pub name: Name,
+    /// Project (name or id); defaults to the caller's project.
+    pub project: Option<String>,
+    /// At least 1 MiB; at least the image's size when `image` is given.
+    pub size_bytes: u64,
+    /// Start as a copy-on-write clone of this image (name or id).
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttach {
+    /// The VM (name or id, in the volume's project).
+    pub vm: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// The new size: volumes only grow.
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VolumeFilter {
+    /// Project name or id.
+    pub project: Option<String>,
+}

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stratus_common::{
     BackupId, BackupTargetId, EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role,
-    ServerGroupId, SnapshotId, TokenId, VmId,
+    ServerGroupId, SnapshotId, TokenId, VmId, VolumeId,
 };
 use utoipa::ToSchema;
 
@@ -710,5 +710,44 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotOperation {
     pub snapshot: Snapshot,
+    pub job: Job,
+}
+
+/// Where a volume stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeStatus {
+    Available,
+    Attaching,
+    Attached,
+    Detaching,
+}
+
+/// A data volume: a disk of its own, attached to at most one VM at a time
+/// (hot-plugged while the VM runs).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub project_id: ProjectId,
+    pub name: String,
+    pub size_bytes: u64,
+    /// The image it started as a copy-on-write clone of (absent: blank).
+    pub image_id: Option<ImageId>,
+    pub status: VolumeStatus,
+    /// The host holding its file (from its first attach on; it can be
+    /// attached only to VMs there).
+    pub host_id: Option<HostId>,
+    pub vm_id: Option<VmId>,
+    pub created_at: DateTime<Utc>,
+}
+
+page!(
+    /// A page of volumes.
+    VolumePage, Volume);
+
+/// A volume change accepted: the volume and the job carrying it out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeOperation {
+    pub volume: Volume,
     pub job: Job,
 }

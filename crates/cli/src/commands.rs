@@ -64,6 +64,9 @@ pub enum ClientCommand {
     /// Disk snapshots of a VM: take, list, revert, delete (merge)
     #[command(subcommand)]
     Snapshot(crate::snapshots::SnapshotCmd),
+    /// Data volumes: create, attach (hot-plug), detach, resize, delete
+    #[command(subcommand)]
+    Volume(crate::volumes::VolumeCmd),
     /// Show who the token is
     Whoami,
 }
@@ -505,6 +508,7 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
         ClientCommand::Job(j) => job(&c, f, j, interactive).await?,
         ClientCommand::Backup(b) => crate::backups::backup(&c, f, b, interactive).await?,
         ClientCommand::Snapshot(s) => crate::snapshots::snapshot(&c, f, s, interactive).await?,
+        ClientCommand::Volume(v) => crate::volumes::volume(&c, f, v, interactive).await?,
     }
     Ok(())
 }

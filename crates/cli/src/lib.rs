@@ -13,6 +13,7 @@ pub mod config;
 pub mod output;
 pub mod scheduling;
 pub mod snapshots;
+pub mod volumes;
 mod wait;
 
 pub use commands::{run, ClientCommand, GlobalOpts};

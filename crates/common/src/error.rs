@@ -28,6 +28,7 @@ pub enum ResourceKind {
     Backup,
     BackupPolicy,
     Snapshot,
+    Volume,
 }
 
 impl ResourceKind {
@@ -47,6 +48,7 @@ impl ResourceKind {
             ResourceKind::Backup => "backup",
             ResourceKind::BackupPolicy => "backup policy",
             ResourceKind::Snapshot => "snapshot",
+            ResourceKind::Volume => "volume",
         }
     }
 }

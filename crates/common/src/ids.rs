@@ -109,6 +109,9 @@ typed_id!(
 typed_id!(
     /// Id of a disk snapshot of a VM.
     SnapshotId, "snapshot");
+typed_id!(
+    /// Id of a data volume.
+    VolumeId, "volume");
 
 #[cfg(test)]
 mod tests {

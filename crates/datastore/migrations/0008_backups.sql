@@ -1,4 +1,4 @@
--- Version 8: storage: backups and snapshots. Backup targets (directories every host can reach),
+-- Version 8: storage: backups, snapshots and volumes. Backup targets (directories every host can reach),
 -- restore points (full and incremental, chained through `parent_id`), VMs
 -- whose disk starts as a restore point, and progress on host requests.
 
@@ -87,3 +87,23 @@ CREATE TABLE snapshots (
     created_at BIGINT NOT NULL,
     UNIQUE (vm_id, name)
 );
+
+-- Data volumes: qcow2 files on one host, attached to at most one VM.
+CREATE TABLE volumes (
+    id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL REFERENCES projects(id),
+    name TEXT NOT NULL,
+    size_bytes BIGINT NOT NULL,
+    -- Created as a copy-on-write clone of this image (NULL: blank).
+    image_id TEXT REFERENCES images(id),
+    -- `available`, `attaching`, `attached` or `detaching`.
+    status TEXT NOT NULL,
+    -- The host holding its file, once it has one (set at first attach).
+    host_id TEXT REFERENCES hosts(id),
+    -- The VM it is attached to (no foreign key: cleared when the VM goes).
+    vm_id TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    UNIQUE (project_id, name)
+);
+CREATE INDEX volumes_vm ON volumes (vm_id);

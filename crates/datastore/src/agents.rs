@@ -270,20 +270,24 @@ impl Datastore {
         Ok((host.desired_revision, out))
     }
 
-    /// Whether any VM placed on `host` was created from `image` (which is what
+    /// Whether any VM placed on `host` was created from `image`, or a
+    /// volume being attached to one of its VMs starts from it (which is what
     /// entitles the host to download it).
     pub async fn host_uses_image(
         &self,
         host: HostId,
         image: stratus_common::ImageId,
     ) -> Result<bool, Error> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE host_id = $1 AND image_id = $2")
-                .bind(host.to_string())
-                .bind(image.to_string())
-                .fetch_one(&self.read)
-                .await
-                .map_err(|e| db_error("checking a host's images", e))?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM vms WHERE host_id = $1 AND image_id = $2) + \
+                 (SELECT COUNT(*) FROM volumes v JOIN vms m ON m.id = v.vm_id \
+                  WHERE m.host_id = $1 AND v.image_id = $2)",
+        )
+        .bind(host.to_string())
+        .bind(image.to_string())
+        .fetch_one(&self.read)
+        .await
+        .map_err(|e| db_error("checking a host's images", e))?;
         Ok(n > 0)
     }
 

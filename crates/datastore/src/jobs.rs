@@ -378,12 +378,25 @@ impl Datastore {
                 .map_err(|e| db_error(ctx, e))?;
             }
             Some(VmEffect::Remove { vm_id }) => {
-                sqlx::query("DELETE FROM vms WHERE id = $1 AND active_job_id = $2")
+                let gone = sqlx::query("DELETE FROM vms WHERE id = $1 AND active_job_id = $2")
                     .bind(vm_id.to_string())
                     .bind(id.to_string())
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| db_error(ctx, e))?;
+                if gone.rows_affected() == 1 {
+                    // Volumes outlive their VM: the host forgot the
+                    // attachment with the VM.
+                    sqlx::query(
+                        "UPDATE volumes SET vm_id = NULL, status = 'available', updated_at = $2 \
+                         WHERE vm_id = $1",
+                    )
+                    .bind(vm_id.to_string())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error(ctx, e))?;
+                }
             }
             None => {}
         }

@@ -36,6 +36,7 @@ mod scheduling;
 mod snapshots;
 mod tokens;
 mod vms;
+mod volumes;
 
 pub use db::{Backend, Datastore, OpenError};
 pub use page::{Page, PageRequest};
@@ -53,3 +54,4 @@ pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
 pub use snapshots::SnapshotRecord;
 pub use tokens::NewToken;
 pub use vms::{AutoRestart, CreateError, NewVm, RestartLimit, VmListFilter, VmToCreate};
+pub use volumes::VolumeRecord;

@@ -51,6 +51,8 @@ both_backends!(
     jobs_claim_step_finish_and_cancel,
     expired_leases_are_adopted_with_their_saga_log,
     project_delete_refuses_while_in_use,
+    backups_chain_and_prune,
+    snapshots_and_volumes,
 );
 
 fn page() -> PageRequest {
@@ -821,4 +823,301 @@ async fn postgres_migrations_are_idempotent_across_controllers() {
     let (a, b) = tokio::join!(Datastore::open(&url), Datastore::open(&url));
     a.expect("first controller");
     b.expect("second controller");
+}
+
+/// A VM recorded with its create job ended, so other jobs can hold it.
+async fn settled_vm(ds: &Datastore, fx: &Fixture, name: &str) -> VmId {
+    let vm = new_vm(fx, name);
+    let id = vm.id;
+    let (_, job) = ds
+        .vm_create_with_job(vm.clone(), new_job(fx, "vm_create", id))
+        .await
+        .expect("create");
+    finish(ds, job.id).await;
+    id
+}
+
+/// Ends a job as succeeded, as its owner would.
+async fn finish(ds: &Datastore, job: JobId) {
+    let claimed = ds
+        .job_claim_next("t", now_micros() + 60_000_000)
+        .await
+        .expect("claim")
+        .expect("a job");
+    assert_eq!(claimed.id, job);
+    ds.job_finish(job, "t", JobOutcome::Succeeded, None)
+        .await
+        .expect("finish");
+}
+
+fn new_backup(
+    fx: &Fixture,
+    vm: VmId,
+    target: stratus_common::BackupTargetId,
+    parent: Option<stratus_common::BackupId>,
+) -> NewBackup {
+    let id = stratus_common::BackupId::new();
+    NewBackup {
+        id,
+        project_id: fx.project,
+        vm_id: vm,
+        vm_name: "web".into(),
+        target_id: target,
+        parent_id: parent,
+        requested_mode: if parent.is_some() {
+            stratus_api_types::views::BackupMode::Incremental
+        } else {
+            stratus_api_types::views::BackupMode::Full
+        },
+        file: format!("/b/{id}.qcow2"),
+        host_id: None,
+        image_id: fx.image,
+        flavor_id: fx.flavor,
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        disk_bytes: 1 << 30,
+    }
+}
+
+fn done(mode: stratus_api_types::views::BackupMode) -> stratus_api_types::agent::BackupDone {
+    stratus_api_types::agent::BackupDone {
+        mode,
+        fallback_reason: None,
+        data_bytes: 10,
+        file_bytes: 20,
+        disk_bytes: 1 << 30,
+        sha256: "ab".into(),
+        duration_ms: 1,
+    }
+}
+
+/// Backups: one job per VM at a time, only succeeded ones are parents, a
+/// backup leaves `running` once, deletes merge into the child in one
+/// transaction, policies are one per VM.
+async fn backups_chain_and_prune(ds: &Datastore) {
+    use stratus_api_types::views::{BackupMode, BackupStatus};
+    let fx = fixture(ds).await;
+    let vm = settled_vm(ds, &fx, "web").await;
+    // The host that took a backup is only noted (no foreign key).
+    let host = stratus_common::HostId::new();
+    let t = ds.backup_target_create("t", "/b").await.expect("target");
+    assert_eq!(
+        ds.backup_target_create("t", "/c")
+            .await
+            .expect_err("dup")
+            .error_code(),
+        "name_in_use"
+    );
+
+    // A full backup holds the VM; a second one is refused meanwhile.
+    let b1 = new_backup(&fx, vm, t.id, None);
+    let (rec, job) = ds
+        .backup_begin(&b1, &new_job(&fx, "vm_backup", vm))
+        .await
+        .expect("begin");
+    assert_eq!(rec.status, BackupStatus::Running);
+    let busy = ds
+        .backup_begin(
+            &new_backup(&fx, vm, t.id, None),
+            &new_job(&fx, "vm_backup", vm),
+        )
+        .await
+        .expect_err("busy");
+    assert_eq!(busy.error_code(), "vm_busy");
+    assert!(ds
+        .backup_latest_succeeded(vm, None)
+        .await
+        .expect("latest")
+        .is_none());
+    assert!(ds
+        .backup_succeed(b1.id, host, &done(BackupMode::Full))
+        .await
+        .expect("ok"));
+    // A late failure does not undo success; a second success changes nothing.
+    ds.backup_fail(b1.id, "late").await.expect("fail");
+    assert!(!ds
+        .backup_succeed(b1.id, host, &done(BackupMode::Full))
+        .await
+        .expect("again"));
+    assert_eq!(
+        ds.backup_get(b1.id).await.expect("get").status,
+        BackupStatus::Succeeded
+    );
+    finish(ds, job.id).await;
+
+    // An incremental on it; the newest succeeded one is the next parent.
+    let b2 = new_backup(&fx, vm, t.id, Some(b1.id));
+    let (_, job) = ds
+        .backup_begin(&b2, &new_job(&fx, "vm_backup", vm))
+        .await
+        .expect("begin 2");
+    // The parent of a running backup cannot be deleted.
+    assert_eq!(
+        ds.backup_delete_begin(b1.id)
+            .await
+            .expect_err("busy")
+            .error_code(),
+        "backup_busy"
+    );
+    ds.backup_succeed(b2.id, host, &done(BackupMode::Incremental))
+        .await
+        .expect("ok 2");
+    finish(ds, job.id).await;
+    assert_eq!(
+        ds.backup_latest_succeeded(vm, Some(t.id))
+            .await
+            .expect("latest")
+            .map(|b| b.id),
+        Some(b2.id)
+    );
+    assert_eq!(ds.backup_children(b1.id).await.expect("children").len(), 1);
+
+    // Deleting the full one merges it into the incremental: a full now.
+    let d = ds.backup_delete_begin(b1.id).await.expect("delete begin");
+    assert_eq!(d.status, BackupStatus::Deleting);
+    let pruned = stratus_api_types::agent::BackupPruned {
+        data_bytes: 30,
+        file_bytes: 40,
+        sha256: "cd".into(),
+    };
+    ds.backup_delete_finish(b1.id, Some((b2.id, &pruned)), None)
+        .await
+        .expect("delete finish");
+    let now = ds.backup_get(b2.id).await.expect("child");
+    assert_eq!(now.parent_id, None);
+    assert_eq!(now.mode, Some(BackupMode::Full));
+    assert_eq!(now.sha256.as_deref(), Some("cd"));
+    assert_eq!(
+        ds.backup_get(b1.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+    // The target holds backups: not deletable.
+    assert_eq!(
+        ds.backup_target_delete(t.id)
+            .await
+            .expect_err("in use")
+            .error_code(),
+        "target_in_use"
+    );
+
+    // Policies: one per VM, replaced by a second set.
+    let mut p = BackupPolicyRecord {
+        vm_id: vm,
+        project_id: fx.project,
+        target_id: Some(t.id),
+        every_secs: Some(3600),
+        keep_last: 3,
+        keep_daily: 0,
+        keep_weekly: 0,
+        created_at: 0,
+        updated_at: 0,
+    };
+    ds.backup_policy_set(&p).await.expect("policy");
+    p.keep_last = 5;
+    assert_eq!(ds.backup_policy_set(&p).await.expect("again").keep_last, 5);
+    assert_eq!(
+        ds.backup_policy_list(Some(fx.project))
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert!(ds.backup_policy_delete(vm).await.expect("delete"));
+    assert!(ds.backup_policy_get(vm).await.expect("get").is_none());
+}
+
+/// Snapshots and volumes: names unique per VM or project, every change's
+/// job holds the VM, a volume attached once.
+async fn snapshots_and_volumes(ds: &Datastore) {
+    use stratus_api_types::views::{SnapshotStatus, VolumeStatus};
+    let fx = fixture(ds).await;
+    let vm = settled_vm(ds, &fx, "web").await;
+    let s1 = stratus_common::SnapshotId::new();
+    let (snap, job) = ds
+        .snapshot_begin(
+            s1,
+            vm,
+            fx.project,
+            "s1",
+            &new_job(&fx, "vm_snapshot_create", vm),
+        )
+        .await
+        .expect("begin");
+    assert_eq!(snap.status, SnapshotStatus::Creating);
+    ds.snapshot_ready(s1, true, 42).await.expect("ready");
+    finish(ds, job.id).await;
+    let dup = ds
+        .snapshot_begin(
+            stratus_common::SnapshotId::new(),
+            vm,
+            fx.project,
+            "s1",
+            &new_job(&fx, "vm_snapshot_create", vm),
+        )
+        .await
+        .expect_err("dup");
+    assert_eq!(dup.error_code(), "name_in_use");
+    let found = ds.snapshot_find(vm, "s1").await.expect("find").expect("s1");
+    assert_eq!((found.quiesced, found.bytes), (Some(true), Some(42)));
+    let job = ds
+        .snapshot_delete_begin(s1, vm, &new_job(&fx, "vm_snapshot_delete", vm))
+        .await
+        .expect("delete begin");
+    assert_eq!(
+        ds.snapshot_get(s1).await.expect("get").status,
+        SnapshotStatus::Deleting
+    );
+    ds.snapshot_undelete(s1).await.expect("undelete");
+    assert_eq!(
+        ds.snapshot_get(s1).await.expect("get").status,
+        SnapshotStatus::Ready
+    );
+    finish(ds, job.id).await;
+    ds.snapshot_forget(&[s1]).await.expect("forget");
+    assert!(ds.snapshot_list(vm).await.expect("list").is_empty());
+
+    let v = ds
+        .volume_create(fx.project, "data", 16 << 20, None)
+        .await
+        .expect("volume");
+    assert_eq!(
+        ds.volume_create(fx.project, "data", 1 << 20, None)
+            .await
+            .expect_err("dup")
+            .error_code(),
+        "name_in_use"
+    );
+    let job = ds
+        .volume_attach_begin(v.id, vm, &new_job(&fx, "vm_volume_attach", vm))
+        .await
+        .expect("attach");
+    let vm2 = settled_vm(ds, &fx, "other").await;
+    let again = ds
+        .volume_attach_begin(v.id, vm2, &new_job(&fx, "vm_volume_attach", vm2))
+        .await
+        .expect_err("in use");
+    assert_eq!(again.error_code(), "volume_in_use");
+    ds.volume_settle(v.id, VolumeStatus::Attached, Some(vm), None)
+        .await
+        .expect("settle");
+    finish(ds, job.id).await;
+    assert_eq!(ds.volumes_of_vm(vm).await.expect("of vm").len(), 1);
+    assert_eq!(
+        ds.volume_delete(v.id)
+            .await
+            .expect_err("attached")
+            .error_code(),
+        "volume_attached"
+    );
+    ds.volume_set_size(v.id, 32 << 20).await.expect("grow");
+    assert_eq!(ds.volume_get(v.id).await.expect("get").size_bytes, 32 << 20);
+    let job = ds
+        .volume_detach_begin(v.id, vm, &new_job(&fx, "vm_volume_detach", vm))
+        .await
+        .expect("detach");
+    ds.volume_settle(v.id, VolumeStatus::Available, None, None)
+        .await
+        .expect("settle");
+    finish(ds, job.id).await;
+    ds.volume_delete(v.id).await.expect("delete");
 }

@@ -13,6 +13,7 @@ use crate::{
     HostFacts, ProgressFn, PruneChild, Pruned, SnapshotInfo, SnapshotRequest, StopHow, VmEvent,
     VmSpec, VmStatus,
 };
+use crate::{VolumeInfo, VolumeSpec};
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
 ///
@@ -139,6 +140,46 @@ pub trait Driver: Send + Sync {
         id: VmId,
         snapshot_id: uuid::Uuid,
     ) -> Result<(), DriverError>;
+
+    /// Creates the volume's file (a qcow2 in the driver's data directory,
+    /// written under a temporary name and then renamed, so a crash never
+    /// leaves a half-made volume that looks whole). Idempotent for the same
+    /// spec; another spec for an existing id is
+    /// [`DriverError::VolumeConflict`]. See [`crate::volume`].
+    async fn volume_create(&self, spec: &VolumeSpec) -> Result<VolumeInfo, DriverError>;
+
+    /// Attaches the volume to the VM: recorded in the VM's driver state (so
+    /// every later start of the VM includes it, after agent restarts too)
+    /// and, if the VM runs, hot-plugged now (the guest finds it by
+    /// [`crate::volume_serial`]). Idempotent. A volume is attached to at most
+    /// one VM ([`DriverError::VolumeConflict`] otherwise); a VM holds at most
+    /// [`crate::MAX_VOLUMES_PER_VM`] ([`DriverError::InvalidState`] beyond).
+    async fn vm_volume_attach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError>;
+
+    /// Detaches the volume from the VM: if the VM runs, asks the guest to
+    /// release the disk and waits for it, at most
+    /// [`crate::volume::DETACH_TIMEOUT`] ([`DriverError::Timeout`] if the
+    /// guest does not; retrying continues the wait); then removes it from
+    /// the VM's record. Idempotent.
+    async fn vm_volume_detach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError>;
+
+    /// Grows the volume to `size_bytes`, live when it is attached to a
+    /// running VM (the guest sees the new capacity at once). Never shrinks
+    /// ([`DriverError::InvalidVolumeSpec`]).
+    async fn volume_resize(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, DriverError>;
+
+    /// Deletes the volume's file; refused ([`DriverError::VolumeConflict`])
+    /// while it is attached to a VM, running or not. Deleting an absent
+    /// volume succeeds.
+    async fn volume_delete(&self, volume_id: uuid::Uuid) -> Result<(), DriverError>;
+
+    /// The volume's size, host allocation and attachment; `None` when it
+    /// does not exist.
+    async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError>;
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

@@ -87,6 +87,23 @@ pub enum DriverError {
     /// The driver's own configuration is unusable.
     #[error("driver configuration: {0}")]
     Config(String),
+
+    /// The volume does not exist on this host (the volume analog of
+    /// [`DriverError::NotFound`], which names a VM).
+    #[error("volume {0} does not exist on this host")]
+    VolumeNotFound(uuid::Uuid),
+
+    /// A volume request that can never succeed as asked: a bad spec, a
+    /// shrink (the volume analog of [`DriverError::InvalidSpec`]).
+    #[error("invalid request for volume {id}: {reason}")]
+    InvalidVolumeSpec { id: uuid::Uuid, reason: String },
+
+    /// The volume's state forbids the request: attached to another VM,
+    /// deleted while attached, created again with another spec (the volume
+    /// analog of [`DriverError::Conflict`] and [`DriverError::InvalidState`]).
+    /// Can succeed later, once the other party lets go.
+    #[error("volume {id}: {reason}")]
+    VolumeConflict { id: uuid::Uuid, reason: String },
 }
 
 impl DriverError {

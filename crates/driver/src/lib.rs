@@ -52,6 +52,7 @@ pub mod sim;
 pub mod snapshot;
 pub mod spec;
 pub mod status;
+pub mod volume;
 
 pub use backup::{
     bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
@@ -68,3 +69,4 @@ pub use spec::{BootSpec, ImageFormat, NicSpec, VmSpec};
 pub use status::{
     ConsoleChunk, ExecOutput, GuestInfo, HostFacts, StopHow, VmEvent, VmRuntimeState, VmStatus,
 };
+pub use volume::{volume_serial, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};

@@ -31,6 +31,13 @@
 //! fresh disk layer QEMU gets has none), delete running or stopped. A
 //! snapshot of a running VM is `quiesced` (the simulated guest agent always
 //! answers); `bytes` is always 0 (no data is written).
+//!
+//! Volumes are modelled without files either: a map of volume id to its spec,
+//! size and VM, with the QEMU driver's rules (one VM per volume, at most
+//! [`crate::MAX_VOLUMES_PER_VM`] per VM, grow only, no delete while
+//! attached, destroying a VM frees its volumes). Detaching always succeeds at
+//! once (a simulated guest always releases the disk); `allocated_bytes` is 0
+//! (nothing is ever written).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +56,7 @@ use crate::{
     ConsoleChunk, Driver, DriverError, ExecOutput, GuestInfo, HostFacts, ProgressFn, SnapshotInfo,
     SnapshotRequest, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus, MAX_SNAPSHOTS,
 };
+use crate::{volume::check_resize, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};
 
 /// Events a simulated driver buffers per subscriber. Small on purpose: 10,000
 /// drivers in one process each allocate this many slots up front, and a
@@ -99,6 +107,25 @@ pub struct SimDriver {
     events: broadcast::Sender<VmEvent>,
     /// SHA-256 of every backup this host took, by path.
     backups: Mutex<HashMap<PathBuf, String>>,
+    /// Volumes, by id.
+    volumes: Mutex<HashMap<uuid::Uuid, SimVolume>>,
+}
+
+struct SimVolume {
+    spec: VolumeSpec,
+    size_bytes: u64,
+    attached_to: Option<VmId>,
+}
+
+impl SimVolume {
+    fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            volume_id: self.spec.volume_id,
+            size_bytes: self.size_bytes,
+            allocated_bytes: 0,
+            attached_to: self.attached_to,
+        }
+    }
 }
 
 impl SimDriver {
@@ -109,7 +136,12 @@ impl SimDriver {
             vms: Mutex::new(HashMap::new()),
             events,
             backups: Mutex::new(HashMap::new()),
+            volumes: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn lock_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, SimVolume>> {
+        self.volumes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes a running (or paused) VM crash, as if its hypervisor died. Its
@@ -281,6 +313,12 @@ impl Driver for SimDriver {
     async fn vm_destroy(&self, id: VmId) -> Result<(), DriverError> {
         self.delay().await;
         let removed = self.lock().remove(&id);
+        // Volumes outlive their VM.
+        for volume in self.lock_volumes().values_mut() {
+            if volume.attached_to == Some(id) {
+                volume.attached_to = None;
+            }
+        }
         if let Some(vm) = removed {
             if vm.state.is_active() {
                 let _ = self.events.send(VmEvent {
@@ -588,6 +626,110 @@ impl Driver for SimDriver {
             .ok_or(DriverError::SnapshotNotFound { id, snapshot_id })?;
         vm.snapshots.remove(at);
         Ok(())
+    }
+
+    async fn volume_create(&self, spec: &VolumeSpec) -> Result<VolumeInfo, DriverError> {
+        spec.validate()?;
+        self.delay().await;
+        let mut volumes = self.lock_volumes();
+        if let Some(existing) = volumes.get(&spec.volume_id) {
+            if existing.spec != *spec {
+                return Err(DriverError::VolumeConflict {
+                    id: spec.volume_id,
+                    reason: "already exists with a different spec".into(),
+                });
+            }
+            return Ok(existing.info());
+        }
+        let volume = SimVolume {
+            spec: spec.clone(),
+            size_bytes: spec.size_bytes,
+            attached_to: None,
+        };
+        let info = volume.info();
+        volumes.insert(spec.volume_id, volume);
+        Ok(info)
+    }
+
+    async fn vm_volume_attach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        self.delay().await;
+        // The VM table stays locked so a concurrent destroy cannot slip in.
+        let vms = self.lock();
+        if !vms.contains_key(&vm) {
+            return Err(DriverError::NotFound(vm));
+        }
+        let mut volumes = self.lock_volumes();
+        let held = volumes
+            .values()
+            .filter(|v| v.attached_to == Some(vm))
+            .count();
+        let volume = volumes
+            .get_mut(&volume_id)
+            .ok_or(DriverError::VolumeNotFound(volume_id))?;
+        match volume.attached_to {
+            Some(other) if other == vm => Ok(()),
+            Some(other) => Err(DriverError::VolumeConflict {
+                id: volume_id,
+                reason: format!(
+                    "cannot attach it to VM {vm}: it is attached to VM {other} (detach it there first)"
+                ),
+            }),
+            None if held >= MAX_VOLUMES_PER_VM => Err(DriverError::InvalidState {
+                id: vm,
+                operation: "attach another volume to",
+                state: format!(
+                    "holding {MAX_VOLUMES_PER_VM} volumes, the most a VM can (one per hot-plug port)"
+                ),
+            }),
+            None => {
+                volume.attached_to = Some(vm);
+                Ok(())
+            }
+        }
+    }
+
+    async fn vm_volume_detach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        self.delay().await;
+        if let Some(volume) = self.lock_volumes().get_mut(&volume_id) {
+            if volume.attached_to == Some(vm) {
+                volume.attached_to = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn volume_resize(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, DriverError> {
+        self.delay().await;
+        let mut volumes = self.lock_volumes();
+        let volume = volumes
+            .get_mut(&volume_id)
+            .ok_or(DriverError::VolumeNotFound(volume_id))?;
+        check_resize(volume_id, volume.size_bytes, size_bytes)?;
+        volume.size_bytes = size_bytes;
+        Ok(volume.info())
+    }
+
+    async fn volume_delete(&self, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        self.delay().await;
+        let mut volumes = self.lock_volumes();
+        if let Some(vm) = volumes.get(&volume_id).and_then(|v| v.attached_to) {
+            return Err(DriverError::VolumeConflict {
+                id: volume_id,
+                reason: format!(
+                    "cannot delete it while it is attached to VM {vm} (detach it first)"
+                ),
+            });
+        }
+        volumes.remove(&volume_id);
+        Ok(())
+    }
+
+    async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError> {
+        Ok(self.lock_volumes().get(&volume_id).map(SimVolume::info))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
@@ -972,6 +1114,94 @@ mod tests {
         d.vm_snapshot_create(s.id, &req("one too many"))
             .await
             .expect("room again");
+    }
+
+    #[tokio::test]
+    async fn volumes_follow_the_qemu_rules() {
+        use crate::volume::tests::blank;
+        let d = sim();
+        let a = spec();
+        let b = spec();
+        d.vm_create(&a).await.expect("create");
+        d.vm_create(&b).await.expect("create");
+        let v = blank(16 << 20);
+        let info = d.volume_create(&v).await.expect("volume");
+        assert_eq!((info.size_bytes, info.attached_to), (16 << 20, None));
+        assert_eq!(d.volume_create(&v).await.expect("idempotent"), info);
+        let mut other = v.clone();
+        other.size_bytes *= 2;
+        assert!(matches!(
+            d.volume_create(&other).await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
+        assert!(matches!(
+            d.volume_create(&blank(0)).await,
+            Err(DriverError::InvalidVolumeSpec { .. })
+        ));
+
+        d.vm_volume_attach(a.id, v.volume_id).await.expect("attach");
+        d.vm_volume_attach(a.id, v.volume_id)
+            .await
+            .expect("attach is idempotent");
+        assert!(matches!(
+            d.vm_volume_attach(b.id, v.volume_id).await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
+        assert!(matches!(
+            d.vm_volume_attach(VmId::new(), v.volume_id).await,
+            Err(DriverError::NotFound(_))
+        ));
+        assert!(matches!(
+            d.vm_volume_attach(a.id, uuid::Uuid::new_v4()).await,
+            Err(DriverError::VolumeNotFound(_))
+        ));
+        assert!(matches!(
+            d.volume_delete(v.volume_id).await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
+        let grown = d.volume_resize(v.volume_id, 32 << 20).await.expect("grow");
+        assert_eq!(grown.size_bytes, 32 << 20);
+        assert!(matches!(
+            d.volume_resize(v.volume_id, 16 << 20).await,
+            Err(DriverError::InvalidVolumeSpec { .. })
+        ));
+
+        // At most MAX_VOLUMES_PER_VM per VM.
+        for _ in 1..MAX_VOLUMES_PER_VM {
+            let extra = blank(1 << 20);
+            d.volume_create(&extra).await.expect("volume");
+            d.vm_volume_attach(a.id, extra.volume_id)
+                .await
+                .expect("attach");
+        }
+        let one_too_many = blank(1 << 20);
+        d.volume_create(&one_too_many).await.expect("volume");
+        let e = d
+            .vm_volume_attach(a.id, one_too_many.volume_id)
+            .await
+            .expect_err("full");
+        assert!(e.to_string().contains("the most a VM can"), "{e}");
+
+        // Destroying the VM frees its volumes, which survive it.
+        d.vm_destroy(a.id).await.expect("destroy");
+        let info = d
+            .volume_info(v.volume_id)
+            .await
+            .expect("info")
+            .expect("still there");
+        assert_eq!((info.size_bytes, info.attached_to), (32 << 20, None));
+        d.vm_volume_attach(b.id, v.volume_id)
+            .await
+            .expect("attach elsewhere");
+        d.vm_volume_detach(b.id, v.volume_id).await.expect("detach");
+        d.vm_volume_detach(b.id, v.volume_id)
+            .await
+            .expect("detach is idempotent");
+        d.volume_delete(v.volume_id).await.expect("delete");
+        d.volume_delete(v.volume_id)
+            .await
+            .expect("delete is idempotent");
+        assert!(d.volume_info(v.volume_id).await.expect("info").is_none());
     }
 
     #[tokio::test]

@@ -24,10 +24,14 @@ pub enum JobKind {
     VmSnapshotRevert,
     /// Delete a snapshot, merging its layer (live when the VM runs).
     VmSnapshotDelete,
+    /// Attach a volume to a VM (hot-plug when it runs).
+    VmVolumeAttach,
+    /// Detach a volume from a VM (hot-unplug when it runs).
+    VmVolumeDetach,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 10] = [
+    pub const ALL: [JobKind; 12] = [
         JobKind::VmCreate,
         JobKind::VmStart,
         JobKind::VmStop,
@@ -38,6 +42,8 @@ impl JobKind {
         JobKind::VmSnapshotCreate,
         JobKind::VmSnapshotRevert,
         JobKind::VmSnapshotDelete,
+        JobKind::VmVolumeAttach,
+        JobKind::VmVolumeDetach,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +58,8 @@ impl JobKind {
             JobKind::VmSnapshotCreate => "vm_snapshot_create",
             JobKind::VmSnapshotRevert => "vm_snapshot_revert",
             JobKind::VmSnapshotDelete => "vm_snapshot_delete",
+            JobKind::VmVolumeAttach => "vm_volume_attach",
+            JobKind::VmVolumeDetach => "vm_volume_detach",
         }
     }
 }
@@ -86,6 +94,9 @@ pub struct VmJobParams {
     /// For a snapshot job: the snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<stratus_common::SnapshotId>,
+    /// For a volume job: the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<stratus_common::VolumeId>,
 }
 
 /// What a `vm_restore` job restores.

@@ -63,20 +63,11 @@ impl SagaContext {
                 if let Some(e) = req.error {
                     return Err(StepError::new("host_failed", e));
                 }
-                let answer = AgentRequestResult {
-                    result: None,
-                    backup: None,
-                    verified: None,
-                    pruned: None,
-                    snapshot: None,
-                    dropped_snapshots: None,
-                    error: None,
-                };
-                return Ok(match req.result {
-                    Some(v) => serde_json::from_value(v).map_err(|e| {
-                        StepError::new("internal", format!("reading the host's answer: {e}"))
-                    })?,
-                    None => answer,
+                // Every part of an answer is optional: none at all is an
+                // answer with nothing in it.
+                let v = req.result.unwrap_or_else(|| serde_json::json!({}));
+                return serde_json::from_value(v).map_err(|e| {
+                    StepError::new("internal", format!("reading the host's answer: {e}"))
                 });
             }
             if let Some((done, total)) = req.progress {

@@ -23,6 +23,12 @@
 //!                                     way back)
 //!  vm_snapshot_revert  intent ────► revert ──► settled     (intent's undo;
 //!                                     (newer ones forgotten) VM stopped)
+//!  vm_volume_attach    accepted ──► attach ──► settled     undo: the host
+//!                       (attaching,  (file made, (attached)  detaches it; the
+//!                        VM held)     hot-plug)              volume available
+//!  vm_volume_detach    accepted ──► detach ──► settled     undo: still
+//!                                    (available: no way      attached (if not
+//!                                     back, re-attach)       detached)
 //! ```
 //!
 //! The first step of each saga stands for what the API already wrote when it
@@ -94,6 +100,8 @@ pub fn node_names(kind: JobKind) -> &'static [&'static str] {
         JobKind::VmSnapshotCreate => &["accepted", "snapshot", SETTLED],
         JobKind::VmSnapshotDelete => &["accepted", "merge", SETTLED],
         JobKind::VmSnapshotRevert => &["intent", "revert", SETTLED],
+        JobKind::VmVolumeAttach => &["accepted", "attach", SETTLED],
+        JobKind::VmVolumeDetach => &["accepted", "detach", SETTLED],
         _ => &["intent", SETTLED],
     }
 }
@@ -153,6 +161,32 @@ static REVERT_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(||
         crate::storage::snapshot_reverted,
     )
 });
+static VOLUME_ATTACH_ACCEPT: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    ActionFunc::new_action(
+        "vm_volume_attach.accept",
+        confirm,
+        crate::storage::volume_attach_undo,
+    )
+});
+static VOLUME_ATTACH: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_volume_attach.attach", crate::storage::volume_attach)
+});
+static VOLUME_ATTACHED: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_volume_attach.settled", crate::storage::volume_attached)
+});
+static VOLUME_DETACH_ACCEPT: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    ActionFunc::new_action(
+        "vm_volume_detach.accept",
+        confirm,
+        crate::storage::volume_detach_undo,
+    )
+});
+static VOLUME_DETACH: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_volume_detach.detach", crate::storage::volume_detach)
+});
+static VOLUME_DETACHED: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    new_action_noop_undo("vm_volume_detach.settled", crate::storage::volume_detached)
+});
 static RESTORE_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| new_action_noop_undo("vm_restore.settled", crate::storage::restore_settled));
 
@@ -182,6 +216,12 @@ pub fn registry() -> ActionRegistry<StratusSaga> {
         &REVERT_INTENT,
         &REVERT_DISK,
         &REVERT_SETTLED,
+        &VOLUME_ATTACH_ACCEPT,
+        &VOLUME_ATTACH,
+        &VOLUME_ATTACHED,
+        &VOLUME_DETACH_ACCEPT,
+        &VOLUME_DETACH,
+        &VOLUME_DETACHED,
     ] {
         r.register(Arc::clone(a));
     }
@@ -221,6 +261,16 @@ pub fn dag(kind: JobKind, params: &VmSagaParams) -> Result<Arc<SagaDag>, StepErr
             REVERT_INTENT.as_ref(),
             REVERT_DISK.as_ref(),
             REVERT_SETTLED.as_ref(),
+        ],
+        JobKind::VmVolumeAttach => vec![
+            VOLUME_ATTACH_ACCEPT.as_ref(),
+            VOLUME_ATTACH.as_ref(),
+            VOLUME_ATTACHED.as_ref(),
+        ],
+        JobKind::VmVolumeDetach => vec![
+            VOLUME_DETACH_ACCEPT.as_ref(),
+            VOLUME_DETACH.as_ref(),
+            VOLUME_DETACHED.as_ref(),
         ],
     };
     for (name, action) in node_names(kind).iter().zip(actions) {

@@ -9,10 +9,10 @@
 
 use steno::ActionError;
 use stratus_api_types::agent::{
-    AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState, SnapshotTaken,
+    AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState, SnapshotTaken, VolumeOnHost,
 };
-use stratus_api_types::views::VmState;
-use stratus_common::{ByteCount, JobId, SnapshotId, VmId};
+use stratus_api_types::views::{VmState, VolumeStatus};
+use stratus_common::{ByteCount, JobId, SnapshotId, VmId, VolumeId};
 use stratus_datastore::BackupRecord;
 
 use crate::context::{retry_store, SagaContext, StepError};
@@ -337,36 +337,13 @@ pub(crate) async fn snapshot_discard(sc: &SagaContext, job: JobId) -> Result<(),
     };
     let _ = retry_store(|| sc.ds.host_request_withdraw(job.as_uuid())).await;
     if let Some((vm_id, host)) = vm.and_then(|v| Some((v.id, v.host_id?))) {
-        // A fresh request (its own id) to delete what the host may have made.
+        // The host deletes what it may have made (a snapshot it never took
+        // is not an error).
         let request = AgentRequestKind::SnapshotDelete {
             vm_id,
             snapshot_id: id.as_uuid(),
         };
-        let payload = serde_json::to_value(&request)?;
-        let rid = uuid::Uuid::new_v4();
-        let expires = stratus_common::time::now_micros() + 60_000_000;
-        if retry_store(|| {
-            sc.ds.host_request_ensure(
-                rid,
-                host,
-                Some(vm_id),
-                "snapshot_discard",
-                &payload,
-                expires,
-            )
-        })
-        .await
-        .is_ok()
-        {
-            sc.signals.host_desired_changed(host);
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-            while tokio::time::Instant::now() < deadline {
-                match sc.ds.host_request_get(rid).await {
-                    Ok(r) if r.answered_at.is_some() => break,
-                    _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
-                }
-            }
-        }
+        best_effort_request(sc, host, vm_id, "snapshot_discard", &request).await;
     }
     retry_store(|| sc.ds.snapshot_forget(std::slice::from_ref(&id)))
         .await
@@ -500,4 +477,222 @@ async fn settled_as_is(
         host_id: vm.host_id,
         removed: false,
     })
+}
+
+// ---- volumes --------------------------------------------------------------
+
+fn volume_of(p: &crate::sagas::VmSagaParams) -> Result<VolumeId, StepError> {
+    p.previous
+        .volume
+        .ok_or_else(|| StepError::new("internal", "the volume job names no volume"))
+}
+
+/// Sends a request of its own (not the step's) and waits up to a minute for
+/// it: the clean-up an undo owes, done when the host is there to do it.
+async fn best_effort_request(
+    sc: &SagaContext,
+    host: stratus_common::HostId,
+    vm: VmId,
+    kind: &str,
+    request: &AgentRequestKind,
+) {
+    let Ok(payload) = serde_json::to_value(request) else {
+        return;
+    };
+    let rid = uuid::Uuid::new_v4();
+    let expires = stratus_common::time::now_micros() + 60_000_000;
+    if retry_store(|| {
+        sc.ds
+            .host_request_ensure(rid, host, Some(vm), kind, &payload, expires)
+    })
+    .await
+    .is_err()
+    {
+        return;
+    }
+    sc.signals.host_desired_changed(host);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        match sc.ds.host_request_get(rid).await {
+            Ok(r) if r.answered_at.is_some() => {
+                if let Some(e) = r.error {
+                    tracing::warn!(vm = %vm, kind, error = %e, "the host could not clean up");
+                }
+                return;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
+    tracing::warn!(vm = %vm, kind, "the host did not clean up within 60 s");
+}
+
+/// The image a volume starts from, as a host needs it to cache it.
+async fn desired_image(
+    sc: &SagaContext,
+    image: stratus_common::ImageId,
+) -> Result<stratus_api_types::agent::DesiredImage, StepError> {
+    let img = retry_store(|| sc.ds.image_get(image))
+        .await
+        .map_err(|e| StepError::internal("reading the volume's image", e))?;
+    let (Some(format), Some(sha256), Some(file_size)) = (img.format, img.sha256, img.file_size)
+    else {
+        return Err(StepError::new(
+            "image_not_ready",
+            "the volume's image has no data",
+        ));
+    };
+    Ok(stratus_api_types::agent::DesiredImage {
+        id: img.id,
+        format,
+        sha256,
+        file_size,
+        kernel_sha256: img.kernel_sha256,
+        initrd_sha256: img.initrd_sha256,
+        cmdline: img.cmdline,
+    })
+}
+
+/// The host makes the volume's file if it has none, and attaches it
+/// (hot-plugged when the VM runs).
+pub(crate) async fn volume_attach(ctx: Ctx) -> Result<VolumeOnHost, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = volume_of(&p)?;
+    let vol = retry_store(|| sc.ds.volume_get(id))
+        .await
+        .map_err(|e| StepError::internal("reading the volume", e))?;
+    let image = match vol.image_id {
+        Some(i) => Some(desired_image(sc, i).await?),
+        None => None,
+    };
+    sc.step(p.job_id, "attach", 20, "the host is attaching the volume")
+        .await?;
+    let answer = snapshot_request(
+        sc,
+        &p,
+        "attach",
+        AgentRequestKind::VolumeAttach {
+            vm_id: p.vm_id,
+            volume_id: id.as_uuid(),
+            size_bytes: vol.size_bytes,
+            image,
+        },
+    )
+    .await?;
+    Ok(answer.volume.ok_or_else(|| {
+        StepError::new(
+            "internal",
+            "the host answered the attach without the volume",
+        )
+    })?)
+}
+
+pub(crate) async fn volume_attached(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = volume_of(&p)?;
+    let host = placed_host(sc, &p).await?;
+    retry_store(|| {
+        sc.ds
+            .volume_settle(id, VolumeStatus::Attached, Some(p.vm_id), Some(host))
+    })
+    .await
+    .map_err(|e| StepError::internal("recording the volume", e))?;
+    sc.step(p.job_id, "attached", 100, "the volume is attached")
+        .await?;
+    settled_as_is(sc, &p).await
+}
+
+/// Takes an attach back: the host detaches the volume if it attached it,
+/// then the volume is available again.
+pub(crate) async fn volume_attach_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "undo", 60, "detaching the volume again")
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    volume_attach_discard(sc, &p).await
+}
+
+pub(crate) async fn volume_attach_discard(
+    sc: &SagaContext,
+    p: &crate::sagas::VmSagaParams,
+) -> Result<(), anyhow::Error> {
+    let id = volume_of(p).map_err(|e| anyhow::anyhow!(e.message))?;
+    let _ = retry_store(|| sc.ds.host_request_withdraw(p.job_id.as_uuid())).await;
+    if let Some(host) = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .ok()
+        .and_then(|v| v.host_id)
+    {
+        let request = AgentRequestKind::VolumeDetach {
+            vm_id: p.vm_id,
+            volume_id: id.as_uuid(),
+        };
+        best_effort_request(sc, host, p.vm_id, "volume_detach", &request).await;
+    }
+    retry_store(|| sc.ds.volume_settle(id, VolumeStatus::Available, None, None))
+        .await
+        .map_err(|e| anyhow::anyhow!("recording the volume: {e}"))
+}
+
+/// The host detaches the volume; from then on it is available (a detach is
+/// not taken back: the volume can simply be attached again).
+pub(crate) async fn volume_detach(ctx: Ctx) -> Result<(), ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let id = volume_of(&p)?;
+    sc.step(p.job_id, "detach", 20, "the host is detaching the volume")
+        .await?;
+    snapshot_request(
+        sc,
+        &p,
+        "detach",
+        AgentRequestKind::VolumeDetach {
+            vm_id: p.vm_id,
+            volume_id: id.as_uuid(),
+        },
+    )
+    .await?;
+    retry_store(|| sc.ds.volume_settle(id, VolumeStatus::Available, None, None))
+        .await
+        .map_err(|e| StepError::internal("recording the volume", e))?;
+    Ok(())
+}
+
+pub(crate) async fn volume_detached(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "detached", 100, "the volume is detached")
+        .await?;
+    settled_as_is(sc, &p).await
+}
+
+/// A detach that did not happen leaves the volume attached.
+pub(crate) async fn volume_detach_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "undo", 60, "keeping the volume attached")
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    volume_detach_discard(sc, &p).await
+}
+
+pub(crate) async fn volume_detach_discard(
+    sc: &SagaContext,
+    p: &crate::sagas::VmSagaParams,
+) -> Result<(), anyhow::Error> {
+    let id = volume_of(p).map_err(|e| anyhow::anyhow!(e.message))?;
+    let vol = retry_store(|| sc.ds.volume_get(id))
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the volume: {e}"))?;
+    if vol.status == VolumeStatus::Detaching {
+        retry_store(|| {
+            sc.ds
+                .volume_settle(id, VolumeStatus::Attached, Some(p.vm_id), None)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("recording the volume: {e}"))?;
+    }
+    Ok(())
 }

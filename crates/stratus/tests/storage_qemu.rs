@@ -5,7 +5,7 @@
 //! point is restored into a new VM whose files must have exactly the
 //! checksums written up to that point, and no later file. Interrupted
 //! backups. Snapshots: taken live, deleted (merged) live, reverted, with the
-//! guest's data checked after each.
+//! guest's data checked after each. Volumes: hot-plugged, grown, kept.
 
 mod qemu_world;
 
@@ -572,4 +572,152 @@ fn real_qemu_snapshots_live_take_merge_and_revert_keep_the_data() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vm_not_stopped"), "{err}");
+}
+
+/// The guest's view of its second disk: its size in bytes, or `None` while
+/// it has none.
+fn vdb_size(env: &Env, vm: &str) -> Option<u64> {
+    let out = sh(
+        env,
+        vm,
+        "if [ -b /dev/vdb ]; then echo $(( $(cat /sys/block/vdb/size) * 512 )); else echo none; fi",
+    );
+    out.trim().parse().ok()
+}
+
+fn wait_vdb(env: &Env, vm: &str, want: Option<u64>) {
+    wait_until("the guest to see its volume as expected", BOOT, || {
+        let got = vdb_size(env, vm);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}, want {want:?}"))
+        }
+    });
+}
+
+fn volume(env: &Env, args: &[&str]) -> Value {
+    let mut all = vec!["volume"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--project", "p", "-o", "json"]);
+    env.json(&all)
+}
+
+/// A data volume on a running real VM: hot-plugged (the guest sees a new
+/// disk of the right size), written, grown live, refused deletion while
+/// attached, hot-unplugged, attached again with its data, kept across a
+/// VM restart, then deleted.
+#[test]
+fn real_qemu_volumes_hot_plug_grow_and_keep_their_data() {
+    let w = world();
+    let env = &w.env;
+    let vm = env.json(&[
+        "vm",
+        "create",
+        "web",
+        "--flavor",
+        "tiny",
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let _kill = KillVm(vm["id"].as_str().map(str::to_string));
+    wait_guest(env, "web");
+
+    let v = volume(env, &["create", "data", "--size", "16MiB"]);
+    assert_eq!(v["status"], "available", "{v}");
+    let t = Instant::now();
+    let v = volume(env, &["attach", "data", "web", "--wait"]);
+    println!(
+        "MEASURED volume attach (hot-plug) through the API: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(v["status"], "attached", "{v}");
+    wait_vdb(env, "web", Some(16 << 20));
+    let serial = sh(env, "web", "cat /sys/block/vdb/serial");
+    let id: String = v["id"].as_str().unwrap_or_default().replace('-', "");
+    assert!(
+        id.starts_with(serial.trim()),
+        "serial {serial:?} of volume {id}"
+    );
+
+    let sum = sh(
+        env,
+        "web",
+        "dd if=/dev/urandom of=/dev/vdb bs=1M count=1 2>/dev/null && sync && \
+         dd if=/dev/vdb bs=1M count=1 2>/dev/null | sha256sum",
+    );
+    let read_back = |env: &Env| {
+        sh(
+            env,
+            "web",
+            "dd if=/dev/vdb bs=1M count=1 2>/dev/null | sha256sum",
+        )
+    };
+
+    let v = volume(env, &["resize", "data", "--size", "32MiB"]);
+    assert_eq!(v["size_bytes"], 32u64 << 20, "{v}");
+    wait_vdb(env, "web", Some(32 << 20));
+
+    let out = env.cli(&["volume", "delete", "data", "--project", "p"]);
+    assert!(
+        !out.status.success(),
+        "deleting an attached volume must fail"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("volume_attached"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let t = Instant::now();
+    let v = volume(env, &["detach", "data", "--wait"]);
+    println!(
+        "MEASURED volume detach (hot-unplug) through the API: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(v["status"], "available", "{v}");
+    wait_vdb(env, "web", None);
+
+    volume(env, &["attach", "data", "web", "--wait"]);
+    wait_vdb(env, "web", Some(32 << 20));
+    assert_eq!(
+        read_back(env),
+        sum,
+        "the data after detaching and attaching again"
+    );
+
+    env.json(&[
+        "vm",
+        "stop",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    env.json(&[
+        "vm",
+        "start",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(env, "web");
+    wait_vdb(env, "web", Some(32 << 20));
+    assert_eq!(read_back(env), sum, "the data after a VM restart");
+
+    volume(env, &["detach", "data", "--wait"]);
+    let gone = volume(env, &["delete", "data"]);
+    assert_eq!(gone["deleted"], "data", "{gone}");
+    let list = volume(env, &["list"]);
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
 }

@@ -10,7 +10,8 @@ use stratus_api_types::agent::{
     AgentRequestKind, AgentRequestResult, ConsoleAppend, DesiredImage, DesiredQuery, DesiredVm,
     ImagePart, OrphanAction, OrphanReport,
 };
-use stratus_common::{Error, ImageId, ResourceKind, VmId};
+use stratus_common::time::now_micros;
+use stratus_common::{Error, HostId, ImageId, ResourceKind, VmId};
 use stratus_datastore::model::HostRecord;
 use stratus_datastore::NewHost;
 
@@ -436,4 +437,45 @@ pub fn spawn_heartbeats(app: std::sync::Arc<App>, every: Duration) -> tokio::tas
             }
         }
     })
+}
+
+/// Hands `host` one request and waits for its answer (at most `timeout`,
+/// then the request is withdrawn); the host's error is `422 host_failed`
+/// with its words.
+pub(crate) async fn host_request(
+    app: &App,
+    host: HostId,
+    vm: Option<VmId>,
+    kind: &str,
+    request: &AgentRequestKind,
+    timeout: Duration,
+) -> Result<AgentRequestResult, Error> {
+    let payload = serde_json::to_value(request)
+        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
+    let expires = now_micros() + i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
+    let id = app
+        .ds
+        .host_request_create(host, vm, kind, &payload, expires)
+        .await?;
+    app.signals.host_desired_changed(host);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let r = app.ds.host_request_get(id).await?;
+        if r.answered_at.is_some() {
+            if let Some(e) = r.error {
+                return Err(Error::unprocessable("host_failed", e));
+            }
+            return r
+                .result
+                .and_then(|v| serde_json::from_value(v).ok())
+                .ok_or_else(|| Error::internal("the host's answer could not be read"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            app.ds.host_request_withdraw(id).await?;
+            return Err(Error::Unavailable {
+                message: format!("the host did not finish the {kind} in time"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

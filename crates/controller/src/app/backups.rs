@@ -6,9 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use stratus_api_types::agent::{
-    AgentRequestKind, AgentRequestResult, BackupChecked, BackupChildRef,
-};
+use stratus_api_types::agent::{AgentRequestKind, BackupChecked, BackupChildRef};
 use stratus_api_types::params::{
     BackupCreate, BackupFilter, BackupPolicySet, BackupRestore, BackupTargetCreate, PageParams,
     VmCreate,
@@ -17,7 +15,6 @@ use stratus_api_types::views::{
     Backup, BackupMode, BackupOperation, BackupPage, BackupPolicy, BackupStatus, BackupTarget,
     BackupVerification, HostState, VmDesiredState, VmOperation, VmState,
 };
-use stratus_common::time::now_micros;
 use stratus_common::{BackupId, Error, HostId, JobId, ResourceKind, VmId};
 use stratus_datastore::model::NewJob;
 use stratus_datastore::model::VmRecord;
@@ -179,6 +176,7 @@ pub(crate) async fn backup_start(
             previous_desired: vm.desired_state,
             restore: None,
             snapshot: None,
+            volume: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,
@@ -249,12 +247,19 @@ pub async fn backup_verify(
     let request = AgentRequestKind::VerifyBackup {
         file: b.file.clone(),
     };
-    let answer = host_request(app, host, Some(b.vm_id), "verify_backup", &request)
-        .await
-        .map_err(|e| match e {
-            Error::Unprocessable { message, .. } => Error::unprocessable("verify_failed", message),
-            other => other,
-        })?;
+    let answer = crate::app::agent::host_request(
+        app,
+        host,
+        Some(b.vm_id),
+        "verify_backup",
+        &request,
+        HOST_REQUEST_TIMEOUT,
+    )
+    .await
+    .map_err(|e| match e {
+        Error::Unprocessable { message, .. } => Error::unprocessable("verify_failed", message),
+        other => other,
+    })?;
     let checked: BackupChecked = answer
         .verified
         .ok_or_else(|| Error::internal("the host's verification could not be read"))?;
@@ -279,46 +284,6 @@ pub async fn backup_verify(
         sha256: checked.sha256,
         problems,
     })
-}
-
-/// Hands `host` one request and waits for its answer (at most
-/// [`HOST_REQUEST_TIMEOUT`]); the host's error is `422` with its words.
-async fn host_request(
-    app: &App,
-    host: HostId,
-    vm: Option<VmId>,
-    kind: &str,
-    request: &AgentRequestKind,
-) -> Result<AgentRequestResult, Error> {
-    let payload = serde_json::to_value(request)
-        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
-    let expires =
-        now_micros() + i64::try_from(HOST_REQUEST_TIMEOUT.as_micros()).unwrap_or(i64::MAX);
-    let id = app
-        .ds
-        .host_request_create(host, vm, kind, &payload, expires)
-        .await?;
-    app.signals.host_desired_changed(host);
-    let deadline = tokio::time::Instant::now() + HOST_REQUEST_TIMEOUT;
-    loop {
-        let r = app.ds.host_request_get(id).await?;
-        if r.answered_at.is_some() {
-            if let Some(e) = r.error {
-                return Err(Error::unprocessable("host_failed", e));
-            }
-            return r
-                .result
-                .and_then(|v| serde_json::from_value(v).ok())
-                .ok_or_else(|| Error::internal("the host's answer could not be read"));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            app.ds.host_request_withdraw(id).await?;
-            return Err(Error::Unavailable {
-                message: format!("the host did not finish the {kind} in time"),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The host that reads and writes a backup's files: the one that took it,
@@ -381,7 +346,15 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
                 new_backing: parent.as_ref().map(|p| p.file.clone()),
             }),
         };
-        let answer = host_request(app, host, Some(b.vm_id), "delete_backup", &request).await?;
+        let answer = crate::app::agent::host_request(
+            app,
+            host,
+            Some(b.vm_id),
+            "delete_backup",
+            &request,
+            HOST_REQUEST_TIMEOUT,
+        )
+        .await?;
         let merged = match (&child, answer.pruned) {
             (Some(c), Some(figures)) => Some((c.id, figures)),
             (Some(_), None) => {
@@ -575,6 +548,7 @@ async fn restore_in_place(
                 file: b.file.clone(),
             }),
             snapshot: None,
+            volume: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,

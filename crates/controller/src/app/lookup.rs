@@ -268,3 +268,35 @@ pub(crate) async fn backup(
         Err(Error::not_found(ResourceKind::Backup, key))
     }
 }
+
+/// A volume by name or id, in the projects the actor can see.
+pub(crate) async fn volume(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+) -> Result<stratus_datastore::VolumeRecord, Error> {
+    if let Some(id) = as_id(key) {
+        let v = keyed(
+            app.ds.volume_get(stratus_common::VolumeId(id)).await,
+            ResourceKind::Volume,
+            key,
+        )?;
+        return if actor.can_see(v.project_id) {
+            Ok(v)
+        } else {
+            Err(Error::not_found(ResourceKind::Volume, key))
+        };
+    }
+    let project = project_filter(app, actor, scope).await?;
+    let mut found = app.ds.volume_find_by_name(project, key).await?;
+    found.retain(|v| actor.can_see(v.project_id));
+    match found.len() {
+        0 => Err(Error::not_found(ResourceKind::Volume, key)),
+        1 => Ok(found.remove(0)),
+        n => Err(Error::invalid(
+            "project",
+            format!("{n} volumes in different projects are named {key:?}; name the project or use the id"),
+        )),
+    }
+}

@@ -23,6 +23,7 @@ pub mod secrets;
 pub mod snapshots;
 pub mod tokens;
 pub mod vms;
+pub mod volumes;
 
 use std::sync::Arc;
 

@@ -31,6 +31,7 @@ fn job(kind: JobKind, vm: &VmRecord, snapshot: SnapshotId) -> Result<NewJob, Err
             previous_desired: vm.desired_state,
             restore: None,
             snapshot: Some(snapshot),
+            volume: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,

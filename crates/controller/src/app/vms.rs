@@ -47,6 +47,7 @@ fn new_job(kind: JobKind, vm: &VmRecord, previous: VmState, key: Option<String>)
             previous_desired: vm.desired_state,
             restore: None,
             snapshot: None,
+            volume: None,
         })
         .unwrap_or_default(),
         idempotency_key: key,
@@ -313,6 +314,7 @@ impl Shape {
                 previous_desired: self.desired,
                 restore: None,
                 snapshot: None,
+                volume: None,
             })
             .unwrap_or_default(),
             idempotency_key,

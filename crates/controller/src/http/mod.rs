@@ -149,6 +149,17 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/backup-policies", get(backups::backup_policy_list))
         .route(
+            "/volumes",
+            get(volumes::volume_list).post(volumes::volume_create),
+        )
+        .route(
+            "/volumes/{volume}",
+            get(volumes::volume_view).delete(volumes::volume_delete),
+        )
+        .route("/volumes/{volume}/attach", post(volumes::volume_attach))
+        .route("/volumes/{volume}/detach", post(volumes::volume_detach))
+        .route("/volumes/{volume}/resize", post(volumes::volume_resize))
+        .route(
             "/vms/{vm}/snapshots",
             get(snapshots::snapshot_list).post(snapshots::snapshot_create),
         )

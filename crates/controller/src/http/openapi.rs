@@ -46,6 +46,8 @@ impl Modify for BearerAuth {
         backups::backup_policy_view, backups::backup_policy_delete, backups::backup_policy_list,
         snapshots::snapshot_create, snapshots::snapshot_list, snapshots::snapshot_delete,
         snapshots::snapshot_revert,
+        volumes::volume_create, volumes::volume_list, volumes::volume_view, volumes::volume_delete,
+        volumes::volume_attach, volumes::volume_detach, volumes::volume_resize,
         jobs::job_list, jobs::job_view, jobs::job_wait, jobs::job_cancel,
     ),
     components(schemas(
@@ -58,6 +60,9 @@ impl Modify for BearerAuth {
         views::BackupVerification, views::BackupOperation,
         proto::BackupParentRef, proto::BackupDone, proto::BackupChecked, proto::RequestProgress,
         proto::BackupChildRef, proto::BackupPruned, proto::SnapshotTaken, stratus_common::SnapshotId,
+        proto::VolumeOnHost, stratus_common::VolumeId, views::VolumeStatus, views::Volume,
+        views::VolumePage, views::VolumeOperation, params::VolumeCreate, params::VolumeAttach,
+        params::VolumeResize,
         views::SnapshotStatus, views::Snapshot, views::SnapshotOperation, params::SnapshotCreate, views::BackupPolicy, params::BackupPolicySet,
         params::VmBatchCreate, params::ClusterUpdate, params::ServerGroupCreate, params::HostUpdate,
         views::Allocation, views::Weigher, views::Cluster, views::ClusterPage, views::GroupPolicy,
@@ -80,7 +85,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
         (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"), (name = "agent"),
-        (name = "scheduling"), (name = "backups"), (name = "snapshots"),
+        (name = "scheduling"), (name = "backups"), (name = "snapshots"), (name = "volumes"),
     )
 )]
 pub struct ApiDoc;

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::config::Accel;
 use super::layout::VmPaths;
-use crate::{BootSpec, DriverError, NicSpec, VmSpec};
+use crate::{BootSpec, DriverError, NicSpec, VmSpec, MAX_VOLUMES_PER_VM};
 
 /// Host-dependent choices for the command line.
 #[derive(Clone, Copy, Debug)]
@@ -190,6 +190,12 @@ pub(crate) fn qemu_args(
         }
     }
 
+    // Hot-plug ports for volumes (see volume.rs), after every other device:
+    // appended, they left the PCI addresses of the devices above unchanged.
+    for port in 0..MAX_VOLUMES_PER_VM {
+        push(&["-device", &hotplug_port(port)]);
+    }
+
     match &spec.boot {
         BootSpec::Firmware => {}
         BootSpec::Kernel {
@@ -203,6 +209,78 @@ pub(crate) fn qemu_args(
             }
             push(&["-append", &kernel_cmdline(cmdline)]);
         }
+    }
+    Ok(a)
+}
+
+/// The id of hot-plug port `port` (0-based): the bus a volume plugs into.
+pub(crate) fn hotplug_port_id(port: usize) -> String {
+    format!("hp{port}")
+}
+
+/// The `-device` value of hot-plug port `port`: a PCIe root port, alone in
+/// its chassis so chassis and slot numbers never clash. q35's root bus takes
+/// no hot-plugged devices itself; a root port does (QEMU signals it through
+/// ACPI, which the guest kernel's built-in `acpiphp` handles).
+fn hotplug_port(port: usize) -> String {
+    format!(
+        "pcie-root-port,id={},chassis={},slot=0",
+        hotplug_port_id(port),
+        port + 1
+    )
+}
+
+/// A volume attached before the VM starts, as the command line needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct VolumeDisk {
+    /// Block node name (see `volume::node_name`).
+    pub node: String,
+    /// Device id (see `volume::device_id`).
+    pub device: String,
+    /// Hot-plug port, below [`MAX_VOLUMES_PER_VM`].
+    pub port: usize,
+    /// What the guest sees as the disk's serial.
+    pub serial: String,
+    pub file: std::path::PathBuf,
+}
+
+/// The `-blockdev` (JSON, like disk0's) and `-device` of one volume.
+pub(crate) fn volume_blockdev(v: &VolumeDisk) -> Result<serde_json::Value, DriverError> {
+    let file = v.file.to_str().ok_or_else(|| {
+        DriverError::Config(format!(
+            "volume file path {} is not UTF-8",
+            v.file.display()
+        ))
+    })?;
+    Ok(json!({
+        "driver": "qcow2",
+        "node-name": v.node,
+        "discard": "unmap",
+        "file": { "driver": "file", "filename": file },
+    }))
+}
+
+/// Arguments that add the VM's attached volumes, in attachment order, each
+/// on its recorded port. Without `bootindex`: the VM boots from disk0 only.
+pub(crate) fn volume_args(volumes: &[VolumeDisk]) -> Result<Vec<String>, DriverError> {
+    let mut a = Vec::new();
+    for v in volumes {
+        if v.port >= MAX_VOLUMES_PER_VM {
+            return Err(DriverError::Config(format!(
+                "volume {} is recorded on hot-plug port {}, but a VM has only {MAX_VOLUMES_PER_VM}",
+                v.device, v.port
+            )));
+        }
+        a.push("-blockdev".to_string());
+        a.push(volume_blockdev(v)?.to_string());
+        a.push("-device".to_string());
+        a.push(format!(
+            "virtio-blk-pci,drive={},id={},bus={},serial={}",
+            opt_value(&v.node),
+            opt_value(&v.device),
+            hotplug_port_id(v.port),
+            opt_value(&v.serial)
+        ));
     }
     Ok(a)
 }
@@ -327,6 +405,71 @@ mod tests {
             serde_json::Value::Null,
             "a standalone disk gets no backing"
         );
+    }
+
+    #[test]
+    fn every_vm_has_hotplug_ports_after_its_other_devices() {
+        let s = spec();
+        let paths = VmPaths::new(Path::new("/d/vms"), s.id);
+        let opts = LaunchOptions {
+            accel: Accel::Tcg,
+            sandbox: false,
+        };
+        let args = qemu_args(&s, &paths, &disk(&paths), opts).expect("args");
+        let devices: Vec<&String> = args
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| &w[1])
+            .collect();
+        let ports: Vec<&&String> = devices
+            .iter()
+            .filter(|d| d.starts_with("pcie-root-port,"))
+            .collect();
+        assert_eq!(ports.len(), MAX_VOLUMES_PER_VM);
+        assert_eq!(ports[0].as_str(), "pcie-root-port,id=hp0,chassis=1,slot=0");
+        assert_eq!(ports[3].as_str(), "pcie-root-port,id=hp3,chassis=4,slot=0");
+        // The ports come last, so the other devices keep their PCI addresses.
+        let first_port = devices
+            .iter()
+            .position(|d| d.starts_with("pcie-root-port,"))
+            .expect("a port");
+        assert_eq!(first_port, devices.len() - MAX_VOLUMES_PER_VM);
+        // disk0 is untouched and alone with a bootindex.
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=1"
+        ));
+    }
+
+    #[test]
+    fn volumes_plug_into_their_ports_in_attachment_order() {
+        let vol = |port: usize, name: &str| VolumeDisk {
+            node: format!("vol-{name}"),
+            device: format!("vol-{name}-dev"),
+            port,
+            serial: format!("serial{name}"),
+            file: format!("/d/volumes/{name}.qcow2").into(),
+        };
+        let args = volume_args(&[vol(2, "b"), vol(0, "a")]).expect("args");
+        assert_eq!(args.len(), 8);
+        assert_eq!(args[0], "-blockdev");
+        let b: serde_json::Value = serde_json::from_str(&args[1]).expect("json");
+        assert_eq!(b["node-name"], "vol-b");
+        assert_eq!(b["driver"], "qcow2");
+        assert_eq!(b["file"]["filename"], "/d/volumes/b.qcow2");
+        assert_eq!(
+            args[3],
+            "virtio-blk-pci,drive=vol-b,id=vol-b-dev,bus=hp2,serial=serialb"
+        );
+        assert_eq!(
+            args[7],
+            "virtio-blk-pci,drive=vol-a,id=vol-a-dev,bus=hp0,serial=seriala"
+        );
+        assert!(!args.iter().any(|a| a.contains("bootindex")));
+        assert!(volume_args(&[]).expect("none").is_empty());
+        let e = volume_args(&[vol(MAX_VOLUMES_PER_VM, "c")]).expect_err("no such port");
+        assert!(e.to_string().contains("only 4"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   disk.<id>.qcow2    further layers: one per snapshot (see snapshot.rs)
 //!   snapshots.json     the snapshots and which layer is active (absent: just disk.qcow2)
 //!   state.json         last state the driver recorded: running/paused (with pid) or stopped/crashed
+//!   volumes.json       the volumes attached to the VM, in attachment order, with their ports (see volume.rs)
 //!   console.log        newest console output (bounded), console.offset: its first byte's offset
 //!   run/qemu.pid       written and locked by QEMU, removed by QEMU when it exits cleanly
 //!   run/qemu.log       QEMU's own messages (stderr, -D)
@@ -39,6 +40,7 @@ pub(crate) struct VmPaths {
     pub overlay: PathBuf,
     pub snapshots_json: PathBuf,
     pub state_json: PathBuf,
+    pub volumes_json: PathBuf,
     pub console_log: PathBuf,
     pub console_offset: PathBuf,
     pub run: PathBuf,
@@ -60,6 +62,7 @@ impl VmPaths {
             overlay: dir.join("disk.qcow2"),
             snapshots_json: dir.join("snapshots.json"),
             state_json: dir.join("state.json"),
+            volumes_json: dir.join("volumes.json"),
             console_log: dir.join("console.log"),
             console_offset: dir.join("console.offset"),
             pidfile: run.join("qemu.pid"),

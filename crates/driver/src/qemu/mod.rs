@@ -58,6 +58,7 @@ mod prune;
 mod qga;
 mod qmp;
 mod snapshot;
+mod volume;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -88,6 +89,7 @@ use crate::{
     ExecOutput, GuestInfo, HostFacts, ProgressFn, PruneChild, Pruned, QemuSaid, SnapshotInfo,
     SnapshotRequest, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus,
 };
+use crate::{VolumeInfo, VolumeSpec};
 
 /// Events buffered per subscriber.
 const EVENT_CAPACITY: usize = 1024;
@@ -124,6 +126,8 @@ struct Shared {
     qemu_version: String,
     vms: Mutex<HashMap<VmId, Arc<VmEntry>>>,
     events: broadcast::Sender<VmEvent>,
+    /// One operation per data volume at a time (see `volume.rs`).
+    volume_locks: volume::VolumeLocks,
 }
 
 /// What the driver keeps in memory per VM it has seen.
@@ -227,6 +231,7 @@ impl QemuDriver {
                 qemu_version,
                 vms: Mutex::new(HashMap::new()),
                 events,
+                volume_locks: volume::VolumeLocks::default(),
             }),
             _data_dir_lock: data_dir_lock,
         };
@@ -538,7 +543,8 @@ impl Shared {
                     .open(&paths.qemu_log)
             })
             .map_err(|e| DriverError::io("cannot create the QEMU log", &paths.qemu_log, e))?;
-        let args = cmdline::qemu_args(&spec, paths, &disk, self.launch)?;
+        let mut args = cmdline::qemu_args(&spec, paths, &disk, self.launch)?;
+        args.extend(volume::boot_args(self, vm)?);
         tracing::debug!(vm = %vm.id, ?args, "starting QEMU");
         let status = tokio::time::timeout(
             Duration::from_secs(60),
@@ -1144,6 +1150,9 @@ impl Driver for QemuDriver {
                 })?;
             }
         }
+        // Volumes outlive the VM: forget its attachments first, so even a
+        // directory removal that fails half-way leaves them free.
+        remove_file_if_exists(&vm.paths.volumes_json)?;
         match std::fs::remove_dir_all(&vm.paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1292,6 +1301,34 @@ impl Driver for QemuDriver {
         snapshot_id: uuid::Uuid,
     ) -> Result<(), DriverError> {
         snapshot::delete(&self.shared, id, snapshot_id).await
+    }
+
+    async fn volume_create(&self, spec: &VolumeSpec) -> Result<VolumeInfo, DriverError> {
+        volume::create(&self.shared, spec).await
+    }
+
+    async fn vm_volume_attach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        volume::attach(&self.shared, vm, volume_id).await
+    }
+
+    async fn vm_volume_detach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        volume::detach(&self.shared, vm, volume_id).await
+    }
+
+    async fn volume_resize(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, DriverError> {
+        volume::resize(&self.shared, volume_id, size_bytes).await
+    }
+
+    async fn volume_delete(&self, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+        volume::delete(&self.shared, volume_id).await
+    }
+
+    async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError> {
+        volume::info(&self.shared, volume_id).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

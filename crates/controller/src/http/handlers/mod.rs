@@ -13,6 +13,7 @@ pub mod snapshots;
 pub mod system;
 pub mod tokens;
 pub mod vms;
+pub mod volumes;
 
 use std::sync::Arc;
 
