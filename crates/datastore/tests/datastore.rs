@@ -833,19 +833,26 @@ async fn settled_vm(ds: &Datastore, fx: &Fixture, name: &str) -> VmId {
         .vm_create_with_job(vm.clone(), new_job(fx, "vm_create", id))
         .await
         .expect("create");
-    finish(ds, job.id).await;
+    finish(ds, job.id, id).await;
     id
 }
 
-/// Ends a job as succeeded, as its owner would.
-async fn finish(ds: &Datastore, job: JobId) {
+/// Ends a job on `vm` as succeeded, as its owner would (which frees the VM).
+async fn finish(ds: &Datastore, job: JobId, vm: VmId) {
     let claimed = ds
         .job_claim_next("t", now_micros() + 60_000_000)
         .await
         .expect("claim")
         .expect("a job");
     assert_eq!(claimed.id, job);
-    ds.job_finish(job, "t", JobOutcome::Succeeded, None)
+    let effect = VmEffect::Update {
+        vm_id: vm,
+        state: VmState::Running,
+        state_reason: None,
+        host_id: None,
+        desired_state: None,
+    };
+    ds.job_finish(job, "t", JobOutcome::Succeeded, Some(effect))
         .await
         .expect("finish");
 }
@@ -943,7 +950,7 @@ async fn backups_chain_and_prune(ds: &Datastore) {
         ds.backup_get(b1.id).await.expect("get").status,
         BackupStatus::Succeeded
     );
-    finish(ds, job.id).await;
+    finish(ds, job.id, vm).await;
 
     // An incremental on it; the newest succeeded one is the next parent.
     let b2 = new_backup(&fx, vm, t.id, Some(b1.id));
@@ -962,7 +969,7 @@ async fn backups_chain_and_prune(ds: &Datastore) {
     ds.backup_succeed(b2.id, host, &done(BackupMode::Incremental))
         .await
         .expect("ok 2");
-    finish(ds, job.id).await;
+    finish(ds, job.id, vm).await;
     assert_eq!(
         ds.backup_latest_succeeded(vm, Some(t.id))
             .await
@@ -1032,6 +1039,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     use stratus_api_types::views::{SnapshotStatus, VolumeStatus};
     let fx = fixture(ds).await;
     let vm = settled_vm(ds, &fx, "web").await;
+    let vm2 = settled_vm(ds, &fx, "other").await;
     let s1 = stratus_common::SnapshotId::new();
     let (snap, job) = ds
         .snapshot_begin(
@@ -1045,7 +1053,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
         .expect("begin");
     assert_eq!(snap.status, SnapshotStatus::Creating);
     ds.snapshot_ready(s1, true, 42).await.expect("ready");
-    finish(ds, job.id).await;
+    finish(ds, job.id, vm).await;
     let dup = ds
         .snapshot_begin(
             stratus_common::SnapshotId::new(),
@@ -1072,7 +1080,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
         ds.snapshot_get(s1).await.expect("get").status,
         SnapshotStatus::Ready
     );
-    finish(ds, job.id).await;
+    finish(ds, job.id, vm).await;
     ds.snapshot_forget(&[s1]).await.expect("forget");
     assert!(ds.snapshot_list(vm).await.expect("list").is_empty());
 
@@ -1091,7 +1099,6 @@ async fn snapshots_and_volumes(ds: &Datastore) {
         .volume_attach_begin(v.id, vm, &new_job(&fx, "vm_volume_attach", vm))
         .await
         .expect("attach");
-    let vm2 = settled_vm(ds, &fx, "other").await;
     let again = ds
         .volume_attach_begin(v.id, vm2, &new_job(&fx, "vm_volume_attach", vm2))
         .await
@@ -1100,7 +1107,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     ds.volume_settle(v.id, VolumeStatus::Attached, Some(vm), None)
         .await
         .expect("settle");
-    finish(ds, job.id).await;
+    finish(ds, job.id, vm).await;
     assert_eq!(ds.volumes_of_vm(vm).await.expect("of vm").len(), 1);
     assert_eq!(
         ds.volume_delete(v.id)
@@ -1118,6 +1125,6 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     ds.volume_settle(v.id, VolumeStatus::Available, None, None)
         .await
         .expect("settle");
-    finish(ds, job.id).await;
+    finish(ds, job.id, vm).await;
     ds.volume_delete(v.id).await.expect("delete");
 }

@@ -434,11 +434,11 @@ mod tests {
             .position(|d| d.starts_with("pcie-root-port,"))
             .expect("a port");
         assert_eq!(first_port, devices.len() - MAX_VOLUMES_PER_VM);
-        // disk0 is untouched and alone with a bootindex.
+        // The disk (its top layer here) is untouched and alone with a bootindex.
         assert!(has_pair(
             &args,
             "-device",
-            "virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=1"
+            "virtio-blk-pci,drive=layer-1,id=disk0-dev,bootindex=1"
         ));
     }
 
