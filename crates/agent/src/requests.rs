@@ -213,6 +213,35 @@ async fn volume_attach(
     size_bytes: u64,
     image: Option<&stratus_client::types::DesiredImage>,
 ) -> AgentRequestResult {
+    // A volume that has its file already (attached before, perhaps grown
+    // since) is attached as it is.
+    let existing = match shared.driver.volume_info(volume_id).await {
+        Ok(v) => v,
+        Err(e) => return failed(chain(&e)),
+    };
+    let made = match existing {
+        Some(v) => v,
+        None => match make_volume(shared, volume_id, size_bytes, image).await {
+            Ok(v) => v,
+            Err(e) => return failed(e),
+        },
+    };
+    match shared.driver.vm_volume_attach(vm, volume_id).await {
+        Ok(()) => AgentRequestResult {
+            volume: Some(on_host(&made)),
+            ..answered()
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+/// Makes a volume's file: blank, or a clone of its image (cached first).
+async fn make_volume(
+    shared: &Arc<Shared>,
+    volume_id: uuid::Uuid,
+    size_bytes: u64,
+    image: Option<&stratus_client::types::DesiredImage>,
+) -> Result<stratus_driver::VolumeInfo, String> {
     let (image, image_format) = match image {
         Some(img) => match shared.images.ensure(&shared.api, img).await {
             Ok(cached) => (
@@ -222,7 +251,7 @@ async fn volume_attach(
                     stratus_client::types::ImageFormat::Raw => stratus_driver::ImageFormat::Raw,
                 }),
             ),
-            Err(e) => return failed(format!("cannot fetch the volume's image: {}", chain(&e))),
+            Err(e) => return Err(format!("cannot fetch the volume's image: {}", chain(&e))),
         },
         None => (None, None),
     };
@@ -232,17 +261,11 @@ async fn volume_attach(
         image,
         image_format,
     };
-    let made = match shared.driver.volume_create(&spec).await {
-        Ok(v) => v,
-        Err(e) => return failed(chain(&e)),
-    };
-    match shared.driver.vm_volume_attach(vm, volume_id).await {
-        Ok(()) => AgentRequestResult {
-            volume: Some(on_host(&made)),
-            ..answered()
-        },
-        Err(e) => failed(chain(&e)),
-    }
+    shared
+        .driver
+        .volume_create(&spec)
+        .await
+        .map_err(|e| chain(&e))
 }
 
 /// A successful answer with nothing in it (fields are filled in by the
