@@ -64,42 +64,6 @@ async fn backup(d: &QemuDriver, id: VmId, req: &BackupRequest, label: &str) -> B
     out
 }
 
-/// Writes `mib` MiB of random data to /mnt/disk/`name` in the guest, flushed
-/// to the disk; returns its SHA-256.
-async fn write_file(d: &dyn Driver, id: VmId, name: &str, mib: u64) -> String {
-    let out = sh(
-        d,
-        id,
-        &format!(
-            "dd if=/dev/urandom of=/mnt/disk/{name} bs=64k count={} 2>/dev/null && sync && \
-             sha256sum /mnt/disk/{name}",
-            mib * 16
-        ),
-    )
-    .await;
-    out.split_whitespace()
-        .next()
-        .expect("sha256sum output")
-        .to_string()
-}
-
-/// The SHA-256 of each named file in /mnt/disk, or "absent".
-async fn checksums(d: &dyn Driver, id: VmId, names: &[&str]) -> Vec<String> {
-    let mut sums = Vec::new();
-    for name in names {
-        let out = sh(
-            d,
-            id,
-            &format!(
-                "if [ -e /mnt/disk/{name} ]; then sha256sum /mnt/disk/{name}; else echo absent; fi"
-            ),
-        )
-        .await;
-        sums.push(out.split_whitespace().next().unwrap_or("").to_string());
-    }
-    sums
-}
-
 fn qemu_img(args: &[&str]) -> std::process::Output {
     std::process::Command::new("qemu-img")
         .args(args)

@@ -19,6 +19,28 @@ use serde_json::Value;
 /// granularity of the change tracking.
 const METADATA_SLACK: u64 = 1024 * 1024;
 
+/// Creates the VM `name` (flavor tiny, the test guest) and waits for its
+/// guest agent; its QEMU is killed when the guard drops.
+fn running_vm(env: &Env, name: &str) -> KillVm {
+    let vm = env.json(&[
+        "vm",
+        "create",
+        name,
+        "--flavor",
+        "tiny",
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let kill = KillVm(vm["id"].as_str().map(str::to_string));
+    wait_guest(env, name);
+    kill
+}
+
 fn wait_guest(env: &Env, vm: &str) {
     wait_until("the guest agent to connect", BOOT, || {
         let v = env.vm(vm);
@@ -132,22 +154,7 @@ fn real_qemu_incremental_backups_survive_a_restart_and_restore_exactly() {
         "-o",
         "json",
     ]);
-    let vm = env.json(&[
-        "vm",
-        "create",
-        "web",
-        "--flavor",
-        "tiny",
-        "--image",
-        "guest",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let _kill = KillVm(vm["id"].as_str().map(str::to_string));
-    wait_guest(env, "web");
+    let _kill = running_vm(env, "web");
 
     // A full backup with one file.
     let a = write_file(env, "web", "a", 1);
@@ -344,22 +351,7 @@ fn real_qemu_interrupted_backups_resume_or_fail_cleanly() {
         "-o",
         "json",
     ]);
-    let vm = env.json(&[
-        "vm",
-        "create",
-        "web",
-        "--flavor",
-        "tiny",
-        "--image",
-        "guest",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let _kill = KillVm(vm["id"].as_str().map(str::to_string));
-    wait_guest(&env, "web");
+    let _kill = running_vm(&env, "web");
     let a = write_file(&env, "web", "a", 1);
     let full = backup(&env, "web");
 
@@ -473,22 +465,7 @@ fn snapshot(env: &Env, args: &[&str]) -> Value {
 fn real_qemu_snapshots_live_take_merge_and_revert_keep_the_data() {
     let w = world();
     let env = &w.env;
-    let vm = env.json(&[
-        "vm",
-        "create",
-        "web",
-        "--flavor",
-        "tiny",
-        "--image",
-        "guest",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let _kill = KillVm(vm["id"].as_str().map(str::to_string));
-    wait_guest(env, "web");
+    let _kill = running_vm(env, "web");
     let boots = |env: &Env| {
         sh(env, "web", "cat /proc/uptime")
             .split('.')
@@ -611,22 +588,7 @@ fn volume(env: &Env, args: &[&str]) -> Value {
 fn real_qemu_volumes_hot_plug_grow_and_keep_their_data() {
     let w = world();
     let env = &w.env;
-    let vm = env.json(&[
-        "vm",
-        "create",
-        "web",
-        "--flavor",
-        "tiny",
-        "--image",
-        "guest",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let _kill = KillVm(vm["id"].as_str().map(str::to_string));
-    wait_guest(env, "web");
+    let _kill = running_vm(env, "web");
 
     let v = volume(env, &["create", "data", "--size", "16MiB"]);
     assert_eq!(v["status"], "available", "{v}");
