@@ -41,6 +41,8 @@ struct World {
     /// Path parameter name → A's resource id.
     a_ids: Vec<(&'static str, String)>,
     flavor: String,
+    /// The backup target (shared by every project, like a flavor).
+    target: String,
     host: String,
     /// The world's host, when it enrolled one (settle() answers for it as
     /// its agent would).
@@ -148,6 +150,65 @@ async fn world(ctx: &Ctx) -> World {
             "vm",
         )
         .await;
+    // A's storage: a volume, and (once the VM runs) a backup and a snapshot,
+    // their requests answered as the host's agent would.
+    let target = ctx
+        .must(
+            ctx.post(
+                "/v1/backup-targets",
+                admin,
+                json!({"name": "t", "path": "/srv/backups"}),
+            )
+            .await,
+            "backup target",
+        )
+        .await;
+    let volume = ctx
+        .must(
+            ctx.post(
+                "/v1/volumes",
+                &am,
+                json!({"name": "vol-a", "size_bytes": 16u64 << 20}),
+            )
+            .await,
+            "volume",
+        )
+        .await;
+    // Only a world whose jobs run and whose host answers can take them;
+    // other worlds get ids nothing has (their tests do not look them up).
+    let (backup_id, snapshot_id) = if ctx.runner.is_some() && host_credential.is_some() {
+        settle_host(ctx, host_credential.as_deref()).await;
+        let vm_id = op["vm"]["id"].as_str().expect("id").to_string();
+        let backup = ctx
+            .must(
+                ctx.post(&format!("/v1/vms/{vm_id}/backups"), &am, json!({}))
+                    .await,
+                "backup",
+            )
+            .await;
+        settle_host(ctx, host_credential.as_deref()).await;
+        let snap = ctx
+            .must(
+                ctx.post(
+                    &format!("/v1/vms/{vm_id}/snapshots"),
+                    &am,
+                    json!({"name": "snap-a"}),
+                )
+                .await,
+                "snapshot",
+            )
+            .await;
+        settle_host(ctx, host_credential.as_deref()).await;
+        (
+            backup["backup"]["id"].as_str().expect("id").to_string(),
+            snap["snapshot"]["id"].as_str().expect("id").to_string(),
+        )
+    } else {
+        (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        )
+    };
     World {
         a_member: am,
         a_reader: a_reader["secret"].as_str().expect("secret").to_string(),
@@ -162,7 +223,11 @@ async fn world(ctx: &Ctx) -> World {
             ("vm", op["vm"]["id"].as_str().expect("id").to_string()),
             ("job", op["job"]["id"].as_str().expect("id").to_string()),
             ("group", group["id"].as_str().expect("id").to_string()),
+            ("backup", backup_id),
+            ("snapshot", snapshot_id),
+            ("volume", volume["id"].as_str().expect("id").to_string()),
         ],
+        target: target["id"].as_str().expect("id").to_string(),
         flavor: flavor["id"].as_str().expect("id").to_string(),
         host,
         host_credential,
@@ -215,6 +280,15 @@ fn valid_body(op: &str) -> Option<Value> {
         "host_update" => json!({"add_tags": ["ssd"]}),
         "vm_update" => json!({"restart_policy": "on_crash"}),
         "vm_exec" => json!({"argv": ["true"]}),
+        "backup_target_create" => json!({"name": "new-target", "path": "/srv/new"}),
+        "backup_create" => json!({}),
+        "backup_restore" => json!({"as_vm": "restored"}),
+        "backup_policy_set" => json!({"keep_last": 3}),
+        "snapshot_create" => json!({"name": "new-snap"}),
+        "volume_create" => json!({"name": "new-vol", "size_bytes": 16u64 << 20}),
+        "volume_attach" => json!({"vm": "vm-a"}),
+        "volume_resize" => json!({"size_bytes": 32u64 << 20}),
+        "agent_request_progress" => json!({"done_bytes": 0, "total_bytes": 0}),
         "agent_enroll" => {
             json!({"enroll_token": "stratus-enroll_bogus", "name": "h", "address": "127.0.0.1",
             "facts": {"cpus": 2, "memory_bytes": 1073741824u64, "disk_bytes": 1073741824u64, "driver": "sim"}})
@@ -274,12 +348,39 @@ async fn snapshot(ctx: &Ctx) -> Value {
 }
 
 async fn settle(ctx: &Ctx, w: &World) {
+    settle_host(ctx, w.host_credential.as_deref()).await
+}
+
+/// What the world's host answers to a request, as its agent would.
+fn request_answer(kind: &str) -> Value {
+    match kind {
+        "backup" => json!({"backup": {"mode": "full", "fallback_reason": null, "data_bytes": 0,
+            "file_bytes": 0, "disk_bytes": 0, "sha256": "00", "duration_ms": 0}}),
+        "snapshot_create" => json!({"snapshot": {"quiesced": false, "bytes": 0}}),
+        _ => json!({}),
+    }
+}
+
+async fn settle_host(ctx: &Ctx, host_credential: Option<&str>) {
     // Let the runner finish what the world queued, answering for the
-    // world's host as its agent would: every VM as it is desired.
+    // world's host as its agent would: every VM as it is desired, every
+    // request carried out.
     let mut generation = 1000;
     for _ in 0..200 {
-        if let Some(cred) = &w.host_credential {
+        if let Some(cred) = host_credential {
             let desired = ctx.get("/v1/agent/desired", cred).await.body;
+            for r in desired["requests"].as_array().cloned().unwrap_or_default() {
+                let (Some(id), Some(kind)) = (r["id"].as_str(), r["request"]["kind"].as_str())
+                else {
+                    continue;
+                };
+                ctx.post(
+                    &format!("/v1/agent/requests/{id}/result"),
+                    cred,
+                    request_answer(kind),
+                )
+                .await;
+            }
             let mut vms = Vec::new();
             for v in desired["vms"].as_array().cloned().unwrap_or_default() {
                 generation += 1;
@@ -329,7 +430,7 @@ async fn tenant_isolation_sweep(b: Backend) {
         // question.
         if params
             .iter()
-            .any(|p| p == "host" || p == "flavor" || p == "cluster")
+            .any(|p| p == "host" || p == "flavor" || p == "cluster" || p == "target")
         {
             continue;
         }
@@ -422,6 +523,13 @@ async fn tenant_isolation_sweep(b: Backend) {
             "image" => format!("/v1/images/{id}"),
             "vm" => format!("/v1/vms/{id}"),
             "group" => format!("/v1/server-groups/{id}"),
+            "backup" => format!("/v1/backups/{id}"),
+            "volume" => format!("/v1/volumes/{id}"),
+            // A snapshot is shown in its VM's list.
+            "snapshot" => {
+                let vm = w.a_ids.iter().find(|(k, _)| *k == "vm").expect("vm");
+                format!("/v1/vms/{}/snapshots", vm.1)
+            }
             _ => format!("/v1/jobs/{id}"),
         };
         assert_eq!(
@@ -451,6 +559,7 @@ async fn readers_cannot_change_anything(b: Backend) {
                 "flavor" => w.flavor.clone(),
                 "host" => w.host.clone(),
                 "cluster" => "default".to_string(),
+                "target" => w.target.clone(),
                 other => w
                     .a_ids
                     .iter()
