@@ -441,6 +441,27 @@ impl Datastore {
         Ok(())
     }
 
+    /// Forgets requests answered before `answered_before` and unanswered
+    /// ones that expired before `expired_before`; how many. Each exec,
+    /// backup, verify or delete leaves one row: without this the table only
+    /// grows.
+    pub async fn host_requests_prune(
+        &self,
+        answered_before: i64,
+        expired_before: i64,
+    ) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "DELETE FROM host_requests WHERE (answered_at IS NOT NULL AND answered_at < $1) \
+             OR (answered_at IS NULL AND expires_at < $2)",
+        )
+        .bind(answered_before)
+        .bind(expired_before)
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("pruning host requests", e))?;
+        Ok(done.rows_affected())
+    }
+
     /// Withdraws a pending request (nobody waits for it any more): the host
     /// stops receiving it and its late answer is refused.
     pub async fn host_request_withdraw(&self, id: uuid::Uuid) -> Result<(), Error> {

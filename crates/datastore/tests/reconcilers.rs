@@ -47,6 +47,7 @@ both_backends!(
     only_crashed_on_crash_vms_on_up_hosts_are_restarted,
     concurrent_restarts_of_one_vm_start_it_once,
     orphans_are_recorded_listed_and_forgotten,
+    old_host_requests_are_forgotten,
 );
 
 const SEC: i64 = 1_000_000;
@@ -720,4 +721,35 @@ async fn orphans_are_recorded_listed_and_forgotten(ds: &Datastore) {
         1
     );
     assert!(ds.host_orphans(w.host).await.expect("list").is_empty());
+}
+
+/// Host requests answered or expired before the cut-off go; pending and
+/// recent ones stay.
+async fn old_host_requests_are_forgotten(ds: &Datastore) {
+    let w = world(ds).await;
+    let payload = serde_json::json!({"kind": "verify_backup", "file": "/b/x.qcow2"});
+    let far = i64::MAX / 2;
+    let answered = ds
+        .host_request_create(w.host, None, "verify_backup", &payload, far)
+        .await
+        .expect("request");
+    ds.host_request_answer(answered, w.host, None, Some("no"))
+        .await
+        .expect("answer");
+    let pending = ds
+        .host_request_create(w.host, None, "verify_backup", &payload, far)
+        .await
+        .expect("request");
+    let expired = ds
+        .host_request_create(w.host, None, "verify_backup", &payload, 1)
+        .await
+        .expect("request");
+    // A cut-off in the past keeps all but the long-expired one.
+    assert_eq!(ds.host_requests_prune(1, 2).await.expect("prune"), 1);
+    assert!(ds.host_request_get(expired).await.is_err());
+    // A cut-off now forgets the answered one; the pending one stays.
+    let now = stratus_common::time::now_micros() + 1;
+    assert_eq!(ds.host_requests_prune(now, now).await.expect("prune"), 1);
+    assert!(ds.host_request_get(answered).await.is_err());
+    assert!(ds.host_request_get(pending).await.is_ok());
 }

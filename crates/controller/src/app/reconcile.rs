@@ -15,7 +15,9 @@
 //!           (c) orphans    VMs hosts reported running without the
 //!                          controller's say: kept ones the host stopped
 //!                          reporting are forgotten, destroyed ones after a day
-//!           (d) backups    scheduled backups and retention
+//!           (d) requests   host requests answered or expired a day ago
+//!                          are forgotten
+//!           (e) backups    scheduled backups and retention
 //!                          (`backup_policies.rs`), in a task of its own
 //! ```
 //!
@@ -67,6 +69,9 @@ pub struct ReconcilerConfig {
     pub orphan_gone_after: Duration,
     /// A destroyed orphan is listed on its host this long.
     pub orphan_destroyed_kept_for: Duration,
+    /// A host request is kept this long after it was answered or expired
+    /// (long enough for any saga step waiting on it to have read it).
+    pub requests_kept_for: Duration,
 }
 
 impl ReconcilerConfig {
@@ -87,6 +92,7 @@ impl ReconcilerConfig {
             restarts_per_pass: 100,
             orphan_gone_after: Duration::from_secs(30),
             orphan_destroyed_kept_for: Duration::from_secs(24 * 3600),
+            requests_kept_for: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -176,6 +182,17 @@ pub async fn pass(app: &App, config: &ReconcilerConfig) {
     mark_silent_hosts(app, config).await;
     restart_crashed_vms(app, config).await;
     forget_old_orphans(app, config).await;
+    forget_old_requests(app, config).await;
+}
+
+/// (d) Host requests nobody will read again.
+async fn forget_old_requests(app: &App, config: &ReconcilerConfig) {
+    let before = now_micros() - micros(config.requests_kept_for);
+    match app.ds.host_requests_prune(before, before).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(requests = n, "forgot old host requests"),
+        Err(e) => tracing::warn!(error = %e, "could not prune host requests"),
+    }
 }
 
 /// (a) Hosts silent for longer than the timeout are unreachable: kept out of
