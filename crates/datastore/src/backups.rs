@@ -290,24 +290,7 @@ impl Datastore {
         let ctx = "recording a backup";
         let now = now_micros();
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        let held = sqlx::query(
-            "UPDATE vms SET active_job_id = $1, updated_at = $2 WHERE id = $3 AND active_job_id IS NULL",
-        )
-        .bind(job.id.to_string())
-        .bind(now)
-        .bind(b.vm_id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(ctx, e))?;
-        if held.rows_affected() == 0 {
-            return Err(Error::conflict(
-                "vm_busy",
-                format!(
-                    "VM {:?} is busy with another job; wait for it or cancel it",
-                    b.vm_name
-                ),
-            ));
-        }
+        crate::vms::hold_vm(&mut tx, b.vm_id, job.id, now).await?;
         sqlx::query(
             "INSERT INTO backups (id, project_id, vm_id, vm_name, target_id, parent_id, requested_mode, \
              status, file, host_id, job_id, image_id, flavor_id, vcpus, memory_bytes, disk_bytes, created_at) \
@@ -392,20 +375,26 @@ impl Datastore {
         vm: VmId,
         target: Option<BackupTargetId>,
     ) -> Result<Option<BackupRecord>, Error> {
-        let rows = sqlx::query(&format!(
-            "{SELECT} WHERE vm_id = $1 AND status = 'succeeded' ORDER BY id DESC"
-        ))
-        .bind(vm.to_string())
-        .fetch_all(&self.read)
-        .await
-        .map_err(|e| db_error("reading backups", e))?;
-        for r in &rows {
-            let b = BackupRecord::from_row(r)?;
-            if target.is_none_or(|t| t == b.target_id) {
-                return Ok(Some(b));
+        let newest = format!("{SELECT} WHERE vm_id = $1 AND status = 'succeeded'");
+        let row = match target {
+            Some(t) => {
+                sqlx::query(&format!(
+                    "{newest} AND target_id = $2 ORDER BY id DESC LIMIT 1"
+                ))
+                .bind(vm.to_string())
+                .bind(t.to_string())
+                .fetch_optional(&self.read)
+                .await
+            }
+            None => {
+                sqlx::query(&format!("{newest} ORDER BY id DESC LIMIT 1"))
+                    .bind(vm.to_string())
+                    .fetch_optional(&self.read)
+                    .await
             }
         }
-        Ok(None)
+        .map_err(|e| db_error("reading backups", e))?;
+        row.as_ref().map(BackupRecord::from_row).transpose()
     }
 
     /// Makes a running backup a restore point. `false` if it was no longer

@@ -14,6 +14,7 @@ use stratus_common::{Error, JobId, ProjectId, ResourceKind, SnapshotId, VmId};
 use crate::db::{db_error, is_unique_violation};
 use crate::jobs::insert_job;
 use crate::model::{enum_parse, u64_of, JobRecord, NewJob, RowExt};
+use crate::vms::hold_vm;
 use crate::Datastore;
 
 const SELECT: &str =
@@ -219,29 +220,4 @@ impl Datastore {
         }
         Ok(())
     }
-}
-
-/// Makes `job` the VM's one active job (`vm_busy` if another holds it).
-pub(crate) async fn hold_vm(
-    tx: &mut sqlx::AnyConnection,
-    vm: VmId,
-    job: JobId,
-    now: i64,
-) -> Result<(), Error> {
-    let held = sqlx::query(
-        "UPDATE vms SET active_job_id = $1, updated_at = $2 WHERE id = $3 AND active_job_id IS NULL",
-    )
-    .bind(job.to_string())
-    .bind(now)
-    .bind(vm.to_string())
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| db_error("holding a VM", e))?;
-    if held.rows_affected() == 0 {
-        return Err(Error::conflict(
-            "vm_busy",
-            "the VM is busy with another job; wait for it or cancel it",
-        ));
-    }
-    Ok(())
 }

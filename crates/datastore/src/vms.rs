@@ -442,18 +442,7 @@ async fn begin_operation(
     .await
     .map_err(|e| db_error(ctx, e))?;
     if done.rows_affected() == 0 {
-        let current = fetch_vm(tx, vm_id).await?;
-        return Err(Error::conflict(
-            "vm_busy",
-            format!(
-                "VM {:?} is busy with job {}; wait for it or cancel it",
-                current.name,
-                current
-                    .active_job_id
-                    .map(|j| j.to_string())
-                    .unwrap_or_default()
-            ),
-        ));
+        return Err(busy(tx, vm_id).await);
     }
     if bump_reboot {
         sqlx::query("UPDATE vms SET reboot_generation = reboot_generation + 1 WHERE id = $1")
@@ -473,6 +462,48 @@ async fn begin_operation(
     .await
     .map_err(|e| db_error(ctx, e))?;
     insert_job(tx, job, now).await
+}
+
+/// `vm_busy`, naming the job that holds the VM.
+async fn busy(tx: &mut sqlx::AnyConnection, vm_id: VmId) -> Error {
+    match fetch_vm(tx, vm_id).await {
+        Ok(current) => Error::conflict(
+            "vm_busy",
+            format!(
+                "VM {:?} is busy with job {}; wait for it or cancel it",
+                current.name,
+                current
+                    .active_job_id
+                    .map(|j| j.to_string())
+                    .unwrap_or_default()
+            ),
+        ),
+        Err(e) => e,
+    }
+}
+
+/// Makes `job` the VM's one active job without changing its intent (a
+/// backup, a snapshot, a volume change), in the caller's transaction;
+/// `vm_busy` if another job holds it.
+pub(crate) async fn hold_vm(
+    tx: &mut sqlx::AnyConnection,
+    vm: VmId,
+    job: JobId,
+    now: i64,
+) -> Result<(), Error> {
+    let held = sqlx::query(
+        "UPDATE vms SET active_job_id = $1, updated_at = $2 WHERE id = $3 AND active_job_id IS NULL",
+    )
+    .bind(job.to_string())
+    .bind(now)
+    .bind(vm.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_error("holding a VM", e))?;
+    if held.rows_affected() == 0 {
+        return Err(busy(tx, vm).await);
+    }
+    Ok(())
 }
 
 pub(crate) async fn fetch_vm(conn: &mut sqlx::AnyConnection, id: VmId) -> Result<VmRecord, Error> {

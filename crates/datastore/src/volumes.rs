@@ -21,7 +21,7 @@ use crate::db::{db_error, is_unique_violation};
 use crate::jobs::insert_job;
 use crate::model::{enum_parse, enum_str, i64_of, u64_of, JobRecord, NewJob, RowExt};
 use crate::page::{ListQuery, Page, PageRequest};
-use crate::snapshots::hold_vm;
+use crate::vms::hold_vm;
 use crate::Datastore;
 
 const SELECT: &str = "SELECT id, project_id, name, size_bytes, image_id, status, host_id, vm_id, \
