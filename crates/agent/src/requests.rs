@@ -286,14 +286,8 @@ fn answered() -> AgentRequestResult {
 /// An answer that carries only an error.
 fn failed(error: String) -> AgentRequestResult {
     AgentRequestResult {
-        result: None,
-        backup: None,
-        verified: None,
-        pruned: None,
-        snapshot: None,
-        dropped_snapshots: None,
-        volume: None,
         error: Some(error),
+        ..answered()
     }
 }
 
@@ -354,7 +348,6 @@ async fn backup(
     poster.abort();
     match outcome {
         Ok(o) => AgentRequestResult {
-            result: None,
             backup: Some(BackupDone {
                 mode: match o.mode {
                     stratus_driver::BackupMode::Full => stratus_client::types::BackupMode::Full,
@@ -369,12 +362,7 @@ async fn backup(
                 sha256: o.sha256,
                 duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             }),
-            verified: None,
-            pruned: None,
-            snapshot: None,
-            dropped_snapshots: None,
-            volume: None,
-            error: None,
+            ..answered()
         },
         Err(e) => failed(chain(&e)),
     }
@@ -386,16 +374,7 @@ async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
         .vm_restore(vm, std::path::Path::new(file))
         .await
     {
-        Ok(()) => AgentRequestResult {
-            result: None,
-            backup: None,
-            verified: None,
-            pruned: None,
-            snapshot: None,
-            dropped_snapshots: None,
-            volume: None,
-            error: None,
-        },
+        Ok(()) => answered(),
         Err(e) => failed(chain(&e)),
     }
 }
@@ -407,17 +386,11 @@ async fn verify(shared: &Shared, file: &str) -> AgentRequestResult {
         .await
     {
         Ok(c) => AgentRequestResult {
-            result: None,
-            backup: None,
             verified: Some(BackupChecked {
                 sha256: c.sha256,
                 problems: c.problems,
             }),
-            pruned: None,
-            snapshot: None,
-            dropped_snapshots: None,
-            volume: None,
-            error: None,
+            ..answered()
         },
         Err(e) => failed(chain(&e)),
     }
@@ -438,18 +411,12 @@ async fn delete_backup(
         .await
     {
         Ok(p) => AgentRequestResult {
-            result: None,
-            backup: None,
-            verified: None,
             pruned: p.map(|p| stratus_client::types::BackupPruned {
                 data_bytes: p.data_bytes,
                 file_bytes: p.file_bytes,
                 sha256: p.sha256,
             }),
-            snapshot: None,
-            dropped_snapshots: None,
-            volume: None,
-            error: None,
+            ..answered()
         },
         Err(e) => failed(chain(&e)),
     }
@@ -465,13 +432,7 @@ async fn exec(shared: &Shared, vm: VmId, argv: &[String], timeout_secs: u32) -> 
                 stdout_base64: STANDARD.encode(&out.stdout),
                 stderr_base64: STANDARD.encode(&out.stderr),
             }),
-            backup: None,
-            verified: None,
-            pruned: None,
-            snapshot: None,
-            dropped_snapshots: None,
-            volume: None,
-            error: None,
+            ..answered()
         },
         Ok(Err(e)) => failed(chain(&e)),
         Err(_) => failed(format!(

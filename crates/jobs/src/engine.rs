@@ -343,27 +343,14 @@ impl SagaEngine {
                         JobKind::VmSnapshotCreate => {
                             crate::storage::snapshot_discard(&self.ctx, job.id).await
                         }
-                        JobKind::VmVolumeAttach | JobKind::VmVolumeDetach => {
-                            match retry_store(|| self.ctx.ds.vm_get(VmId::from(job.target_id)))
+                        JobKind::VmVolumeAttach => {
+                            let vm = VmId::from(job.target_id);
+                            crate::storage::volume_attach_discard(&self.ctx, job.id, vm, previous)
                                 .await
-                            {
-                                Ok(vm) => {
-                                    let p = sagas::VmSagaParams {
-                                        job_id: job.id,
-                                        job_created_at: job.created_at,
-                                        vm_id: vm.id,
-                                        desired: vm.desired_state,
-                                        reboot_generation: 0,
-                                        previous: previous.clone(),
-                                    };
-                                    if kind == JobKind::VmVolumeAttach {
-                                        crate::storage::volume_attach_discard(&self.ctx, &p).await
-                                    } else {
-                                        crate::storage::volume_detach_discard(&self.ctx, &p).await
-                                    }
-                                }
-                                Err(e) => Err(anyhow::anyhow!("{e}")),
-                            }
+                        }
+                        JobKind::VmVolumeDetach => {
+                            let vm = VmId::from(job.target_id);
+                            crate::storage::volume_detach_discard(&self.ctx, vm, previous).await
                         }
                         JobKind::VmSnapshotDelete => match previous.snapshot {
                             Some(id) => retry_store(|| self.ctx.ds.snapshot_undelete(id))

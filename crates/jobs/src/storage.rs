@@ -252,7 +252,9 @@ fn snapshot_of(p: &crate::sagas::VmSagaParams) -> Result<SnapshotId, StepError> 
         .ok_or_else(|| StepError::new("internal", "the snapshot job names no snapshot"))
 }
 
-async fn snapshot_request(
+/// Hands the VM's host one request for this step (a snapshot or volume
+/// change) and waits for the answer.
+async fn vm_request(
     sc: &SagaContext,
     p: &crate::sagas::VmSagaParams,
     kind: &'static str,
@@ -285,7 +287,7 @@ pub(crate) async fn snapshot_take(ctx: Ctx) -> Result<SnapshotTaken, ActionError
         .map_err(|e| StepError::internal("reading the snapshot", e))?;
     sc.step(p.job_id, "snapshot", 20, "the host is taking the snapshot")
         .await?;
-    let answer = snapshot_request(
+    let answer = vm_request(
         sc,
         &p,
         "snapshot",
@@ -365,7 +367,7 @@ pub(crate) async fn snapshot_merge(ctx: Ctx) -> Result<(), ActionError> {
         "the host is merging the snapshot's layer into the next one",
     )
     .await?;
-    snapshot_request(
+    vm_request(
         sc,
         &p,
         "merge",
@@ -424,7 +426,7 @@ pub(crate) async fn snapshot_revert(ctx: Ctx) -> Result<Vec<uuid::Uuid>, ActionE
     }
     sc.step(p.job_id, "revert", 20, "the host is reverting the disk")
         .await?;
-    let answer = snapshot_request(
+    let answer = vm_request(
         sc,
         &p,
         "revert",
@@ -482,7 +484,11 @@ async fn settled_as_is(
 // ---- volumes --------------------------------------------------------------
 
 fn volume_of(p: &crate::sagas::VmSagaParams) -> Result<VolumeId, StepError> {
-    p.previous
+    volume_in(&p.previous)
+}
+
+fn volume_in(params: &crate::kinds::VmJobParams) -> Result<VolumeId, StepError> {
+    params
         .volume
         .ok_or_else(|| StepError::new("internal", "the volume job names no volume"))
 }
@@ -567,7 +573,7 @@ pub(crate) async fn volume_attach(ctx: Ctx) -> Result<VolumeOnHost, ActionError>
     };
     sc.step(p.job_id, "attach", 20, "the host is attaching the volume")
         .await?;
-    let answer = snapshot_request(
+    let answer = vm_request(
         sc,
         &p,
         "attach",
@@ -611,25 +617,29 @@ pub(crate) async fn volume_attach_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
     sc.step(p.job_id, "undo", 60, "detaching the volume again")
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
-    volume_attach_discard(sc, &p).await
+    volume_attach_discard(sc, p.job_id, p.vm_id, &p.previous).await
 }
 
+/// The clean-up of an attach that did not complete, shared by its undo and
+/// by a saga whose first step failed.
 pub(crate) async fn volume_attach_discard(
     sc: &SagaContext,
-    p: &crate::sagas::VmSagaParams,
+    job: JobId,
+    vm: VmId,
+    params: &crate::kinds::VmJobParams,
 ) -> Result<(), anyhow::Error> {
-    let id = volume_of(p).map_err(|e| anyhow::anyhow!(e.message))?;
-    let _ = retry_store(|| sc.ds.host_request_withdraw(p.job_id.as_uuid())).await;
-    if let Some(host) = retry_store(|| sc.ds.vm_get(p.vm_id))
+    let id = volume_in(params).map_err(|e| anyhow::anyhow!(e.message))?;
+    let _ = retry_store(|| sc.ds.host_request_withdraw(job.as_uuid())).await;
+    if let Some(host) = retry_store(|| sc.ds.vm_get(vm))
         .await
         .ok()
         .and_then(|v| v.host_id)
     {
         let request = AgentRequestKind::VolumeDetach {
-            vm_id: p.vm_id,
+            vm_id: vm,
             volume_id: id.as_uuid(),
         };
-        best_effort_request(sc, host, p.vm_id, "volume_detach", &request).await;
+        best_effort_request(sc, host, vm, "volume_detach", &request).await;
     }
     retry_store(|| sc.ds.volume_settle(id, VolumeStatus::Available, None, None))
         .await
@@ -644,7 +654,7 @@ pub(crate) async fn volume_detach(ctx: Ctx) -> Result<(), ActionError> {
     let id = volume_of(&p)?;
     sc.step(p.job_id, "detach", 20, "the host is detaching the volume")
         .await?;
-    snapshot_request(
+    vm_request(
         sc,
         &p,
         "detach",
@@ -675,21 +685,23 @@ pub(crate) async fn volume_detach_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
     sc.step(p.job_id, "undo", 60, "keeping the volume attached")
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
-    volume_detach_discard(sc, &p).await
+    volume_detach_discard(sc, p.vm_id, &p.previous).await
 }
 
+/// The clean-up of a detach that did not reach the host: still attached.
 pub(crate) async fn volume_detach_discard(
     sc: &SagaContext,
-    p: &crate::sagas::VmSagaParams,
+    vm: VmId,
+    params: &crate::kinds::VmJobParams,
 ) -> Result<(), anyhow::Error> {
-    let id = volume_of(p).map_err(|e| anyhow::anyhow!(e.message))?;
+    let id = volume_in(params).map_err(|e| anyhow::anyhow!(e.message))?;
     let vol = retry_store(|| sc.ds.volume_get(id))
         .await
         .map_err(|e| anyhow::anyhow!("reading the volume: {e}"))?;
     if vol.status == VolumeStatus::Detaching {
         retry_store(|| {
             sc.ds
-                .volume_settle(id, VolumeStatus::Attached, Some(p.vm_id), None)
+                .volume_settle(id, VolumeStatus::Attached, Some(vm), None)
         })
         .await
         .map_err(|e| anyhow::anyhow!("recording the volume: {e}"))?;

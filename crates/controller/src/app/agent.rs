@@ -476,6 +476,6 @@ pub(crate) async fn host_request(
                 message: format!("the host did not finish the {kind} in time"),
             });
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -680,35 +680,19 @@ pub async fn vm_exec(
         argv: p.argv,
         timeout_secs: timeout,
     };
-    let payload = serde_json::to_value(&kind)
-        .map_err(|e| Error::internal(format!("encoding a request: {e}")))?;
     // The agent gets the request within its long-poll; allow for it and the
     // command itself.
     let budget = Duration::from_secs(u64::from(timeout) + 30);
-    let expires = now_micros() + i64::try_from(budget.as_micros()).unwrap_or(i64::MAX);
-    let id = app
-        .ds
-        .host_request_create(host, Some(vm.id), "exec", &payload, expires)
-        .await?;
-    app.signals.host_desired_changed(host);
-    let deadline = tokio::time::Instant::now() + budget;
-    loop {
-        let r = app.ds.host_request_get(id).await?;
-        if r.answered_at.is_some() {
-            if let Some(e) = r.error {
-                return Err(Error::unprocessable("exec_failed", e));
-            }
-            return r
-                .result
-                .and_then(|v| v.get("result").cloned())
-                .and_then(|v| serde_json::from_value(v).ok())
-                .ok_or_else(|| Error::internal("the agent's exec result could not be read"));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Unavailable {
+    let answer = super::agent::host_request(app, host, Some(vm.id), "exec", &kind, budget)
+        .await
+        .map_err(|e| match e {
+            Error::Unprocessable { message, .. } => Error::unprocessable("exec_failed", message),
+            Error::Unavailable { .. } => Error::Unavailable {
                 message: format!("the host of VM {:?} did not answer in time", vm.name),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            },
+            other => other,
+        })?;
+    answer
+        .result
+        .ok_or_else(|| Error::internal("the agent's exec result could not be read"))
 }
