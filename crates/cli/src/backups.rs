@@ -392,12 +392,7 @@ pub async fn backup(
         }
         BackupCmd::Delete { id } => {
             c.backup_delete().backup(&id).send().await?;
-            output::print(f, &serde_json::json!({ "deleted": id }), |v| {
-                fields(vec![(
-                    "deleted",
-                    v["deleted"].as_str().unwrap_or_default().to_string(),
-                )])
-            });
+            output::print_deleted(f, &id);
         }
         BackupCmd::Policy(p) => policy(c, f, p).await?,
         BackupCmd::Target(t) => target(c, f, t).await?,
@@ -439,12 +434,7 @@ async fn target(c: &Client, f: Format, cmd: TargetCmd) -> Result<(), CliError> {
         }
         TargetCmd::Delete { target } => {
             c.backup_target_delete().target(&target).send().await?;
-            output::print(f, &serde_json::json!({ "deleted": target }), |v| {
-                fields(vec![(
-                    "deleted",
-                    v["deleted"].as_str().unwrap_or_default().to_string(),
-                )])
-            });
+            output::print_deleted(f, &target);
         }
     }
     Ok(())

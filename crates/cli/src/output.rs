@@ -67,6 +67,13 @@ pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> 
     }
 }
 
+/// What a delete prints: `{"deleted": NAME}` as JSON, one row as a table.
+pub fn print_deleted(format: Format, name: &str) {
+    print(format, &serde_json::json!({ "deleted": name }), |_| {
+        fields(vec![("deleted", name.to_string())])
+    });
+}
+
 /// A key/value table for one resource.
 pub fn fields(pairs: Vec<(&'static str, String)>) -> Table {
     let mut t = Table::new(&["FIELD", "VALUE"]);

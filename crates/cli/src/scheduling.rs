@@ -225,9 +225,7 @@ pub async fn server_group(c: &Client, f: Format, cmd: ServerGroupCmd) -> Result<
                 r = r.project(p);
             }
             r.send().await?;
-            output::print(f, &serde_json::json!({ "deleted": group }), |_| {
-                fields(vec![("deleted", group.clone())])
-            });
+            output::print_deleted(f, &group);
         }
     }
     Ok(())

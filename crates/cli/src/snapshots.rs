@@ -89,16 +89,7 @@ async fn operation(
     let now = r.send().await?.into_inner();
     match now.into_iter().find(|s| s.id.0 == op.snapshot.id.0) {
         Some(s) => output::print(f, &s, snapshot_fields),
-        None => output::print(
-            f,
-            &serde_json::json!({ "deleted": op.snapshot.name }),
-            |v| {
-                fields(vec![(
-                    "deleted",
-                    v["deleted"].as_str().unwrap_or_default().to_string(),
-                )])
-            },
-        ),
+        None => output::print_deleted(f, &op.snapshot.name),
     }
     Ok(())
 }

@@ -187,12 +187,7 @@ pub async fn volume(
                 r = r.project(p);
             }
             r.send().await?;
-            output::print(f, &serde_json::json!({ "deleted": volume }), |v| {
-                fields(vec![(
-                    "deleted",
-                    v["deleted"].as_str().unwrap_or_default().to_string(),
-                )])
-            });
+            output::print_deleted(f, &volume);
         }
         VolumeCmd::List { project, page } => {
             let (items, next) = pages(&page, |limit, cursor| {

@@ -41,6 +41,13 @@ fn running_vm(env: &Env, name: &str) -> KillVm {
     kill
 }
 
+/// Stops the VM and starts it again, each job waited for.
+fn restart_vm(env: &Env, name: &str) {
+    for verb in ["stop", "start"] {
+        env.json(&["vm", verb, name, "--project", "p", "--wait", "-o", "json"]);
+    }
+}
+
 fn wait_guest(env: &Env, vm: &str) {
     wait_until("the guest agent to connect", BOOT, || {
         let v = env.vm(vm);
@@ -174,26 +181,7 @@ fn real_qemu_incremental_backups_survive_a_restart_and_restore_exactly() {
     );
 
     // Stop and start: the change tracking survives (persistent bitmap).
-    env.json(&[
-        "vm",
-        "stop",
-        "web",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    env.json(&[
-        "vm",
-        "start",
-        "web",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
+    restart_vm(env, "web");
     wait_guest(env, "web");
     let c = write_file(env, "web", "c", 1);
     let inc2 = backup(env, "web");
@@ -653,26 +641,7 @@ fn real_qemu_volumes_hot_plug_grow_and_keep_their_data() {
         "the data after detaching and attaching again"
     );
 
-    env.json(&[
-        "vm",
-        "stop",
-        "web",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    env.json(&[
-        "vm",
-        "start",
-        "web",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
+    restart_vm(env, "web");
     wait_guest(env, "web");
     wait_vdb(env, "web", Some(32 << 20));
     assert_eq!(read_back(env), sum, "the data after a VM restart");

@@ -300,3 +300,17 @@ pub(crate) async fn volume(
         )),
     }
 }
+
+/// An image named in a request body's `image` field: one the actor cannot
+/// see is that field's fault (`400`), not a missing resource (`404`).
+pub(crate) async fn image_field(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+) -> Result<ImageRecord, Error> {
+    image(app, actor, key, scope).await.map_err(|e| match e {
+        Error::NotFound { .. } => Error::invalid("image", format!("image {key:?} not found")),
+        other => other,
+    })
+}

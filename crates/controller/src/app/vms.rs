@@ -358,14 +358,7 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
         }
         other => other,
     })?;
-    let image = lookup::image(app, actor, &p.image, p.project.as_deref())
-        .await
-        .map_err(|e| match e {
-            Error::NotFound { .. } => {
-                Error::invalid("image", format!("image {:?} not found", p.image))
-            }
-            other => other,
-        })?;
+    let image = lookup::image_field(app, actor, &p.image, p.project.as_deref()).await?;
     if image.state != ImageState::Ready {
         return Err(Error::conflict(
             "image_not_ready",

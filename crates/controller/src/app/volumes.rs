@@ -34,14 +34,7 @@ pub async fn volume_create(app: &App, actor: &Actor, p: VolumeCreate) -> Result<
     }
     let image = match &p.image {
         Some(key) => {
-            let img = lookup::image(app, actor, key, p.project.as_deref())
-                .await
-                .map_err(|e| match e {
-                    Error::NotFound { .. } => {
-                        Error::invalid("image", format!("image {key:?} not found"))
-                    }
-                    other => other,
-                })?;
+            let img = lookup::image_field(app, actor, key, p.project.as_deref()).await?;
             if img.state != ImageState::Ready {
                 return Err(Error::conflict(
                     "image_not_ready",
