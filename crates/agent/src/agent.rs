@@ -35,6 +35,10 @@ pub(crate) struct Shared {
     pub images: Arc<ImageCache>,
     pub records: VmRecords,
     pub book: Mutex<Book>,
+    /// The shared storage pools: named by the controller, checked here.
+    pub pools: Mutex<crate::pools::PoolBook>,
+    /// The image caches of shared storage pools, by pool directory.
+    pub pool_images: Mutex<std::collections::HashMap<std::path::PathBuf, Arc<ImageCache>>>,
     /// Asks the reporter to report now rather than at its next tick.
     pub report_now: Notify,
     /// Bumped by the reporter whenever the driver's list of VMs (ids or
@@ -56,6 +60,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The image cache of the shared pool at `dir`: `<dir>/images/`.
+    pub fn pool_images(&self, dir: &std::path::Path) -> Arc<ImageCache> {
+        let mut caches = self.pool_images.lock().unwrap_or_else(|e| e.into_inner());
+        caches
+            .entry(dir.to_path_buf())
+            .or_insert_with(|| Arc::new(ImageCache::new(dir.join("images"))))
+            .clone()
+    }
+
+    pub fn pools(&self) -> MutexGuard<'_, crate::pools::PoolBook> {
+        // Every write replaces whole fields: a poisoned lock holds a usable book.
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn book(&self) -> MutexGuard<'_, Book> {
         // Every critical section leaves the book consistent; a panic in one
         // must not stop the agent.
@@ -218,6 +236,8 @@ impl Agent {
             api,
             records: VmRecords::new(data_dir.join("vms")),
             book: Mutex::new(Book::default()),
+            pools: Mutex::new(crate::pools::PoolBook::default()),
+            pool_images: Mutex::new(std::collections::HashMap::new()),
             report_now: Notify::new(),
             vms_changed: watch::Sender::new(()),
             guest_wake: Notify::new(),

@@ -449,9 +449,17 @@ async fn converge_with(
 }
 
 /// The driver's spec for a desired VM, caching its image first.
+///
+/// A VM in a shared storage pool gets its image from the pool's own cache
+/// (`<pool>/images/`, filled once for every host that sees the pool), so
+/// its disk's backing file is one every such host can open.
 async fn spec_for(shared: &Arc<Shared>, id: VmId, vm: &DesiredVm) -> Result<VmSpec, ConvergeError> {
-    let cached = shared
-        .images
+    let pool = vm.pool.as_ref().map(|p| std::path::PathBuf::from(&p.path));
+    let cache = match &pool {
+        Some(dir) => shared.pool_images(dir),
+        None => shared.images.clone(),
+    };
+    let cached = cache
         .ensure(&shared.api, &vm.image)
         .await
         .map_err(ConvergeError::Image)?;
@@ -475,6 +483,7 @@ async fn spec_for(shared: &Arc<Shared>, id: VmId, vm: &DesiredVm) -> Result<VmSp
             stratus_client::types::ImageFormat::Raw => ImageFormat::Raw,
         },
         restore_from: vm.restore_from.as_ref().map(std::path::PathBuf::from),
+        pool,
         boot,
         nic: NicSpec::User,
     })

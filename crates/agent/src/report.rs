@@ -60,10 +60,26 @@ pub(crate) async fn report_loop(shared: Arc<Shared>, at_once: bool) {
         }
     }
     loop {
-        let report = build_report(&shared).await;
+        let mut report = build_report(&shared).await;
+        let assigned = shared.pools().assigned.clone();
+        let pools = crate::pools::check_all(&assigned).await;
+        let sent_pools = shared.pools().worth_sending(&pools).then_some(pools);
+        report.pools = sent_pools.clone();
         let sent: Vec<VmId> = report.vms.iter().map(|o| VmId(o.vm_id.0)).collect();
         match shared.api.report(report).await {
             Ok(ack) => {
+                {
+                    let mut pools = shared.pools();
+                    if let Some(p) = sent_pools {
+                        pools.sent = Some((p, Instant::now()));
+                    }
+                    if !crate::pools::same_pools(&pools.assigned, &ack.pools) {
+                        // New or removed pools: check them and say so now.
+                        pools.assigned = ack.pools.clone();
+                        pools.sent = None;
+                        shared.report_now.notify_one();
+                    }
+                }
                 if failing {
                     tracing::info!("reports reach the controller again");
                     failing = false;
@@ -145,6 +161,7 @@ async fn build_report(shared: &Shared) -> AgentReport {
         facts,
         vms,
         orphans,
+        pools: None,
     }
 }
 
@@ -413,6 +430,7 @@ mod tests {
             reboot_generation: 0,
             generation: 1,
             restore_from: None,
+            pool: None,
         }
     }
 

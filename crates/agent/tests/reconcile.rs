@@ -52,6 +52,7 @@ async fn create_running(cloud: &Cloud, name: &str, policy: RestartPolicy) -> Vm 
             require_tags: Vec::new(),
             forbid_tags: Vec::new(),
             restart_policy: Some(policy),
+            pool: None,
         })
         .send()
         .await
@@ -258,6 +259,7 @@ async fn stray(sim: &SimDriver) -> VmId {
         image: "/nowhere.qcow2".into(),
         image_format: ImageFormat::Qcow2,
         restore_from: None,
+        pool: None,
         boot: BootSpec::Firmware,
         nic: NicSpec::User,
     };

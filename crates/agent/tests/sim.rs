@@ -455,6 +455,7 @@ async fn sim_orphans_are_destroyed_and_two_agents_share_a_machine() {
         image: "/nowhere.qcow2".into(),
         image_format: ImageFormat::Qcow2,
         restore_from: None,
+        pool: None,
         boot: BootSpec::Firmware,
         nic: NicSpec::User,
     };

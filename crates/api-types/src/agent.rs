@@ -23,7 +23,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use stratus_common::{HostId, ImageId, Name, VmId};
+use stratus_common::{HostId, ImageId, Name, StoragePoolId, VmId};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::views::{BackupMode, HostState, ImageFormat, VmDesiredState};
@@ -140,6 +140,34 @@ pub struct AgentReport {
     /// in the few reports after their destruction. Absent from older agents.
     #[serde(default)]
     pub orphans: Vec<OrphanReport>,
+    /// What the host finds of each shared storage pool the controller named
+    /// in its last acknowledgement. Sent when it changes (and now and then
+    /// to refresh the free space); absent means "unchanged".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pools: Option<Vec<PoolReport>>,
+}
+
+/// A shared storage pool as the controller hands it to agents: the host
+/// checks whether it sees the directory and reports back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolAssignment {
+    pub id: StoragePoolId,
+    pub name: String,
+    /// Absolute; the same path on every host.
+    pub path: String,
+}
+
+/// One host's view of one shared storage pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolReport {
+    pub pool_id: StoragePoolId,
+    /// Why the host cannot use the pool (directory missing, not writable,
+    /// marked as another pool's); `None` when it can.
+    pub error: Option<String>,
+    /// Size of the pool's file system.
+    pub total_bytes: u64,
+    /// Free space of the pool's file system.
+    pub available_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -148,6 +176,9 @@ pub struct AgentReportAck {
     pub host_state: HostState,
     /// Observations ignored because a newer one was already applied.
     pub stale: u32,
+    /// Every shared storage pool: the host reports whether it sees each.
+    #[serde(default)]
+    pub pools: Vec<PoolAssignment>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -200,6 +231,10 @@ pub struct DesiredVm {
     /// (absolute; read through its chain) instead of an empty overlay.
     #[serde(default)]
     pub restore_from: Option<String>,
+    /// The shared storage pool holding the VM's disk (its image is cached
+    /// there too); `None`: the host's own data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolAssignment>,
     /// Grows with every new intent for this VM. A VM that went down by
     /// itself (crash, guest power-off) stays down until this grows: until
     /// the operator asks for something, not when anything else on the host

@@ -156,6 +156,10 @@ pub struct VmCreate {
     pub group: Option<String>,
     /// What happens when the VM goes down by itself (default `never`).
     pub restart_policy: Option<RestartPolicy>,
+    /// Storage pool (name or id) for the VM's disk: a shared pool, or
+    /// `local` (the default), the chosen host's own data directory. A
+    /// shared pool limits placement to the hosts that see it.
+    pub pool: Option<String>,
 }
 
 /// Several VMs of one shape, placed in one scheduling pass: named
@@ -288,6 +292,16 @@ pub struct BackupTargetCreate {
     pub name: Name,
     /// An absolute directory, the same path on every host (e.g. an NFS
     /// mount). It must exist on the hosts; backups go in `<path>/<vm id>/`.
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoragePoolCreate {
+    /// `local` is taken: it names every host's own pool.
+    pub name: Name,
+    /// An absolute directory, mounted at the same path on every host that
+    /// should see the pool. Hosts report whether they do.
     pub path: String,
 }
 

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stratus_common::{
     BackupId, BackupTargetId, EnrollmentTokenId, FlavorId, HostId, ImageId, JobId, ProjectId, Role,
-    ServerGroupId, SnapshotId, TokenId, VmId, VolumeId,
+    ServerGroupId, SnapshotId, StoragePoolId, TokenId, VmId, VolumeId,
 };
 use utoipa::ToSchema;
 
@@ -134,6 +134,10 @@ pub struct Host {
     pub accel: Option<String>,
     /// Tags VMs can require or forbid.
     pub tags: Vec<String>,
+    /// The shared storage pools the host sees (by name); every host also
+    /// has its own `local` pool.
+    #[serde(default)]
+    pub pools: Vec<String>,
     /// What the VMs placed here take (stopped VMs keep their share).
     pub allocated: Allocation,
     pub created_at: DateTime<Utc>,
@@ -242,6 +246,10 @@ pub struct VmPlacement {
     pub require_tags: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forbid_tags: Vec<String>,
+    /// The shared storage pool the VM's disk is in: only hosts that see it
+    /// can run the VM. Absent: the host's own `local` pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// Hosts one scheduler filter ruled out.
@@ -490,6 +498,10 @@ pub struct Vm {
     pub restart_policy: RestartPolicy,
     /// The host the VM is placed on, once placed.
     pub host_id: Option<HostId>,
+    /// The shared storage pool holding the VM's disk; `None`: the host's
+    /// own `local` pool.
+    #[serde(default)]
+    pub pool_id: Option<StoragePoolId>,
     /// The server group the VM belongs to.
     pub server_group_id: Option<ServerGroupId>,
     /// The placement constraints it was created with.
@@ -566,6 +578,42 @@ pub struct Job {
     /// The step log, oldest first (only in single-job answers).
     #[serde(default)]
     pub events: Vec<JobEvent>,
+}
+
+/// A shared storage pool: one directory that several hosts mount (NFS, a
+/// cluster file system). VMs created in it keep their disks there, so any
+/// host that sees the pool can run them and live migration moves memory
+/// only. Every host also has its own pool, `local` (the agent's data
+/// directory), whose capacity is the host's `disk_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StoragePool {
+    pub id: StoragePoolId,
+    pub name: String,
+    /// Absolute; the same path on every host.
+    pub path: String,
+    /// Size of the pool's file system, as last reported by a host that sees
+    /// it (0 until one has).
+    pub capacity_bytes: u64,
+    /// Free space of the file system, as last reported.
+    pub available_bytes: u64,
+    /// The disks of the VMs placed in the pool, as the scheduler counts
+    /// them: a VM is placed only if this plus its disk fits the capacity.
+    pub allocated_bytes: u64,
+    /// Hosts that checked the pool: those that see it and those that could
+    /// not, with why.
+    #[serde(default)]
+    pub hosts: Vec<PoolHost>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One host's view of a shared storage pool.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PoolHost {
+    pub host_id: HostId,
+    pub host: String,
+    /// Why the host cannot use the pool; `None` when it can.
+    pub error: Option<String>,
+    pub reported_at: DateTime<Utc>,
 }
 
 /// A directory backups are written to. Every host that runs VMs to back up,

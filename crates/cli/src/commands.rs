@@ -67,6 +67,9 @@ pub enum ClientCommand {
     /// Data volumes: create, attach (hot-plug), detach, resize, delete
     #[command(subcommand)]
     Volume(crate::volumes::VolumeCmd),
+    /// Shared storage pools: directories several hosts mount, for VM disks
+    #[command(subcommand)]
+    Pool(crate::pools::PoolCmd),
     /// Show who the token is
     Whoami,
 }
@@ -314,6 +317,10 @@ pub enum VmCmd {
         /// times within 10 minutes)
         #[arg(long, value_enum, default_value_t = RestartPolicyArg::Never)]
         restart_policy: RestartPolicyArg,
+        /// Storage pool for the disk: a shared pool (only hosts that see it
+        /// are chosen) or local, the host's own data directory
+        #[arg(long)]
+        pool: Option<String>,
         #[command(flatten)]
         wait: WaitOpt,
     },
@@ -509,6 +516,7 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
         ClientCommand::Backup(b) => crate::backups::backup(&c, f, b, interactive).await?,
         ClientCommand::Snapshot(s) => crate::snapshots::snapshot(&c, f, s, interactive).await?,
         ClientCommand::Volume(v) => crate::volumes::volume(&c, f, v, interactive).await?,
+        ClientCommand::Pool(p) => crate::pools::pool(&c, f, p).await?,
     }
     Ok(())
 }
@@ -1226,6 +1234,7 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
             forbid_tags,
             group,
             restart_policy,
+            pool,
             wait,
         } => {
             let body = types::VmCreate {
@@ -1240,6 +1249,7 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
                 forbid_tags: names(&forbid_tags)?,
                 group,
                 restart_policy: Some(restart_policy.into()),
+                pool,
             };
             if dry_run {
                 let batch = types::VmBatchCreate {

@@ -11,6 +11,7 @@ pub mod backups;
 pub mod commands;
 pub mod config;
 pub mod output;
+pub mod pools;
 pub mod scheduling;
 pub mod snapshots;
 pub mod volumes;

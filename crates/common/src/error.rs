@@ -29,6 +29,7 @@ pub enum ResourceKind {
     BackupPolicy,
     Snapshot,
     Volume,
+    StoragePool,
 }
 
 impl ResourceKind {
@@ -49,6 +50,7 @@ impl ResourceKind {
             ResourceKind::BackupPolicy => "backup policy",
             ResourceKind::Snapshot => "snapshot",
             ResourceKind::Volume => "volume",
+            ResourceKind::StoragePool => "storage pool",
         }
     }
 }

@@ -112,6 +112,9 @@ typed_id!(
 typed_id!(
     /// Id of a data volume.
     VolumeId, "volume");
+typed_id!(
+    /// Id of a shared storage pool (a directory several hosts mount).
+    StoragePoolId, "storage pool");
 
 #[cfg(test)]
 mod tests {

@@ -43,6 +43,8 @@ struct World {
     flavor: String,
     /// The backup target (shared by every project, like a flavor).
     target: String,
+    /// A shared storage pool (shared by every project, like a flavor).
+    pool: String,
     host: String,
     /// The world's host, when it enrolled one (settle() answers for it as
     /// its agent would).
@@ -163,6 +165,17 @@ async fn world(ctx: &Ctx) -> World {
             "backup target",
         )
         .await;
+    let pool = ctx
+        .must(
+            ctx.post(
+                "/v1/storage-pools",
+                admin,
+                json!({"name": "shared", "path": "/srv/pool"}),
+            )
+            .await,
+            "storage pool",
+        )
+        .await;
     let volume = ctx
         .must(
             ctx.post(
@@ -228,6 +241,7 @@ async fn world(ctx: &Ctx) -> World {
             ("volume", volume["id"].as_str().expect("id").to_string()),
         ],
         target: target["id"].as_str().expect("id").to_string(),
+        pool: pool["id"].as_str().expect("id").to_string(),
         flavor: flavor["id"].as_str().expect("id").to_string(),
         host,
         host_credential,
@@ -281,6 +295,7 @@ fn valid_body(op: &str) -> Option<Value> {
         "vm_update" => json!({"restart_policy": "on_crash"}),
         "vm_exec" => json!({"argv": ["true"]}),
         "backup_target_create" => json!({"name": "new-target", "path": "/srv/new"}),
+        "pool_create" => json!({"name": "new-pool", "path": "/srv/new-pool"}),
         "backup_create" => json!({}),
         "backup_restore" => json!({"as_vm": "restored"}),
         "backup_policy_set" => json!({"keep_last": 3}),
@@ -430,7 +445,7 @@ async fn tenant_isolation_sweep(b: Backend) {
         // question.
         if params
             .iter()
-            .any(|p| p == "host" || p == "flavor" || p == "cluster" || p == "target")
+            .any(|p| p == "host" || p == "flavor" || p == "cluster" || p == "target" || p == "pool")
         {
             continue;
         }
@@ -560,6 +575,7 @@ async fn readers_cannot_change_anything(b: Backend) {
                 "host" => w.host.clone(),
                 "cluster" => "default".to_string(),
                 "target" => w.target.clone(),
+                "pool" => w.pool.clone(),
                 other => w
                     .a_ids
                     .iter()

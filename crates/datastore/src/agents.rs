@@ -298,7 +298,8 @@ impl Datastore {
         // backends answer a 64-bit integer.
         let row: (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT), CAST(COALESCE(SUM(memory_bytes), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(disk_bytes), 0) AS BIGINT) FROM vms WHERE host_id = $1",
+             CAST(COALESCE(SUM(CASE WHEN pool_id IS NULL THEN disk_bytes ELSE 0 END), 0) AS BIGINT) \
+             FROM vms WHERE host_id = $1",
         )
         .bind(id.to_string())
         .fetch_one(&self.read)

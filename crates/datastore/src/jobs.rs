@@ -328,18 +328,20 @@ impl Datastore {
             Some(VmEffect::Update { vm_id, .. }) | Some(VmEffect::Remove { vm_id }) => Some(*vm_id),
             None => None,
         };
-        let before: Option<(Option<String>, i64, i64, i64)> = match vm_id {
-            Some(v) => sqlx::query_as(
-                "SELECT host_id, vcpus, memory_bytes, disk_bytes FROM vms WHERE id = $1 AND active_job_id = $2",
-            )
-            .bind(v.to_string())
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| db_error(ctx, e))?,
+        let before = match vm_id {
+            Some(v) => {
+                crate::scheduling::vm_share(&mut tx, &v.to_string(), &id.to_string()).await?
+            }
             None => None,
         };
-        if let Some((old_host, cpu, mem, disk)) = &before {
+        if let Some(crate::scheduling::VmShare {
+            host: old_host,
+            vcpus: cpu,
+            memory: mem,
+            host_disk: disk,
+            ..
+        }) = &before
+        {
             let new_host = match &effect {
                 Some(VmEffect::Update { host_id, .. }) => host_id.map(|h| h.to_string()),
                 _ => None,
@@ -385,6 +387,11 @@ impl Datastore {
                     .await
                     .map_err(|e| db_error(ctx, e))?;
                 if gone.rows_affected() == 1 {
+                    if let Some(share) = &before {
+                        if let Some(pool) = &share.pool {
+                            crate::pools::release_pool(&mut tx, pool, share.disk).await?;
+                        }
+                    }
                     // Volumes outlive their VM: the host forgot the
                     // attachment with the VM.
                     sqlx::query(

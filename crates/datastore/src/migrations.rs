@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0007_reconcilers.sql"),
     ),
     (8, "storage", include_str!("../migrations/0008_backups.sql")),
+    (
+        9,
+        "storage pools",
+        include_str!("../migrations/0009_pools.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

@@ -184,6 +184,8 @@ pub struct HostRecord {
     pub desired_revision: i64,
     pub driver: Option<String>,
     pub tags: Vec<String>,
+    /// The shared storage pools the host reported as usable, by name.
+    pub pools: Vec<String>,
     pub alloc_vcpus: u64,
     pub alloc_memory_bytes: u64,
     pub alloc_disk_bytes: u64,
@@ -222,6 +224,7 @@ impl HostRecord {
             desired_revision: r.int("desired_revision")?,
             driver: r.opt_text("driver")?,
             tags: tags_of(&r.text("tags")?),
+            pools: tags_of(&r.text("pools")?),
             alloc_vcpus: u64_of(r.int("alloc_vcpus")?),
             alloc_memory_bytes: u64_of(r.int("alloc_memory_bytes")?),
             alloc_disk_bytes: u64_of(r.int("alloc_disk_bytes")?),
@@ -243,6 +246,7 @@ impl HostRecord {
             qemu_version: self.qemu_version,
             accel: self.accel,
             tags: self.tags,
+            pools: self.pools,
             allocated: views::Allocation {
                 vcpus: self.alloc_vcpus,
                 memory_bytes: self.alloc_memory_bytes,
@@ -408,6 +412,8 @@ pub struct VmRecord {
     pub auto_restart_given_up_at: Option<i64>,
     /// A VM restored from a backup: its disk starts as this file.
     pub restore_from: Option<String>,
+    /// The shared pool holding its disk; `None`: its host's local pool.
+    pub pool_id: Option<StoragePoolId>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -450,6 +456,7 @@ impl VmRecord {
             auto_restart_window_at: r.opt_int("auto_restart_window_at")?,
             auto_restart_given_up_at: r.opt_int("auto_restart_given_up_at")?,
             restore_from: r.opt_text("restore_from")?,
+            pool_id: r.opt_parse("pool_id")?,
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -469,6 +476,7 @@ impl VmRecord {
             state_reason: self.state_reason,
             restart_policy: self.restart_policy,
             host_id: self.host_id,
+            pool_id: self.pool_id,
             server_group_id: self.server_group_id,
             placement: self.placement,
             guest: self.guest,
@@ -696,6 +704,7 @@ impl VmRecord {
             auto_restart_window_at: None,
             auto_restart_given_up_at: None,
             restore_from: vm.restore_from.clone(),
+            pool_id: vm.pool_id,
             created_at: now,
             updated_at: now,
         }

@@ -230,21 +230,24 @@ impl Datastore {
     pub async fn vm_discard(&self, vm: VmId, job: JobId) -> Result<bool, Error> {
         let ctx = "discarding a VM";
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        let row: Option<(Option<String>, i64, i64, i64)> = sqlx::query_as(
-            "SELECT host_id, vcpus, memory_bytes, disk_bytes FROM vms WHERE id = $1 AND active_job_id = $2",
-        )
-        .bind(vm.to_string())
-        .bind(job.to_string())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| db_error(ctx, e))?;
-        let Some((host, cpu, mem, disk)) = row else {
+        let share = crate::scheduling::vm_share(&mut tx, &vm.to_string(), &job.to_string()).await?;
+        let Some(share) = share else {
             tx.commit().await.map_err(|e| db_error(ctx, e))?;
             return Ok(false);
         };
-        if let Some(h) = &host {
-            crate::scheduling::adjust_allocation(&mut tx, h, -cpu, -mem, -disk).await?;
+        if let Some(h) = &share.host {
+            crate::scheduling::adjust_allocation(
+                &mut tx,
+                h,
+                -share.vcpus,
+                -share.memory,
+                -share.host_disk,
+            )
+            .await?;
             bump_host_revision(&mut tx, h).await?;
+        }
+        if let Some(p) = &share.pool {
+            crate::pools::release_pool(&mut tx, p, share.disk).await?;
         }
         sqlx::query("DELETE FROM vms WHERE id = $1 AND active_job_id = $2")
             .bind(vm.to_string())

@@ -62,6 +62,47 @@ pub(crate) async fn ensure_cluster(
     Ok(())
 }
 
+/// What a VM held by a job takes: of its host (vCPUs, memory, and disk
+/// unless the disk is in a shared pool) and of its shared pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VmShare {
+    pub host: Option<String>,
+    pub vcpus: i64,
+    pub memory: i64,
+    /// Disk on the host itself: 0 for a VM in a shared pool.
+    pub host_disk: i64,
+    pub pool: Option<String>,
+    pub disk: i64,
+}
+
+/// A `vms` row as `vm_share` reads it.
+type ShareRow = (Option<String>, i64, i64, Option<String>, i64);
+
+/// The share of the VM `vm` while `job` holds it; `None` otherwise.
+pub(crate) async fn vm_share(
+    conn: &mut sqlx::AnyConnection,
+    vm: &str,
+    job: &str,
+) -> Result<Option<VmShare>, Error> {
+    let row: Option<ShareRow> = sqlx::query_as(
+        "SELECT host_id, vcpus, memory_bytes, pool_id, disk_bytes FROM vms \
+         WHERE id = $1 AND active_job_id = $2",
+    )
+    .bind(vm)
+    .bind(job)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| db_error("reading what a VM takes", e))?;
+    Ok(row.map(|(host, vcpus, memory, pool, disk)| VmShare {
+        host,
+        vcpus,
+        memory,
+        host_disk: if pool.is_some() { 0 } else { disk },
+        pool,
+        disk,
+    }))
+}
+
 /// Adds (or, with negative amounts, releases) allocation on a host, never
 /// below zero.
 pub(crate) async fn adjust_allocation(

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use stratus_api_types::views::{GroupPolicy, RestartPolicy, VmDesiredState, VmPlacement, VmState};
 use stratus_common::time::now_micros;
 use stratus_common::{
-    Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, ServerGroupId, VmId,
+    Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind, ServerGroupId, StoragePoolId,
+    VmId,
 };
 
 use crate::db::{db_error, is_unique_violation};
@@ -24,7 +25,7 @@ const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, m
                       observed_state, observed_reason, observed_generation, observed_reboot_generation, \
                       observed_at, guest, observed_intent_generation, server_group_id, placement, \
                       restart_policy, auto_restarts, auto_restart_window_at, auto_restart_given_up_at, \
-                      restore_from, created_at, updated_at FROM vms";
+                      restore_from, pool_id, created_at, updated_at FROM vms";
 
 /// A VM to record.
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct NewVm {
     pub restart_policy: RestartPolicy,
     /// Restored from a backup: the disk starts as this file (absolute).
     pub restore_from: Option<String>,
+    /// The shared pool for the disk (claimed there, not on the host);
+    /// `None`: the host's local pool.
+    pub pool_id: Option<StoragePoolId>,
 }
 
 /// A VM to record with its create job and, once the scheduler chose one,
@@ -159,9 +163,12 @@ impl Datastore {
         items: &[VmToCreate],
         group: Option<(ServerGroupId, GroupPolicy)>,
     ) -> Result<Vec<(VmRecord, JobRecord)>, CreateError> {
-        let restores = items.iter().any(|i| i.vm.restore_from.is_some());
+        let restores = items
+            .iter()
+            .any(|i| i.vm.restore_from.is_some() || i.vm.pool_id.is_some());
         match &self.combiner {
-            // Restores are rare; the combined insert does not carry their source.
+            // Restores and shared-pool VMs are rarer; the combined insert
+            // carries neither their source nor their pool claim.
             Some(c) if !restores => c.submit(items.to_vec(), group).await,
             _ => create_one(&self.write, items, group).await,
         }
@@ -571,6 +578,25 @@ pub(crate) async fn create_one(
     if !claim_hosts(&mut tx, &per_host, now).await? {
         return Err(CreateError::HostsChanged(per_host.into_keys().collect()));
     }
+    let mut per_pool: BTreeMap<StoragePoolId, i64> = BTreeMap::new();
+    for i in items {
+        if let Some(p) = i.vm.pool_id {
+            *per_pool.entry(p).or_default() += i64_of(i.vm.disk_bytes);
+        }
+    }
+    if let Some((pool, wanted)) = crate::pools::claim_pools(&mut tx, &per_pool).await? {
+        return Err(CreateError::Other(Error::NoCapacity {
+            message: format!(
+                "storage pool {} has room for {} more bytes of disks ({} of {} allocated); \
+                 these VMs need {wanted}",
+                pool.name,
+                pool.capacity_bytes.saturating_sub(pool.alloc_bytes),
+                pool.alloc_bytes,
+                pool.capacity_bytes
+            ),
+            details: serde_json::Value::Null,
+        }));
+    }
     let mut out = Vec::with_capacity(items.len());
     for i in items {
         let vm = &i.vm;
@@ -590,6 +616,14 @@ pub(crate) async fn create_one(
                 db_error(ctx, e)
             }
         })?;
+        if let Some(pool) = vm.pool_id {
+            sqlx::query("UPDATE vms SET pool_id = $1 WHERE id = $2")
+                .bind(pool.to_string())
+                .bind(vm.id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+        }
         if let Some(from) = &vm.restore_from {
             sqlx::query("UPDATE vms SET restore_from = $1 WHERE id = $2")
                 .bind(from.clone())
@@ -647,7 +681,10 @@ pub(crate) fn claims_of<'a>(
             let e = per_host.entry(h).or_default();
             e.0 += i64::from(i.vm.vcpus);
             e.1 += i64_of(i.vm.memory_bytes);
-            e.2 += i64_of(i.vm.disk_bytes);
+            // A shared pool's disk takes nothing of the host's own.
+            if i.vm.pool_id.is_none() {
+                e.2 += i64_of(i.vm.disk_bytes);
+            }
         }
     }
     per_host

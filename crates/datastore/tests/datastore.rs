@@ -370,6 +370,7 @@ fn new_vm(fx: &Fixture, name: &str) -> NewVm {
         placement: Default::default(),
         restart_policy: Default::default(),
         restore_from: None,
+        pool_id: None,
     }
 }
 

@@ -2,7 +2,9 @@
 //! (including races between controllers), restart policies and automatic
 //! restarts with their crash-loop limit, and orphan VMs reported by hosts.
 
-use stratus_api_types::agent::{HostFacts, ObservedVmState, OrphanAction, VmObservation};
+use stratus_api_types::agent::{
+    HostFacts, ObservedVmState, OrphanAction, PoolReport, VmObservation,
+};
 use stratus_api_types::views::{
     HostState, ImageVisibility, JobState, RestartPolicy, VmDesiredState, VmPlacement, VmState,
 };
@@ -48,6 +50,7 @@ both_backends!(
     concurrent_restarts_of_one_vm_start_it_once,
     orphans_are_recorded_listed_and_forgotten,
     old_host_requests_are_forgotten,
+    shared_pools_are_seen_claimed_and_released,
 );
 
 const SEC: i64 = 1_000_000;
@@ -282,6 +285,7 @@ fn to_create(w: &World, name: &str, policy: RestartPolicy) -> VmToCreate {
             placement: VmPlacement::default(),
             restart_policy: policy,
             restore_from: None,
+            pool_id: None,
         },
         job: job(w, "vm_create", id),
         host: Some(w.host),
@@ -752,4 +756,126 @@ async fn old_host_requests_are_forgotten(ds: &Datastore) {
     assert_eq!(ds.host_requests_prune(now, now).await.expect("prune"), 1);
     assert!(ds.host_request_get(answered).await.is_err());
     assert!(ds.host_request_get(pending).await.is_ok());
+}
+
+/// A shared pool: hosts that report it usable list it (for the scheduler);
+/// VMs in it claim their disks against its capacity, never beyond, and not
+/// against their host's own disk; removing a VM gives its share back; a
+/// pool in use cannot be deleted.
+async fn shared_pools_are_seen_claimed_and_released(ds: &Datastore) {
+    let w = world(ds).await;
+    let pool = ds.pool_create("shared", "/srv/pool").await.expect("pool");
+    let dup = ds
+        .pool_create("shared", "/srv/other")
+        .await
+        .expect_err("dup");
+    assert_eq!(dup.error_code(), "name_in_use");
+    let dup = ds
+        .pool_create("other", "/srv/pool")
+        .await
+        .expect_err("dup path");
+    assert_eq!(dup.error_code(), "name_in_use");
+
+    let ok = PoolReport {
+        pool_id: pool.id,
+        error: None,
+        total_bytes: 10 << 30,
+        available_bytes: 8 << 30,
+    };
+    assert!(ds
+        .host_report_pools(w.host, std::slice::from_ref(&ok))
+        .await
+        .expect("report"));
+    assert!(!ds
+        .host_report_pools(w.host, std::slice::from_ref(&ok))
+        .await
+        .expect("again"));
+    assert_eq!(
+        ds.host_get(w.host).await.expect("host").pools,
+        vec!["shared"]
+    );
+    let p = ds.pool_get(pool.id).await.expect("get");
+    assert_eq!((p.capacity_bytes, p.available_bytes), (10 << 30, 8 << 30));
+    let hosts = ds.pool_hosts(pool.id).await.expect("hosts");
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].error, None);
+
+    // Two 4 GiB disks fit the 10 GiB pool; a third does not, and nothing
+    // of it is written.
+    let in_pool = |name: &str| {
+        let mut c = to_create(&w, name, RestartPolicy::Never);
+        c.vm.disk_bytes = 4 << 30;
+        c.vm.pool_id = Some(pool.id);
+        c
+    };
+    let a = in_pool("a");
+    let b = in_pool("b");
+    ds.vms_create(std::slice::from_ref(&a), None)
+        .await
+        .expect("a");
+    ds.vms_create(std::slice::from_ref(&b), None)
+        .await
+        .expect("b");
+    let c = in_pool("c");
+    let refused = match ds.vms_create(std::slice::from_ref(&c), None).await {
+        Err(CreateError::Other(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(refused.error_code(), "no_host_available");
+    assert!(
+        refused
+            .to_string()
+            .contains("storage pool shared has room for 2147483648"),
+        "{refused}"
+    );
+    assert!(ds.vm_get(c.vm.id).await.is_err());
+    assert_eq!(
+        ds.pool_get(pool.id).await.expect("get").alloc_bytes,
+        8 << 30
+    );
+    let vm = ds.vm_get(a.vm.id).await.expect("a");
+    assert_eq!(vm.pool_id, Some(pool.id));
+    // The host's own disk is not claimed; its other resources are.
+    let host = ds.host_get(w.host).await.expect("host");
+    assert_eq!(host.alloc_disk_bytes, 0);
+    assert_eq!(host.alloc_vcpus, 2);
+    assert_eq!(ds.host_allocated(w.host).await.expect("sum").2, 0);
+
+    let busy = ds.pool_delete(pool.id).await.expect_err("in use");
+    assert_eq!(busy.error_code(), "pool_in_use");
+
+    // Removing a VM gives its share back.
+    assert!(ds.vm_discard(a.vm.id, a.job.id).await.expect("discard"));
+    assert_eq!(
+        ds.pool_get(pool.id).await.expect("get").alloc_bytes,
+        4 << 30
+    );
+
+    // A host that no longer sees the pool stops listing it.
+    let lost = PoolReport {
+        error: Some("gone".into()),
+        total_bytes: 0,
+        available_bytes: 0,
+        ..ok
+    };
+    assert!(ds.host_report_pools(w.host, &[lost]).await.expect("lost"));
+    assert!(ds.host_get(w.host).await.expect("host").pools.is_empty());
+    assert_eq!(
+        ds.pool_hosts(pool.id).await.expect("hosts")[0]
+            .error
+            .as_deref(),
+        Some("gone")
+    );
+
+    assert!(ds.vm_discard(b.vm.id, b.job.id).await.expect("discard"));
+    assert_eq!(ds.pool_get(pool.id).await.expect("get").alloc_bytes, 0);
+    ds.pool_delete(pool.id).await.expect("delete");
+    assert!(ds.pool_hosts(pool.id).await.expect("hosts").is_empty());
+    assert_eq!(
+        ds.pool_delete(pool.id)
+            .await
+            .expect_err("gone")
+            .error_code(),
+        "not_found"
+    );
 }

@@ -34,6 +34,12 @@ pub struct VmSpec {
     /// still provides the boot files. How a backup is restored into a new VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<PathBuf>,
+    /// The directory of the shared storage pool holding the disk (the same
+    /// path on every host that sees it): the disk and its snapshot layers
+    /// live in `<pool>/vms/<vm-id>/`, so another host can open them.
+    /// `None`: the host's own data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PathBuf>,
     pub boot: BootSpec,
     pub nic: NicSpec,
 }
@@ -150,6 +156,7 @@ pub(crate) mod tests {
             image: "/images/base.qcow2".into(),
             image_format: ImageFormat::Qcow2,
             restore_from: None,
+            pool: None,
             boot: BootSpec::Firmware,
             nic: NicSpec::User,
         }

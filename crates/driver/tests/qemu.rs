@@ -531,6 +531,7 @@ async fn firmware_boot_from_a_raw_disk() {
         image: disk,
         image_format: ImageFormat::Raw,
         restore_from: None,
+        pool: None,
         boot: BootSpec::Firmware,
         nic: NicSpec::User,
     };

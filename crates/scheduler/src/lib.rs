@@ -262,6 +262,14 @@ fn policy_of(c: &ClusterRecord) -> ClusterPolicy {
     }
 }
 
+/// The tag a host carries in the engine's index while it sees the shared
+/// storage pool `name`, and that a VM in the pool requires. Operator tags
+/// are DNS labels, so none can look like one; explanations count hosts
+/// without the pool under the required-tags filter.
+pub fn pool_tag(name: &str) -> String {
+    format!("pool:{name}")
+}
+
 fn snapshot_of(h: &HostRecord) -> HostSnapshot {
     HostSnapshot {
         id: h.id,
@@ -273,7 +281,12 @@ fn snapshot_of(h: &HostRecord) -> HostSnapshot {
             HostState::Unreachable => HostCondition::Unreachable,
             HostState::Maintenance => HostCondition::Maintenance,
         },
-        tags: h.tags.clone(),
+        tags: h
+            .tags
+            .iter()
+            .cloned()
+            .chain(h.pools.iter().map(|p| pool_tag(p)))
+            .collect(),
         capacity: Resources {
             vcpus: u64::from(h.cpus),
             memory_bytes: h.memory_bytes,
@@ -301,11 +314,22 @@ fn request_of(vm: &NewVm, group: Option<(ServerGroupId, ApiGroupPolicy)>) -> Req
         resources: Resources {
             vcpus: u64::from(vm.vcpus),
             memory_bytes: vm.memory_bytes,
-            disk_bytes: vm.disk_bytes,
+            // A shared pool's disk takes nothing of the host's own.
+            disk_bytes: if vm.pool_id.is_some() {
+                0
+            } else {
+                vm.disk_bytes
+            },
         },
         zone: vm.placement.zone.clone(),
         cluster: vm.placement.cluster.clone(),
-        require_tags: vm.placement.require_tags.clone(),
+        require_tags: vm
+            .placement
+            .require_tags
+            .iter()
+            .cloned()
+            .chain(vm.placement.pool.as_deref().map(pool_tag))
+            .collect(),
         forbid_tags: vm.placement.forbid_tags.clone(),
         group: group.map(|(g, p)| (g, group_policy(p))),
         exclude_hosts: vec![],

@@ -103,6 +103,7 @@ fn pending(fx: &Fixture, name: &str, group: Option<stratus_common::ServerGroupId
             placement: VmPlacement::default(),
             restart_policy: Default::default(),
             restore_from: None,
+            pool_id: None,
         },
         job: NewJob {
             id: JobId::new(),

@@ -210,6 +210,7 @@ async fn stratus_boot(c: &stratus_client::Client, name: &str) -> anyhow::Result<
             forbid_tags: vec![],
             group: None,
             restart_policy: None,
+            pool: None,
         })
         .send()
         .await?

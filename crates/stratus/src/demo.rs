@@ -117,6 +117,7 @@ pub async fn seed(url: &str, token: &str, guest_dir: &Path) -> anyhow::Result<St
             forbid_tags: vec![],
             group: None,
             restart_policy: None,
+            pool: None,
         })
         .send()
         .await

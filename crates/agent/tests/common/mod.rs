@@ -189,6 +189,7 @@ impl Cloud {
                 require_tags: Vec::new(),
                 forbid_tags: Vec::new(),
                 restart_policy: None,
+                pool: None,
             })
             .send()
             .await

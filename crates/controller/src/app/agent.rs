@@ -8,7 +8,7 @@ use base64::Engine;
 use stratus_api_types::agent::{
     AgentDesired, AgentEnroll, AgentEnrolled, AgentReport, AgentReportAck, AgentRequest,
     AgentRequestKind, AgentRequestResult, ConsoleAppend, DesiredImage, DesiredQuery, DesiredVm,
-    ImagePart, OrphanAction, OrphanReport,
+    ImagePart, OrphanAction, OrphanReport, PoolAssignment,
 };
 use stratus_common::time::now_micros;
 use stratus_common::{Error, HostId, ImageId, ResourceKind, VmId};
@@ -101,10 +101,20 @@ pub async fn agent_report(
         app.signals.observed_changed();
     }
     record_orphans(app, &host, &r.orphans).await?;
+    if let Some(pools) = &r.pools {
+        if app.ds.host_report_pools(host.id, pools).await? {
+            // The pools it sees are placement constraints: the index
+            // follows at once.
+            let fresh = app.ds.host_get(host.id).await?;
+            tracing::info!(host = %host.id, name = %host.name, pools = ?fresh.pools, "host's usable storage pools changed");
+            app.scheduler.host_changed(&fresh);
+        }
+    }
     Ok(AgentReportAck {
         host_id: host.id,
         host_state: host.state,
         stale,
+        pools: app.pools.assignments(app).await?,
     })
 }
 
@@ -176,12 +186,37 @@ pub async fn agent_desired(
         rev = u64::try_from(host.desired_revision).unwrap_or(0);
     }
     let (revision, placed) = app.ds.host_desired(actor.host.id).await?;
+    let mut pools = if placed.iter().any(|(vm, _)| vm.pool_id.is_some()) {
+        app.pools.assignments(app).await?
+    } else {
+        vec![]
+    };
+    let missing = |pools: &[PoolAssignment]| {
+        placed
+            .iter()
+            .filter_map(|(vm, _)| vm.pool_id)
+            .any(|id| !pools.iter().any(|p| p.id == id))
+    };
+    if missing(&pools) {
+        // A pool younger than the cache: read it again.
+        app.pools.invalidate();
+        pools = app.pools.assignments(app).await?;
+    }
     let mut vms = Vec::with_capacity(placed.len());
     for (vm, img) in placed {
         let (Some(format), Some(sha256), Some(file_size)) =
             (img.format, img.sha256.clone(), img.file_size)
         else {
             continue;
+        };
+        let pool = match vm.pool_id {
+            // Never sent without its pool: the host would make the disk in
+            // its own directory instead.
+            Some(id) => match pools.iter().find(|p| p.id == id) {
+                Some(p) => Some(p.clone()),
+                None => continue,
+            },
+            None => None,
         };
         vms.push(DesiredVm {
             vm_id: vm.id,
@@ -202,6 +237,7 @@ pub async fn agent_desired(
             reboot_generation: u64::try_from(vm.reboot_generation).unwrap_or(0),
             generation: u64::try_from(vm.generation).unwrap_or(0),
             restore_from: vm.restore_from.clone(),
+            pool,
         });
     }
     let requests = app

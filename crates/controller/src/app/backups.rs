@@ -37,17 +37,7 @@ pub async fn backup_target_create(
     p: BackupTargetCreate,
 ) -> Result<BackupTarget, Error> {
     actor.require_admin("create backup targets")?;
-    let path = p.path.trim_end_matches('/');
-    let bad = |why: &str| Err(Error::invalid("path", format!("path {:?} {why}", p.path)));
-    if !Path::new(path).is_absolute() {
-        return bad("is not absolute");
-    }
-    if path.len() > MAX_PATH {
-        return bad(&format!("is longer than {MAX_PATH} bytes"));
-    }
-    if path.chars().any(char::is_control) || path.split('/').any(|c| c == "..") {
-        return bad("contains control characters or `..`");
-    }
+    let path = shared_dir_path(&p.path)?;
     Ok(app
         .ds
         .backup_target_create(p.name.as_str(), path)
@@ -69,6 +59,24 @@ pub async fn backup_target_delete(app: &App, actor: &Actor, key: &str) -> Result
     actor.require_admin("delete backup targets")?;
     let t = lookup::backup_target(app, key).await?;
     app.ds.backup_target_delete(t.id).await
+}
+
+/// A directory every host mounts at the same path (a backup target, a
+/// storage pool), as given by the operator: absolute, bounded, no `..`;
+/// without its trailing slashes.
+pub(crate) fn shared_dir_path(raw: &str) -> Result<&str, Error> {
+    let path = raw.trim_end_matches('/');
+    let bad = |why: &str| Err(Error::invalid("path", format!("path {raw:?} {why}")));
+    if path.is_empty() || !Path::new(path).is_absolute() {
+        return bad("is not an absolute directory below /");
+    }
+    if path.len() > MAX_PATH {
+        return bad(&format!("is longer than {MAX_PATH} bytes"));
+    }
+    if path.chars().any(char::is_control) || path.split('/').any(|c| c == "..") {
+        return bad("contains control characters or `..`");
+    }
+    Ok(path)
 }
 
 /// The target a backup goes to: the one named, else the one the VM's last
@@ -485,6 +493,7 @@ pub async fn backup_restore(
                 forbid_tags: vec![],
                 group: None,
                 restart_policy: None,
+                pool: None,
             };
             let (_, op) =
                 crate::app::vms::vm_create_from(app, actor, create, None, Some(b.file.clone()))

@@ -314,3 +314,22 @@ pub(crate) async fn image_field(
         other => other,
     })
 }
+
+/// A shared storage pool by name or id (pools are shared by every project).
+pub(crate) async fn pool(
+    app: &App,
+    key: &str,
+) -> Result<stratus_datastore::StoragePoolRecord, Error> {
+    match as_id(key) {
+        Some(id) => keyed(
+            app.ds.pool_get(stratus_common::StoragePoolId(id)).await,
+            ResourceKind::StoragePool,
+            key,
+        ),
+        None => app
+            .ds
+            .pool_by_name(key)
+            .await?
+            .ok_or_else(|| Error::not_found(ResourceKind::StoragePool, key)),
+    }
+}

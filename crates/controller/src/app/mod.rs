@@ -16,6 +16,7 @@ pub mod image_store;
 pub mod images;
 pub mod jobs;
 mod lookup;
+pub mod pools;
 pub mod projects;
 pub mod reconcile;
 pub mod scheduling;
@@ -54,6 +55,8 @@ pub struct App {
     pub tokens: authz::TokenCache,
     /// Heartbeats waiting to be written (see [`agent::spawn_heartbeats`]).
     pub heartbeats: agent::HeartbeatBook,
+    /// The shared storage pools agents are told of (see [`pools::PoolCache`]).
+    pub pools: pools::PoolCache,
 }
 
 impl App {
@@ -72,6 +75,7 @@ impl App {
             scheduler,
             tokens: authz::TokenCache::default(),
             heartbeats: agent::HeartbeatBook::default(),
+            pools: pools::PoolCache::default(),
         }
     }
 }

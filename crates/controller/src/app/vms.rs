@@ -15,7 +15,7 @@ use stratus_api_types::views::{
     VmDesiredState, VmOperation, VmPage, VmPlacement, VmState,
 };
 use stratus_common::time::now_micros;
-use stratus_common::{Error, JobId, ProjectId, ServerGroupId, VmId};
+use stratus_common::{Error, JobId, ProjectId, ServerGroupId, StoragePoolId, VmId};
 use stratus_datastore::model::{FlavorRecord, ImageRecord, JobRecord, NewJob, VmRecord};
 use stratus_datastore::{AutoRestart, NewVm, PageRequest, RestartLimit, VmListFilter};
 use stratus_jobs::kinds::VmJobParams;
@@ -281,6 +281,8 @@ struct Shape {
     group: Option<(ServerGroupId, GroupPolicy)>,
     restart_policy: RestartPolicy,
     restore_from: Option<String>,
+    /// The shared storage pool for the disks; `None`: each host's own.
+    pool: Option<StoragePoolId>,
 }
 
 impl Shape {
@@ -299,6 +301,7 @@ impl Shape {
             placement: self.placement.clone(),
             restart_policy: self.restart_policy,
             restore_from: self.restore_from.clone(),
+            pool_id: self.pool,
         }
     }
 
@@ -402,6 +405,7 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
     } else {
         VmDesiredState::Stopped
     };
+    let pool = crate::app::pools::pool_for_vm(app, p.pool.as_deref()).await?;
     let sorted = |tags: &[stratus_common::Name]| -> Vec<String> {
         let set: std::collections::BTreeSet<String> =
             tags.iter().map(|t| t.as_str().to_string()).collect();
@@ -417,10 +421,12 @@ async fn shape(app: &App, actor: &Actor, p: &VmCreate, project: ProjectId) -> Re
             cluster: p.cluster.clone(),
             require_tags: sorted(&p.require_tags),
             forbid_tags: sorted(&p.forbid_tags),
+            pool: pool.as_ref().map(|(_, name)| name.clone()),
         },
         group,
         restart_policy: p.restart_policy.unwrap_or_default(),
         restore_from: None,
+        pool: pool.map(|(id, _)| id),
     })
 }
 

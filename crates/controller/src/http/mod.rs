@@ -129,6 +129,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms/{vm}/exec", post(vms::vm_exec))
         .route("/vms/{vm}/backups", post(backups::backup_create))
         .route(
+            "/storage-pools",
+            get(pools::pool_list).post(pools::pool_create),
+        )
+        .route(
+            "/storage-pools/{pool}",
+            get(pools::pool_view).delete(pools::pool_delete),
+        )
+        .route(
             "/backup-targets",
             get(backups::backup_target_list).post(backups::backup_target_create),
         )

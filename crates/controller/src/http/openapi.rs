@@ -40,6 +40,7 @@ impl Modify for BearerAuth {
         vms::vm_console, vms::vm_exec, vms::vm_batch_create, vms::vm_placement_preview,
         agent::agent_enroll, agent::agent_report, agent::agent_desired, agent::agent_request_result,
         agent::agent_console_append, agent::agent_image_download, agent::agent_request_progress,
+        pools::pool_create, pools::pool_list, pools::pool_view, pools::pool_delete,
         backups::backup_target_create, backups::backup_target_list, backups::backup_target_delete,
         backups::backup_create, backups::backup_list, backups::backup_view, backups::backup_verify,
         backups::backup_restore, backups::backup_delete, backups::backup_policy_set,
@@ -55,6 +56,8 @@ impl Modify for BearerAuth {
         stratus_common::EnrollmentTokenId, stratus_common::ImageId, stratus_common::FlavorId,
         stratus_common::VmId, stratus_common::JobId, stratus_common::Name, stratus_common::Role,
         stratus_common::ServerGroupId, stratus_common::BackupTargetId, stratus_common::BackupId,
+        stratus_common::StoragePoolId, params::StoragePoolCreate, views::StoragePool, views::PoolHost,
+        proto::PoolAssignment, proto::PoolReport,
         params::BackupTargetCreate, params::BackupCreate, params::BackupRestore,
         views::BackupTarget, views::BackupMode, views::BackupStatus, views::Backup, views::BackupPage,
         views::BackupVerification, views::BackupOperation,
@@ -85,7 +88,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "system"), (name = "projects"), (name = "tokens"), (name = "hosts"),
         (name = "flavors"), (name = "images"), (name = "vms"), (name = "jobs"), (name = "agent"),
-        (name = "scheduling"), (name = "backups"), (name = "snapshots"), (name = "volumes"),
+        (name = "scheduling"), (name = "backups"), (name = "snapshots"), (name = "volumes"), (name = "storage"),
     )
 )]
 pub struct ApiDoc;

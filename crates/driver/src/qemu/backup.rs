@@ -1043,13 +1043,20 @@ pub(super) async fn restore(
     let spec: VmSpec = read_json(&vm.paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(id))?;
     let chain = super::snapshot::read_chain(&vm.paths)?;
     if chain == super::snapshot::Chain::default() {
-        build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.overlay).await?;
+        build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.overlay()).await?;
     } else {
         // The disk has snapshots: its layers are replaced wholesale. Written
         // beside them, then recorded as the only layer (which drops the
         // others), so a failure leaves the old chain intact.
         let layer = format!("disk.{}.qcow2", uuid::Uuid::new_v4());
-        build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.dir.join(&layer)).await?;
+        build_restored_disk(
+            shared,
+            &spec,
+            file,
+            &vm.paths,
+            &vm.paths.disks().join(&layer),
+        )
+        .await?;
         super::snapshot::replace_chain(&vm.paths, &layer)?;
         tracing::info!(vm = %id, snapshots = chain.snapshots.len(), "restoring in place dropped the VM's snapshots");
     }
@@ -1087,7 +1094,7 @@ pub(super) async fn build_restored_disk(
 ) -> Result<(), DriverError> {
     let started = Instant::now();
     let qemu_img = &shared.config.qemu_img;
-    let tmp = paths.dir.join("disk.qcow2.tmp");
+    let tmp = paths.disks().join("disk.qcow2.tmp");
     remove_file_if_exists(&tmp)?;
     let converted = async {
         run_qemu_img(

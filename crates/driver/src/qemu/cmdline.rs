@@ -296,12 +296,12 @@ mod tests {
             layers: vec![
                 DiskLayer {
                     node: "disk0".into(),
-                    path: paths.overlay.clone(),
+                    path: paths.overlay(),
                     active: false,
                 },
                 DiskLayer {
                     node: "layer-1".into(),
-                    path: paths.dir.join("disk.1.qcow2"),
+                    path: paths.disks().join("disk.1.qcow2"),
                     active: true,
                 },
             ],
@@ -359,7 +359,7 @@ mod tests {
         assert_eq!(blockdevs[1]["read-only"], true, "a frozen layer");
         assert_eq!(
             blockdevs[1]["file"]["filename"],
-            paths.overlay.to_str().expect("utf8")
+            paths.overlay().to_str().expect("utf8")
         );
         assert_eq!(blockdevs[2]["backing"], "disk0");
         assert_eq!(blockdevs[2]["read-only"], false);
@@ -381,7 +381,7 @@ mod tests {
                 base: None,
                 layers: vec![DiskLayer {
                     node: "disk0".into(),
-                    path: paths.overlay.clone(),
+                    path: paths.overlay(),
                     active: true,
                 }],
             },

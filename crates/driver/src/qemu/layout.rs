@@ -5,9 +5,12 @@
 //! ```text
 //! vms/<vm-id>/
 //!   vm.json            the VmSpec (written last by vm_create: its presence means "created")
+//!   disks -> <pool>/vms/<vm-id>/   only for a VM in a shared storage pool: where
+//!                      the four entries below live instead (see VmPaths::disks)
 //!   disk.qcow2         copy-on-write overlay of the base image (the disk's first layer)
 //!   disk.<id>.qcow2    further layers: one per snapshot (see snapshot.rs)
 //!   snapshots.json     the snapshots and which layer is active (absent: just disk.qcow2)
+//!   disk.qcow2.tmp     a disk being built (renamed into place when whole)
 //!   state.json         last state the driver recorded: running/paused (with pid) or stopped/crashed
 //!   volumes.json       the volumes attached to the VM, in attachment order, with their ports (see volume.rs)
 //!   console.log        newest console output (bounded), console.offset: its first byte's offset
@@ -37,8 +40,8 @@ pub(crate) const MAX_SOCKET_PATH: usize = 107;
 pub(crate) struct VmPaths {
     pub dir: PathBuf,
     pub vm_json: PathBuf,
-    pub overlay: PathBuf,
-    pub snapshots_json: PathBuf,
+    /// The link to the disks' directory in a shared pool, if the VM has one.
+    pub disks_link: PathBuf,
     pub state_json: PathBuf,
     pub volumes_json: PathBuf,
     pub console_log: PathBuf,
@@ -59,8 +62,7 @@ impl VmPaths {
         let run = dir.join("run");
         VmPaths {
             vm_json: dir.join("vm.json"),
-            overlay: dir.join("disk.qcow2"),
-            snapshots_json: dir.join("snapshots.json"),
+            disks_link: dir.join("disks"),
             state_json: dir.join("state.json"),
             volumes_json: dir.join("volumes.json"),
             console_log: dir.join("console.log"),
@@ -75,6 +77,27 @@ impl VmPaths {
             run,
             dir,
         }
+    }
+
+    /// Where the disk's files (layers and their records) live: the pool
+    /// directory `disks` links to for a VM in a shared storage pool, else
+    /// the VM's own directory. Read from the link each time, so a record
+    /// made before the link existed (the VM's creation) still finds them.
+    /// The link's target is absolute and the same on every host that sees
+    /// the pool, so file names recorded in the disks (backing files) are
+    /// too.
+    pub fn disks(&self) -> PathBuf {
+        std::fs::read_link(&self.disks_link).unwrap_or_else(|_| self.dir.clone())
+    }
+
+    /// The disk's first layer (the copy-on-write overlay of the image).
+    pub fn overlay(&self) -> PathBuf {
+        self.disks().join("disk.qcow2")
+    }
+
+    /// The snapshot chain's record (see `snapshot.rs`).
+    pub fn snapshots_json(&self) -> PathBuf {
+        self.disks().join("snapshots.json")
     }
 
     /// The sockets, for cleanup.
@@ -192,6 +215,20 @@ mod tests {
         );
         std::fs::write(&p, b"{not json").expect("write");
         assert!(read_json::<StateRecord>(&p, "state").is_err());
+    }
+
+    #[test]
+    fn disks_follow_the_pool_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = VmId::new();
+        let p = VmPaths::new(&dir.path().join("vms"), id);
+        assert_eq!(p.overlay(), p.dir.join("disk.qcow2"));
+        let pool = dir.path().join("pool/vms").join(id.to_string());
+        std::fs::create_dir_all(&pool).expect("mkdir");
+        std::fs::create_dir_all(&p.dir).expect("mkdir");
+        std::os::unix::fs::symlink(&pool, &p.disks_link).expect("link");
+        assert_eq!(p.overlay(), pool.join("disk.qcow2"));
+        assert_eq!(p.snapshots_json(), pool.join("snapshots.json"));
     }
 
     #[test]

@@ -736,6 +736,40 @@ impl Shared {
 }
 
 /// Takes the data directory's driver lock, or says who holds it.
+/// Makes the VM's disk directory in a shared pool, `<pool>/vms/<vm-id>/`,
+/// and links the VM's `disks` to it (see `layout.rs`). Idempotent; a link
+/// to another directory is replaced (a create that started over with
+/// another pool).
+fn link_pool_disks(paths: &VmPaths, pool: &Path) -> Result<(), DriverError> {
+    let Some(name) = paths.dir.file_name() else {
+        return Err(DriverError::io(
+            "the VM directory has no name",
+            &paths.dir,
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
+    };
+    let target = pool.join("vms").join(name);
+    std::fs::create_dir_all(&target).map_err(|e| {
+        DriverError::io(
+            "cannot create the VM's directory in the storage pool",
+            &target,
+            e,
+        )
+    })?;
+    match std::fs::read_link(&paths.disks_link) {
+        Ok(current) if current == target => return Ok(()),
+        Ok(_) => remove_file_if_exists(&paths.disks_link)?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(&target, &paths.disks_link).map_err(|e| {
+        DriverError::io(
+            "cannot link the VM to its storage pool",
+            &paths.disks_link,
+            e,
+        )
+    })
+}
+
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, DriverError> {
     let path = data_dir.join("driver.lock");
     let file = std::fs::OpenOptions::new()
@@ -975,6 +1009,14 @@ impl Driver for QemuDriver {
                 return Err(invalid(format!("{what} {} does not exist", path.display())));
             }
         }
+        if let Some(pool) = &spec.pool {
+            if !pool.is_absolute() || !pool.is_dir() {
+                return Err(invalid(format!(
+                    "storage pool directory {} does not exist on this host",
+                    pool.display()
+                )));
+            }
+        }
         let shared = &self.shared;
         let vm = shared.entry(spec.id);
         let _op = vm.op.lock().await;
@@ -994,15 +1036,18 @@ impl Driver for QemuDriver {
         // No vm.json: new, or a create that failed half-way. Start over.
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
-        remove_file_if_exists(&paths.snapshots_json)?;
+        if let Some(pool) = &spec.pool {
+            link_pool_disks(paths, pool)?;
+        }
+        remove_file_if_exists(&paths.snapshots_json())?;
         if let Some(backup) = &spec.restore_from {
-            backup::build_restored_disk(shared, spec, backup, paths, &paths.overlay).await?;
+            backup::build_restored_disk(shared, spec, backup, paths, &paths.overlay()).await?;
         } else {
             let image_size =
                 image::virtual_size(&shared.config.qemu_img, &spec.image, spec.image_format)
                     .await?;
             let size = (spec.disk_bytes > image_size).then_some(spec.disk_bytes);
-            let tmp = paths.dir.join("disk.qcow2.tmp");
+            let tmp = paths.disks().join("disk.qcow2.tmp");
             remove_file_if_exists(&tmp)?;
             let started = std::time::Instant::now();
             image::create_overlay(
@@ -1013,10 +1058,10 @@ impl Driver for QemuDriver {
                 size,
             )
             .await?;
-            std::fs::rename(&tmp, &paths.overlay).map_err(|e| {
+            std::fs::rename(&tmp, paths.overlay()).map_err(|e| {
                 DriverError::io(
                     "cannot move the new disk overlay into place",
-                    &paths.overlay,
+                    paths.overlay(),
                     e,
                 )
             })?;
@@ -1153,6 +1198,21 @@ impl Driver for QemuDriver {
         // Volumes outlive the VM: forget its attachments first, so even a
         // directory removal that fails half-way leaves them free.
         remove_file_if_exists(&vm.paths.volumes_json)?;
+        // A VM in a shared pool: its disks first (the link is how they are
+        // found, so it goes last).
+        if let Ok(disks) = std::fs::read_link(&vm.paths.disks_link) {
+            match std::fs::remove_dir_all(&disks) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DriverError::io(
+                        "cannot remove the VM's disks from its storage pool",
+                        &disks,
+                        e,
+                    ))
+                }
+            }
+        }
         match std::fs::remove_dir_all(&vm.paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

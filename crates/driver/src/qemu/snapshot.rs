@@ -214,11 +214,11 @@ fn merge_job_id(snapshot_id: uuid::Uuid) -> String {
 
 /// The VM's chain; the default (just `disk.qcow2`) when it has no record.
 pub(super) fn read_chain(paths: &VmPaths) -> Result<Chain, DriverError> {
-    Ok(read_json::<Chain>(&paths.snapshots_json, "snapshot records")?.unwrap_or_default())
+    Ok(read_json::<Chain>(&paths.snapshots_json(), "snapshot records")?.unwrap_or_default())
 }
 
 fn write_chain(paths: &VmPaths, chain: &Chain) -> Result<(), DriverError> {
-    write_json(&paths.snapshots_json, "snapshot records", chain)
+    write_json(&paths.snapshots_json(), "snapshot records", chain)
 }
 
 /// Removes layer files (`disk*.qcow2`) of the VM directory the chain does not
@@ -226,7 +226,7 @@ fn write_chain(paths: &VmPaths, chain: &Chain) -> Result<(), DriverError> {
 /// dropped left behind. Caller holds `vm.op`.
 fn remove_orphans(paths: &VmPaths, chain: &Chain) {
     let keep = chain.files();
-    let Ok(entries) = std::fs::read_dir(&paths.dir) else {
+    let Ok(entries) = std::fs::read_dir(paths.disks()) else {
         return;
     };
     for entry in entries.flatten() {
@@ -264,7 +264,7 @@ pub(super) async fn launch_disk(
     let files = chain.files();
     let mut layers = Vec::with_capacity(files.len());
     for (i, file) in files.iter().enumerate() {
-        let path = paths.dir.join(file);
+        let path = paths.disks().join(file);
         if !path.is_file() {
             return Err(DriverError::InvalidState {
                 id,
@@ -574,9 +574,9 @@ pub(super) async fn create(
     }
     let started = Instant::now();
     let frozen_file = chain.active.clone();
-    let frozen_path = vm.paths.dir.join(&frozen_file);
+    let frozen_path = vm.paths.disks().join(&frozen_file);
     let new_file = overlay_file(req.snapshot_id);
-    let new_path = vm.paths.dir.join(&new_file);
+    let new_path = vm.paths.disks().join(&new_file);
     remove_file_if_exists(&new_path)?;
     let mut record = SnapshotRecord {
         snapshot_id: req.snapshot_id,
@@ -722,8 +722,8 @@ async fn switch_live(
         .filter_map(|b| b.name)
         .filter(|n| n.starts_with(BITMAP_PREFIX))
         .collect();
-    let old_path = vm.paths.dir.join(&chain.active);
-    let new_path = vm.paths.dir.join(new_file);
+    let old_path = vm.paths.disks().join(&chain.active);
+    let new_path = vm.paths.disks().join(new_file);
     let new_node = node_name(new_file);
     let new_path_str = new_path.to_str().ok_or_else(|| {
         DriverError::io(
@@ -895,7 +895,7 @@ pub(super) async fn list(shared: &Arc<Shared>, id: VmId) -> Result<Vec<SnapshotI
     let chain = read_chain(&vm.paths)?;
     let mut out = Vec::with_capacity(chain.snapshots.len());
     for rec in &chain.snapshots {
-        let path = vm.paths.dir.join(&rec.file);
+        let path = vm.paths.disks().join(&rec.file);
         let bytes = match layer_bytes(&shared.config.qemu_img, &path).await {
             Ok(b) => b,
             Err(e) => {
@@ -927,9 +927,9 @@ pub(super) async fn revert(
     let k = chain
         .position(snapshot_id)
         .ok_or_else(|| not_found(id, snapshot_id))?;
-    let frozen = vm.paths.dir.join(&chain.snapshots[k].file);
+    let frozen = vm.paths.disks().join(&chain.snapshots[k].file);
     let new_file = overlay_file(uuid::Uuid::new_v4());
-    let new_path = vm.paths.dir.join(&new_file);
+    let new_path = vm.paths.disks().join(&new_file);
     create_overlay(&shared.config.qemu_img, &frozen, &new_path, None).await?;
     let dropped: Vec<uuid::Uuid> = chain.snapshots[k + 1..]
         .iter()
@@ -961,15 +961,15 @@ pub(super) async fn delete(
         .ok_or_else(|| not_found(id, snapshot_id))?;
     let started = Instant::now();
     let layer = chain.snapshots[k].file.clone();
-    let layer_path = vm.paths.dir.join(&layer);
+    let layer_path = vm.paths.disks().join(&layer);
     let above = chain.above(k).to_string();
-    let above_path = vm.paths.dir.join(&above);
+    let above_path = vm.paths.disks().join(&above);
     let qemu_img = &shared.config.qemu_img;
     // The layer below: the previous snapshot's, or what the bottom layer's
     // header names (the base image; none for a restored disk).
     let below: Option<(String, PathBuf, String)> = if k > 0 {
         let file = &chain.snapshots[k - 1].file;
-        Some((node_name(file), vm.paths.dir.join(file), "qcow2".into()))
+        Some((node_name(file), vm.paths.disks().join(file), "qcow2".into()))
     } else {
         backing_of(qemu_img, &layer_path)
             .await?
@@ -1021,7 +1021,8 @@ pub(super) async fn delete(
             finish_delete(&vm, snapshot_id, &layer_path)?;
         }
         None => {
-            merge_bitmaps_offline(qemu_img, &layer_path, &vm.paths.dir.join(&chain.active)).await?;
+            merge_bitmaps_offline(qemu_img, &layer_path, &vm.paths.disks().join(&chain.active))
+                .await?;
             let (backing, format) = match &below {
                 Some((_, path, format)) => (path.as_os_str(), format.as_str()),
                 None => ("".as_ref(), "qcow2"),
@@ -1093,7 +1094,7 @@ async fn start_stream(
 ) -> Result<Option<String>, DriverError> {
     let jobs = execute(qmp, q::query_jobs {}, QMP_TIMEOUT, "merge").await?;
     let nodes = block_nodes(qmp).await?;
-    let layer_node = find_node(&nodes, &node_name(layer), &paths.dir.join(layer));
+    let layer_node = find_node(&nodes, &node_name(layer), &paths.disks().join(layer));
     if jobs.iter().any(|j| j.id == job) {
         // An interrupted attempt's job: wait for it rather than start another.
         tracing::info!(vm = %id, %job, "resuming the wait for an earlier merge job");
@@ -1109,7 +1110,7 @@ async fn start_stream(
     let above_node = if above == chain.active {
         active.clone()
     } else {
-        find_node(&nodes, &node_name(above), &paths.dir.join(above))
+        find_node(&nodes, &node_name(above), &paths.disks().join(above))
             .ok_or_else(|| missing("layer above the snapshot's"))?
             .name
             .clone()
@@ -1375,17 +1376,17 @@ mod tests {
         assert_eq!(chain.above(0), b.file);
         assert_eq!(chain.above(1), chain.active);
         for f in chain.files() {
-            std::fs::write(paths.dir.join(f), b"x").expect("write");
+            std::fs::write(paths.disks().join(f), b"x").expect("write");
         }
-        let orphan = paths.dir.join("disk.dropped.qcow2");
+        let orphan = paths.disks().join("disk.dropped.qcow2");
         std::fs::write(&orphan, b"x").expect("write");
-        let tmp = paths.dir.join("disk.qcow2.tmp");
+        let tmp = paths.disks().join("disk.qcow2.tmp");
         std::fs::write(&tmp, b"x").expect("write");
         remove_orphans(&paths, &chain);
         assert!(!orphan.exists());
         assert!(tmp.exists(), "not a layer");
         for f in chain.files() {
-            assert!(paths.dir.join(f).exists(), "{f}");
+            assert!(paths.disks().join(f).exists(), "{f}");
         }
     }
 

@@ -59,6 +59,7 @@ pub fn spec(g: &GuestImage, name: &str) -> VmSpec {
         image: g.disk.clone(),
         image_format: ImageFormat::Qcow2,
         restore_from: None,
+        pool: None,
         boot: BootSpec::Kernel {
             kernel: g.kernel.clone(),
             initrd: Some(g.initrd.clone()),

@@ -299,3 +299,38 @@ pub fn world() -> World {
         agent_dir,
     }
 }
+
+impl World {
+    /// Enrolls another real-QEMU agent, `name`, with its own data directory
+    /// (`home/<name>`), and waits until its host is up. Its processes are
+    /// the caller's to keep (dropping the `Proc` kills the agent).
+    pub fn add_host(&self, name: &str) -> (Proc, PathBuf) {
+        let enroll = self.env.json(&["host", "enroll-token", "-o", "json"]);
+        let enroll = enroll["token"].as_str().expect("token").to_string();
+        let dir = self.home.path().join(name);
+        let dir_s = dir.display().to_string();
+        let mut args = agent_args(&self.env.url, &dir_s, Some(&enroll));
+        if let Some(n) = args.iter().position(|a| *a == "host-1") {
+            args[n] = name;
+        }
+        let agent = self.env.spawn(
+            "agent",
+            &args,
+            self.home.path().join(format!("agent-{name}.log")),
+        );
+        wait_until(
+            &format!("host {name} to enroll and be up"),
+            Duration::from_secs(60),
+            || {
+                let h = self.env.cli(&["host", "show", name, "-o", "json"]);
+                let v: Value = serde_json::from_slice(&h.stdout).unwrap_or_default();
+                if v["state"] == "up" {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&h.stderr).into_owned())
+                }
+            },
+        );
+        (agent, dir)
+    }
+}
