@@ -213,6 +213,18 @@ pub(crate) fn qemu_args(
     Ok(a)
 }
 
+/// Turns a VM's arguments into those of the destination of a live
+/// migration: `-incoming defer` (the driver names the address later, with
+/// `migrate-incoming`, once it has picked a port) and no `-S`, so QEMU runs
+/// the guest the moment the migrated state is loaded instead of waiting for
+/// a `cont` from the driver (which would add a round trip to the guest's
+/// pause). Everything else, devices included, stays as the spec makes it:
+/// the state only loads into the same devices.
+pub(crate) fn make_incoming(args: &mut Vec<String>) {
+    args.retain(|a| a != "-S");
+    args.extend(["-incoming".to_string(), "defer".to_string()]);
+}
+
 /// The id of hot-plug port `port` (0-based): the bus a volume plugs into.
 pub(crate) fn hotplug_port_id(port: usize) -> String {
     format!("hp{port}")
@@ -405,6 +417,28 @@ mod tests {
             serde_json::Value::Null,
             "a standalone disk gets no backing"
         );
+    }
+
+    #[test]
+    fn incoming_vm_has_the_same_devices_and_waits_for_the_state() {
+        let s = spec();
+        let paths = VmPaths::new(Path::new("/d/vms"), s.id);
+        let opts = LaunchOptions {
+            accel: Accel::Tcg,
+            sandbox: false,
+        };
+        let normal = qemu_args(&s, &paths, &disk(&paths), opts).expect("args");
+        let mut incoming = normal.clone();
+        make_incoming(&mut incoming);
+        assert!(has_pair(&incoming, "-incoming", "defer"));
+        assert!(!incoming.iter().any(|a| a == "-S"));
+        let devices = |args: &[String]| -> Vec<String> {
+            args.windows(2)
+                .filter(|w| w[0] == "-device" || w[0] == "-blockdev" || w[0] == "-machine")
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        assert_eq!(devices(&normal), devices(&incoming));
     }
 
     #[test]
