@@ -180,6 +180,9 @@ pub struct MigrateOutcome {
     pub setup_ms: u64,
     /// Of which the disk mirror reaching sync.
     pub mirror_ms: u64,
+    /// How long the paused guest waited at the switch-over for its last
+    /// disk writes to reach the destination (part of `downtime_ms`).
+    pub mirror_drain_ms: u64,
     /// QEMU's own migration time (`total-time`).
     pub qemu_ms: u64,
     /// From QEMU's completion to the return: mirror cancel, source cleanup.

@@ -852,14 +852,16 @@ impl Driver for SimDriver {
             let mut vms = self.lock();
             match vms.get(&id) {
                 None => return Ok(()),
-                Some(vm) if vm.incoming.is_none() => return Err(DriverError::InvalidState {
-                    id,
-                    operation: "abort the incoming migration of",
-                    state: format!(
+                Some(vm) if vm.incoming.is_none() => {
+                    return Err(DriverError::InvalidState {
+                        id,
+                        operation: "abort the incoming migration of",
+                        state: format!(
                         "{} (the migration completed: the VM lives here now; destroy it instead)",
                         vm.state
                     ),
-                }),
+                    })
+                }
                 Some(_) => vms.remove(&id),
             }
         };
@@ -1072,6 +1074,7 @@ impl SimDriver {
             downtime_ms: 0,
             setup_ms: 0,
             mirror_ms: 0,
+            mirror_drain_ms: 0,
             qemu_ms: total_ms,
             finish_ms: 0,
             memory_bytes: 0,

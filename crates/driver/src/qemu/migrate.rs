@@ -160,6 +160,7 @@ qmp_commands! {
     Migrate => "migrate",
     MigrateIncoming => "migrate-incoming",
     MigrateCancel => "migrate_cancel",
+    MigrateContinue => "migrate-continue",
     MigrateStartPostcopy => "migrate-start-postcopy",
     MigrateSetCapabilities => "migrate-set-capabilities",
     MigrateSetParameters => "migrate-set-parameters",
@@ -329,7 +330,7 @@ pub(super) async fn prepare(
                 return Ok(ready);
             }
             tracing::info!(vm = %spec.id, request = %req.request_id, "preparing an interrupted incoming migration afresh");
-            shared.destroy(&vm).await?;
+            remove_vm(shared, &vm, None).await?;
         }
         Some(rec) => {
             return Err(DriverError::Conflict {
@@ -373,7 +374,7 @@ pub(super) async fn prepare(
         }
         Err(e) => {
             tracing::warn!(vm = %spec.id, error = %e, "incoming migration not prepared; removing what it made");
-            if let Err(undo) = shared.destroy(&vm).await {
+            if let Err(undo) = remove_vm(shared, &vm, None).await {
                 tracing::warn!(vm = %spec.id, error = %undo, "cannot remove the failed incoming VM");
             }
             Err(e)
@@ -473,7 +474,10 @@ async fn prepare_inner(
         &StateRecord::new(VmRuntimeState::Stopped, None),
     )?;
     let disk = snapshot::launch_disk(qemu_img, spec.id, paths).await?;
-    shared.launch(vm, spec, &disk, true).await?;
+    let incoming = super::cmdline::Incoming {
+        exported_disk: shared_disk.is_none(),
+    };
+    shared.launch(vm, spec, &disk, Some(incoming)).await?;
     let qmp = shared.qmp(vm).await?;
     let tls = tls_dir(shared)?;
     if let Some(dir) = &tls {
@@ -609,10 +613,12 @@ pub(super) async fn finish(
             shared.ensure_adopted(&vm)?
         };
         let Some(pid) = pid else {
-            return Err(migration_error(
+            let said = super::log_tail(&vm.paths.qemu_log);
+            return Err(DriverError::Migration {
                 id,
-                "the incoming QEMU is gone (it failed to load the state or was killed); abort the incoming migration",
-            ));
+                reason: "the incoming QEMU is gone (it failed to load the state or was killed); abort the incoming migration".into(),
+                source: Some(Box::new(QemuSaid(said))),
+            });
         };
         let asked = async {
             let qmp = shared.qmp(&vm).await?;
@@ -707,7 +713,7 @@ pub(super) async fn abort_incoming(shared: &Arc<Shared>, id: VmId) -> Result<(),
         }
     }
     tracing::info!(vm = %id, "aborting an incoming migration");
-    shared.destroy(&vm).await
+    remove_vm(shared, &vm, None).await
 }
 
 // ---- source ---------------------------------------------------------------
@@ -772,7 +778,7 @@ pub(super) async fn send(
         ..stats.last.clone()
     });
     // The VM runs on the destination now: nothing below may resume it here.
-    if plan.shared_disk.is_none() {
+    if plan.shared_disk.is_none() && !stats.mirror_ended {
         if let Ok(qmp) = shared.qmp(&vm).await {
             if let Err(e) = end_mirror(&qmp).await {
                 tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror cleanly; ending QEMU anyway");
@@ -781,7 +787,7 @@ pub(super) async fn send(
     }
     let cleaned = {
         let _op = vm.op.lock().await;
-        remove_source(shared, &vm, plan.pid, plan.shared_disk.as_deref()).await
+        remove_vm(shared, &vm, plan.shared_disk.as_deref()).await
     };
     if let Err(e) = cleaned {
         tracing::warn!(vm = %id, error = %e, "the VM moved, but its files here could not all be removed");
@@ -792,6 +798,7 @@ pub(super) async fn send(
         downtime_ms: stats.downtime_ms,
         setup_ms: stats.setup_ms,
         mirror_ms: stats.mirror_ms,
+        mirror_drain_ms: stats.mirror_drain_ms,
         qemu_ms: stats.qemu_ms,
         finish_ms,
         memory_bytes: stats.memory_bytes,
@@ -810,7 +817,10 @@ fn ms(d: Duration) -> u64 {
 /// What the migration measured.
 #[derive(Default)]
 struct Stats {
+    /// The mirror was drained and ended at the switch-over.
+    mirror_ended: bool,
     setup_ms: u64,
+    mirror_drain_ms: u64,
     mirror_ms: u64,
     qemu_ms: u64,
     downtime_ms: u64,
@@ -1029,6 +1039,7 @@ async fn migrate(
             ("auto-converge", req.auto_converge),
             ("postcopy-ram", postcopy),
             ("dirty-bitmaps", plan.shared_disk.is_none()),
+            ("pause-before-switchover", plan.shared_disk.is_none()),
         ],
     )
     .await?;
@@ -1141,6 +1152,26 @@ async fn migrate(
                 });
             }
             "cancelled" => return Err(migration_error(id, "cancelled")),
+            "pre-switchover" => {
+                // The guest is paused here and its last writes may still be
+                // on their way to the destination's disk: drain and end the
+                // mirror, then let QEMU send the device state, after which
+                // the destination runs the guest on a disk that is whole.
+                let drain = Instant::now();
+                end_mirror(&qmp).await.map_err(|e| DriverError::Migration {
+                    id,
+                    reason: "cannot complete the disk mirror at the switch-over".into(),
+                    source: Some(Box::new(e)),
+                })?;
+                stats.mirror_drain_ms = ms(drain.elapsed());
+                stats.mirror_ended = true;
+                run::<MigrateContinue>(
+                    &qmp,
+                    json!({"state": "pre-switchover"}),
+                    "continue the switch-over",
+                )
+                .await?;
+            }
             "active" => {
                 if let Some(after) = req.postcopy_after_passes {
                     if !stats.postcopy && stats.passes >= u64::from(after) && !cancel_sent {
@@ -1289,7 +1320,7 @@ async fn end_mirror(qmp: &QmpService) -> Result<(), DriverError> {
     match run::<BlockdevDel>(qmp, json!({"node-name": NBD_NODE}), "migration").await {
         Ok(_) => Ok(()),
         Err(e)
-            if format!("{e:?}").contains("not found")
+            if format!("{e:?}").contains("Failed to find")
                 || format!("{e:?}").contains("Cannot find") =>
         {
             Ok(())
@@ -1357,44 +1388,80 @@ async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
     }
 }
 
-/// Ends the source QEMU (the guest runs on the destination) and removes the
-/// VM's files here, but a shared disk file. Caller holds `vm.op`.
-async fn remove_source(
+/// The live QEMUs of the VM that belong to this data directory. The VM id
+/// alone (what `vm_destroy` looks for) does not tell the source's QEMU from
+/// the destination's when both data directories are on one machine, as in
+/// the tests; the run directory's path on the command line does.
+fn own_qemus(vm: &VmEntry) -> Vec<u32> {
+    let dir = vm.paths.dir.to_string_lossy().into_owned();
+    let dir = dir.as_bytes();
+    process::find_qemu_of(vm.id)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.windows(dir.len()).any(|w| w == dir))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Ends this data directory's QEMU of the VM and removes the VM's files
+/// here but `keep` (a shared disk), as `vm_destroy` does. Caller holds
+/// `vm.op`.
+async fn remove_vm(
     shared: &Arc<Shared>,
     vm: &Arc<VmEntry>,
-    pid: u32,
     keep: Option<&Path>,
 ) -> Result<(), DriverError> {
-    let Some(keep) = keep else {
-        return shared.destroy(vm).await;
-    };
-    if process::is_qemu_of(pid, vm.id) {
+    let pids = own_qemus(vm);
+    let was_active = !pids.is_empty()
+        || read_json::<StateRecord>(&vm.paths.state_json, "VM state record")
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.state.is_active());
+    for pid in pids {
+        // `quit` first (through the monitor's QMP), SIGKILL if need be.
         shared.kill(vm, pid, true).await?;
     }
     drop(lock(&vm.runtime).take());
-    shared.record_exit(vm, Some(pid))?;
-    let keep = keep.canonicalize().unwrap_or_else(|_| keep.to_path_buf());
-    let entries = std::fs::read_dir(&vm.paths.dir)
-        .map_err(|e| DriverError::io("cannot list the VM directory", &vm.paths.dir, e))?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.canonicalize().ok().as_deref() == Some(keep.as_path()) {
-            continue;
+    if vm.paths.dir.exists() {
+        let keep = keep.map(|k| k.canonicalize().unwrap_or_else(|_| k.to_path_buf()));
+        let entries = std::fs::read_dir(&vm.paths.dir)
+            .map_err(|e| DriverError::io("cannot list the VM directory", &vm.paths.dir, e))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if keep.is_some() && path.canonicalize().ok() == keep {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DriverError::io("cannot remove a file of the VM", &path, e)),
+            }
         }
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        if let Err(e) = removed {
-            return Err(DriverError::io(
-                "cannot remove a file of the migrated VM",
-                &path,
-                e,
-            ));
+        if keep.is_none() {
+            match std::fs::remove_dir(&vm.paths.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DriverError::io(
+                        "cannot remove the VM directory",
+                        &vm.paths.dir,
+                        e,
+                    ))
+                }
+            }
         }
     }
     lock(&shared.vms).remove(&vm.id);
+    if was_active {
+        shared.emit(vm.id, VmRuntimeState::Stopped);
+    }
     Ok(())
 }
 

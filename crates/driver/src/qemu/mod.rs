@@ -531,7 +531,7 @@ impl Shared {
         let spec: VmSpec =
             read_json(&paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(vm.id))?;
         let disk = snapshot::launch_disk(&self.config.qemu_img, vm.id, paths).await?;
-        let pid = self.launch(vm, &spec, &disk, false).await?;
+        let pid = self.launch(vm, &spec, &disk, None).await?;
         let resumed = async {
             let qmp = self.qmp(vm).await?;
             qmp::execute(&qmp, qapi::qmp::cont {}, QMP_TIMEOUT, "start").await
@@ -556,7 +556,7 @@ impl Shared {
         vm: &Arc<VmEntry>,
         spec: &VmSpec,
         disk: &cmdline::DiskLaunch,
-        incoming: bool,
+        incoming: Option<cmdline::Incoming>,
     ) -> Result<u32, DriverError> {
         let paths = &vm.paths;
         std::fs::create_dir_all(&paths.run)
@@ -577,8 +577,8 @@ impl Shared {
             .map_err(|e| DriverError::io("cannot create the QEMU log", &paths.qemu_log, e))?;
         let mut args = cmdline::qemu_args(spec, paths, disk, self.launch)?;
         args.extend(volume::boot_args(self, vm)?);
-        if incoming {
-            cmdline::make_incoming(&mut args);
+        if let Some(incoming) = incoming {
+            cmdline::make_incoming(&mut args, incoming);
         }
         tracing::debug!(vm = %vm.id, ?args, "starting QEMU");
         let status = tokio::time::timeout(
