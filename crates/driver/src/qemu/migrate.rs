@@ -1391,9 +1391,11 @@ async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
 /// The live QEMUs of the VM that belong to this data directory. The VM id
 /// alone (what `vm_destroy` looks for) does not tell the source's QEMU from
 /// the destination's when both data directories are on one machine, as in
-/// the tests; the run directory's path on the command line does.
+/// the tests; the pidfile's path on the command line does (not the VM
+/// directory's: a destination opening a shared disk in the source's
+/// directory names that too).
 fn own_qemus(vm: &VmEntry) -> Vec<u32> {
-    let dir = vm.paths.dir.to_string_lossy().into_owned();
+    let dir = vm.paths.pidfile.to_string_lossy().into_owned();
     let dir = dir.as_bytes();
     process::find_qemu_of(vm.id)
         .into_iter()
