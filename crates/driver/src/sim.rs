@@ -1087,8 +1087,6 @@ impl SimDriver {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::spec::tests::spec;
 
@@ -1298,6 +1296,233 @@ mod tests {
                 file: p.target.clone(),
             }),
         }
+    }
+
+    fn incoming(disk: IncomingDisk) -> IncomingRequest {
+        IncomingRequest {
+            request_id: uuid::Uuid::new_v4(),
+            disk,
+            postcopy: false,
+        }
+    }
+
+    fn migrate_req(ready: IncomingReady) -> MigrateRequest {
+        MigrateRequest {
+            ready,
+            max_bandwidth: None,
+            auto_converge: true,
+            postcopy_after_passes: None,
+            downtime_limit_ms: None,
+        }
+    }
+
+    async fn running(d: &SimDriver) -> VmSpec {
+        let s = spec();
+        d.vm_create(&s).await.expect("create");
+        d.vm_start(s.id).await.expect("start");
+        s
+    }
+
+    #[tokio::test]
+    async fn migration_moves_the_vm_with_its_bitmaps() {
+        let src = sim();
+        let dst = sim();
+        let s = running(&src).await;
+        let full = backup_req("m", None);
+        src.vm_backup(s.id, &full, &|_| {}).await.expect("backup");
+        let req = incoming(IncomingDisk::Overlay);
+        let ready = dst.vm_migrate_prepare(&s, &req).await.expect("prepare");
+        assert_eq!(
+            dst.vm_migrate_prepare(&s, &req).await.expect("again"),
+            ready,
+            "a retried prepare answers the same"
+        );
+        assert!(matches!(
+            dst.vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+                .await,
+            Err(DriverError::Conflict { .. })
+        ));
+        assert_eq!(
+            dst.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Paused
+        );
+        assert!(
+            matches!(
+                dst.vm_start(s.id).await,
+                Err(DriverError::InvalidState { .. })
+            ),
+            "an incoming VM is not started by hand"
+        );
+        let mut src_events = src.subscribe();
+        let mut dst_events = dst.subscribe();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let outcome = src
+            .vm_migrate_send(s.id, &migrate_req(ready), &move |p| {
+                record.lock().expect("lock").push(p)
+            })
+            .await
+            .expect("send");
+        assert_eq!(outcome.passes, 1);
+        assert!(!seen.lock().expect("lock").is_empty());
+        dst.vm_migrate_finish(s.id, Duration::from_secs(1))
+            .await
+            .expect("finish");
+        dst.vm_migrate_finish(s.id, Duration::from_secs(1))
+            .await
+            .expect("finish is idempotent");
+        assert!(src.vm_status(s.id).await.expect("status").is_none());
+        assert_eq!(
+            dst.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
+        assert_eq!(
+            src_events.try_recv().expect("event").state,
+            VmRuntimeState::Stopped
+        );
+        assert_eq!(
+            dst_events.try_recv().expect("event").state,
+            VmRuntimeState::Running
+        );
+        // The bitmap came along: the next backup there is incremental.
+        let inc = backup_req("m", Some(&full));
+        let out = dst.vm_backup(s.id, &inc, &|_| {}).await.expect("backup");
+        assert_eq!(out.mode, BackupMode::Incremental);
+        assert!(
+            matches!(
+                dst.vm_migrate_abort_incoming(s.id).await,
+                Err(DriverError::InvalidState { .. })
+            ),
+            "a VM that arrived cannot be aborted away"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_and_a_lost_destination_leave_the_vm_on_the_source() {
+        let src = Arc::new(SimDriver::new(SimConfig {
+            latency: Duration::from_millis(200),
+            ..SimConfig::default()
+        }));
+        let dst = sim();
+        let s = running(&src).await;
+
+        // Cancelled mid-way.
+        let ready = dst
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        let sender = src.clone();
+        let req = migrate_req(ready);
+        let send = tokio::spawn(async move { sender.vm_migrate_send(s.id, &req, &|_| {}).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        src.vm_migrate_cancel(s.id).await.expect("cancel");
+        let err = send.await.expect("task").expect_err("cancelled");
+        assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+        assert_eq!(
+            src.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
+        dst.vm_migrate_abort_incoming(s.id).await.expect("abort");
+        dst.vm_migrate_abort_incoming(s.id)
+            .await
+            .expect("abort again");
+        assert_eq!(dst.vm_count(), 0);
+
+        // The destination goes away mid-way.
+        let ready = dst
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        let sender = src.clone();
+        let req = migrate_req(ready.clone());
+        let send = tokio::spawn(async move { sender.vm_migrate_send(s.id, &req, &|_| {}).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dst.vm_migrate_abort_incoming(s.id).await.expect("abort");
+        let err = send.await.expect("task").expect_err("destination gone");
+        assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+        assert_eq!(
+            src.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
+        assert_eq!(dst.vm_count(), 0);
+        // A dropped destination driver is gone too.
+        let gone = sim();
+        let ready = gone
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        drop(gone);
+        let err = src
+            .vm_migrate_send(s.id, &migrate_req(ready), &|_| {})
+            .await
+            .expect_err("no destination");
+        assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn migration_refusals_follow_the_qemu_rules() {
+        let src = sim();
+        let dst = sim();
+        let s = running(&src).await;
+        let ready = dst
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        let mut qemu = ready.clone();
+        qemu.accel = "tcg".into();
+        assert!(matches!(
+            src.vm_migrate_send(s.id, &migrate_req(qemu), &|_| {}).await,
+            Err(DriverError::MigrationRefused { .. })
+        ));
+        src.vm_snapshot_create(
+            s.id,
+            &SnapshotRequest {
+                snapshot_id: uuid::Uuid::new_v4(),
+                name: "s".into(),
+            },
+        )
+        .await
+        .expect("snapshot");
+        match src
+            .vm_migrate_send(s.id, &migrate_req(ready.clone()), &|_| {})
+            .await
+        {
+            Err(DriverError::MigrationRefused { reason, .. }) => {
+                assert!(reason.contains("snapshots first"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let stopped = spec();
+        src.vm_create(&stopped).await.expect("create");
+        assert!(matches!(
+            src.vm_migrate_send(stopped.id, &migrate_req(ready), &|_| {})
+                .await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        assert_eq!(
+            src.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
     }
 
     #[tokio::test]

@@ -355,10 +355,10 @@ async fn real_qemu_failed_and_cancelled_migrations_leave_the_vm_on_the_source() 
     let s = big_spec("mig-fail");
     let id = s.id;
     let _cleanup = KillOnDrop(id);
-    boot(&*src, &s).await;
+    boot(&src, &s).await;
     let src_pid = pid_of_status(src.vm_status(id).await.expect("status"));
     let sum = write_file(&*src, id, "keep", 2).await;
-    start_memory_load(&*src, id).await;
+    start_memory_load(&src, id).await;
 
     for how in ["cancel", "kill the destination"] {
         let ready = dst
