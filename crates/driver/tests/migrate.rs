@@ -466,3 +466,133 @@ async fn real_qemu_failed_and_cancelled_migrations_leave_the_vm_on_the_source() 
     dst.vm_migrate_abort_incoming(id).await.expect("abort");
     src.vm_destroy(id).await.expect("destroy");
 }
+
+/// Makes a CA and server and client certificates for 127.0.0.1 in `dir`, in
+/// the file names QEMU's `tls-creds-x509` reads, with `openssl`.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (is it installed?)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stratus test CA",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+    ]);
+    for (who, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{who}.ext")), ext).expect("write ext");
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=127.0.0.1 {who}"),
+            "-keyout",
+            &format!("{who}-key.pem"),
+            "-out",
+            &format!("{who}.csr"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{who}.ext"),
+            "-out",
+            &format!("{who}-cert.pem"),
+        ]);
+    }
+}
+
+async fn tls_driver(data_dir: &Path, tls: Option<&Path>) -> QemuDriver {
+    let mut config = stratus_driver::QemuConfig::new(data_dir);
+    config.accel = stratus_driver::AccelChoice::Tcg;
+    config.migration_tls_dir = tls.map(Path::to_path_buf);
+    QemuDriver::new(config).await.expect("QEMU driver starts")
+}
+
+/// Both hosts encrypt: the memory stream and the NBD disk mirror run over
+/// TLS with certificates from one CA; a host without TLS is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_live_migration_over_tls() {
+    let _one_at_a_time = QEMU_LOCK.lock().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    make_certificates(&certs);
+    let src = tls_driver(&tmp.path().join("src"), Some(&certs)).await;
+    let plain = tls_driver(&tmp.path().join("plain"), None).await;
+    let dst = tls_driver(&tmp.path().join("dst"), Some(&certs)).await;
+    let s = big_spec("mig-tls");
+    let id = s.id;
+    let _cleanup = KillOnDrop(id);
+    boot(&src, &s).await;
+    let sum = write_file(&src, id, "keep", 2).await;
+    start_counter(&src, id).await;
+
+    let ready = plain
+        .vm_migrate_prepare(&s, &request(IncomingDisk::Overlay))
+        .await
+        .expect("prepare without TLS");
+    assert!(!ready.tls);
+    let err = src
+        .vm_migrate_send(id, &migrate_req(ready, None), &|_| {})
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, DriverError::MigrationRefused { reason, .. } if reason.contains("TLS")),
+        "{err}"
+    );
+    plain.vm_migrate_abort_incoming(id).await.expect("abort");
+
+    let ready = dst
+        .vm_migrate_prepare(&s, &request(IncomingDisk::Overlay))
+        .await
+        .expect("prepare");
+    assert!(ready.tls);
+    let outcome = src
+        .vm_migrate_send(id, &migrate_req(ready, Some(1 << 30)), &|_| {})
+        .await
+        .unwrap_or_else(|e| panic!("send: {e} ({e:?})"));
+    print_outcome("live migration over TLS, mirrored disk", &outcome);
+    dst.vm_migrate_finish(id, FINISH_TIMEOUT)
+        .await
+        .expect("finish");
+    assert_eq!(state_of(&dst, id).await, VmRuntimeState::Running);
+    assert_eq!(checksums(&dst, id, &["keep"]).await, vec![sum]);
+    assert!(!src.vm_dir(id).exists());
+    dst.vm_destroy(id).await.expect("destroy");
+}
