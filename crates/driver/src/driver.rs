@@ -199,7 +199,9 @@ pub trait Driver: Send + Sync {
     /// answered `req.ready`, calling `progress` about every 100 ms. On
     /// success the VM runs on the destination and nothing of it is left
     /// here (but a shared disk file). Every failure leaves the VM running
-    /// here; refusals ([`DriverError::MigrationRefused`]) happen before
+    /// here, except one after a switch to post-copy (the guest's memory is
+    /// then split between the hosts: it stays paused, and the error says
+    /// so); refusals ([`DriverError::MigrationRefused`]) happen before
     /// anything changes.
     async fn vm_migrate_send(
         &self,

@@ -596,3 +596,48 @@ async fn real_qemu_live_migration_over_tls() {
     assert!(!src.vm_dir(id).exists());
     dst.vm_destroy(id).await.expect("destroy");
 }
+
+/// A guest that dirties memory faster than the bandwidth limit lets QEMU
+/// send it never converges in pre-copy: after two passes the source
+/// switches to post-copy and the guest finishes its move on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_postcopy_when_precopy_does_not_converge() {
+    let _one_at_a_time = QEMU_LOCK.lock().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = driver(&tmp.path().join("src")).await;
+    let dst = driver(&tmp.path().join("dst")).await;
+    let s = big_spec("mig-postcopy");
+    let id = s.id;
+    let _cleanup = KillOnDrop(id);
+    boot(&src, &s).await;
+    let sum = write_file(&src, id, "keep", 2).await;
+    let boot_id = sh(&src, id, "cat /proc/sys/kernel/random/boot_id").await;
+    start_memory_load(&src, id).await;
+    let mut req = request(IncomingDisk::Overlay);
+    req.postcopy = true;
+    let ready = dst.vm_migrate_prepare(&s, &req).await.expect("prepare");
+    let mut mreq = migrate_req(ready, Some(32 << 20));
+    mreq.auto_converge = false;
+    mreq.postcopy_after_passes = Some(2);
+    mreq.downtime_limit_ms = Some(10);
+    let outcome = src
+        .vm_migrate_send(id, &mreq, &|_| {})
+        .await
+        .unwrap_or_else(|e| panic!("send: {e} ({e:?})"));
+    print_outcome(
+        "post-copy migration, mirrored disk, 64 MiB tmpfs load",
+        &outcome,
+    );
+    assert!(outcome.postcopy, "the migration switched to post-copy");
+    dst.vm_migrate_finish(id, FINISH_TIMEOUT)
+        .await
+        .expect("finish");
+    assert_eq!(state_of(&dst, id).await, VmRuntimeState::Running);
+    assert_eq!(
+        sh(&dst, id, "cat /proc/sys/kernel/random/boot_id").await,
+        boot_id
+    );
+    assert_eq!(checksums(&dst, id, &["keep"]).await, vec![sum]);
+    assert!(!src.vm_dir(id).exists());
+    dst.vm_destroy(id).await.expect("destroy");
+}

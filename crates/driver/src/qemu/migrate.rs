@@ -45,7 +45,9 @@
 //!    consistent: everything written before the switch-over is in it),
 //!    `blockdev-del` the NBD node, end the source QEMU, remove its files.
 //!
-//! A failure before completion undoes 1–2: `migrate_cancel`, cancel the
+//! A failure before completion (and before a switch to post-copy, after
+//! which the guest's memory is split between the hosts and it stays paused
+//! for an operator) undoes 1–2: `migrate_cancel`, cancel the
 //! mirror, delete the NBD node, and `cont` the guest if it ran before and
 //! QEMU left it paused (`postmigrate`, a failed switch-over). `cancel` sets
 //! the send's cancel flag and issues `migrate_cancel` at once; the send
@@ -769,6 +771,19 @@ pub(super) async fn send(
     .await;
     let completed_at = Instant::now();
     if let Err(e) = migrated {
+        if stats.postcopy {
+            // The destination already ran the guest and holds the pages it
+            // dirtied: resuming here would run a stale copy. Both halves stay
+            // paused for an operator (QEMU's post-copy recovery, or a restart
+            // from the disk).
+            tracing::error!(vm = %id, error = %e, "post-copy migration failed; the VM is left paused");
+            return Err(DriverError::Migration {
+                id,
+                reason: "failed after switching to post-copy: the guest's memory is split between                          the hosts, so it is left paused on both (recover the migration, or stop                          the VM and start it again from its disk)"
+                    .into(),
+                source: Some(Box::new(e)),
+            });
+        }
         tracing::warn!(vm = %id, error = %e, "live migration failed; the VM stays here");
         recover(shared, &vm, &plan).await;
         return Err(e);
