@@ -176,6 +176,13 @@ async fn real_qemu_live_migration_with_a_mirrored_disk_keeps_the_guest_running()
     assert!(ready.nbd.is_some());
     assert_eq!(ready.disk_backing.as_deref(), Some(s.image.as_path()));
     assert_eq!(state_of(&dst, id).await, VmRuntimeState::Paused);
+    assert!(
+        matches!(
+            dst.vm_start(id).await,
+            Err(DriverError::InvalidState { .. })
+        ),
+        "an incoming VM is not started by hand"
+    );
     let dst_pid = pid_of_status(dst.vm_status(id).await.expect("status"));
     let ticks_before = ticks(&console_text(&src, id).await);
     assert!(!ticks_before.is_empty(), "the counter runs on the source");

@@ -26,9 +26,9 @@
 //!
 //! # Source (`send`, `cancel`)
 //!
-//! Under the VM's operation lock: the refusals; then without it (a
-//! migration can take long and `vm_stop` must not wait for it; the backup
-//! lock keeps backups out):
+//! All under the VM's operation lock (lifecycle, snapshot and volume calls
+//! on the VM wait for the migration; cancel it first) and its backup lock:
+//! the refusals, then
 //!
 //! 1. mirrored disk: `blockdev-add` an NBD client node for the destination's
 //!    export and `blockdev-mirror` the active node into it (`sync: top` when
@@ -306,6 +306,12 @@ async fn set_capabilities(qmp: &QmpService, caps: &[(&str, bool)]) -> Result<(),
 
 fn incoming_path(vm: &VmEntry) -> PathBuf {
     vm.paths.dir.join(INCOMING_FILE)
+}
+
+/// Whether the VM waits for an incoming migration here (prepared, not yet
+/// finished or aborted).
+pub(super) fn is_incoming(vm: &VmEntry) -> bool {
+    incoming_path(vm).exists()
 }
 
 // ---- destination --------------------------------------------------------
@@ -759,10 +765,11 @@ pub(super) async fn send(
         sending: &shared.migrations,
         id,
     };
-    let plan = {
-        let _op = vm.op.lock().await;
-        preflight(shared, &vm, req).await?
-    };
+    // Held for the whole migration: a snapshot, a volume attach or a
+    // restart of the VM mid-way would change what is being copied.
+    // `vm_migrate_cancel` does not need it.
+    let _op = vm.op.lock().await;
+    let plan = preflight(shared, &vm, req).await?;
     tracing::info!(vm = %id, to = %req.ready.migration_uri, mirror = plan.shared_disk.is_none(), "live migration starts");
     let mut stats = Stats::default();
     let migrated = migrate(
@@ -800,10 +807,7 @@ pub(super) async fn send(
             }
         }
     }
-    let cleaned = {
-        let _op = vm.op.lock().await;
-        remove_vm(shared, &vm, plan.shared_disk.as_deref()).await
-    };
+    let cleaned = remove_vm(shared, &vm, plan.shared_disk.as_deref()).await;
     if let Err(e) = cleaned {
         tracing::warn!(vm = %id, error = %e, "the VM moved, but its files here could not all be removed");
     }

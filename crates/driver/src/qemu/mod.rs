@@ -1112,6 +1112,14 @@ impl Driver for QemuDriver {
         let shared = &self.shared;
         let vm = shared.existing(id)?;
         let _op = vm.op.lock().await;
+        if migrate::is_incoming(&vm) {
+            // QEMU would take a `cont` now as "run once the state is in".
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "start",
+                state: "waiting for an incoming migration (finish or abort it)".into(),
+            });
+        }
         if let Some(pid) = shared.ensure_adopted(&vm)? {
             if shared.read_record(&vm)?.state == VmRuntimeState::Paused {
                 // E.g. an agent that died between launching QEMU and `cont`.
