@@ -202,7 +202,11 @@ pub trait Driver: Send + Sync {
     /// here, except one after a switch to post-copy (the guest's memory is
     /// then split between the hosts: it stays paused, and the error says
     /// so); refusals ([`DriverError::MigrationRefused`]) happen before
-    /// anything changes.
+    /// anything changes. A VM with snapshots or attached volumes is refused
+    /// (delete the snapshots, detach the volumes first: the mirror copies
+    /// only the active disk layer, and volumes stay in this host's volume
+    /// directory). Lifecycle, snapshot and volume calls on the VM wait for
+    /// the migration; `vm_migrate_cancel` does not.
     async fn vm_migrate_send(
         &self,
         id: VmId,
