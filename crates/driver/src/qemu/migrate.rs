@@ -36,15 +36,21 @@
 //!    never copied; `full` otherwise); wait for the job to be `ready`;
 //! 2. capabilities (`return-path`, `auto-converge`, `postcopy-ram`,
 //!    `dirty-bitmaps`, so the persistent `stratus-backup-*` bitmaps travel
-//!    with the VM and incremental backups continue on the destination),
-//!    parameters (`max-bandwidth`, `downtime-limit`, `tls-creds`), `migrate`;
+//!    with the VM and incremental backups continue on the destination;
+//!    `pause-before-switchover` for a mirrored disk), parameters
+//!    (`max-bandwidth`, `downtime-limit`, `tls-creds`), `migrate`;
 //! 3. poll `query-migrate` every 100 ms (and the mirror's progress), switch
-//!    to post-copy when asked, until `completed`: with the return path the
-//!    destination has loaded the state by then;
-//! 4. `block-job-cancel` the ready mirror (the destination's disk stays
-//!    consistent: everything written before the switch-over is in it),
-//!    `blockdev-del` the NBD node, end the source QEMU, remove its files.
-//!
+//!    to post-copy when asked; at `pre-switchover` (the guest is paused
+//!    here, the device state not yet sent) `block-job-cancel` the ready
+//!    mirror, which first copies the last dirty blocks, so the destination's
+//!    disk holds every write the guest made; `blockdev-del` the NBD node;
+//!    `migrate-continue`. Without this pause the destination, which runs the
+//!    guest as soon as the state is in, could read blocks the mirror had not
+//!    yet copied (and have its own writes overwritten by late copies). The
+//!    drain is part of QEMU's `downtime`;
+//! 4. at `completed` (with the return path, the destination has loaded the
+//!    state by then) end the source QEMU and remove its files.
+
 //! A failure before completion (and before a switch to post-copy, after
 //! which the guest's memory is split between the hosts and it stays paused
 //! for an operator) undoes 1–2: `migrate_cancel`, cancel the
