@@ -50,7 +50,6 @@
 //!    drain is part of QEMU's `downtime`;
 //! 4. at `completed` (with the return path, the destination has loaded the
 //!    state by then) end the source QEMU and remove its files.
-
 //!
 //! A failure before completion (and before a switch to post-copy, after
 //! which the guest's memory is split between the hosts and it stays paused
