@@ -677,6 +677,30 @@ impl Driver for SlowStops {
     ) -> Result<Option<stratus_driver::VolumeInfo>, DriverError> {
         self.sim.volume_info(volume).await
     }
+    async fn vm_migrate_prepare(
+        &self,
+        spec: &VmSpec,
+        req: &stratus_driver::IncomingRequest,
+    ) -> Result<stratus_driver::IncomingReady, DriverError> {
+        self.sim.vm_migrate_prepare(spec, req).await
+    }
+    async fn vm_migrate_send(
+        &self,
+        id: VmId,
+        req: &stratus_driver::MigrateRequest,
+        p: &stratus_driver::MigrateProgressFn,
+    ) -> Result<stratus_driver::MigrateOutcome, DriverError> {
+        self.sim.vm_migrate_send(id, req, p).await
+    }
+    async fn vm_migrate_finish(&self, id: VmId, timeout: Duration) -> Result<(), DriverError> {
+        self.sim.vm_migrate_finish(id, timeout).await
+    }
+    async fn vm_migrate_cancel(&self, id: VmId) -> Result<(), DriverError> {
+        self.sim.vm_migrate_cancel(id).await
+    }
+    async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError> {
+        self.sim.vm_migrate_abort_incoming(id).await
+    }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<VmEvent> {
         self.sim.subscribe()
     }

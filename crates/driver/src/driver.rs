@@ -13,6 +13,7 @@ use crate::{
     HostFacts, ProgressFn, PruneChild, Pruned, SnapshotInfo, SnapshotRequest, StopHow, VmEvent,
     VmSpec, VmStatus,
 };
+use crate::{IncomingReady, IncomingRequest, MigrateOutcome, MigrateProgressFn, MigrateRequest};
 use crate::{VolumeInfo, VolumeSpec};
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
@@ -180,6 +181,53 @@ pub trait Driver: Send + Sync {
     /// The volume's size, host allocation and attachment; `None` when it
     /// does not exist.
     async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError>;
+
+    /// Destination side of a live migration (see [`crate::migrate`]):
+    /// creates the VM's files (a disk to mirror into, unless the disk is
+    /// shared), starts the hypervisor waiting for the incoming state (paused,
+    /// same devices as the source, since the command line comes from the
+    /// same spec) and, unless the disk is shared, an NBD export of its disk.
+    /// Idempotent for the same `req.request_id`. A VM this host already runs
+    /// is a [`DriverError::Conflict`].
+    async fn vm_migrate_prepare(
+        &self,
+        spec: &VmSpec,
+        req: &IncomingRequest,
+    ) -> Result<IncomingReady, DriverError>;
+
+    /// Source side: moves the running VM `id` to the destination that
+    /// answered `req.ready`, calling `progress` about every 100 ms. On
+    /// success the VM runs on the destination and nothing of it is left
+    /// here (but a shared disk file). Every failure leaves the VM running
+    /// here, except one after a switch to post-copy (the guest's memory is
+    /// then split between the hosts: it stays paused, and the error says
+    /// so); refusals ([`DriverError::MigrationRefused`]) happen before
+    /// anything changes. A VM with snapshots or attached volumes is refused
+    /// (delete the snapshots, detach the volumes first: the mirror copies
+    /// only the active disk layer, and volumes stay in this host's volume
+    /// directory). Lifecycle, snapshot and volume calls on the VM wait for
+    /// the migration; `vm_migrate_cancel` does not.
+    async fn vm_migrate_send(
+        &self,
+        id: VmId,
+        req: &MigrateRequest,
+        progress: &MigrateProgressFn,
+    ) -> Result<MigrateOutcome, DriverError>;
+
+    /// Destination side, after `vm_migrate_send` succeeded: waits up to
+    /// `timeout` for the incoming VM to run, stops the NBD export and makes
+    /// the VM an ordinary VM of this host (running in `vm_status`).
+    async fn vm_migrate_finish(&self, id: VmId, timeout: Duration) -> Result<(), DriverError>;
+
+    /// Source side: cancels the migration of `id` in progress (the VM keeps
+    /// running here) and waits for `vm_migrate_send` to have cleaned up.
+    /// Without a migration in progress it succeeds and does nothing.
+    async fn vm_migrate_cancel(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Destination side: ends the incoming VM and removes every file it
+    /// made. Idempotent; refused ([`DriverError::InvalidState`]) once the
+    /// incoming VM runs (the migration completed: the VM lives here now).
+    async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError>;
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

@@ -88,6 +88,24 @@ pub enum DriverError {
     #[error("driver configuration: {0}")]
     Config(String),
 
+    /// Live migration of this VM is refused before anything is done: a
+    /// QEMU/accelerator combination known to corrupt guests, incompatible
+    /// hosts, snapshot layers, attached volumes. The reason names what to do
+    /// instead.
+    #[error("live migration of VM {id} refused: {reason}")]
+    MigrationRefused { id: VmId, reason: String },
+
+    /// A live migration failed while it ran. On the source the VM still runs
+    /// there (resumed if QEMU had paused it); the destination's incoming VM
+    /// must be removed with `vm_migrate_abort_incoming`.
+    #[error("live migration of VM {id} failed: {reason}")]
+    Migration {
+        id: VmId,
+        reason: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// The volume does not exist on this host (the volume analog of
     /// [`DriverError::NotFound`], which names a VM).
     #[error("volume {0} does not exist on this host")]

@@ -47,6 +47,7 @@
 pub mod backup;
 pub mod driver;
 pub mod error;
+pub mod migrate;
 pub mod qemu;
 pub mod sim;
 pub mod snapshot;
@@ -60,6 +61,10 @@ pub use backup::{
 };
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};
+pub use migrate::{
+    compatibility_problem, live_migration_refusal, IncomingDisk, IncomingReady, IncomingRequest,
+    MigrateOutcome, MigratePhase, MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget,
+};
 pub use qemu::{
     guest_agent_wait, probe_accel, Accel, AccelChoice, AccelProbe, QemuConfig, QemuDriver,
 };

@@ -38,11 +38,23 @@
 //! attached, destroying a VM frees its volumes). Detaching always succeeds at
 //! once (a simulated guest always releases the disk); `allocated_bytes` is 0
 //! (nothing is ever written).
+//!
+//! Live migration (see [`crate::migrate`]) moves a VM's row from one
+//! simulated driver to another in the same process: `vm_migrate_prepare`
+//! adds a paused incoming VM and registers its `sim:` migration URI in a
+//! process-wide table; `vm_migrate_send` finds the destination through that
+//! URI, waits the configured latency (the window in which
+//! `vm_migrate_cancel` or `vm_migrate_abort_incoming` make it fail), then
+//! makes the destination's VM run (with the source's change-tracking bitmaps
+//! and boot count) and removes the source's. The QEMU driver's refusals
+//! apply: snapshots, attached volumes, a destination that does not wait for
+//! this request.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -57,6 +69,10 @@ use crate::{
     SnapshotRequest, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus, MAX_SNAPSHOTS,
 };
 use crate::{volume::check_resize, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};
+use crate::{
+    IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome, MigratePhase, MigrateProgress,
+    MigrateProgressFn, MigrateRequest, NbdTarget,
+};
 
 /// Events a simulated driver buffers per subscriber. Small on purpose: 10,000
 /// drivers in one process each allocate this many slots up front, and a
@@ -98,12 +114,37 @@ struct SimVm {
     bitmaps: HashMap<String, bool>,
     /// Snapshots of the disk, oldest first.
     snapshots: Vec<SnapshotInfo>,
+    /// Set while the VM waits for an incoming migration: what prepare said.
+    incoming: Option<IncomingReady>,
+}
+
+/// Every simulated destination waiting for a migration, by migration URI.
+type Endpoints = Mutex<HashMap<String, SimEndpoint>>;
+
+/// A simulated destination, as the source finds it.
+struct SimEndpoint {
+    vms: Weak<Mutex<HashMap<VmId, SimVm>>>,
+    events: broadcast::Sender<VmEvent>,
+}
+
+fn endpoints() -> &'static Endpoints {
+    static ENDPOINTS: OnceLock<Endpoints> = OnceLock::new();
+    ENDPOINTS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn lock_endpoints() -> std::sync::MutexGuard<'static, HashMap<String, SimEndpoint>> {
+    endpoints().lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The simulated driver. See the module docs.
 pub struct SimDriver {
     config: SimConfig,
-    vms: Mutex<HashMap<VmId, SimVm>>,
+    /// Shared (weakly) with the endpoint table, so a source can reach it.
+    vms: Arc<Mutex<HashMap<VmId, SimVm>>>,
+    /// Names this driver's migration URIs.
+    token: uuid::Uuid,
+    /// Cancel flags of the migrations this driver sends.
+    sending: Mutex<HashMap<VmId, Arc<AtomicBool>>>,
     events: broadcast::Sender<VmEvent>,
     /// SHA-256 of every backup this host took, by path.
     backups: Mutex<HashMap<PathBuf, String>>,
@@ -133,7 +174,9 @@ impl SimDriver {
         let (events, _) = broadcast::channel(SIM_EVENT_CAPACITY);
         SimDriver {
             config,
-            vms: Mutex::new(HashMap::new()),
+            vms: Arc::new(Mutex::new(HashMap::new())),
+            token: uuid::Uuid::new_v4(),
+            sending: Mutex::new(HashMap::new()),
             events,
             backups: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
@@ -271,6 +314,7 @@ impl Driver for SimDriver {
                 last_contact: None,
                 bitmaps: HashMap::new(),
                 snapshots: Vec::new(),
+                incoming: None,
             },
         );
         Ok(())
@@ -278,7 +322,16 @@ impl Driver for SimDriver {
 
     async fn vm_start(&self, id: VmId) -> Result<(), DriverError> {
         self.delay().await;
-        self.with_vm(id, |_| Ok(VmRuntimeState::Running))
+        self.with_vm(id, |vm| {
+            if vm.incoming.is_some() {
+                return Err(DriverError::InvalidState {
+                    id,
+                    operation: "start",
+                    state: "waiting for an incoming migration".into(),
+                });
+            }
+            Ok(VmRuntimeState::Running)
+        })
     }
 
     async fn vm_stop(&self, id: VmId, _graceful_timeout: Duration) -> Result<StopHow, DriverError> {
@@ -732,15 +785,312 @@ impl Driver for SimDriver {
         Ok(self.lock_volumes().get(&volume_id).map(SimVolume::info))
     }
 
+    async fn vm_migrate_prepare(
+        &self,
+        spec: &VmSpec,
+        req: &IncomingRequest,
+    ) -> Result<IncomingReady, DriverError> {
+        self.migrate_prepare(spec, req).await
+    }
+
+    async fn vm_migrate_send(
+        &self,
+        id: VmId,
+        req: &MigrateRequest,
+        progress: &MigrateProgressFn,
+    ) -> Result<MigrateOutcome, DriverError> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.lock_sending().insert(id, cancel.clone());
+        let result = self.migrate_send(id, req, progress, &cancel).await;
+        self.lock_sending().remove(&id);
+        result
+    }
+
+    async fn vm_migrate_finish(&self, id: VmId, timeout: Duration) -> Result<(), DriverError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let vms = self.lock();
+                let vm = vms.get(&id).ok_or(DriverError::NotFound(id))?;
+                if vm.incoming.is_none() {
+                    return if vm.state.is_active() {
+                        Ok(())
+                    } else {
+                        Err(DriverError::InvalidState {
+                            id,
+                            operation: "finish the migration of",
+                            state: vm.state.to_string(),
+                        })
+                    };
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(DriverError::timeout(format!(
+                    "waiting {}s for the incoming migration of VM {id} to complete",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn vm_migrate_cancel(&self, id: VmId) -> Result<(), DriverError> {
+        let flag = self.lock_sending().get(&id).cloned();
+        if let Some(flag) = flag {
+            flag.store(true, Ordering::SeqCst);
+            // Returns once the send has undone its work.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.lock_sending().contains_key(&id) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError> {
+        let removed = {
+            let mut vms = self.lock();
+            match vms.get(&id) {
+                None => return Ok(()),
+                Some(vm) if vm.incoming.is_none() => {
+                    return Err(DriverError::InvalidState {
+                        id,
+                        operation: "abort the incoming migration of",
+                        state: format!(
+                        "{} (the migration completed: the VM lives here now; destroy it instead)",
+                        vm.state
+                    ),
+                    })
+                }
+                Some(_) => vms.remove(&id),
+            }
+        };
+        if let Some(ready) = removed.and_then(|vm| vm.incoming) {
+            lock_endpoints().remove(&ready.migration_uri);
+            let _ = self.events.send(VmEvent {
+                id,
+                state: VmRuntimeState::Stopped,
+            });
+        }
+        Ok(())
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.events.subscribe()
     }
 }
 
+impl SimDriver {
+    fn lock_sending(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Arc<AtomicBool>>> {
+        self.sending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn migrate_prepare(
+        &self,
+        spec: &VmSpec,
+        req: &IncomingRequest,
+    ) -> Result<IncomingReady, DriverError> {
+        spec.validate()?;
+        self.delay().await;
+        let mut vms = self.lock();
+        if let Some(existing) = vms.get(&spec.id) {
+            return match &existing.incoming {
+                Some(ready) if ready.request_id == req.request_id => Ok(ready.clone()),
+                Some(ready) => Err(DriverError::Conflict {
+                    id: spec.id,
+                    difference: format!(
+                        "it is already waiting for migration request {}",
+                        ready.request_id
+                    ),
+                }),
+                None => Err(DriverError::Conflict {
+                    id: spec.id,
+                    difference: "it already exists on this host".into(),
+                }),
+            };
+        }
+        let migration_uri = format!("sim:{}/{}", self.token, spec.id);
+        let ready = IncomingReady {
+            request_id: req.request_id,
+            vm_id: spec.id,
+            migration_uri: migration_uri.clone(),
+            nbd: match req.disk {
+                IncomingDisk::Pool => None,
+                _ => Some(NbdTarget {
+                    host: "sim".into(),
+                    port: 0,
+                    export: format!("stratus-{}", spec.id),
+                }),
+            },
+            qemu_version: "sim".into(),
+            machine: "sim".into(),
+            accel: "sim".into(),
+            disk_virtual_size: match req.disk {
+                IncomingDisk::Standalone { virtual_size } => virtual_size,
+                _ => spec.disk_bytes,
+            },
+            disk_backing: match req.disk {
+                IncomingDisk::Overlay => Some(spec.image.clone()),
+                _ => None,
+            },
+            shared_disk: match (&req.disk, &spec.pool) {
+                (IncomingDisk::Pool, Some(pool)) => Some(
+                    pool.join("vms")
+                        .join(spec.id.to_string())
+                        .join("disk.qcow2"),
+                ),
+                _ => None,
+            },
+            tls: false,
+        };
+        vms.insert(
+            spec.id,
+            SimVm {
+                spec: spec.clone(),
+                state: VmRuntimeState::Paused,
+                since: Utc::now(),
+                boots: 0,
+                last_contact: None,
+                bitmaps: HashMap::new(),
+                snapshots: Vec::new(),
+                incoming: Some(ready.clone()),
+            },
+        );
+        lock_endpoints().insert(
+            migration_uri,
+            SimEndpoint {
+                vms: Arc::downgrade(&self.vms),
+                events: self.events.clone(),
+            },
+        );
+        Ok(ready)
+    }
+
+    async fn migrate_send(
+        &self,
+        id: VmId,
+        req: &MigrateRequest,
+        progress: &MigrateProgressFn,
+        cancel: &AtomicBool,
+    ) -> Result<MigrateOutcome, DriverError> {
+        let started = Instant::now();
+        let refused = |reason: String| DriverError::MigrationRefused { id, reason };
+        let failed = |reason: String| DriverError::Migration {
+            id,
+            reason,
+            source: None,
+        };
+        let (bitmaps, boots, disk_bytes) = {
+            let vms = self.lock();
+            let vm = vms.get(&id).ok_or(DriverError::NotFound(id))?;
+            if !vm.state.is_active() || vm.incoming.is_some() {
+                return Err(DriverError::InvalidState {
+                    id,
+                    operation: "live-migrate",
+                    state: vm.state.to_string(),
+                });
+            }
+            if !vm.snapshots.is_empty() {
+                return Err(refused(format!(
+                    "it has {} snapshot(s); delete or merge the snapshots first",
+                    vm.snapshots.len()
+                )));
+            }
+            (vm.bitmaps.clone(), vm.boots, vm.spec.disk_bytes)
+        };
+        if self
+            .lock_volumes()
+            .values()
+            .any(|v| v.attached_to == Some(id))
+        {
+            return Err(refused(
+                "it has attached volumes, which stay on this host; detach them first".into(),
+            ));
+        }
+        if req.ready.accel != "sim" {
+            return Err(refused(format!(
+                "the destination runs {} VMs; a simulated VM moves only to a simulated host",
+                req.ready.accel
+            )));
+        }
+        let find_destination = || {
+            let endpoints = lock_endpoints();
+            let endpoint = endpoints.get(&req.ready.migration_uri);
+            endpoint.and_then(|e| Some((e.vms.upgrade()?, e.events.clone())))
+        };
+        let waiting = |dest: &HashMap<VmId, SimVm>| {
+            dest.get(&id)
+                .and_then(|vm| vm.incoming.as_ref())
+                .is_some_and(|r| r.request_id == req.ready.request_id)
+        };
+        progress(MigrateProgress {
+            phase: Some(MigratePhase::MigratingMemory),
+            disk_total_bytes: disk_bytes,
+            ..MigrateProgress::default()
+        });
+        // The window in which a migration can be cancelled or lose its
+        // destination.
+        self.delay().await;
+        if cancel.load(Ordering::SeqCst) {
+            return Err(failed("cancelled".into()));
+        }
+        let Some((dest_vms, dest_events)) = find_destination() else {
+            return Err(failed(format!(
+                "no destination listens at {}",
+                req.ready.migration_uri
+            )));
+        };
+        {
+            let mut dest = dest_vms.lock().unwrap_or_else(|e| e.into_inner());
+            if !waiting(&dest) {
+                return Err(failed(
+                    "the destination no longer waits for this migration".into(),
+                ));
+            }
+            if let Some(vm) = dest.get_mut(&id) {
+                vm.incoming = None;
+                vm.bitmaps = bitmaps;
+                vm.boots = boots;
+                vm.state = VmRuntimeState::Running;
+                vm.since = Utc::now();
+            }
+        }
+        lock_endpoints().remove(&req.ready.migration_uri);
+        let _ = dest_events.send(VmEvent {
+            id,
+            state: VmRuntimeState::Running,
+        });
+        if self.lock().remove(&id).is_some() {
+            let _ = self.events.send(VmEvent {
+                id,
+                state: VmRuntimeState::Stopped,
+            });
+        }
+        progress(MigrateProgress {
+            phase: Some(MigratePhase::Completing),
+            disk_done_bytes: disk_bytes,
+            disk_total_bytes: disk_bytes,
+            ..MigrateProgress::default()
+        });
+        let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(MigrateOutcome {
+            total_ms,
+            downtime_ms: 0,
+            setup_ms: 0,
+            mirror_ms: 0,
+            mirror_drain_ms: 0,
+            qemu_ms: total_ms,
+            finish_ms: 0,
+            memory_bytes: 0,
+            disk_bytes: 0,
+            postcopy: false,
+            passes: 1,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::spec::tests::spec;
 
@@ -950,6 +1300,233 @@ mod tests {
                 file: p.target.clone(),
             }),
         }
+    }
+
+    fn incoming(disk: IncomingDisk) -> IncomingRequest {
+        IncomingRequest {
+            request_id: uuid::Uuid::new_v4(),
+            disk,
+            postcopy: false,
+        }
+    }
+
+    fn migrate_req(ready: IncomingReady) -> MigrateRequest {
+        MigrateRequest {
+            ready,
+            max_bandwidth: None,
+            auto_converge: true,
+            postcopy_after_passes: None,
+            downtime_limit_ms: None,
+        }
+    }
+
+    async fn running(d: &SimDriver) -> VmSpec {
+        let s = spec();
+        d.vm_create(&s).await.expect("create");
+        d.vm_start(s.id).await.expect("start");
+        s
+    }
+
+    #[tokio::test]
+    async fn migration_moves_the_vm_with_its_bitmaps() {
+        let src = sim();
+        let dst = sim();
+        let s = running(&src).await;
+        let full = backup_req("m", None);
+        src.vm_backup(s.id, &full, &|_| {}).await.expect("backup");
+        let req = incoming(IncomingDisk::Overlay);
+        let ready = dst.vm_migrate_prepare(&s, &req).await.expect("prepare");
+        assert_eq!(
+            dst.vm_migrate_prepare(&s, &req).await.expect("again"),
+            ready,
+            "a retried prepare answers the same"
+        );
+        assert!(matches!(
+            dst.vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+                .await,
+            Err(DriverError::Conflict { .. })
+        ));
+        assert_eq!(
+            dst.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Paused
+        );
+        assert!(
+            matches!(
+                dst.vm_start(s.id).await,
+                Err(DriverError::InvalidState { .. })
+            ),
+            "an incoming VM is not started by hand"
+        );
+        let mut src_events = src.subscribe();
+        let mut dst_events = dst.subscribe();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let outcome = src
+            .vm_migrate_send(s.id, &migrate_req(ready), &move |p| {
+                record.lock().expect("lock").push(p)
+            })
+            .await
+            .expect("send");
+        assert_eq!(outcome.passes, 1);
+        assert!(!seen.lock().expect("lock").is_empty());
+        dst.vm_migrate_finish(s.id, Duration::from_secs(1))
+            .await
+            .expect("finish");
+        dst.vm_migrate_finish(s.id, Duration::from_secs(1))
+            .await
+            .expect("finish is idempotent");
+        assert!(src.vm_status(s.id).await.expect("status").is_none());
+        assert_eq!(
+            dst.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
+        assert_eq!(
+            src_events.try_recv().expect("event").state,
+            VmRuntimeState::Stopped
+        );
+        assert_eq!(
+            dst_events.try_recv().expect("event").state,
+            VmRuntimeState::Running
+        );
+        // The bitmap came along: the next backup there is incremental.
+        let inc = backup_req("m", Some(&full));
+        let out = dst.vm_backup(s.id, &inc, &|_| {}).await.expect("backup");
+        assert_eq!(out.mode, BackupMode::Incremental);
+        assert!(
+            matches!(
+                dst.vm_migrate_abort_incoming(s.id).await,
+                Err(DriverError::InvalidState { .. })
+            ),
+            "a VM that arrived cannot be aborted away"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_and_a_lost_destination_leave_the_vm_on_the_source() {
+        let src = Arc::new(SimDriver::new(SimConfig {
+            latency: Duration::from_millis(200),
+            ..SimConfig::default()
+        }));
+        let dst = sim();
+        let s = running(&src).await;
+
+        // Cancelled mid-way.
+        let ready = dst
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        let sender = src.clone();
+        let req = migrate_req(ready);
+        let send = tokio::spawn(async move { sender.vm_migrate_send(s.id, &req, &|_| {}).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        src.vm_migrate_cancel(s.id).await.expect("cancel");
+        let err = send.await.expect("task").expect_err("cancelled");
+        assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+        assert_eq!(
+            src.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
+        dst.vm_migrate_abort_incoming(s.id).await.expect("abort");
+        dst.vm_migrate_abort_incoming(s.id)
+            .await
+            .expect("abort again");
+        assert_eq!(dst.vm_count(), 0);
+
+        // The destination goes away mid-way.
+        let ready = dst
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        let sender = src.clone();
+        let req = migrate_req(ready.clone());
+        let send = tokio::spawn(async move { sender.vm_migrate_send(s.id, &req, &|_| {}).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dst.vm_migrate_abort_incoming(s.id).await.expect("abort");
+        let err = send.await.expect("task").expect_err("destination gone");
+        assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+        assert_eq!(
+            src.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
+        assert_eq!(dst.vm_count(), 0);
+        // A dropped destination driver is gone too.
+        let gone = sim();
+        let ready = gone
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        drop(gone);
+        let err = src
+            .vm_migrate_send(s.id, &migrate_req(ready), &|_| {})
+            .await
+            .expect_err("no destination");
+        assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn migration_refusals_follow_the_qemu_rules() {
+        let src = sim();
+        let dst = sim();
+        let s = running(&src).await;
+        let ready = dst
+            .vm_migrate_prepare(&s, &incoming(IncomingDisk::Overlay))
+            .await
+            .expect("prepare");
+        let mut qemu = ready.clone();
+        qemu.accel = "tcg".into();
+        assert!(matches!(
+            src.vm_migrate_send(s.id, &migrate_req(qemu), &|_| {}).await,
+            Err(DriverError::MigrationRefused { .. })
+        ));
+        src.vm_snapshot_create(
+            s.id,
+            &SnapshotRequest {
+                snapshot_id: uuid::Uuid::new_v4(),
+                name: "s".into(),
+            },
+        )
+        .await
+        .expect("snapshot");
+        match src
+            .vm_migrate_send(s.id, &migrate_req(ready.clone()), &|_| {})
+            .await
+        {
+            Err(DriverError::MigrationRefused { reason, .. }) => {
+                assert!(reason.contains("snapshots first"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let stopped = spec();
+        src.vm_create(&stopped).await.expect("create");
+        assert!(matches!(
+            src.vm_migrate_send(stopped.id, &migrate_req(ready), &|_| {})
+                .await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        assert_eq!(
+            src.vm_status(s.id)
+                .await
+                .expect("status")
+                .expect("known")
+                .state,
+            VmRuntimeState::Running
+        );
     }
 
     #[tokio::test]

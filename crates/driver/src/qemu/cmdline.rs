@@ -213,6 +213,38 @@ pub(crate) fn qemu_args(
     Ok(a)
 }
 
+/// How the destination of a live migration starts (see [`make_incoming`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Incoming {
+    /// The disk is mirrored into this QEMU through an NBD export of its node
+    /// while the migration runs.
+    pub exported_disk: bool,
+}
+
+/// Turns a VM's arguments into those of the destination of a live
+/// migration: `-incoming defer` (the driver names the address later, with
+/// `migrate-incoming`, once it has picked a port) and no `-S`, so QEMU runs
+/// the guest the moment the migrated state is loaded instead of waiting for
+/// a `cont` from the driver (which would add a round trip to the guest's
+/// pause). With an exported disk, the disk device shares write access
+/// (`share-rw=on`): the NBD export still holds the node writable when the
+/// migration completes and QEMU activates the device, which would otherwise
+/// refuse to start ("Permission conflict on node"); the source has stopped
+/// writing through it by then (it drains and ends the mirror before the
+/// switch-over). Nothing the guest sees changes: the state only loads into
+/// the same devices.
+pub(crate) fn make_incoming(args: &mut Vec<String>, incoming: Incoming) {
+    args.retain(|a| a != "-S");
+    if incoming.exported_disk {
+        for a in args.iter_mut() {
+            if a.starts_with("virtio-blk-pci,") && a.contains(",id=disk0-dev") {
+                a.push_str(",share-rw=on");
+            }
+        }
+    }
+    args.extend(["-incoming".to_string(), "defer".to_string()]);
+}
+
 /// The id of hot-plug port `port` (0-based): the bus a volume plugs into.
 pub(crate) fn hotplug_port_id(port: usize) -> String {
     format!("hp{port}")
@@ -405,6 +437,45 @@ mod tests {
             serde_json::Value::Null,
             "a standalone disk gets no backing"
         );
+    }
+
+    #[test]
+    fn incoming_vm_has_the_same_devices_and_waits_for_the_state() {
+        let s = spec();
+        let paths = VmPaths::new(Path::new("/d/vms"), s.id);
+        let opts = LaunchOptions {
+            accel: Accel::Tcg,
+            sandbox: false,
+        };
+        let normal = qemu_args(&s, &paths, &disk(&paths), opts).expect("args");
+        let mut incoming = normal.clone();
+        make_incoming(
+            &mut incoming,
+            Incoming {
+                exported_disk: false,
+            },
+        );
+        assert!(has_pair(&incoming, "-incoming", "defer"));
+        assert!(!incoming.iter().any(|a| a == "-S"));
+        let devices = |args: &[String]| -> Vec<String> {
+            args.windows(2)
+                .filter(|w| w[0] == "-device" || w[0] == "-blockdev" || w[0] == "-machine")
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        assert_eq!(devices(&normal), devices(&incoming));
+        let mut exported = normal.clone();
+        make_incoming(
+            &mut exported,
+            Incoming {
+                exported_disk: true,
+            },
+        );
+        assert!(has_pair(
+            &exported,
+            "-device",
+            "virtio-blk-pci,drive=layer-1,id=disk0-dev,bootindex=1,share-rw=on"
+        ));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Configuration of the QEMU driver and the accelerator vocabulary.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +59,18 @@ pub struct QemuConfig {
     /// Most bytes per second a backup copies (QEMU's block job `speed`), so
     /// backups do not starve the guests' own disk I/O. `None`: unlimited.
     pub backup_bandwidth: Option<u64>,
+    /// The address a destination of a live migration listens on (the
+    /// migration stream and the NBD export of its disk): the host's address
+    /// on the migration network.
+    pub migration_address: IpAddr,
+    /// The ports it may listen on; the first free ones are taken (one for
+    /// the migration, one for NBD per incoming VM). A firewall opens these.
+    pub migration_ports: RangeInclusive<u16>,
+    /// When set, live migrations are encrypted: a directory with
+    /// `ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`
+    /// and `client-key.pem` (QEMU's `tls-creds-x509` layout), the same CA on
+    /// every host; both the migration stream and the NBD disk mirror use it.
+    pub migration_tls_dir: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -71,6 +85,9 @@ impl QemuConfig {
             probe_kernel: None,
             probe_timeout: Duration::from_secs(15),
             backup_bandwidth: None,
+            migration_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            migration_ports: 49152..=49215,
+            migration_tls_dir: None,
         }
     }
 }

@@ -52,6 +52,7 @@ mod console;
 mod host;
 mod image;
 mod layout;
+mod migrate;
 mod probe;
 mod process;
 mod prune;
@@ -128,6 +129,8 @@ struct Shared {
     events: broadcast::Sender<VmEvent>,
     /// One operation per data volume at a time (see `volume.rs`).
     volume_locks: volume::VolumeLocks,
+    /// The live migrations this driver sends, so they can be cancelled.
+    migrations: migrate::Sending,
 }
 
 /// What the driver keeps in memory per VM it has seen.
@@ -232,6 +235,7 @@ impl QemuDriver {
                 vms: Mutex::new(HashMap::new()),
                 events,
                 volume_locks: volume::VolumeLocks::default(),
+                migrations: migrate::Sending::default(),
             }),
             _data_dir_lock: data_dir_lock,
         };
@@ -527,6 +531,34 @@ impl Shared {
         let spec: VmSpec =
             read_json(&paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(vm.id))?;
         let disk = snapshot::launch_disk(&self.config.qemu_img, vm.id, paths).await?;
+        let pid = self.launch(vm, &spec, &disk, None).await?;
+        let resumed = async {
+            let qmp = self.qmp(vm).await?;
+            qmp::execute(&qmp, qapi::qmp::cont {}, QMP_TIMEOUT, "start").await
+        }
+        .await;
+        if let Err(e) = resumed {
+            tracing::warn!(vm = %vm.id, error = %e, "QEMU did not resume; ending it");
+            let _ = self.kill(vm, pid, false).await;
+            drop(lock(&vm.runtime).take());
+            let _ = self.record_exit(vm, Some(pid));
+            return Err(e);
+        }
+        self.record_active(vm, pid, VmRuntimeState::Running)
+    }
+
+    /// Runs QEMU for the VM, paused (`-S`; or, `incoming`, waiting for a
+    /// live migration: `-incoming defer`, without `-S` so the guest runs the
+    /// moment the state is in), records it as paused and attaches the
+    /// console and monitor. Returns QEMU's pid. Caller holds `vm.op`.
+    async fn launch(
+        self: &Arc<Self>,
+        vm: &Arc<VmEntry>,
+        spec: &VmSpec,
+        disk: &cmdline::DiskLaunch,
+        incoming: Option<cmdline::Incoming>,
+    ) -> Result<u32, DriverError> {
+        let paths = &vm.paths;
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
         for p in [&paths.pidfile, &paths.stop_marker, &paths.shutdown_json] {
@@ -543,8 +575,11 @@ impl Shared {
                     .open(&paths.qemu_log)
             })
             .map_err(|e| DriverError::io("cannot create the QEMU log", &paths.qemu_log, e))?;
-        let mut args = cmdline::qemu_args(&spec, paths, &disk, self.launch)?;
+        let mut args = cmdline::qemu_args(spec, paths, disk, self.launch)?;
         args.extend(volume::boot_args(self, vm)?);
+        if let Some(incoming) = incoming {
+            cmdline::make_incoming(&mut args, incoming);
+        }
         tracing::debug!(vm = %vm.id, ?args, "starting QEMU");
         let status = tokio::time::timeout(
             Duration::from_secs(60),
@@ -597,19 +632,69 @@ impl Shared {
         if !matches!(attached_rx.await, Ok(true)) {
             tracing::warn!(vm = %vm.id, "starting without the console attached");
         }
-        let resumed = async {
-            let qmp = self.qmp(vm).await?;
-            qmp::execute(&qmp, qapi::qmp::cont {}, QMP_TIMEOUT, "start").await
+        Ok(pid)
+    }
+
+    /// Kills the VM if it runs and removes everything the driver keeps for
+    /// it (see `vm_destroy`). Caller holds `vm.op`.
+    async fn destroy(&self, vm: &VmEntry) -> Result<(), DriverError> {
+        drop(lock(&vm.runtime).take());
+        let mut pids = process::find_qemu_of(vm.id);
+        if let Some(pid) = process::read_pidfile(&vm.paths.pidfile) {
+            if process::is_qemu_of(pid, vm.id) && !pids.contains(&pid) {
+                pids.push(pid);
+            }
         }
-        .await;
-        if let Err(e) = resumed {
-            tracing::warn!(vm = %vm.id, error = %e, "QEMU did not resume; ending it");
-            let _ = self.kill(vm, pid, false).await;
-            drop(lock(&vm.runtime).take());
-            let _ = self.record_exit(vm, Some(pid));
-            return Err(e);
+        let was_active = !pids.is_empty()
+            || read_json::<StateRecord>(&vm.paths.state_json, "VM state record")
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.state.is_active());
+        if vm.paths.dir.exists() {
+            for pid in &pids {
+                self.kill(vm, *pid, false).await?;
+            }
+        } else {
+            for pid in &pids {
+                process::signal(*pid, Signal::KILL).map_err(|e| {
+                    DriverError::io(format!("cannot kill QEMU pid {pid}"), &vm.paths.dir, e)
+                })?;
+            }
         }
-        self.record_active(vm, pid, VmRuntimeState::Running)
+        // Volumes outlive the VM: forget its attachments first, so even a
+        // directory removal that fails half-way leaves them free.
+        remove_file_if_exists(&vm.paths.volumes_json)?;
+        // A VM in a shared pool: its disks first (the link is how they are
+        // found, so it goes last).
+        if let Ok(disks) = std::fs::read_link(&vm.paths.disks_link) {
+            match std::fs::remove_dir_all(&disks) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DriverError::io(
+                        "cannot remove the VM's disks from its storage pool",
+                        &disks,
+                        e,
+                    ))
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&vm.paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(DriverError::io(
+                    "cannot remove the VM directory",
+                    &vm.paths.dir,
+                    e,
+                ))
+            }
+        }
+        lock(&self.vms).remove(&vm.id);
+        if was_active {
+            self.emit(vm.id, VmRuntimeState::Stopped);
+        }
+        Ok(())
     }
 
     async fn guest_info(&self, vm: &VmEntry) -> GuestInfo {
@@ -736,19 +821,17 @@ impl Shared {
 }
 
 /// Takes the data directory's driver lock, or says who holds it.
+/// Where the disks of VM `id` live in the shared pool at `pool`.
+pub(crate) fn pool_disk_dir(pool: &Path, id: VmId) -> PathBuf {
+    pool.join("vms").join(id.to_string())
+}
+
 /// Makes the VM's disk directory in a shared pool, `<pool>/vms/<vm-id>/`,
 /// and links the VM's `disks` to it (see `layout.rs`). Idempotent; a link
 /// to another directory is replaced (a create that started over with
 /// another pool).
-fn link_pool_disks(paths: &VmPaths, pool: &Path) -> Result<(), DriverError> {
-    let Some(name) = paths.dir.file_name() else {
-        return Err(DriverError::io(
-            "the VM directory has no name",
-            &paths.dir,
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        ));
-    };
-    let target = pool.join("vms").join(name);
+pub(crate) fn link_pool_disks(paths: &VmPaths, pool: &Path, id: VmId) -> Result<(), DriverError> {
+    let target = pool_disk_dir(pool, id);
     std::fs::create_dir_all(&target).map_err(|e| {
         DriverError::io(
             "cannot create the VM's directory in the storage pool",
@@ -1037,7 +1120,7 @@ impl Driver for QemuDriver {
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
         if let Some(pool) = &spec.pool {
-            link_pool_disks(paths, pool)?;
+            link_pool_disks(paths, pool, spec.id)?;
         }
         remove_file_if_exists(&paths.snapshots_json())?;
         if let Some(backup) = &spec.restore_from {
@@ -1087,6 +1170,14 @@ impl Driver for QemuDriver {
         let shared = &self.shared;
         let vm = shared.existing(id)?;
         let _op = vm.op.lock().await;
+        if migrate::is_incoming(&vm) {
+            // QEMU would take a `cont` now as "run once the state is in".
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "start",
+                state: "waiting for an incoming migration (finish or abort it)".into(),
+            });
+        }
         if let Some(pid) = shared.ensure_adopted(&vm)? {
             if shared.read_record(&vm)?.state == VmRuntimeState::Paused {
                 // E.g. an agent that died between launching QEMU and `cont`.
@@ -1172,63 +1263,7 @@ impl Driver for QemuDriver {
         let shared = &self.shared;
         let vm = shared.entry(id);
         let _op = vm.op.lock().await;
-        drop(lock(&vm.runtime).take());
-        let mut pids = process::find_qemu_of(id);
-        if let Some(pid) = process::read_pidfile(&vm.paths.pidfile) {
-            if process::is_qemu_of(pid, id) && !pids.contains(&pid) {
-                pids.push(pid);
-            }
-        }
-        let was_active = !pids.is_empty()
-            || read_json::<StateRecord>(&vm.paths.state_json, "VM state record")
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.state.is_active());
-        if vm.paths.dir.exists() {
-            for pid in &pids {
-                shared.kill(&vm, *pid, false).await?;
-            }
-        } else {
-            for pid in &pids {
-                process::signal(*pid, Signal::KILL).map_err(|e| {
-                    DriverError::io(format!("cannot kill QEMU pid {pid}"), &vm.paths.dir, e)
-                })?;
-            }
-        }
-        // Volumes outlive the VM: forget its attachments first, so even a
-        // directory removal that fails half-way leaves them free.
-        remove_file_if_exists(&vm.paths.volumes_json)?;
-        // A VM in a shared pool: its disks first (the link is how they are
-        // found, so it goes last).
-        if let Ok(disks) = std::fs::read_link(&vm.paths.disks_link) {
-            match std::fs::remove_dir_all(&disks) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(DriverError::io(
-                        "cannot remove the VM's disks from its storage pool",
-                        &disks,
-                        e,
-                    ))
-                }
-            }
-        }
-        match std::fs::remove_dir_all(&vm.paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(DriverError::io(
-                    "cannot remove the VM directory",
-                    &vm.paths.dir,
-                    e,
-                ))
-            }
-        }
-        lock(&shared.vms).remove(&id);
-        if was_active {
-            shared.emit(id, VmRuntimeState::Stopped);
-        }
-        Ok(())
+        shared.destroy(&vm).await
     }
 
     async fn vm_status(&self, id: VmId) -> Result<Option<VmStatus>, DriverError> {
@@ -1389,6 +1424,35 @@ impl Driver for QemuDriver {
 
     async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError> {
         volume::info(&self.shared, volume_id).await
+    }
+
+    async fn vm_migrate_prepare(
+        &self,
+        spec: &VmSpec,
+        req: &crate::IncomingRequest,
+    ) -> Result<crate::IncomingReady, DriverError> {
+        migrate::prepare(&self.shared, spec, req).await
+    }
+
+    async fn vm_migrate_send(
+        &self,
+        id: VmId,
+        req: &crate::MigrateRequest,
+        progress: &crate::MigrateProgressFn,
+    ) -> Result<crate::MigrateOutcome, DriverError> {
+        migrate::send(&self.shared, id, req, progress).await
+    }
+
+    async fn vm_migrate_finish(&self, id: VmId, timeout: Duration) -> Result<(), DriverError> {
+        migrate::finish(&self.shared, id, timeout).await
+    }
+
+    async fn vm_migrate_cancel(&self, id: VmId) -> Result<(), DriverError> {
+        migrate::cancel(&self.shared, id).await
+    }
+
+    async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError> {
+        migrate::abort_incoming(&self.shared, id).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

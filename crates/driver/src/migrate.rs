@@ -1,0 +1,367 @@
+//! Live migration of a running VM from one host's driver to another's: the
+//! contract (plain serde data the controller carries between the two hosts'
+//! agents) and the pure checks both drivers share.
+//!
+//! # The exchange
+//!
+//! ```text
+//!   controller            destination driver                 source driver
+//!      │ IncomingRequest ──► vm_migrate_prepare(spec, req)
+//!      │                      files, QEMU -incoming (paused),
+//!      │                      NBD export of its disk
+//!      │ ◄── IncomingReady ──┘
+//!      │ MigrateRequest { ready, .. } ───────────────────► vm_migrate_send(id, req, progress)
+//!      │                                                    mirror disk → NBD, migrate RAM,
+//!      │                                                    cancel mirror, end QEMU, remove files
+//!      │ ◄── MigrateOutcome ───────────────────────────────┘
+//!      │ ──► vm_migrate_finish(id)  (VM running here, NBD stopped, recorded as running)
+//!
+//!   failure: vm_migrate_cancel(id) on the source (VM keeps running there),
+//!            vm_migrate_abort_incoming(id) on the destination (nothing left).
+//! ```
+//!
+//! The source knows the migration reached the destination through QEMU's
+//! return path: with it, QEMU reports `completed` only after the destination
+//! loaded the whole device state, so the source's files can go. The
+//! destination starts the guest itself the moment the state is loaded (its
+//! QEMU runs without `-S`), so the guest's pause is QEMU's `downtime` and
+//! not the controller's round trip to `vm_migrate_finish`.
+//!
+//! # What is refused, and why
+//!
+//! - QEMU older than 8.0 under TCG ([`live_migration_refusal`]): QEMU 7.2
+//!   corrupted guests that write memory hard during a TCG live migration
+//!   (10 of 11 runs on our hosts); pause-and-migrate or a cold migration work.
+//! - A destination whose QEMU is older than the source's, or whose machine
+//!   type or accelerator differs ([`compatibility_problem`]): the device
+//!   state would not load, or load wrong.
+//! - A VM with snapshot layers on a disk that is mirrored (not in a shared
+//!   pool): the mirror copies one layer; copying the chain would need each
+//!   layer mirrored in turn, and flattening would silently drop the
+//!   snapshots. "Delete the snapshots first". A VM in a shared pool keeps
+//!   its snapshots: the chain is already where the destination opens it.
+//! - A VM with attached volumes: they live in the source host's volume
+//!   directory, which the destination cannot open. "Detach them first".
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use stratus_common::VmId;
+
+/// What the controller asks of the destination host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    /// Identifies this attempt: a prepare retried with the same id returns
+    /// the same [`IncomingReady`] (or prepares afresh if the first attempt's
+    /// QEMU is gone); another id for a VM being prepared is a conflict.
+    pub request_id: uuid::Uuid,
+    /// Where the destination's disk comes from.
+    pub disk: IncomingDisk,
+    /// Whether the source may switch to post-copy: QEMU wants the
+    /// `postcopy-ram` capability on both sides before the migration starts.
+    #[serde(default)]
+    pub postcopy: bool,
+}
+
+/// The destination's disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IncomingDisk {
+    /// An empty qcow2 overlay of the spec's base image (the disk of a VM
+    /// created from an image): only the guest's own writes are mirrored
+    /// (`sync: top`), never the base image.
+    Overlay,
+    /// An empty standalone qcow2 of `virtual_size` bytes, for a disk that has
+    /// no base image (restored from a backup): everything is mirrored.
+    Standalone { virtual_size: u64 },
+    /// Nothing is copied: the disk is in the spec's shared storage pool
+    /// (`VmSpec::pool`), which both hosts see. The destination links its
+    /// VM directory to the disk's directory in the pool, so it opens the
+    /// same chain, snapshot layers included; the files stay where they are
+    /// and belong to the destination afterwards (the source removes only
+    /// its own directory).
+    Pool,
+}
+
+/// What the destination says once it waits for the migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingReady {
+    pub request_id: uuid::Uuid,
+    pub vm_id: VmId,
+    /// Where the source's QEMU sends the state, e.g. `tcp:10.0.0.2:49152`.
+    pub migration_uri: String,
+    /// Where the source mirrors the disk; `None` for a shared disk.
+    pub nbd: Option<NbdTarget>,
+    /// The destination's QEMU version, e.g. `10.0.2`.
+    pub qemu_version: String,
+    /// The versioned machine type the destination runs, e.g. `pc-q35-10.0`.
+    pub machine: String,
+    /// `kvm` or `tcg` (or `sim`).
+    pub accel: String,
+    /// The guest-visible size of the destination's disk.
+    pub disk_virtual_size: u64,
+    /// The base image under the destination's disk (`None`: standalone or
+    /// shared). The source refuses to mirror `sync: top` onto a disk whose
+    /// base is not its own.
+    pub disk_backing: Option<PathBuf>,
+    /// The disk file the destination opened in the shared pool (the source
+    /// leaves it in place); `None` when the disk is mirrored.
+    pub shared_disk: Option<PathBuf>,
+    /// Whether the destination expects TLS (both sides must agree).
+    pub tls: bool,
+}
+
+/// An NBD export the source mirrors the disk into.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdTarget {
+    pub host: String,
+    pub port: u16,
+    pub export: String,
+}
+
+/// What the controller asks of the source host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The destination's answer to `vm_migrate_prepare`.
+    pub ready: IncomingReady,
+    /// Most bytes per second the memory transfer uses (QEMU's
+    /// `max-bandwidth`); the disk mirror gets the same limit. `None`: QEMU's
+    /// default for memory (128 MiB/s in 10.0), no limit for the mirror.
+    pub max_bandwidth: Option<u64>,
+    /// Lets QEMU throttle the guest's vCPUs when memory is dirtied faster
+    /// than it is sent (`auto-converge`).
+    pub auto_converge: bool,
+    /// Switch to post-copy (`migrate-start-postcopy`) once this many passes
+    /// over memory have not converged. Needs `postcopy` in the
+    /// [`IncomingRequest`]. `None`: pre-copy only.
+    pub postcopy_after_passes: Option<u32>,
+    /// The longest pause QEMU may plan for the switch-over
+    /// (`downtime-limit`), in milliseconds. `None`: QEMU's 300 ms.
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigratePhase {
+    /// Copying the disk to the destination until the mirror is in sync.
+    MirroringDisk,
+    /// Sending memory, pass after pass, while the guest runs.
+    MigratingMemory,
+    /// Post-copy: the guest runs on the destination, pages follow.
+    Postcopy,
+    /// The guest is paused for the switch-over, or the source is finishing.
+    Completing,
+}
+
+/// One progress report of `vm_migrate_send`, about every 100 ms.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateProgress {
+    pub phase: Option<MigratePhase>,
+    pub memory_transferred_bytes: u64,
+    pub memory_remaining_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// Pages dirtied per second × page size.
+    pub dirty_rate_bytes_per_sec: u64,
+    /// QEMU's estimate of the pause, in milliseconds.
+    pub expected_downtime_ms: Option<u64>,
+    /// Passes over memory so far (QEMU's `dirty-sync-count`).
+    pub passes: u64,
+    pub disk_done_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+/// Called with each [`MigrateProgress`].
+pub type MigrateProgressFn = dyn Fn(MigrateProgress) + Send + Sync;
+
+/// How a completed migration went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOutcome {
+    /// From the call to its return.
+    pub total_ms: u64,
+    /// How long the guest was paused (QEMU's `downtime`).
+    pub downtime_ms: u64,
+    /// From the call to QEMU's `migrate` command: checks, disk mirror.
+    pub setup_ms: u64,
+    /// Of which the disk mirror reaching sync.
+    pub mirror_ms: u64,
+    /// How long the paused guest waited at the switch-over for its last
+    /// disk writes to reach the destination (part of `downtime_ms`).
+    pub mirror_drain_ms: u64,
+    /// QEMU's own migration time (`total-time`).
+    pub qemu_ms: u64,
+    /// From QEMU's completion to the return: mirror cancel, source cleanup.
+    pub finish_ms: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    /// Whether the migration switched to post-copy.
+    pub postcopy: bool,
+    pub passes: u64,
+}
+
+/// The oldest QEMU that migrates a memory-hungry TCG guest intact.
+pub const MIN_TCG_LIVE_MIGRATION_QEMU: (u32, u32) = (8, 0);
+
+/// `10.0.2` → `(10, 0, 2)`; missing parts are 0; `None` if not a version.
+pub fn parse_qemu_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.trim().split(['.', '-', '+', ' ']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let micro = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    Some((major, minor, micro))
+}
+
+/// Why live migration with this QEMU and accelerator must be refused, or
+/// `None` when it is safe. The reason names the alternative.
+pub fn live_migration_refusal(qemu_version: &str, accel: &str) -> Option<String> {
+    if accel != "tcg" {
+        return None;
+    }
+    let alternative = "stop the VM and migrate it cold, or pause it during the migration";
+    match parse_qemu_version(qemu_version) {
+        Some((major, minor, _)) if (major, minor) >= MIN_TCG_LIVE_MIGRATION_QEMU => None,
+        Some(_) => Some(format!(
+            "QEMU {qemu_version} under TCG corrupts guests that write memory during a live \
+             migration (QEMU {}.{} or newer does not); {alternative}",
+            MIN_TCG_LIVE_MIGRATION_QEMU.0, MIN_TCG_LIVE_MIGRATION_QEMU.1
+        )),
+        None => Some(format!(
+            "cannot tell whether QEMU version {qemu_version:?} migrates TCG guests safely; \
+             {alternative}"
+        )),
+    }
+}
+
+/// What the source (its QEMU version, machine type and accelerator) and the
+/// destination's [`IncomingReady`] disagree on, or `None`.
+pub fn compatibility_problem(
+    source_qemu: &str,
+    source_machine: &str,
+    source_accel: &str,
+    dest: &IncomingReady,
+) -> Option<String> {
+    if source_accel != dest.accel {
+        return Some(format!(
+            "the source runs the VM with {source_accel}, the destination with {}",
+            dest.accel
+        ));
+    }
+    match (
+        parse_qemu_version(source_qemu),
+        parse_qemu_version(&dest.qemu_version),
+    ) {
+        (Some(s), Some(d)) if d < s => {
+            return Some(format!(
+                "the destination's QEMU {} is older than the source's {source_qemu}",
+                dest.qemu_version
+            ))
+        }
+        (Some(_), Some(_)) => {}
+        _ => {
+            return Some(format!(
+                "cannot compare QEMU versions {source_qemu:?} and {:?}",
+                dest.qemu_version
+            ))
+        }
+    }
+    if source_machine != dest.machine {
+        return Some(format!(
+            "the source runs machine type {source_machine}, the destination {}",
+            dest.machine
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(qemu: &str, machine: &str, accel: &str) -> IncomingReady {
+        IncomingReady {
+            request_id: uuid::Uuid::new_v4(),
+            vm_id: VmId::new(),
+            migration_uri: "tcp:127.0.0.1:49152".into(),
+            nbd: None,
+            qemu_version: qemu.into(),
+            machine: machine.into(),
+            accel: accel.into(),
+            disk_virtual_size: 1 << 30,
+            disk_backing: None,
+            shared_disk: None,
+            tls: false,
+        }
+    }
+
+    #[test]
+    fn old_qemu_under_tcg_is_refused_with_the_alternative() {
+        let r = live_migration_refusal("7.2.19", "tcg").expect("refused");
+        assert!(r.contains("QEMU 7.2.19 under TCG corrupts"), "{r}");
+        assert!(r.contains("migrate it cold, or pause it"), "{r}");
+        assert!(live_migration_refusal("7.2.19", "kvm").is_none());
+        assert!(live_migration_refusal("8.0.0", "tcg").is_none());
+        assert!(live_migration_refusal("10.0.2", "tcg").is_none());
+        assert!(live_migration_refusal("6.2", "tcg").is_some());
+        assert!(live_migration_refusal("garbage", "tcg").is_some());
+        assert!(live_migration_refusal("garbage", "kvm").is_none());
+    }
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(parse_qemu_version("10.0.2"), Some((10, 0, 2)));
+        assert_eq!(parse_qemu_version("8.1"), Some((8, 1, 0)));
+        assert_eq!(parse_qemu_version("7.2.19+dfsg"), Some((7, 2, 19)));
+        assert_eq!(parse_qemu_version(""), None);
+        assert_eq!(parse_qemu_version("x.1"), None);
+    }
+
+    #[test]
+    fn incompatible_destinations_are_named() {
+        let ok = ready("10.0.2", "pc-q35-10.0", "tcg");
+        assert_eq!(
+            compatibility_problem("10.0.2", "pc-q35-10.0", "tcg", &ok),
+            None
+        );
+        let newer = ready("10.1.0", "pc-q35-10.0", "tcg");
+        assert_eq!(
+            compatibility_problem("10.0.2", "pc-q35-10.0", "tcg", &newer),
+            None
+        );
+        let older = ready("9.2.0", "pc-q35-10.0", "tcg");
+        let p = compatibility_problem("10.0.2", "pc-q35-10.0", "tcg", &older).expect("older");
+        assert!(p.contains("older than the source's 10.0.2"), "{p}");
+        let machine = ready("10.0.2", "pc-q35-9.2", "tcg");
+        let p = compatibility_problem("10.0.2", "pc-q35-10.0", "tcg", &machine).expect("machine");
+        assert!(p.contains("machine type pc-q35-10.0"), "{p}");
+        let accel = ready("10.0.2", "pc-q35-10.0", "kvm");
+        let p = compatibility_problem("10.0.2", "pc-q35-10.0", "tcg", &accel).expect("accel");
+        assert!(p.contains("with tcg, the destination with kvm"), "{p}");
+    }
+
+    #[test]
+    fn requests_round_trip_as_plain_data() {
+        let req = IncomingRequest {
+            request_id: uuid::Uuid::new_v4(),
+            disk: IncomingDisk::Pool,
+            postcopy: false,
+        };
+        let json = serde_json::to_string(&req).expect("json");
+        assert!(json.contains(r#""kind":"pool""#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<IncomingRequest>(&json).expect("parse"),
+            req
+        );
+        let m = MigrateRequest {
+            ready: ready("10.0.2", "pc-q35-10.0", "tcg"),
+            max_bandwidth: Some(1 << 20),
+            auto_converge: true,
+            postcopy_after_passes: None,
+            downtime_limit_ms: None,
+        };
+        let json = serde_json::to_string(&m).expect("json");
+        assert_eq!(
+            serde_json::from_str::<MigrateRequest>(&json).expect("parse"),
+            m
+        );
+    }
+}

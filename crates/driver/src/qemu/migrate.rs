@@ -1,0 +1,1558 @@
+//! Live migration for the QEMU driver (the contract and the refusals are in
+//! [`crate::migrate`]).
+//!
+//! # Destination (`prepare`, `finish`, `abort_incoming`)
+//!
+//! `prepare` writes `incoming.json` (the request id, later the answer) in
+//! the VM directory first, so an abort or a retry always knows what the
+//! attempt made; then `vm.json`, the disk (an empty overlay of the base
+//! image, an empty standalone qcow2, or for a shared disk a chain record
+//! naming the shared file: `snapshots.json` with that absolute path as the
+//! active layer), and starts QEMU from the same spec with `-incoming defer`
+//! (see `cmdline::make_incoming`). Over QMP it sets the capabilities the
+//! source will use (`return-path`, `dirty-bitmaps` when the disk is
+//! mirrored, `postcopy-ram` if asked), listens with `migrate-incoming` on
+//! the first free port of the configured range, and for a mirrored disk
+//! starts an NBD server on the next free port exporting the disk's node
+//! writable (`block-export-add`, which activates the node for writing).
+//! While incoming, `vm_status` reports the VM paused; the monitor records
+//! it running on the `RESUME` QEMU sends once the state is loaded.
+//!
+//! `finish` waits for the incoming migration to be `completed`, ends the
+//! NBD export and server and removes `incoming.json`: from then on the VM
+//! is an ordinary VM of this host. `abort_incoming` kills the QEMU and
+//! removes the directory, unless the migration completed (the only copy of
+//! the guest would go).
+//!
+//! # Source (`send`, `cancel`)
+//!
+//! All under the VM's operation lock (lifecycle, snapshot and volume calls
+//! on the VM wait for the migration; cancel it first) and its backup lock:
+//! the refusals, then
+//!
+//! 1. mirrored disk: `blockdev-add` an NBD client node for the destination's
+//!    export and `blockdev-mirror` the active node into it (`sync: top` when
+//!    the destination's overlay has the same base image, so the base is
+//!    never copied; `full` otherwise); wait for the job to be `ready`;
+//! 2. capabilities (`return-path`, `auto-converge`, `postcopy-ram`,
+//!    `dirty-bitmaps`, so the persistent `stratus-backup-*` bitmaps travel
+//!    with the VM and incremental backups continue on the destination;
+//!    `pause-before-switchover` for a mirrored disk), parameters
+//!    (`max-bandwidth`, `downtime-limit`, `tls-creds`), `migrate`;
+//! 3. poll `query-migrate` every 100 ms (and the mirror's progress), switch
+//!    to post-copy when asked; at `pre-switchover` (the guest is paused
+//!    here, the device state not yet sent) `block-job-cancel` the ready
+//!    mirror, which first copies the last dirty blocks, so the destination's
+//!    disk holds every write the guest made; `blockdev-del` the NBD node;
+//!    `migrate-continue`. Without this pause the destination, which runs the
+//!    guest as soon as the state is in, could read blocks the mirror had not
+//!    yet copied (and have its own writes overwritten by late copies). The
+//!    drain is part of QEMU's `downtime`;
+//! 4. at `completed` (with the return path, the destination has loaded the
+//!    state by then) end the source QEMU and remove its files.
+//!
+//! A failure before completion (and before a switch to post-copy, after
+//! which the guest's memory is split between the hosts and it stays paused
+//! for an operator) undoes 1–2: `migrate_cancel`, cancel the
+//! mirror, delete the NBD node, and `cont` the guest if it ran before and
+//! QEMU left it paused (`postmigrate`, a failed switch-over). `cancel` sets
+//! the send's cancel flag and issues `migrate_cancel` at once; the send
+//! then undoes its work and `cancel` returns once it has.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::net::{IpAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use stratus_common::VmId;
+
+use super::layout::{read_json, remove_file_if_exists, write_json, StateRecord};
+use super::pool_disk_dir;
+use super::qmp::{execute, QmpService};
+use super::snapshot::{self, disk_device};
+use super::{image, lock, process, Shared, VmEntry, QMP_TIMEOUT};
+use crate::migrate::{compatibility_problem, live_migration_refusal};
+use crate::{
+    BootSpec, DriverError, IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome,
+    MigratePhase, MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget, QemuSaid,
+    VmRuntimeState, VmSpec,
+};
+
+/// The destination's record of an incoming migration, in the VM directory.
+const INCOMING_FILE: &str = "incoming.json";
+/// The source's NBD client node (the mirror's target).
+const NBD_NODE: &str = "stratus-mig-nbd";
+/// The mirror job's id.
+const MIRROR_JOB: &str = "stratus-mig-mirror";
+/// The destination's block export id.
+const EXPORT_ID: &str = "stratus-mig-export";
+/// The TLS credentials object on either side.
+const TLS_ID: &str = "stratus-mig-tls";
+/// How often a migration (and the mirror) is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long polls tolerate QMP being unreachable while QEMU lives (the
+/// monitor reconnects after an event qapi cannot decode).
+const QMP_GONE_GRACE: Duration = Duration::from_secs(30);
+/// How long a cancelled migration or job may take to end.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The machine type the command line asks for (see `cmdline.rs`).
+const MACHINE_ALIAS: &str = "q35";
+
+/// What `incoming.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct IncomingRecord {
+    request_id: uuid::Uuid,
+    /// Set once the destination listens.
+    ready: Option<IncomingReady>,
+}
+
+/// Cancel flags of the migrations this driver sends, by VM.
+#[derive(Default)]
+pub(super) struct Sending(Mutex<HashMap<VmId, Arc<AtomicBool>>>);
+
+/// Removes a send's cancel flag when the send ends, however it ends.
+struct SendingGuard<'a> {
+    sending: &'a Sending,
+    id: VmId,
+}
+
+impl Drop for SendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.sending.0).remove(&self.id);
+    }
+}
+
+// ---- QMP commands as raw JSON ------------------------------------------
+//
+// The migration and NBD commands changed shape across QEMU versions (e.g.
+// `migrate` grew `channels`, `query-migrate` new fields and states) and the
+// qapi crate's schema predates QEMU 10; raw JSON arguments and answers keep
+// the driver independent of which fields the crate knows.
+
+trait QmpName: Send + Sync + 'static {
+    const NAME: &'static str;
+}
+
+struct Raw<N>(Value, PhantomData<fn() -> N>);
+
+impl<N> Serialize for Raw<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<N: QmpName> qapi::Command for Raw<N> {
+    type Ok = Value;
+    const NAME: &'static str = N::NAME;
+    const ALLOW_OOB: bool = false;
+}
+
+impl<N: QmpName> qapi::qmp::QmpCommand for Raw<N> {}
+
+macro_rules! qmp_commands {
+    ($($ty:ident => $name:literal,)*) => {
+        $(
+            enum $ty {}
+            impl QmpName for $ty {
+                const NAME: &'static str = $name;
+            }
+        )*
+    };
+}
+
+qmp_commands! {
+    Migrate => "migrate",
+    MigrateIncoming => "migrate-incoming",
+    MigrateCancel => "migrate_cancel",
+    MigrateContinue => "migrate-continue",
+    MigrateStartPostcopy => "migrate-start-postcopy",
+    MigrateSetCapabilities => "migrate-set-capabilities",
+    MigrateSetParameters => "migrate-set-parameters",
+    QueryMigrate => "query-migrate",
+    QueryMachines => "query-machines",
+    QueryStatus => "query-status",
+    QueryJobs => "query-jobs",
+    Cont => "cont",
+    ObjectAdd => "object-add",
+    BlockdevAdd => "blockdev-add",
+    BlockdevDel => "blockdev-del",
+    BlockdevMirror => "blockdev-mirror",
+    BlockJobCancel => "block-job-cancel",
+    JobDismiss => "job-dismiss",
+    NbdServerStart => "nbd-server-start",
+    NbdServerStop => "nbd-server-stop",
+    BlockExportAdd => "block-export-add",
+    BlockExportDel => "block-export-del",
+}
+
+async fn run<N: QmpName>(qmp: &QmpService, args: Value, what: &str) -> Result<Value, DriverError> {
+    execute(qmp, Raw::<N>(args, PhantomData), QMP_TIMEOUT, what).await
+}
+
+fn u64_of(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn migration_error(id: VmId, reason: impl Into<String>) -> DriverError {
+    DriverError::Migration {
+        id,
+        reason: reason.into(),
+        source: None,
+    }
+}
+
+fn refused(id: VmId, reason: impl Into<String>) -> DriverError {
+    DriverError::MigrationRefused {
+        id,
+        reason: reason.into(),
+    }
+}
+
+/// The versioned machine type QEMU runs for `requested` (an alias such as
+/// `q35`, or a versioned name), from `query-machines`.
+fn resolve_machine(machines: &Value, requested: &str) -> Option<String> {
+    let list = machines.as_array()?;
+    let name_of = |m: &Value| m.get("name").and_then(Value::as_str).map(str::to_string);
+    list.iter()
+        .find(|m| m.get("alias").and_then(Value::as_str) == Some(requested))
+        .and_then(name_of)
+        .or_else(|| {
+            list.iter()
+                .find(|m| m.get("name").and_then(Value::as_str) == Some(requested))
+                .and_then(name_of)
+        })
+}
+
+async fn machine_type(qmp: &QmpService) -> Result<String, DriverError> {
+    let machines = run::<QueryMachines>(qmp, json!({}), "migration").await?;
+    resolve_machine(&machines, MACHINE_ALIAS).ok_or_else(|| {
+        DriverError::qemu(
+            "QMP query-machines does not list the q35 machine type",
+            QemuSaid(String::new()),
+        )
+    })
+}
+
+/// `host:port` in a QEMU URI (IPv6 in brackets).
+fn uri_host(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+/// The ports of the range nothing listens on right now, in order.
+fn free_ports(addr: IpAddr, ports: &std::ops::RangeInclusive<u16>) -> Vec<u16> {
+    ports
+        .clone()
+        .filter(|p| TcpListener::bind((addr, *p)).is_ok())
+        .collect()
+}
+
+/// The TLS directory, checked to hold what QEMU's `tls-creds-x509` reads.
+fn tls_dir(shared: &Shared) -> Result<Option<String>, DriverError> {
+    let Some(dir) = &shared.config.migration_tls_dir else {
+        return Ok(None);
+    };
+    for f in [
+        "ca-cert.pem",
+        "server-cert.pem",
+        "server-key.pem",
+        "client-cert.pem",
+        "client-key.pem",
+    ] {
+        if !dir.join(f).is_file() {
+            return Err(DriverError::Config(format!(
+                "migration TLS directory {} lacks {f}",
+                dir.display()
+            )));
+        }
+    }
+    dir.to_str().map(|d| Some(d.to_string())).ok_or_else(|| {
+        DriverError::Config(format!(
+            "migration TLS directory {} is not UTF-8",
+            dir.display()
+        ))
+    })
+}
+
+/// Adds the TLS credentials object (`server` or `client` end) unless it
+/// exists (a retried prepare).
+async fn add_tls(qmp: &QmpService, dir: &str, endpoint: &str) -> Result<(), DriverError> {
+    let added = run::<ObjectAdd>(
+        qmp,
+        json!({
+            "qom-type": "tls-creds-x509",
+            "id": TLS_ID,
+            "dir": dir,
+            "endpoint": endpoint,
+            "verify-peer": true,
+        }),
+        "migration TLS",
+    )
+    .await;
+    match added {
+        Err(e) if format!("{:?}", e).contains("already") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+async fn set_capabilities(qmp: &QmpService, caps: &[(&str, bool)]) -> Result<(), DriverError> {
+    let list: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({"capability": c, "state": on}))
+        .collect();
+    run::<MigrateSetCapabilities>(qmp, json!({ "capabilities": list }), "migration").await?;
+    Ok(())
+}
+
+fn incoming_path(vm: &VmEntry) -> PathBuf {
+    vm.paths.dir.join(INCOMING_FILE)
+}
+
+/// Whether the VM waits for an incoming migration here (prepared, not yet
+/// finished or aborted).
+pub(super) fn is_incoming(vm: &VmEntry) -> bool {
+    incoming_path(vm).exists()
+}
+
+// ---- destination --------------------------------------------------------
+
+/// See [`crate::Driver::vm_migrate_prepare`] and the module docs.
+pub(super) async fn prepare(
+    shared: &Arc<Shared>,
+    spec: &VmSpec,
+    req: &IncomingRequest,
+) -> Result<IncomingReady, DriverError> {
+    spec.validate()?;
+    let accel = shared.launch.accel.to_string();
+    if let Some(reason) = live_migration_refusal(&shared.qemu_version, &accel) {
+        return Err(refused(spec.id, reason));
+    }
+    check_files(spec, &req.disk)?;
+    let vm = shared.entry(spec.id);
+    let _op = vm.op.lock().await;
+    let record_path = incoming_path(&vm);
+    match read_json::<IncomingRecord>(&record_path, "incoming migration record")? {
+        Some(rec) if rec.request_id == req.request_id => {
+            if let (Some(ready), Some(_)) = (rec.ready, shared.live_pid(&vm)) {
+                shared.ensure_adopted(&vm)?;
+                return Ok(ready);
+            }
+            tracing::info!(vm = %spec.id, request = %req.request_id, "preparing an interrupted incoming migration afresh");
+            remove_vm(shared, &vm, None).await?;
+        }
+        Some(rec) => {
+            return Err(DriverError::Conflict {
+                id: spec.id,
+                difference: format!(
+                    "it already waits for the incoming migration request {}",
+                    rec.request_id
+                ),
+            })
+        }
+        None if vm.paths.vm_json.exists() => {
+            return Err(DriverError::Conflict {
+                id: spec.id,
+                difference: "it already exists on this host".into(),
+            })
+        }
+        None => {}
+    }
+    std::fs::create_dir_all(&vm.paths.run)
+        .map_err(|e| DriverError::io("cannot create the VM run directory", &vm.paths.run, e))?;
+    write_json(
+        &record_path,
+        "incoming migration record",
+        &IncomingRecord {
+            request_id: req.request_id,
+            ready: None,
+        },
+    )?;
+    match prepare_inner(shared, &vm, spec, req).await {
+        Ok(ready) => {
+            write_json(
+                &record_path,
+                "incoming migration record",
+                &IncomingRecord {
+                    request_id: req.request_id,
+                    ready: Some(ready.clone()),
+                },
+            )?;
+            tracing::info!(vm = %spec.id, uri = %ready.migration_uri, nbd = ?ready.nbd, "waiting for an incoming migration");
+            Ok(ready)
+        }
+        Err(e) => {
+            tracing::warn!(vm = %spec.id, error = %e, "incoming migration not prepared; removing what it made");
+            if let Err(undo) = remove_vm(shared, &vm, None).await {
+                tracing::warn!(vm = %spec.id, error = %undo, "cannot remove the failed incoming VM");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The files the destination needs exist (as `vm_create` checks them).
+fn check_files(spec: &VmSpec, disk: &IncomingDisk) -> Result<(), DriverError> {
+    let mut files = vec![("image", &spec.image)];
+    if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {
+        files.push(("kernel", kernel));
+        if let Some(initrd) = initrd {
+            files.push(("initrd", initrd));
+        }
+    }
+    let pool_disk;
+    if let IncomingDisk::Pool = disk {
+        let Some(pool) = &spec.pool else {
+            return Err(DriverError::InvalidSpec {
+                id: spec.id,
+                reason: "a disk in a shared pool was asked for, but the VM has no pool".into(),
+            });
+        };
+        pool_disk = pool_disk_dir(pool, spec.id).join("disk.qcow2");
+        files.push(("disk in the shared pool", &pool_disk));
+    }
+    for (what, path) in files {
+        if !path.is_absolute() || !path.is_file() {
+            return Err(DriverError::InvalidSpec {
+                id: spec.id,
+                reason: format!(
+                    "{what} {} does not exist on this host (or is not an absolute path)",
+                    path.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn prepare_inner(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    spec: &VmSpec,
+    req: &IncomingRequest,
+) -> Result<IncomingReady, DriverError> {
+    let paths = &vm.paths;
+    let qemu_img = &shared.config.qemu_img;
+    write_json(&paths.vm_json, "VM spec", spec)?;
+    let mut disk_backing = None;
+    let mut shared_disk = None;
+    match &req.disk {
+        IncomingDisk::Overlay => {
+            let image_size = image::virtual_size(qemu_img, &spec.image, spec.image_format).await?;
+            let size = (spec.disk_bytes > image_size).then_some(spec.disk_bytes);
+            image::create_overlay(
+                qemu_img,
+                &spec.image,
+                spec.image_format,
+                &paths.overlay(),
+                size,
+            )
+            .await?;
+            disk_backing = Some(spec.image.clone());
+        }
+        IncomingDisk::Standalone { virtual_size } => {
+            let size = virtual_size.to_string();
+            image::run_qemu_img(
+                qemu_img,
+                &[
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    paths.overlay().as_os_str(),
+                    size.as_ref(),
+                ],
+                "create the disk to migrate into",
+            )
+            .await?;
+        }
+        IncomingDisk::Pool => {
+            // The chain and its record are in the pool already: linking is
+            // all it takes for this host to open them.
+            if let Some(pool) = &spec.pool {
+                super::link_pool_disks(paths, pool, spec.id)?;
+            }
+            // The chain's top layer: what the source's QEMU writes.
+            shared_disk = Some(paths.disks().join(snapshot::read_chain(paths)?.active));
+        }
+    }
+    write_json(
+        &paths.state_json,
+        "VM state record",
+        &StateRecord::new(VmRuntimeState::Stopped, None),
+    )?;
+    let disk = snapshot::launch_disk(qemu_img, spec.id, paths).await?;
+    let incoming = super::cmdline::Incoming {
+        exported_disk: shared_disk.is_none(),
+    };
+    shared.launch(vm, spec, &disk, Some(incoming)).await?;
+    let qmp = shared.qmp(vm).await?;
+    let tls = tls_dir(shared)?;
+    if let Some(dir) = &tls {
+        add_tls(&qmp, dir, "server").await?;
+        run::<MigrateSetParameters>(&qmp, json!({"tls-creds": TLS_ID}), "migration TLS").await?;
+    }
+    set_capabilities(
+        &qmp,
+        &[
+            ("return-path", true),
+            ("dirty-bitmaps", shared_disk.is_none()),
+            ("postcopy-ram", req.postcopy),
+        ],
+    )
+    .await?;
+
+    let addr = shared.config.migration_address;
+    let host = uri_host(addr);
+    let mut candidates = free_ports(addr, &shared.config.migration_ports).into_iter();
+    let mut listening = None;
+    let mut last_error = None;
+    for port in candidates.by_ref() {
+        let uri = format!("tcp:{host}:{port}");
+        match run::<MigrateIncoming>(&qmp, json!({ "uri": uri }), "listen for the migration").await
+        {
+            Ok(_) => {
+                listening = Some(uri);
+                break;
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let migration_uri = listening.ok_or_else(|| {
+        last_error.unwrap_or_else(|| {
+            DriverError::Config(format!(
+                "no free port in the migration port range {:?} on {addr}",
+                shared.config.migration_ports
+            ))
+        })
+    })?;
+
+    let nbd = if shared_disk.is_none() {
+        let node = snapshot::active_node(&qmp).await?;
+        let mut started = None;
+        let mut last_error = None;
+        for port in candidates {
+            let mut args = json!({
+                "addr": {"type": "inet", "data": {"host": addr.to_string(), "port": port.to_string()}},
+            });
+            if tls.is_some() {
+                args["tls-creds"] = json!(TLS_ID);
+            }
+            match run::<NbdServerStart>(&qmp, args, "serve the disk over NBD").await {
+                Ok(_) => {
+                    started = Some(port);
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let port = started.ok_or_else(|| {
+            last_error.unwrap_or_else(|| {
+                DriverError::Config(format!(
+                    "no second free port in the migration port range {:?} on {addr} for NBD",
+                    shared.config.migration_ports
+                ))
+            })
+        })?;
+        let export = format!("stratus-{}", spec.id);
+        run::<BlockExportAdd>(
+            &qmp,
+            json!({
+                "type": "nbd",
+                "id": EXPORT_ID,
+                "node-name": node,
+                "name": export,
+                "writable": true,
+            }),
+            "export the disk over NBD",
+        )
+        .await?;
+        Some(NbdTarget {
+            host: addr.to_string(),
+            port,
+            export,
+        })
+    } else {
+        None
+    };
+    let device = disk_device(&qmp).await?;
+    let disk_virtual_size = u64::try_from(device.image.base.virtual_size)
+        .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
+    Ok(IncomingReady {
+        request_id: req.request_id,
+        vm_id: spec.id,
+        migration_uri,
+        nbd,
+        qemu_version: shared.qemu_version.clone(),
+        machine: machine_type(&qmp).await?,
+        accel: shared.launch.accel.to_string(),
+        disk_virtual_size,
+        disk_backing,
+        shared_disk,
+        tls: tls.is_some(),
+    })
+}
+
+/// See [`crate::Driver::vm_migrate_finish`].
+pub(super) async fn finish(
+    shared: &Arc<Shared>,
+    id: VmId,
+    timeout: Duration,
+) -> Result<(), DriverError> {
+    let vm = shared.existing(id)?;
+    let record_path = incoming_path(&vm);
+    let deadline = Instant::now() + timeout;
+    if read_json::<IncomingRecord>(&record_path, "incoming migration record")?.is_none() {
+        // Finished before (a retry), or never incoming.
+        let state = shared.read_record(&vm)?.state;
+        return if state.is_active() {
+            Ok(())
+        } else {
+            Err(DriverError::InvalidState {
+                id,
+                operation: "finish the incoming migration of",
+                state: state.to_string(),
+            })
+        };
+    }
+    let (pid, status) = loop {
+        let pid = {
+            let _op = vm.op.lock().await;
+            shared.ensure_adopted(&vm)?
+        };
+        let Some(pid) = pid else {
+            let said = super::log_tail(&vm.paths.qemu_log);
+            return Err(DriverError::Migration {
+                id,
+                reason: "the incoming QEMU is gone (it failed to load the state or was killed); abort the incoming migration".into(),
+                source: Some(Box::new(QemuSaid(said))),
+            });
+        };
+        let asked = async {
+            let qmp = shared.qmp(&vm).await?;
+            let mig = run::<QueryMigrate>(&qmp, json!({}), "migration").await?;
+            let st = run::<QueryStatus>(&qmp, json!({}), "migration").await?;
+            Ok::<_, DriverError>((mig, st))
+        }
+        .await;
+        if let Ok((mig, st)) = asked {
+            match mig.get("status").and_then(Value::as_str) {
+                Some("completed") => {
+                    let status = st
+                        .get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    // The guest starts right after the state is loaded.
+                    if status == "running" || status == "paused" {
+                        break (pid, status);
+                    }
+                }
+                Some("failed") => {
+                    let desc = mig
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    return Err(DriverError::Migration {
+                        id,
+                        reason: "the incoming migration failed; abort it".into(),
+                        source: Some(Box::new(QemuSaid(desc))),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(DriverError::timeout(format!(
+                "waiting {}s for the incoming migration of VM {id} to complete",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    let _op = vm.op.lock().await;
+    if let Ok(qmp) = shared.qmp(&vm).await {
+        // Absent for a shared disk: nothing to stop.
+        let _ = run::<BlockExportDel>(&qmp, json!({"id": EXPORT_ID}), "migration").await;
+        let _ = run::<NbdServerStop>(&qmp, json!({}), "migration").await;
+    }
+    let state = if status == "running" {
+        VmRuntimeState::Running
+    } else {
+        VmRuntimeState::Paused
+    };
+    shared.record_active(&vm, pid, state)?;
+    remove_file_if_exists(&record_path)?;
+    tracing::info!(vm = %id, pid, "incoming migration finished; the VM runs here");
+    Ok(())
+}
+
+/// See [`crate::Driver::vm_migrate_abort_incoming`].
+pub(super) async fn abort_incoming(shared: &Arc<Shared>, id: VmId) -> Result<(), DriverError> {
+    let vm = shared.entry(id);
+    let _op = vm.op.lock().await;
+    if !vm.paths.dir.exists() {
+        lock(&shared.vms).remove(&id);
+        return Ok(());
+    }
+    let record = read_json::<IncomingRecord>(&incoming_path(&vm), "incoming migration record")?;
+    if record.is_none() && vm.paths.vm_json.exists() {
+        return Err(DriverError::InvalidState {
+            id,
+            operation: "abort an incoming migration of",
+            state: format!(
+                "{} here and not waiting for a migration (destroy it instead)",
+                shared.read_record(&vm)?.state
+            ),
+        });
+    }
+    if shared.live_pid(&vm).is_some() && shared.ensure_adopted(&vm)?.is_some() {
+        if let Ok(qmp) = shared.qmp(&vm).await {
+            if let Ok(mig) = run::<QueryMigrate>(&qmp, json!({}), "migration").await {
+                if mig.get("status").and_then(Value::as_str) == Some("completed") {
+                    return Err(DriverError::InvalidState {
+                        id,
+                        operation: "abort the incoming migration of",
+                        state: "running here: the migration completed, this is the only copy of the guest (finish the migration instead)".into(),
+                    });
+                }
+            }
+        }
+    }
+    tracing::info!(vm = %id, "aborting an incoming migration");
+    remove_vm(shared, &vm, None).await
+}
+
+// ---- source ---------------------------------------------------------------
+
+/// What the pre-flight found.
+struct Plan {
+    pid: u32,
+    was_running: bool,
+    /// The disk's active node.
+    node: String,
+    /// Mirror with `sync: top` (the destination has our base image).
+    sync_top: bool,
+    /// The shared disk file to leave in place.
+    shared_disk: Option<PathBuf>,
+    tls: Option<String>,
+}
+
+/// See [`crate::Driver::vm_migrate_send`] and the module docs.
+pub(super) async fn send(
+    shared: &Arc<Shared>,
+    id: VmId,
+    req: &MigrateRequest,
+    progress: &MigrateProgressFn,
+) -> Result<MigrateOutcome, DriverError> {
+    let started = Instant::now();
+    let vm = shared.existing(id)?;
+    let _no_backup = vm.backup.lock().await;
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let mut sending = lock(&shared.migrations.0);
+        if sending.contains_key(&id) {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "live-migrate",
+                state: "already being migrated".into(),
+            });
+        }
+        sending.insert(id, cancel.clone());
+    }
+    let _guard = SendingGuard {
+        sending: &shared.migrations,
+        id,
+    };
+    // Held for the whole migration: a snapshot, a volume attach or a
+    // restart of the VM mid-way would change what is being copied.
+    // `vm_migrate_cancel` does not need it.
+    let _op = vm.op.lock().await;
+    let plan = preflight(shared, &vm, req).await?;
+    tracing::info!(vm = %id, to = %req.ready.migration_uri, mirror = plan.shared_disk.is_none(), "live migration starts");
+    let mut stats = Stats::default();
+    let migrated = migrate(
+        shared, &vm, req, &plan, &cancel, progress, started, &mut stats,
+    )
+    .await;
+    let completed_at = Instant::now();
+    if let Err(e) = migrated {
+        if stats.postcopy {
+            // The destination already ran the guest and holds the pages it
+            // dirtied: resuming here would run a stale copy. Both halves stay
+            // paused for an operator (QEMU's post-copy recovery, or a restart
+            // from the disk).
+            tracing::error!(vm = %id, error = %e, "post-copy migration failed; the VM is left paused");
+            return Err(DriverError::Migration {
+                id,
+                reason: "failed after switching to post-copy: the guest's memory is split between                          the hosts, so it is left paused on both (recover the migration, or stop                          the VM and start it again from its disk)"
+                    .into(),
+                source: Some(Box::new(e)),
+            });
+        }
+        tracing::warn!(vm = %id, error = %e, "live migration failed; the VM stays here");
+        recover(shared, &vm, &plan).await;
+        return Err(e);
+    }
+    progress(MigrateProgress {
+        phase: Some(MigratePhase::Completing),
+        ..stats.last.clone()
+    });
+    // The VM runs on the destination now: nothing below may resume it here.
+    if plan.shared_disk.is_none() && !stats.mirror_ended {
+        if let Ok(qmp) = shared.qmp(&vm).await {
+            if let Err(e) = end_mirror(&qmp).await {
+                tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror cleanly; ending QEMU anyway");
+            }
+        }
+    }
+    let cleaned = remove_vm(shared, &vm, plan.shared_disk.as_deref()).await;
+    if let Err(e) = cleaned {
+        tracing::warn!(vm = %id, error = %e, "the VM moved, but its files here could not all be removed");
+    }
+    let finish_ms = ms(completed_at.elapsed());
+    let outcome = MigrateOutcome {
+        total_ms: ms(started.elapsed()),
+        downtime_ms: stats.downtime_ms,
+        setup_ms: stats.setup_ms,
+        mirror_ms: stats.mirror_ms,
+        mirror_drain_ms: stats.mirror_drain_ms,
+        qemu_ms: stats.qemu_ms,
+        finish_ms,
+        memory_bytes: stats.memory_bytes,
+        disk_bytes: stats.disk_bytes,
+        postcopy: stats.postcopy,
+        passes: stats.passes,
+    };
+    tracing::info!(vm = %id, ?outcome, "live migration complete");
+    Ok(outcome)
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What the migration measured.
+#[derive(Default)]
+struct Stats {
+    /// The mirror was drained and ended at the switch-over.
+    mirror_ended: bool,
+    setup_ms: u64,
+    mirror_drain_ms: u64,
+    mirror_ms: u64,
+    qemu_ms: u64,
+    downtime_ms: u64,
+    memory_bytes: u64,
+    disk_bytes: u64,
+    postcopy: bool,
+    passes: u64,
+    last: MigrateProgress,
+}
+
+/// The refusals, under the VM's operation lock.
+async fn preflight(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    req: &MigrateRequest,
+) -> Result<Plan, DriverError> {
+    let id = vm.id;
+    let ready = &req.ready;
+    let Some(pid) = shared.ensure_adopted(vm)? else {
+        shared.reconcile_dead(vm)?;
+        return Err(DriverError::InvalidState {
+            id,
+            operation: "live-migrate",
+            state: shared.read_record(vm)?.state.to_string(),
+        });
+    };
+    if ready.vm_id != id {
+        return Err(refused(
+            id,
+            format!("the destination prepared VM {}, not this one", ready.vm_id),
+        ));
+    }
+    let was_running = shared.read_record(vm)?.state == VmRuntimeState::Running;
+    let accel = shared.launch.accel.to_string();
+    if was_running {
+        if let Some(reason) = live_migration_refusal(&shared.qemu_version, &accel) {
+            return Err(refused(id, reason));
+        }
+    }
+    let chain = snapshot::read_chain(&vm.paths)?;
+    // In a shared pool the whole chain stays where the destination opens it.
+    if ready.shared_disk.is_none() && !chain.snapshots.is_empty() {
+        return Err(refused(
+            id,
+            format!(
+                "it has {} snapshot(s) whose layers would not move with it; delete (merge) the snapshots first",
+                chain.snapshots.len()
+            ),
+        ));
+    }
+    // volumes.json is volume.rs's record; only its list's length matters here.
+    let volumes: Option<Value> = read_json(&vm.paths.volumes_json, "VM's volume record")?;
+    let attached = volumes
+        .as_ref()
+        .and_then(|v| v.get("volumes"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if attached > 0 {
+        return Err(refused(
+            id,
+            format!(
+                "it has {attached} attached volume(s), which stay on this host; detach them first"
+            ),
+        ));
+    }
+    let tls = tls_dir(shared)?;
+    if tls.is_some() != ready.tls {
+        return Err(refused(
+            id,
+            format!(
+                "this host {} TLS for migrations but the destination {}",
+                if tls.is_some() {
+                    "uses"
+                } else {
+                    "does not use"
+                },
+                if ready.tls { "does" } else { "does not" }
+            ),
+        ));
+    }
+    let qmp = shared.qmp(vm).await?;
+    let machine = machine_type(&qmp).await?;
+    if let Some(problem) = compatibility_problem(&shared.qemu_version, &machine, &accel, ready) {
+        return Err(refused(id, problem));
+    }
+    let disk = disk_device(&qmp).await?;
+    let node = disk.node_name.clone().ok_or_else(|| {
+        DriverError::qemu(
+            "QMP query-block lists the VM's disk without a node name",
+            QemuSaid(String::new()),
+        )
+    })?;
+    let size = u64::try_from(disk.image.base.virtual_size).unwrap_or(0);
+    if size != ready.disk_virtual_size {
+        return Err(refused(
+            id,
+            format!(
+                "the destination's disk has {} bytes, this one {size}",
+                ready.disk_virtual_size
+            ),
+        ));
+    }
+    let same_file = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let backing = disk.backing_file.as_deref().map(PathBuf::from);
+    let sync_top = match (&ready.shared_disk, &ready.nbd) {
+        (Some(path), _) => {
+            if !same_file(path, Path::new(&disk.file)) {
+                return Err(refused(
+                    id,
+                    format!(
+                        "the destination opens the shared disk {}, but this VM's disk is {}",
+                        path.display(),
+                        disk.file
+                    ),
+                ));
+            }
+            false
+        }
+        (None, None) => {
+            return Err(refused(
+                id,
+                "the destination offers neither a disk export nor a shared disk",
+            ))
+        }
+        (None, Some(_)) => match (&ready.disk_backing, &backing) {
+            (Some(theirs), Some(ours)) if same_file(theirs, ours) => true,
+            (Some(theirs), _) => {
+                return Err(refused(
+                    id,
+                    format!(
+                        "the destination's disk is an overlay of {}, but this disk's base is {}; \
+                         prepare the destination with a standalone disk",
+                        theirs.display(),
+                        backing
+                            .as_ref()
+                            .map_or("none (a standalone disk)".to_string(), |b| b
+                                .display()
+                                .to_string())
+                    ),
+                ))
+            }
+            (None, _) => false,
+        },
+    };
+    Ok(Plan {
+        pid,
+        was_running,
+        node,
+        sync_top,
+        shared_disk: ready.shared_disk.clone(),
+        tls,
+    })
+}
+
+/// Steps 1–3 of the module docs; `Ok` once QEMU reports `completed`.
+#[allow(clippy::too_many_arguments)] // one migration's context
+async fn migrate(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    req: &MigrateRequest,
+    plan: &Plan,
+    cancel: &AtomicBool,
+    progress: &MigrateProgressFn,
+    started: Instant,
+    stats: &mut Stats,
+) -> Result<(), DriverError> {
+    let id = vm.id;
+    let qmp = shared.qmp(vm).await?;
+    if let Some(dir) = &plan.tls {
+        add_tls(&qmp, dir, "client").await?;
+    }
+    // Step 1: the disk.
+    if let (Some(nbd), None) = (&req.ready.nbd, &plan.shared_disk) {
+        let mirror_started = Instant::now();
+        let mut node = json!({
+            "driver": "nbd",
+            "node-name": NBD_NODE,
+            "server": {"type": "inet", "host": nbd.host, "port": nbd.port.to_string()},
+            "export": nbd.export,
+        });
+        if plan.tls.is_some() {
+            node["tls-creds"] = json!(TLS_ID);
+        }
+        run::<BlockdevAdd>(&qmp, node, "connect to the destination's disk")
+            .await
+            .map_err(|e| DriverError::Migration {
+                id,
+                reason: format!(
+                    "cannot connect to the destination's disk export at {}:{}",
+                    nbd.host, nbd.port
+                ),
+                source: Some(Box::new(e)),
+            })?;
+        let mut mirror = json!({
+            "job-id": MIRROR_JOB,
+            "device": plan.node,
+            "target": NBD_NODE,
+            "sync": if plan.sync_top { "top" } else { "full" },
+            "auto-dismiss": false,
+        });
+        if let Some(speed) = req.max_bandwidth {
+            mirror["speed"] = json!(speed);
+        }
+        run::<BlockdevMirror>(&qmp, mirror, "mirror the disk").await?;
+        wait_mirror_ready(shared, vm, plan.pid, cancel, progress, stats).await?;
+        stats.mirror_ms = ms(mirror_started.elapsed());
+    }
+    // Step 2: capabilities, parameters, go.
+    let postcopy = req.postcopy_after_passes.is_some();
+    set_capabilities(
+        &qmp,
+        &[
+            ("return-path", true),
+            ("auto-converge", req.auto_converge),
+            ("postcopy-ram", postcopy),
+            ("dirty-bitmaps", plan.shared_disk.is_none()),
+            ("pause-before-switchover", plan.shared_disk.is_none()),
+        ],
+    )
+    .await?;
+    let mut params = json!({});
+    if let Some(bw) = req.max_bandwidth {
+        params["max-bandwidth"] = json!(bw);
+    }
+    if let Some(limit) = req.downtime_limit_ms {
+        params["downtime-limit"] = json!(limit);
+    }
+    if plan.tls.is_some() {
+        params["tls-creds"] = json!(TLS_ID);
+    }
+    run::<MigrateSetParameters>(&qmp, params, "migration").await?;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(migration_error(id, "cancelled"));
+    }
+    stats.setup_ms = ms(started.elapsed());
+    run::<Migrate>(&qmp, json!({"uri": req.ready.migration_uri}), "migration")
+        .await
+        .map_err(|e| DriverError::Migration {
+            id,
+            reason: format!(
+                "QEMU did not start migrating to {}",
+                req.ready.migration_uri
+            ),
+            source: Some(Box::new(e)),
+        })?;
+
+    // Step 3: poll.
+    let mut unreachable_since: Option<Instant> = None;
+    let mut cancel_sent = false;
+    loop {
+        if !process::is_qemu_of(plan.pid, id) {
+            return Err(migration_error(
+                id,
+                "the VM's QEMU ended during the migration",
+            ));
+        }
+        if cancel.load(Ordering::SeqCst) && !cancel_sent {
+            let _ = run::<MigrateCancel>(&qmp, json!({}), "cancel the migration").await;
+            cancel_sent = true;
+        }
+        let asked = async {
+            let qmp = shared.qmp(vm).await?;
+            let info = run::<QueryMigrate>(&qmp, json!({}), "migration").await?;
+            let job = if plan.shared_disk.is_none() {
+                mirror_job(&qmp).await.ok().flatten()
+            } else {
+                None
+            };
+            Ok::<_, DriverError>((info, job))
+        }
+        .await;
+        let (info, job) = match asked {
+            Ok(answer) => {
+                unreachable_since = None;
+                answer
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > QMP_GONE_GRACE {
+                    return Err(e);
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+                continue;
+            }
+        };
+        let status = info.get("status").and_then(Value::as_str).unwrap_or("");
+        let ram = info.get("ram").cloned().unwrap_or(Value::Null);
+        let page_size = u64_of(&ram, "page-size").max(1);
+        stats.passes = u64_of(&ram, "dirty-sync-count");
+        stats.memory_bytes = u64_of(&ram, "transferred");
+        if let Some(job) = &job {
+            stats.disk_bytes = u64_of(job, "current-progress");
+        }
+        let phase = match status {
+            "postcopy-active" => MigratePhase::Postcopy,
+            "device" | "pre-switchover" | "completed" => MigratePhase::Completing,
+            _ => MigratePhase::MigratingMemory,
+        };
+        stats.last = MigrateProgress {
+            phase: Some(phase),
+            memory_transferred_bytes: stats.memory_bytes,
+            memory_remaining_bytes: u64_of(&ram, "remaining"),
+            memory_total_bytes: u64_of(&ram, "total"),
+            dirty_rate_bytes_per_sec: u64_of(&ram, "dirty-pages-rate").saturating_mul(page_size),
+            expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_u64),
+            passes: stats.passes,
+            disk_done_bytes: job.as_ref().map_or(0, |j| u64_of(j, "current-progress")),
+            disk_total_bytes: job.as_ref().map_or(0, |j| u64_of(j, "total-progress")),
+        };
+        progress(stats.last.clone());
+        match status {
+            "completed" => {
+                stats.downtime_ms = u64_of(&info, "downtime");
+                stats.qemu_ms = u64_of(&info, "total-time");
+                return Ok(());
+            }
+            "failed" => {
+                let desc = info
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                return Err(DriverError::Migration {
+                    id,
+                    reason: "QEMU's migration failed".into(),
+                    source: Some(Box::new(QemuSaid(desc))),
+                });
+            }
+            "cancelled" => return Err(migration_error(id, "cancelled")),
+            "pre-switchover" => {
+                // The guest is paused here and its last writes may still be
+                // on their way to the destination's disk: drain and end the
+                // mirror, then let QEMU send the device state, after which
+                // the destination runs the guest on a disk that is whole.
+                let drain = Instant::now();
+                end_mirror(&qmp).await.map_err(|e| DriverError::Migration {
+                    id,
+                    reason: "cannot complete the disk mirror at the switch-over".into(),
+                    source: Some(Box::new(e)),
+                })?;
+                stats.mirror_drain_ms = ms(drain.elapsed());
+                stats.mirror_ended = true;
+                run::<MigrateContinue>(
+                    &qmp,
+                    json!({"state": "pre-switchover"}),
+                    "continue the switch-over",
+                )
+                .await?;
+            }
+            "active" => {
+                if let Some(after) = req.postcopy_after_passes {
+                    if !stats.postcopy && stats.passes >= u64::from(after) && !cancel_sent {
+                        tracing::info!(vm = %id, passes = stats.passes, "pre-copy does not converge; switching to post-copy");
+                        run::<MigrateStartPostcopy>(&qmp, json!({}), "switch to post-copy").await?;
+                        stats.postcopy = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(job) = &job {
+            if job.get("status").and_then(Value::as_str) == Some("concluded") {
+                // A mirror that ends before the migration has lost its target.
+                let error = job.get("error").and_then(Value::as_str).unwrap_or("");
+                return Err(DriverError::Migration {
+                    id,
+                    reason: "the disk mirror to the destination failed".into(),
+                    source: Some(Box::new(QemuSaid(error.to_string()))),
+                });
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The mirror job as `query-jobs` reports it, if it exists.
+async fn mirror_job(qmp: &QmpService) -> Result<Option<Value>, DriverError> {
+    let jobs = run::<QueryJobs>(qmp, json!({}), "migration").await?;
+    Ok(jobs.as_array().and_then(|list| {
+        list.iter()
+            .find(|j| j.get("id").and_then(Value::as_str) == Some(MIRROR_JOB))
+            .cloned()
+    }))
+}
+
+async fn wait_mirror_ready(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    pid: u32,
+    cancel: &AtomicBool,
+    progress: &MigrateProgressFn,
+    stats: &mut Stats,
+) -> Result<(), DriverError> {
+    let id = vm.id;
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        if !process::is_qemu_of(pid, id) {
+            return Err(migration_error(
+                id,
+                "the VM's QEMU ended during the disk mirror",
+            ));
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(migration_error(id, "cancelled during the disk mirror"));
+        }
+        let asked = async {
+            let qmp = shared.qmp(vm).await?;
+            mirror_job(&qmp).await
+        }
+        .await;
+        let job = match asked {
+            Ok(job) => {
+                unreachable_since = None;
+                job
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > QMP_GONE_GRACE {
+                    return Err(e);
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+                continue;
+            }
+        };
+        let Some(job) = job else {
+            return Err(migration_error(id, "QEMU's disk mirror job disappeared"));
+        };
+        stats.disk_bytes = u64_of(&job, "current-progress");
+        stats.last = MigrateProgress {
+            phase: Some(MigratePhase::MirroringDisk),
+            disk_done_bytes: stats.disk_bytes,
+            disk_total_bytes: u64_of(&job, "total-progress"),
+            ..MigrateProgress::default()
+        };
+        progress(stats.last.clone());
+        match job.get("status").and_then(Value::as_str) {
+            Some("ready") => return Ok(()),
+            Some("concluded") | Some("aborting") | Some("null") => {
+                let error = job.get("error").and_then(Value::as_str).unwrap_or("");
+                return Err(DriverError::Migration {
+                    id,
+                    reason: "the disk mirror to the destination failed".into(),
+                    source: Some(Box::new(QemuSaid(error.to_string()))),
+                });
+            }
+            _ => {}
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Cancels the mirror job (a ready mirror then completes without switching
+/// the VM to the target, leaving the target consistent), waits for it to
+/// end, dismisses it and deletes the NBD node.
+async fn end_mirror(qmp: &QmpService) -> Result<(), DriverError> {
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    let mut cancelled = false;
+    loop {
+        let Some(job) = mirror_job(qmp).await? else {
+            break;
+        };
+        match job.get("status").and_then(Value::as_str) {
+            Some("concluded") => {
+                run::<JobDismiss>(qmp, json!({"id": MIRROR_JOB}), "migration").await?;
+                break;
+            }
+            Some("null") => break,
+            _ if !cancelled => {
+                // The job may conclude between the query and the cancel.
+                let _ = run::<BlockJobCancel>(
+                    qmp,
+                    json!({"device": MIRROR_JOB, "force": false}),
+                    "end the disk mirror",
+                )
+                .await;
+                cancelled = true;
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            // A mirror whose target is gone may hang in its cancel: force it.
+            let _ = run::<BlockJobCancel>(
+                qmp,
+                json!({"device": MIRROR_JOB, "force": true}),
+                "end the disk mirror",
+            )
+            .await;
+            return Err(DriverError::timeout(format!(
+                "waiting {}s for the disk mirror to end",
+                CANCEL_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match run::<BlockdevDel>(qmp, json!({"node-name": NBD_NODE}), "migration").await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if format!("{e:?}").contains("Failed to find")
+                || format!("{e:?}").contains("Cannot find") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Undoes a failed migration so the VM runs here as before (best effort,
+/// every step logged): cancels QEMU's migration, ends the mirror and its
+/// NBD node, resumes the guest if it ran before.
+async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
+    let id = vm.id;
+    if !process::is_qemu_of(plan.pid, id) {
+        return;
+    }
+    let Ok(qmp) = shared.qmp(vm).await else {
+        tracing::warn!(vm = %id, "no QMP to undo the failed migration");
+        return;
+    };
+    let _ = run::<MigrateCancel>(&qmp, json!({}), "cancel the migration").await;
+    // Wait for QEMU to leave the migration states before touching the rest.
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    loop {
+        let status = run::<QueryMigrate>(&qmp, json!({}), "migration")
+            .await
+            .ok()
+            .and_then(|i| i.get("status").and_then(Value::as_str).map(str::to_string));
+        match status.as_deref() {
+            Some("completed") => {
+                // Too late to undo: the destination has the VM. Never resume.
+                tracing::error!(vm = %id, "the migration completed after all; not resuming the VM here");
+                return;
+            }
+            Some("active")
+            | Some("setup")
+            | Some("cancelling")
+            | Some("device")
+            | Some("pre-switchover")
+            | Some("wait-unplug")
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => break,
+        }
+    }
+    if plan.shared_disk.is_none() {
+        if let Err(e) = end_mirror(&qmp).await {
+            tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror of the failed migration");
+        }
+    }
+    if plan.was_running {
+        let status = run::<QueryStatus>(&qmp, json!({}), "migration")
+            .await
+            .ok()
+            .and_then(|s| s.get("status").and_then(Value::as_str).map(str::to_string));
+        if status.as_deref() != Some("running") {
+            tracing::info!(vm = %id, status = ?status, "resuming the VM QEMU left paused by the failed migration");
+            if let Err(e) = run::<Cont>(&qmp, json!({}), "resume after the failed migration").await
+            {
+                tracing::error!(vm = %id, error = %e, "cannot resume the VM after the failed migration");
+            }
+        }
+    }
+}
+
+/// The live QEMUs of the VM that belong to this data directory. The VM id
+/// alone (what `vm_destroy` looks for) does not tell the source's QEMU from
+/// the destination's when both data directories are on one machine, as in
+/// the tests; the pidfile's path on the command line does (not the VM
+/// directory's: a destination opening a shared disk in the source's
+/// directory names that too).
+fn own_qemus(vm: &VmEntry) -> Vec<u32> {
+    let dir = vm.paths.pidfile.to_string_lossy().into_owned();
+    let dir = dir.as_bytes();
+    process::find_qemu_of(vm.id)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.windows(dir.len()).any(|w| w == dir))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Ends this data directory's QEMU of the VM and removes the VM's files
+/// here but `keep` (a shared disk), as `vm_destroy` does. Caller holds
+/// `vm.op`.
+async fn remove_vm(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    keep: Option<&Path>,
+) -> Result<(), DriverError> {
+    let pids = own_qemus(vm);
+    let was_active = !pids.is_empty()
+        || read_json::<StateRecord>(&vm.paths.state_json, "VM state record")
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.state.is_active());
+    for pid in pids {
+        // `quit` first (through the monitor's QMP), SIGKILL if need be.
+        shared.kill(vm, pid, true).await?;
+    }
+    drop(lock(&vm.runtime).take());
+    if vm.paths.dir.exists() {
+        let keep = keep.map(|k| k.canonicalize().unwrap_or_else(|_| k.to_path_buf()));
+        let entries = std::fs::read_dir(&vm.paths.dir)
+            .map_err(|e| DriverError::io("cannot list the VM directory", &vm.paths.dir, e))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if keep.is_some() && path.canonicalize().ok() == keep {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DriverError::io("cannot remove a file of the VM", &path, e)),
+            }
+        }
+        // The directory goes unless it holds the kept disk.
+        if keep.is_none() || std::fs::read_dir(&vm.paths.dir).is_ok_and(|mut d| d.next().is_none())
+        {
+            match std::fs::remove_dir(&vm.paths.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DriverError::io(
+                        "cannot remove the VM directory",
+                        &vm.paths.dir,
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+    lock(&shared.vms).remove(&vm.id);
+    if was_active {
+        shared.emit(vm.id, VmRuntimeState::Stopped);
+    }
+    Ok(())
+}
+
+/// See [`crate::Driver::vm_migrate_cancel`].
+pub(super) async fn cancel(shared: &Arc<Shared>, id: VmId) -> Result<(), DriverError> {
+    let flag = lock(&shared.migrations.0).get(&id).cloned();
+    let Some(flag) = flag else {
+        return Ok(());
+    };
+    flag.store(true, Ordering::SeqCst);
+    if let Ok(vm) = shared.existing(id) {
+        if let Ok(qmp) = shared.qmp(&vm).await {
+            let _ = run::<MigrateCancel>(&qmp, json!({}), "cancel the migration").await;
+        }
+    }
+    let deadline = Instant::now() + CANCEL_TIMEOUT + CANCEL_TIMEOUT;
+    while lock(&shared.migrations.0).contains_key(&id) {
+        if Instant::now() >= deadline {
+            return Err(DriverError::timeout(format!(
+                "waiting for the cancelled migration of VM {id} to be undone"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_alias_resolves_to_the_versioned_type() {
+        let machines = json!([
+            {"name": "pc-i440fx-10.0", "alias": "pc", "is-default": true},
+            {"name": "pc-q35-10.0", "alias": "q35"},
+            {"name": "pc-q35-9.2"},
+        ]);
+        assert_eq!(
+            resolve_machine(&machines, "q35").as_deref(),
+            Some("pc-q35-10.0")
+        );
+        assert_eq!(
+            resolve_machine(&machines, "pc-q35-9.2").as_deref(),
+            Some("pc-q35-9.2")
+        );
+        assert_eq!(resolve_machine(&machines, "virt"), None);
+        assert_eq!(resolve_machine(&json!({}), "q35"), None);
+    }
+
+    #[test]
+    fn uri_hosts_bracket_ipv6() {
+        assert_eq!(uri_host("127.0.0.1".parse().expect("ip")), "127.0.0.1");
+        assert_eq!(uri_host("::1".parse().expect("ip")), "[::1]");
+    }
+
+    #[test]
+    fn free_ports_skip_taken_ones() {
+        let taken = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let addr: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert!(!free_ports(addr, &(port..=port)).contains(&port));
+    }
+}
