@@ -74,6 +74,8 @@ pub(crate) fn same_desired(a: &DesiredVm, b: &DesiredVm) -> bool {
         && a.image.kernel_sha256 == b.image.kernel_sha256
         && a.image.initrd_sha256 == b.image.initrd_sha256
         && a.image.cmdline == b.image.cmdline
+        && a.migration == b.migration
+        && a.pool.as_ref().map(|p| (p.id.0, &p.path)) == b.pool.as_ref().map(|p| (p.id.0, &p.path))
 }
 
 struct Worker {
@@ -293,7 +295,7 @@ async fn run_worker(
 
 /// Why a VM could not be converged.
 #[derive(Debug, thiserror::Error)]
-enum ConvergeError {
+pub(crate) enum ConvergeError {
     #[error("cannot fetch the VM's image")]
     Image(#[source] ImageError),
     #[error("cannot {action} the VM")]
@@ -324,6 +326,13 @@ async fn converge(
     vm: &DesiredVm,
     record: &mut Option<VmRecord>,
 ) -> Result<(), ConvergeError> {
+    if vm.migration.is_some() {
+        // Moving to or from this host: the migration's requests do the
+        // work; converging here would start a second copy or stop the one
+        // being sent.
+        *record = None;
+        return Ok(());
+    }
     let driver = &shared.driver;
     let status = driver.vm_status(id).await.map_err(driver_err("look up"))?;
     if vm.desired_state == VmDesiredState::Deleted {
@@ -453,7 +462,11 @@ async fn converge_with(
 /// A VM in a shared storage pool gets its image from the pool's own cache
 /// (`<pool>/images/`, filled once for every host that sees the pool), so
 /// its disk's backing file is one every such host can open.
-async fn spec_for(shared: &Arc<Shared>, id: VmId, vm: &DesiredVm) -> Result<VmSpec, ConvergeError> {
+pub(crate) async fn spec_for(
+    shared: &Arc<Shared>,
+    id: VmId,
+    vm: &DesiredVm,
+) -> Result<VmSpec, ConvergeError> {
     let pool = vm.pool.as_ref().map(|p| std::path::PathBuf::from(&p.path));
     let cache = match &pool {
         Some(dir) => shared.pool_images(dir),

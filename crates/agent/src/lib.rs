@@ -97,6 +97,7 @@ mod credentials;
 mod error;
 mod fleet;
 mod images;
+mod migrate;
 mod pools;
 mod report;
 mod requests;

@@ -431,6 +431,7 @@ mod tests {
             generation: 1,
             restore_from: None,
             pool: None,
+            migration: None,
         }
     }
 

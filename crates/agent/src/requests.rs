@@ -79,6 +79,27 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
             .await
         }
         AgentRequestKind::Restore { vm_id, file } => restore(&shared, VmId(vm_id.0), file).await,
+        AgentRequestKind::MigratePrepare { vm_id, incoming } => {
+            crate::migrate::prepare(&shared, VmId(vm_id.0), incoming).await
+        }
+        AgentRequestKind::MigrateSend { vm_id, request } => {
+            crate::migrate::send(&shared, r.id, VmId(vm_id.0), request).await
+        }
+        AgentRequestKind::MigrateFinish { vm_id } => {
+            crate::migrate::finish(&shared, VmId(vm_id.0)).await
+        }
+        AgentRequestKind::MigrateCancel { vm_id } => {
+            match shared.driver.vm_migrate_cancel(VmId(vm_id.0)).await {
+                Ok(()) => answered(),
+                Err(e) => failed(chain(&e)),
+            }
+        }
+        AgentRequestKind::MigrateAbortIncoming { vm_id } => {
+            match shared.driver.vm_migrate_abort_incoming(VmId(vm_id.0)).await {
+                Ok(()) => answered(),
+                Err(e) => failed(chain(&e)),
+            }
+        }
         AgentRequestKind::VerifyBackup { file } => verify(&shared, file).await,
         AgentRequestKind::DeleteBackup { file, child } => {
             delete_backup(&shared, file, child.as_ref()).await
@@ -270,7 +291,7 @@ async fn make_volume(
 
 /// A successful answer with nothing in it (fields are filled in by the
 /// caller).
-fn answered() -> AgentRequestResult {
+pub(crate) fn answered() -> AgentRequestResult {
     AgentRequestResult {
         result: None,
         backup: None,
@@ -279,12 +300,13 @@ fn answered() -> AgentRequestResult {
         snapshot: None,
         dropped_snapshots: None,
         volume: None,
+        migration: None,
         error: None,
     }
 }
 
 /// An answer that carries only an error.
-fn failed(error: String) -> AgentRequestResult {
+pub(crate) fn failed(error: String) -> AgentRequestResult {
     AgentRequestResult {
         error: Some(error),
         ..answered()
@@ -332,6 +354,7 @@ async fn backup(
                 let body = RequestProgress {
                     done_bytes: p.done_bytes,
                     total_bytes: p.total_bytes,
+                    message: None,
                 };
                 if let Err(e) = shared.api.request_progress(request, body).await {
                     tracing::debug!(request = %request, error = %chain(&e), "cannot post backup progress");

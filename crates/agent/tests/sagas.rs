@@ -34,9 +34,41 @@ struct Rig {
     agent: AgentHandle,
     sim: Arc<SimDriver>,
     host: String,
+    /// For a migration: the destination host (its agent, driver and dir),
+    /// kept in maintenance until the operation so the VM starts on `host`.
+    second: Option<(AgentHandle, Arc<SimDriver>, tempfile::TempDir)>,
 }
 
+const SECOND: &str = "sim-sagas-2";
+
 async fn rig() -> Rig {
+    rig_for(JobKind::VmCreate).await
+}
+
+async fn rig_for(kind: JobKind) -> Rig {
+    let mut rig = first_host().await;
+    if kind == JobKind::VmMigrate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim2 = sim();
+        let agent2 = start_agent(&rig.cloud, dir.path(), SECOND, sim2.clone()).await;
+        wait_for("the second host to enroll", JOB, || async {
+            rig.cloud
+                .admin
+                .host_view()
+                .host(SECOND)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        rig.maintenance(SECOND, true).await;
+        rig.second = Some((agent2, sim2, dir));
+    }
+    rig
+}
+
+async fn first_host() -> Rig {
     let (cloud, files) = cloud().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let sim = sim();
@@ -63,16 +95,48 @@ async fn rig() -> Rig {
         agent,
         sim,
         host: "sim-sagas".into(),
+        second: None,
     }
 }
 
 impl Rig {
+    async fn shutdown(self) {
+        if let Some((agent2, _, _)) = self.second {
+            agent2.shutdown().await;
+        }
+        self.agent.shutdown().await;
+    }
+
+    async fn maintenance(&self, host: &str, on: bool) {
+        self.cloud
+            .admin
+            .host_maintenance()
+            .host(host)
+            .body(stratus_client::types::HostMaintenanceSet { enabled: on })
+            .send()
+            .await
+            .expect("host_maintenance");
+    }
+
+    /// What the migration's destination runs of the VM.
+    async fn second_state(&self, vm: &Vm) -> Option<VmRuntimeState> {
+        let (_, sim2, _) = self.second.as_ref().expect("a second host");
+        sim2.vm_status(VmId(vm.id.0))
+            .await
+            .expect("vm_status")
+            .map(|s| s.state)
+    }
+
     async fn allocated(&self) -> (u64, u64, u64) {
+        self.allocated_on(&self.host).await
+    }
+
+    async fn allocated_on(&self, host: &str) -> (u64, u64, u64) {
         let a = self
             .cloud
             .admin
             .host_view()
-            .host(&self.host)
+            .host(host)
             .send()
             .await
             .expect("host_view")
@@ -250,6 +314,21 @@ impl Rig {
                 return (self.cloud.vm(&op.snapshot.vm_id).await, op.job);
             }
             JobKind::VmSnapshotRevert => a.snapshot_revert().vm(id()).snapshot("s1").send().await,
+            JobKind::VmMigrate => {
+                self.maintenance(SECOND, false).await;
+                a.vm_migrate()
+                    .vm(id())
+                    .body(stratus_client::types::VmMigrate {
+                        host: Some(SECOND.into()),
+                        cold: None,
+                        bandwidth: None,
+                        auto_converge: None,
+                        postcopy_after_passes: None,
+                        pool: None,
+                    })
+                    .send()
+                    .await
+            }
             JobKind::VmVolumeAttach | JobKind::VmVolumeDetach => {
                 let op = if kind == JobKind::VmVolumeAttach {
                     a.volume_attach()
@@ -303,7 +382,7 @@ fn runtime(state: VmState) -> Option<VmRuntimeState> {
 
 /// Every action twice: the operation ends as it does with each once.
 async fn repeat_actions(kind: JobKind) {
-    let rig = rig().await;
+    let rig = rig_for(kind).await;
     let before = rig.precondition(kind).await;
     rig.cloud
         .server
@@ -321,18 +400,36 @@ async fn repeat_actions(kind: JobKind) {
         _ => (Some(VmState::Running), VmDesiredState::Running),
     };
     let now = rig.find(&vm).await;
-    match want {
-        Some(state) => {
-            let now = now.expect("the VM exists");
-            assert_eq!(now.state, state, "{now:?}");
-            assert_eq!(now.desired_state, desired, "{now:?}");
-            assert_eq!(rig.sim_state(&now).await, runtime(state));
-            assert_eq!(rig.allocated().await.0, u64::from(now.vcpus));
-        }
-        None => {
-            assert!(now.is_none(), "deleted VM still listed: {now:?}");
-            assert_eq!(rig.sim_state(&vm).await, None, "the host still has it");
-            assert_eq!(rig.allocated().await.0, 0);
+    if kind == JobKind::VmMigrate {
+        // On the destination, running; nothing left on the source.
+        let now = now.expect("the VM exists");
+        assert_eq!(now.state, VmState::Running, "{now:?}");
+        let second = rig.cloud.admin.host_view().host(SECOND).send().await;
+        let second = second.expect("host_view").into_inner();
+        assert_eq!(
+            now.host_id.as_ref().map(|h| h.0),
+            Some(second.id.0),
+            "{now:?}"
+        );
+        assert!(now.migration_target.is_none(), "{now:?}");
+        assert_eq!(rig.second_state(&now).await, Some(VmRuntimeState::Running));
+        assert_eq!(rig.sim_state(&now).await, None, "the source still has it");
+        assert_eq!(rig.allocated().await, (0, 0, 0));
+        assert_eq!(rig.allocated_on(SECOND).await.0, u64::from(now.vcpus));
+    } else {
+        match want {
+            Some(state) => {
+                let now = now.expect("the VM exists");
+                assert_eq!(now.state, state, "{now:?}");
+                assert_eq!(now.desired_state, desired, "{now:?}");
+                assert_eq!(rig.sim_state(&now).await, runtime(state));
+                assert_eq!(rig.allocated().await.0, u64::from(now.vcpus));
+            }
+            None => {
+                assert!(now.is_none(), "deleted VM still listed: {now:?}");
+                assert_eq!(rig.sim_state(&vm).await, None, "the host still has it");
+                assert_eq!(rig.allocated().await.0, 0);
+            }
         }
     }
     // The steps really ran twice (each records its step in the job's log).
@@ -343,13 +440,13 @@ async fn repeat_actions(kind: JobKind) {
         "step {first} should have run twice: {:?}",
         j.events
     );
-    rig.agent.shutdown().await;
+    rig.shutdown().await;
 }
 
 /// A failure at `node` (with every undo run `undos` times): the job fails
 /// and nothing of the operation is left.
 async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
-    let rig = rig().await;
+    let rig = rig_for(kind).await;
     let before = rig.precondition(kind).await;
     let alloc_before = rig.allocated().await;
     let sim_before = match &before {
@@ -470,6 +567,26 @@ async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
         })
         .await;
     }
+    if kind == JobKind::VmMigrate && node == node_names(kind)[3] {
+        // Past the hand-over there is no way back: the VM runs on the
+        // destination, which is where the store says it is, and nothing
+        // of it is left on the source (its claim included).
+        let now = rig.find(&vm).await.expect("the VM exists");
+        let second = rig.cloud.admin.host_view().host(SECOND).send().await;
+        let second = second.expect("host_view").into_inner();
+        assert_eq!(
+            now.host_id.as_ref().map(|h| h.0),
+            Some(second.id.0),
+            "{now:?}"
+        );
+        assert!(now.migration_target.is_none(), "{now:?}");
+        assert_eq!(rig.second_state(&now).await, Some(VmRuntimeState::Running));
+        assert_eq!(rig.sim_state(&now).await, None);
+        assert_eq!(rig.allocated().await, (0, 0, 0));
+        assert_eq!(rig.allocated_on(SECOND).await.0, u64::from(now.vcpus));
+        rig.shutdown().await;
+        return;
+    }
     if kind == JobKind::VmBackup {
         // Never a restore point.
         let backups = rig
@@ -519,6 +636,18 @@ async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
                 before.host_id.as_ref().map(|h| h.to_string())
             );
             assert_eq!(rig.allocated().await, alloc_before);
+            if kind == JobKind::VmMigrate {
+                // Nothing on the destination: no claim, no VM.
+                assert!(now.migration_target.is_none(), "{now:?}");
+                assert_eq!(rig.allocated_on(SECOND).await, (0, 0, 0));
+                wait_for("the destination to have nothing", JOB, || async {
+                    match rig.second_state(&before).await {
+                        None => Ok(()),
+                        Some(s) => Err(format!("{s:?}")),
+                    }
+                })
+                .await;
+            }
             wait_for("the host to run the VM as before", JOB, || async {
                 let s = rig.sim_state(&before).await;
                 if s == sim_before {
@@ -538,7 +667,7 @@ async fn fail_at(kind: JobKind, node: &'static str, repeat_undos: bool) {
             rig.cloud.job_succeeds(&job, JOB).await;
         }
     }
-    rig.agent.shutdown().await;
+    rig.shutdown().await;
 }
 
 macro_rules! saga_tests {
@@ -585,12 +714,13 @@ saga_tests! {
     vm_snapshot_delete: JobKind::VmSnapshotDelete;
     vm_volume_attach: JobKind::VmVolumeAttach;
     vm_volume_detach: JobKind::VmVolumeDetach;
+    vm_migrate: JobKind::VmMigrate;
 }
 
 #[test]
 fn every_saga_has_generated_tests() {
     // A new JobKind must be added to `saga_tests!` above.
-    assert_eq!(JobKind::ALL.len(), 12);
+    assert_eq!(JobKind::ALL.len(), 13);
     for kind in JobKind::ALL {
         assert!(node_names(kind).len() >= 2, "{kind}");
     }

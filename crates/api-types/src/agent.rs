@@ -147,6 +147,14 @@ pub struct AgentReport {
     pub pools: Option<Vec<PoolReport>>,
 }
 
+/// Which end of a migration a host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationRole {
+    Outgoing,
+    Incoming,
+}
+
 /// A shared storage pool as the controller hands it to agents: the host
 /// checks whether it sees the directory and reports back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -235,6 +243,10 @@ pub struct DesiredVm {
     /// there too); `None`: the host's own data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolAssignment>,
+    /// Set while the VM migrates to or from this host: the agent leaves it
+    /// to the migration (no start, stop or create; not an orphan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationRole>,
     /// Grows with every new intent for this VM. A VM that went down by
     /// itself (crash, guest power-off) stays down until this grows: until
     /// the operator asks for something, not when anything else on the host
@@ -298,6 +310,29 @@ pub enum AgentRequestKind {
         vm_id: VmId,
         snapshot_id: uuid::Uuid,
     },
+    /// Destination of a live migration: build the VM (as this host's
+    /// desired state shows it, marked incoming) and wait for its state with
+    /// QEMU listening on the host's migration address. `incoming` is the
+    /// driver's `IncomingRequest`; the answer's `migration` its
+    /// `IncomingReady`.
+    MigratePrepare {
+        vm_id: VmId,
+        incoming: serde_json::Value,
+    },
+    /// Source of a live migration: send the running VM to the destination
+    /// (`request` is the driver's `MigrateRequest`), posting progress. The
+    /// answer's `migration` is the driver's `MigrateOutcome`.
+    MigrateSend {
+        vm_id: VmId,
+        request: serde_json::Value,
+    },
+    /// Destination: the VM arrived; record it as running here.
+    MigrateFinish { vm_id: VmId },
+    /// Source: stop a migration in progress (the VM keeps running here).
+    MigrateCancel { vm_id: VmId },
+    /// Destination: end the waiting (or half-arrived) VM and remove
+    /// everything made for it.
+    MigrateAbortIncoming { vm_id: VmId },
     /// Delete a backup file, first merging it into `child` (the restore
     /// point built on it) so the child stays whole.
     DeleteBackup {
@@ -369,6 +404,10 @@ pub struct BackupChecked {
 pub struct RequestProgress {
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// The host's words on it (a migration's phase, dirty rate, expected
+    /// downtime), shown as the job's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -420,6 +459,10 @@ pub struct AgentRequestResult {
     /// A volume as the host has it now.
     #[serde(default)]
     pub volume: Option<VolumeOnHost>,
+    /// A migration step's answer (the driver's `IncomingReady` or
+    /// `MigrateOutcome`).
+    #[serde(default)]
+    pub migration: Option<serde_json::Value>,
     /// Why the request could not be carried out.
     pub error: Option<String>,
 }

@@ -295,6 +295,44 @@ pub struct BackupTargetCreate {
     pub path: String,
 }
 
+/// Take a host out of service or return it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostMaintenanceSet {
+    /// `true`: no new VMs are placed on the host and every VM on it is
+    /// migrated away (running ones live, stopped ones cold); `false`: the
+    /// host takes VMs again.
+    pub enabled: bool,
+}
+
+/// Move a VM to another host: live when it runs (it keeps running), cold
+/// when it is stopped.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrate {
+    /// Destination host (name or id); still checked by the scheduler.
+    /// Default: the scheduler's choice among the hosts other than the
+    /// VM's, by its placement constraints and server group.
+    pub host: Option<String>,
+    /// Move it stopped (its disk copied). Refused for a running VM: stop it
+    /// first. A stopped VM always moves cold.
+    #[serde(default)]
+    pub cold: bool,
+    /// Most bytes per second the migration may use (memory and disk).
+    pub bandwidth: Option<u64>,
+    /// Let QEMU slow the guest's vCPUs down when its memory changes faster
+    /// than it can be sent.
+    #[serde(default)]
+    pub auto_converge: bool,
+    /// Switch to post-copy (the guest runs on the destination, fetching the
+    /// memory still missing) after this many pre-copy passes.
+    pub postcopy_after_passes: Option<u32>,
+    /// Storage pool for the disk at the destination (name or id, or
+    /// `local`): how a move across clusters maps the VM's pool. Default:
+    /// the pool it is in.
+    pub pool: Option<String>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoragePoolCreate {

@@ -461,6 +461,8 @@ pub enum VmState {
     Crashed,
     Failed,
     Deleting,
+    /// Moving to another host (live: it keeps running).
+    Migrating,
 }
 
 impl VmState {
@@ -475,6 +477,7 @@ impl VmState {
             VmState::Crashed => "crashed",
             VmState::Failed => "failed",
             VmState::Deleting => "deleting",
+            VmState::Migrating => "migrating",
         }
     }
 }
@@ -502,6 +505,9 @@ pub struct Vm {
     /// own `local` pool.
     #[serde(default)]
     pub pool_id: Option<StoragePoolId>,
+    /// While the VM migrates: the host it is moving to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_target: Option<HostId>,
     /// The server group the VM belongs to.
     pub server_group_id: Option<ServerGroupId>,
     /// The placement constraints it was created with.
@@ -578,6 +584,28 @@ pub struct Job {
     /// The step log, oldest first (only in single-job answers).
     #[serde(default)]
     pub events: Vec<JobEvent>,
+}
+
+/// What turning maintenance on or off did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostMaintenance {
+    pub host: Host,
+    /// One entry per VM that was on the host when maintenance was turned
+    /// on: the job moving it, or why it cannot move.
+    pub vms: Vec<Evacuation>,
+}
+
+/// One VM leaving a host in maintenance.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Evacuation {
+    pub vm_id: VmId,
+    pub name: String,
+    /// Where the scheduler sends it.
+    pub target_host_id: Option<HostId>,
+    /// The `vm_migrate` job moving it.
+    pub job_id: Option<JobId>,
+    /// Why it stays (no capacity elsewhere, busy with another job, ...).
+    pub error: Option<String>,
 }
 
 /// A shared storage pool: one directory that several hosts mount (NFS, a

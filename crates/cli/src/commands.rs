@@ -160,6 +160,16 @@ pub enum HostCmd {
     },
     /// Show a host
     Show { host: String },
+    /// Take a host out of service (on: no new VMs, every VM migrated away)
+    /// or return it (off)
+    Maintenance {
+        host: String,
+        #[arg(value_enum)]
+        mode: crate::migrate::OnOff,
+        /// Wait for every VM's move, with progress
+        #[command(flatten)]
+        wait: WaitOpt,
+    },
     /// Change a host's tags
     Update {
         host: String,
@@ -361,6 +371,8 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitOpt,
     },
+    /// Move a VM to another host: live while it runs, cold when stopped
+    Migrate(crate::migrate::MigrateArgs),
     /// Stop a VM
     Stop {
         vm: String,
@@ -506,7 +518,7 @@ pub async fn run(cmd: ClientCommand, g: GlobalOpts) -> Result<(), CliError> {
         }
         ClientCommand::Project(p) => project(&c, f, p).await?,
         ClientCommand::Token(t) => token(&c, f, t).await?,
-        ClientCommand::Host(h) => host(&c, f, h).await?,
+        ClientCommand::Host(h) => host(&c, f, h, interactive).await?,
         ClientCommand::Image(i) => image(&c, f, i).await?,
         ClientCommand::Flavor(fl) => flavor(&c, f, fl).await?,
         ClientCommand::Vm(v) => vm(&c, f, v, interactive).await?,
@@ -729,7 +741,7 @@ async fn token(c: &Client, f: Format, cmd: TokenCmd) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
+async fn host(c: &Client, f: Format, cmd: HostCmd, interactive: bool) -> Result<(), CliError> {
     match cmd {
         HostCmd::List {
             zone,
@@ -782,6 +794,9 @@ async fn host(c: &Client, f: Format, cmd: HostCmd) -> Result<(), CliError> {
                 }
                 t
             });
+        }
+        HostCmd::Maintenance { host, mode, wait } => {
+            crate::migrate::host_maintenance(c, f, host, mode, wait, interactive).await?
         }
         HostCmd::Update {
             host,
@@ -1352,6 +1367,7 @@ async fn vm(c: &Client, f: Format, cmd: VmCmd, interactive: bool) -> Result<(), 
             let op = r.send().await?.into_inner();
             vm_operation(c, f, op, wait, interactive, false).await?;
         }
+        VmCmd::Migrate(a) => crate::migrate::vm_migrate(c, f, a, interactive).await?,
         VmCmd::Stop { vm, project, wait } => {
             let mut r = c.vm_stop().vm(vm);
             if let Some(p) = project {

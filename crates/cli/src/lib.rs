@@ -10,6 +10,7 @@
 pub mod backups;
 pub mod commands;
 pub mod config;
+pub mod migrate;
 pub mod output;
 pub mod pools;
 pub mod scheduling;

@@ -25,6 +25,8 @@ pub struct HostRequestRecord {
     pub error: Option<String>,
     /// A long request's progress as the agent last reported it (done, total).
     pub progress: Option<(u64, u64)>,
+    /// The host's words on that progress (a migration's phase and rates).
+    pub progress_message: Option<String>,
 }
 
 /// Bytes of console output kept per VM.
@@ -257,8 +259,22 @@ impl Datastore {
             let img = ImageRecord::from_row(r)?;
             images.insert(img.id, img);
         }
-        let mut out = Vec::with_capacity(vms.items.len());
-        for vm in vms.items {
+        // VMs migrating here: the agent must know them (not as orphans) and
+        // leave them to the migration.
+        let incoming = sqlx::query(&format!(
+            "{} WHERE migration_target = $1",
+            crate::vms::SELECT
+        ))
+        .bind(id.to_string())
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading a host's incoming VMs", e))?;
+        let mut items = vms.items;
+        for r in &incoming {
+            items.push(VmRecord::from_row(r)?);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for vm in items {
             // An image deleted meanwhile (it cannot be while in use, but a
             // VM placed between the two reads may name one not yet read).
             let image = match images.get(&vm.image_id) {
@@ -279,7 +295,8 @@ impl Datastore {
         image: stratus_common::ImageId,
     ) -> Result<bool, Error> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM vms WHERE host_id = $1 AND image_id = $2) + \
+            "SELECT (SELECT COUNT(*) FROM vms WHERE (host_id = $1 OR migration_target = $1) \
+                 AND image_id = $2) + \
                  (SELECT COUNT(*) FROM volumes v JOIN vms m ON m.id = v.vm_id \
                   WHERE m.host_id = $1 AND v.image_id = $2)",
         )
@@ -421,15 +438,17 @@ impl Datastore {
         host: HostId,
         done: u64,
         total: u64,
+        message: Option<&str>,
     ) -> Result<(), Error> {
         let r = sqlx::query(
-            "UPDATE host_requests SET progress_done = $1, progress_total = $2 \
+            "UPDATE host_requests SET progress_done = $1, progress_total = $2, progress_message = $5 \
              WHERE id = $3 AND host_id = $4 AND answered_at IS NULL",
         )
         .bind(i64::try_from(done).unwrap_or(i64::MAX))
         .bind(i64::try_from(total).unwrap_or(i64::MAX))
         .bind(id.to_string())
         .bind(host.to_string())
+        .bind(message.map(str::to_string))
         .execute(&self.write)
         .await
         .map_err(|e| db_error("recording a request's progress", e))?;
@@ -483,7 +502,7 @@ impl Datastore {
         host: HostId,
     ) -> Result<Vec<HostRequestRecord>, Error> {
         let rows = sqlx::query(
-            "SELECT id, host_id, kind, payload, answered_at, result, error, progress_done, progress_total FROM host_requests \
+            "SELECT id, host_id, kind, payload, answered_at, result, error, progress_done, progress_total, progress_message FROM host_requests \
              WHERE host_id = $1 AND answered_at IS NULL AND expires_at > $2 ORDER BY id",
         )
         .bind(host.to_string())
@@ -495,7 +514,7 @@ impl Datastore {
     }
 
     pub async fn host_request_get(&self, id: uuid::Uuid) -> Result<HostRequestRecord, Error> {
-        let row = sqlx::query("SELECT id, host_id, kind, payload, answered_at, result, error, progress_done, progress_total FROM host_requests WHERE id = $1")
+        let row = sqlx::query("SELECT id, host_id, kind, payload, answered_at, result, error, progress_done, progress_total, progress_message FROM host_requests WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.read)
             .await
@@ -542,16 +561,23 @@ impl Datastore {
     pub async fn vm_console_append(&self, vm: VmId, offset: u64, data: &[u8]) -> Result<(), Error> {
         let ctx = "storing console output";
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
-        let row: Option<(i64, i64, String)> = sqlx::query_as(
-            "SELECT start_offset, end_offset, data FROM vm_consoles WHERE vm_id = $1",
+        let row: Option<(i64, i64, String, i64, i64)> = sqlx::query_as(
+            "SELECT start_offset, end_offset, data, shift, rebase FROM vm_consoles WHERE vm_id = $1",
         )
         .bind(vm.to_string())
         .fetch_optional(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;
+        // A VM that moved hosts: the new host counts from its own start.
+        let shift = match &row {
+            Some((_, e, _, _, rebase)) if *rebase != 0 => *e - i64_of(offset),
+            Some((_, _, _, shift, _)) => *shift,
+            None => 0,
+        };
+        let offset = u64::try_from(i64_of(offset) + shift).unwrap_or(0);
         let (mut start, mut buf) = match &row {
             None => (offset, data.to_vec()),
-            Some((s, e, d)) => {
+            Some((s, e, d, _, _)) => {
                 let (start, end) = (crate::model::u64_of(*s), crate::model::u64_of(*e));
                 if offset > end {
                     // A gap (the agent's own bounded log dropped bytes):
@@ -575,15 +601,18 @@ impl Datastore {
         let end = start + buf.len() as u64;
         let encoded = STANDARD.encode(&buf);
         let q = if row.is_some() {
-            "UPDATE vm_consoles SET start_offset = $1, end_offset = $2, data = $3 WHERE vm_id = $4"
+            "UPDATE vm_consoles SET start_offset = $1, end_offset = $2, data = $3, shift = $5, \
+             rebase = 0 WHERE vm_id = $4"
         } else {
-            "INSERT INTO vm_consoles (start_offset, end_offset, data, vm_id) VALUES ($1, $2, $3, $4)"
+            "INSERT INTO vm_consoles (start_offset, end_offset, data, vm_id, shift) \
+             VALUES ($1, $2, $3, $4, $5)"
         };
         sqlx::query(q)
             .bind(i64_of(start))
             .bind(i64_of(end))
             .bind(encoded)
             .bind(vm.to_string())
+            .bind(shift)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(ctx, e))?;
@@ -675,6 +704,7 @@ fn request_from_row(r: &sqlx::any::AnyRow) -> Result<HostRequestRecord, Error> {
             }
             _ => None,
         },
+        progress_message: r.opt_text("progress_message")?,
     })
 }
 

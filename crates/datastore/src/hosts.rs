@@ -116,3 +116,24 @@ impl Datastore {
         Ok(id)
     }
 }
+
+impl Datastore {
+    /// Takes a host out of service (`maintenance`: nothing new is placed
+    /// there, heartbeats keep it so) or returns it (`up`, only from
+    /// maintenance: an unreachable host comes back by its heartbeats). The
+    /// generation moves, so every scheduler index notices.
+    pub async fn host_set_maintenance(&self, id: HostId, on: bool) -> Result<HostRecord, Error> {
+        let sql = if on {
+            "UPDATE hosts SET state = 'maintenance', generation = generation + 1 WHERE id = $1"
+        } else {
+            "UPDATE hosts SET state = 'up', generation = generation + 1 \
+             WHERE id = $1 AND state = 'maintenance'"
+        };
+        sqlx::query(sql)
+            .bind(id.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("changing a host's maintenance mode", e))?;
+        self.host_get(id).await
+    }
+}

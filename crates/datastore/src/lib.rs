@@ -29,6 +29,7 @@ mod hosts;
 mod images;
 mod jobs;
 mod leases;
+mod moves;
 mod orphans;
 mod pools;
 mod projects;

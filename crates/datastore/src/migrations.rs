@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "storage pools",
         include_str!("../migrations/0009_pools.sql"),
     ),
+    (
+        10,
+        "migrations",
+        include_str!("../migrations/0010_moves.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

@@ -414,6 +414,10 @@ pub struct VmRecord {
     pub restore_from: Option<String>,
     /// The shared pool holding its disk; `None`: its host's local pool.
     pub pool_id: Option<StoragePoolId>,
+    /// While a migration job moves it: the host it goes to (claimed), and
+    /// the pool its disk will be in there (`None`: that host's local pool).
+    pub migration_target: Option<HostId>,
+    pub migration_pool: Option<StoragePoolId>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -457,6 +461,8 @@ impl VmRecord {
             auto_restart_given_up_at: r.opt_int("auto_restart_given_up_at")?,
             restore_from: r.opt_text("restore_from")?,
             pool_id: r.opt_parse("pool_id")?,
+            migration_target: r.opt_parse("migration_target")?,
+            migration_pool: r.opt_parse("migration_pool")?,
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -477,6 +483,7 @@ impl VmRecord {
             restart_policy: self.restart_policy,
             host_id: self.host_id,
             pool_id: self.pool_id,
+            migration_target: self.migration_target,
             server_group_id: self.server_group_id,
             placement: self.placement,
             guest: self.guest,
@@ -705,6 +712,8 @@ impl VmRecord {
             auto_restart_given_up_at: None,
             restore_from: vm.restore_from.clone(),
             pool_id: vm.pool_id,
+            migration_target: None,
+            migration_pool: None,
             created_at: now,
             updated_at: now,
         }

@@ -290,7 +290,10 @@ impl Datastore {
 
 /// Tells the host's long poll (here and on other controllers) that its
 /// desired state changed.
-async fn bump_host_revision(conn: &mut sqlx::AnyConnection, host: &str) -> Result<(), Error> {
+pub(crate) async fn bump_host_revision(
+    conn: &mut sqlx::AnyConnection,
+    host: &str,
+) -> Result<(), Error> {
     sqlx::query(
         "UPDATE hosts SET desired_revision = desired_revision + 1, desired_changed_at = $2 WHERE id = $1",
     )

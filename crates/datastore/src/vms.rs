@@ -20,12 +20,12 @@ use crate::model::{enum_str, i64_of, JobRecord, NewJob, VmRecord};
 use crate::page::{ListQuery, Page, PageRequest};
 use crate::Datastore;
 
-const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
+pub(crate) const SELECT: &str = "SELECT id, project_id, name, flavor_id, image_id, vcpus, memory_bytes, disk_bytes, \
                       desired_state, state, state_reason, host_id, active_job_id, generation, reboot_generation, \
                       observed_state, observed_reason, observed_generation, observed_reboot_generation, \
                       observed_at, guest, observed_intent_generation, server_group_id, placement, \
                       restart_policy, auto_restarts, auto_restart_window_at, auto_restart_given_up_at, \
-                      restore_from, pool_id, created_at, updated_at FROM vms";
+                      restore_from, pool_id, migration_target, migration_pool, created_at, updated_at FROM vms";
 
 /// A VM to record.
 #[derive(Debug, Clone)]
@@ -426,7 +426,7 @@ const RESTARTABLE: &str = "restart_policy = 'on_crash' AND state = 'crashed' \
 /// Records a new intent for a VM and its job, in the caller's transaction,
 /// provided no other job holds the VM (else `vm_busy`, and the caller rolls
 /// back); the VM's host is told (its desired revision grows).
-async fn begin_operation(
+pub(crate) async fn begin_operation(
     tx: &mut sqlx::AnyConnection,
     vm_id: VmId,
     desired: VmDesiredState,

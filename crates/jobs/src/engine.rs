@@ -352,6 +352,10 @@ impl SagaEngine {
                             let vm = VmId::from(job.target_id);
                             crate::storage::volume_detach_discard(&self.ctx, vm, previous).await
                         }
+                        JobKind::VmMigrate => {
+                            let vm = VmId::from(job.target_id);
+                            crate::migrate::discard(&self.ctx, job.id, vm).await
+                        }
                         JobKind::VmSnapshotDelete => match previous.snapshot {
                             Some(id) => retry_store(|| self.ctx.ds.snapshot_undelete(id))
                                 .await
@@ -383,6 +387,9 @@ impl SagaEngine {
                             }
                             JobKind::VmCreate => {
                                 "cancelled on request; the VM was removed from its host".into()
+                            }
+                            JobKind::VmMigrate => {
+                                "cancelled on request; the VM stays on its host".into()
                             }
                             _ => "cancelled on request; the previous desired state was restored"
                                 .into(),

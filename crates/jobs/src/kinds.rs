@@ -28,10 +28,12 @@ pub enum JobKind {
     VmVolumeAttach,
     /// Detach a volume from a VM (hot-unplug when it runs).
     VmVolumeDetach,
+    /// Move a VM to another host (live while it runs, cold when stopped).
+    VmMigrate,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 12] = [
+    pub const ALL: [JobKind; 13] = [
         JobKind::VmCreate,
         JobKind::VmStart,
         JobKind::VmStop,
@@ -44,6 +46,7 @@ impl JobKind {
         JobKind::VmSnapshotDelete,
         JobKind::VmVolumeAttach,
         JobKind::VmVolumeDetach,
+        JobKind::VmMigrate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl JobKind {
             JobKind::VmSnapshotDelete => "vm_snapshot_delete",
             JobKind::VmVolumeAttach => "vm_volume_attach",
             JobKind::VmVolumeDetach => "vm_volume_detach",
+            JobKind::VmMigrate => "vm_migrate",
         }
     }
 }
@@ -97,6 +101,33 @@ pub struct VmJobParams {
     /// For a volume job: the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<stratus_common::VolumeId>,
+    /// For a migration: where to and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationParams>,
+}
+
+/// What a `vm_migrate` job does. The destination is claimed when the job is
+/// accepted; these are the rest of the operator's choices.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationParams {
+    pub source: stratus_common::HostId,
+    pub target: stratus_common::HostId,
+    /// The VM was stopped: its disk is copied, no memory moves.
+    pub cold: bool,
+    /// Most bytes per second the migration may use.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+    #[serde(default)]
+    pub auto_converge: bool,
+    #[serde(default)]
+    pub postcopy_after_passes: Option<u32>,
+    /// The disk's pool now, and at the destination (by directory; `None`:
+    /// the host's own): equal when the disk stays in one shared pool, so
+    /// nothing is copied.
+    #[serde(default)]
+    pub source_pool: Option<String>,
+    #[serde(default)]
+    pub target_pool: Option<String>,
 }
 
 /// What a `vm_restore` job restores.

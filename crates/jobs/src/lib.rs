@@ -19,6 +19,7 @@
 pub mod context;
 pub mod engine;
 pub mod kinds;
+mod migrate;
 mod requests;
 mod runner;
 pub mod sagas;

@@ -22,12 +22,19 @@ const UNREACHABLE_GRACE: Duration = Duration::from_secs(60);
 /// One request for a step to send and wait on.
 pub struct HostRequest<'a> {
     pub job: JobId,
+    /// The request's id; `None`: the job's own (one request per job). A
+    /// saga that hands out several derives one per step with
+    /// [`step_request_id`], so each is still sent once.
+    pub id: Option<uuid::Uuid>,
     pub host: HostId,
     pub vm: Option<VmId>,
     /// What it is, for the request's `kind` column and messages: `backup`.
     pub kind: &'static str,
     pub request: &'a AgentRequestKind,
     pub timeout: Duration,
+    /// A clean-up (an undo's request): carried on when the job is being
+    /// cancelled, which is when it is needed.
+    pub cleanup: bool,
 }
 
 impl SagaContext {
@@ -41,7 +48,7 @@ impl SagaContext {
         r: HostRequest<'_>,
         progress: impl Fn(u64, u64) -> (u8, String),
     ) -> Result<AgentRequestResult, StepError> {
-        let id = r.job.as_uuid();
+        let id = r.id.unwrap_or_else(|| r.job.as_uuid());
         let payload = serde_json::to_value(r.request)
             .map_err(|e| StepError::new("internal", format!("encoding the request: {e}")))?;
         let expires = now_micros() + micros(r.timeout);
@@ -53,6 +60,7 @@ impl SagaContext {
         .map_err(|e| StepError::internal("sending the request to the host", e))?;
         self.signals.host_desired_changed(r.host);
         let started = tokio::time::Instant::now();
+        let mut answers = self.signals.watch_observed();
         let mut shown = None;
         let mut unreachable_since: Option<tokio::time::Instant> = None;
         loop {
@@ -71,13 +79,17 @@ impl SagaContext {
                 });
             }
             if let Some((done, total)) = req.progress {
-                if shown != Some((done, total)) {
-                    shown = Some((done, total));
-                    let (pct, message) = progress(done, total);
+                let now = Some((done, total, req.progress_message.clone()));
+                if shown != now {
+                    let (pct, mut message) = progress(done, total);
+                    if let Some(m) = &req.progress_message {
+                        message = m.clone();
+                    }
+                    shown = now;
                     self.step(r.job, r.kind, pct, &message).await?;
                 }
             }
-            if self.cancel_requested(r.job).await? {
+            if !r.cleanup && self.cancel_requested(r.job).await? {
                 let _ = retry_store(|| self.ds.host_request_withdraw(id)).await;
                 return Err(StepError::cancelled());
             }
@@ -117,8 +129,16 @@ impl SagaContext {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = answers.changed() => {}
                 _ = self.halted_wait() => {}
             }
         }
     }
+}
+
+/// The id of a saga's `step`-th request (1, 2, ...), derived from its job's
+/// id: stable across resumptions, distinct from the job's own and from its
+/// other steps'.
+pub fn step_request_id(job: JobId, step: u8) -> uuid::Uuid {
+    uuid::Uuid::from_u128(job.as_uuid().as_u128() ^ (u128::from(step) << 64))
 }

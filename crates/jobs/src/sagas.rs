@@ -26,6 +26,7 @@
 //!  vm_volume_attach    accepted ──► attach ──► settled     undo: the host
 //!                       (attaching,  (file made, (attached)  detaches it; the
 //!                        VM held)     hot-plug)              volume available
+//!  vm_migrate  accepted ──► prepare ──► send ──► settled   (see migrate.rs)
 //!  vm_volume_detach    accepted ──► detach ──► settled     undo: still
 //!                                    (available: no way      attached (if not
 //!                                     back, re-attach)       detached)
@@ -102,6 +103,7 @@ pub fn node_names(kind: JobKind) -> &'static [&'static str] {
         JobKind::VmSnapshotRevert => &["intent", "revert", SETTLED],
         JobKind::VmVolumeAttach => &["accepted", "attach", SETTLED],
         JobKind::VmVolumeDetach => &["accepted", "detach", SETTLED],
+        JobKind::VmMigrate => &["accepted", "prepare", "send", SETTLED],
         _ => &["intent", SETTLED],
     }
 }
@@ -187,6 +189,20 @@ static VOLUME_DETACH: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| 
 static VOLUME_DETACHED: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
     new_action_noop_undo("vm_volume_detach.settled", crate::storage::volume_detached)
 });
+static MIGRATE_ACCEPT: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    ActionFunc::new_action("vm_migrate.accept", confirm, crate::migrate::accept_undo)
+});
+static MIGRATE_PREPARE: LazyLock<Arc<dyn Action<StratusSaga>>> = LazyLock::new(|| {
+    ActionFunc::new_action(
+        "vm_migrate.prepare",
+        crate::migrate::prepare,
+        crate::migrate::prepare_undo,
+    )
+});
+static MIGRATE_SEND: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| new_action_noop_undo("vm_migrate.send", crate::migrate::send));
+static MIGRATE_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> =
+    LazyLock::new(|| new_action_noop_undo("vm_migrate.settled", crate::migrate::settled));
 static RESTORE_SETTLED: LazyLock<Arc<dyn Action<StratusSaga>>> =
     LazyLock::new(|| new_action_noop_undo("vm_restore.settled", crate::storage::restore_settled));
 
@@ -222,6 +238,10 @@ pub fn registry() -> ActionRegistry<StratusSaga> {
         &VOLUME_DETACH_ACCEPT,
         &VOLUME_DETACH,
         &VOLUME_DETACHED,
+        &MIGRATE_ACCEPT,
+        &MIGRATE_PREPARE,
+        &MIGRATE_SEND,
+        &MIGRATE_SETTLED,
     ] {
         r.register(Arc::clone(a));
     }
@@ -271,6 +291,12 @@ pub fn dag(kind: JobKind, params: &VmSagaParams) -> Result<Arc<SagaDag>, StepErr
             VOLUME_DETACH_ACCEPT.as_ref(),
             VOLUME_DETACH.as_ref(),
             VOLUME_DETACHED.as_ref(),
+        ],
+        JobKind::VmMigrate => vec![
+            MIGRATE_ACCEPT.as_ref(),
+            MIGRATE_PREPARE.as_ref(),
+            MIGRATE_SEND.as_ref(),
+            MIGRATE_SETTLED.as_ref(),
         ],
     };
     for (name, action) in node_names(kind).iter().zip(actions) {

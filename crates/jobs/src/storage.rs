@@ -91,11 +91,13 @@ pub(crate) async fn backup_copy(ctx: Ctx) -> Result<BackupDone, ActionError> {
         .await_request(
             HostRequest {
                 job: p.job_id,
+                id: None,
                 host,
                 vm: Some(p.vm_id),
                 kind: "backup",
                 request: &request,
                 timeout: sc.timing.backup,
+                cleanup: false,
             },
             copy_progress,
         )
@@ -217,11 +219,13 @@ pub(crate) async fn restore_disk(ctx: Ctx) -> Result<(), ActionError> {
     sc.await_request(
         HostRequest {
             job: p.job_id,
+            id: None,
             host,
             vm: Some(p.vm_id),
             kind: "restore",
             request: &request,
             timeout: sc.timing.backup,
+            cleanup: false,
         },
         |done, total| (20, format!("restoring: {done} of {total} bytes")),
     )
@@ -265,11 +269,13 @@ async fn vm_request(
         .await_request(
             HostRequest {
                 job: p.job_id,
+                id: None,
                 host,
                 vm: Some(p.vm_id),
                 kind,
                 request: &request,
                 timeout: sc.timing.backup,
+                cleanup: false,
             },
             |done, total| (30, format!("{kind}: {done} of {total} bytes")),
         )

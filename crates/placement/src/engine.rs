@@ -496,6 +496,25 @@ impl Engine {
         }
     }
 
+    /// Whether `host` can take the request, by the same filters as
+    /// [`Engine::choose`]: `Err` names the first that rules it out (an
+    /// unknown host is [`Filter::State`]). How an operator's named host (a
+    /// migration's destination) is still checked.
+    pub fn check_host(&self, host: HostId, req: &Request) -> Result<(), Filter> {
+        let Some(slot) = self.slot_of(host) else {
+            return Err(Filter::State);
+        };
+        let Some(e) = self.entry(slot) else {
+            return Err(Filter::State);
+        };
+        let members = req.group.and_then(|(g, _)| self.groups.get(&g));
+        let count = members.and_then(|m| m.get(&slot).copied()).unwrap_or(0);
+        match first_failing_filter(e, req, req.group.map(|(_, p)| p), members.is_some(), count) {
+            None => Ok(()),
+            Some(f) => Err(f),
+        }
+    }
+
     /// [`Engine::choose`], then [`Engine::commit`] on the chosen host.
     pub fn place(&mut self, req: &Request) -> Result<HostId, NoFit> {
         let host = self.choose(req)?;

@@ -170,6 +170,67 @@ impl Scheduler {
         })
     }
 
+    /// Where a VM leaving its host should go: `named` if the operator named
+    /// a host (still checked by every filter but zone and cluster, which a
+    /// move across clusters leaves behind on purpose), else the scheduler's
+    /// choice among the other hosts. `pool` is the shared pool its disk will
+    /// be in there (`None`: the host's own), so only hosts that see it
+    /// qualify. Nothing is claimed here: the store's guarded claim (in the
+    /// move's transaction) is the truth.
+    pub fn choose_move(
+        &self,
+        vm: &VmRecord,
+        group: Option<(ServerGroupId, ApiGroupPolicy)>,
+        pool: Option<&str>,
+        named: Option<(HostId, &str)>,
+    ) -> Result<HostId, Error> {
+        let source = vm.host_id;
+        let req = Request {
+            resources: Resources {
+                vcpus: u64::from(vm.vcpus),
+                memory_bytes: vm.memory_bytes,
+                disk_bytes: if pool.is_some() { 0 } else { vm.disk_bytes },
+            },
+            zone: named.is_none().then(|| vm.placement.zone.clone()).flatten(),
+            cluster: named
+                .is_none()
+                .then(|| vm.placement.cluster.clone())
+                .flatten(),
+            require_tags: vm
+                .placement
+                .require_tags
+                .iter()
+                .cloned()
+                .chain(pool.map(pool_tag))
+                .collect(),
+            forbid_tags: vm.placement.forbid_tags.clone(),
+            group: group.map(|(g, p)| (g, group_policy(p))),
+            exclude_hosts: source.into_iter().collect(),
+        };
+        let engine = self.engine();
+        match named {
+            Some((host, name)) => {
+                engine
+                    .check_host(host, &req)
+                    .map(|()| host)
+                    .map_err(|f| Error::NoCapacity {
+                        message: format!(
+                            "host {name} cannot take the VM: it fails the {} filter",
+                            f.as_str()
+                        ),
+                        details: serde_json::Value::Null,
+                    })
+            }
+            None => engine.choose(&req).map_err(|e| {
+                let details = serde_json::to_value(explanation_of(&e)).unwrap_or_default();
+                Error::NoCapacity {
+                    message: format!("no other host can take the VM: {e}"),
+                    details,
+                }
+            }),
+        }
+    }
+
     /// Where `vms` would go, and why not elsewhere, without creating
     /// anything.
     pub fn preview(

@@ -8,7 +8,7 @@ use base64::Engine;
 use stratus_api_types::agent::{
     AgentDesired, AgentEnroll, AgentEnrolled, AgentReport, AgentReportAck, AgentRequest,
     AgentRequestKind, AgentRequestResult, ConsoleAppend, DesiredImage, DesiredQuery, DesiredVm,
-    ImagePart, OrphanAction, OrphanReport, PoolAssignment,
+    ImagePart, MigrationRole, OrphanAction, OrphanReport, PoolAssignment,
 };
 use stratus_common::time::now_micros;
 use stratus_common::{Error, HostId, ImageId, ResourceKind, VmId};
@@ -186,7 +186,16 @@ pub async fn agent_desired(
         rev = u64::try_from(host.desired_revision).unwrap_or(0);
     }
     let (revision, placed) = app.ds.host_desired(actor.host.id).await?;
-    let mut pools = if placed.iter().any(|(vm, _)| vm.pool_id.is_some()) {
+    let here = actor.host.id;
+    // A VM migrating here has its disk in the pool it moves to.
+    let pool_of = |vm: &stratus_datastore::model::VmRecord| {
+        if vm.migration_target == Some(here) {
+            vm.migration_pool
+        } else {
+            vm.pool_id
+        }
+    };
+    let mut pools = if placed.iter().any(|(vm, _)| pool_of(vm).is_some()) {
         app.pools.assignments(app).await?
     } else {
         vec![]
@@ -194,7 +203,7 @@ pub async fn agent_desired(
     let missing = |pools: &[PoolAssignment]| {
         placed
             .iter()
-            .filter_map(|(vm, _)| vm.pool_id)
+            .filter_map(|(vm, _)| pool_of(vm))
             .any(|id| !pools.iter().any(|p| p.id == id))
     };
     if missing(&pools) {
@@ -209,7 +218,7 @@ pub async fn agent_desired(
         else {
             continue;
         };
-        let pool = match vm.pool_id {
+        let pool = match pool_of(&vm) {
             // Never sent without its pool: the host would make the disk in
             // its own directory instead.
             Some(id) => match pools.iter().find(|p| p.id == id) {
@@ -238,6 +247,11 @@ pub async fn agent_desired(
             generation: u64::try_from(vm.generation).unwrap_or(0),
             restore_from: vm.restore_from.clone(),
             pool,
+            migration: match vm.migration_target {
+                Some(t) if t == here => Some(MigrationRole::Incoming),
+                Some(_) => Some(MigrationRole::Outgoing),
+                None => None,
+            },
         });
     }
     let requests = app
@@ -277,7 +291,11 @@ pub async fn agent_request_result(
         .map_err(|e| Error::internal(format!("encoding a request's result: {e}")))?;
     app.ds
         .host_request_answer(id, actor.host.id, result.as_ref(), r.error.as_deref())
-        .await
+        .await?;
+    // The step waiting on it reads it at once (a migration's end is on the
+    // clock of its downtime budget), not at its next poll.
+    app.signals.observed_changed();
+    Ok(())
 }
 
 /// A long request's progress, from its host.
@@ -290,7 +308,13 @@ pub async fn agent_request_progress(
     let id =
         uuid::Uuid::parse_str(id).map_err(|_| Error::invalid("request", "not a request id"))?;
     app.ds
-        .host_request_progress(id, actor.host.id, p.done_bytes, p.total_bytes)
+        .host_request_progress(
+            id,
+            actor.host.id,
+            p.done_bytes,
+            p.total_bytes,
+            p.message.as_deref(),
+        )
         .await
 }
 

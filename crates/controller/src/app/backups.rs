@@ -185,6 +185,7 @@ pub(crate) async fn backup_start(
             restore: None,
             snapshot: None,
             volume: None,
+            migration: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,
@@ -558,6 +559,7 @@ async fn restore_in_place(
             }),
             snapshot: None,
             volume: None,
+            migration: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,

@@ -16,6 +16,7 @@ pub mod image_store;
 pub mod images;
 pub mod jobs;
 mod lookup;
+pub mod migrate;
 pub mod pools;
 pub mod projects;
 pub mod reconcile;

@@ -32,6 +32,7 @@ fn job(kind: JobKind, vm: &VmRecord, snapshot: SnapshotId) -> Result<NewJob, Err
             restore: None,
             snapshot: Some(snapshot),
             volume: None,
+            migration: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,

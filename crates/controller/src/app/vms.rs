@@ -48,6 +48,7 @@ fn new_job(kind: JobKind, vm: &VmRecord, previous: VmState, key: Option<String>)
             restore: None,
             snapshot: None,
             volume: None,
+            migration: None,
         })
         .unwrap_or_default(),
         idempotency_key: key,
@@ -318,6 +319,7 @@ impl Shape {
                 restore: None,
                 snapshot: None,
                 volume: None,
+                migration: None,
             })
             .unwrap_or_default(),
             idempotency_key,

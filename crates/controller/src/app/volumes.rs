@@ -104,6 +104,7 @@ fn job(kind: JobKind, vm: &VmRecord, volume: VolumeId) -> Result<NewJob, Error> 
             restore: None,
             snapshot: None,
             volume: Some(volume),
+            migration: None,
         })
         .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
         idempotency_key: None,

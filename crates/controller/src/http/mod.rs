@@ -128,6 +128,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/vms/{vm}/console", get(vms::vm_console))
         .route("/vms/{vm}/exec", post(vms::vm_exec))
         .route("/vms/{vm}/backups", post(backups::backup_create))
+        .route("/vms/{vm}/migrate", post(migrate::vm_migrate))
+        .route("/hosts/{host}/maintenance", post(migrate::host_maintenance))
         .route(
             "/storage-pools",
             get(pools::pool_list).post(pools::pool_create),

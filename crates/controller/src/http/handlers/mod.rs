@@ -7,6 +7,7 @@ pub mod flavors;
 pub mod hosts;
 pub mod images;
 pub mod jobs;
+pub mod migrate;
 pub mod pools;
 pub mod projects;
 pub mod scheduling;

@@ -1,0 +1,232 @@
+//! Moving VMs between hosts: `vm_migrate` (live while the VM runs, cold
+//! when it is stopped) and host maintenance, which moves every VM off a
+//! host. The destination is chosen (or, when named, checked) by the
+//! scheduler and claimed in the transaction that records the job; the
+//! `vm_migrate` saga (`stratus_jobs::migrate`) does the rest.
+
+use stratus_api_types::params::VmMigrate;
+use stratus_api_types::views::{Evacuation, HostMaintenance, HostState, VmOperation, VmState};
+use stratus_common::{Error, JobId, VmId};
+use stratus_datastore::model::{NewJob, VmRecord};
+use stratus_jobs::kinds::{MigrationParams, VmJobParams};
+use stratus_jobs::JobKind;
+
+use crate::app::{lookup, pools, Actor, App};
+
+/// Most bytes per second a migration may be limited to (and at least 1 MiB/s:
+/// slower would never converge for any real guest).
+const MIN_BANDWIDTH: u64 = 1 << 20;
+
+pub async fn vm_migrate(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    scope: Option<&str>,
+    p: VmMigrate,
+) -> Result<VmOperation, Error> {
+    let vm = lookup::vm(app, actor, key, scope).await?;
+    actor.require_admin("migrate VMs (choosing hosts is the operator's)")?;
+    migrate(app, vm, p).await
+}
+
+async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, Error> {
+    if let Some(b) = p.bandwidth {
+        if b < MIN_BANDWIDTH {
+            return Err(Error::invalid(
+                "bandwidth",
+                format!("bandwidth must be at least {MIN_BANDWIDTH} bytes per second"),
+            ));
+        }
+    }
+    if p.postcopy_after_passes == Some(0) {
+        return Err(Error::invalid(
+            "postcopy_after_passes",
+            "postcopy_after_passes must be at least 1 (one pre-copy pass first)",
+        ));
+    }
+    if let Some(job) = vm.active_job_id {
+        return Err(Error::conflict(
+            "vm_busy",
+            format!(
+                "VM {:?} is busy with job {job}; wait for it or cancel it",
+                vm.name
+            ),
+        ));
+    }
+    let Some(source) = vm.host_id else {
+        return Err(Error::conflict(
+            "vm_not_placed",
+            format!("VM {:?} is not on a host", vm.name),
+        ));
+    };
+    let cold = match vm.state {
+        VmState::Running if p.cold => {
+            return Err(Error::conflict(
+                "vm_running",
+                format!(
+                    "VM {:?} is running: stop it first for a cold migration, or migrate it live \
+                     (without cold)",
+                    vm.name
+                ),
+            ))
+        }
+        VmState::Running => false,
+        VmState::Stopped => true,
+        other => {
+            return Err(Error::conflict(
+                "invalid_vm_state",
+                format!(
+                    "VM {:?} is {}; only a running VM (live) or a stopped one (cold) can migrate",
+                    vm.name,
+                    other.as_str()
+                ),
+            ))
+        }
+    };
+    // The pool at the destination: the one named (a mapping across
+    // clusters), else the one it is in.
+    let target_pool = match p.pool.as_deref() {
+        Some(k) => pools::pool_for_vm(app, Some(k)).await?,
+        None => match vm.pool_id {
+            Some(id) => {
+                let rec = app.ds.pool_get(id).await?;
+                Some((rec.id, rec.name))
+            }
+            None => None,
+        },
+    };
+    let group = match vm.server_group_id {
+        Some(g) => {
+            let rec = app.ds.server_group_get(g).await?;
+            Some((g, rec.policy))
+        }
+        None => None,
+    };
+    let named = match p.host.as_deref() {
+        Some(k) => {
+            let h = lookup::host(app, k).await.map_err(|e| match e {
+                Error::NotFound { .. } => Error::invalid("host", format!("host {k:?} not found")),
+                other => other,
+            })?;
+            if h.id == source {
+                return Err(Error::invalid(
+                    "host",
+                    format!("VM {:?} is already on host {}", vm.name, h.name),
+                ));
+            }
+            Some(h)
+        }
+        None => None,
+    };
+    let target = app.scheduler.choose_move(
+        &vm,
+        group,
+        target_pool.as_ref().map(|(_, n)| n.as_str()),
+        named.as_ref().map(|h| (h.id, h.name.as_str())),
+    )?;
+    let pool_dir = |id: Option<stratus_common::StoragePoolId>| async move {
+        match id {
+            Some(id) => app.ds.pool_get(id).await.map(|p| Some(p.path)),
+            None => Ok(None),
+        }
+    };
+    let params = MigrationParams {
+        source,
+        target,
+        cold,
+        bandwidth: p.bandwidth,
+        auto_converge: p.auto_converge,
+        postcopy_after_passes: p.postcopy_after_passes,
+        source_pool: pool_dir(vm.pool_id).await?,
+        target_pool: pool_dir(target_pool.as_ref().map(|(id, _)| *id)).await?,
+    };
+    let job = NewJob {
+        id: JobId::new(),
+        project_id: Some(vm.project_id),
+        kind: JobKind::VmMigrate.as_str().to_string(),
+        target_kind: "vm",
+        target_id: vm.id.as_uuid(),
+        params: serde_json::to_value(VmJobParams {
+            previous_state: vm.state,
+            previous_desired: vm.desired_state,
+            restore: None,
+            snapshot: None,
+            volume: None,
+            migration: Some(params),
+        })
+        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
+        idempotency_key: None,
+    };
+    let (rec, job) = app
+        .ds
+        .vm_move_begin(
+            vm.id,
+            vm.desired_state,
+            VmState::Migrating,
+            job,
+            target,
+            target_pool.map(|(id, _)| id),
+        )
+        .await?;
+    // The index counts the claim at once (the store already does).
+    if let Ok(h) = app.ds.host_get(target).await {
+        app.scheduler.host_changed(&h);
+    }
+    app.signals.host_desired_changed(source);
+    app.signals.host_desired_changed(target);
+    app.job_waker.notify_one();
+    Ok(VmOperation {
+        vm: rec.into_view(),
+        job: job.into_view(vec![]),
+    })
+}
+
+/// Turns maintenance on (no new VMs; every VM moved away, each by its own
+/// job, targets chosen by the scheduler) or off.
+pub async fn host_maintenance(
+    app: &App,
+    actor: &Actor,
+    key: &str,
+    enabled: bool,
+) -> Result<HostMaintenance, Error> {
+    actor.require_admin("put hosts in maintenance")?;
+    let host = lookup::host(app, key).await?;
+    let host = app.ds.host_set_maintenance(host.id, enabled).await?;
+    app.scheduler.host_changed(&host);
+    let mut vms = Vec::new();
+    if enabled {
+        if host.state != HostState::Maintenance {
+            return Err(Error::internal("the host did not enter maintenance"));
+        }
+        for vm in app.ds.vms_on_host(host.id).await? {
+            vms.push(evacuate(app, vm).await);
+        }
+        tracing::info!(host = %host.id, name = %host.name, vms = vms.len(), moving = vms.iter().filter(|v| v.job_id.is_some()).count(), "host in maintenance; moving its VMs away");
+    } else {
+        tracing::info!(host = %host.id, name = %host.name, "host back in service");
+    }
+    Ok(HostMaintenance {
+        host: host.into_view(),
+        vms,
+    })
+}
+
+async fn evacuate(app: &App, vm: VmRecord) -> Evacuation {
+    let (vm_id, name): (VmId, String) = (vm.id, vm.name.clone());
+    match migrate(app, vm, VmMigrate::default()).await {
+        Ok(op) => Evacuation {
+            vm_id,
+            name,
+            target_host_id: op.vm.migration_target,
+            job_id: Some(op.job.id),
+            error: None,
+        },
+        Err(e) => Evacuation {
+            vm_id,
+            name,
+            target_host_id: None,
+            job_id: None,
+            error: Some(e.to_string()),
+        },
+    }
+}

@@ -1,0 +1,332 @@
+//! The steps of `vm_migrate`: a VM moves to another host while it runs.
+//!
+//! ```text
+//!  accepted ──► prepare ──────────► send ──────────────────────► settled
+//!  (VM held,    (the destination     (the source sends memory,
+//!   target       builds the VM and    disk if not shared; then the
+//!   claimed)     waits, QEMU          destination confirms and the
+//!                listening)           VM's host becomes the target)
+//!  undo: the    undo: the
+//!  claim goes   destination removes
+//!               all it made
+//! ```
+//!
+//! **Why the move is recorded inside `send`.** Once the source's QEMU has
+//! handed the guest over, the only copy of the VM runs on the destination:
+//! nothing may undo that. So the step that sends also records the arrival
+//! (retrying the store until it can), and `prepare`'s undo never removes a
+//! VM that has arrived. Every failure before the hand-over leaves the VM
+//! running on the source (the driver resumes it) and, through the undos,
+//! nothing on the destination: no QEMU, no disk, no claim.
+//!
+//! The host requests of one job have ids derived from the job's
+//! ([`step_request_id`]), so a resumed step finds the request it sent.
+
+use std::time::Duration;
+
+use steno::ActionError;
+use stratus_api_types::agent::AgentRequestKind;
+use stratus_api_types::views::VmState;
+use stratus_common::{ByteCount, HostId, JobId, VmId};
+
+use crate::context::{retry_store, SagaContext, StepError};
+use crate::kinds::MigrationParams;
+use crate::requests::{step_request_id, HostRequest};
+use crate::sagas::{params, Ctx, Settled, VmSagaParams};
+
+const PREPARE: u8 = 1;
+const SEND: u8 = 2;
+const FINISH: u8 = 3;
+const CANCEL: u8 = 4;
+const ABORT: u8 = 5;
+
+/// How long a destination may take to build the VM and listen.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a destination may take to confirm or clean up.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn migration(p: &VmSagaParams) -> Result<MigrationParams, StepError> {
+    p.previous
+        .migration
+        .clone()
+        .ok_or_else(|| StepError::new("internal", "the migration job has no parameters"))
+}
+
+async fn host_name(sc: &SagaContext, id: HostId) -> String {
+    retry_store(|| sc.ds.host_get(id))
+        .await
+        .map(|h| h.name)
+        .unwrap_or_else(|_| id.to_string())
+}
+
+/// Takes back what accepting the migration recorded: the destination's
+/// claim. The VM stays where it is. (Also the engine's clean-up when this
+/// first step itself failed.)
+pub(crate) async fn discard(sc: &SagaContext, job: JobId, vm: VmId) -> Result<(), anyhow::Error> {
+    retry_store(|| sc.ds.vm_move_abandon(vm, job))
+        .await
+        .map_err(|e| anyhow::anyhow!("releasing the destination's claim: {e}"))
+}
+
+pub(crate) async fn accept_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    sc.step(p.job_id, "undo", 95, "releasing the destination's claim")
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    discard(sc, p.job_id, p.vm_id).await
+}
+
+/// The destination builds the VM and waits for it; its answer says where
+/// to send it (the driver's `IncomingReady`).
+pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    if sc.cancel_requested(p.job_id).await? {
+        return Err(StepError::cancelled().into());
+    }
+    let m = migration(&p)?;
+    let target = host_name(sc, m.target).await;
+    sc.step(
+        p.job_id,
+        "prepare",
+        10,
+        &format!("host {target} is preparing to receive the VM"),
+    )
+    .await?;
+    // A disk in one shared pool on both ends is opened there, not copied.
+    let disk = if m.source_pool.is_some() && m.source_pool == m.target_pool {
+        serde_json::json!({"kind": "pool"})
+    } else {
+        serde_json::json!({"kind": "overlay"})
+    };
+    let incoming = serde_json::json!({
+        "request_id": step_request_id(p.job_id, PREPARE),
+        "disk": disk,
+        "postcopy": m.postcopy_after_passes.is_some(),
+    });
+    let request = AgentRequestKind::MigratePrepare {
+        vm_id: p.vm_id,
+        incoming,
+    };
+    let answer = sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                id: Some(step_request_id(p.job_id, PREPARE)),
+                host: m.target,
+                vm: Some(p.vm_id),
+                kind: "migration prepare",
+                request: &request,
+                timeout: PREPARE_TIMEOUT,
+                cleanup: false,
+            },
+            |_, _| (10, format!("host {target} is preparing to receive the VM")),
+        )
+        .await?;
+    let ready = answer.migration.ok_or_else(|| {
+        StepError::new(
+            "internal",
+            "the destination answered without saying where to send the VM",
+        )
+    })?;
+    sc.step(
+        p.job_id,
+        "prepare",
+        15,
+        &format!(
+            "host {target} is waiting for the VM (QEMU {} at {})",
+            ready["qemu_version"].as_str().unwrap_or("?"),
+            ready["migration_uri"].as_str().unwrap_or("?")
+        ),
+    )
+    .await?;
+    Ok(ready)
+}
+
+/// Removes what the destination made, unless the VM arrived there (then it
+/// is the VM, and stays).
+pub(crate) async fn prepare_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let m = migration(&p).map_err(|e| anyhow::anyhow!(e.message))?;
+    let vm = retry_store(|| sc.ds.vm_get(p.vm_id))
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the VM: {e}"))?;
+    if vm.host_id == Some(m.target) {
+        return Ok(());
+    }
+    sc.step(
+        p.job_id,
+        "undo",
+        90,
+        "removing what the destination prepared",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    let request = AgentRequestKind::MigrateAbortIncoming { vm_id: p.vm_id };
+    sc.await_request(
+        HostRequest {
+            job: p.job_id,
+            id: Some(step_request_id(p.job_id, ABORT)),
+            host: m.target,
+            vm: Some(p.vm_id),
+            kind: "migration abort",
+            request: &request,
+            timeout: SHORT_TIMEOUT,
+            cleanup: true,
+        },
+        |_, _| (90, "removing what the destination prepared".into()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the destination could not clean up: {}", e.message))?;
+    Ok(())
+}
+
+/// `sent 120 MiB of 256 MiB` as the job's progress, between 15 % and 95 %
+/// (the host's own words, with rates and expected downtime, replace the
+/// message when it sends them).
+fn send_progress(done: u64, total: u64) -> (u8, String) {
+    let pct = (80 * done.min(total))
+        .checked_div(total)
+        .map_or(15, |p| 15 + p as u8);
+    (
+        pct,
+        format!("migrating: {} of {}", ByteCount(done), ByteCount(total)),
+    )
+}
+
+/// The source sends the VM; once the destination has it, the move is
+/// recorded (see the module doc: nothing after this can fail the job back).
+pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
+    let p = params(&ctx)?;
+    let sc = ctx.user_data();
+    let m = migration(&p)?;
+    let ready: serde_json::Value = ctx.lookup("prepare")?;
+    let target = host_name(sc, m.target).await;
+    let request = AgentRequestKind::MigrateSend {
+        vm_id: p.vm_id,
+        request: serde_json::json!({
+            "ready": ready,
+            "max_bandwidth": m.bandwidth,
+            "auto_converge": m.auto_converge,
+            "postcopy_after_passes": m.postcopy_after_passes,
+            "downtime_limit_ms": null,
+        }),
+    };
+    sc.step(p.job_id, "send", 15, &format!("sending the VM to {target}"))
+        .await?;
+    let sent = sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                id: Some(step_request_id(p.job_id, SEND)),
+                host: m.source,
+                vm: Some(p.vm_id),
+                kind: "migration",
+                request: &request,
+                timeout: sc.timing.backup,
+                cleanup: false,
+            },
+            send_progress,
+        )
+        .await;
+    let answer = match sent {
+        Ok(a) => a,
+        Err(e) => {
+            if e.is_cancel() {
+                // The request was withdrawn; the source's QEMU may still be
+                // sending: stop it, so the VM stays where it is.
+                cancel_on_source(sc, &p, &m).await;
+            }
+            return Err(e.into());
+        }
+    };
+    let outcome = answer.migration.unwrap_or_default();
+    // The destination has the VM: record it running there (the driver's
+    // books), then the store's.
+    let finish = AgentRequestKind::MigrateFinish { vm_id: p.vm_id };
+    if let Err(e) = sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                id: Some(step_request_id(p.job_id, FINISH)),
+                host: m.target,
+                vm: Some(p.vm_id),
+                kind: "migration finish",
+                request: &finish,
+                timeout: SHORT_TIMEOUT,
+                // The VM is on the destination now: see it through.
+                cleanup: true,
+            },
+            |_, _| (96, "the destination is taking the VM over".into()),
+        )
+        .await
+    {
+        tracing::warn!(job = %p.job_id, vm = %p.vm_id, error = %e.message, "the destination did not confirm the migrated VM; it runs there all the same");
+    }
+    loop {
+        match sc.ds.vm_move_commit(p.vm_id, p.job_id).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(job = %p.job_id, error = %e, "cannot record the VM's arrival yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    sc.signals.host_desired_changed(m.source);
+    sc.signals.host_desired_changed(m.target);
+    sc.step(
+        p.job_id,
+        "send",
+        98,
+        &format!(
+            "moved to {target} in {} ms (downtime {} ms; {} of memory, {} of disk sent)",
+            outcome["total_ms"].as_u64().unwrap_or(0),
+            outcome["downtime_ms"].as_u64().unwrap_or(0),
+            ByteCount(outcome["memory_bytes"].as_u64().unwrap_or(0)),
+            ByteCount(outcome["disk_bytes"].as_u64().unwrap_or(0)),
+        ),
+    )
+    .await?;
+    Ok(outcome)
+}
+
+/// Asks the source to stop sending; a failure is logged (the undo of
+/// `prepare` ends the destination, which fails the send anyway).
+async fn cancel_on_source(sc: &SagaContext, p: &VmSagaParams, m: &MigrationParams) {
+    let request = AgentRequestKind::MigrateCancel { vm_id: p.vm_id };
+    if let Err(e) = sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                id: Some(step_request_id(p.job_id, CANCEL)),
+                host: m.source,
+                vm: Some(p.vm_id),
+                kind: "migration cancel",
+                request: &request,
+                timeout: SHORT_TIMEOUT,
+                cleanup: true,
+            },
+            |_, _| (90, "stopping the migration".into()),
+        )
+        .await
+    {
+        tracing::warn!(job = %p.job_id, error = %e.message, "the source could not cancel the migration");
+    }
+}
+
+/// The VM runs on its new host.
+pub(crate) async fn settled(ctx: Ctx) -> Result<Settled, ActionError> {
+    let p = params(&ctx)?;
+    let m = migration(&p)?;
+    Ok(Settled {
+        state: if m.cold {
+            VmState::Stopped
+        } else {
+            VmState::Running
+        },
+        host_id: Some(m.target),
+        removed: false,
+    })
+}
