@@ -115,6 +115,7 @@ fn migrate_req(ready: IncomingReady, max_bandwidth: Option<u64>) -> MigrateReque
         auto_converge: true,
         postcopy_after_passes: None,
         downtime_limit_ms: None,
+        same_base: false,
     }
 }
 
