@@ -773,8 +773,12 @@ async fn copy_disk(
     args.extend(["-O".into(), "qcow2".into()]);
     let total = match from.kind {
         DiskExportKind::Layer => {
-            // qcow2 metadata: the bitmaps travel with the layer.
+            // qcow2 metadata: the bitmaps travel with the layer. An
+            // inconsistent one (QEMU was killed) is left behind: the next
+            // backup on the destination is then a full one, as it would
+            // have been here.
             args.push("--bitmaps".into());
+            args.push("--skip-broken-bitmaps".into());
             if from.base_image.is_some() {
                 args.extend([
                     "-B".into(),
