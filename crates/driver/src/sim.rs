@@ -1730,6 +1730,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn cold_migration_moves_a_stopped_vm_with_its_bitmaps() {
+        let (src, dst) = (sim(), sim());
+        let s = running(&src).await;
+        let full = backup_req("a", None);
+        src.vm_backup(s.id, &full, &|_| {}).await.expect("backup");
+        let req = ExportRequest {
+            request_id: uuid::Uuid::new_v4(),
+            same_base: true,
+        };
+        assert!(
+            matches!(
+                src.vm_disk_export(s.id, &req).await,
+                Err(DriverError::InvalidState { .. })
+            ),
+            "a running VM is not exported"
+        );
+        src.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        let export = src.vm_disk_export(s.id, &req).await.expect("export");
+        assert_eq!(src.vm_disk_export(s.id, &req).await.expect("again"), export);
+        assert!(matches!(
+            src.vm_start(s.id).await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        let outcome = dst
+            .vm_disk_import(&s, &export, &|_| {})
+            .await
+            .expect("import");
+        assert_eq!(outcome.bitmaps, vec![bitmap_name(full.backup_id)]);
+        assert_eq!(
+            dst.vm_disk_import(&s, &export, &|_| {})
+                .await
+                .expect("again"),
+            outcome
+        );
+        src.vm_disk_export_stop(s.id).await.expect("stop export");
+        src.vm_destroy(s.id).await.expect("destroy source");
+        dst.vm_start(s.id).await.expect("start on the destination");
+
+        // An export stopped before the copy: the import fails, nothing stays.
+        let t = sim();
+        let s2 = running(&src).await;
+        src.vm_stop(s2.id, Duration::ZERO).await.expect("stop");
+        let export = src
+            .vm_disk_export(
+                s2.id,
+                &ExportRequest {
+                    request_id: uuid::Uuid::new_v4(),
+                    same_base: false,
+                },
+            )
+            .await
+            .expect("export");
+        src.vm_disk_export_stop(s2.id).await.expect("stop export");
+        assert!(matches!(
+            t.vm_disk_import(&s2, &export, &|_| {}).await,
+            Err(DriverError::Migration { .. })
+        ));
+        assert_eq!(t.vm_count(), 0);
+        src.vm_start(s2.id).await.expect("the source starts again");
+        // Outside a pool there is nothing to release.
+        src.vm_stop(s2.id, Duration::ZERO).await.expect("stop");
+        assert!(matches!(
+            src.vm_release(s2.id).await,
+            Err(DriverError::InvalidState { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn migration_refusals_follow_the_qemu_rules() {
         let src = sim();
         let dst = sim();
