@@ -1536,9 +1536,24 @@ async fn remove_vm(
                 Err(e) => return Err(DriverError::io("cannot remove a file of the VM", &path, e)),
             }
         }
-        // The directory goes unless it holds the kept disk.
-        if keep.is_none() || std::fs::read_dir(&vm.paths.dir).is_ok_and(|mut d| d.next().is_none())
-        {
+        // The directory goes unless it holds the kept disk. Without one,
+        // `remove_dir_all`: the monitor of the QEMU just ended may have
+        // recorded its exit (`state.json.tmp`, then `state.json`) since the
+        // entries were listed, which made a plain `remove_dir` fail now and
+        // then (seen once in the TLS migration test).
+        if keep.is_none() {
+            match std::fs::remove_dir_all(&vm.paths.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DriverError::io(
+                        "cannot remove the VM directory",
+                        &vm.paths.dir,
+                        e,
+                    ))
+                }
+            }
+        } else if std::fs::read_dir(&vm.paths.dir).is_ok_and(|mut d| d.next().is_none()) {
             match std::fs::remove_dir(&vm.paths.dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
