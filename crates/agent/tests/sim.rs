@@ -701,6 +701,30 @@ impl Driver for SlowStops {
     async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError> {
         self.sim.vm_migrate_abort_incoming(id).await
     }
+    async fn vm_disk_export(
+        &self,
+        id: VmId,
+        req: &stratus_driver::ExportRequest,
+    ) -> Result<stratus_driver::DiskExport, DriverError> {
+        self.sim.vm_disk_export(id, req).await
+    }
+    async fn vm_disk_export_stop(&self, id: VmId) -> Result<(), DriverError> {
+        self.sim.vm_disk_export_stop(id).await
+    }
+    async fn vm_disk_import(
+        &self,
+        spec: &VmSpec,
+        from: &stratus_driver::DiskExport,
+        p: &stratus_driver::ProgressFn,
+    ) -> Result<stratus_driver::ImportOutcome, DriverError> {
+        self.sim.vm_disk_import(spec, from, p).await
+    }
+    async fn vm_adopt_from_pool(&self, spec: &VmSpec) -> Result<(), DriverError> {
+        self.sim.vm_adopt_from_pool(spec).await
+    }
+    async fn vm_release(&self, id: VmId) -> Result<(), DriverError> {
+        self.sim.vm_release(id).await
+    }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<VmEvent> {
         self.sim.subscribe()
     }

@@ -13,6 +13,7 @@ use crate::{
     HostFacts, ProgressFn, PruneChild, Pruned, SnapshotInfo, SnapshotRequest, StopHow, VmEvent,
     VmSpec, VmStatus,
 };
+use crate::{DiskExport, ExportRequest, ImportOutcome};
 use crate::{IncomingReady, IncomingRequest, MigrateOutcome, MigrateProgressFn, MigrateRequest};
 use crate::{VolumeInfo, VolumeSpec};
 
@@ -228,6 +229,54 @@ pub trait Driver: Send + Sync {
     /// made. Idempotent; refused ([`DriverError::InvalidState`]) once the
     /// incoming VM runs (the migration completed: the VM lives here now).
     async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Source side of a cold migration (see [`crate::migrate`]): serves the
+    /// disk of the stopped VM `id` read-only over NBD for
+    /// `vm_disk_import` on the destination. A VM that is not stopped is
+    /// [`DriverError::InvalidState`]; one with snapshots or attached
+    /// volumes is [`DriverError::MigrationRefused`] (merge the snapshots,
+    /// detach the volumes first). While exported, `vm_start`, `vm_restore`
+    /// and snapshot changes are refused, so nothing writes under the copy.
+    /// Idempotent for the same `req.request_id`; the server survives an
+    /// agent restart and is found again through the VM's directory.
+    async fn vm_disk_export(
+        &self,
+        id: VmId,
+        req: &ExportRequest,
+    ) -> Result<DiskExport, DriverError>;
+
+    /// Stops the VM's disk export (the VM can start again). Idempotent; a
+    /// VM without an export, or unknown, succeeds.
+    async fn vm_disk_export_stop(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Destination side of a cold migration: creates the VM from `spec` as
+    /// `vm_create` does (in `spec.pool` if set), its disk copied from the
+    /// source's export `from` instead of an empty overlay, calling
+    /// `progress` as the copy advances. A failure leaves nothing of the VM
+    /// here; an import that completed returns its outcome again. A VM this
+    /// host already has otherwise is a [`DriverError::Conflict`].
+    async fn vm_disk_import(
+        &self,
+        spec: &VmSpec,
+        from: &DiskExport,
+        progress: &ProgressFn,
+    ) -> Result<ImportOutcome, DriverError>;
+
+    /// Destination side of a cold move within a shared storage pool that
+    /// both hosts see: makes the stopped VM of `spec` known here, its disks
+    /// (snapshot layers included) those already in `spec.pool`. Nothing is
+    /// copied. The source must be stopped; afterwards it calls
+    /// `vm_release`, not `vm_destroy` (which would delete the disks).
+    /// Idempotent for the same spec.
+    async fn vm_adopt_from_pool(&self, spec: &VmSpec) -> Result<(), DriverError>;
+
+    /// Source side of a cold move within a shared pool: forgets the stopped
+    /// VM `id` and removes its own directory here, but not its disks in the
+    /// pool, which now belong to the host that adopted it. Refused
+    /// ([`DriverError::InvalidState`]) while the VM runs or is exported,
+    /// and for a VM whose disk is not in a pool (that is `vm_destroy`).
+    /// Releasing an unknown VM succeeds.
+    async fn vm_release(&self, id: VmId) -> Result<(), DriverError>;
 
     /// Every state change the driver notices from now on. A receiver that
     /// falls behind loses the oldest events (`RecvError::Lagged`) and should

@@ -62,8 +62,9 @@ pub use backup::{
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};
 pub use migrate::{
-    compatibility_problem, live_migration_refusal, IncomingDisk, IncomingReady, IncomingRequest,
-    MigrateOutcome, MigratePhase, MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget,
+    compatibility_problem, live_migration_refusal, DiskExport, DiskExportKind, ExportRequest,
+    ImportOutcome, IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome, MigratePhase,
+    MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget,
 };
 pub use qemu::{
     guest_agent_wait, probe_accel, Accel, AccelChoice, AccelProbe, QemuConfig, QemuDriver,

@@ -42,6 +42,62 @@
 //!   its snapshots: the chain is already where the destination opens it.
 //! - A VM with attached volumes: they live in the source host's volume
 //!   directory, which the destination cannot open. "Detach them first".
+//!
+//! A VM can also move between storage pools (or from a host's own
+//! directory into a pool): the destination's spec names its pool, its
+//! overlay is made there, and with [`MigrateRequest::same_base`] the source
+//! mirrors only the VM's own writes although the destination's copy of the
+//! base image sits at another path. The source's disk files go afterwards,
+//! in its pool too: nothing is shared with the destination.
+//!
+//! # Cold migration (a stopped VM)
+//!
+//! ```text
+//!   controller            source driver                        destination driver
+//!      │ ExportRequest ───► vm_disk_export(id, req)
+//!      │                     refuses unless stopped; qemu-nbd, read-only;
+//!      │                     vm_start refused from now on
+//!      │ ◄── DiskExport ────┘
+//!      │ DiskExport ──────────────────────────────────────► vm_disk_import(spec, export, progress)
+//!      │                                                     files as vm_create, disk.qcow2 by
+//!      │                                                     qemu-img convert from the export
+//!      │ ◄── ImportOutcome ─────────────────────────────────┘
+//!      │ ──► vm_disk_export_stop(id), vm_destroy(id)  (source)
+//!
+//!   failure: vm_disk_export_stop(id) on the source (the VM is intact and
+//!            can start again); the failed import left nothing behind.
+//!
+//!   shared pool (both hosts see spec.pool): nothing is copied:
+//!      vm_adopt_from_pool(spec) on the destination, then vm_release(id) on
+//!      the source (removes its own directory, not the pool's disk files).
+//! ```
+//!
+//! What travels depends on [`ExportRequest::same_base`], which the
+//! controller sets when the destination's copy of the VM's image has the
+//! same content (same image id and SHA-256) as the source's:
+//!
+//! - same base ([`DiskExportKind::Layer`]): the source serves the *file* of
+//!   the VM's own qcow2 layer, byte for byte; the destination opens it as a
+//!   qcow2 over NBD with its own copy of the image as the backing file and
+//!   converts it into an overlay of that image. Only the VM's own data
+//!   crosses the network, and the persistent `stratus-backup-*` bitmaps
+//!   stored in the layer come along (`qemu-img convert --bitmaps`), so
+//!   incremental backups continue on the destination. A disk without a base
+//!   image (restored from a backup) always travels this way.
+//! - different base ([`DiskExportKind::Flat`]): the source serves the
+//!   guest's disk as its chain reads it (image included); the destination
+//!   writes a standalone qcow2. The bitmaps do not travel (NBD carries guest
+//!   data, not qcow2 metadata): the next backup is a full one.
+//!
+//! Why not always serve the guest's view and convert with `-B <image>`:
+//! over NBD every cluster the base image holds is reported as data, so
+//! `qemu-img convert -B` copies the whole image again (measured: a 1 MiB
+//! overlay of a 32 MiB image gave a 33 MiB "overlay").
+//!
+//! Refused, as for live migration: a VM with snapshots (the copy has one
+//! layer; delete, i.e. merge, the snapshots first; a VM in a shared pool
+//! keeps its snapshots by moving with `vm_adopt_from_pool`, which copies
+//! nothing) and a VM with attached volumes (detach them first).
 
 use std::path::PathBuf;
 
@@ -138,6 +194,17 @@ pub struct MigrateRequest {
     /// The longest pause QEMU may plan for the switch-over
     /// (`downtime-limit`), in milliseconds. `None`: QEMU's 300 ms.
     pub downtime_limit_ms: Option<u64>,
+    /// The controller vouches that the destination's base image
+    /// ([`IncomingReady::disk_backing`]) has the same content as the
+    /// source's (same image id and SHA-256), though at another path: a VM
+    /// moving between storage pools, or from a host's own directory into a
+    /// pool, finds its image cached under each pool's own directory. The
+    /// source then mirrors `sync: top` (only the VM's own writes) although
+    /// the paths differ. Without it, differing paths are refused: a `top`
+    /// mirror onto another base would give the guest a disk mixing two
+    /// images.
+    #[serde(default)]
+    pub same_base: bool,
 }
 
 /// Where a migration is.
@@ -173,6 +240,70 @@ pub struct MigrateProgress {
 
 /// Called with each [`MigrateProgress`].
 pub type MigrateProgressFn = dyn Fn(MigrateProgress) + Send + Sync;
+
+/// What the controller asks of the source host of a cold migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRequest {
+    /// Identifies this attempt: an export retried with the same id returns
+    /// the same [`DiskExport`] while its server still runs; another id for
+    /// a VM being exported is a conflict (stop the export first).
+    pub request_id: uuid::Uuid,
+    /// The destination's copy of the VM's base image has the same content
+    /// (same image id and SHA-256): only the VM's own layer needs to travel
+    /// (see the module docs).
+    pub same_base: bool,
+}
+
+/// What the source serves (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskExportKind {
+    /// The file of the VM's own qcow2 layer, byte for byte (with its
+    /// bitmaps); its backing file is the destination's copy of the image.
+    Layer,
+    /// The guest's disk as the whole chain reads it.
+    Flat,
+}
+
+/// The source's answer to `vm_disk_export`: where the destination reads
+/// the disk from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskExport {
+    pub request_id: uuid::Uuid,
+    pub vm_id: VmId,
+    /// The NBD server (the source's migration address and a port of its
+    /// migration port range).
+    pub host: String,
+    pub port: u16,
+    /// The NBD export name.
+    pub export: String,
+    pub kind: DiskExportKind,
+    /// The guest-visible size of the disk.
+    pub virtual_size: u64,
+    /// The base image under the source's chain (its path on the source),
+    /// `None` for a standalone disk.
+    pub base_image: Option<PathBuf>,
+    /// Bytes of guest data in the VM's own layers: what a
+    /// [`DiskExportKind::Layer`] copy moves, the total for progress.
+    pub allocated_bytes: u64,
+    /// Whether the server wants TLS (the source's
+    /// `QemuConfig::migration_tls_dir`; the destination must use one with
+    /// the same CA).
+    pub tls: bool,
+}
+
+/// How a completed `vm_disk_import` went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportOutcome {
+    /// Guest data written into the new disk's own layer (for a
+    /// [`DiskExportKind::Layer`] copy: what crossed the network, less the
+    /// qcow2 metadata).
+    pub bytes_copied: u64,
+    /// From the call to the disk in place.
+    pub duration_ms: u64,
+    /// The backup bitmaps the new disk carries (see the module docs).
+    pub bitmaps: Vec<String>,
+}
 
 /// How a completed migration went.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,6 +488,7 @@ mod tests {
             auto_converge: true,
             postcopy_after_passes: None,
             downtime_limit_ms: None,
+            same_base: true,
         };
         let json = serde_json::to_string(&m).expect("json");
         assert_eq!(

@@ -49,6 +49,15 @@
 //! and boot count) and removes the source's. The QEMU driver's refusals
 //! apply: snapshots, attached volumes, a destination that does not wait for
 //! this request.
+//!
+//! Cold migration works the same way: `vm_disk_export` marks the stopped VM
+//! exported (its start is refused) and registers the export's name in a
+//! process-wide table; `vm_disk_import` on another simulated driver finds
+//! the source there, waits the configured latency (the window in which a
+//! stopped export makes it fail, leaving nothing) and creates the VM
+//! stopped, with the source's bitmaps when a layer travels. The simulated
+//! pool holds no files: `vm_adopt_from_pool` creates the VM afresh (without
+//! the source's snapshots and bitmaps) and `vm_release` forgets it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -69,6 +78,7 @@ use crate::{
     SnapshotRequest, StopHow, VmEvent, VmRuntimeState, VmSpec, VmStatus, MAX_SNAPSHOTS,
 };
 use crate::{volume::check_resize, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};
+use crate::{DiskExport, DiskExportKind, ExportRequest, ImportOutcome};
 use crate::{
     IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome, MigratePhase, MigrateProgress,
     MigrateProgressFn, MigrateRequest, NbdTarget,
@@ -116,6 +126,11 @@ struct SimVm {
     snapshots: Vec<SnapshotInfo>,
     /// Set while the VM waits for an incoming migration: what prepare said.
     incoming: Option<IncomingReady>,
+    /// Set while the VM's disk is exported for a cold migration.
+    exported: Option<DiskExport>,
+    /// How the cold import that made this VM went (its request id), so a
+    /// retry returns it again.
+    imported: Option<(uuid::Uuid, ImportOutcome)>,
 }
 
 /// Every simulated destination waiting for a migration, by migration URI.
@@ -134,6 +149,20 @@ fn endpoints() -> &'static Endpoints {
 
 fn lock_endpoints() -> std::sync::MutexGuard<'static, HashMap<String, SimEndpoint>> {
     endpoints().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A simulated host's VM table, as another simulated host reaches it.
+type SharedVms = Weak<Mutex<HashMap<VmId, SimVm>>>;
+
+/// Every simulated disk export of a cold migration, by export name.
+type ColdExports = Mutex<HashMap<String, SharedVms>>;
+
+fn lock_cold_exports() -> std::sync::MutexGuard<'static, HashMap<String, SharedVms>> {
+    static EXPORTS: OnceLock<ColdExports> = OnceLock::new();
+    EXPORTS
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// The simulated driver. See the module docs.
@@ -315,6 +344,8 @@ impl Driver for SimDriver {
                 bitmaps: HashMap::new(),
                 snapshots: Vec::new(),
                 incoming: None,
+                exported: None,
+                imported: None,
             },
         );
         Ok(())
@@ -328,6 +359,13 @@ impl Driver for SimDriver {
                     id,
                     operation: "start",
                     state: "waiting for an incoming migration".into(),
+                });
+            }
+            if vm.exported.is_some() {
+                return Err(DriverError::InvalidState {
+                    id,
+                    operation: "start",
+                    state: "exported for a cold migration (stop the export first)".into(),
                 });
             }
             Ok(VmRuntimeState::Running)
@@ -366,6 +404,9 @@ impl Driver for SimDriver {
     async fn vm_destroy(&self, id: VmId) -> Result<(), DriverError> {
         self.delay().await;
         let removed = self.lock().remove(&id);
+        if let Some(export) = removed.as_ref().and_then(|vm| vm.exported.as_ref()) {
+            lock_cold_exports().remove(&export.export);
+        }
         // Volumes outlive their VM.
         for volume in self.lock_volumes().values_mut() {
             if volume.attached_to == Some(id) {
@@ -875,6 +916,212 @@ impl Driver for SimDriver {
         Ok(())
     }
 
+    async fn vm_disk_export(
+        &self,
+        id: VmId,
+        req: &ExportRequest,
+    ) -> Result<DiskExport, DriverError> {
+        self.delay().await;
+        let attached = self
+            .lock_volumes()
+            .values()
+            .filter(|v| v.attached_to == Some(id))
+            .count();
+        let mut vms = self.lock();
+        let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
+        if let Some(export) = &vm.exported {
+            if export.request_id == req.request_id {
+                return Ok(export.clone());
+            }
+            return Err(DriverError::Conflict {
+                id,
+                difference: format!(
+                    "its disk is already exported for request {}; stop that export first",
+                    export.request_id
+                ),
+            });
+        }
+        if vm.state.is_active() || vm.incoming.is_some() {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "export the disk of",
+                state: format!("{} (stop it first)", vm.state),
+            });
+        }
+        if !vm.snapshots.is_empty() {
+            return Err(DriverError::MigrationRefused {
+                id,
+                reason: format!(
+                    "it has {} snapshot(s) whose layers would not move with it; delete (merge) \
+                     the snapshots first",
+                    vm.snapshots.len()
+                ),
+            });
+        }
+        if attached > 0 {
+            return Err(DriverError::MigrationRefused {
+                id,
+                reason: format!(
+                    "it has {attached} attached volume(s), which stay on this host; detach them \
+                     first"
+                ),
+            });
+        }
+        let export = DiskExport {
+            request_id: req.request_id,
+            vm_id: id,
+            host: "sim".into(),
+            port: 0,
+            export: format!("sim:{}/{id}", self.token),
+            kind: if req.same_base {
+                DiskExportKind::Layer
+            } else {
+                DiskExportKind::Flat
+            },
+            virtual_size: vm.spec.disk_bytes,
+            base_image: Some(vm.spec.image.clone()),
+            allocated_bytes: 0,
+            tls: false,
+        };
+        vm.exported = Some(export.clone());
+        lock_cold_exports().insert(export.export.clone(), Arc::downgrade(&self.vms));
+        Ok(export)
+    }
+
+    async fn vm_disk_export_stop(&self, id: VmId) -> Result<(), DriverError> {
+        let export = self.lock().get_mut(&id).and_then(|vm| vm.exported.take());
+        if let Some(export) = export {
+            lock_cold_exports().remove(&export.export);
+        }
+        Ok(())
+    }
+
+    async fn vm_disk_import(
+        &self,
+        spec: &VmSpec,
+        from: &DiskExport,
+        progress: &ProgressFn,
+    ) -> Result<ImportOutcome, DriverError> {
+        spec.validate()?;
+        let started = Instant::now();
+        if let Some(vm) = self.lock().get(&spec.id) {
+            return match &vm.imported {
+                Some((request, outcome)) if *request == from.request_id && vm.spec == *spec => {
+                    Ok(outcome.clone())
+                }
+                _ => Err(DriverError::Conflict {
+                    id: spec.id,
+                    difference: "it already exists on this host".into(),
+                }),
+            };
+        }
+        progress(BackupProgress {
+            done_bytes: 0,
+            total_bytes: from.allocated_bytes,
+        });
+        // The copy: the window in which the source's export can go away.
+        self.delay().await;
+        let source = lock_cold_exports()
+            .get(&from.export)
+            .and_then(Weak::upgrade);
+        let bitmaps = source.and_then(|vms| {
+            let vms = vms.lock().unwrap_or_else(|e| e.into_inner());
+            let vm = vms.get(&spec.id)?;
+            let exported = vm.exported.as_ref()?;
+            (exported.request_id == from.request_id).then(|| vm.bitmaps.clone())
+        });
+        let Some(bitmaps) = bitmaps else {
+            return Err(DriverError::Migration {
+                id: spec.id,
+                reason: format!(
+                    "the source no longer serves the disk ({} is gone); nothing was kept here",
+                    from.export
+                ),
+                source: None,
+            });
+        };
+        // Only a layer carries the qcow2 bitmaps (see crate::migrate).
+        let bitmaps = match from.kind {
+            DiskExportKind::Layer => bitmaps,
+            DiskExportKind::Flat => HashMap::new(),
+        };
+        let mut names: Vec<String> = bitmaps.keys().cloned().collect();
+        names.sort();
+        let outcome = ImportOutcome {
+            bytes_copied: from.allocated_bytes,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bitmaps: names,
+        };
+        let mut vms = self.lock();
+        if vms.contains_key(&spec.id) {
+            return Err(DriverError::Conflict {
+                id: spec.id,
+                difference: "it was created on this host during the import".into(),
+            });
+        }
+        vms.insert(
+            spec.id,
+            SimVm {
+                spec: spec.clone(),
+                state: VmRuntimeState::Stopped,
+                since: Utc::now(),
+                boots: 0,
+                last_contact: None,
+                bitmaps,
+                snapshots: Vec::new(),
+                incoming: None,
+                exported: None,
+                imported: Some((from.request_id, outcome.clone())),
+            },
+        );
+        progress(BackupProgress {
+            done_bytes: from.allocated_bytes,
+            total_bytes: from.allocated_bytes,
+        });
+        Ok(outcome)
+    }
+
+    async fn vm_adopt_from_pool(&self, spec: &VmSpec) -> Result<(), DriverError> {
+        if spec.pool.is_none() {
+            return Err(DriverError::InvalidSpec {
+                id: spec.id,
+                reason: "adopting from a pool needs the VM's pool (spec.pool)".into(),
+            });
+        }
+        self.vm_create(spec).await
+    }
+
+    async fn vm_release(&self, id: VmId) -> Result<(), DriverError> {
+        let attached = self
+            .lock_volumes()
+            .values()
+            .any(|v| v.attached_to == Some(id));
+        let mut vms = self.lock();
+        let Some(vm) = vms.get(&id) else {
+            return Ok(());
+        };
+        let state = if vm.spec.pool.is_none() {
+            Some("keeping its disk on this host, not in a shared pool (destroy it instead)".into())
+        } else if vm.state.is_active() || vm.incoming.is_some() {
+            Some(format!("{} (stop it first)", vm.state))
+        } else if vm.exported.is_some() {
+            Some("exported for a cold migration (stop the export first)".into())
+        } else if attached {
+            Some("attached to volumes of this host (detach them first)".into())
+        } else {
+            None
+        };
+        if let Some(state) = state {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "release",
+                state,
+            });
+        }
+        vms.remove(&id);
+        Ok(())
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.events.subscribe()
     }
@@ -954,6 +1201,8 @@ impl SimDriver {
                 bitmaps: HashMap::new(),
                 snapshots: Vec::new(),
                 incoming: Some(ready.clone()),
+                exported: None,
+                imported: None,
             },
         );
         lock_endpoints().insert(
@@ -1317,6 +1566,7 @@ mod tests {
             auto_converge: true,
             postcopy_after_passes: None,
             downtime_limit_ms: None,
+            same_base: false,
         }
     }
 
@@ -1477,6 +1727,74 @@ mod tests {
             .await
             .expect_err("no destination");
         assert!(matches!(err, DriverError::Migration { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn cold_migration_moves_a_stopped_vm_with_its_bitmaps() {
+        let (src, dst) = (sim(), sim());
+        let s = running(&src).await;
+        let full = backup_req("a", None);
+        src.vm_backup(s.id, &full, &|_| {}).await.expect("backup");
+        let req = ExportRequest {
+            request_id: uuid::Uuid::new_v4(),
+            same_base: true,
+        };
+        assert!(
+            matches!(
+                src.vm_disk_export(s.id, &req).await,
+                Err(DriverError::InvalidState { .. })
+            ),
+            "a running VM is not exported"
+        );
+        src.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        let export = src.vm_disk_export(s.id, &req).await.expect("export");
+        assert_eq!(src.vm_disk_export(s.id, &req).await.expect("again"), export);
+        assert!(matches!(
+            src.vm_start(s.id).await,
+            Err(DriverError::InvalidState { .. })
+        ));
+        let outcome = dst
+            .vm_disk_import(&s, &export, &|_| {})
+            .await
+            .expect("import");
+        assert_eq!(outcome.bitmaps, vec![bitmap_name(full.backup_id)]);
+        assert_eq!(
+            dst.vm_disk_import(&s, &export, &|_| {})
+                .await
+                .expect("again"),
+            outcome
+        );
+        src.vm_disk_export_stop(s.id).await.expect("stop export");
+        src.vm_destroy(s.id).await.expect("destroy source");
+        dst.vm_start(s.id).await.expect("start on the destination");
+
+        // An export stopped before the copy: the import fails, nothing stays.
+        let t = sim();
+        let s2 = running(&src).await;
+        src.vm_stop(s2.id, Duration::ZERO).await.expect("stop");
+        let export = src
+            .vm_disk_export(
+                s2.id,
+                &ExportRequest {
+                    request_id: uuid::Uuid::new_v4(),
+                    same_base: false,
+                },
+            )
+            .await
+            .expect("export");
+        src.vm_disk_export_stop(s2.id).await.expect("stop export");
+        assert!(matches!(
+            t.vm_disk_import(&s2, &export, &|_| {}).await,
+            Err(DriverError::Migration { .. })
+        ));
+        assert_eq!(t.vm_count(), 0);
+        src.vm_start(s2.id).await.expect("the source starts again");
+        // Outside a pool there is nothing to release.
+        src.vm_stop(s2.id, Duration::ZERO).await.expect("stop");
+        assert!(matches!(
+            src.vm_release(s2.id).await,
+            Err(DriverError::InvalidState { .. })
+        ));
     }
 
     #[tokio::test]

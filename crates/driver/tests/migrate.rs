@@ -115,6 +115,7 @@ fn migrate_req(ready: IncomingReady, max_bandwidth: Option<u64>) -> MigrateReque
         auto_converge: true,
         postcopy_after_passes: None,
         downtime_limit_ms: None,
+        same_base: false,
     }
 }
 
@@ -668,4 +669,99 @@ async fn real_qemu_postcopy_when_precopy_does_not_converge() {
     assert_eq!(checksums(&dst, id, &["keep"]).await, vec![sum]);
     assert!(!src.vm_dir(id).exists());
     dst.vm_destroy(id).await.expect("destroy");
+}
+
+/// A VM moves from pool A to pool B, each with its own copy of the image
+/// (same content, another path): refused unless the controller vouches
+/// for the same base, then only the VM's writes are mirrored into an
+/// overlay made in B, and nothing of the VM is left in A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_live_migration_into_another_pool() {
+    let _one_at_a_time = QEMU_LOCK.lock().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = driver(&tmp.path().join("src")).await;
+    let dst = driver(&tmp.path().join("dst")).await;
+    let g = guest_image();
+    let mut pools = Vec::new();
+    for name in ["pool-a", "pool-b"] {
+        let pool = tmp.path().join(name);
+        std::fs::create_dir_all(pool.join("images")).expect("pool");
+        std::fs::copy(&g.disk, pool.join("images/guest.qcow2")).expect("image cache");
+        pools.push(pool);
+    }
+    let (pool_a, pool_b) = (pools[0].clone(), pools[1].clone());
+    let mut s = big_spec("mig-pools");
+    s.pool = Some(pool_a.clone());
+    s.image = pool_a.join("images/guest.qcow2");
+    let mut dst_spec = s.clone();
+    dst_spec.pool = Some(pool_b.clone());
+    dst_spec.image = pool_b.join("images/guest.qcow2");
+    let id = s.id;
+    let _cleanup = KillOnDrop(id);
+    boot(&src, &s).await;
+    let sum = write_file(&src, id, "keep", 4).await;
+    start_counter(&src, id).await;
+    let a_disks = pool_a.join("vms").join(id.to_string());
+    let b_disks = pool_b.join("vms").join(id.to_string());
+    assert!(a_disks.join("disk.qcow2").is_file());
+
+    // Without same_base: refused, nothing changes.
+    let ready = dst
+        .vm_migrate_prepare(&dst_spec, &request(IncomingDisk::Overlay))
+        .await
+        .expect("prepare");
+    assert!(
+        b_disks.join("disk.qcow2").is_file(),
+        "the overlay is made in B"
+    );
+    assert_eq!(
+        ready.disk_backing.as_deref(),
+        Some(dst_spec.image.as_path())
+    );
+    match src
+        .vm_migrate_send(id, &migrate_req(ready.clone(), Some(1 << 30)), &|_| {})
+        .await
+    {
+        Err(DriverError::MigrationRefused { reason, .. }) => {
+            assert!(reason.contains("same_base"), "{reason}")
+        }
+        other => panic!("another base path without same_base: {other:?}"),
+    }
+    assert_eq!(state_of(&src, id).await, VmRuntimeState::Running);
+
+    let mut req = migrate_req(ready, Some(1 << 30));
+    req.same_base = true;
+    let outcome = src
+        .vm_migrate_send(id, &req, &|_| {})
+        .await
+        .unwrap_or_else(|e| panic!("send: {e} ({e:?})"));
+    print_outcome("live migration, pool A to pool B", &outcome);
+    assert!(
+        outcome.disk_bytes < 32 << 20,
+        "only the VM's writes are mirrored: {}",
+        outcome.disk_bytes
+    );
+    dst.vm_migrate_finish(id, FINISH_TIMEOUT)
+        .await
+        .expect("finish");
+    assert_eq!(checksums(&dst, id, &["keep"]).await, vec![sum.clone()]);
+    assert!(!src.vm_dir(id).exists(), "the source keeps nothing");
+    assert!(
+        !a_disks.exists(),
+        "the VM left pool A: {:?}",
+        files_under(&a_disks)
+    );
+    assert_eq!(
+        std::fs::read_link(dst.vm_dir(id).join("disks")).expect("disks link"),
+        b_disks
+    );
+    assert!(b_disks.join("disk.qcow2").is_file());
+    // A restart opens the overlay in B over B's image.
+    dst.vm_stop(id, Duration::ZERO).await.expect("stop");
+    dst.vm_start(id).await.expect("start");
+    wait_ready(&dst, id, 1).await;
+    assert_eq!(checksums(&dst, id, &["keep"]).await, vec![sum]);
+    dst.vm_stop(id, Duration::ZERO).await.expect("stop");
+    dst.vm_destroy(id).await.expect("destroy");
+    assert!(!b_disks.exists());
 }

@@ -1032,6 +1032,7 @@ pub(super) async fn restore(
     let vm = shared.existing(id)?;
     check_restore_source(id, file)?;
     let _op = vm.op.lock().await;
+    super::cold::refuse_if_exported(&vm, "restore")?;
     let strays = process::find_qemu_of(id);
     if shared.ensure_adopted(&vm)?.is_some() || !strays.is_empty() {
         return Err(DriverError::InvalidState {

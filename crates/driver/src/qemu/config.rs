@@ -71,6 +71,10 @@ pub struct QemuConfig {
     /// and `client-key.pem` (QEMU's `tls-creds-x509` layout), the same CA on
     /// every host; both the migration stream and the NBD disk mirror use it.
     pub migration_tls_dir: Option<PathBuf>,
+    /// Most bytes per second the destination of a cold migration reads
+    /// (`qemu-img convert -r`), so a disk copy does not starve the
+    /// migration network. `None`: unlimited.
+    pub cold_migration_bandwidth: Option<u64>,
 }
 
 impl QemuConfig {
@@ -88,6 +92,7 @@ impl QemuConfig {
             migration_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             migration_ports: 49152..=49215,
             migration_tls_dir: None,
+            cold_migration_bandwidth: None,
         }
     }
 }

@@ -21,6 +21,11 @@
 //!   run/console.sock   serial console, read by the driver into console.log
 //!   run/stop-requested marker: the driver is ending this QEMU on purpose
 //!   run/shutdown.json  the last QMP SHUTDOWN event (guest power-off, panic, signal, ...)
+//!   export.json        a cold migration's export of the stopped VM's disk (request, qemu-nbd pid);
+//!                      while it exists the VM does not start (see cold.rs)
+//!   run/nbd.pid        that qemu-nbd's pidfile, run/nbd.log its messages
+//!   import.json        the cold import that made this VM (request, later its outcome)
+//!   incoming.json      an incoming live migration (see migrate.rs)
 //! ```
 
 use std::io::Write;

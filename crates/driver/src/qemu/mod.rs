@@ -47,6 +47,7 @@
 
 mod backup;
 mod cmdline;
+mod cold;
 mod config;
 mod console;
 mod host;
@@ -639,6 +640,8 @@ impl Shared {
     /// it (see `vm_destroy`). Caller holds `vm.op`.
     async fn destroy(&self, vm: &VmEntry) -> Result<(), DriverError> {
         drop(lock(&vm.runtime).take());
+        // A cold migration's export of the disk about to go.
+        cold::end_export(vm).await?;
         let mut pids = process::find_qemu_of(vm.id);
         if let Some(pid) = process::read_pidfile(&vm.paths.pidfile) {
             if process::is_qemu_of(pid, vm.id) && !pids.contains(&pid) {
@@ -820,7 +823,6 @@ impl Shared {
     }
 }
 
-/// Takes the data directory's driver lock, or says who holds it.
 /// Where the disks of VM `id` live in the shared pool at `pool`.
 pub(crate) fn pool_disk_dir(pool: &Path, id: VmId) -> PathBuf {
     pool.join("vms").join(id.to_string())
@@ -853,6 +855,84 @@ pub(crate) fn link_pool_disks(paths: &VmPaths, pool: &Path, id: VmId) -> Result<
     })
 }
 
+/// The checks `vm_create` (and every other way a VM comes to this host:
+/// a cold import, an adoption from a pool) makes of a spec before touching
+/// anything: it can run, and the files it names exist here.
+pub(crate) fn check_spec_files(spec: &VmSpec) -> Result<(), DriverError> {
+    spec.validate()?;
+    let invalid = |reason: String| DriverError::InvalidSpec {
+        id: spec.id,
+        reason,
+    };
+    let mut files = vec![("image", &spec.image)];
+    if let Some(backup) = &spec.restore_from {
+        files.push(("backup to restore", backup));
+    }
+    if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {
+        files.push(("kernel", kernel));
+        if let Some(initrd) = initrd {
+            files.push(("initrd", initrd));
+        }
+    }
+    for (what, path) in files {
+        if !path.is_absolute() {
+            return Err(invalid(format!(
+                "{what} path {} is not absolute",
+                path.display()
+            )));
+        }
+        if !path.is_file() {
+            return Err(invalid(format!("{what} {} does not exist", path.display())));
+        }
+    }
+    if let Some(pool) = &spec.pool {
+        if !pool.is_absolute() || !pool.is_dir() {
+            return Err(invalid(format!(
+                "storage pool directory {} does not exist on this host",
+                pool.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first steps of making a VM's files, shared by `vm_create`, the cold
+/// import and the adoption from a pool: the run directory and, for a VM in
+/// a shared pool, the link to its disk directory there. `fresh_chain`
+/// drops a chain record left by an earlier attempt (not for an adoption,
+/// whose chain is the one in the pool). The disk is the caller's; then
+/// [`finish_vm_files`]. Caller holds `vm.op`.
+pub(crate) fn begin_vm_files(
+    paths: &VmPaths,
+    spec: &VmSpec,
+    fresh_chain: bool,
+) -> Result<(), DriverError> {
+    std::fs::create_dir_all(&paths.run)
+        .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
+    if let Some(pool) = &spec.pool {
+        link_pool_disks(paths, pool, spec.id)?;
+    }
+    if fresh_chain {
+        remove_file_if_exists(&paths.snapshots_json())?;
+    }
+    Ok(())
+}
+
+/// The last step of making a VM's files: recorded stopped, then `vm.json`,
+/// whose presence means "created". Caller holds `vm.op`.
+fn finish_vm_files(vm: &VmEntry, spec: &VmSpec) -> Result<(), DriverError> {
+    {
+        let _g = lock(&vm.record_lock);
+        write_json(
+            &vm.paths.state_json,
+            "VM state record",
+            &StateRecord::new(VmRuntimeState::Stopped, None),
+        )?;
+    }
+    write_json(&vm.paths.vm_json, "VM spec", spec)
+}
+
+/// Takes the data directory's driver lock, or says who holds it.
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, DriverError> {
     let path = data_dir.join("driver.lock");
     let file = std::fs::OpenOptions::new()
@@ -1066,40 +1146,7 @@ impl Driver for QemuDriver {
     }
 
     async fn vm_create(&self, spec: &VmSpec) -> Result<(), DriverError> {
-        spec.validate()?;
-        let invalid = |reason: String| DriverError::InvalidSpec {
-            id: spec.id,
-            reason,
-        };
-        let mut files = vec![("image", &spec.image)];
-        if let Some(backup) = &spec.restore_from {
-            files.push(("backup to restore", backup));
-        }
-        if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {
-            files.push(("kernel", kernel));
-            if let Some(initrd) = initrd {
-                files.push(("initrd", initrd));
-            }
-        }
-        for (what, path) in files {
-            if !path.is_absolute() {
-                return Err(invalid(format!(
-                    "{what} path {} is not absolute",
-                    path.display()
-                )));
-            }
-            if !path.is_file() {
-                return Err(invalid(format!("{what} {} does not exist", path.display())));
-            }
-        }
-        if let Some(pool) = &spec.pool {
-            if !pool.is_absolute() || !pool.is_dir() {
-                return Err(invalid(format!(
-                    "storage pool directory {} does not exist on this host",
-                    pool.display()
-                )));
-            }
-        }
+        check_spec_files(spec)?;
         let shared = &self.shared;
         let vm = shared.entry(spec.id);
         let _op = vm.op.lock().await;
@@ -1117,12 +1164,7 @@ impl Driver for QemuDriver {
             });
         }
         // No vm.json: new, or a create that failed half-way. Start over.
-        std::fs::create_dir_all(&paths.run)
-            .map_err(|e| DriverError::io("cannot create the VM run directory", &paths.run, e))?;
-        if let Some(pool) = &spec.pool {
-            link_pool_disks(paths, pool, spec.id)?;
-        }
-        remove_file_if_exists(&paths.snapshots_json())?;
+        begin_vm_files(paths, spec, true)?;
         if let Some(backup) = &spec.restore_from {
             backup::build_restored_disk(shared, spec, backup, paths, &paths.overlay()).await?;
         } else {
@@ -1155,21 +1197,16 @@ impl Driver for QemuDriver {
                 "disk overlay created"
             );
         }
-        {
-            let _g = lock(&vm.record_lock);
-            write_json(
-                &paths.state_json,
-                "VM state record",
-                &StateRecord::new(VmRuntimeState::Stopped, None),
-            )?;
-        }
-        write_json(&paths.vm_json, "VM spec", spec)
+        finish_vm_files(&vm, spec)
     }
 
     async fn vm_start(&self, id: VmId) -> Result<(), DriverError> {
         let shared = &self.shared;
         let vm = shared.existing(id)?;
         let _op = vm.op.lock().await;
+        // The disk is being copied by a cold migration: a guest writing
+        // under the copy would be lost (or corrupt it).
+        cold::refuse_if_exported(&vm, "start")?;
         if migrate::is_incoming(&vm) {
             // QEMU would take a `cont` now as "run once the state is in".
             return Err(DriverError::InvalidState {
@@ -1453,6 +1490,35 @@ impl Driver for QemuDriver {
 
     async fn vm_migrate_abort_incoming(&self, id: VmId) -> Result<(), DriverError> {
         migrate::abort_incoming(&self.shared, id).await
+    }
+
+    async fn vm_disk_export(
+        &self,
+        id: VmId,
+        req: &crate::ExportRequest,
+    ) -> Result<crate::DiskExport, DriverError> {
+        cold::export(&self.shared, id, req).await
+    }
+
+    async fn vm_disk_export_stop(&self, id: VmId) -> Result<(), DriverError> {
+        cold::export_stop(&self.shared, id).await
+    }
+
+    async fn vm_disk_import(
+        &self,
+        spec: &VmSpec,
+        from: &crate::DiskExport,
+        progress: &ProgressFn,
+    ) -> Result<crate::ImportOutcome, DriverError> {
+        cold::import(&self.shared, spec, from, progress).await
+    }
+
+    async fn vm_adopt_from_pool(&self, spec: &VmSpec) -> Result<(), DriverError> {
+        cold::adopt(&self.shared, spec).await
+    }
+
+    async fn vm_release(&self, id: VmId) -> Result<(), DriverError> {
+        cold::release(&self.shared, id).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<VmEvent> {

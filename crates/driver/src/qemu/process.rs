@@ -34,6 +34,18 @@ fn cmdline_is_qemu_of(cmdline: &[u8], id: VmId) -> bool {
     if !exe.windows(4).any(|w| w == b"qemu") {
         return false;
     }
+    // QEMU's tools name the VM's files (and so its id) too: a `qemu-nbd`
+    // serving the disk of a stopped VM is not the VM running.
+    if [
+        &b"qemu-nbd"[..],
+        b"qemu-img",
+        b"qemu-io",
+        b"qemu-storage-daemon",
+    ]
+    .contains(&exe)
+    {
+        return false;
+    }
     let id = id.to_string();
     let id = id.as_bytes();
     args.any(|a| a.windows(id.len()).any(|w| w == id))
@@ -41,7 +53,7 @@ fn cmdline_is_qemu_of(cmdline: &[u8], id: VmId) -> bool {
 
 /// Dead processes linger as zombies until their parent (PID 1 for a
 /// daemonized QEMU) reaps them; they count as gone.
-fn is_zombie_or_gone(pid: u32) -> bool {
+pub(crate) fn is_zombie_or_gone(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return true;
     };
@@ -107,6 +119,8 @@ mod tests {
         let ours = cmd(&["/usr/bin/qemu-system-x86_64", "-uuid", &id.to_string()]);
         assert!(cmdline_is_qemu_of(&ours, id));
         assert!(!cmdline_is_qemu_of(&ours, other));
+        let nbd = cmd(&["/usr/bin/qemu-nbd", &format!("/vms/{id}/disk.qcow2")]);
+        assert!(!cmdline_is_qemu_of(&nbd, id), "a tool is not the VM");
         let not_qemu = cmd(&["/bin/sleep", &id.to_string()]);
         assert!(!cmdline_is_qemu_of(&not_qemu, id));
         assert!(!cmdline_is_qemu_of(b"", id));

@@ -340,7 +340,7 @@ async fn img_info(qemu_img: &Path, file: &Path) -> Result<ImgInfo, DriverError> 
 }
 
 /// The backing file a layer's header names, and its format.
-async fn backing_of(
+pub(super) async fn backing_of(
     qemu_img: &Path,
     file: &Path,
 ) -> Result<Option<(PathBuf, String)>, DriverError> {
@@ -356,7 +356,10 @@ async fn backing_of(
 
 /// The driver's backup bitmaps stored in a qcow2 file: name, in use
 /// (inconsistent: QEMU did not close the file cleanly).
-async fn file_bitmaps(qemu_img: &Path, file: &Path) -> Result<Vec<(String, bool)>, DriverError> {
+pub(super) async fn file_bitmaps(
+    qemu_img: &Path,
+    file: &Path,
+) -> Result<Vec<(String, bool)>, DriverError> {
     let info = img_info(qemu_img, file).await?;
     Ok(info
         .format_specific
@@ -380,7 +383,7 @@ struct MapEntry {
 
 /// Bytes allocated in one layer (its backing chain not opened; `-U`: it may
 /// be open in QEMU).
-async fn layer_bytes(qemu_img: &Path, file: &Path) -> Result<u64, DriverError> {
+pub(super) async fn layer_bytes(qemu_img: &Path, file: &Path) -> Result<u64, DriverError> {
     let spec = super::backup::own_layer_spec(file)?;
     let context = format!("map the disk layer {}", file.display());
     let out = run_qemu_img(
@@ -537,6 +540,7 @@ async fn lock_vm<'a>(
             state: "being backed up (try again when the backup is done)".into(),
         })?;
     let op = vm.op.lock().await;
+    super::cold::refuse_if_exported(vm, operation)?;
     let pid = shared.ensure_adopted(vm)?;
     if pid.is_none() {
         shared.reconcile_dead(vm)?;
