@@ -113,6 +113,16 @@ fn vm_dir_exists(agent_dir: &Path, vm_id: &str) -> bool {
     agent_dir.join("qemu/vms").join(vm_id).exists()
 }
 
+/// The job's latest step message (its progress in words).
+fn last_message(j: &Value) -> String {
+    j["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn job_of(env: &Env, op: &Value) -> Value {
     let id = op["job"]["id"].as_str().expect("job id");
     env.json(&["job", "show", id, "-o", "json"])
@@ -165,7 +175,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     println!(
         "MEASURED live migration through the API: {:?}; job says: {}",
         t.elapsed(),
-        job["current_step"]
+        last_message(&job)
     );
     let steps: Vec<String> = job["events"]
         .as_array()
@@ -231,7 +241,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
         Duration::from_secs(60),
         || {
             let j = job_of(env, &op);
-            let step = j["current_step"].as_str().unwrap_or_default().to_string();
+            let step = last_message(&j);
             if step.contains("migrating memory") {
                 Ok(())
             } else {
@@ -292,7 +302,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
                     .unwrap_or(false)
             })
             .collect();
-        let step = job_of(env, &op)["current_step"].to_string();
+        let step = last_message(&job_of(env, &op));
         match pids.first() {
             Some(p) if step.contains("migrating memory") => Ok(*p),
             _ => Err(step),
