@@ -522,12 +522,13 @@ async fn destroy_orphan(shared: &Arc<Shared>, id: VmId) -> Result<(), ConvergeEr
         return Ok(());
     }
     if known {
-        shared
-            .driver
-            .vm_destroy(id)
+        // Disks in a shared pool stay: the VM may run from them on another
+        // host now (it moved while this host was away, or a migration left
+        // this host behind). Everything else of it here goes.
+        crate::migrate::forget(shared, id, true)
             .await
             .map_err(driver_err("destroy"))?;
-        tracing::warn!(vm = %id, "orphan VM destroyed (the controller does not know it)");
+        tracing::warn!(vm = %id, "orphan VM destroyed (the controller does not know it; disks in a shared pool, if any, kept)");
     }
     shared.records.remove(id);
     let mut book = shared.book();

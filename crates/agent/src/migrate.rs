@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use stratus_client::types::{AgentRequestResult, RequestProgress};
 use stratus_common::{ByteCount, VmId};
-use stratus_driver::{IncomingRequest, MigratePhase, MigrateProgress, MigrateRequest};
+use stratus_driver::{
+    DiskExport, DriverError, ExportRequest, IncomingRequest, MigratePhase, MigrateProgress,
+    MigrateRequest, VmSpec,
+};
 
 use crate::agent::Shared;
 use crate::error::chain;
@@ -25,6 +28,37 @@ const FINISH_WAIT: Duration = Duration::from_secs(60);
 /// How often migration progress is posted at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
+/// The spec of a VM this host's desired state lists as incoming: what it
+/// will converge on once the VM is its own.
+async fn incoming_spec(shared: &Arc<Shared>, id: VmId) -> Result<VmSpec, String> {
+    let deadline = Instant::now() + DESIRED_WAIT;
+    let desired = loop {
+        if let Some(vm) = shared.book().desired_vm(id).cloned() {
+            break vm;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "VM {id} is not in this host's desired state as incoming; cannot build it"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    crate::converge::spec_for(shared, id, &desired)
+        .await
+        .map_err(|e| chain(&e))
+}
+
+/// Encodes a driver's answer as the request's `migration`.
+fn with_migration<T: serde::Serialize>(value: &T) -> AgentRequestResult {
+    match serde_json::to_value(value) {
+        Ok(v) => AgentRequestResult {
+            migration: Some(v),
+            ..answered()
+        },
+        Err(e) => failed(format!("cannot encode the host's answer: {e}")),
+    }
+}
+
 pub(crate) async fn prepare(
     shared: &Arc<Shared>,
     id: VmId,
@@ -34,31 +68,122 @@ pub(crate) async fn prepare(
         Ok(r) => r,
         Err(e) => return failed(format!("cannot read the migration request: {e}")),
     };
-    let deadline = Instant::now() + DESIRED_WAIT;
-    let desired = loop {
-        if let Some(vm) = shared.book().desired_vm(id).cloned() {
-            break vm;
-        }
-        if Instant::now() > deadline {
-            return failed(format!(
-                "VM {id} is not in this host's desired state as incoming; cannot build it"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let spec = match crate::converge::spec_for(shared, id, &desired).await {
+    let spec = match incoming_spec(shared, id).await {
         Ok(s) => s,
-        Err(e) => return failed(chain(&e)),
+        Err(e) => return failed(e),
     };
     match shared.driver.vm_migrate_prepare(&spec, &req).await {
-        Ok(ready) => match serde_json::to_value(&ready) {
-            Ok(v) => AgentRequestResult {
-                migration: Some(v),
-                ..answered()
-            },
-            Err(e) => failed(format!("cannot encode the destination's answer: {e}")),
-        },
+        Ok(ready) => with_migration(&ready),
         Err(e) => failed(chain(&e)),
+    }
+}
+
+/// Source of a cold migration: serve the stopped VM's disk.
+pub(crate) async fn export(
+    shared: &Arc<Shared>,
+    id: VmId,
+    request: &serde_json::Value,
+) -> AgentRequestResult {
+    let req: ExportRequest = match serde_json::from_value(request.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(format!("cannot read the export request: {e}")),
+    };
+    match shared.driver.vm_disk_export(id, &req).await {
+        Ok(x) => with_migration(&x),
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+/// Destination of a cold migration: copy the disk from the source's
+/// export, posting progress.
+pub(crate) async fn import(
+    shared: &Arc<Shared>,
+    request: uuid::Uuid,
+    id: VmId,
+    export: &serde_json::Value,
+) -> AgentRequestResult {
+    let from: DiskExport = match serde_json::from_value(export.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(format!("cannot read the source's export: {e}")),
+    };
+    let spec = match incoming_spec(shared, id).await {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<stratus_driver::BackupProgress>);
+    let poster = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(p) = *rx.borrow_and_update() else {
+                    continue;
+                };
+                let body = RequestProgress {
+                    done_bytes: p.done_bytes,
+                    total_bytes: p.total_bytes,
+                    message: Some(format!(
+                        "copying the disk: {} of {}",
+                        ByteCount(p.done_bytes),
+                        ByteCount(p.total_bytes)
+                    )),
+                };
+                if let Err(e) = shared.api.request_progress(request, body).await {
+                    tracing::debug!(request = %request, error = %chain(&e), "cannot post copy progress");
+                }
+                tokio::time::sleep(PROGRESS_EVERY).await;
+            }
+        })
+    };
+    let progress = move |p: stratus_driver::BackupProgress| {
+        let _ = tx.send(Some(p));
+    };
+    let outcome = shared.driver.vm_disk_import(&spec, &from, &progress).await;
+    poster.abort();
+    match outcome {
+        Ok(o) => {
+            tracing::info!(vm = %id, bytes = o.bytes_copied, ms = o.duration_ms, "VM's disk copied here");
+            with_migration(&o)
+        }
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+/// Destination of a cold move within one shared pool: take the VM over.
+pub(crate) async fn adopt(shared: &Arc<Shared>, id: VmId) -> AgentRequestResult {
+    let spec = match incoming_spec(shared, id).await {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    match shared.driver.vm_adopt_from_pool(&spec).await {
+        Ok(()) => answered(),
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+/// Forgets a VM on this host. With `keep_disks`, disks in a shared pool
+/// stay (another host may run the VM from them now): the VM is stopped if
+/// it runs, then released; a VM with its disk in this host's own directory
+/// is destroyed either way. Without, everything goes.
+pub(crate) async fn forget(
+    shared: &Arc<Shared>,
+    id: VmId,
+    keep_disks: bool,
+) -> Result<(), DriverError> {
+    let driver = &shared.driver;
+    if !keep_disks {
+        return driver.vm_destroy(id).await;
+    }
+    if let Some(st) = driver.vm_status(id).await? {
+        if st.state.is_active() {
+            driver.vm_stop(id, Duration::ZERO).await?;
+        }
+    }
+    driver.vm_disk_export_stop(id).await?;
+    match driver.vm_release(id).await {
+        Ok(()) => Ok(()),
+        // Not in a pool: its disk is this host's own.
+        Err(DriverError::InvalidState { .. }) => driver.vm_destroy(id).await,
+        Err(e) => Err(e),
     }
 }
 

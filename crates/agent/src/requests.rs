@@ -94,6 +94,27 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
                 Err(e) => failed(chain(&e)),
             }
         }
+        AgentRequestKind::MigrateExport { vm_id, request } => {
+            crate::migrate::export(&shared, VmId(vm_id.0), request).await
+        }
+        AgentRequestKind::MigrateExportStop { vm_id } => {
+            match shared.driver.vm_disk_export_stop(VmId(vm_id.0)).await {
+                Ok(()) => answered(),
+                Err(e) => failed(chain(&e)),
+            }
+        }
+        AgentRequestKind::MigrateImport { vm_id, export } => {
+            crate::migrate::import(&shared, r.id, VmId(vm_id.0), export).await
+        }
+        AgentRequestKind::MigrateAdopt { vm_id } => {
+            crate::migrate::adopt(&shared, VmId(vm_id.0)).await
+        }
+        AgentRequestKind::MigrateRelease { vm_id, keep_disks } => {
+            match crate::migrate::forget(&shared, VmId(vm_id.0), *keep_disks).await {
+                Ok(()) => answered(),
+                Err(e) => failed(chain(&e)),
+            }
+        }
         AgentRequestKind::MigrateAbortIncoming { vm_id } => {
             match shared.driver.vm_migrate_abort_incoming(VmId(vm_id.0)).await {
                 Ok(()) => answered(),

@@ -333,6 +333,28 @@ pub enum AgentRequestKind {
     /// Destination: end the waiting (or half-arrived) VM and remove
     /// everything made for it.
     MigrateAbortIncoming { vm_id: VmId },
+    /// Source of a cold migration: serve the stopped VM's disk read-only
+    /// (`request` is the driver's `ExportRequest`; the answer's `migration`
+    /// its `DiskExport`).
+    MigrateExport {
+        vm_id: VmId,
+        request: serde_json::Value,
+    },
+    /// Source: stop serving the disk.
+    MigrateExportStop { vm_id: VmId },
+    /// Destination of a cold migration: build the VM (as this host's
+    /// desired state shows it, incoming) with its disk copied from the
+    /// source's `export` (the driver's `DiskExport`), posting progress.
+    MigrateImport {
+        vm_id: VmId,
+        export: serde_json::Value,
+    },
+    /// Destination of a cold move within one shared pool: take the VM over,
+    /// its disks where they are.
+    MigrateAdopt { vm_id: VmId },
+    /// Forget the stopped VM here: with `keep_disks`, its disks in a shared
+    /// pool stay (another host has them now), else they go too.
+    MigrateRelease { vm_id: VmId, keep_disks: bool },
     /// Delete a backup file, first merging it into `child` (the restore
     /// point built on it) so the child stays whole.
     DeleteBackup {

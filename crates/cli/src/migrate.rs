@@ -128,14 +128,14 @@ pub async fn host_maintenance(
         let j = wait_for_job(c, &job.to_string(), interactive).await;
         let line = match j {
             Ok(j) => {
-                let ok = matches!(j.state, types::JobState::Succeeded);
-                if !ok {
+                if matches!(j.state, types::JobState::Succeeded) {
+                    "moved".to_string()
+                } else {
                     failed += 1;
+                    j.error
+                        .map(|e| e.message)
+                        .unwrap_or_else(|| output::wire(&j.state))
                 }
-                j.error
-                    .map(|e| e.message)
-                    .or(j.current_step)
-                    .unwrap_or_else(|| output::wire(&j.state))
             }
             Err(e) => {
                 failed += 1;

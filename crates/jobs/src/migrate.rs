@@ -39,11 +39,19 @@ const SEND: u8 = 2;
 const FINISH: u8 = 3;
 const CANCEL: u8 = 4;
 const ABORT: u8 = 5;
+const EXPORT_STOP: u8 = 6;
+const RELEASE: u8 = 7;
 
 /// How long a destination may take to build the VM and listen.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a destination may take to confirm or clean up.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The disk stays in one shared pool that both hosts see: nothing moves
+/// but the VM.
+fn same_pool(m: &MigrationParams) -> bool {
+    m.source_pool.is_some() && m.source_pool == m.target_pool
+}
 
 fn migration(p: &VmSagaParams) -> Result<MigrationParams, StepError> {
     p.previous
@@ -86,6 +94,9 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
         return Err(StepError::cancelled().into());
     }
     let m = migration(&p)?;
+    if m.cold {
+        return cold_prepare(sc, &p, &m).await;
+    }
     let target = host_name(sc, m.target).await;
     sc.step(
         p.job_id,
@@ -164,6 +175,9 @@ pub(crate) async fn prepare_undo(ctx: Ctx) -> Result<(), anyhow::Error> {
     )
     .await
     .map_err(|e| anyhow::anyhow!(e.message))?;
+    if m.cold {
+        return cold_prepare_undo(sc, &p, &m).await;
+    }
     let request = AgentRequestKind::MigrateAbortIncoming { vm_id: p.vm_id };
     sc.await_request(
         HostRequest {
@@ -203,6 +217,9 @@ pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
     let sc = ctx.user_data();
     let m = migration(&p)?;
     let ready: serde_json::Value = ctx.lookup("prepare")?;
+    if m.cold {
+        return cold_move(sc, &p, &m, ready).await;
+    }
     let target = host_name(sc, m.target).await;
     let request = AgentRequestKind::MigrateSend {
         vm_id: p.vm_id,
@@ -268,17 +285,7 @@ pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
     {
         tracing::warn!(job = %p.job_id, vm = %p.vm_id, error = %e.message, "the destination did not confirm the migrated VM; it runs there all the same");
     }
-    loop {
-        match sc.ds.vm_move_commit(p.vm_id, p.job_id).await {
-            Ok(_) => break,
-            Err(e) => {
-                tracing::warn!(job = %p.job_id, error = %e, "cannot record the VM's arrival yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-    sc.signals.host_desired_changed(m.source);
-    sc.signals.host_desired_changed(m.target);
+    commit(sc, &p, &m).await;
     sc.step(
         p.job_id,
         "send",
@@ -334,4 +341,223 @@ pub(crate) async fn settled(ctx: Ctx) -> Result<Settled, ActionError> {
         host_id: Some(m.target),
         removed: false,
     })
+}
+
+/// Records the arrival, retrying the store until it can: the VM is on the
+/// destination and nothing may take that back.
+async fn commit(sc: &SagaContext, p: &VmSagaParams, m: &MigrationParams) {
+    loop {
+        match sc.ds.vm_move_commit(p.vm_id, p.job_id).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(job = %p.job_id, error = %e, "cannot record the VM's arrival yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    sc.signals.host_desired_changed(m.source);
+    sc.signals.host_desired_changed(m.target);
+}
+
+/// One request of a cold move, waited for.
+async fn cold_request(
+    sc: &SagaContext,
+    p: &VmSagaParams,
+    host: HostId,
+    step: u8,
+    kind: &'static str,
+    request: AgentRequestKind,
+    cleanup: bool,
+) -> Result<stratus_api_types::agent::AgentRequestResult, StepError> {
+    sc.await_request(
+        HostRequest {
+            job: p.job_id,
+            id: Some(step_request_id(p.job_id, step)),
+            host,
+            vm: Some(p.vm_id),
+            kind,
+            request: &request,
+            timeout: sc.timing.backup,
+            cleanup,
+        },
+        |done, total| {
+            let pct = (80 * done.min(total))
+                .checked_div(total)
+                .map_or(15, |p| 15 + p as u8);
+            (
+                pct,
+                format!(
+                    "copying the disk: {} of {}",
+                    ByteCount(done),
+                    ByteCount(total)
+                ),
+            )
+        },
+    )
+    .await
+}
+
+/// Cold: the source serves the stopped VM's disk (nothing to serve when it
+/// stays in one shared pool).
+async fn cold_prepare(
+    sc: &SagaContext,
+    p: &VmSagaParams,
+    m: &MigrationParams,
+) -> Result<serde_json::Value, ActionError> {
+    if same_pool(m) {
+        sc.step(
+            p.job_id,
+            "prepare",
+            10,
+            "the disk stays in its shared pool: nothing to copy",
+        )
+        .await?;
+        return Ok(serde_json::json!({"kind": "pool"}));
+    }
+    let source = host_name(sc, m.source).await;
+    sc.step(
+        p.job_id,
+        "prepare",
+        10,
+        &format!("host {source} is serving the VM's disk"),
+    )
+    .await?;
+    let answer = cold_request(
+        sc,
+        p,
+        m.source,
+        PREPARE,
+        "disk export",
+        AgentRequestKind::MigrateExport {
+            vm_id: p.vm_id,
+            request: serde_json::json!({
+                "request_id": step_request_id(p.job_id, PREPARE),
+                // Both hosts cache the image by id and SHA-256.
+                "same_base": true,
+            }),
+        },
+        false,
+    )
+    .await?;
+    answer.migration.ok_or_else(|| {
+        StepError::new(
+            "internal",
+            "the source answered without saying where its disk is served",
+        )
+        .into()
+    })
+}
+
+/// Cold: the destination forgets what it built (keeping disks that are the
+/// source's, in a shared pool), the source stops serving.
+async fn cold_prepare_undo(
+    sc: &SagaContext,
+    p: &VmSagaParams,
+    m: &MigrationParams,
+) -> Result<(), anyhow::Error> {
+    cold_request(
+        sc,
+        p,
+        m.target,
+        ABORT,
+        "migration abort",
+        AgentRequestKind::MigrateRelease {
+            vm_id: p.vm_id,
+            keep_disks: same_pool(m),
+        },
+        true,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the destination could not clean up: {}", e.message))?;
+    if !same_pool(m) {
+        cold_request(
+            sc,
+            p,
+            m.source,
+            EXPORT_STOP,
+            "disk export stop",
+            AgentRequestKind::MigrateExportStop { vm_id: p.vm_id },
+            true,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("the source could not stop serving: {}", e.message))?;
+    }
+    Ok(())
+}
+
+/// Cold: the destination copies the disk (or takes over the one in the
+/// shared pool); the move is recorded; then the source lets go of its copy.
+/// Recording before the source lets go means a VM is never without a whole
+/// disk somewhere the store points at; a source that cannot let go leaves
+/// an orphan its agent removes (keeping disks in a shared pool).
+async fn cold_move(
+    sc: &SagaContext,
+    p: &VmSagaParams,
+    m: &MigrationParams,
+    export: serde_json::Value,
+) -> Result<serde_json::Value, ActionError> {
+    let target = host_name(sc, m.target).await;
+    let shared = same_pool(m);
+    let request = if shared {
+        AgentRequestKind::MigrateAdopt { vm_id: p.vm_id }
+    } else {
+        AgentRequestKind::MigrateImport {
+            vm_id: p.vm_id,
+            export,
+        }
+    };
+    sc.step(
+        p.job_id,
+        "send",
+        15,
+        &format!("host {target} is taking the VM's disk"),
+    )
+    .await?;
+    let answer = cold_request(sc, p, m.target, SEND, "disk copy", request, false).await?;
+    let outcome = answer.migration.unwrap_or_default();
+    commit(sc, p, m).await;
+    if !shared {
+        let _ = cold_request(
+            sc,
+            p,
+            m.source,
+            EXPORT_STOP,
+            "disk export stop",
+            AgentRequestKind::MigrateExportStop { vm_id: p.vm_id },
+            true,
+        )
+        .await;
+    }
+    if let Err(e) = cold_request(
+        sc,
+        p,
+        m.source,
+        RELEASE,
+        "release",
+        AgentRequestKind::MigrateRelease {
+            vm_id: p.vm_id,
+            keep_disks: shared,
+        },
+        true,
+    )
+    .await
+    {
+        tracing::warn!(job = %p.job_id, error = %e.message, "the source could not let go of the moved VM; its agent will as an orphan");
+    }
+    sc.step(
+        p.job_id,
+        "send",
+        98,
+        &if shared {
+            format!("moved to {target} (cold, its disk left in the shared pool)")
+        } else {
+            format!(
+                "moved to {target} (cold: {} of the VM's disk copied in {} ms)",
+                ByteCount(outcome["bytes_copied"].as_u64().unwrap_or(0)),
+                outcome["duration_ms"].as_u64().unwrap_or(0)
+            )
+        },
+    )
+    .await?;
+    Ok(outcome)
 }

@@ -341,3 +341,183 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     let v = env.vm("mover");
     assert_eq!(v["state"], "running", "{v}");
 }
+
+fn migrate_wait(env: &Env, args: &[&str]) -> Value {
+    let mut all = vec!["vm", "migrate"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--project", "p", "-o", "json"]);
+    let op = env.json(&all);
+    let job = wait_until("the migration to end", Duration::from_secs(180), || {
+        let j = job_of(env, &op);
+        match j["state"].as_str() {
+            Some("succeeded") => Ok(j),
+            Some("failed") | Some("cancelled") => panic!("migration {args:?} failed: {j}"),
+            _ => Err(last_message(&j)),
+        }
+    });
+    println!(
+        "MEASURED migrate {args:?}: {}",
+        last_message_before_end(&job)
+    );
+    job
+}
+
+/// The last step message before "job succeeded".
+fn last_message_before_end(j: &Value) -> String {
+    j["events"]
+        .as_array()
+        .and_then(|e| e.iter().rev().nth(1))
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn real_qemu_cold_cross_cluster_pool_mapping_and_maintenance() {
+    let w = world();
+    let env = &w.env;
+    // Host 2 is in another cluster, out of service while VMs are placed.
+    let (_agent2, host2_dir) = w.add_host_with("host-2", &["--cluster", "east"]);
+    env.json(&["host", "maintenance", "host-2", "on", "-o", "json"]);
+    let shared = w.home.path().join("nfs");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    env.json(&[
+        "pool",
+        "create",
+        "shared",
+        "--path",
+        &shared.display().to_string(),
+        "-o",
+        "json",
+    ]);
+    wait_until(
+        "both hosts to see the pool",
+        Duration::from_secs(30),
+        || {
+            let p = env.json(&["pool", "show", "shared", "-o", "json"]);
+            let ok = p["hosts"]
+                .as_array()
+                .map(|h| h.iter().filter(|h| h["error"].is_null()).count())
+                .unwrap_or(0);
+            if ok == 2 {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            }
+        },
+    );
+    let _c1 = create_vm(env, "c1", "tiny");
+    let _p1 = create_vm(env, "p1", "tiny");
+    let mut keep = vec![];
+    for n in ["m1", "m2", "m3"] {
+        keep.push(create_vm(env, n, "tiny"));
+    }
+    env.json(&["host", "maintenance", "host-2", "off", "-o", "json"]);
+    let write = |vm: &str| {
+        sh(
+            env,
+            vm,
+            "dd if=/dev/urandom of=/mnt/disk/keep bs=1M count=2 2>/dev/null && sync && \
+             sha256sum /mnt/disk/keep | cut -d' ' -f1",
+        )
+    };
+    let read = |vm: &str| sh(env, vm, "sha256sum /mnt/disk/keep | cut -d' ' -f1");
+
+    // Cold, across clusters: stopped on host 1, its disk copied, started on
+    // host 2 with the same data.
+    let c1_sum = write("c1");
+    let c1_id = env.vm("c1")["id"].as_str().expect("id").to_string();
+    env.json(&["vm", "stop", "c1", "--project", "p", "--wait", "-o", "json"]);
+    let j = migrate_wait(env, &["c1", "--host", "host-2"]);
+    assert!(
+        last_message_before_end(&j).contains("cold"),
+        "{}",
+        last_message_before_end(&j)
+    );
+    assert_eq!(env.vm("c1")["state"], "stopped");
+    assert_eq!(host_of(env, "c1"), "host-2");
+    assert!(!vm_dir_exists(&w.agent_dir, &c1_id), "host 1 let go of it");
+    env.json(&[
+        "vm",
+        "start",
+        "c1",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_until("c1's guest agent", BOOT, || {
+        let v = env.vm("c1");
+        if v["guest"]["connected"] == true {
+            Ok(())
+        } else {
+            Err(v["guest"].to_string())
+        }
+    });
+    assert_eq!(read("c1"), c1_sum, "the cold copy has the data");
+    assert_eq!(qemus_under(&c1_id, &host2_dir), 1);
+
+    // Live, across clusters, into the shared pool (the pool mapping): the
+    // disk is mirrored into the pool; then back within the pool, where
+    // nothing but memory moves.
+    let p1_sum = write("p1");
+    let p1_id = env.vm("p1")["id"].as_str().expect("id").to_string();
+    migrate_wait(env, &["p1", "--host", "host-2", "--pool", "shared"]);
+    let v = env.vm("p1");
+    assert_eq!(host_of(env, "p1"), "host-2");
+    assert!(v["pool_id"].is_string(), "in the shared pool now: {v}");
+    assert!(shared.join("vms").join(&p1_id).join("disk.qcow2").is_file());
+    assert_eq!(read("p1"), p1_sum);
+    let j = migrate_wait(env, &["p1", "--host", "host-1"]);
+    assert!(
+        last_message_before_end(&j).contains(" 0B of disk sent"),
+        "nothing but memory moved within the pool: {}",
+        last_message_before_end(&j)
+    );
+    assert_eq!(host_of(env, "p1"), "host-1");
+    assert_eq!(read("p1"), p1_sum);
+    assert!(shared.join("vms").join(&p1_id).join("disk.qcow2").is_file());
+
+    // Maintenance empties host 1 of its three (and p1), each moved live by
+    // the scheduler; host 1 then holds nothing and takes no new VM.
+    let out = env.cli(&["host", "maintenance", "host-1", "on", "--wait"]);
+    assert!(
+        out.status.success(),
+        "maintenance: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "MEASURED maintenance:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for n in ["m1", "m2", "m3", "p1"] {
+        assert_eq!(host_of(env, n), "host-2", "{n}");
+        assert_eq!(env.vm(n)["state"], "running", "{n}");
+    }
+    assert_eq!(read("p1"), p1_sum);
+    let h1 = env.json(&["host", "show", "host-1", "-o", "json"]);
+    assert_eq!(h1["state"], "maintenance");
+    assert_eq!(h1["allocated"]["vcpus"], 0, "{h1}");
+    let out = env.cli(&[
+        "vm",
+        "create",
+        "late",
+        "--flavor",
+        "tiny",
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "--cluster",
+        "default",
+    ]);
+    assert!(
+        !out.status.success(),
+        "nothing new lands on a host in maintenance"
+    );
+    env.json(&["host", "maintenance", "host-1", "off", "-o", "json"]);
+    let h1 = env.json(&["host", "show", "host-1", "-o", "json"]);
+    assert_eq!(h1["state"], "up");
+}

@@ -305,6 +305,11 @@ impl World {
     /// (`home/<name>`), and waits until its host is up. Its processes are
     /// the caller's to keep (dropping the `Proc` kills the agent).
     pub fn add_host(&self, name: &str) -> (Proc, PathBuf) {
+        self.add_host_with(name, &[])
+    }
+
+    /// [`World::add_host`] with more agent arguments (`--cluster east`).
+    pub fn add_host_with(&self, name: &str, extra: &[&str]) -> (Proc, PathBuf) {
         let enroll = self.env.json(&["host", "enroll-token", "-o", "json"]);
         let enroll = enroll["token"].as_str().expect("token").to_string();
         let dir = self.home.path().join(name);
@@ -313,6 +318,7 @@ impl World {
         if let Some(n) = args.iter().position(|a| *a == "host-1") {
             args[n] = name;
         }
+        args.extend_from_slice(extra);
         let agent = self.env.spawn(
             "agent",
             &args,
