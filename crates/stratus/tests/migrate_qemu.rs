@@ -132,7 +132,7 @@ fn job_of(env: &Env, op: &Value) -> Value {
 fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     let w = world();
     let env = &w.env;
-    let (_agent2, host2_dir) = w.add_host("host-2");
+    let (agent2, host2_dir) = w.add_host("host-2");
     env.json(&[
         "flavor", "create", "mig", "--vcpus", "1", "--memory", "256MiB", "--disk", "64MiB", "-o",
         "json",
@@ -340,6 +340,78 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     });
     let v = env.vm("mover");
     assert_eq!(v["state"], "running", "{v}");
+
+    // The source's agent is killed mid-migration and comes back: the VM
+    // ends up running on exactly one host, the same boot, its data intact,
+    // and the other host holds nothing of it.
+    let op = env.json(&[
+        "vm",
+        "migrate",
+        "mover",
+        "--project",
+        "p",
+        "--bandwidth",
+        "1MiB",
+        "-o",
+        "json",
+    ]);
+    wait_until(
+        "the migration to send memory",
+        Duration::from_secs(60),
+        || {
+            let step = last_message(&job_of(env, &op));
+            if step.contains("migrating memory") {
+                Ok(())
+            } else {
+                Err(step)
+            }
+        },
+    );
+    drop(agent2);
+    let _agent2 = w.restart_host("host-2", &host2_dir);
+    let j = wait_until("the migration to end", Duration::from_secs(180), || {
+        let j = job_of(env, &op);
+        match j["state"].as_str() {
+            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
+            _ => Err(last_message(&j)),
+        }
+    });
+    println!(
+        "MEASURED source agent killed mid-migration: job {} ({})",
+        j["state"],
+        if j["state"] == "succeeded" {
+            last_message_before_end(&j)
+        } else {
+            j["error"].to_string()
+        }
+    );
+    let on = host_of(env, "mover");
+    let (here, other) = if on == "host-1" {
+        (w.agent_dir.clone(), host2_dir.clone())
+    } else {
+        (host2_dir.clone(), w.agent_dir.clone())
+    };
+    wait_until(
+        "the VM to run on one host only",
+        Duration::from_secs(60),
+        || {
+            let v = env.vm("mover");
+            let (a, b) = (qemus_under(&id, &here), qemus_under(&id, &other));
+            if v["state"] == "running" && a == 1 && b == 0 && !vm_dir_exists(&other, &id) {
+                Ok(())
+            } else {
+                Err(format!("{} on {on}: {a} here, {b} there", v["state"]))
+            }
+        },
+    );
+    assert_eq!(
+        sh(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id
+    );
+    assert_eq!(
+        sh(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
+        sum
+    );
 }
 
 fn migrate_wait(env: &Env, args: &[&str]) -> Value {

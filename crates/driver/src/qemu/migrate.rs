@@ -1461,6 +1461,68 @@ async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
     }
 }
 
+/// At adoption (a restarted agent): an outgoing migration its previous
+/// process left in flight is ended, so the VM keeps running here; the
+/// controller's retried request starts a migration afresh or unwinds. One
+/// that completed meanwhile is left alone (the destination runs the VM).
+/// Incoming VMs wait for the controller's finish or abort.
+pub(super) async fn recover_interrupted(shared: &Arc<Shared>, id: VmId) {
+    let Ok(vm) = shared.existing(id) else {
+        return;
+    };
+    if incoming_path(&vm).exists() {
+        return;
+    }
+    let Ok(qmp) = shared.qmp(&vm).await else {
+        return;
+    };
+    let status = |qmp: Arc<QmpService>| async move {
+        run::<QueryMigrate>(&qmp, json!({}), "migration")
+            .await
+            .ok()
+            .and_then(|i| i.get("status").and_then(Value::as_str).map(str::to_string))
+    };
+    let active = |s: &Option<String>| {
+        matches!(
+            s.as_deref(),
+            Some("active" | "setup" | "device" | "pre-switchover" | "wait-unplug" | "cancelling")
+        )
+    };
+    let first = status(qmp.clone()).await;
+    if !active(&first)
+        && first.as_deref() != Some("failed")
+        && first.as_deref() != Some("cancelled")
+    {
+        return;
+    }
+    tracing::warn!(vm = %id, status = ?first, "found a migration the previous agent left; ending it so the VM stays here");
+    let _ = run::<MigrateCancel>(&qmp, json!({}), "cancel the migration").await;
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    let mut last = first;
+    while active(&last) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = status(qmp.clone()).await;
+    }
+    if last.as_deref() == Some("completed") {
+        tracing::error!(vm = %id, "the migration completed after all; not resuming the VM here");
+        return;
+    }
+    if let Err(e) = end_mirror(&qmp).await {
+        tracing::debug!(vm = %id, error = %e, "no disk mirror of the interrupted migration to end");
+    }
+    let run_state = run::<QueryStatus>(&qmp, json!({}), "migration")
+        .await
+        .ok()
+        .and_then(|s| s.get("status").and_then(Value::as_str).map(str::to_string));
+    if run_state.as_deref() != Some("running") {
+        tracing::info!(vm = %id, status = ?run_state, "resuming the VM the interrupted migration left paused");
+        if let Err(e) = run::<Cont>(&qmp, json!({}), "resume after the interrupted migration").await
+        {
+            tracing::error!(vm = %id, error = %e, "cannot resume the VM after the interrupted migration");
+        }
+    }
+}
+
 /// The live QEMUs of the VM that belong to this data directory. The VM id
 /// alone (what `vm_destroy` looks for) does not tell the source's QEMU from
 /// the destination's when both data directories are on one machine, as in

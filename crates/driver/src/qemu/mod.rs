@@ -241,6 +241,9 @@ impl QemuDriver {
             _data_dir_lock: data_dir_lock,
         };
         let adopted = driver.vm_list().await?;
+        for vm in adopted.iter().filter(|s| s.state.is_active()) {
+            migrate::recover_interrupted(&driver.shared, vm.id).await;
+        }
         let running = adopted.iter().filter(|s| s.state.is_active()).count();
         tracing::info!(
             vms = adopted.len(),

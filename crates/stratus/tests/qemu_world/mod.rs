@@ -308,6 +308,21 @@ impl World {
         self.add_host_with(name, &[])
     }
 
+    /// Starts the agent of an enrolled host again (after a kill), on its
+    /// data directory.
+    pub fn restart_host(&self, name: &str, dir: &Path) -> Proc {
+        let dir_s = dir.display().to_string();
+        let mut args = agent_args(&self.env.url, &dir_s, None);
+        if let Some(n) = args.iter().position(|a| *a == "host-1") {
+            args[n] = name;
+        }
+        self.env.spawn(
+            "agent",
+            &args,
+            self.home.path().join(format!("agent-{name}-again.log")),
+        )
+    }
+
     /// [`World::add_host`] with more agent arguments (`--cluster east`).
     pub fn add_host_with(&self, name: &str, extra: &[&str]) -> (Proc, PathBuf) {
         let enroll = self.env.json(&["host", "enroll-token", "-o", "json"]);
