@@ -395,10 +395,18 @@ async fn build_driver(
             accel,
             qemu_binary,
             backup_bandwidth,
+            migration,
         } => {
             let mut qc = QemuConfig::new(data_dir.join("qemu"));
             qc.accel = *accel;
             qc.backup_bandwidth = *backup_bandwidth;
+            if let Some(a) = migration.address {
+                qc.migration_address = a;
+            }
+            if let Some(p) = &migration.ports {
+                qc.migration_ports = p.clone();
+            }
+            qc.migration_tls_dir = migration.tls_dir.clone();
             if let Some(b) = qemu_binary {
                 qc.qemu_binary = b.clone();
             }

@@ -86,6 +86,17 @@ impl AgentConfig {
     }
 }
 
+/// The QEMU driver's migration endpoint; `None` fields keep the driver's
+/// defaults (127.0.0.1, ports 49152-49215, no TLS).
+#[derive(Clone, Debug, Default)]
+pub struct MigrationSettings {
+    /// The address other hosts reach this one's migration ports at.
+    pub address: Option<std::net::IpAddr>,
+    pub ports: Option<std::ops::RangeInclusive<u16>>,
+    /// QEMU `tls-creds-x509` files; with them, migration streams are TLS.
+    pub tls_dir: Option<PathBuf>,
+}
+
 /// Which driver runs the host's VMs.
 #[derive(Clone)]
 pub enum DriverConfig {
@@ -96,6 +107,8 @@ pub enum DriverConfig {
         qemu_binary: Option<PathBuf>,
         /// Most bytes per second a backup copies; unlimited when `None`.
         backup_bandwidth: Option<u64>,
+        /// Where other hosts reach this one for migrations.
+        migration: MigrationSettings,
     },
     /// A simulated host of this size (nothing boots).
     Sim {
@@ -130,11 +143,13 @@ impl fmt::Debug for DriverConfig {
                 accel,
                 qemu_binary,
                 backup_bandwidth,
+                migration,
             } => f
                 .debug_struct("Qemu")
                 .field("accel", accel)
                 .field("qemu_binary", qemu_binary)
                 .field("backup_bandwidth", backup_bandwidth)
+                .field("migration", migration)
                 .finish(),
             DriverConfig::Sim {
                 cpus,

@@ -104,7 +104,7 @@ mod requests;
 mod state;
 
 pub use agent::{Agent, AgentHandle};
-pub use config::{AgentConfig, DriverConfig, OrphanPolicy};
+pub use config::{AgentConfig, DriverConfig, MigrationSettings, OrphanPolicy};
 pub use credentials::{default_host_name, Credentials};
 pub use error::{AgentError, ApiError, ImageError};
 pub use fleet::{raise_open_files_limit, SimFleet, SimFleetConfig, SimFleetHandle, SimHost};

@@ -149,6 +149,7 @@ async fn qemu_cloud() -> (Cloud, tempfile::TempDir, AgentHandle) {
             accel: AccelChoice::Tcg,
             qemu_binary: None,
             backup_bandwidth: None,
+            migration: Default::default(),
         },
     );
     config.name = Some("qemu-1".into());

@@ -88,6 +88,18 @@ pub struct AgentArgs {
     /// leave the guests disk bandwidth [default: unlimited]
     #[arg(long, value_name = "BYTES")]
     backup_bandwidth: Option<ByteCount>,
+    /// The address other hosts reach this one at for live and cold
+    /// migrations (QEMU and NBD listen there) [default: 127.0.0.1]
+    #[arg(long, value_name = "IP")]
+    migration_address: Option<std::net::IpAddr>,
+    /// The ports migrations may listen on, FIRST-LAST [default: 49152-49215]
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_ports)]
+    migration_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// A directory of QEMU x509 files (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem): migration streams
+    /// are then TLS [default: plain TCP]
+    #[arg(long, value_name = "DIR")]
+    migration_tls_dir: Option<PathBuf>,
     /// Seconds a guest gets to power off after the ACPI button before QEMU
     /// is ended
     #[arg(long, default_value_t = 30)]
@@ -153,6 +165,11 @@ pub async fn run(args: AgentArgs, global: GlobalOpts) -> anyhow::Result<()> {
             },
             qemu_binary: args.qemu_binary,
             backup_bandwidth: args.backup_bandwidth.map(|b| b.0),
+            migration: stratus_agent::MigrationSettings {
+                address: args.migration_address,
+                ports: args.migration_ports.clone(),
+                tls_dir: args.migration_tls_dir.clone(),
+            },
         },
         DriverArg::Sim => {
             let mut d = stratus_agent::SimConfig::default();
@@ -314,6 +331,21 @@ fn check_sim_args(args: &AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `49152-49215`: a non-empty inclusive range of ports.
+fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!(
+            "{s:?} is not a range of ports (1 <= FIRST <= LAST)"
+        ));
+    }
+    Ok(a..=b)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -382,5 +414,15 @@ mod tests {
         assert_eq!(sim.disk_bytes, 2 << 40);
         assert_eq!(sim.latency, Duration::from_millis(250));
         assert!(parse(&["--driver", "sim", "--sim-memory", "lots"]).is_err());
+    }
+
+    #[test]
+    fn port_ranges_are_checked() {
+        assert_eq!(parse_ports("49152-49215"), Ok(49152..=49215));
+        assert_eq!(parse_ports("5000-5000"), Ok(5000..=5000));
+        assert!(parse_ports("5001-5000").is_err());
+        assert!(parse_ports("0-10").is_err());
+        assert!(parse_ports("5000").is_err());
+        assert!(parse_ports("a-b").is_err());
     }
 }

@@ -293,6 +293,7 @@ async fn start_local_agent(
             accel,
             qemu_binary: None,
             backup_bandwidth: None,
+            migration: Default::default(),
         },
     );
     config.enroll_token = enroll_token;
