@@ -296,6 +296,8 @@ fn valid_body(op: &str) -> Option<Value> {
         "vm_exec" => json!({"argv": ["true"]}),
         "backup_target_create" => json!({"name": "new-target", "path": "/srv/new"}),
         "pool_create" => json!({"name": "new-pool", "path": "/srv/new-pool"}),
+        "host_maintenance" => json!({"enabled": true}),
+        "vm_migrate" => json!({}),
         "backup_create" => json!({}),
         "backup_restore" => json!({"as_vm": "restored"}),
         "backup_policy_set" => json!({"keep_last": 3}),

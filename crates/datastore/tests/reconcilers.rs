@@ -51,6 +51,7 @@ both_backends!(
     orphans_are_recorded_listed_and_forgotten,
     old_host_requests_are_forgotten,
     shared_pools_are_seen_claimed_and_released,
+    moves_claim_the_target_and_release_exactly_one_host,
 );
 
 const SEC: i64 = 1_000_000;
@@ -878,4 +879,179 @@ async fn shared_pools_are_seen_claimed_and_released(ds: &Datastore) {
             .error_code(),
         "not_found"
     );
+}
+
+/// A move claims its target with the job (never beyond capacity), commits
+/// by moving the VM and releasing the source, or is abandoned by releasing
+/// the target; either runs twice harmlessly. A move into a shared pool
+/// claims the pool and leaves the host's disk alone.
+async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
+    let w = world(ds).await;
+    let facts = HostFacts {
+        cpus: 2,
+        memory_bytes: 1 << 30,
+        disk_bytes: 1 << 40,
+        qemu_version: None,
+        accel: None,
+        driver: "sim".into(),
+    };
+    let hash = format!("enroll-{}", uuid::Uuid::new_v4());
+    let admin = ds
+        .token_create(NewToken {
+            name: "admin2",
+            role: Role::Admin,
+            project_id: None,
+            token_hash: &format!("hash-{}", uuid::Uuid::new_v4()),
+            prefix: "y",
+            expires_at: None,
+        })
+        .await
+        .expect("token");
+    ds.enrollment_token_create(&hash, admin.id, i64::MAX / 2, 10)
+        .await
+        .expect("enrollment token");
+    let h2 = ds
+        .host_enroll(
+            &hash,
+            &NewHost {
+                name: "h2",
+                zone: "z",
+                cluster: "east",
+                address: "127.0.0.1",
+                facts: &facts,
+                tags: &[],
+                credential_hash: &format!("cred-{}", uuid::Uuid::new_v4()),
+            },
+        )
+        .await
+        .expect("enroll")
+        .id;
+    let c = to_create(&w, "mover", RestartPolicy::Never);
+    ds.vms_create(std::slice::from_ref(&c), None)
+        .await
+        .expect("create");
+    finish_running(ds, c.vm.id).await;
+    let alloc = |h: HostId| async move {
+        let h = ds.host_get(h).await.expect("host");
+        (h.alloc_vcpus, h.alloc_memory_bytes, h.alloc_disk_bytes)
+    };
+    let full = (1, 128 << 20, 1 << 30);
+
+    // Begin: both hosts carry it; the VM names its target.
+    let move_job = |kind: &str| job(&w, kind, c.vm.id);
+    let j1 = move_job("vm_migrate");
+    let (vm, _) = ds
+        .vm_move_begin(
+            c.vm.id,
+            VmDesiredState::Running,
+            VmState::Migrating,
+            j1.clone(),
+            h2,
+            None,
+        )
+        .await
+        .expect("begin");
+    assert_eq!(vm.migration_target, Some(h2));
+    assert_eq!(vm.state, VmState::Migrating);
+    assert_eq!(alloc(w.host).await, full);
+    assert_eq!(alloc(h2).await, full);
+    // Abandoned (twice): the target is released, the VM stays.
+    ds.vm_move_abandon(c.vm.id, j1.id).await.expect("abandon");
+    ds.vm_move_abandon(c.vm.id, j1.id)
+        .await
+        .expect("abandon again");
+    assert_eq!(alloc(h2).await, (0, 0, 0));
+    assert_eq!(alloc(w.host).await, full);
+    let vm = ds.vm_get(c.vm.id).await.expect("vm");
+    assert_eq!((vm.host_id, vm.migration_target), (Some(w.host), None));
+    // The job ends (as the engine would, holding its lease).
+    let claimed = ds
+        .job_claim_next("runner", now_micros() + 60 * SEC)
+        .await
+        .expect("claim")
+        .expect("the move job");
+    assert_eq!(claimed.id, j1.id);
+    ds.job_finish(
+        claimed.id,
+        "runner",
+        JobOutcome::Cancelled {
+            message: "x".into(),
+        },
+        Some(VmEffect::Update {
+            vm_id: c.vm.id,
+            state: VmState::Running,
+            state_reason: None,
+            host_id: Some(w.host),
+            desired_state: None,
+        }),
+    )
+    .await
+    .expect("finish");
+    assert_eq!(alloc(w.host).await, full, "the VM's own host still carries it");
+
+    // A target without room is refused, and nothing is left held.
+    let big = HostFacts {
+        cpus: 0,
+        ..facts.clone()
+    };
+    ds.host_heartbeat(h2, &big).await.expect("shrink");
+    let refused = ds
+        .vm_move_begin(
+            c.vm.id,
+            VmDesiredState::Running,
+            VmState::Migrating,
+            move_job("vm_migrate"),
+            h2,
+            None,
+        )
+        .await
+        .expect_err("no room");
+    assert_eq!(refused.error_code(), "no_host_available");
+    assert!(ds
+        .vm_get(c.vm.id)
+        .await
+        .expect("vm")
+        .active_job_id
+        .is_none());
+    ds.host_heartbeat(h2, &facts).await.expect("grow");
+
+    // Into a shared pool, committed (twice): the VM is on h2 in the pool,
+    // the source is released, h2's own disk untouched.
+    let pool = ds.pool_create("shared", "/srv/pool").await.expect("pool");
+    let ok = PoolReport {
+        pool_id: pool.id,
+        error: None,
+        total_bytes: 10 << 30,
+        available_bytes: 8 << 30,
+    };
+    ds.host_report_pools(h2, &[ok]).await.expect("report");
+    let j2 = move_job("vm_migrate");
+    ds.vm_move_begin(
+        c.vm.id,
+        VmDesiredState::Running,
+        VmState::Migrating,
+        j2.clone(),
+        h2,
+        Some(pool.id),
+    )
+    .await
+    .expect("begin into the pool");
+    assert_eq!(alloc(h2).await, (1, 128 << 20, 0));
+    assert_eq!(
+        ds.pool_get(pool.id).await.expect("pool").alloc_bytes,
+        1 << 30
+    );
+    assert!(ds.vm_move_commit(c.vm.id, j2.id).await.expect("commit"));
+    assert!(!ds
+        .vm_move_commit(c.vm.id, j2.id)
+        .await
+        .expect("commit again"));
+    let vm = ds.vm_get(c.vm.id).await.expect("vm");
+    assert_eq!(vm.host_id, Some(h2));
+    assert_eq!(vm.pool_id, Some(pool.id));
+    assert_eq!(vm.migration_target, None);
+    assert_eq!(alloc(w.host).await, (0, 0, 0));
+    assert_eq!(alloc(h2).await, (1, 128 << 20, 0));
+    assert_eq!(ds.host_allocated(h2).await.expect("sum"), (1, 128 << 20, 0));
+    assert_eq!(ds.host_allocated(w.host).await.expect("sum"), (0, 0, 0));
 }
