@@ -987,7 +987,11 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
     )
     .await
     .expect("finish");
-    assert_eq!(alloc(w.host).await, full, "the VM's own host still carries it");
+    assert_eq!(
+        alloc(w.host).await,
+        full,
+        "the VM's own host still carries it"
+    );
 
     // A target without room is refused, and nothing is left held.
     let big = HostFacts {

@@ -14,60 +14,15 @@ use std::time::{Duration, Instant};
 use qemu_world::*;
 use serde_json::Value;
 
-fn create_vm(env: &Env, name: &str, flavor: &str) -> KillVm {
-    let vm = env.json(&[
-        "vm",
-        "create",
-        name,
-        "--flavor",
-        flavor,
-        "--image",
-        "guest",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let kill = KillVm(vm["id"].as_str().map(str::to_string));
-    wait_until("the guest agent to connect", BOOT, || {
-        let v = env.vm(name);
-        if v["state"] == "running" && v["guest"]["connected"] == true {
-            Ok(())
-        } else {
-            Err(format!("{} / {}", v["state"], v["guest"]))
-        }
-    });
-    kill
-}
-
-fn sh(env: &Env, vm: &str, script: &str) -> String {
-    let out = env.cli(&[
-        "vm",
-        "exec",
-        vm,
-        "--project",
-        "p",
-        "--timeout",
-        "60",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
-    assert!(
-        out.status.success(),
-        "exec {script:?} in {vm}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+/// The guest's answer to `script`, trimmed.
+fn line(env: &Env, vm: &str, script: &str) -> String {
+    sh(env, vm, script).trim().to_string()
 }
 
 /// A console counter (`tick N` every 200 ms) and a memory load rewriting a
 /// 64 MiB tmpfs file from random data, both detached from the exec.
 fn start_load(env: &Env, vm: &str) {
-    sh(
+    line(
         env,
         vm,
         "setsid sh -c 'i=0; while :; do echo tick $i > /dev/ttyS0; i=$((i+1)); sleep 0.2; done' \
@@ -123,6 +78,34 @@ fn last_message(j: &Value) -> String {
         .to_string()
 }
 
+/// Waits for the job of `op` to end; the job as it ended.
+fn job_end(env: &Env, op: &Value) -> Value {
+    wait_until("the job to end", Duration::from_secs(180), || {
+        let j = job_of(env, op);
+        match j["state"].as_str() {
+            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
+            _ => Err(last_message(&j)),
+        }
+    })
+}
+
+/// Waits until the host whose agent works in `dir` runs nothing of the VM
+/// and keeps no directory for it.
+fn wait_nothing_on(id: &str, dir: &Path) {
+    wait_until(
+        "the host to hold nothing of the VM",
+        Duration::from_secs(30),
+        || {
+            let q = qemus_under(id, dir);
+            if q == 0 && !vm_dir_exists(dir, id) {
+                Ok(())
+            } else {
+                Err(format!("{q} QEMUs, dir {}", vm_dir_exists(dir, id)))
+            }
+        },
+    );
+}
+
 fn job_of(env: &Env, op: &Value) -> Value {
     let id = op["job"]["id"].as_str().expect("job id");
     env.json(&["job", "show", id, "-o", "json"])
@@ -139,12 +122,12 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     ]);
     // Host 2 out of service while the VM is placed, so it starts on host 1.
     env.json(&["host", "maintenance", "host-2", "on", "-o", "json"]);
-    let _kill = create_vm(env, "mover", "mig");
+    let _kill = running_vm_of(env, "mover", "mig");
     env.json(&["host", "maintenance", "host-2", "off", "-o", "json"]);
     let id = env.vm("mover")["id"].as_str().expect("id").to_string();
     assert_eq!(host_of(env, "mover"), "host-1");
-    let boot_id = sh(env, "mover", "cat /proc/sys/kernel/random/boot_id");
-    let sum = sh(
+    let boot_id = line(env, "mover", "cat /proc/sys/kernel/random/boot_id");
+    let sum = line(
         env,
         "mover",
         "dd if=/dev/urandom of=/mnt/disk/keep bs=1M count=4 2>/dev/null && sync && \
@@ -193,11 +176,11 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(host_of(env, "mover"), "host-2");
     assert_eq!(
-        sh(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
+        line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
     );
     assert_eq!(
-        sh(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
+        line(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
         sum
     );
     let before = ticks(env, "mover").last().copied().unwrap_or(0);
@@ -251,30 +234,14 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     );
     let job_id = op["job"]["id"].as_str().expect("job id");
     env.json(&["job", "cancel", job_id, "-o", "json"]);
-    let j = wait_until("the cancel to unwind", Duration::from_secs(90), || {
-        let j = job_of(env, &op);
-        match j["state"].as_str() {
-            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
-            _ => Err(j["current_step"].to_string()),
-        }
-    });
+    let j = job_end(env, &op);
     assert_eq!(j["state"], "cancelled", "{j}");
     assert_eq!(host_of(env, "mover"), "host-2");
     assert_eq!(
-        sh(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
+        line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
     );
-    wait_until("host 1 to have nothing", Duration::from_secs(30), || {
-        let q = qemus_under(&id, &w.agent_dir);
-        if q == 0 && !vm_dir_exists(&w.agent_dir, &id) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{q} QEMUs, dir {}",
-                vm_dir_exists(&w.agent_dir, &id)
-            ))
-        }
-    });
+    wait_nothing_on(&id, &w.agent_dir);
     let h1 = env.json(&["host", "show", "host-1", "-o", "json"]);
     assert_eq!(h1["allocated"]["vcpus"], 0, "the claim went: {h1}");
 
@@ -309,35 +276,19 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
         }
     });
     signal(dest_pid, "KILL");
-    let j = wait_until("the failure to unwind", Duration::from_secs(90), || {
-        let j = job_of(env, &op);
-        match j["state"].as_str() {
-            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
-            _ => Err(j["current_step"].to_string()),
-        }
-    });
+    let j = job_end(env, &op);
     assert_eq!(j["state"], "failed", "{j}");
     println!("MEASURED destination killed: job error {}", j["error"]);
     assert_eq!(host_of(env, "mover"), "host-2");
     assert_eq!(
-        sh(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
+        line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
     );
     assert_eq!(
-        sh(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
+        line(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
         sum
     );
-    wait_until("host 1 to have nothing", Duration::from_secs(30), || {
-        let q = qemus_under(&id, &w.agent_dir);
-        if q == 0 && !vm_dir_exists(&w.agent_dir, &id) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{q} QEMUs, dir {}",
-                vm_dir_exists(&w.agent_dir, &id)
-            ))
-        }
-    });
+    wait_nothing_on(&id, &w.agent_dir);
     let v = env.vm("mover");
     assert_eq!(v["state"], "running", "{v}");
 
@@ -369,13 +320,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     );
     drop(agent2);
     let _agent2 = w.restart_host("host-2", &host2_dir);
-    let j = wait_until("the migration to end", Duration::from_secs(180), || {
-        let j = job_of(env, &op);
-        match j["state"].as_str() {
-            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
-            _ => Err(last_message(&j)),
-        }
-    });
+    let j = job_end(env, &op);
     println!(
         "MEASURED source agent killed mid-migration: job {} ({})",
         j["state"],
@@ -405,11 +350,11 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
         },
     );
     assert_eq!(
-        sh(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
+        line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
     );
     assert_eq!(
-        sh(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
+        line(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
         sum
     );
 }
@@ -478,22 +423,22 @@ fn real_qemu_cold_cross_cluster_pool_mapping_and_maintenance() {
             }
         },
     );
-    let _c1 = create_vm(env, "c1", "tiny");
-    let _p1 = create_vm(env, "p1", "tiny");
+    let _c1 = running_vm_of(env, "c1", "tiny");
+    let _p1 = running_vm_of(env, "p1", "tiny");
     let mut keep = vec![];
     for n in ["m1", "m2", "m3"] {
-        keep.push(create_vm(env, n, "tiny"));
+        keep.push(running_vm_of(env, n, "tiny"));
     }
     env.json(&["host", "maintenance", "host-2", "off", "-o", "json"]);
     let write = |vm: &str| {
-        sh(
+        line(
             env,
             vm,
             "dd if=/dev/urandom of=/mnt/disk/keep bs=1M count=2 2>/dev/null && sync && \
              sha256sum /mnt/disk/keep | cut -d' ' -f1",
         )
     };
-    let read = |vm: &str| sh(env, vm, "sha256sum /mnt/disk/keep | cut -d' ' -f1");
+    let read = |vm: &str| line(env, vm, "sha256sum /mnt/disk/keep | cut -d' ' -f1");
 
     // Cold, across clusters: stopped on host 1, its disk copied, started on
     // host 2 with the same data.

@@ -19,68 +19,11 @@ use serde_json::Value;
 /// granularity of the change tracking.
 const METADATA_SLACK: u64 = 1024 * 1024;
 
-/// Creates the VM `name` (flavor tiny, the test guest) and waits for its
-/// guest agent; its QEMU is killed when the guard drops.
-fn running_vm(env: &Env, name: &str) -> KillVm {
-    let vm = env.json(&[
-        "vm",
-        "create",
-        name,
-        "--flavor",
-        "tiny",
-        "--image",
-        "guest",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let kill = KillVm(vm["id"].as_str().map(str::to_string));
-    wait_guest(env, name);
-    kill
-}
-
 /// Stops the VM and starts it again, each job waited for.
 fn restart_vm(env: &Env, name: &str) {
     for verb in ["stop", "start"] {
         env.json(&["vm", verb, name, "--project", "p", "--wait", "-o", "json"]);
     }
-}
-
-fn wait_guest(env: &Env, vm: &str) {
-    wait_until("the guest agent to connect", BOOT, || {
-        let v = env.vm(vm);
-        if v["state"] == "running" && v["guest"]["connected"] == true {
-            Ok(())
-        } else {
-            Err(format!("{} / {}", v["state"], v["guest"]))
-        }
-    });
-}
-
-/// Runs a shell script in the guest; its standard output.
-fn sh(env: &Env, vm: &str, script: &str) -> String {
-    let out = env.cli(&[
-        "vm",
-        "exec",
-        vm,
-        "--project",
-        "p",
-        "--timeout",
-        "120",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
-    assert!(
-        out.status.success(),
-        "exec {script:?} in {vm}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Writes `mib` MiB of random data to /mnt/disk/NAME, flushes it to the

@@ -355,3 +355,65 @@ impl World {
         (agent, dir)
     }
 }
+
+/// Creates the VM `name` (flavor tiny, the test guest) and waits for its
+/// guest agent; its QEMU is killed when the guard drops.
+pub fn running_vm(env: &Env, name: &str) -> KillVm {
+    running_vm_of(env, name, "tiny")
+}
+
+/// [`running_vm`] with another flavor.
+pub fn running_vm_of(env: &Env, name: &str, flavor: &str) -> KillVm {
+    let vm = env.json(&[
+        "vm",
+        "create",
+        name,
+        "--flavor",
+        flavor,
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let kill = KillVm(vm["id"].as_str().map(str::to_string));
+    wait_guest(env, name);
+    kill
+}
+
+pub fn wait_guest(env: &Env, vm: &str) {
+    wait_until("the guest agent to connect", BOOT, || {
+        let v = env.vm(vm);
+        if v["state"] == "running" && v["guest"]["connected"] == true {
+            Ok(())
+        } else {
+            Err(format!("{} / {}", v["state"], v["guest"]))
+        }
+    });
+}
+
+/// Runs a shell script in the guest; its standard output.
+pub fn sh(env: &Env, vm: &str, script: &str) -> String {
+    let out = env.cli(&[
+        "vm",
+        "exec",
+        vm,
+        "--project",
+        "p",
+        "--timeout",
+        "120",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(
+        out.status.success(),
+        "exec {script:?} in {vm}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
