@@ -78,6 +78,39 @@ fn last_message(j: &Value) -> String {
         .to_string()
 }
 
+/// Starts a migration of `vm` at 1 MiB/s (it cannot finish for a while)
+/// and waits until it sends memory; the operation.
+fn slow_migration(env: &Env, vm: &str) -> Value {
+    let op = slow_migration_started(env, vm);
+    wait_until(
+        "the migration to send memory",
+        Duration::from_secs(60),
+        || {
+            let step = last_message(&job_of(env, &op));
+            if step.contains("migrating memory") {
+                Ok(())
+            } else {
+                Err(step)
+            }
+        },
+    );
+    op
+}
+
+fn slow_migration_started(env: &Env, vm: &str) -> Value {
+    env.json(&[
+        "vm",
+        "migrate",
+        vm,
+        "--project",
+        "p",
+        "--bandwidth",
+        "1MiB",
+        "-o",
+        "json",
+    ])
+}
+
 /// Waits for the job of `op` to end; the job as it ended.
 fn job_end(env: &Env, op: &Value) -> Value {
     wait_until("the job to end", Duration::from_secs(180), || {
@@ -208,30 +241,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
 
     // A cancelled migration (1 MiB/s: it cannot finish first) leaves the VM
     // on host 2 and nothing on host 1.
-    let op = env.json(&[
-        "vm",
-        "migrate",
-        "mover",
-        "--project",
-        "p",
-        "--bandwidth",
-        "1MiB",
-        "-o",
-        "json",
-    ]);
-    wait_until(
-        "the migration to send memory",
-        Duration::from_secs(60),
-        || {
-            let j = job_of(env, &op);
-            let step = last_message(&j);
-            if step.contains("migrating memory") {
-                Ok(())
-            } else {
-                Err(step)
-            }
-        },
-    );
+    let op = slow_migration(env, "mover");
     let job_id = op["job"]["id"].as_str().expect("job id");
     env.json(&["job", "cancel", job_id, "-o", "json"]);
     let j = job_end(env, &op);
@@ -247,17 +257,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
 
     // The destination's QEMU dies mid-migration: the job fails, the VM runs
     // on where it was, and the destination is cleaned.
-    let op = env.json(&[
-        "vm",
-        "migrate",
-        "mover",
-        "--project",
-        "p",
-        "--bandwidth",
-        "1MiB",
-        "-o",
-        "json",
-    ]);
+    let op = slow_migration_started(env, "mover");
     let dest_pid = wait_until("the destination QEMU", Duration::from_secs(60), || {
         let pids: Vec<u32> = qemu_of(&id)
             .into_iter()
@@ -295,29 +295,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     // The source's agent is killed mid-migration and comes back: the VM
     // ends up running on exactly one host, the same boot, its data intact,
     // and the other host holds nothing of it.
-    let op = env.json(&[
-        "vm",
-        "migrate",
-        "mover",
-        "--project",
-        "p",
-        "--bandwidth",
-        "1MiB",
-        "-o",
-        "json",
-    ]);
-    wait_until(
-        "the migration to send memory",
-        Duration::from_secs(60),
-        || {
-            let step = last_message(&job_of(env, &op));
-            if step.contains("migrating memory") {
-                Ok(())
-            } else {
-                Err(step)
-            }
-        },
-    );
+    let op = slow_migration(env, "mover");
     drop(agent2);
     let _agent2 = w.restart_host("host-2", &host2_dir);
     let j = job_end(env, &op);
