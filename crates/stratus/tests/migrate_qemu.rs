@@ -204,7 +204,9 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
         "{steps:#?}"
     );
 
-    // The same boot, the same data, still counting, on host 2 only.
+    // The same boot, the same data, still counting, on host 2 only (its
+    // guest agent reached again from there).
+    wait_guest(env, "mover");
     let v = env.vm("mover");
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(host_of(env, "mover"), "host-2");
@@ -247,6 +249,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     let j = job_end(env, &op);
     assert_eq!(j["state"], "cancelled", "{j}");
     assert_eq!(host_of(env, "mover"), "host-2");
+    wait_guest(env, "mover");
     assert_eq!(
         line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
@@ -280,6 +283,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
     assert_eq!(j["state"], "failed", "{j}");
     println!("MEASURED destination killed: job error {}", j["error"]);
     assert_eq!(host_of(env, "mover"), "host-2");
+    wait_guest(env, "mover");
     assert_eq!(
         line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
@@ -327,6 +331,7 @@ fn real_qemu_live_migration_keeps_the_guest_running_and_its_disk() {
             }
         },
     );
+    wait_guest(env, "mover");
     assert_eq!(
         line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
         boot_id
@@ -354,6 +359,11 @@ fn migrate_wait(env: &Env, args: &[&str]) -> Value {
         "MEASURED migrate {args:?}: {}",
         last_message_before_end(&job)
     );
+    if let Some(vm) = args.first() {
+        if env.vm(vm)["state"] == "running" {
+            wait_guest(env, vm);
+        }
+    }
     job
 }
 
@@ -491,6 +501,7 @@ fn real_qemu_cold_cross_cluster_pool_mapping_and_maintenance() {
         assert_eq!(host_of(env, n), "host-2", "{n}");
         assert_eq!(env.vm(n)["state"], "running", "{n}");
     }
+    wait_guest(env, "p1");
     assert_eq!(read("p1"), p1_sum);
     let h1 = env.json(&["host", "show", "host-1", "-o", "json"]);
     assert_eq!(h1["state"], "maintenance");
