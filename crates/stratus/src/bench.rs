@@ -29,6 +29,9 @@ pub enum BenchCmd {
     Chaos(crate::bench_chaos::ChaosArgs),
     /// Bytes an incremental backup copies against bytes the guest wrote
     Backup(crate::bench_backup::BackupArgs),
+    /// Live migrations of an idle guest between two real-QEMU agents: total,
+    /// downtime and the control plane's share against QEMU's own time
+    Migrate(crate::bench_migrate::MigrateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +74,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Api(a) => crate::bench_api::api(a).await,
         BenchCmd::Chaos(a) => crate::bench_chaos::chaos(a).await,
         BenchCmd::Backup(a) => crate::bench_backup::backup_bench(a).await,
+        BenchCmd::Migrate(a) => crate::bench_migrate::migrate_bench(a).await,
     }
 }
 

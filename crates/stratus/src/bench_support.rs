@@ -1,6 +1,7 @@
-//! What the end-to-end benchmarks (`bench api`, `bench chaos`) share:
-//! `stratus server` child processes on loopback ports, a small JSON client
-//! for set-up and checks, and the test image they upload.
+//! What the end-to-end benchmarks (`bench api`, `bench chaos`, `bench
+//! migrate`) share: `stratus server` and `stratus agent` child processes on
+//! loopback ports, a small JSON client for set-up and checks, the test image
+//! they upload, and a last-resort kill of a VM's QEMU.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -273,4 +274,140 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// How to start one `stratus agent` child: its own data dir, enrolling with
+/// `enroll_token` on the first start.
+#[derive(Clone, Debug)]
+pub(crate) struct AgentSpec {
+    /// The controller's URL.
+    pub url: String,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub enroll_token: String,
+    /// `qemu` or `sim`.
+    pub driver: &'static str,
+    /// `tcg`, `kvm` or `auto` (QEMU driver).
+    pub accel: &'static str,
+    /// Where its stderr goes (truncated). Its log level is
+    /// `STRATUS_BENCH_LOG`, else `info` (benchmarks read its figures there).
+    pub log: PathBuf,
+}
+
+/// An agent child process; SIGTERM then SIGKILL on drop. Its VMs outlive
+/// it (as in production): delete them first.
+pub(crate) struct AgentChild {
+    pub child: std::process::Child,
+    pub name: String,
+}
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        crate::bench::stop_child(&mut self.child);
+    }
+}
+
+impl AgentSpec {
+    pub fn spawn(&self) -> anyhow::Result<AgentChild> {
+        let exe = std::env::current_exe().context("finding the stratus binary")?;
+        let log = std::fs::File::create(&self.log)
+            .with_context(|| format!("creating {}", self.log.display()))?;
+        let config_home = self.data_dir.with_extension("config");
+        let child = Command::new(exe)
+            .args(["agent", "--url", &self.url, "--name", &self.name])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--driver", self.driver, "--accel", self.accel])
+            .env("STRATUS_ENROLL_TOKEN", &self.enroll_token)
+            .env("XDG_CONFIG_HOME", &config_home)
+            .env_remove("STRATUS_CONFIG")
+            .env_remove("STRATUS_DATA_DIR")
+            .env_remove("STRATUS_URL")
+            .env_remove("STRATUS_TOKEN")
+            .env(
+                "STRATUS_LOG",
+                std::env::var("STRATUS_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting stratus agent {}", self.name))?;
+        Ok(AgentChild {
+            child,
+            name: self.name.clone(),
+        })
+    }
+}
+
+/// Waits until every host in `names` shows `up` in `GET /v1/hosts`; fails
+/// after `patience`, or at once if one of `agents` has ended.
+pub(crate) async fn wait_hosts_up(
+    api: &Api,
+    token: &str,
+    agents: &mut [AgentChild],
+    patience: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let hosts = api.all("/v1/hosts", token).await?;
+        let up: Vec<Value> = agents
+            .iter()
+            .filter_map(|a| {
+                hosts
+                    .iter()
+                    .find(|h| h["name"] == a.name.as_str() && h["state"] == "up")
+                    .cloned()
+            })
+            .collect();
+        if up.len() == agents.len() {
+            return Ok(up);
+        }
+        for a in agents.iter_mut() {
+            if let Ok(Some(status)) = a.child.try_wait() {
+                bail!(
+                    "the agent {} exited ({status}) before its host was up",
+                    a.name
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the hosts were not all up within {} s: {}",
+                patience.as_secs(),
+                Value::Array(hosts)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Live QEMU processes whose command line names `vm_id`.
+pub(crate) fn qemu_pids_of(vm_id: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&raw);
+            (cmd.contains("qemu-system") && cmd.contains(vm_id)).then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs what [`qemu_pids_of`] finds: the last resort when a VM could
+/// not be deleted through the API (its QEMU is daemonized and outlives
+/// every benchmark process).
+pub(crate) fn kill_qemus_of(vm_id: &str) -> usize {
+    let pids = qemu_pids_of(vm_id);
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    pids.len()
 }

@@ -10,6 +10,7 @@ mod bench;
 mod bench_api;
 mod bench_backup;
 mod bench_chaos;
+mod bench_migrate;
 mod bench_support;
 mod daemon;
 mod demo;
