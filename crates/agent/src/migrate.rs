@@ -18,7 +18,7 @@ use stratus_driver::{
 
 use crate::agent::Shared;
 use crate::error::chain;
-use crate::requests::{answered, failed};
+use crate::requests::{answered, failed, Poster};
 
 /// How long the destination waits for the desired state that lists the
 /// incoming VM (it comes with the request; a slow fetch can lag).
@@ -110,35 +110,23 @@ pub(crate) async fn import(
         Ok(s) => s,
         Err(e) => return failed(e),
     };
-    let (tx, mut rx) = tokio::sync::watch::channel(None::<stratus_driver::BackupProgress>);
-    let poster = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let Some(p) = *rx.borrow_and_update() else {
-                    continue;
-                };
-                let body = RequestProgress {
-                    done_bytes: p.done_bytes,
-                    total_bytes: p.total_bytes,
-                    message: Some(format!(
-                        "copying the disk: {} of {}",
-                        ByteCount(p.done_bytes),
-                        ByteCount(p.total_bytes)
-                    )),
-                };
-                if let Err(e) = shared.api.request_progress(request, body).await {
-                    tracing::debug!(request = %request, error = %chain(&e), "cannot post copy progress");
-                }
-                tokio::time::sleep(PROGRESS_EVERY).await;
-            }
-        })
-    };
-    let progress = move |p: stratus_driver::BackupProgress| {
-        let _ = tx.send(Some(p));
-    };
+    let poster = Poster::start(
+        shared,
+        request,
+        PROGRESS_EVERY,
+        |p: &stratus_driver::BackupProgress| RequestProgress {
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
+            message: Some(format!(
+                "copying the disk: {} of {}",
+                ByteCount(p.done_bytes),
+                ByteCount(p.total_bytes)
+            )),
+        },
+    );
+    let progress = poster.reporter();
     let outcome = shared.driver.vm_disk_import(&spec, &from, &progress).await;
-    poster.abort();
+    drop(poster);
     match outcome {
         Ok(o) => {
             tracing::info!(vm = %id, bytes = o.bytes_copied, ms = o.duration_ms, "VM's disk copied here");
@@ -197,34 +185,16 @@ pub(crate) async fn send(
         Ok(r) => r,
         Err(e) => return failed(format!("cannot read the migration request: {e}")),
     };
-    // The newest progress is posted by a task of its own, at most every
-    // PROGRESS_EVERY, so a slow controller never slows the migration.
-    let (tx, mut rx) = tokio::sync::watch::channel(None::<MigrateProgress>);
-    let poster = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let Some(p) = rx.borrow_and_update().clone() else {
-                    continue;
-                };
-                let body = RequestProgress {
-                    done_bytes: p.memory_transferred_bytes + p.disk_done_bytes,
-                    total_bytes: p.memory_total_bytes.max(p.memory_transferred_bytes)
-                        + p.disk_total_bytes,
-                    message: Some(describe(&p)),
-                };
-                if let Err(e) = shared.api.request_progress(request, body).await {
-                    tracing::debug!(request = %request, error = %chain(&e), "cannot post migration progress");
-                }
-                tokio::time::sleep(PROGRESS_EVERY).await;
-            }
-        })
-    };
-    let progress = move |p: MigrateProgress| {
-        let _ = tx.send(Some(p));
-    };
+    let poster = Poster::start(shared, request, PROGRESS_EVERY, |p: &MigrateProgress| {
+        RequestProgress {
+            done_bytes: p.memory_transferred_bytes + p.disk_done_bytes,
+            total_bytes: p.memory_total_bytes.max(p.memory_transferred_bytes) + p.disk_total_bytes,
+            message: Some(describe(p)),
+        }
+    });
+    let progress = poster.reporter();
     let outcome = shared.driver.vm_migrate_send(id, &req, &progress).await;
-    poster.abort();
+    drop(poster);
     match outcome {
         Ok(o) => {
             tracing::info!(vm = %id, total_ms = o.total_ms, downtime_ms = o.downtime_ms, "VM migrated away");

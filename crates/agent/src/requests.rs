@@ -337,6 +337,53 @@ pub(crate) fn failed(error: String) -> AgentRequestResult {
 /// How often backup progress is posted at most.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// Posts a long request's progress from a task of its own: the newest
+/// report the driver gave, at most once per `every`, so a slow controller
+/// never slows the work. Dropping it stops the task.
+pub(crate) struct Poster<P> {
+    tx: tokio::sync::watch::Sender<Option<P>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<P: Clone + Send + Sync + 'static> Poster<P> {
+    pub fn start(
+        shared: &Arc<Shared>,
+        request: uuid::Uuid,
+        every: Duration,
+        body: impl Fn(&P) -> RequestProgress + Send + 'static,
+    ) -> Self {
+        let (tx, mut rx) = tokio::sync::watch::channel(None::<P>);
+        let shared = shared.clone();
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(p) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                if let Err(e) = shared.api.request_progress(request, body(&p)).await {
+                    tracing::debug!(request = %request, error = %chain(&e), "cannot post a request's progress");
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        Poster { tx, task }
+    }
+
+    /// What the driver calls with its progress: the newest replaces any
+    /// report not posted yet.
+    pub fn reporter(&self) -> impl Fn(P) + Send + Sync + 'static {
+        let tx = self.tx.clone();
+        move |p| {
+            let _ = tx.send(Some(p));
+        }
+    }
+}
+
+impl<P> Drop for Poster<P> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 async fn backup(
     shared: &Arc<Shared>,
     request: uuid::Uuid,
@@ -362,34 +409,20 @@ async fn backup(
             file: p.file.clone().into(),
         }),
     };
-    // The driver reports progress often; the newest is posted at most once
-    // a second by a task of its own, so a slow controller never slows the copy.
-    let (tx, mut rx) = tokio::sync::watch::channel(None::<stratus_driver::BackupProgress>);
-    let poster = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let Some(p) = *rx.borrow_and_update() else {
-                    continue;
-                };
-                let body = RequestProgress {
-                    done_bytes: p.done_bytes,
-                    total_bytes: p.total_bytes,
-                    message: None,
-                };
-                if let Err(e) = shared.api.request_progress(request, body).await {
-                    tracing::debug!(request = %request, error = %chain(&e), "cannot post backup progress");
-                }
-                tokio::time::sleep(PROGRESS_EVERY).await;
-            }
-        })
-    };
+    let poster = Poster::start(
+        shared,
+        request,
+        PROGRESS_EVERY,
+        |p: &stratus_driver::BackupProgress| RequestProgress {
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
+            message: None,
+        },
+    );
     let started = Instant::now();
-    let progress = move |p: stratus_driver::BackupProgress| {
-        let _ = tx.send(Some(p));
-    };
+    let progress = poster.reporter();
     let outcome = shared.driver.vm_backup(vm, &req, &progress).await;
-    poster.abort();
+    drop(poster);
     match outcome {
         Ok(o) => AgentRequestResult {
             backup: Some(BackupDone {

@@ -106,6 +106,21 @@ pub struct VmJobParams {
     pub migration: Option<MigrationParams>,
 }
 
+impl VmJobParams {
+    /// A VM operation's parameters: where the VM stood, nothing more (the
+    /// operations that need more set their field).
+    pub fn from_vm(previous_state: VmState, previous_desired: VmDesiredState) -> Self {
+        VmJobParams {
+            previous_state,
+            previous_desired,
+            restore: None,
+            snapshot: None,
+            volume: None,
+            migration: None,
+        }
+    }
+}
+
 /// What a `vm_migrate` job does. The destination is claimed when the job is
 /// accepted; these are the rest of the operator's choices.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -15,8 +15,7 @@ use stratus_api_types::views::{
     Backup, BackupMode, BackupOperation, BackupPage, BackupPolicy, BackupStatus, BackupTarget,
     BackupVerification, HostState, VmDesiredState, VmOperation, VmState,
 };
-use stratus_common::{BackupId, Error, HostId, JobId, ResourceKind, VmId};
-use stratus_datastore::model::NewJob;
+use stratus_common::{BackupId, Error, HostId, ResourceKind, VmId};
 use stratus_datastore::model::VmRecord;
 use stratus_datastore::{
     BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, NewBackup, PageRequest,
@@ -173,23 +172,11 @@ pub(crate) async fn backup_start(
         memory_bytes: vm.memory_bytes,
         disk_bytes: vm.disk_bytes,
     };
-    let job = NewJob {
-        id: JobId::new(),
-        project_id: Some(vm.project_id),
-        kind: JobKind::VmBackup.as_str().to_string(),
-        target_kind: "vm",
-        target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: vm.state,
-            previous_desired: vm.desired_state,
-            restore: None,
-            snapshot: None,
-            volume: None,
-            migration: None,
-        })
-        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
-        idempotency_key: None,
-    };
+    let job = crate::app::vms::vm_job(
+        JobKind::VmBackup,
+        vm,
+        VmJobParams::from_vm(vm.state, vm.desired_state),
+    )?;
     let (backup, job) = app.ds.backup_begin(&backup, &job).await?;
     app.job_waker.notify_one();
     Ok(BackupOperation {
@@ -544,26 +531,14 @@ async fn restore_in_place(
     if vm.host_id.is_none() {
         return Err(Error::not_found(ResourceKind::Host, "of the VM"));
     }
-    let job = NewJob {
-        id: JobId::new(),
-        project_id: Some(vm.project_id),
-        kind: JobKind::VmRestore.as_str().to_string(),
-        target_kind: "vm",
-        target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: vm.state,
-            previous_desired: vm.desired_state,
-            restore: Some(RestoreParams {
-                backup_id: b.id,
-                file: b.file.clone(),
-            }),
-            snapshot: None,
-            volume: None,
-            migration: None,
-        })
-        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
-        idempotency_key: None,
+    let params = VmJobParams {
+        restore: Some(RestoreParams {
+            backup_id: b.id,
+            file: b.file.clone(),
+        }),
+        ..VmJobParams::from_vm(vm.state, vm.desired_state)
     };
+    let job = crate::app::vms::vm_job(JobKind::VmRestore, &vm, params)?;
     let (vm, job) = app
         .ds
         .vm_begin_operation(vm.id, VmDesiredState::Stopped, VmState::Stopped, false, job)

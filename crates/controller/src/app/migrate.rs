@@ -6,8 +6,8 @@
 
 use stratus_api_types::params::VmMigrate;
 use stratus_api_types::views::{Evacuation, HostMaintenance, HostState, VmOperation, VmState};
-use stratus_common::{Error, JobId, VmId};
-use stratus_datastore::model::{NewJob, VmRecord};
+use stratus_common::{Error, VmId};
+use stratus_datastore::model::VmRecord;
 use stratus_jobs::kinds::{MigrationParams, VmJobParams};
 use stratus_jobs::JobKind;
 
@@ -140,23 +140,11 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
         source_pool: pool_dir(vm.pool_id).await?,
         target_pool: pool_dir(target_pool.as_ref().map(|(id, _)| *id)).await?,
     };
-    let job = NewJob {
-        id: JobId::new(),
-        project_id: Some(vm.project_id),
-        kind: JobKind::VmMigrate.as_str().to_string(),
-        target_kind: "vm",
-        target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: vm.state,
-            previous_desired: vm.desired_state,
-            restore: None,
-            snapshot: None,
-            volume: None,
-            migration: Some(params),
-        })
-        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
-        idempotency_key: None,
+    let params = VmJobParams {
+        migration: Some(params),
+        ..VmJobParams::from_vm(vm.state, vm.desired_state)
     };
+    let job = crate::app::vms::vm_job(JobKind::VmMigrate, &vm, params)?;
     let (rec, job) = app
         .ds
         .vm_move_begin(

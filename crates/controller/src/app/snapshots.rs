@@ -8,7 +8,7 @@ use stratus_api_types::params::SnapshotCreate;
 use stratus_api_types::views::{
     Snapshot, SnapshotOperation, SnapshotStatus, VmDesiredState, VmOperation, VmState,
 };
-use stratus_common::{Error, JobId, ResourceKind, SnapshotId};
+use stratus_common::{Error, ResourceKind, SnapshotId};
 use stratus_datastore::model::{NewJob, VmRecord};
 use stratus_datastore::SnapshotRecord;
 use stratus_jobs::kinds::VmJobParams;
@@ -20,23 +20,11 @@ use crate::app::{lookup, Actor, App};
 const MAX_NAME: usize = 128;
 
 fn job(kind: JobKind, vm: &VmRecord, snapshot: SnapshotId) -> Result<NewJob, Error> {
-    Ok(NewJob {
-        id: JobId::new(),
-        project_id: Some(vm.project_id),
-        kind: kind.as_str().to_string(),
-        target_kind: "vm",
-        target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: vm.state,
-            previous_desired: vm.desired_state,
-            restore: None,
-            snapshot: Some(snapshot),
-            volume: None,
-            migration: None,
-        })
-        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
-        idempotency_key: None,
-    })
+    let params = VmJobParams {
+        snapshot: Some(snapshot),
+        ..VmJobParams::from_vm(vm.state, vm.desired_state)
+    };
+    crate::app::vms::vm_job(kind, vm, params)
 }
 
 async fn find(app: &App, vm: &VmRecord, key: &str) -> Result<SnapshotRecord, Error> {

@@ -42,17 +42,25 @@ fn new_job(kind: JobKind, vm: &VmRecord, previous: VmState, key: Option<String>)
         kind: kind.as_str().to_string(),
         target_kind: "vm",
         target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: previous,
-            previous_desired: vm.desired_state,
-            restore: None,
-            snapshot: None,
-            volume: None,
-            migration: None,
-        })
-        .unwrap_or_default(),
+        params: serde_json::to_value(VmJobParams::from_vm(previous, vm.desired_state))
+            .unwrap_or_default(),
         idempotency_key: key,
     }
+}
+
+/// The job of an operation on an existing VM, with its parameters (what
+/// the storage and migration operations record beyond where the VM stood).
+pub(crate) fn vm_job(kind: JobKind, vm: &VmRecord, params: VmJobParams) -> Result<NewJob, Error> {
+    Ok(NewJob {
+        id: JobId::new(),
+        project_id: Some(vm.project_id),
+        kind: kind.as_str().to_string(),
+        target_kind: "vm",
+        target_id: vm.id.as_uuid(),
+        params: serde_json::to_value(params)
+            .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
+        idempotency_key: None,
+    })
 }
 
 fn operation(vm: VmRecord, job: JobRecord) -> VmOperation {
@@ -313,15 +321,8 @@ impl Shape {
             kind: JobKind::VmCreate.as_str().to_string(),
             target_kind: "vm",
             target_id: vm.id.as_uuid(),
-            params: serde_json::to_value(VmJobParams {
-                previous_state: VmState::Creating,
-                previous_desired: self.desired,
-                restore: None,
-                snapshot: None,
-                volume: None,
-                migration: None,
-            })
-            .unwrap_or_default(),
+            params: serde_json::to_value(VmJobParams::from_vm(VmState::Creating, self.desired))
+                .unwrap_or_default(),
             idempotency_key,
         }
     }

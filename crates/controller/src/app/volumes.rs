@@ -10,7 +10,7 @@ use stratus_api_types::params::{PageParams, VolumeAttach, VolumeCreate, VolumeRe
 use stratus_api_types::views::{
     HostState, ImageState, VmState, Volume, VolumeOperation, VolumePage, VolumeStatus,
 };
-use stratus_common::{ByteCount, Error, HostId, JobId, VolumeId};
+use stratus_common::{ByteCount, Error, HostId, VolumeId};
 use stratus_datastore::model::{NewJob, VmRecord};
 use stratus_datastore::{PageRequest, VolumeRecord};
 use stratus_jobs::kinds::VmJobParams;
@@ -92,23 +92,11 @@ pub async fn volume_view(
 }
 
 fn job(kind: JobKind, vm: &VmRecord, volume: VolumeId) -> Result<NewJob, Error> {
-    Ok(NewJob {
-        id: JobId::new(),
-        project_id: Some(vm.project_id),
-        kind: kind.as_str().to_string(),
-        target_kind: "vm",
-        target_id: vm.id.as_uuid(),
-        params: serde_json::to_value(VmJobParams {
-            previous_state: vm.state,
-            previous_desired: vm.desired_state,
-            restore: None,
-            snapshot: None,
-            volume: Some(volume),
-            migration: None,
-        })
-        .map_err(|e| Error::internal(format!("encoding job parameters: {e}")))?,
-        idempotency_key: None,
-    })
+    let params = VmJobParams {
+        volume: Some(volume),
+        ..VmJobParams::from_vm(vm.state, vm.desired_state)
+    };
+    crate::app::vms::vm_job(kind, vm, params)
 }
 
 pub async fn volume_attach(
