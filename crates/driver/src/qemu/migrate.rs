@@ -349,6 +349,7 @@ pub(super) async fn prepare(
     req: &IncomingRequest,
 ) -> Result<IncomingReady, DriverError> {
     spec.validate()?;
+    let _one_at_a_time = shared.incoming.lock().await;
     let accel = shared.launch.accel.to_string();
     if let Some(reason) = live_migration_refusal(&shared.qemu_version, &accel) {
         return Err(refused(spec.id, reason));

@@ -132,6 +132,10 @@ struct Shared {
     volume_locks: volume::VolumeLocks,
     /// The live migrations this driver sends, so they can be cancelled.
     migrations: migrate::Sending,
+    /// One incoming migration prepared at a time: a port is chosen free and
+    /// then bound by QEMU, so two prepares at once could choose the same
+    /// one (seen when maintenance sent several VMs to one host).
+    incoming: tokio::sync::Mutex<()>,
 }
 
 /// What the driver keeps in memory per VM it has seen.
@@ -237,6 +241,7 @@ impl QemuDriver {
                 events,
                 volume_locks: volume::VolumeLocks::default(),
                 migrations: migrate::Sending::default(),
+                incoming: tokio::sync::Mutex::new(()),
             }),
             _data_dir_lock: data_dir_lock,
         };
