@@ -23,8 +23,13 @@ use crate::requests::{answered, failed, Poster};
 /// How long the destination waits for the desired state that lists the
 /// incoming VM (it comes with the request; a slow fetch can lag).
 const DESIRED_WAIT: Duration = Duration::from_secs(10);
-/// How long the destination waits for the arrived VM to run.
-const FINISH_WAIT: Duration = Duration::from_secs(60);
+/// How long the destination waits for the arrived VM to run. The
+/// controller asks for the finish as the source starts sending (so its
+/// round trip is not added after QEMU's completion), so this covers a
+/// whole migration: as long as the controller waits for the send (6 h). A
+/// migration that fails ends it sooner: the incoming QEMU exits when its
+/// load fails, and the controller's undo aborts the incoming VM.
+const FINISH_WAIT: Duration = Duration::from_secs(6 * 3600);
 /// How often migration progress is posted at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 

@@ -215,9 +215,11 @@ pub trait Driver: Send + Sync {
         progress: &MigrateProgressFn,
     ) -> Result<MigrateOutcome, DriverError>;
 
-    /// Destination side, after `vm_migrate_send` succeeded: waits up to
-    /// `timeout` for the incoming VM to run, stops the NBD export and makes
-    /// the VM an ordinary VM of this host (running in `vm_status`).
+    /// Destination side, while or after the source's `vm_migrate_send`
+    /// runs: waits up to `timeout` for the incoming migration to complete
+    /// and the VM to run, stops the NBD export and makes the VM an ordinary
+    /// VM of this host (running in `vm_status`). Fails at once when the
+    /// incoming migration fails or its QEMU ends (an abort).
     async fn vm_migrate_finish(&self, id: VmId, timeout: Duration) -> Result<(), DriverError>;
 
     /// Source side: cancels the migration of `id` in progress (the VM keeps

@@ -13,8 +13,9 @@
 //!      │ MigrateRequest { ready, .. } ───────────────────► vm_migrate_send(id, req, progress)
 //!      │                                                    mirror disk → NBD, migrate RAM,
 //!      │                                                    cancel mirror, end QEMU, remove files
+//!      │ ──► vm_migrate_finish(id)  (asked beside the send: waits until the
+//!      │                            state is in; VM running here, NBD stopped)
 //!      │ ◄── MigrateOutcome ───────────────────────────────┘
-//!      │ ──► vm_migrate_finish(id)  (VM running here, NBD stopped, recorded as running)
 //!
 //!   failure: vm_migrate_cancel(id) on the source (VM keeps running there),
 //!            vm_migrate_abort_incoming(id) on the destination (nothing left).

@@ -236,21 +236,48 @@ pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
     };
     sc.step(p.job_id, "send", 15, &format!("sending the VM to {target}"))
         .await?;
-    let sent = sc
-        .await_request(
-            HostRequest {
-                job: p.job_id,
-                id: Some(step_request_id(p.job_id, SEND)),
-                host: m.source,
-                vm: Some(p.vm_id),
-                kind: "migration",
-                request: &request,
-                timeout: sc.timing.backup,
-                cleanup: false,
-            },
-            send_progress,
-        )
-        .await;
+    // The destination is asked to take the VM over at once, beside the
+    // send: it waits on its own until the state is in and the guest runs
+    // (or its incoming QEMU ends: the undo's abort, a failed load). So its
+    // round trip is not added after QEMU's completion, where it was part
+    // of the control plane's overhead. It is a clean-up kind of request
+    // (not withdrawn on cancel): once the guest is over there, the
+    // destination must be seen through.
+    let finish = AgentRequestKind::MigrateFinish { vm_id: p.vm_id };
+    let sending = sc.await_request(
+        HostRequest {
+            job: p.job_id,
+            id: Some(step_request_id(p.job_id, SEND)),
+            host: m.source,
+            vm: Some(p.vm_id),
+            kind: "migration",
+            request: &request,
+            timeout: sc.timing.backup,
+            cleanup: false,
+        },
+        send_progress,
+    );
+    let finishing = sc.await_request(
+        HostRequest {
+            job: p.job_id,
+            id: Some(step_request_id(p.job_id, FINISH)),
+            host: m.target,
+            vm: Some(p.vm_id),
+            kind: "migration finish",
+            request: &finish,
+            timeout: sc.timing.backup,
+            cleanup: true,
+        },
+        |_, _| (96, "the destination is taking the VM over".into()),
+    );
+    tokio::pin!(sending, finishing);
+    let mut finished = None;
+    let sent = loop {
+        tokio::select! {
+            sent = &mut sending => break sent,
+            done = &mut finishing, if finished.is_none() => finished = Some(done),
+        }
+    };
     let answer = match sent {
         Ok(a) => a,
         Err(e) => {
@@ -263,26 +290,13 @@ pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
         }
     };
     let outcome = answer.migration.unwrap_or_default();
-    // The destination has the VM: record it running there (the driver's
-    // books), then the store's.
-    let finish = AgentRequestKind::MigrateFinish { vm_id: p.vm_id };
-    if let Err(e) = sc
-        .await_request(
-            HostRequest {
-                job: p.job_id,
-                id: Some(step_request_id(p.job_id, FINISH)),
-                host: m.target,
-                vm: Some(p.vm_id),
-                kind: "migration finish",
-                request: &finish,
-                timeout: SHORT_TIMEOUT,
-                // The VM is on the destination now: see it through.
-                cleanup: true,
-            },
-            |_, _| (96, "the destination is taking the VM over".into()),
-        )
-        .await
-    {
+    // The destination has the VM: its driver records it running there
+    // (usually done by now), then the store records it.
+    let finished = match finished {
+        Some(done) => done,
+        None => finishing.await,
+    };
+    if let Err(e) = finished {
         tracing::warn!(job = %p.job_id, vm = %p.vm_id, error = %e.message, "the destination did not confirm the migrated VM; it runs there all the same");
     }
     commit(sc, &p, &m).await;

@@ -102,12 +102,14 @@ const MIRROR_JOB: &str = "stratus-mig-mirror";
 const EXPORT_ID: &str = "stratus-mig-export";
 /// The TLS credentials object on either side.
 const TLS_ID: &str = "stratus-mig-tls";
-/// How often a migration (and the mirror) is polled. Every poll that
-/// finds the switch-over (or the mirror ready) late adds to the guest's
-/// pause and to the control plane's overhead (`stratus bench migrate`
-/// measured 100 ms polls costing about 150 ms of it); a QMP query is
-/// microseconds of QEMU's time, so polling often is cheap.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How often a migration (and the mirror) is polled when QEMU sends no
+/// event: the cadence of the progress reports. State changes do not wait
+/// for it: every QMP event (`MIGRATION` with the `events` capability,
+/// `BLOCK_JOB_READY`, `JOB_STATUS_CHANGE`, `RESUME`) wakes the poll at once
+/// (see `VmEntry::next_look`). Before events, polls that found the
+/// switch-over or the mirror ready late were most of the control plane's
+/// overhead (`stratus bench migrate`: 100 ms polls cost ~150 ms of it).
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long polls tolerate QMP being unreachable while QEMU lives (the
 /// monitor reconnects after an event qapi cannot decode).
 const QMP_GONE_GRACE: Duration = Duration::from_secs(30);
@@ -396,7 +398,8 @@ pub(super) async fn prepare(
             ready: None,
         },
     )?;
-    match prepare_inner(shared, &vm, spec, req).await {
+    let mut times = PrepareTimes::default();
+    match prepare_inner(shared, &vm, spec, req, &mut times).await {
         Ok(ready) => {
             write_json(
                 &record_path,
@@ -407,7 +410,11 @@ pub(super) async fn prepare(
                     ready: Some(ready.clone()),
                 },
             )?;
-            tracing::info!(vm = %spec.id, uri = %ready.migration_uri, nbd = ?ready.nbd, "waiting for an incoming migration");
+            tracing::info!(
+                vm = %spec.id, uri = %ready.migration_uri, nbd = ?ready.nbd,
+                disk_ms = times.disk_ms, qemu_ms = times.qemu_ms, listen_ms = times.listen_ms,
+                "waiting for an incoming migration"
+            );
             Ok(ready)
         }
         Err(e) => {
@@ -418,6 +425,16 @@ pub(super) async fn prepare(
             Err(e)
         }
     }
+}
+
+/// Where a destination's prepare spent its time (logged; `stratus bench
+/// migrate` reads it): making the disk, starting QEMU until its QMP
+/// answers, and the rest (capabilities, listening, the NBD export).
+#[derive(Debug, Default)]
+struct PrepareTimes {
+    disk_ms: u64,
+    qemu_ms: u64,
+    listen_ms: u64,
 }
 
 /// The files the destination needs exist (as `vm_create` checks them).
@@ -459,7 +476,9 @@ async fn prepare_inner(
     vm: &Arc<VmEntry>,
     spec: &VmSpec,
     req: &IncomingRequest,
+    times: &mut PrepareTimes,
 ) -> Result<IncomingReady, DriverError> {
+    let t0 = Instant::now();
     let paths = &vm.paths;
     let qemu_img = &shared.config.qemu_img;
     write_json(&paths.vm_json, "VM spec", spec)?;
@@ -531,8 +550,12 @@ async fn prepare_inner(
     let incoming = super::cmdline::Incoming {
         exported_disk: shared_disk.is_none(),
     };
+    times.disk_ms = ms(t0.elapsed());
+    let t1 = Instant::now();
     shared.launch(vm, spec, &disk, Some(incoming)).await?;
     let qmp = shared.qmp(vm).await?;
+    times.qemu_ms = ms(t1.elapsed());
+    let t2 = Instant::now();
     let tls = tls_dir(shared)?;
     if let Some(dir) = &tls {
         add_tls(&qmp, dir, "server").await?;
@@ -542,6 +565,8 @@ async fn prepare_inner(
         &qmp,
         &[
             ("return-path", true),
+            // `MIGRATION` events: `finish` sees the state in at once.
+            ("events", true),
             ("dirty-bitmaps", shared_disk.is_none()),
             ("postcopy-ram", req.postcopy),
         ],
@@ -624,13 +649,15 @@ async fn prepare_inner(
     let device = disk_device(&qmp).await?;
     let disk_virtual_size = u64::try_from(device.image.base.virtual_size)
         .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
+    let machine = machine_type(&qmp).await?;
+    times.listen_ms = ms(t2.elapsed());
     Ok(IncomingReady {
         request_id: req.request_id,
         vm_id: spec.id,
         migration_uri,
         nbd,
         qemu_version: shared.qemu_version.clone(),
-        machine: machine_type(&qmp).await?,
+        machine,
         accel: shared.launch.accel.to_string(),
         disk_virtual_size,
         disk_backing,
@@ -648,6 +675,7 @@ pub(super) async fn finish(
     let vm = shared.existing(id)?;
     let record_path = incoming_path(&vm);
     let deadline = Instant::now() + timeout;
+    let mut events = vm.qmp_events.subscribe();
     if read_json::<IncomingRecord>(&record_path, "incoming migration record")?.is_none() {
         // Finished before (a retry), or never incoming.
         let state = shared.read_record(&vm)?.state;
@@ -662,6 +690,7 @@ pub(super) async fn finish(
         };
     }
     let (pid, status) = loop {
+        events.borrow_and_update();
         let pid = {
             let _op = vm.op.lock().await;
             shared.ensure_adopted(&vm)?
@@ -715,7 +744,8 @@ pub(super) async fn finish(
                 timeout.as_secs()
             )));
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        // `MIGRATION` (completed) and `RESUME` wake this at once.
+        VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     };
     let _op = vm.op.lock().await;
     if let Ok(qmp) = shared.qmp(&vm).await {
@@ -849,7 +879,7 @@ pub(super) async fn send(
     // The VM runs on the destination now: nothing below may resume it here.
     if plan.shared_disk.is_none() && !stats.mirror_ended {
         if let Ok(qmp) = shared.qmp(&vm).await {
-            if let Err(e) = end_mirror(&qmp).await {
+            if let Err(e) = end_mirror(&vm, &qmp).await {
                 tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror cleanly; ending QEMU anyway");
             }
         }
@@ -1114,6 +1144,9 @@ async fn migrate(
         &qmp,
         &[
             ("return-path", true),
+            // `MIGRATION` events: the poll below looks at each state change
+            // (`pre-switchover`, `completed`) the moment it happens.
+            ("events", true),
             ("auto-converge", req.auto_converge),
             ("postcopy-ram", postcopy),
             ("dirty-bitmaps", plan.shared_disk.is_none()),
@@ -1147,10 +1180,13 @@ async fn migrate(
             source: Some(Box::new(e)),
         })?;
 
-    // Step 3: poll.
+    // Step 3: poll, and look again at every QMP event (`MIGRATION` status
+    // changes, with the `events` capability; the mirror's job events).
     let mut unreachable_since: Option<Instant> = None;
     let mut cancel_sent = false;
+    let mut events = vm.qmp_events.subscribe();
     loop {
+        events.borrow_and_update();
         if !process::is_qemu_of(plan.pid, id) {
             return Err(migration_error(
                 id,
@@ -1236,11 +1272,13 @@ async fn migrate(
                 // mirror, then let QEMU send the device state, after which
                 // the destination runs the guest on a disk that is whole.
                 let drain = Instant::now();
-                end_mirror(&qmp).await.map_err(|e| DriverError::Migration {
-                    id,
-                    reason: "cannot complete the disk mirror at the switch-over".into(),
-                    source: Some(Box::new(e)),
-                })?;
+                end_mirror(vm, &qmp)
+                    .await
+                    .map_err(|e| DriverError::Migration {
+                        id,
+                        reason: "cannot complete the disk mirror at the switch-over".into(),
+                        source: Some(Box::new(e)),
+                    })?;
                 stats.mirror_drain_ms = ms(drain.elapsed());
                 stats.mirror_ended = true;
                 run::<MigrateContinue>(
@@ -1272,7 +1310,7 @@ async fn migrate(
                 });
             }
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     }
 }
 
@@ -1296,7 +1334,9 @@ async fn wait_mirror_ready(
 ) -> Result<(), DriverError> {
     let id = vm.id;
     let mut unreachable_since: Option<Instant> = None;
+    let mut events = vm.qmp_events.subscribe();
     loop {
+        events.borrow_and_update();
         if !process::is_qemu_of(pid, id) {
             return Err(migration_error(
                 id,
@@ -1348,17 +1388,20 @@ async fn wait_mirror_ready(
             }
             _ => {}
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        // `BLOCK_JOB_READY` wakes this at once.
+        VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     }
 }
 
 /// Cancels the mirror job (a ready mirror then completes without switching
 /// the VM to the target, leaving the target consistent), waits for it to
 /// end, dismisses it and deletes the NBD node.
-async fn end_mirror(qmp: &QmpService) -> Result<(), DriverError> {
+async fn end_mirror(vm: &VmEntry, qmp: &QmpService) -> Result<(), DriverError> {
     let deadline = Instant::now() + CANCEL_TIMEOUT;
     let mut cancelled = false;
+    let mut events = vm.qmp_events.subscribe();
     loop {
+        events.borrow_and_update();
         let Some(job) = mirror_job(qmp).await? else {
             break;
         };
@@ -1393,7 +1436,9 @@ async fn end_mirror(qmp: &QmpService) -> Result<(), DriverError> {
                 CANCEL_TIMEOUT.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Inside the guest's downtime at the switch-over: the job's
+        // `JOB_STATUS_CHANGE` wakes this at once.
+        VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     }
     match run::<BlockdevDel>(qmp, json!({"node-name": NBD_NODE}), "migration").await {
         Ok(_) => Ok(()),
@@ -1447,7 +1492,7 @@ async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
         }
     }
     if plan.shared_disk.is_none() {
-        if let Err(e) = end_mirror(&qmp).await {
+        if let Err(e) = end_mirror(vm, &qmp).await {
             tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror of the failed migration");
         }
     }
@@ -1512,7 +1557,7 @@ pub(super) async fn recover_interrupted(shared: &Arc<Shared>, id: VmId) {
         tracing::error!(vm = %id, "the migration completed after all; not resuming the VM here");
         return;
     }
-    if let Err(e) = end_mirror(&qmp).await {
+    if let Err(e) = end_mirror(&vm, &qmp).await {
         tracing::debug!(vm = %id, error = %e, "no disk mirror of the interrupted migration to end");
     }
     let run_state = run::<QueryStatus>(&qmp, json!({}), "migration")

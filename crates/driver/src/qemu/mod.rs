@@ -156,6 +156,13 @@ struct VmEntry {
     record_lock: Mutex<()>,
     runtime: Mutex<Option<Runtime>>,
     last_contact: Mutex<Option<DateTime<Utc>>>,
+    /// Counts the QMP events QEMU sent (the monitor bumps it as each
+    /// arrives). Long operations that poll QEMU (a migration, its disk mirror)
+    /// wait on it as well as on their poll interval, so they look again the
+    /// moment QEMU reports a change (`MIGRATION`, `BLOCK_JOB_READY`, …)
+    /// instead of up to one interval later: that delay was part of a
+    /// migration's downtime and of the control plane's overhead.
+    qmp_events: watch::Sender<u64>,
 }
 
 /// The tasks and connection this driver keeps for a running VM.
@@ -295,6 +302,7 @@ impl Shared {
                     record_lock: Mutex::new(()),
                     runtime: Mutex::new(None),
                     last_contact: Mutex::new(None),
+                    qmp_events: watch::Sender::new(0),
                 })
             })
             .clone()
@@ -1103,6 +1111,9 @@ async fn monitor(
 
 fn on_qmp_event(shared: &Shared, vm: &VmEntry, pid: u32, event: qapi::qmp::Event) {
     use qapi::qmp::Event;
+    // Waiters look at QEMU itself, not at the records written below: wake
+    // them first.
+    vm.qmp_events.send_modify(|n| *n = n.wrapping_add(1));
     let result = match event {
         Event::SHUTDOWN { data, .. } => {
             let reason = serde_json::to_value(data.reason)
@@ -1132,6 +1143,23 @@ fn on_qmp_event(shared: &Shared, vm: &VmEntry, pid: u32, event: qapi::qmp::Event
     };
     if let Err(e) = result {
         tracing::warn!(vm = %vm.id, error = %e, "cannot record a QMP event");
+    }
+}
+
+impl VmEntry {
+    /// Waits until QEMU sends a QMP event `events` has not seen, or `poll`
+    /// passes, whichever comes first. Callers mark the counter seen
+    /// (`borrow_and_update`) *before* they query QEMU, so an event that
+    /// arrives between the query and this wait is not missed.
+    async fn next_look(events: &mut watch::Receiver<u64>, poll: Duration) {
+        if tokio::time::timeout(poll, events.changed())
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            // The entry went away (cannot happen while it is borrowed, but
+            // a closed channel would otherwise make this a busy loop).
+            tokio::time::sleep(poll).await;
+        }
     }
 }
 

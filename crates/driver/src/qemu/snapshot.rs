@@ -344,6 +344,12 @@ pub(super) async fn backing_of(
     qemu_img: &Path,
     file: &Path,
 ) -> Result<Option<(PathBuf, String)>, DriverError> {
+    // The header itself first (no qemu-img run: see `image`).
+    if let Ok(header) = super::image::read_qcow2_header(file) {
+        return Ok(header
+            .backing
+            .map(|(path, format)| (path, format.unwrap_or_else(|| "qcow2".to_string()))));
+    }
     let info = img_info(qemu_img, file).await?;
     Ok(info.full_backing_filename.map(|b| {
         (
