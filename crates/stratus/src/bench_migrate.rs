@@ -21,8 +21,10 @@
 //! - overhead = wall − Q: everything that is not QEMU moving memory;
 //!   the issue's target is ≤ 100 ms;
 //! - floor = memory size / loopback bandwidth;
-//! - where the overhead goes, from the job's step timestamps and the source
-//!   agent's `live migration complete` log line (setup, mirror, finish).
+//! - where the overhead goes, from the job's step timestamps, the source
+//!   agent's `live migration complete` log line (setup, mirror, finish) and
+//!   the destination's `waiting for an incoming migration` line (disk, QEMU
+//!   start, listening).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -99,6 +101,13 @@ struct Run {
     /// The destination agent's own time for the prepare request (build the
     /// VM, fetch the image if new there, start QEMU listening).
     dest_prepare_ms: Option<f64>,
+    /// Of it, from the destination driver's `waiting for an incoming
+    /// migration` log line: making the disk, starting QEMU until its QMP
+    /// answers, and listening (capabilities, `migrate-incoming`, the NBD
+    /// export).
+    dest_disk_ms: Option<f64>,
+    dest_qemu_ms: Option<f64>,
+    dest_listen_ms: Option<f64>,
     /// API call to the start of `send`.
     send_start_ms: Option<f64>,
     /// API call to the `moved to` step.
@@ -585,6 +594,8 @@ fn run_figures(
         &["request carried out", &format!("request={prepare_id}")],
     )
     .and_then(|l| number_after(&l, " ms="));
+    let listening = log_line(&logs.dest, &["waiting for an incoming migration", vm_id]);
+    let dest_field = |k: &str| listening.as_deref().and_then(|l| number_after(l, k));
     Ok(Run {
         from: from.to_string(),
         to: to.to_string(),
@@ -594,6 +605,9 @@ fn run_figures(
         qemu_ms: parse("QEMU's migration ")?,
         picked_ms: at(&|e| e.step == "prepare"),
         dest_prepare_ms,
+        dest_disk_ms: dest_field("disk_ms="),
+        dest_qemu_ms: dest_field("qemu_ms="),
+        dest_listen_ms: dest_field("listen_ms="),
         prepared_ms: at(&|e| e.step == "prepare" && e.message.contains("is waiting for the VM")),
         send_start_ms: at(&|e| e.step == "send" && e.message.starts_with("sending the VM")),
         moved_ms: Some(ms_since(t0, moved.at.into())),
@@ -636,12 +650,15 @@ fn print_run(label: &str, n: usize, r: &Run, note: &str) {
         _ => None,
     };
     println!(
-        "    prepare begun at +{} ms, destination listening at +{} ms (its agent: {} ms), send \
-         step at +{} ms; source agent: setup {} ms (disk mirror {}), QEMU {:.0}, finish {} ms, \
+        "    prepare begun at +{} ms, destination listening at +{} ms (its agent: {} ms; disk {}, \
+         QEMU start {}, listening {}), send step at +{} ms; source agent: setup {} ms (disk mirror {}), QEMU {:.0}, finish {} ms, \
          rest {} ms; send step beyond the agent's {} ms; `moved to` -> job succeeded {} ms",
         opt(r.picked_ms),
         opt(r.prepared_ms),
         opt(r.dest_prepare_ms),
+        opt(r.dest_disk_ms),
+        opt(r.dest_qemu_ms),
+        opt(r.dest_listen_ms),
         opt(r.send_start_ms),
         opt(r.setup_ms),
         opt(r.mirror_ms),

@@ -11,7 +11,7 @@
 //! active layer), and starts QEMU from the same spec with `-incoming defer`
 //! (see `cmdline::make_incoming`). Over QMP it sets the capabilities the
 //! source will use (`return-path`, `dirty-bitmaps` when the disk is
-//! mirrored, `postcopy-ram` if asked), listens with `migrate-incoming` on
+//! mirrored, `postcopy-ram` if asked; and `events`), listens with `migrate-incoming` on
 //! the first free port of the configured range, and for a mirrored disk
 //! starts an NBD server on the next free port exporting the disk's node
 //! writable (`block-export-add`, which activates the node for writing).
@@ -27,7 +27,9 @@
 //!
 //! `finish` waits for the incoming migration to be `completed`, ends the
 //! NBD export and server and removes `incoming.json`: from then on the VM
-//! is an ordinary VM of this host. `abort_incoming` kills the QEMU and
+//! is an ordinary VM of this host. The controller asks for it as the send
+//! starts, so it may wait the whole migration; it fails at once when the
+//! incoming migration fails or its QEMU ends. `abort_incoming` kills the QEMU and
 //! removes the directory, unless the migration completed (the only copy of
 //! the guest would go).
 //!
@@ -46,7 +48,9 @@
 //!    with the VM and incremental backups continue on the destination;
 //!    `pause-before-switchover` for a mirrored disk), parameters
 //!    (`max-bandwidth`, `downtime-limit`, `tls-creds`), `migrate`;
-//! 3. poll `query-migrate` every 100 ms (and the mirror's progress), switch
+//! 3. poll `query-migrate` (and the mirror's progress) every
+//!    `POLL_INTERVAL` and at every QMP event (`MIGRATION` status changes
+//!    with the `events` capability, the mirror's job events), switch
 //!    to post-copy when asked; at `pre-switchover` (the guest is paused
 //!    here, the device state not yet sent) `block-job-cancel` the ready
 //!    mirror, which first copies the last dirty blocks, so the destination's
@@ -541,11 +545,9 @@ async fn prepare_inner(
             shared_disk = Some(paths.disks().join(snapshot::read_chain(paths)?.active));
         }
     }
-    write_json(
-        &paths.state_json,
-        "VM state record",
-        &StateRecord::new(VmRuntimeState::Stopped, None),
-    )?;
+    // No state record yet: absent reads as stopped, and `launch` records
+    // QEMU paused the moment it runs (one synced write fewer on the
+    // migration's critical path: each costs 1-9 ms on our hosts).
     let disk = snapshot::launch_disk(qemu_img, spec.id, paths).await?;
     let incoming = super::cmdline::Incoming {
         exported_disk: shared_disk.is_none(),
