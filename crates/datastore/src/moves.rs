@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use stratus_api_types::views::{VmDesiredState, VmState};
+use stratus_api_types::views::{VmDesiredState, VmPlacement, VmState};
 use stratus_common::time::now_micros;
 use stratus_common::{Error, HostId, JobId, StoragePoolId, VmId};
 
@@ -127,12 +127,17 @@ impl Datastore {
         if let Some(old) = vm.pool_id.filter(|p| Some(*p) != vm.migration_pool) {
             crate::pools::release_pool(&mut tx, &old.to_string(), disk).await?;
         }
+        let placement = moved_placement(&mut tx, &vm, target).await?;
+        let placement = serde_json::to_string(&placement)
+            .map_err(|e| Error::internal(format!("encoding placement: {e}")))?;
         sqlx::query(
             "UPDATE vms SET host_id = migration_target, pool_id = migration_pool, \
-             migration_target = NULL, migration_pool = NULL, updated_at = $2 WHERE id = $1",
+             migration_target = NULL, migration_pool = NULL, updated_at = $2, placement = $3 \
+             WHERE id = $1",
         )
         .bind(vm_id.to_string())
         .bind(now_micros())
+        .bind(placement)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;
@@ -195,6 +200,46 @@ async fn read_vm(conn: &mut sqlx::AnyConnection, id: VmId) -> Result<VmRecord, E
         .await
         .map_err(|e| db_error("reading a VM", e))?;
     VmRecord::from_row(&row)
+}
+
+/// Where a VM that arrived on `target` may run from now on. A move to
+/// another cluster or zone, or into another pool, is the operator moving
+/// the VM there for good (retiring a cluster, say): the VM's placement
+/// constraints follow it, so a later move chosen by the scheduler (a host
+/// maintenance) or a restart elsewhere keeps it there instead of pulling it
+/// back, or finding no host at all in a retired cluster. A constraint the
+/// VM did not have (no zone asked for) is not added; its pool is always
+/// the one its disk is in.
+async fn moved_placement(
+    conn: &mut sqlx::AnyConnection,
+    vm: &VmRecord,
+    target: HostId,
+) -> Result<VmPlacement, Error> {
+    let ctx = "reading where a moved VM arrived";
+    let (zone, cluster): (String, String) =
+        sqlx::query_as("SELECT zone, cluster FROM hosts WHERE id = $1")
+            .bind(target.to_string())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+    let pool = match vm.migration_pool {
+        Some(p) => sqlx::query_as::<_, (String,)>("SELECT name FROM storage_pools WHERE id = $1")
+            .bind(p.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| db_error(ctx, e))?
+            .map(|(name,)| name),
+        None => None,
+    };
+    let mut placement = vm.placement.clone();
+    if placement.zone.is_some() {
+        placement.zone = Some(zone);
+    }
+    if placement.cluster.is_some() {
+        placement.cluster = Some(cluster);
+    }
+    placement.pool = pool;
+    Ok(placement)
 }
 
 /// The VM while `job` holds it.

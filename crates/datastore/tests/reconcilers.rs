@@ -926,7 +926,12 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
         .await
         .expect("enroll")
         .id;
-    let c = to_create(&w, "mover", RestartPolicy::Never);
+    let mut c = to_create(&w, "mover", RestartPolicy::Never);
+    // Asked for its first host's zone and cluster: a move elsewhere takes
+    // these constraints with it.
+    let first = ds.host_get(w.host).await.expect("host");
+    c.vm.placement.zone = Some(first.zone.clone());
+    c.vm.placement.cluster = Some(first.cluster.clone());
     ds.vms_create(std::slice::from_ref(&c), None)
         .await
         .expect("create");
@@ -1054,6 +1059,11 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
     assert_eq!(vm.host_id, Some(h2));
     assert_eq!(vm.pool_id, Some(pool.id));
     assert_eq!(vm.migration_target, None);
+    // Its constraints followed it to h2's cluster and into the pool.
+    assert_eq!(vm.placement.cluster.as_deref(), Some("east"));
+    assert_eq!(vm.placement.zone.as_deref(), Some("z"));
+    assert_eq!(vm.placement.pool.as_deref(), Some("shared"));
+    assert_ne!(first.cluster, "east", "the move crossed clusters");
     assert_eq!(alloc(w.host).await, (0, 0, 0));
     assert_eq!(alloc(h2).await, (1, 128 << 20, 0));
     assert_eq!(ds.host_allocated(h2).await.expect("sum"), (1, 128 << 20, 0));
