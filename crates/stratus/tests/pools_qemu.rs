@@ -274,6 +274,27 @@ fn real_qemu_a_shared_pool_holds_disks_both_hosts_see_and_caps_placement() {
         ],
         "storage pool shared has room for",
     );
+    // The dry run refuses it the same way, creating nothing.
+    let dry = env.cli(&[
+        "vm",
+        "create",
+        "big",
+        "--flavor",
+        "huge",
+        "--image",
+        "guest",
+        "--project",
+        "p",
+        "--pool",
+        "shared",
+        "--dry-run",
+    ]);
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert!(!dry.status.success(), "the dry run should refuse: {said}");
+    assert!(
+        said.contains("storage pool shared has room for"),
+        "dry run said: {said}"
+    );
     fails_with(
         env,
         &["pool", "delete", "shared"],

@@ -185,6 +185,31 @@ pub async fn vm_placement_preview(
     let shape = shape(app, actor, &p.vm, project).await?;
     let vms: Vec<NewVm> = names.iter().map(|n| shape.new_vm(n.clone())).collect();
     let mut preview = app.scheduler.preview(&vms, shape.group);
+    // A shared pool's room is claimed by the store with the create, not by
+    // the scheduler's view of hosts: ask the same question here, so the dry
+    // run refuses what the create would.
+    if preview.refusal.is_none() {
+        if let Some(pool_id) = vms.first().and_then(|v| v.pool_id) {
+            let pool = app.ds.pool_get(pool_id).await?;
+            let wanted: u64 = vms.iter().map(|v| v.disk_bytes).sum();
+            let room = pool.capacity_bytes.saturating_sub(pool.alloc_bytes);
+            if wanted > room {
+                preview.placed.clear();
+                preview.refusal = Some(format!(
+                    "storage pool {} has room for {room} more bytes of disks ({} of {} \
+                     allocated); {} need {wanted}",
+                    pool.name,
+                    pool.alloc_bytes,
+                    pool.capacity_bytes,
+                    if vms.len() == 1 {
+                        "the VM would"
+                    } else {
+                        "these VMs would"
+                    }
+                ));
+            }
+        }
+    }
     let fits = preview.refusal.is_none();
     let admin = actor.is_admin();
     let distinct: std::collections::BTreeSet<stratus_common::HostId> =
