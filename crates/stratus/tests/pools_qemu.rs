@@ -257,25 +257,7 @@ fn real_qemu_a_shared_pool_holds_disks_both_hosts_see_and_caps_placement() {
         "flavor", "create", "huge", "--vcpus", "1", "--memory", "128MiB", "--disk", &huge, "-o",
         "json",
     ]);
-    fails_with(
-        env,
-        &[
-            "vm",
-            "create",
-            "big",
-            "--flavor",
-            "huge",
-            "--image",
-            "guest",
-            "--project",
-            "p",
-            "--pool",
-            "shared",
-        ],
-        "storage pool shared has room for",
-    );
-    // The dry run refuses it the same way, creating nothing.
-    let dry = env.cli(&[
+    let big = [
         "vm",
         "create",
         "big",
@@ -287,8 +269,10 @@ fn real_qemu_a_shared_pool_holds_disks_both_hosts_see_and_caps_placement() {
         "p",
         "--pool",
         "shared",
-        "--dry-run",
-    ]);
+    ];
+    fails_with(env, &big, "storage pool shared has room for");
+    // The dry run refuses it the same way, creating nothing.
+    let dry = env.cli(&[&big[..], &["--dry-run"]].concat());
     let said = String::from_utf8_lossy(&dry.stdout);
     assert!(!dry.status.success(), "the dry run should refuse: {said}");
     assert!(

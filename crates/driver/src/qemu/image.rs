@@ -259,45 +259,30 @@ mod tests {
         let d = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
         create(&["create", "-q", "-f", "qcow2", &d("base.qcow2"), "10M"]).await;
         create(&["create", "-q", "-f", "raw", &d("base.raw"), "3M"]).await;
-        create(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            &d("base.qcow2"),
-            &d("abs.qcow2"),
-            "20M",
-        ])
-        .await;
-        create(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "-F",
-            "raw",
-            "-b",
-            &d("base.raw"),
-            &d("v2.qcow2"),
-        ])
-        .await;
-        create(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "abs.qcow2",
-            &d("rel.qcow2"),
-        ])
-        .await;
+        // An overlay: `-F FORMAT -b BACKING FILE [SIZE]`, with extra options.
+        let overlay = |opts: &[&str], format: &str, backing: &str, file: &str, size: &str| {
+            let mut a = vec!["create", "-q", "-f", "qcow2"];
+            a.extend_from_slice(opts);
+            a.extend_from_slice(&["-F", format, "-b", backing, file]);
+            if !size.is_empty() {
+                a.push(size);
+            }
+            a.into_iter().map(str::to_string).collect::<Vec<_>>()
+        };
+        for args in [
+            overlay(&[], "qcow2", &d("base.qcow2"), &d("abs.qcow2"), "20M"),
+            overlay(
+                &["-o", "compat=0.10"],
+                "raw",
+                &d("base.raw"),
+                &d("v2.qcow2"),
+                "",
+            ),
+            overlay(&[], "qcow2", "abs.qcow2", &d("rel.qcow2"), ""),
+        ] {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            create(&args).await;
+        }
 
         let base = read_qcow2_header(Path::new(&d("base.qcow2"))).expect("base");
         assert_eq!(
