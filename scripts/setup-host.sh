@@ -23,6 +23,7 @@ PACKAGES=(
     busybox-static cpio zstd xz-utils   # building the tiny test guest
     qemu-guest-agent                    # the guest agent copied into that guest
     iproute2 nftables                   # host networking
+    openssl                             # migration TLS certificates (tests; see docs/operations.md)
     ca-certificates curl build-essential pkg-config
 )
 

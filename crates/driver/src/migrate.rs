@@ -329,6 +329,12 @@ pub struct MigrateOutcome {
     /// Whether the migration switched to post-copy.
     pub postcopy: bool,
     pub passes: u64,
+    /// Whether the memory stream and the disk mirror ran over TLS (the
+    /// source's `migration_tls_dir`; the destination had to agree). Carried
+    /// so the job's log can tell an operator the move was encrypted; absent
+    /// (false) in outcomes from agents that predate it.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The oldest QEMU that migrates a memory-hungry TCG guest intact.

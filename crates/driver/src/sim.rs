@@ -1334,6 +1334,8 @@ impl SimDriver {
             disk_bytes: 0,
             postcopy: false,
             passes: 1,
+            // Nothing crosses a network between simulated hosts.
+            tls: false,
         })
     }
 }

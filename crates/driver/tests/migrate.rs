@@ -496,76 +496,6 @@ async fn real_qemu_failed_and_cancelled_migrations_leave_the_vm_on_the_source() 
     src.vm_destroy(id).await.expect("destroy");
 }
 
-/// Makes a CA and server and client certificates for 127.0.0.1 in `dir`, in
-/// the file names QEMU's `tls-creds-x509` reads, with `openssl`.
-fn make_certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (is it installed?)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stratus test CA",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-    ]);
-    for (who, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ] {
-        std::fs::write(dir.join(format!("{who}.ext")), ext).expect("write ext");
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN=127.0.0.1 {who}"),
-            "-keyout",
-            &format!("{who}-key.pem"),
-            "-out",
-            &format!("{who}.csr"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{who}.csr"),
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{who}.ext"),
-            "-out",
-            &format!("{who}-cert.pem"),
-        ]);
-    }
-}
-
 async fn tls_driver(data_dir: &Path, tls: Option<&Path>) -> QemuDriver {
     let mut config = stratus_driver::QemuConfig::new(data_dir);
     config.accel = stratus_driver::AccelChoice::Tcg;
@@ -581,7 +511,7 @@ async fn real_qemu_live_migration_over_tls() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let certs = tmp.path().join("certs");
     std::fs::create_dir_all(&certs).expect("mkdir");
-    make_certificates(&certs);
+    stratus_test_utils::migration_tls_certificates(&certs);
     let src = tls_driver(&tmp.path().join("src"), Some(&certs)).await;
     let plain = tls_driver(&tmp.path().join("plain"), None).await;
     let dst = tls_driver(&tmp.path().join("dst"), Some(&certs)).await;

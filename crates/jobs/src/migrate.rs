@@ -306,12 +306,28 @@ pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
         98,
         &format!(
             "moved to {target} in {} ms (downtime {} ms, QEMU's migration {} ms; {} of memory, \
-             {} of disk sent)",
+             {} of disk sent{}{})",
             outcome["total_ms"].as_u64().unwrap_or(0),
             outcome["downtime_ms"].as_u64().unwrap_or(0),
             outcome["qemu_ms"].as_u64().unwrap_or(0),
             ByteCount(outcome["memory_bytes"].as_u64().unwrap_or(0)),
             ByteCount(outcome["disk_bytes"].as_u64().unwrap_or(0)),
+            // How it moved, for the operator who asked for post-copy or
+            // configured TLS: the log shows whether either applied.
+            if outcome["postcopy"] == true {
+                // `passes` counts every pass, the one at the switch too.
+                format!(
+                    "; switched to post-copy, {} pass(es) over memory",
+                    outcome["passes"].as_u64().unwrap_or(0)
+                )
+            } else {
+                String::new()
+            },
+            if outcome["tls"] == true {
+                "; encrypted (TLS)"
+            } else {
+                ""
+            },
         ),
     )
     .await?;

@@ -10,6 +10,9 @@
 //!
 //! Tests never skip when PostgreSQL is missing: a missing server is a failed
 //! set-up, reported with what to install.
+//!
+//! [`migration_tls_certificates`] makes the x509 files QEMU's migration TLS
+//! reads, for the driver's and the whole stack's migration tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use tokio::sync::OnceCell;
+
+mod tls;
+pub use tls::migration_tls_certificates;
 
 /// Environment variable naming a running server's admin URL.
 pub const PG_URL_ENV: &str = "STRATUS_TEST_PG_URL";

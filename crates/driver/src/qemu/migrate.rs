@@ -911,6 +911,7 @@ pub(super) async fn send(
         disk_bytes: stats.disk_bytes,
         postcopy: stats.postcopy,
         passes: stats.passes,
+        tls: plan.tls.is_some(),
     };
     tracing::info!(vm = %id, ?outcome, "live migration complete");
     Ok(outcome)

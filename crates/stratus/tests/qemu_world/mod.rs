@@ -417,3 +417,96 @@ pub fn sh(env: &Env, vm: &str, script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+// ---- migrations ------------------------------------------------------------
+//
+// What the migration tests share. (`migrate_qemu.rs` keeps its own copies of
+// some of these, from before they moved here; its local ones shadow these.)
+
+/// The guest's answer to `script`, trimmed.
+pub fn line(env: &Env, vm: &str, script: &str) -> String {
+    sh(env, vm, script).trim().to_string()
+}
+
+/// A console counter (`tick N` every 200 ms) and a memory load rewriting a
+/// 64 MiB tmpfs file from random data (so QEMU cannot send zero pages),
+/// both detached from the exec. Needs a guest with 256 MiB.
+pub fn start_load(env: &Env, vm: &str) {
+    line(
+        env,
+        vm,
+        "setsid sh -c 'i=0; while :; do echo tick $i > /dev/ttyS0; i=$((i+1)); sleep 0.2; done' \
+         </dev/null >/dev/null 2>&1 & \
+         mkdir -p /hammer && mount -t tmpfs -o size=80m tmpfs /hammer && \
+         head -c 1048576 /dev/urandom > /hammer/r && \
+         setsid sh -c 'while :; do for i in $(seq 64); do cat /hammer/r; done > /hammer/f; done' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+}
+
+/// The numbers of the console's `tick N` lines, in order.
+pub fn ticks(env: &Env, vm: &str) -> Vec<u64> {
+    let out = env.cli(&["vm", "console", vm, "--project", "p"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
+}
+
+/// The name of the host the VM is placed on.
+pub fn host_of(env: &Env, vm: &str) -> String {
+    let v = env.vm(vm);
+    let id = v["host_id"].as_str().expect("placed").to_string();
+    env.json(&["host", "show", &id, "-o", "json"])["name"]
+        .as_str()
+        .expect("name")
+        .to_string()
+}
+
+/// How many of the VM's QEMU processes run from `dir` (an agent's data
+/// directory): which host a QEMU belongs to, on a machine that runs them all.
+pub fn qemus_under(vm_id: &str, dir: &Path) -> usize {
+    let dir = dir.display().to_string();
+    qemu_of(vm_id)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&dir))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Whether the agent working in `agent_dir` keeps a directory for the VM.
+pub fn vm_dir_exists(agent_dir: &Path, vm_id: &str) -> bool {
+    agent_dir.join("qemu/vms").join(vm_id).exists()
+}
+
+/// Waits until the host whose agent works in `dir` runs nothing of the VM
+/// and keeps no directory for it.
+pub fn wait_nothing_on(vm_id: &str, dir: &Path) {
+    wait_until(
+        "the host to hold nothing of the VM",
+        Duration::from_secs(30),
+        || {
+            let q = qemus_under(vm_id, dir);
+            if q == 0 && !vm_dir_exists(dir, vm_id) {
+                Ok(())
+            } else {
+                Err(format!("{q} QEMUs, dir {}", vm_dir_exists(dir, vm_id)))
+            }
+        },
+    );
+}
+
+/// The step messages of a job (`job show -o json`), oldest first.
+pub fn job_messages(job: &Value) -> Vec<String> {
+    job["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|e| e["message"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
