@@ -126,11 +126,8 @@ fn real_qemu_tls_postcopy_migration_through_the_api() {
     let (plain_id, _kill_plain) = create_vm(env, "plain", "tiny");
     let (_host3, host3_dir) = w.add_host_with("host-3", &tls_a);
     let (_host4, host4_dir) = w.add_host_with("host-4", &tls_b);
-    // `probe` on host-4 (host-3 out of service; host-4 is then the emptiest).
-    // It has a VM of its own because a QEMU keeps its TLS object after a
-    // failed TLS migration and refuses to add it again on the next one
-    // (`add_tls` in crates/driver/src/qemu/migrate.rs): the wrong-CA attempt
-    // must not be made with `mover`, which still has its real move to make.
+    // `probe` on host-4 (host-3 out of service; host-4 is then the emptiest),
+    // for the wrong-CA attempt.
     env.json(&["host", "maintenance", "host-3", "on", "-o", "json"]);
     let (probe_id, _kill_probe) = create_vm(env, "probe", "tiny");
     env.json(&["host", "maintenance", "host-3", "off", "-o", "json"]);
@@ -292,5 +289,38 @@ fn real_qemu_tls_postcopy_migration_through_the_api() {
     wait_nothing_on(&mover_id, &host2_dir);
     let h2 = env.json(&["host", "show", "host-2", "-o", "json"]);
     assert_eq!(h2["allocated"]["vcpus"], 0, "host-2's claim went: {h2}");
+
+    // And back over TLS: this QEMU arrived over TLS (it holds the server
+    // end's credentials) and now sends (the client end). A QEMU once kept
+    // its one TLS object and refused every later TLS move.
+    let t = Instant::now();
+    let vm = env.json(&[
+        "vm",
+        "migrate",
+        "mover",
+        "--project",
+        "p",
+        "--host",
+        "host-2",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    println!(
+        "MEASURED second TLS move, back to host-2: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(vm["host_id"], host2_id(env), "{vm}");
+    wait_guest(env, "mover");
+    assert_eq!(
+        line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "the same boot after two moves"
+    );
+    wait_nothing_on(&mover_id, &host3_dir);
     println!("MEASURED whole test: {:?}", started.elapsed());
+}
+
+fn host2_id(env: &Env) -> serde_json::Value {
+    env.json(&["host", "show", "host-2", "-o", "json"])["id"].clone()
 }

@@ -104,8 +104,11 @@ const NBD_NODE: &str = "stratus-mig-nbd";
 const MIRROR_JOB: &str = "stratus-mig-mirror";
 /// The destination's block export id.
 const EXPORT_ID: &str = "stratus-mig-export";
-/// The TLS credentials object on either side.
-const TLS_ID: &str = "stratus-mig-tls";
+/// The TLS credentials objects: the destination's (`server` end) and the
+/// source's (`client`). One id per end: a VM that arrived over TLS keeps
+/// its server object, and a later move away needs a client one.
+const TLS_SERVER_ID: &str = "stratus-mig-tls-server";
+const TLS_CLIENT_ID: &str = "stratus-mig-tls-client";
 /// How often a migration (and the mirror) is polled when QEMU sends no
 /// event: the cadence of the progress reports. State changes do not wait
 /// for it: every QMP event (`MIGRATION` with the `events` capability,
@@ -204,6 +207,7 @@ qmp_commands! {
     QueryJobs => "query-jobs",
     Cont => "cont",
     ObjectAdd => "object-add",
+    ObjectDel => "object-del",
     BlockdevAdd => "blockdev-add",
     BlockdevDel => "blockdev-del",
     BlockdevMirror => "blockdev-mirror",
@@ -306,24 +310,57 @@ pub(super) fn tls_dir(shared: &Shared) -> Result<Option<String>, DriverError> {
     })
 }
 
-/// Adds the TLS credentials object (`server` or `client` end) unless it
-/// exists (a retried prepare).
-async fn add_tls(qmp: &QmpService, dir: &str, endpoint: &str) -> Result<(), DriverError> {
+/// The TLS end a QEMU plays in a migration.
+#[derive(Clone, Copy)]
+enum TlsEnd {
+    /// The destination: listens, serves the disk.
+    Server,
+    /// The source: connects.
+    Client,
+}
+
+impl TlsEnd {
+    fn id(self) -> &'static str {
+        match self {
+            TlsEnd::Server => TLS_SERVER_ID,
+            TlsEnd::Client => TLS_CLIENT_ID,
+        }
+    }
+}
+
+/// Adds the TLS credentials object of `end`, replacing one a previous
+/// migration of this QEMU left (every move away after the first, a retry
+/// after a failure): the certificates are read again, so renewed ones
+/// apply, and QEMU refuses a second object of one id ("duplicate
+/// property"). An object still in use cannot be removed; it is then kept
+/// as it is. Returns the object's id.
+async fn add_tls(qmp: &QmpService, dir: &str, end: TlsEnd) -> Result<&'static str, DriverError> {
+    let id = end.id();
+    let replaced = run::<ObjectDel>(qmp, json!({ "id": id }), "migration TLS").await;
     let added = run::<ObjectAdd>(
         qmp,
         json!({
             "qom-type": "tls-creds-x509",
-            "id": TLS_ID,
+            "id": id,
             "dir": dir,
-            "endpoint": endpoint,
+            "endpoint": match end {
+                TlsEnd::Server => "server",
+                TlsEnd::Client => "client",
+            },
             "verify-peer": true,
         }),
         "migration TLS",
     )
     .await;
     match added {
-        Err(e) if format!("{:?}", e).contains("already") => Ok(()),
-        other => other.map(|_| ()),
+        Err(e) if replaced.is_err() && format!("{e:?}").contains("duplicate") => {
+            tracing::warn!(
+                object = id,
+                "the migration TLS object is in use; keeping it"
+            );
+            Ok(id)
+        }
+        other => other.map(|_| id),
     }
 }
 
@@ -560,8 +597,8 @@ async fn prepare_inner(
     let t2 = Instant::now();
     let tls = tls_dir(shared)?;
     if let Some(dir) = &tls {
-        add_tls(&qmp, dir, "server").await?;
-        run::<MigrateSetParameters>(&qmp, json!({"tls-creds": TLS_ID}), "migration TLS").await?;
+        let id = add_tls(&qmp, dir, TlsEnd::Server).await?;
+        run::<MigrateSetParameters>(&qmp, json!({ "tls-creds": id }), "migration TLS").await?;
     }
     set_capabilities(
         &qmp,
@@ -609,7 +646,7 @@ async fn prepare_inner(
                 "addr": {"type": "inet", "data": {"host": addr.to_string(), "port": port.to_string()}},
             });
             if tls.is_some() {
-                args["tls-creds"] = json!(TLS_ID);
+                args["tls-creds"] = json!(TLS_SERVER_ID);
             }
             match run::<NbdServerStart>(&qmp, args, "serve the disk over NBD").await {
                 Ok(_) => {
@@ -1103,7 +1140,7 @@ async fn migrate(
     let id = vm.id;
     let qmp = shared.qmp(vm).await?;
     if let Some(dir) = &plan.tls {
-        add_tls(&qmp, dir, "client").await?;
+        add_tls(&qmp, dir, TlsEnd::Client).await?;
     }
     // Step 1: the disk.
     if let (Some(nbd), None) = (&req.ready.nbd, &plan.shared_disk) {
@@ -1115,7 +1152,7 @@ async fn migrate(
             "export": nbd.export,
         });
         if plan.tls.is_some() {
-            node["tls-creds"] = json!(TLS_ID);
+            node["tls-creds"] = json!(TLS_CLIENT_ID);
         }
         run::<BlockdevAdd>(&qmp, node, "connect to the destination's disk")
             .await
@@ -1164,9 +1201,13 @@ async fn migrate(
     if let Some(limit) = req.downtime_limit_ms {
         params["downtime-limit"] = json!(limit);
     }
-    if plan.tls.is_some() {
-        params["tls-creds"] = json!(TLS_ID);
-    }
+    // Set either way: the parameter outlives a migration in this QEMU, and
+    // this one may go to a host without TLS ("" turns it off).
+    params["tls-creds"] = json!(if plan.tls.is_some() {
+        TLS_CLIENT_ID
+    } else {
+        ""
+    });
     run::<MigrateSetParameters>(&qmp, params, "migration").await?;
     if cancel.load(Ordering::SeqCst) {
         return Err(migration_error(id, "cancelled"));
