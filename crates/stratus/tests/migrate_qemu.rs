@@ -8,65 +8,10 @@
 
 mod qemu_world;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_world::*;
 use serde_json::Value;
-
-/// The guest's answer to `script`, trimmed.
-fn line(env: &Env, vm: &str, script: &str) -> String {
-    sh(env, vm, script).trim().to_string()
-}
-
-/// A console counter (`tick N` every 200 ms) and a memory load rewriting a
-/// 64 MiB tmpfs file from random data, both detached from the exec.
-fn start_load(env: &Env, vm: &str) {
-    line(
-        env,
-        vm,
-        "setsid sh -c 'i=0; while :; do echo tick $i > /dev/ttyS0; i=$((i+1)); sleep 0.2; done' \
-         </dev/null >/dev/null 2>&1 & \
-         mkdir -p /hammer && mount -t tmpfs -o size=80m tmpfs /hammer && \
-         head -c 1048576 /dev/urandom > /hammer/r && \
-         setsid sh -c 'while :; do for i in $(seq 64); do cat /hammer/r; done > /hammer/f; done' \
-         </dev/null >/dev/null 2>&1 &",
-    );
-}
-
-fn ticks(env: &Env, vm: &str) -> Vec<u64> {
-    let out = env.cli(&["vm", "console", vm, "--project", "p"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("tick ")?.trim().parse().ok())
-        .collect()
-}
-
-fn host_of(env: &Env, vm: &str) -> String {
-    let v = env.vm(vm);
-    let id = v["host_id"].as_str().expect("placed").to_string();
-    env.json(&["host", "show", &id, "-o", "json"])["name"]
-        .as_str()
-        .expect("name")
-        .to_string()
-}
-
-/// The VM's QEMU processes run from `dir` (an agent's data directory).
-fn qemus_under(vm_id: &str, dir: &Path) -> usize {
-    let dir = dir.display().to_string();
-    qemu_of(vm_id)
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&dir))
-                .unwrap_or(false)
-        })
-        .count()
-}
-
-fn vm_dir_exists(agent_dir: &Path, vm_id: &str) -> bool {
-    agent_dir.join("qemu/vms").join(vm_id).exists()
-}
 
 /// The job's latest step message (its progress in words).
 fn last_message(j: &Value) -> String {
@@ -120,23 +65,6 @@ fn job_end(env: &Env, op: &Value) -> Value {
             _ => Err(last_message(&j)),
         }
     })
-}
-
-/// Waits until the host whose agent works in `dir` runs nothing of the VM
-/// and keeps no directory for it.
-fn wait_nothing_on(id: &str, dir: &Path) {
-    wait_until(
-        "the host to hold nothing of the VM",
-        Duration::from_secs(30),
-        || {
-            let q = qemus_under(id, dir);
-            if q == 0 && !vm_dir_exists(dir, id) {
-                Ok(())
-            } else {
-                Err(format!("{q} QEMUs, dir {}", vm_dir_exists(dir, id)))
-            }
-        },
-    );
 }
 
 fn job_of(env: &Env, op: &Value) -> Value {

@@ -902,7 +902,9 @@ pub(super) async fn send(
             tracing::error!(vm = %id, error = %e, "post-copy migration failed; the VM is left paused");
             return Err(DriverError::Migration {
                 id,
-                reason: "failed after switching to post-copy: the guest's memory is split between                          the hosts, so it is left paused on both (recover the migration, or stop                          the VM and start it again from its disk)"
+                reason: "failed after switching to post-copy: the guest's memory is split between \
+                         the hosts, so it is left paused on both (recover the migration, or stop \
+                         the VM and start it again from its disk)"
                     .into(),
                 source: Some(Box::new(e)),
             });
