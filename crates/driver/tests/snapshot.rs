@@ -311,7 +311,7 @@ async fn volume_dev(d: &QemuDriver, id: VmId, volume: uuid::Uuid) -> String {
     let serial = stratus_driver::volume_serial(volume);
     let script = format!(
         "for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = {serial} ] && \
-         echo /dev/${{b##*/}}; done"
+         echo /dev/${{b##*/}}; done; true"
     );
     let t = Instant::now();
     loop {

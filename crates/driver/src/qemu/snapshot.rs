@@ -1,5 +1,7 @@
 //! Live and offline disk snapshots for the QEMU driver (the contract is in
-//! [`crate::snapshot`]): an external qcow2 chain in the VM's directory.
+//! [`crate::snapshot`]): an external qcow2 chain per disk of the VM (its own
+//! disk in the VM's directory, each attached volume in the host's volume
+//! directory), all recorded in one file.
 //!
 //! # The chain
 //!
@@ -7,9 +9,23 @@
 //!   base image ◄─ disk.qcow2 ◄─ disk.<S1>.qcow2 ◄─ disk.<S2>.qcow2   (active: the VM writes here)
 //!   (shared, read-only,  │ frozen by S1      │ frozen by S2
 //!    never written)      │                   │
+//!   volume V (attached after S1):
+//!   V's image ◄─ <V>.qcow2 ◄─ <V>.<S2>.qcow2                          (active)
+//!                   │ frozen by S2
 //!   snapshots.json: { active: "disk.<S2>.qcow2",
-//!                     snapshots: [ {S1, file: "disk.qcow2"}, {S2, file: "disk.<S1>.qcow2"} ] }
+//!                     snapshots: [ {S1, file: "disk.qcow2"},
+//!                                  {S2, file: "disk.<S1>.qcow2",
+//!                                       volumes: [{V, file: "<V>.qcow2"}]} ],
+//!                     volumes: { V: "<V>.<S2>.qcow2" } }
 //! ```
+//!
+//! A volume's chain is the layers the snapshots that cover it froze, in
+//! order, then its active layer (`volumes`, or its own file `<V>.qcow2`
+//! when it has none). A snapshot covers the volumes attached when it was
+//! taken; a volume it covers cannot be detached (`volume.rs` refuses), so
+//! every later snapshot covers it too and the chain has no gaps. One record
+//! for all disks is what makes "one operation across all the VM's disks"
+//! crash-safe: it is written once, atomically, whatever the number of disks.
 //!
 //! Snapshot S_i freezes the layer written until then (its `file`) and puts a
 //! new empty overlay `disk.<S_i>.qcow2` (backing file: the frozen layer) on
@@ -25,26 +41,32 @@
 //!
 //! # Taking a snapshot
 //!
-//! Running VM: `qemu-img create -u` the overlay (unsafe mode: the backing
-//! file is open read-write in QEMU and cannot be opened again), `blockdev-add`
-//! it without a backing file, record the new chain, freeze the guest's file
+//! Running VM, for every disk (the VM's and each attached volume's):
+//! `qemu-img create -u` the overlay (unsafe mode: the backing file is open
+//! read-write in QEMU and cannot be opened again), `blockdev-add` it without
+//! a backing file; then record the new chains, freeze the guest's file
 //! systems through the guest agent if it answers (`guest-fsfreeze-freeze`),
-//! then one QMP `transaction`: `blockdev-snapshot` (the overlay goes on top of
-//! the active node, which QEMU reopens read-only and stores its persistent
-//! bitmaps in) plus, for every `stratus-backup-*` bitmap of the old active
-//! node, a persistent `block-dirty-bitmap-add` of the same name on the new
-//! node, so backup change tracking continues on the new layer without missing
-//! a write; then thaw, whatever happened. Recording the chain *before* the
-//! switch is what makes a crash safe: an agent that dies in between leaves a
-//! record whose active layer is an empty overlay over the old active one,
-//! which reads the same as the disk.
+//! and run ONE QMP `transaction`: per disk a `blockdev-snapshot` (the overlay
+//! goes on top of the active node, which QEMU reopens read-only and stores
+//! its persistent bitmaps in) plus, for every `stratus-backup-*` bitmap of
+//! the old active node, a persistent `block-dirty-bitmap-add` of the same
+//! name on the new node, so backup change tracking continues on the new
+//! layer without missing a write; then thaw, whatever happened. The
+//! transaction switches every disk or none. Recording the chains *before*
+//! the switch is what makes a crash safe: an agent that dies in between
+//! leaves a record whose active layers are empty overlays over the old
+//! active ones, which read the same as the disks; the retried create (same
+//! snapshot id) finds the record and runs the switch QEMU never saw
+//! (`finish_switch`), so the frozen layers are never written again.
 //!
-//! Stopped VM: `qemu-img create` the overlay, `qemu-img bitmap --add` the
-//! same bitmaps to it, record the chain.
+//! Stopped VM: `qemu-img create` each overlay, `qemu-img bitmap --add` the
+//! same bitmaps to it, record the chains.
 //!
 //! # Deleting a snapshot (merging its layer)
 //!
-//! Deleting S_i removes its frozen layer L_i: its data is pulled *up* into
+//! Deleting S_i removes its frozen layer L_i in every disk it covers (one
+//! stream per disk, one after the other; the record changes once, when all
+//! are done): its data is pulled *up* into
 //! the layer above it (the next snapshot's layer, or the active one) and that
 //! layer's backing file becomes the layer below L_i (the previous snapshot's
 //! layer, or the base image). Running: a `block-stream` job on the layer
@@ -70,17 +92,23 @@
 //!
 //! # Reverting (stopped VMs only)
 //!
-//! A fresh empty overlay on top of S's frozen layer becomes the active layer;
-//! the layers of the snapshots taken after S, and the old active layer, are
-//! dropped with their records. The new layer has no backup bitmaps, so the
-//! next backup is a full one ("bitmap ... is missing ... reverted to a
+//! In every disk S covers, a fresh empty overlay on top of S's frozen layer
+//! becomes the active layer (a volume's keeps the volume's current size: it
+//! may have grown since); the layers of the snapshots taken after S, and the
+//! old active layers, are dropped with their records. A volume S does not
+//! cover was attached after S: it keeps its data, the layers the dropped
+//! snapshots froze in it flattened into its active layer first (`qemu-img
+//! rebase` onto its image). The new VM disk layer has no backup bitmaps, so
+//! the next backup is a full one ("bitmap ... is missing ... reverted to a
 //! snapshot").
 //!
 //! # Concurrency
 //!
-//! Snapshot operations hold the VM's backup lock (refusing while a backup
-//! runs: both rearrange the same block graph) and its operation lock, but
-//! for the stream's copy.
+//! Snapshot operations hold the locks of the attached volumes (taken first,
+//! as every volume operation takes its volume's lock before the VM's
+//! operation lock: no attach, detach or resize meanwhile), the VM's backup
+//! lock (refusing while a backup runs: both rearrange the same block graph)
+//! and its operation lock, but for the streams' copy.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

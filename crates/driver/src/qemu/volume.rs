@@ -6,8 +6,22 @@
 //! data_dir/volumes/<volume-id>.json        the VolumeSpec it was created with
 //! data_dir/volumes/<volume-id>.qcow2       the volume (its presence means "exists")
 //! data_dir/volumes/<volume-id>.qcow2.tmp   a creation in progress
+//! data_dir/volumes/<volume-id>.<id>.qcow2  a snapshot layer (see `snapshot.rs`)
 //! data_dir/vms/<vm-id>/volumes.json        the VM's attachments: volume id and port, in order
 //! ```
+//!
+//! # Snapshot layers
+//!
+//! A snapshot of the VM covers its attached volumes: each becomes a chain
+//! of layers recorded in the VM's `snapshots.json` with the VM disk's. Its
+//! own file may then be merged away, so a volume is found through the
+//! records of the VM it is attached to (`locate`). Such a volume starts with
+//! its whole chain, each layer under a node name the driver chose, its
+//! image too ([`base_node`], so a merge can name it); it is grown by growing
+//! its active layer; it cannot be detached while a snapshot covers it (the
+//! snapshot's revert needs its layers); and once none does, leaving the VM
+//! (detach, destroy) makes it one file named `<volume-id>.qcow2` again. A
+//! detached volume is always that one file.
 //!
 //! The VM's `volumes.json` is the only record of an attachment: a volume's
 //! VM is found by reading the records of the VMs that exist (those with a
