@@ -317,7 +317,8 @@ pub(crate) async fn snapshot_record(ctx: Ctx) -> Result<Settled, ActionError> {
     let sc = ctx.user_data();
     let id = snapshot_of(&p)?;
     let taken: SnapshotTaken = ctx.lookup("snapshot")?;
-    retry_store(|| sc.ds.snapshot_ready(id, taken.quiesced, taken.bytes))
+    let volumes: Vec<VolumeId> = taken.volumes.iter().copied().map(VolumeId).collect();
+    retry_store(|| sc.ds.snapshot_ready(id, taken.quiesced, taken.bytes, &volumes))
         .await
         .map_err(|e| StepError::internal("recording the snapshot", e))?;
     let message = if taken.quiesced {
