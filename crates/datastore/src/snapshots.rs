@@ -52,8 +52,9 @@ fn parse_volumes(text: &str) -> Result<Vec<VolumeId>, Error> {
     text.split(',')
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse()
-                .map_err(|_| Error::internal(format!("snapshot record names a bad volume id {s:?}")))
+            s.parse().map_err(|_| {
+                Error::internal(format!("snapshot record names a bad volume id {s:?}"))
+            })
         })
         .collect()
 }
@@ -259,13 +260,12 @@ pub(crate) async fn snapshots_covering(
     vm: VmId,
     volume: VolumeId,
 ) -> Result<Vec<String>, Error> {
-    let rows = sqlx::query(
-        "SELECT name FROM snapshots WHERE vm_id = $1 AND volumes LIKE $2 ORDER BY id",
-    )
-    .bind(vm.to_string())
-    .bind(format!("%{volume}%"))
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(|e| db_error("reading the snapshots that cover a volume", e))?;
+    let rows =
+        sqlx::query("SELECT name FROM snapshots WHERE vm_id = $1 AND volumes LIKE $2 ORDER BY id")
+            .bind(vm.to_string())
+            .bind(format!("%{volume}%"))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db_error("reading the snapshots that cover a volume", e))?;
     rows.iter().map(|r| r.text("name")).collect()
 }

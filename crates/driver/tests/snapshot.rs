@@ -400,7 +400,9 @@ async fn real_qemu_snapshots_cover_attached_volumes() {
     };
     let v = vol.volume_id;
     d.volume_create(&vol).await.expect("volume");
-    d.vm_volume_attach(id, v).await.expect("attach while stopped");
+    d.vm_volume_attach(id, v)
+        .await
+        .expect("attach while stopped");
     d.vm_start(id).await.expect("start");
     wait_ready(&d, id, 1).await;
     let pid = d
@@ -424,7 +426,9 @@ async fn real_qemu_snapshots_cover_attached_volumes() {
     let listed = d.vm_snapshot_list(id).await.expect("list");
     assert_eq!(listed[0].volumes, vec![v]);
     assert!(
-        volumes_dir.join(format!("{v}.{}.qcow2", s1.snapshot_id)).exists(),
+        volumes_dir
+            .join(format!("{v}.{}.qcow2", s1.snapshot_id))
+            .exists(),
         "the volume got a layer"
     );
 
@@ -457,7 +461,11 @@ async fn real_qemu_snapshots_cover_attached_volumes() {
         checksums(&d, id, &["a", "b"]).await,
         vec![sum_a.clone(), sum_b.clone()]
     );
-    assert_eq!(volume_sum(&d, id, &dev, 8).await, vol_now, "volume after merge");
+    assert_eq!(
+        volume_sum(&d, id, &dev, 8).await,
+        vol_now,
+        "volume after merge"
+    );
     assert!(
         !volumes_dir.join(format!("{v}.qcow2")).exists(),
         "the volume's first layer was merged away"
@@ -490,7 +498,10 @@ async fn real_qemu_snapshots_cover_attached_volumes() {
     assert_eq!(grown.size_bytes, 80 * MIB);
     let t = Instant::now();
     while volume_size(&d, id, &dev).await != 80 * MIB {
-        assert!(t.elapsed() < Duration::from_secs(30), "the guest sees the growth");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest sees the growth"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -542,7 +553,9 @@ async fn real_qemu_snapshots_cover_attached_volumes() {
         .await
         .expect("live delete of s2");
     assert_eq!(volume_sum(&d, id, &dev, 8).await, vol_at_s2);
-    d.vm_volume_detach(id, v).await.expect("detach, uncovered now");
+    d.vm_volume_detach(id, v)
+        .await
+        .expect("detach, uncovered now");
     let left: Vec<String> = std::fs::read_dir(&volumes_dir)
         .expect("ls")
         .flatten()
@@ -551,17 +564,28 @@ async fn real_qemu_snapshots_cover_attached_volumes() {
         .collect();
     assert_eq!(left, vec![format!("{v}.qcow2")], "one file again");
     assert_eq!(
-        d.volume_info(v).await.expect("info").expect("exists").attached_to,
+        d.volume_info(v)
+            .await
+            .expect("info")
+            .expect("exists")
+            .attached_to,
         None
     );
     // The detached volume, attached again, still holds the data.
     d.vm_volume_attach(id, v).await.expect("attach again");
     let dev = volume_dev(&d, id, v).await;
-    assert_eq!(volume_sum(&d, id, &dev, 8).await, vol_at_s2, "after re-attach");
+    assert_eq!(
+        volume_sum(&d, id, &dev, 8).await,
+        vol_at_s2,
+        "after re-attach"
+    );
 
     assert_eq!(host_sha256(&g.disk), base_sum, "base image unchanged");
     d.vm_destroy(id).await.expect("destroy");
     for vol in [v, w] {
-        assert!(d.volume_info(vol).await.expect("info").is_some(), "volumes outlive the VM");
+        assert!(
+            d.volume_info(vol).await.expect("info").is_some(),
+            "volumes outlive the VM"
+        );
     }
 }

@@ -318,9 +318,12 @@ pub(crate) async fn snapshot_record(ctx: Ctx) -> Result<Settled, ActionError> {
     let id = snapshot_of(&p)?;
     let taken: SnapshotTaken = ctx.lookup("snapshot")?;
     let volumes: Vec<VolumeId> = taken.volumes.iter().copied().map(VolumeId).collect();
-    retry_store(|| sc.ds.snapshot_ready(id, taken.quiesced, taken.bytes, &volumes))
-        .await
-        .map_err(|e| StepError::internal("recording the snapshot", e))?;
+    retry_store(|| {
+        sc.ds
+            .snapshot_ready(id, taken.quiesced, taken.bytes, &volumes)
+    })
+    .await
+    .map_err(|e| StepError::internal("recording the snapshot", e))?;
     let message = if taken.quiesced {
         "snapshot taken with the guest's file systems frozen"
     } else {

@@ -566,9 +566,27 @@ fn real_qemu_snapshots_cover_the_attached_volume() {
     vdb_write(env, "web");
     assert_ne!(vdb_sum(env, "web"), vol_now);
 
-    env.json(&["vm", "stop", "web", "--project", "p", "--wait", "-o", "json"]);
+    env.json(&[
+        "vm",
+        "stop",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
     snapshot(env, &["revert", "web", "s2"]);
-    env.json(&["vm", "start", "web", "--project", "p", "--wait", "-o", "json"]);
+    env.json(&[
+        "vm",
+        "start",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
     wait_guest(env, "web");
     wait_vdb(env, "web", Some(16 << 20));
     assert_eq!(checksums(env, "web"), ab, "VM disk at s2");

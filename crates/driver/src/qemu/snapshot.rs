@@ -906,7 +906,9 @@ pub(super) async fn create(
     for step in &steps {
         match layer_bytes(qemu_img, &step.frozen_path()).await {
             Ok(b) => bytes += b,
-            Err(e) => tracing::warn!(vm = %id, disk = %step.disk, error = %e, "cannot measure a frozen layer"),
+            Err(e) => {
+                tracing::warn!(vm = %id, disk = %step.disk, error = %e, "cannot measure a frozen layer")
+            }
         }
     }
     record.bytes = bytes;
@@ -1053,8 +1055,9 @@ async fn prepare_switch(
                     )),
                 ));
             }
-            let size = u64::try_from(device.image.base.virtual_size)
-                .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
+            let size = u64::try_from(device.image.base.virtual_size).map_err(|e| {
+                DriverError::qemu("QMP query-block reports a negative disk size", e)
+            })?;
             let new_path = step.new_path();
             let new_path_str = utf8(&new_path)?;
             create_overlay(
@@ -1066,8 +1069,7 @@ async fn prepare_switch(
             .await?;
             let new_node = step.disk.node(&step.new);
             let options = qcow2_without_backing(&new_node, new_path_str, true)?;
-            if let Err(e) = execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "snapshot").await
-            {
+            if let Err(e) = execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "snapshot").await {
                 let _ = remove_file_if_exists(&new_path);
                 return Err(e);
             }
@@ -1263,7 +1265,6 @@ fn utf8(path: &Path) -> Result<&str, DriverError> {
     })
 }
 
-
 /// Removes a block node the driver added, best effort.
 async fn drop_node(qmp: &QmpService, id: VmId, node: &str) {
     let deleted = execute(
@@ -1357,7 +1358,6 @@ impl<'a> Freeze<'a> {
         self.frozen
     }
 }
-
 
 /// The VM's snapshots, oldest first, each one's layers measured now.
 pub(super) async fn list(shared: &Arc<Shared>, id: VmId) -> Result<Vec<SnapshotInfo>, DriverError> {
@@ -1566,13 +1566,15 @@ pub(super) async fn delete(
         // a blank volume).
         let below = match chain.below(k, disk) {
             Some(file) => Some((disk.node(&file), dir.join(&file), "qcow2".to_string())),
-            None => backing_of(qemu_img, &layer_path).await?.map(|(path, format)| {
-                let name = match disk {
-                    Disk::Vm => BASE_NODE.to_string(),
-                    Disk::Volume(v) => volume::base_node(v),
-                };
-                (name, path, format)
-            }),
+            None => backing_of(qemu_img, &layer_path)
+                .await?
+                .map(|(path, format)| {
+                    let name = match disk {
+                        Disk::Vm => BASE_NODE.to_string(),
+                        Disk::Volume(v) => volume::base_node(v),
+                    };
+                    (name, path, format)
+                }),
         };
         merges.push(Merge {
             disk,
@@ -1652,10 +1654,7 @@ pub(super) async fn delete(
                 run_qemu_img(
                     qemu_img,
                     &args,
-                    &format!(
-                        "merge the layer {} of {} into {}",
-                        m.layer, m.disk, m.above
-                    ),
+                    &format!("merge the layer {} of {} into {}", m.layer, m.disk, m.above),
                 )
                 .await?;
             }
@@ -1827,7 +1826,6 @@ async fn start_stream(
     .await?;
     Ok(layer_node.map(|n| n.name.clone()))
 }
-
 
 /// Polls the merge job until it concludes, without the operation lock.
 async fn poll_stream(
@@ -2072,12 +2070,18 @@ mod tests {
         // Distinct node and job names per disk.
         assert_eq!(vd.node(&volume::own_file(v)), volume::node_name(v));
         assert_ne!(vd.node(&chain.active_of(vd)), wd.node(&chain.active_of(wd)));
-        assert_ne!(Disk::Vm.merge_job(s2.snapshot_id), vd.merge_job(s2.snapshot_id));
+        assert_ne!(
+            Disk::Vm.merge_job(s2.snapshot_id),
+            vd.merge_job(s2.snapshot_id)
+        );
         // Records from before volumes were covered still read.
         let old = r#"{"active":"disk.qcow2","snapshots":[{"snapshot_id":"0190f3c2-8a1b-7c3d-9e4f-0123456789ab","name":"a","created_at":"2026-01-01T00:00:00Z","quiesced":true,"file":"disk.qcow2","bytes":1}]}"#;
         let parsed: Chain = serde_json::from_str(old).expect("old record");
         assert!(parsed.volumes.is_empty() && parsed.snapshots[0].volumes.is_empty());
-        assert_eq!(parsed.snapshots[0].info(1).volumes, Vec::<uuid::Uuid>::new());
+        assert_eq!(
+            parsed.snapshots[0].info(1).volumes,
+            Vec::<uuid::Uuid>::new()
+        );
     }
 
     #[test]

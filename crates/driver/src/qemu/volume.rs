@@ -124,7 +124,10 @@ fn base_blockdev(
         return Ok(None);
     };
     let filename = image.to_str().ok_or_else(|| {
-        DriverError::Config(format!("volume image path {} is not UTF-8", image.display()))
+        DriverError::Config(format!(
+            "volume image path {} is not UTF-8",
+            image.display()
+        ))
     })?;
     let node = base_node(volume_id);
     let blockdev = serde_json::json!({
@@ -313,10 +316,8 @@ fn locate(shared: &Shared, volume_id: uuid::Uuid) -> Result<Option<Located>, Dri
     let dir = volumes_dir(shared);
     let vm = owner(shared, volume_id)?;
     let files = match vm {
-        Some(vm_id) => {
-            snapshot::read_chain(&VmPaths::new(&shared.vms_dir, vm_id))?
-                .files_of(Disk::Volume(volume_id))
-        }
+        Some(vm_id) => snapshot::read_chain(&VmPaths::new(&shared.vms_dir, vm_id))?
+            .files_of(Disk::Volume(volume_id)),
         None => vec![own_file(volume_id)],
     };
     let layers: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
@@ -503,10 +504,7 @@ pub(super) fn boot_args(shared: &Shared, vm: &VmEntry) -> Result<Vec<String>, Dr
         for f in lower {
             let path = dir.join(f);
             let filename = path.to_str().ok_or_else(|| {
-                DriverError::Config(format!(
-                    "volume layer path {} is not UTF-8",
-                    path.display()
-                ))
+                DriverError::Config(format!("volume layer path {} is not UTF-8", path.display()))
             })?;
             let mut blockdev = serde_json::json!({
                 "driver": "qcow2",
@@ -746,8 +744,7 @@ pub(super) async fn attach(
         return Ok(());
     }
     let started = Instant::now();
-    if snapshot::read_chain(&vm.paths)?.files_of(Disk::Volume(volume_id)) != [own_file(volume_id)]
-    {
+    if snapshot::read_chain(&vm.paths)?.files_of(Disk::Volume(volume_id)) != [own_file(volume_id)] {
         // Attached already, with snapshot layers: plugged in with them at
         // every start, never hot-plugged (see `boot_args`).
         let qmp = shared.qmp(&vm).await?;
