@@ -180,6 +180,7 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
                     snapshot: Some(stratus_client::types::SnapshotTaken {
                         quiesced: info.quiesced,
                         bytes: info.bytes,
+                        volumes: info.volumes,
                     }),
                     ..answered()
                 },

@@ -294,7 +294,7 @@ pub enum AgentRequestKind {
     },
     /// Delete the volume's file.
     VolumeDelete { volume_id: uuid::Uuid },
-    /// Snapshot the VM's disk (live when it runs).
+    /// Snapshot the VM's disk and its attached volumes (live when it runs).
     SnapshotCreate {
         vm_id: VmId,
         snapshot_id: uuid::Uuid,
@@ -375,6 +375,9 @@ pub struct VolumeOnHost {
 pub struct SnapshotTaken {
     pub quiesced: bool,
     pub bytes: u64,
+    /// The volumes it covers (absent from agents older than that).
+    #[serde(default)]
+    pub volumes: Vec<uuid::Uuid>,
 }
 
 /// The restore point built on one being deleted.

@@ -765,7 +765,8 @@ pub enum SnapshotStatus {
     Deleting,
 }
 
-/// A disk snapshot of a VM: its disk as it was at `created_at`.
+/// A disk snapshot of a VM: its disk, and the data volumes attached then,
+/// as they were at `created_at`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
     pub id: SnapshotId,
@@ -775,8 +776,13 @@ pub struct Snapshot {
     /// The guest's file systems were frozen (through its guest agent) while
     /// it was taken, so it is consistent; `false`: crash-consistent only.
     pub quiesced: Option<bool>,
-    /// Bytes its layer holds on the host.
+    /// Bytes its layers hold on the host.
     pub bytes: Option<u64>,
+    /// The data volumes it covers (attached when it was taken; known once it
+    /// is ready). A reverted VM gets these volumes back as they were; a
+    /// volume a snapshot covers cannot be detached.
+    #[serde(default)]
+    pub volumes: Vec<VolumeId>,
     /// The job that took (or deletes) it.
     pub job_id: JobId,
     pub created_at: DateTime<Utc>,

@@ -11,7 +11,8 @@ use crate::CliError;
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Snapshot a VM's disk (live when it runs, the guest's file systems frozen)
+    /// Snapshot a VM's disk and its attached volumes in one operation (live
+    /// when it runs, the guest's file systems frozen)
     Create {
         vm: String,
         name: String,
@@ -26,7 +27,8 @@ pub enum SnapshotCmd {
         #[arg(long)]
         project: Option<String>,
     },
-    /// Revert a stopped VM's disk to a snapshot (later snapshots are dropped)
+    /// Revert a stopped VM's disks to a snapshot (later snapshots are
+    /// dropped; volumes attached after it are left as they are)
     Revert {
         vm: String,
         name: String,
@@ -61,9 +63,23 @@ fn snapshot_fields(s: &types::Snapshot) -> Table {
             },
         ),
         ("size", s.bytes.map(bytes).unwrap_or_else(|| "-".into())),
+        ("volumes", volume_list(&s.volumes)),
         ("created", ts(&s.created_at)),
         ("job", s.job_id.to_string()),
     ])
+}
+
+/// The volumes a snapshot covers, for a table cell.
+fn volume_list(volumes: &[types::VolumeId]) -> String {
+    if volumes.is_empty() {
+        "-".into()
+    } else {
+        volumes
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// Prints a snapshot operation; with `--wait`, waits for its job first and
@@ -124,7 +140,9 @@ pub async fn snapshot(
             }
             let items = r.send().await?.into_inner();
             print_list(f, items, None, |items| {
-                let mut t = Table::new(&["NAME", "STATUS", "QUIESCED", "SIZE", "CREATED", "ID"]);
+                let mut t = Table::new(&[
+                    "NAME", "STATUS", "QUIESCED", "SIZE", "VOLUMES", "CREATED", "ID",
+                ]);
                 for s in items {
                     t.row(vec![
                         s.name.clone(),
@@ -133,6 +151,7 @@ pub async fn snapshot(
                             .map(|q| if q { "yes" } else { "no" }.to_string())
                             .unwrap_or_else(|| "-".into()),
                         s.bytes.map(bytes).unwrap_or_else(|| "-".into()),
+                        volume_list(&s.volumes),
                         ts(&s.created_at),
                         s.id.to_string(),
                     ]);

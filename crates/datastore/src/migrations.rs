@@ -45,6 +45,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "migrations",
         include_str!("../migrations/0010_moves.sql"),
     ),
+    (
+        11,
+        "snapshot volumes",
+        include_str!("../migrations/0011_snapshot_volumes.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

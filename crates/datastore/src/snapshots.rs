@@ -6,10 +6,14 @@
 //!  (row + job + VM                    │
 //!   held, one tx)                     └── dropped by a revert to an older one
 //! ```
+//!
+//! A snapshot records the volumes it covers (attached when it was taken, as
+//! the host reported); `volume_detach_begin` refuses a volume any snapshot
+//! of its VM covers.
 
 use stratus_api_types::views::{self, SnapshotStatus};
 use stratus_common::time::{from_micros, now_micros};
-use stratus_common::{Error, JobId, ProjectId, ResourceKind, SnapshotId, VmId};
+use stratus_common::{Error, JobId, ProjectId, ResourceKind, SnapshotId, VmId, VolumeId};
 
 use crate::db::{db_error, is_unique_violation};
 use crate::jobs::insert_job;
@@ -17,8 +21,8 @@ use crate::model::{enum_parse, u64_of, JobRecord, NewJob, RowExt};
 use crate::vms::hold_vm;
 use crate::Datastore;
 
-const SELECT: &str =
-    "SELECT id, vm_id, project_id, name, status, quiesced, bytes, job_id, created_at FROM snapshots";
+const SELECT: &str = "SELECT id, vm_id, project_id, name, status, quiesced, bytes, volumes, \
+                      job_id, created_at FROM snapshots";
 
 #[derive(Debug, Clone)]
 pub struct SnapshotRecord {
@@ -29,8 +33,30 @@ pub struct SnapshotRecord {
     pub status: SnapshotStatus,
     pub quiesced: Option<bool>,
     pub bytes: Option<u64>,
+    /// The data volumes it covers (known once it is `ready`).
+    pub volumes: Vec<VolumeId>,
     pub job_id: JobId,
     pub created_at: i64,
+}
+
+/// The `volumes` column: ids, comma-separated.
+fn volumes_text(volumes: &[VolumeId]) -> String {
+    volumes
+        .iter()
+        .map(VolumeId::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_volumes(text: &str) -> Result<Vec<VolumeId>, Error> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| {
+                Error::internal(format!("snapshot record names a bad volume id {s:?}"))
+            })
+        })
+        .collect()
 }
 
 impl SnapshotRecord {
@@ -43,6 +69,7 @@ impl SnapshotRecord {
             status: enum_parse(r, "status")?,
             quiesced: r.opt_int("quiesced")?.map(|q| q != 0),
             bytes: r.opt_int("bytes")?.map(u64_of),
+            volumes: parse_volumes(&r.text("volumes")?)?,
             job_id: r.parse("job_id")?,
             created_at: r.int("created_at")?,
         })
@@ -56,6 +83,7 @@ impl SnapshotRecord {
             status: self.status,
             quiesced: self.quiesced,
             bytes: self.bytes,
+            volumes: self.volumes,
             job_id: self.job_id,
             created_at: from_micros(self.created_at),
         }
@@ -180,18 +208,22 @@ impl Datastore {
         rows.iter().map(SnapshotRecord::from_row).collect()
     }
 
-    /// A snapshot the host took: `ready`, with what it measured.
+    /// A snapshot the host took: `ready`, with what it measured and the
+    /// volumes it covers.
     pub async fn snapshot_ready(
         &self,
         id: SnapshotId,
         quiesced: bool,
         bytes: u64,
+        volumes: &[VolumeId],
     ) -> Result<(), Error> {
         sqlx::query(
-            "UPDATE snapshots SET status = 'ready', quiesced = $1, bytes = $2 WHERE id = $3",
+            "UPDATE snapshots SET status = 'ready', quiesced = $1, bytes = $2, volumes = $3 \
+             WHERE id = $4",
         )
         .bind(i64::from(quiesced))
         .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .bind(volumes_text(volumes))
         .bind(id.to_string())
         .execute(&self.write)
         .await
@@ -220,4 +252,20 @@ impl Datastore {
         }
         Ok(())
     }
+}
+
+/// The names of the VM's snapshots that cover the volume, oldest first.
+pub(crate) async fn snapshots_covering(
+    tx: &mut sqlx::AnyConnection,
+    vm: VmId,
+    volume: VolumeId,
+) -> Result<Vec<String>, Error> {
+    let rows =
+        sqlx::query("SELECT name FROM snapshots WHERE vm_id = $1 AND volumes LIKE $2 ORDER BY id")
+            .bind(vm.to_string())
+            .bind(format!("%{volume}%"))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db_error("reading the snapshots that cover a volume", e))?;
+    rows.iter().map(|r| r.text("name")).collect()
 }

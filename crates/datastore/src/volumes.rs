@@ -213,6 +213,21 @@ impl Datastore {
         let now = now_micros();
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
         hold_vm(&mut tx, vm, job.id, now).await?;
+        // The volume's layers belong to the VM's snapshot chain while a
+        // snapshot covers it (the host refuses too; refused here it is a
+        // clear 409 rather than a failed job).
+        let covering = crate::snapshots::snapshots_covering(&mut tx, vm, id).await?;
+        if !covering.is_empty() {
+            let names: Vec<String> = covering.iter().map(|n| format!("{n:?}")).collect();
+            return Err(Error::conflict(
+                "volume_in_snapshot",
+                format!(
+                    "the VM's snapshot(s) {} cover the volume; delete those snapshots first \
+                     (reverting to one of them needs the volume's layers), then detach it",
+                    names.join(", ")
+                ),
+            ));
+        }
         let done = sqlx::query(
             "UPDATE volumes SET status = 'detaching', updated_at = $1 \
              WHERE id = $2 AND status = 'attached' AND vm_id = $3",

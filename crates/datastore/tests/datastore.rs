@@ -1053,7 +1053,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
         .await
         .expect("begin");
     assert_eq!(snap.status, SnapshotStatus::Creating);
-    ds.snapshot_ready(s1, true, 42).await.expect("ready");
+    ds.snapshot_ready(s1, true, 42, &[]).await.expect("ready");
     finish(ds, job.id, vm).await;
     let dup = ds
         .snapshot_begin(
@@ -1068,6 +1068,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     assert_eq!(dup.error_code(), "name_in_use");
     let found = ds.snapshot_find(vm, "s1").await.expect("find").expect("s1");
     assert_eq!((found.quiesced, found.bytes), (Some(true), Some(42)));
+    assert!(found.volumes.is_empty());
     let job = ds
         .snapshot_delete_begin(s1, vm, &new_job(&fx, "vm_snapshot_delete", vm))
         .await
@@ -1119,6 +1120,39 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     );
     ds.volume_set_size(v.id, 32 << 20).await.expect("grow");
     assert_eq!(ds.volume_get(v.id).await.expect("get").size_bytes, 32 << 20);
+    // A snapshot that covers the volume holds it: no detach until it goes.
+    let s2 = stratus_common::SnapshotId::new();
+    let (_, job) = ds
+        .snapshot_begin(
+            s2,
+            vm,
+            fx.project,
+            "with data",
+            &new_job(&fx, "vm_snapshot_create", vm),
+        )
+        .await
+        .expect("begin");
+    let other = stratus_common::VolumeId::new();
+    ds.snapshot_ready(s2, false, 7, &[other, v.id])
+        .await
+        .expect("ready");
+    finish(ds, job.id, vm).await;
+    assert_eq!(
+        ds.snapshot_get(s2).await.expect("get").volumes,
+        vec![other, v.id]
+    );
+    let held = ds
+        .volume_detach_begin(v.id, vm, &new_job(&fx, "vm_volume_detach", vm))
+        .await
+        .expect_err("covered");
+    assert_eq!(held.error_code(), "volume_in_snapshot");
+    assert!(held.to_string().contains("\"with data\""), "{held}");
+    assert_eq!(
+        ds.vm_get(vm).await.expect("vm").active_job_id,
+        None,
+        "the refused detach left the VM free"
+    );
+    ds.snapshot_forget(&[s2]).await.expect("forget");
     let job = ds
         .volume_detach_begin(v.id, vm, &new_job(&fx, "vm_volume_detach", vm))
         .await

@@ -657,12 +657,21 @@ impl Driver for SimDriver {
         if vm.snapshots.len() >= MAX_SNAPSHOTS {
             return Err(crate::snapshot::limit_error(id));
         }
+        // Like the QEMU driver's, the snapshot covers every volume attached now.
+        let mut volumes: Vec<uuid::Uuid> = self
+            .lock_volumes()
+            .values()
+            .filter(|v| v.attached_to == Some(id))
+            .map(|v| v.spec.volume_id)
+            .collect();
+        volumes.sort();
         let info = SnapshotInfo {
             snapshot_id: req.snapshot_id,
             name: req.name.clone(),
             created_at: Utc::now(),
             quiesced: vm.state == VmRuntimeState::Running,
             bytes: 0,
+            volumes,
         };
         vm.snapshots.push(info.clone());
         Ok(info)
@@ -784,6 +793,26 @@ impl Driver for SimDriver {
 
     async fn vm_volume_detach(&self, vm: VmId, volume_id: uuid::Uuid) -> Result<(), DriverError> {
         self.delay().await;
+        // The VM table stays locked so no snapshot is taken meanwhile.
+        let vms = self.lock();
+        if let Some(owner) = vms.get(&vm) {
+            let covering: Vec<String> = owner
+                .snapshots
+                .iter()
+                .filter(|s| s.volumes.contains(&volume_id))
+                .map(|s| format!("{:?}", s.name))
+                .collect();
+            if !covering.is_empty() {
+                return Err(DriverError::VolumeConflict {
+                    id: volume_id,
+                    reason: format!(
+                        "cannot detach it from VM {vm}: the VM's snapshot(s) {} cover it; delete \
+                         those snapshots first (reverting to one of them needs the volume's layers)",
+                        covering.join(", ")
+                    ),
+                });
+            }
+        }
         if let Some(volume) = self.lock_volumes().get_mut(&volume_id) {
             if volume.attached_to == Some(vm) {
                 volume.attached_to = None;

@@ -1,8 +1,9 @@
 //! Disk snapshots as a driver takes them: what the agent asks for
 //! ([`SnapshotRequest`]) and what it gets back ([`SnapshotInfo`]).
 //!
-//! A snapshot freezes the VM's disk at one moment so it can be reverted to
-//! later. Snapshots are *external*: each one turns the disk layer written
+//! A snapshot freezes every disk of the VM at one moment (its own disk and
+//! each data volume attached then, in one operation, so they are consistent
+//! with each other) so it can be reverted to later. Snapshots are *external*: each one turns the disk layer written
 //! until then into a read-only layer and puts a new, empty layer on top, so
 //! taking one costs the same whatever the disk's size. Every snapshot adds a
 //! layer every read may have to look through, which is why a VM may hold at
@@ -15,7 +16,13 @@
 //!  base image ◄── S1's layer ◄── S2's layer ◄── active layer (the VM writes here)
 //!  (shared,        (frozen)        (frozen)
 //!   never written)
+//!  volume V   ◄── S1's layer ◄── S2's layer ◄── active layer   (each attached volume alike)
 //! ```
+//!
+//! A volume attached after a snapshot is not in it ([`SnapshotInfo::volumes`]
+//! says which are): reverting to that snapshot leaves such a volume as it
+//! is. A volume some snapshot covers cannot be detached (its layers belong
+//! to the VM's snapshots until they are deleted).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -41,7 +48,7 @@ pub struct SnapshotRequest {
     pub name: String,
 }
 
-/// A snapshot of a VM's disk.
+/// A snapshot of a VM's disks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     pub snapshot_id: uuid::Uuid,
@@ -52,10 +59,14 @@ pub struct SnapshotInfo {
     /// crash-consistent). Always false for a snapshot of a stopped VM: no
     /// guest ran to freeze (a VM stopped gracefully left its disk clean).
     pub quiesced: bool,
-    /// Bytes allocated in the layer this snapshot froze: the data written
-    /// between the previous snapshot and this one (plus what merging deleted
-    /// snapshots below brought in).
+    /// Bytes allocated in the layers this snapshot froze (the VM's disk and
+    /// its volumes): the data written between the previous snapshot and this
+    /// one (plus what merging deleted snapshots below brought in).
     pub bytes: u64,
+    /// The data volumes attached when the snapshot was taken, whose layers
+    /// it froze too. Empty in records from before snapshots covered volumes.
+    #[serde(default)]
+    pub volumes: Vec<uuid::Uuid>,
 }
 
 impl SnapshotRequest {

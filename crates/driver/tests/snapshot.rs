@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use stratus_common::VmId;
 use stratus_driver::{
-    BackupMode, BackupParent, BackupRequest, Driver, DriverError, QemuDriver, SnapshotInfo,
-    SnapshotRequest, VmRuntimeState, MAX_SNAPSHOTS,
+    BackupMode, BackupParent, BackupRequest, Driver, DriverError, ImageFormat, QemuDriver,
+    SnapshotInfo, SnapshotRequest, VmRuntimeState, VolumeSpec, MAX_SNAPSHOTS,
 };
 
 const MIB: u64 = 1 << 20;
@@ -303,4 +303,289 @@ async fn real_qemu_incremental_backup_across_a_snapshot() {
     assert_eq!(d.vm_snapshot_list(id).await.expect("list").len(), 16);
     assert_eq!(host_sha256(&g.disk), base_sum, "base image unchanged");
     d.vm_destroy(id).await.expect("destroy");
+}
+
+/// The guest's block device of a volume (found by its serial: `/dev/vdX`
+/// names follow probe order), waiting until the guest has it.
+async fn volume_dev(d: &QemuDriver, id: VmId, volume: uuid::Uuid) -> String {
+    let serial = stratus_driver::volume_serial(volume);
+    let script = format!(
+        "for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = {serial} ] && \
+         echo /dev/${{b##*/}}; done; true"
+    );
+    let t = Instant::now();
+    loop {
+        let out = sh(d, id, &script).await;
+        if let Some(dev) = out.split_whitespace().next() {
+            return dev.to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest has no disk with serial {serial}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes `mib` MiB of random data at MiB `at` of a volume, flushed.
+async fn volume_write(d: &QemuDriver, id: VmId, dev: &str, at: u64, mib: u64) {
+    sh(
+        d,
+        id,
+        &format!(
+            "dd if=/dev/urandom of={dev} bs=64k seek={} count={} conv=notrunc 2>/dev/null && sync",
+            at * 16,
+            mib * 16
+        ),
+    )
+    .await;
+}
+
+/// SHA-256 of the first `mib` MiB of a volume, read from the disk (the
+/// guest's page cache dropped first).
+async fn volume_sum(d: &QemuDriver, id: VmId, dev: &str, mib: u64) -> String {
+    sh(
+        d,
+        id,
+        &format!(
+            "sync && echo 3 > /proc/sys/vm/drop_caches && \
+             dd if={dev} bs=64k count={} 2>/dev/null | sha256sum",
+            mib * 16
+        ),
+    )
+    .await
+    .split_whitespace()
+    .next()
+    .expect("sha256sum output")
+    .to_string()
+}
+
+/// The guest-visible size of a volume, in bytes.
+async fn volume_size(d: &QemuDriver, id: VmId, dev: &str) -> u64 {
+    let name = dev.trim_start_matches("/dev/");
+    sh(d, id, &format!("cat /sys/block/{name}/size"))
+        .await
+        .trim()
+        .parse::<u64>()
+        .expect("sectors")
+        * 512
+}
+
+/// One snapshot covers the VM's disk and its attached volume (a clone of
+/// the guest image, like the VM's disk): data written to both, snapshot,
+/// more data, live merge keeps the newest data on both; the volume cannot
+/// be detached while a snapshot covers it; a second snapshot, a volume
+/// attached after it, a live grow, a stop and start that keep both chains;
+/// a revert brings both covered disks back to the snapshot and leaves the
+/// later volume alone; with the snapshots gone the volume detaches as one
+/// file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_snapshots_cover_attached_volumes() {
+    let g = guest_image();
+    let _one_at_a_time = QEMU_LOCK.lock().await;
+    let base_sum = host_sha256(&g.disk);
+    let data = tempfile::tempdir().expect("tempdir");
+    let volumes_dir = data.path().join("driver/volumes");
+    let d = driver(&data.path().join("driver")).await;
+    let s = spec(&g, "snap-volumes");
+    let id = s.id;
+    let _cleanup = KillOnDrop(id);
+    d.vm_create(&s).await.expect("create");
+    let vol = VolumeSpec {
+        volume_id: uuid::Uuid::new_v4(),
+        // The guest image is 64 MiB: a clone is at least that large.
+        size_bytes: 64 * MIB,
+        image: Some(g.disk.clone()),
+        image_format: Some(ImageFormat::Qcow2),
+    };
+    let v = vol.volume_id;
+    d.volume_create(&vol).await.expect("volume");
+    d.vm_volume_attach(id, v)
+        .await
+        .expect("attach while stopped");
+    d.vm_start(id).await.expect("start");
+    wait_ready(&d, id, 1).await;
+    let pid = d
+        .vm_status(id)
+        .await
+        .expect("status")
+        .expect("known")
+        .pid
+        .expect("pid");
+    let dev = volume_dev(&d, id, v).await;
+
+    // Known data on both disks, then one snapshot of both.
+    let sum_a = write_file(&d, id, "a", 1).await;
+    volume_write(&d, id, &dev, 4, 1).await;
+    let vol_at_s1 = volume_sum(&d, id, &dev, 8).await;
+    let s1 = req("s1");
+    let i1 = snapshot(&d, id, &s1).await;
+    assert!(i1.quiesced);
+    assert_eq!(i1.volumes, vec![v], "s1 covers the volume");
+    assert!(i1.bytes >= MIB, "s1 froze a: {}", i1.bytes);
+    let listed = d.vm_snapshot_list(id).await.expect("list");
+    assert_eq!(listed[0].volumes, vec![v]);
+    assert!(
+        volumes_dir
+            .join(format!("{v}.{}.qcow2", s1.snapshot_id))
+            .exists(),
+        "the volume got a layer"
+    );
+
+    // More data on both; the volume is held by s1.
+    let sum_b = write_file(&d, id, "b", 1).await;
+    volume_write(&d, id, &dev, 5, 1).await;
+    let vol_now = volume_sum(&d, id, &dev, 8).await;
+    assert_ne!(vol_now, vol_at_s1);
+    match d.vm_volume_detach(id, v).await {
+        Err(DriverError::VolumeConflict { reason, .. }) => {
+            assert!(
+                reason.contains("\"s1\"") && reason.contains("delete those snapshots first"),
+                "{reason}"
+            );
+        }
+        other => panic!("detach of a covered volume: {other:?}"),
+    }
+
+    // Live merge of s1 on both disks: the newest data stays.
+    let t = Instant::now();
+    d.vm_snapshot_delete(id, s1.snapshot_id)
+        .await
+        .expect("live delete of s1");
+    println!(
+        "TIMING live merge of s1 (disk + volume): {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_running(&d, id, pid, "after the live merge").await;
+    assert_eq!(
+        checksums(&d, id, &["a", "b"]).await,
+        vec![sum_a.clone(), sum_b.clone()]
+    );
+    assert_eq!(
+        volume_sum(&d, id, &dev, 8).await,
+        vol_now,
+        "volume after merge"
+    );
+    assert!(
+        !volumes_dir.join(format!("{v}.qcow2")).exists(),
+        "the volume's first layer was merged away"
+    );
+    let info = d.volume_info(v).await.expect("info").expect("exists");
+    assert_eq!(info.attached_to, Some(id));
+    assert_eq!(info.size_bytes, 64 * MIB);
+
+    // s2, then more data, a second volume attached after s2, a live grow.
+    let vol_at_s2 = vol_now;
+    let s2 = req("s2");
+    let i2 = snapshot(&d, id, &s2).await;
+    assert_eq!(i2.volumes, vec![v]);
+    let sum_c = write_file(&d, id, "c", 1).await;
+    volume_write(&d, id, &dev, 0, 1).await;
+    let vol_after_s2 = volume_sum(&d, id, &dev, 8).await;
+    let later = VolumeSpec {
+        volume_id: uuid::Uuid::new_v4(),
+        size_bytes: 8 * MIB,
+        image: None,
+        image_format: None,
+    };
+    let w = later.volume_id;
+    d.volume_create(&later).await.expect("second volume");
+    d.vm_volume_attach(id, w).await.expect("hot-plug after s2");
+    let wdev = volume_dev(&d, id, w).await;
+    volume_write(&d, id, &wdev, 0, 2).await;
+    let later_sum = volume_sum(&d, id, &wdev, 4).await;
+    let grown = d.volume_resize(v, 80 * MIB).await.expect("live grow");
+    assert_eq!(grown.size_bytes, 80 * MIB);
+    let t = Instant::now();
+    while volume_size(&d, id, &dev).await != 80 * MIB {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest sees the growth"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Both chains survive a stop and start.
+    d.vm_stop(id, Duration::from_secs(30)).await.expect("stop");
+    d.vm_start(id).await.expect("start");
+    wait_ready(&d, id, 2).await;
+    let dev = volume_dev(&d, id, v).await;
+    let wdev = volume_dev(&d, id, w).await;
+    assert_eq!(
+        checksums(&d, id, &["a", "b", "c"]).await,
+        vec![sum_a.clone(), sum_b.clone(), sum_c.clone()]
+    );
+    assert_eq!(volume_sum(&d, id, &dev, 8).await, vol_after_s2);
+    assert_eq!(volume_sum(&d, id, &wdev, 4).await, later_sum);
+    assert_eq!(volume_size(&d, id, &dev).await, 80 * MIB);
+
+    // Revert to s2: the VM disk and the covered volume go back, the later
+    // volume stays as it is, the grown volume keeps its size.
+    d.vm_stop(id, Duration::from_secs(30)).await.expect("stop");
+    let t = Instant::now();
+    let dropped = d
+        .vm_snapshot_revert(id, s2.snapshot_id)
+        .await
+        .expect("revert");
+    println!(
+        "TIMING revert to s2 (disk + volume): {} ms",
+        t.elapsed().as_millis()
+    );
+    assert!(dropped.is_empty());
+    d.vm_start(id).await.expect("start");
+    wait_ready(&d, id, 3).await;
+    let dev = volume_dev(&d, id, v).await;
+    let wdev = volume_dev(&d, id, w).await;
+    assert_eq!(
+        checksums(&d, id, &["a", "b", "c"]).await,
+        vec![sum_a.clone(), sum_b.clone(), "absent".into()]
+    );
+    assert_eq!(volume_sum(&d, id, &dev, 8).await, vol_at_s2, "volume at s2");
+    assert_eq!(
+        volume_sum(&d, id, &wdev, 4).await,
+        later_sum,
+        "the volume attached after s2 is untouched"
+    );
+    assert_eq!(volume_size(&d, id, &dev).await, 80 * MIB);
+
+    // s2 merged live; then the volume detaches and is one file again.
+    d.vm_snapshot_delete(id, s2.snapshot_id)
+        .await
+        .expect("live delete of s2");
+    assert_eq!(volume_sum(&d, id, &dev, 8).await, vol_at_s2);
+    d.vm_volume_detach(id, v)
+        .await
+        .expect("detach, uncovered now");
+    let left: Vec<String> = std::fs::read_dir(&volumes_dir)
+        .expect("ls")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with(&v.to_string()) && n.ends_with(".qcow2"))
+        .collect();
+    assert_eq!(left, vec![format!("{v}.qcow2")], "one file again");
+    assert_eq!(
+        d.volume_info(v)
+            .await
+            .expect("info")
+            .expect("exists")
+            .attached_to,
+        None
+    );
+    // The detached volume, attached again, still holds the data.
+    d.vm_volume_attach(id, v).await.expect("attach again");
+    let dev = volume_dev(&d, id, v).await;
+    assert_eq!(
+        volume_sum(&d, id, &dev, 8).await,
+        vol_at_s2,
+        "after re-attach"
+    );
+
+    assert_eq!(host_sha256(&g.disk), base_sum, "base image unchanged");
+    d.vm_destroy(id).await.expect("destroy");
+    for vol in [v, w] {
+        assert!(
+            d.volume_info(vol).await.expect("info").is_some(),
+            "volumes outlive the VM"
+        );
+    }
 }

@@ -317,9 +317,13 @@ pub(crate) async fn snapshot_record(ctx: Ctx) -> Result<Settled, ActionError> {
     let sc = ctx.user_data();
     let id = snapshot_of(&p)?;
     let taken: SnapshotTaken = ctx.lookup("snapshot")?;
-    retry_store(|| sc.ds.snapshot_ready(id, taken.quiesced, taken.bytes))
-        .await
-        .map_err(|e| StepError::internal("recording the snapshot", e))?;
+    let volumes: Vec<VolumeId> = taken.volumes.iter().copied().map(VolumeId).collect();
+    retry_store(|| {
+        sc.ds
+            .snapshot_ready(id, taken.quiesced, taken.bytes, &volumes)
+    })
+    .await
+    .map_err(|e| StepError::internal("recording the snapshot", e))?;
     let message = if taken.quiesced {
         "snapshot taken with the guest's file systems frozen"
     } else {

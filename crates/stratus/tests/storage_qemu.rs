@@ -5,7 +5,8 @@
 //! point is restored into a new VM whose files must have exactly the
 //! checksums written up to that point, and no later file. Interrupted
 //! backups. Snapshots: taken live, deleted (merged) live, reverted, with the
-//! guest's data checked after each. Volumes: hot-plugged, grown, kept.
+//! guest's data checked after each, also across an attached volume.
+//! Volumes: hot-plugged, grown, kept.
 
 mod qemu_world;
 
@@ -480,6 +481,121 @@ fn real_qemu_snapshots_live_take_merge_and_revert_keep_the_data() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vm_not_stopped"), "{err}");
+}
+
+/// Writes 1 MiB of random data at the start of the guest's /dev/vdb.
+fn vdb_write(env: &Env, vm: &str) {
+    sh(
+        env,
+        vm,
+        "dd if=/dev/urandom of=/dev/vdb bs=1M count=1 conv=notrunc 2>/dev/null && sync",
+    );
+}
+
+/// SHA-256 of the first MiB of the guest's /dev/vdb, read from the disk
+/// (the guest's page cache dropped first).
+fn vdb_sum(env: &Env, vm: &str) -> String {
+    sh(
+        env,
+        vm,
+        "sync && echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb bs=1M count=1 2>/dev/null | sha256sum",
+    )
+    .split_whitespace()
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}
+
+/// A snapshot covers the VM's disk and its attached volume, through the
+/// CLI: `snapshot list` names the volume, a detach is refused with `409
+/// volume_in_snapshot` while a snapshot covers it, a live delete (merge)
+/// keeps the newest data on both disks, a revert brings both back to the
+/// snapshot, and once no snapshot covers it the volume detaches.
+#[test]
+fn real_qemu_snapshots_cover_the_attached_volume() {
+    let w = world();
+    let env = &w.env;
+    let _kill = running_vm(env, "web");
+    let v = volume(env, &["create", "data", "--size", "16MiB"]);
+    let volume_id = v["id"].as_str().unwrap_or_default().to_string();
+    volume(env, &["attach", "data", "web", "--wait"]);
+    wait_vdb(env, "web", Some(16 << 20));
+
+    let a = write_file(env, "web", "a", 1);
+    vdb_write(env, "web");
+    let s1 = snapshot(env, &["create", "web", "s1"]);
+    assert_eq!(s1["status"], "ready", "{s1}");
+    assert_eq!(s1["volumes"], serde_json::json!([volume_id]), "{s1}");
+    let list = env.json(&["snapshot", "list", "web", "--project", "p", "-o", "json"]);
+    assert_eq!(
+        list["items"][0]["volumes"],
+        serde_json::json!([volume_id]),
+        "{list}"
+    );
+
+    let b = write_file(env, "web", "b", 1);
+    vdb_write(env, "web");
+    let vol_now = vdb_sum(env, "web");
+    let out = env.cli(&["volume", "detach", "data", "--project", "p"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a covered volume must not detach");
+    assert!(
+        err.contains("volume_in_snapshot") && err.contains("\"s1\""),
+        "{err}"
+    );
+    assert_eq!(volume(env, &["show", "data"])["status"], "attached");
+
+    let t = Instant::now();
+    snapshot(env, &["delete", "web", "s1"]);
+    println!(
+        "MEASURED live snapshot delete (merge) of the disk and a volume through the API: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(env.vm("web")["state"], "running");
+    let ab: Vec<(String, String)> = [("a", &a), ("b", &b)]
+        .into_iter()
+        .map(|(f, s)| (f.to_string(), s.clone()))
+        .collect();
+    assert_eq!(checksums(env, "web"), ab, "VM disk after the live merge");
+    assert_eq!(vdb_sum(env, "web"), vol_now, "volume after the live merge");
+
+    let s2 = snapshot(env, &["create", "web", "s2"]);
+    assert_eq!(s2["volumes"], serde_json::json!([volume_id]), "{s2}");
+    write_file(env, "web", "c", 1);
+    vdb_write(env, "web");
+    assert_ne!(vdb_sum(env, "web"), vol_now);
+
+    env.json(&[
+        "vm",
+        "stop",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    snapshot(env, &["revert", "web", "s2"]);
+    env.json(&[
+        "vm",
+        "start",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(env, "web");
+    wait_vdb(env, "web", Some(16 << 20));
+    assert_eq!(checksums(env, "web"), ab, "VM disk at s2");
+    assert_eq!(vdb_sum(env, "web"), vol_now, "volume at s2");
+
+    snapshot(env, &["delete", "web", "s2"]);
+    let v = volume(env, &["detach", "data", "--wait"]);
+    assert_eq!(v["status"], "available", "{v}");
+    wait_vdb(env, "web", None);
 }
 
 /// The guest's view of its second disk: its size in bytes, or `None` while

@@ -1058,7 +1058,7 @@ pub(super) async fn restore(
             &vm.paths.disks().join(&layer),
         )
         .await?;
-        super::snapshot::replace_chain(&vm.paths, &layer)?;
+        super::snapshot::replace_chain(id, &vm.paths, &layer)?;
         tracing::info!(vm = %id, snapshots = chain.snapshots.len(), "restoring in place dropped the VM's snapshots");
     }
     tracing::info!(vm = %id, from = %file.display(), "disk restored from a backup");

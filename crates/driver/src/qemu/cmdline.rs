@@ -273,7 +273,12 @@ pub(crate) struct VolumeDisk {
     pub port: usize,
     /// What the guest sees as the disk's serial.
     pub serial: String,
+    /// The active layer (the volume's own file until a snapshot covers it).
     pub file: std::path::PathBuf,
+    /// The node of the layer below the active one, for a volume with
+    /// snapshot layers (their `-blockdev`s come first, see `volume.rs`);
+    /// `None`: QEMU opens what the file's header names.
+    pub backing: Option<String>,
 }
 
 /// The `-blockdev` (JSON, like disk0's) and `-device` of one volume.
@@ -284,12 +289,16 @@ pub(crate) fn volume_blockdev(v: &VolumeDisk) -> Result<serde_json::Value, Drive
             v.file.display()
         ))
     })?;
-    Ok(json!({
+    let mut blockdev = json!({
         "driver": "qcow2",
         "node-name": v.node,
         "discard": "unmap",
         "file": { "driver": "file", "filename": file },
-    }))
+    });
+    if let Some(backing) = &v.backing {
+        blockdev["backing"] = json!(backing);
+    }
+    Ok(blockdev)
 }
 
 /// Arguments that add the VM's attached volumes, in attachment order, each
@@ -521,6 +530,7 @@ mod tests {
             port,
             serial: format!("serial{name}"),
             file: format!("/d/volumes/{name}.qcow2").into(),
+            backing: None,
         };
         let args = volume_args(&[vol(2, "b"), vol(0, "a")]).expect("args");
         assert_eq!(args.len(), 8);

@@ -680,8 +680,10 @@ impl Shared {
                 })?;
             }
         }
-        // Volumes outlive the VM: forget its attachments first, so even a
+        // Volumes outlive the VM: each becomes one file again (snapshot
+        // layers flattened), then its attachment is forgotten, so even a
         // directory removal that fails half-way leaves them free.
+        volume::release_all(self, vm).await?;
         remove_file_if_exists(&vm.paths.volumes_json)?;
         // A VM in a shared pool: its disks first (the link is how they are
         // found, so it goes last).

@@ -1,5 +1,7 @@
 //! Live and offline disk snapshots for the QEMU driver (the contract is in
-//! [`crate::snapshot`]): an external qcow2 chain in the VM's directory.
+//! [`crate::snapshot`]): an external qcow2 chain per disk of the VM (its own
+//! disk in the VM's directory, each attached volume in the host's volume
+//! directory), all recorded in one file.
 //!
 //! # The chain
 //!
@@ -7,9 +9,23 @@
 //!   base image ◄─ disk.qcow2 ◄─ disk.<S1>.qcow2 ◄─ disk.<S2>.qcow2   (active: the VM writes here)
 //!   (shared, read-only,  │ frozen by S1      │ frozen by S2
 //!    never written)      │                   │
+//!   volume V (attached after S1):
+//!   V's image ◄─ <V>.qcow2 ◄─ <V>.<S2>.qcow2                          (active)
+//!                   │ frozen by S2
 //!   snapshots.json: { active: "disk.<S2>.qcow2",
-//!                     snapshots: [ {S1, file: "disk.qcow2"}, {S2, file: "disk.<S1>.qcow2"} ] }
+//!                     snapshots: [ {S1, file: "disk.qcow2"},
+//!                                  {S2, file: "disk.<S1>.qcow2",
+//!                                       volumes: [{V, file: "<V>.qcow2"}]} ],
+//!                     volumes: { V: "<V>.<S2>.qcow2" } }
 //! ```
+//!
+//! A volume's chain is the layers the snapshots that cover it froze, in
+//! order, then its active layer (`volumes`, or its own file `<V>.qcow2`
+//! when it has none). A snapshot covers the volumes attached when it was
+//! taken; a volume it covers cannot be detached (`volume.rs` refuses), so
+//! every later snapshot covers it too and the chain has no gaps. One record
+//! for all disks is what makes "one operation across all the VM's disks"
+//! crash-safe: it is written once, atomically, whatever the number of disks.
 //!
 //! Snapshot S_i freezes the layer written until then (its `file`) and puts a
 //! new empty overlay `disk.<S_i>.qcow2` (backing file: the frozen layer) on
@@ -25,26 +41,32 @@
 //!
 //! # Taking a snapshot
 //!
-//! Running VM: `qemu-img create -u` the overlay (unsafe mode: the backing
-//! file is open read-write in QEMU and cannot be opened again), `blockdev-add`
-//! it without a backing file, record the new chain, freeze the guest's file
+//! Running VM, for every disk (the VM's and each attached volume's):
+//! `qemu-img create -u` the overlay (unsafe mode: the backing file is open
+//! read-write in QEMU and cannot be opened again), `blockdev-add` it without
+//! a backing file; then record the new chains, freeze the guest's file
 //! systems through the guest agent if it answers (`guest-fsfreeze-freeze`),
-//! then one QMP `transaction`: `blockdev-snapshot` (the overlay goes on top of
-//! the active node, which QEMU reopens read-only and stores its persistent
-//! bitmaps in) plus, for every `stratus-backup-*` bitmap of the old active
-//! node, a persistent `block-dirty-bitmap-add` of the same name on the new
-//! node, so backup change tracking continues on the new layer without missing
-//! a write; then thaw, whatever happened. Recording the chain *before* the
-//! switch is what makes a crash safe: an agent that dies in between leaves a
-//! record whose active layer is an empty overlay over the old active one,
-//! which reads the same as the disk.
+//! and run ONE QMP `transaction`: per disk a `blockdev-snapshot` (the overlay
+//! goes on top of the active node, which QEMU reopens read-only and stores
+//! its persistent bitmaps in) plus, for every `stratus-backup-*` bitmap of
+//! the old active node, a persistent `block-dirty-bitmap-add` of the same
+//! name on the new node, so backup change tracking continues on the new
+//! layer without missing a write; then thaw, whatever happened. The
+//! transaction switches every disk or none. Recording the chains *before*
+//! the switch is what makes a crash safe: an agent that dies in between
+//! leaves a record whose active layers are empty overlays over the old
+//! active ones, which read the same as the disks; the retried create (same
+//! snapshot id) finds the record and runs the switch QEMU never saw
+//! (`finish_switch`), so the frozen layers are never written again.
 //!
-//! Stopped VM: `qemu-img create` the overlay, `qemu-img bitmap --add` the
-//! same bitmaps to it, record the chain.
+//! Stopped VM: `qemu-img create` each overlay, `qemu-img bitmap --add` the
+//! same bitmaps to it, record the chains.
 //!
 //! # Deleting a snapshot (merging its layer)
 //!
-//! Deleting S_i removes its frozen layer L_i: its data is pulled *up* into
+//! Deleting S_i removes its frozen layer L_i in every disk it covers (one
+//! stream per disk, one after the other; the record changes once, when all
+//! are done): its data is pulled *up* into
 //! the layer above it (the next snapshot's layer, or the active one) and that
 //! layer's backing file becomes the layer below L_i (the previous snapshot's
 //! layer, or the base image). Running: a `block-stream` job on the layer
@@ -70,18 +92,25 @@
 //!
 //! # Reverting (stopped VMs only)
 //!
-//! A fresh empty overlay on top of S's frozen layer becomes the active layer;
-//! the layers of the snapshots taken after S, and the old active layer, are
-//! dropped with their records. The new layer has no backup bitmaps, so the
-//! next backup is a full one ("bitmap ... is missing ... reverted to a
+//! In every disk S covers, a fresh empty overlay on top of S's frozen layer
+//! becomes the active layer (a volume's keeps the volume's current size: it
+//! may have grown since); the layers of the snapshots taken after S, and the
+//! old active layers, are dropped with their records. A volume S does not
+//! cover was attached after S: it keeps its data, the layers the dropped
+//! snapshots froze in it flattened into its active layer first (`qemu-img
+//! rebase` onto its image). The new VM disk layer has no backup bitmaps, so
+//! the next backup is a full one ("bitmap ... is missing ... reverted to a
 //! snapshot").
 //!
 //! # Concurrency
 //!
-//! Snapshot operations hold the VM's backup lock (refusing while a backup
-//! runs: both rearrange the same block graph) and its operation lock, but
-//! for the stream's copy.
+//! Snapshot operations hold the locks of the attached volumes (taken first,
+//! as every volume operation takes its volume's lock before the VM's
+//! operation lock: no attach, detach or resize meanwhile), the VM's backup
+//! lock (refusing while a backup runs: both rearrange the same block graph)
+//! and its operation lock, but for the streams' copy.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,13 +123,13 @@ use sha2::{Digest, Sha256};
 use stratus_common::VmId;
 
 use super::cmdline::{DiskLaunch, DiskLayer};
-use super::image::run_qemu_img;
+use super::image::{self, run_qemu_img};
 use super::layout::{read_json, remove_file_if_exists, write_json, VmPaths};
 use super::qga::QgaConn;
 use super::qmp::{execute, QmpService};
-use super::{process, Shared, VmEntry, QMP_TIMEOUT};
+use super::{process, volume, Shared, VmEntry, QMP_TIMEOUT};
 use crate::snapshot::{limit_error, name_taken};
-use crate::{DriverError, QemuSaid, SnapshotInfo, SnapshotRequest, MAX_SNAPSHOTS};
+use crate::{DriverError, ImageFormat, QemuSaid, SnapshotInfo, SnapshotRequest, MAX_SNAPSHOTS};
 
 /// The base image's node name.
 pub(super) const BASE_NODE: &str = "base0";
@@ -131,19 +160,38 @@ pub(super) struct SnapshotRecord {
     pub quiesced: bool,
     /// The file (in the VM directory) holding the layer this snapshot froze.
     pub file: String,
-    /// Bytes allocated in that layer when last measured (reported when it
+    /// Bytes allocated in its layers when last measured (reported when they
     /// cannot be measured again).
     pub bytes: u64,
+    /// The layer it froze in each volume attached when it was taken (none
+    /// in records from before snapshots covered volumes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeLayer>,
 }
 
-/// `snapshots.json`: the disk's layers, bottom to top.
+/// The layer a snapshot froze in one volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct VolumeLayer {
+    pub volume_id: uuid::Uuid,
+    /// The file, in the host's volume directory.
+    pub file: String,
+}
+
+/// `snapshots.json`: the layers of every disk of the VM, bottom to top.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Chain {
     /// The file (in the VM directory) the VM writes to.
     pub active: String,
     /// Oldest first. `snapshots[0].file` is backed by the base image (or
     /// nothing), each next one by the previous one, `active` by the last.
+    /// A volume's layers are the ones the snapshots that cover it froze, in
+    /// the same order.
     pub snapshots: Vec<SnapshotRecord>,
+    /// The active layer of each attached volume whose active layer is not
+    /// its own file `<volume-id>.qcow2` (it has been snapshotted); a volume
+    /// missing here writes to its own file.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<uuid::Uuid, String>,
 }
 
 impl Default for Chain {
@@ -151,12 +199,67 @@ impl Default for Chain {
         Chain {
             active: FIRST_FILE.into(),
             snapshots: Vec::new(),
+            volumes: BTreeMap::new(),
+        }
+    }
+}
+
+/// One of the VM's disks: its own, or an attached data volume. Each has a
+/// chain of layers recorded in the VM's `snapshots.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Disk {
+    /// The VM's own disk (`disk*.qcow2` in its disk directory).
+    Vm,
+    /// A volume (`<volume-id>*.qcow2` in the host's volume directory).
+    Volume(uuid::Uuid),
+}
+
+impl std::fmt::Display for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Disk::Vm => f.write_str("the VM's disk"),
+            Disk::Volume(v) => write!(f, "volume {v}"),
+        }
+    }
+}
+
+impl Disk {
+    /// The node name of one of its layer files.
+    fn node(self, file: &str) -> String {
+        match self {
+            Disk::Vm => node_name(file),
+            Disk::Volume(v) => volume::layer_node(v, file),
+        }
+    }
+
+    /// The file of the overlay snapshot (or revert) `id` puts on top.
+    fn overlay(self, id: uuid::Uuid) -> String {
+        match self {
+            Disk::Vm => overlay_file(id),
+            Disk::Volume(v) => volume::overlay_file(v, id),
+        }
+    }
+
+    /// The directory its layer files are in.
+    fn dir(self, shared: &Shared, paths: &VmPaths) -> PathBuf {
+        match self {
+            Disk::Vm => paths.disks(),
+            Disk::Volume(_) => volume::volumes_dir(shared),
+        }
+    }
+
+    /// Its merge (block-stream) job's id for snapshot `id`: stable, so a
+    /// retry finds the job an interrupted attempt left.
+    fn merge_job(self, id: uuid::Uuid) -> String {
+        match self {
+            Disk::Vm => merge_job_id(id),
+            Disk::Volume(v) => format!("{}-{}", merge_job_id(id), crate::volume_serial(v)),
         }
     }
 }
 
 impl Chain {
-    /// The layer files, bottom to top (the active one last).
+    /// The VM disk's layer files, bottom to top (the active one last).
     fn files(&self) -> Vec<&str> {
         self.snapshots
             .iter()
@@ -171,11 +274,86 @@ impl Chain {
             .position(|s| s.snapshot_id == snapshot_id)
     }
 
-    /// The layer above snapshot `k`'s layer: the next snapshot's, or the active one.
-    fn above(&self, k: usize) -> &str {
+    /// The file the disk writes to.
+    pub(super) fn active_of(&self, disk: Disk) -> String {
+        match disk {
+            Disk::Vm => self.active.clone(),
+            Disk::Volume(v) => self
+                .volumes
+                .get(&v)
+                .cloned()
+                .unwrap_or_else(|| volume::own_file(v)),
+        }
+    }
+
+    pub(super) fn set_active(&mut self, disk: Disk, file: String) {
+        match disk {
+            Disk::Vm => self.active = file,
+            Disk::Volume(v) if file == volume::own_file(v) => {
+                self.volumes.remove(&v);
+            }
+            Disk::Volume(v) => {
+                self.volumes.insert(v, file);
+            }
+        }
+    }
+
+    /// The file snapshot `k` froze in the disk; `None` if it does not cover it.
+    fn frozen(&self, k: usize, disk: Disk) -> Option<&str> {
+        let s = self.snapshots.get(k)?;
+        match disk {
+            Disk::Vm => Some(s.file.as_str()),
+            Disk::Volume(v) => s
+                .volumes
+                .iter()
+                .find(|l| l.volume_id == v)
+                .map(|l| l.file.as_str()),
+        }
+    }
+
+    /// The disks snapshot `k` covers: the VM's, then its volumes.
+    fn disks_of(&self, k: usize) -> Vec<Disk> {
+        std::iter::once(Disk::Vm)
+            .chain(
+                self.snapshots
+                    .get(k)
+                    .into_iter()
+                    .flat_map(|s| s.volumes.iter().map(|l| Disk::Volume(l.volume_id))),
+            )
+            .collect()
+    }
+
+    /// The disk's layer files, bottom to top (the active one last).
+    pub(super) fn files_of(&self, disk: Disk) -> Vec<String> {
+        (0..self.snapshots.len())
+            .filter_map(|k| self.frozen(k, disk).map(str::to_string))
+            .chain(std::iter::once(self.active_of(disk)))
+            .collect()
+    }
+
+    /// The layer above snapshot `k`'s in the disk: the next snapshot's that
+    /// covers it, or the active one.
+    fn above(&self, k: usize, disk: Disk) -> String {
+        (k + 1..self.snapshots.len())
+            .find_map(|j| self.frozen(j, disk).map(str::to_string))
+            .unwrap_or_else(|| self.active_of(disk))
+    }
+
+    /// The layer below snapshot `k`'s in the disk: the previous snapshot's
+    /// that covers it; `None`: `k`'s is the disk's bottom layer.
+    fn below(&self, k: usize, disk: Disk) -> Option<String> {
+        (0..k)
+            .rev()
+            .find_map(|j| self.frozen(j, disk).map(str::to_string))
+    }
+
+    /// The names of the snapshots that cover the volume.
+    pub(super) fn covering(&self, volume_id: uuid::Uuid) -> Vec<String> {
         self.snapshots
-            .get(k + 1)
-            .map_or(self.active.as_str(), |s| s.file.as_str())
+            .iter()
+            .filter(|s| s.volumes.iter().any(|l| l.volume_id == volume_id))
+            .map(|s| s.name.clone())
+            .collect()
     }
 }
 
@@ -187,6 +365,7 @@ impl SnapshotRecord {
             created_at: self.created_at,
             quiesced: self.quiesced,
             bytes,
+            volumes: self.volumes.iter().map(|l| l.volume_id).collect(),
         }
     }
 }
@@ -217,7 +396,7 @@ pub(super) fn read_chain(paths: &VmPaths) -> Result<Chain, DriverError> {
     Ok(read_json::<Chain>(&paths.snapshots_json(), "snapshot records")?.unwrap_or_default())
 }
 
-fn write_chain(paths: &VmPaths, chain: &Chain) -> Result<(), DriverError> {
+pub(super) fn write_chain(paths: &VmPaths, chain: &Chain) -> Result<(), DriverError> {
     write_json(&paths.snapshots_json(), "snapshot records", chain)
 }
 
@@ -241,12 +420,35 @@ fn remove_orphans(paths: &VmPaths, chain: &Chain) {
     }
 }
 
-/// Makes `file` the VM's only layer, dropping every snapshot (a disk restored
-/// in place from a backup). Caller holds `vm.op`, the VM is stopped.
-pub(super) fn replace_chain(paths: &VmPaths, file: &str) -> Result<(), DriverError> {
+/// Removes the layer files of the volumes the chain no longer names (see
+/// [`volume::remove_layer_orphans`]). Caller holds `vm.op` and the volumes'
+/// locks.
+fn remove_volume_orphans(shared: &Shared, chain: &Chain, volumes: &[uuid::Uuid]) {
+    for v in volumes {
+        volume::remove_layer_orphans(shared, *v, &chain.files_of(Disk::Volume(*v)));
+    }
+}
+
+/// Makes `file` the VM disk's only layer, dropping every snapshot (a disk
+/// restored in place from a backup). Refused while a snapshot covers a
+/// volume: dropping it would strand the volume's layers. Caller holds
+/// `vm.op`, the VM is stopped.
+pub(super) fn replace_chain(id: VmId, paths: &VmPaths, file: &str) -> Result<(), DriverError> {
+    let old = read_chain(paths)?;
+    if let Some(s) = old.snapshots.iter().find(|s| !s.volumes.is_empty()) {
+        return Err(DriverError::Conflict {
+            id,
+            difference: format!(
+                "its snapshot {:?} covers data volumes too, and restoring the disk in place \
+                 drops every snapshot; delete the snapshots that cover volumes first",
+                s.name
+            ),
+        });
+    }
     let chain = Chain {
         active: file.into(),
         snapshots: Vec::new(),
+        volumes: old.volumes,
     };
     write_chain(paths, &chain)?;
     remove_orphans(paths, &chain);
@@ -561,17 +763,69 @@ async fn lock_vm<'a>(
     }
     Ok((backup, op, pid))
 }
+/// The block device of one of the VM's disks as `query-block` reports it;
+/// its node is the disk's active layer. A volume recorded as attached but
+/// not plugged into the running QEMU (a hot-plug that failed on a retry)
+/// is an error: its layers cannot be switched.
+async fn disk_block(
+    qmp: &QmpService,
+    id: VmId,
+    disk: Disk,
+) -> Result<q::BlockDeviceInfo, DriverError> {
+    let Disk::Volume(v) = disk else {
+        return disk_device(qmp).await;
+    };
+    let device = volume::device_id(v);
+    let blocks = execute(qmp, q::query_block {}, QMP_TIMEOUT, "find a volume").await?;
+    blocks
+        .into_iter()
+        .find(|b| b.qdev.as_deref().is_some_and(|q| q.contains(&device)))
+        .and_then(|b| b.inserted)
+        .ok_or_else(|| {
+            DriverError::qemu(
+                format!("volume {v} is attached to VM {id} but not plugged into its QEMU"),
+                QemuSaid("attach the volume again, or stop and start the VM".into()),
+            )
+        })
+}
 
-/// Takes snapshot `req` of VM `id`. See the module docs.
+/// One disk's part in taking a snapshot: the layer it freezes and the new
+/// overlay that goes on top.
+struct Step {
+    disk: Disk,
+    dir: PathBuf,
+    frozen: String,
+    new: String,
+}
+
+impl Step {
+    fn frozen_path(&self) -> PathBuf {
+        self.dir.join(&self.frozen)
+    }
+
+    fn new_path(&self) -> PathBuf {
+        self.dir.join(&self.new)
+    }
+}
+
+/// Takes snapshot `req` of VM `id`: of its disk and of every volume attached
+/// now, in one operation. See the module docs.
 pub(super) async fn create(
     shared: &Arc<Shared>,
     id: VmId,
     req: &SnapshotRequest,
 ) -> Result<SnapshotInfo, DriverError> {
     let vm = shared.existing(id)?;
+    let (attached, _volume_locks) = volume::lock_attached(shared, &vm).await?;
     let (_backup, _op, pid) = lock_vm(shared, &vm, "snapshot").await?;
     let mut chain = read_chain(&vm.paths)?;
     if let Some(k) = chain.position(req.snapshot_id) {
+        if pid.is_some() {
+            // An earlier attempt recorded the snapshot; make sure QEMU was
+            // switched to the new layers too (it may have died in between).
+            let qmp = shared.qmp(&vm).await?;
+            finish_switch(shared, &vm, &qmp, &chain, k).await?;
+        }
         let rec = &chain.snapshots[k];
         return Ok(rec.info(rec.bytes));
     }
@@ -583,82 +837,131 @@ pub(super) async fn create(
         return Err(limit_error(id));
     }
     let started = Instant::now();
-    let frozen_file = chain.active.clone();
-    let frozen_path = vm.paths.disks().join(&frozen_file);
-    let new_file = overlay_file(req.snapshot_id);
-    let new_path = vm.paths.disks().join(&new_file);
-    remove_file_if_exists(&new_path)?;
+    let steps: Vec<Step> = std::iter::once(Disk::Vm)
+        .chain(attached.iter().map(|v| Disk::Volume(*v)))
+        .map(|disk| Step {
+            disk,
+            dir: disk.dir(shared, &vm.paths),
+            frozen: chain.active_of(disk),
+            new: disk.overlay(req.snapshot_id),
+        })
+        .collect();
+    for step in &steps {
+        if !step.frozen_path().is_file() {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "snapshot",
+                state: format!(
+                    "missing the layer {} of {}",
+                    step.frozen_path().display(),
+                    step.disk
+                ),
+            });
+        }
+        remove_file_if_exists(&step.new_path())?;
+    }
     let mut record = SnapshotRecord {
         snapshot_id: req.snapshot_id,
         name: req.name.clone(),
         created_at: Utc::now(),
         quiesced: false,
-        file: frozen_file.clone(),
+        file: chain.active.clone(),
         bytes: 0,
+        volumes: steps
+            .iter()
+            .filter_map(|s| match s.disk {
+                Disk::Volume(volume_id) => Some(VolumeLayer {
+                    volume_id,
+                    file: s.frozen.clone(),
+                }),
+                Disk::Vm => None,
+            })
+            .collect(),
     };
     let qemu_img = &shared.config.qemu_img;
     match pid {
         Some(_) => {
             let qmp = shared.qmp(&vm).await?;
             record.quiesced =
-                switch_live(shared, &vm, &qmp, &mut chain, record.clone(), &new_file).await?;
+                switch_live(shared, &vm, &qmp, &mut chain, record.clone(), &steps).await?;
         }
         None => {
             let created = async {
-                create_overlay(qemu_img, &frozen_path, &new_path, None).await?;
-                for (name, _) in file_bitmaps(qemu_img, &frozen_path).await? {
-                    run_qemu_img(
-                        qemu_img,
-                        &[
-                            "bitmap".as_ref(),
-                            "--add".as_ref(),
-                            "-f".as_ref(),
-                            "qcow2".as_ref(),
-                            new_path.as_os_str(),
-                            name.as_ref(),
-                        ],
-                        &format!("add the backup bitmap {name} to the new disk layer"),
-                    )
-                    .await?;
+                for step in &steps {
+                    create_overlay(qemu_img, &step.frozen_path(), &step.new_path(), None).await?;
+                    copy_bitmaps_offline(qemu_img, &step.frozen_path(), &step.new_path()).await?;
                 }
                 Ok::<_, DriverError>(())
             }
             .await;
-            if let Err(e) = created {
-                let _ = remove_file_if_exists(&new_path);
-                return Err(e);
-            }
+            let old_chain = chain.clone();
             chain.snapshots.push(record.clone());
-            chain.active = new_file.clone();
-            if let Err(e) = write_chain(&vm.paths, &chain) {
-                let _ = remove_file_if_exists(&new_path);
+            for step in &steps {
+                chain.set_active(step.disk, step.new.clone());
+            }
+            if let Err(e) = created.and_then(|()| write_chain(&vm.paths, &chain)) {
+                for step in &steps {
+                    let _ = remove_file_if_exists(&step.new_path());
+                }
+                let _ = write_chain(&vm.paths, &old_chain);
                 return Err(e);
             }
         }
     }
-    record.bytes = match layer_bytes(qemu_img, &frozen_path).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(vm = %id, error = %e, "cannot measure the frozen layer");
-            0
+    let mut bytes = 0;
+    for step in &steps {
+        match layer_bytes(qemu_img, &step.frozen_path()).await {
+            Ok(b) => bytes += b,
+            Err(e) => {
+                tracing::warn!(vm = %id, disk = %step.disk, error = %e, "cannot measure a frozen layer")
+            }
         }
-    };
+    }
+    record.bytes = bytes;
     if let Some(last) = chain.snapshots.last_mut() {
         *last = record.clone();
     }
     write_chain(&vm.paths, &chain)?;
     remove_orphans(&vm.paths, &chain);
+    remove_volume_orphans(shared, &chain, &attached);
     tracing::info!(
         vm = %id,
         snapshot = %req.snapshot_id,
         name = %req.name,
         live = pid.is_some(),
         quiesced = record.quiesced,
+        volumes = attached.len(),
         bytes = record.bytes,
         ms = started.elapsed().as_millis() as u64,
         "snapshot taken"
     );
     Ok(record.info(record.bytes))
+}
+
+/// `qemu-img bitmap --add` to `new` of the backup bitmaps `frozen` holds,
+/// so change tracking goes on in the new layer (the offline counterpart of
+/// the bitmap adds in the live switch).
+async fn copy_bitmaps_offline(
+    qemu_img: &Path,
+    frozen: &Path,
+    new: &Path,
+) -> Result<(), DriverError> {
+    for (name, _) in file_bitmaps(qemu_img, frozen).await? {
+        run_qemu_img(
+            qemu_img,
+            &[
+                "bitmap".as_ref(),
+                "--add".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                new.as_os_str(),
+                name.as_ref(),
+            ],
+            &format!("add the backup bitmap {name} to the new disk layer"),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// `qemu-img create` of an overlay backed by `backing` (qcow2). With `size`,
@@ -696,91 +999,135 @@ async fn create_overlay(
     Ok(())
 }
 
-/// The live part of a snapshot: new overlay, recorded chain, freeze, switch,
-/// thaw. Returns whether the guest was frozen. On failure the chain record
-/// and QEMU are as before. Caller holds `vm.op`.
-async fn switch_live(
-    shared: &Arc<Shared>,
-    vm: &Arc<VmEntry>,
-    qmp: &QmpService,
-    chain: &mut Chain,
-    record: SnapshotRecord,
-    new_file: &str,
-) -> Result<bool, DriverError> {
-    let id = vm.id;
-    let old_node = active_node(qmp).await?;
-    let expected = node_name(&chain.active);
-    if old_node != expected {
-        return Err(DriverError::qemu(
-            format!(
-                "QEMU's active disk layer of VM {id} is not the recorded one ({})",
-                chain.active
-            ),
-            QemuSaid(format!(
-                "active node {old_node}, expected {expected}; stop and start the VM to reopen \
-                 the recorded chain"
-            )),
-        ));
-    }
-    let device = disk_device(qmp).await?;
-    let size = u64::try_from(device.image.base.virtual_size)
-        .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
-    let bitmaps: Vec<String> = device
+/// One disk's switch in the snapshot's transaction: the overlay node goes
+/// on top of the active node, and the backup bitmaps carry over.
+struct Switch {
+    disk: Disk,
+    old_node: String,
+    new_node: String,
+    new_path: PathBuf,
+    bitmaps: Vec<String>,
+    /// The overlay node was added by this call (removed again on failure).
+    added: bool,
+}
+
+/// The `stratus-backup-*` bitmaps of a block device.
+fn backup_bitmaps(device: &q::BlockDeviceInfo) -> Vec<String> {
+    device
         .dirty_bitmaps
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|b| b.name)
+        .iter()
+        .flatten()
+        .filter_map(|b| b.name.clone())
         .filter(|n| n.starts_with(BITMAP_PREFIX))
-        .collect();
-    let old_path = vm.paths.disks().join(&chain.active);
-    let new_path = vm.paths.disks().join(new_file);
-    let new_node = node_name(new_file);
-    let new_path_str = new_path.to_str().ok_or_else(|| {
-        DriverError::io(
-            "the disk layer path is not UTF-8",
-            &new_path,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
-        )
-    })?;
-    create_overlay(&shared.config.qemu_img, &old_path, &new_path, Some(size)).await?;
-    // No backing yet: blockdev-snapshot attaches the active node as backing.
-    let added = async {
-        let options = qcow2_without_backing(&new_node, new_path_str, true)?;
-        execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "snapshot").await?;
-        Ok::<_, DriverError>(())
-    }
-    .await;
-    if let Err(e) = added {
-        let _ = remove_file_if_exists(&new_path);
-        return Err(e);
-    }
-    let old_chain = chain.clone();
-    chain.snapshots.push(record);
-    chain.active = new_file.to_string();
-    if let Err(e) = write_chain(&vm.paths, chain) {
-        *chain = old_chain;
-        drop_node(qmp, id, &new_node).await;
-        let _ = remove_file_if_exists(&new_path);
-        return Err(e);
-    }
-    let mut actions = vec![q::TransactionAction::blockdev_snapshot(
-        q::BlockdevSnapshot {
-            node: old_node.clone(),
-            overlay: new_node.clone(),
+        .collect()
+}
+
+/// Takes back what [`prepare_switch`] did for the switches that never
+/// happened: their nodes and overlay files.
+async fn undo_switches(qmp: &QmpService, id: VmId, switches: &[Switch]) {
+    for s in switches {
+        if s.added {
+            drop_node(qmp, id, &s.new_node).await;
         }
-        .into(),
-    )];
-    for name in &bitmaps {
-        actions.push(q::TransactionAction::block_dirty_bitmap_add(
-            q::BlockDirtyBitmapAdd {
-                node: new_node.clone(),
-                name: name.clone(),
-                persistent: Some(true),
-                disabled: None,
-                granularity: None,
+        let _ = remove_file_if_exists(&s.new_path);
+    }
+}
+
+/// Creates each disk's overlay and adds it to QEMU without a backing file
+/// (`blockdev-snapshot` attaches the active node as its backing). On
+/// failure, whatever was made is removed again.
+async fn prepare_switch(
+    shared: &Arc<Shared>,
+    vm: &VmEntry,
+    qmp: &QmpService,
+    steps: &[Step],
+) -> Result<Vec<Switch>, DriverError> {
+    let id = vm.id;
+    let mut switches = Vec::with_capacity(steps.len());
+    for step in steps {
+        let made = async {
+            let device = disk_block(qmp, id, step.disk).await?;
+            let old_node = device.node_name.clone().unwrap_or_default();
+            let expected = step.disk.node(&step.frozen);
+            if old_node != expected {
+                return Err(DriverError::qemu(
+                    format!(
+                        "QEMU's active layer of {} of VM {id} is not the recorded one ({})",
+                        step.disk, step.frozen
+                    ),
+                    QemuSaid(format!(
+                        "active node {old_node}, expected {expected}; stop and start the VM to \
+                         reopen the recorded chain"
+                    )),
+                ));
+            }
+            let size = u64::try_from(device.image.base.virtual_size).map_err(|e| {
+                DriverError::qemu("QMP query-block reports a negative disk size", e)
+            })?;
+            let new_path = step.new_path();
+            let new_path_str = utf8(&new_path)?;
+            create_overlay(
+                &shared.config.qemu_img,
+                &step.frozen_path(),
+                &new_path,
+                Some(size),
+            )
+            .await?;
+            let new_node = step.disk.node(&step.new);
+            let options = qcow2_without_backing(&new_node, new_path_str, true)?;
+            if let Err(e) = execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "snapshot").await {
+                let _ = remove_file_if_exists(&new_path);
+                return Err(e);
+            }
+            Ok(Switch {
+                disk: step.disk,
+                old_node,
+                new_node,
+                new_path,
+                bitmaps: backup_bitmaps(&device),
+                added: true,
+            })
+        }
+        .await;
+        match made {
+            Ok(s) => switches.push(s),
+            Err(e) => {
+                undo_switches(qmp, id, &switches).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(switches)
+}
+
+/// Freezes the guest, switches every disk in one QMP `transaction`, thaws.
+/// Returns whether the guest was frozen.
+async fn run_switch(
+    vm: &VmEntry,
+    qmp: &QmpService,
+    switches: &[Switch],
+) -> Result<bool, DriverError> {
+    let mut actions = Vec::new();
+    for s in switches {
+        actions.push(q::TransactionAction::blockdev_snapshot(
+            q::BlockdevSnapshot {
+                node: s.old_node.clone(),
+                overlay: s.new_node.clone(),
             }
             .into(),
         ));
+        for name in &s.bitmaps {
+            actions.push(q::TransactionAction::block_dirty_bitmap_add(
+                q::BlockDirtyBitmapAdd {
+                    node: s.new_node.clone(),
+                    name: name.clone(),
+                    persistent: Some(true),
+                    disabled: None,
+                    granularity: None,
+                }
+                .into(),
+            ));
+        }
     }
     let freeze = Freeze::begin(vm).await;
     let switched = execute(
@@ -793,16 +1140,135 @@ async fn switch_live(
         "snapshot",
     )
     .await;
-    let quiesced = freeze.end(id).await;
-    if let Err(e) = switched {
+    let quiesced = freeze.end(vm.id).await;
+    switched?;
+    for s in switches {
+        tracing::debug!(vm = %vm.id, disk = %s.disk, from = %s.old_node, to = %s.new_node, bitmaps = s.bitmaps.len(), "active layer switched");
+    }
+    Ok(quiesced)
+}
+
+/// The live part of a snapshot: new overlays, recorded chain, freeze, one
+/// switch of every disk, thaw. Returns whether the guest was frozen. On
+/// failure the chain record and QEMU are as before. Caller holds `vm.op`.
+async fn switch_live(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    qmp: &QmpService,
+    chain: &mut Chain,
+    record: SnapshotRecord,
+    steps: &[Step],
+) -> Result<bool, DriverError> {
+    let id = vm.id;
+    let switches = prepare_switch(shared, vm, qmp, steps).await?;
+    let old_chain = chain.clone();
+    chain.snapshots.push(record);
+    for step in steps {
+        chain.set_active(step.disk, step.new.clone());
+    }
+    // Recorded before the switch: see the module docs.
+    if let Err(e) = write_chain(&vm.paths, chain) {
         *chain = old_chain;
-        drop_node(qmp, id, &new_node).await;
-        write_chain(&vm.paths, chain)?;
-        let _ = remove_file_if_exists(&new_path);
+        undo_switches(qmp, id, &switches).await;
         return Err(e);
     }
-    tracing::debug!(vm = %id, from = %old_node, to = %new_node, bitmaps = bitmaps.len(), "active disk layer switched");
-    Ok(quiesced)
+    match run_switch(vm, qmp, &switches).await {
+        Ok(quiesced) => Ok(quiesced),
+        Err(e) => {
+            *chain = old_chain;
+            undo_switches(qmp, id, &switches).await;
+            write_chain(&vm.paths, chain)?;
+            Err(e)
+        }
+    }
+}
+
+/// Completes the switch of a snapshot recorded by an attempt that did not
+/// get to run it (the agent died between recording and switching): each
+/// disk QEMU still writes to the layer the record says is frozen is
+/// switched now, frozen again if the guest agent answers. Caller holds
+/// `vm.op`.
+async fn finish_switch(
+    shared: &Arc<Shared>,
+    vm: &VmEntry,
+    qmp: &QmpService,
+    chain: &Chain,
+    k: usize,
+) -> Result<(), DriverError> {
+    let id = vm.id;
+    let mut pending = Vec::new();
+    for disk in chain.disks_of(k) {
+        let Some(frozen) = chain.frozen(k, disk) else {
+            continue;
+        };
+        let device = disk_block(qmp, id, disk).await?;
+        let node = device.node_name.clone().unwrap_or_default();
+        if node != disk.node(frozen) {
+            continue;
+        }
+        let above = chain.above(k, disk);
+        if above != chain.active_of(disk) {
+            return Err(DriverError::qemu(
+                format!(
+                    "QEMU of VM {id} still writes to a layer of {disk} that a later snapshot's record shows frozen"
+                ),
+                QemuSaid("stop and start the VM to reopen the recorded chain".into()),
+            ));
+        }
+        let new_path = disk.dir(shared, &vm.paths).join(&above);
+        let new_node = disk.node(&above);
+        let nodes = block_nodes(qmp).await?;
+        let added = if nodes.iter().any(|n| n.name == new_node) {
+            false
+        } else {
+            if !new_path.is_file() {
+                let size = u64::try_from(device.image.base.virtual_size).map_err(|e| {
+                    DriverError::qemu("QMP query-block reports a negative disk size", e)
+                })?;
+                create_overlay(
+                    &shared.config.qemu_img,
+                    &disk.dir(shared, &vm.paths).join(frozen),
+                    &new_path,
+                    Some(size),
+                )
+                .await?;
+            }
+            let options = qcow2_without_backing(&new_node, utf8(&new_path)?, true)?;
+            execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "snapshot").await?;
+            true
+        };
+        pending.push(Switch {
+            disk,
+            old_node: node,
+            new_node,
+            new_path,
+            bitmaps: backup_bitmaps(&device),
+            added,
+        });
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(vm = %id, disks = pending.len(), "finishing the switch of a snapshot an earlier attempt recorded");
+    if let Err(e) = run_switch(vm, qmp, &pending).await {
+        // The record stays: the next attempt tries again. Only the nodes go.
+        for s in pending.iter().filter(|s| s.added) {
+            drop_node(qmp, id, &s.new_node).await;
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The path as QMP needs it.
+fn utf8(path: &Path) -> Result<&str, DriverError> {
+    path.to_str().ok_or_else(|| {
+        DriverError::io(
+            "the disk layer path is not UTF-8",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+        )
+    })
 }
 
 /// Removes a block node the driver added, best effort.
@@ -899,32 +1365,42 @@ impl<'a> Freeze<'a> {
     }
 }
 
-/// The VM's snapshots, oldest first, each layer measured now.
+/// The VM's snapshots, oldest first, each one's layers measured now.
 pub(super) async fn list(shared: &Arc<Shared>, id: VmId) -> Result<Vec<SnapshotInfo>, DriverError> {
     let vm = shared.existing(id)?;
     let chain = read_chain(&vm.paths)?;
     let mut out = Vec::with_capacity(chain.snapshots.len());
-    for rec in &chain.snapshots {
-        let path = vm.paths.disks().join(&rec.file);
-        let bytes = match layer_bytes(&shared.config.qemu_img, &path).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::debug!(vm = %id, error = %e, "cannot measure a snapshot's layer; reporting the last measure");
-                rec.bytes
+    for (k, rec) in chain.snapshots.iter().enumerate() {
+        let mut bytes = Some(0);
+        for disk in chain.disks_of(k) {
+            let Some(file) = chain.frozen(k, disk) else {
+                continue;
+            };
+            let path = disk.dir(shared, &vm.paths).join(file);
+            match layer_bytes(&shared.config.qemu_img, &path).await {
+                Ok(b) => bytes = bytes.map(|sum| sum + b),
+                Err(e) => {
+                    tracing::debug!(vm = %id, %disk, error = %e, "cannot measure a snapshot's layer; reporting the last measure");
+                    bytes = None;
+                }
             }
-        };
-        out.push(rec.info(bytes));
+        }
+        out.push(rec.info(bytes.unwrap_or(rec.bytes)));
     }
     Ok(out)
 }
 
-/// Reverts the stopped VM `id` to a snapshot. See the module docs.
+/// Reverts the stopped VM `id` to a snapshot: every disk it covers gets a
+/// fresh layer on top of the one it froze; a volume attached after it keeps
+/// its content (its layers from the dropped snapshots are flattened into
+/// its active one). See the module docs.
 pub(super) async fn revert(
     shared: &Arc<Shared>,
     id: VmId,
     snapshot_id: uuid::Uuid,
 ) -> Result<Vec<uuid::Uuid>, DriverError> {
     let vm = shared.existing(id)?;
+    let (attached, _volume_locks) = volume::lock_attached(shared, &vm).await?;
     let (_backup, _op, pid) = lock_vm(shared, &vm, "revert to a snapshot").await?;
     if pid.is_some() {
         return Err(DriverError::InvalidState {
@@ -933,86 +1409,216 @@ pub(super) async fn revert(
             state: shared.read_record(&vm)?.state.to_string(),
         });
     }
-    let mut chain = read_chain(&vm.paths)?;
+    let chain = read_chain(&vm.paths)?;
     let k = chain
         .position(snapshot_id)
         .ok_or_else(|| not_found(id, snapshot_id))?;
-    let frozen = vm.paths.disks().join(&chain.snapshots[k].file);
-    let new_file = overlay_file(uuid::Uuid::new_v4());
-    let new_path = vm.paths.disks().join(&new_file);
-    create_overlay(&shared.config.qemu_img, &frozen, &new_path, None).await?;
+    let qemu_img = &shared.config.qemu_img;
+    let revert_id = uuid::Uuid::new_v4();
+    let mut next = chain.clone();
+    next.snapshots.truncate(k + 1);
+    let mut made: Vec<PathBuf> = Vec::new();
+    let prepared = async {
+        for disk in chain.disks_of(k) {
+            if let Disk::Volume(v) = disk {
+                if !attached.contains(&v) {
+                    tracing::warn!(vm = %id, volume = %v, "a snapshot covers a volume no longer attached; leaving the volume alone");
+                    continue;
+                }
+            }
+            let Some(frozen) = chain.frozen(k, disk) else {
+                continue;
+            };
+            let dir = disk.dir(shared, &vm.paths);
+            let new_file = disk.overlay(revert_id);
+            let new_path = dir.join(&new_file);
+            // A volume keeps the size it has now: volumes only grow, and
+            // the controller records the size the operator asked for.
+            let size = match disk {
+                Disk::Vm => None,
+                Disk::Volume(_) => Some(
+                    image::virtual_size(
+                        qemu_img,
+                        &dir.join(chain.active_of(disk)),
+                        ImageFormat::Qcow2,
+                    )
+                    .await?,
+                ),
+            };
+            made.push(new_path.clone());
+            create_overlay(qemu_img, &dir.join(frozen), &new_path, size).await?;
+            next.set_active(disk, new_file);
+        }
+        // Volumes the snapshot does not cover were attached after it: only
+        // the dropped snapshots froze layers of theirs. Their data stays, in
+        // their active layer alone.
+        for v in &attached {
+            let disk = Disk::Volume(*v);
+            if chain.frozen(k, disk).is_some() {
+                continue;
+            }
+            let files = chain.files_of(disk);
+            if files.len() > 1 {
+                flatten_offline(qemu_img, &disk.dir(shared, &vm.paths), &files).await?;
+            }
+        }
+        write_chain(&vm.paths, &next)
+    }
+    .await;
+    if let Err(e) = prepared {
+        for p in &made {
+            let _ = remove_file_if_exists(p);
+        }
+        return Err(e);
+    }
     let dropped: Vec<uuid::Uuid> = chain.snapshots[k + 1..]
         .iter()
         .map(|s| s.snapshot_id)
         .collect();
-    chain.snapshots.truncate(k + 1);
-    chain.active = new_file;
-    if let Err(e) = write_chain(&vm.paths, &chain) {
-        let _ = remove_file_if_exists(&new_path);
-        return Err(e);
-    }
-    // The dropped layers and the old active layer.
-    remove_orphans(&vm.paths, &chain);
-    tracing::info!(vm = %id, snapshot = %snapshot_id, dropped = dropped.len(), "disk reverted to a snapshot");
+    // The dropped layers and the old active layers.
+    remove_orphans(&vm.paths, &next);
+    remove_volume_orphans(shared, &next, &attached);
+    tracing::info!(vm = %id, snapshot = %snapshot_id, dropped = dropped.len(), volumes = chain.snapshots[k].volumes.len(), "disks reverted to a snapshot");
     Ok(dropped)
 }
 
-/// Deletes a snapshot, merging its layer into the one above. See the module docs.
+/// Makes the top of `files` (a disk's layers, bottom to top, in `dir`) hold
+/// everything the layers below it hold above the bottom's own backing file
+/// (a volume's image; none for a blank one): `qemu-img rebase` in safe mode,
+/// which copies what differs. The disk reads the same before and after;
+/// only the layers below the top are no longer needed. VM stopped.
+pub(super) async fn flatten_offline(
+    qemu_img: &Path,
+    dir: &Path,
+    files: &[String],
+) -> Result<(), DriverError> {
+    let (Some(bottom), Some(top)) = (files.first(), files.last()) else {
+        return Ok(());
+    };
+    if bottom == top {
+        return Ok(());
+    }
+    let base = backing_of(qemu_img, &dir.join(bottom)).await?;
+    let top_path = dir.join(top);
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "rebase".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+    ];
+    match &base {
+        Some((path, format)) => {
+            args.extend::<[&std::ffi::OsStr; 4]>([
+                "-b".as_ref(),
+                path.as_os_str(),
+                "-F".as_ref(),
+                format.as_ref(),
+            ]);
+        }
+        None => args.extend::<[&std::ffi::OsStr; 2]>(["-b".as_ref(), "".as_ref()]),
+    }
+    args.push(top_path.as_os_str());
+    run_qemu_img(
+        qemu_img,
+        &args,
+        &format!("flatten the layers below {}", top_path.display()),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One disk's part in deleting a snapshot: its layer, merged into the one
+/// above, which is then backed by the one below.
+struct Merge {
+    disk: Disk,
+    layer: String,
+    layer_path: PathBuf,
+    above: String,
+    above_path: PathBuf,
+    /// The file the disk writes to.
+    active: String,
+    /// Node name, path and format of the layer below: the previous
+    /// snapshot's layer, or the base image the bottom layer's header names;
+    /// `None` for a bottom layer without a backing file.
+    below: Option<(String, PathBuf, String)>,
+}
+
+/// Deletes a snapshot, merging its layer into the one above in every disk
+/// it covers. See the module docs.
 pub(super) async fn delete(
     shared: &Arc<Shared>,
     id: VmId,
     snapshot_id: uuid::Uuid,
 ) -> Result<(), DriverError> {
     let vm = shared.existing(id)?;
+    let (attached, _volume_locks) = volume::lock_attached(shared, &vm).await?;
     let (_backup, op, pid) = lock_vm(shared, &vm, "delete a snapshot of").await?;
     let chain = read_chain(&vm.paths)?;
     let k = chain
         .position(snapshot_id)
         .ok_or_else(|| not_found(id, snapshot_id))?;
     let started = Instant::now();
-    let layer = chain.snapshots[k].file.clone();
-    let layer_path = vm.paths.disks().join(&layer);
-    let above = chain.above(k).to_string();
-    let above_path = vm.paths.disks().join(&above);
     let qemu_img = &shared.config.qemu_img;
-    // The layer below: the previous snapshot's, or what the bottom layer's
-    // header names (the base image; none for a restored disk).
-    let below: Option<(String, PathBuf, String)> = if k > 0 {
-        let file = &chain.snapshots[k - 1].file;
-        Some((node_name(file), vm.paths.disks().join(file), "qcow2".into()))
-    } else {
-        backing_of(qemu_img, &layer_path)
-            .await?
-            .map(|(path, format)| (BASE_NODE.to_string(), path, format))
-    };
+    let mut merges = Vec::new();
+    for disk in chain.disks_of(k) {
+        let Some(layer) = chain.frozen(k, disk) else {
+            continue;
+        };
+        let dir = disk.dir(shared, &vm.paths);
+        let layer_path = dir.join(layer);
+        let above = chain.above(k, disk);
+        // The layer below: the previous snapshot's, or what the bottom
+        // layer's header names (the base image; none for a restored disk or
+        // a blank volume).
+        let below = match chain.below(k, disk) {
+            Some(file) => Some((disk.node(&file), dir.join(&file), "qcow2".to_string())),
+            None => backing_of(qemu_img, &layer_path)
+                .await?
+                .map(|(path, format)| {
+                    let name = match disk {
+                        Disk::Vm => BASE_NODE.to_string(),
+                        Disk::Volume(v) => volume::base_node(v),
+                    };
+                    (name, path, format)
+                }),
+        };
+        merges.push(Merge {
+            disk,
+            layer: layer.to_string(),
+            layer_path,
+            above_path: dir.join(&above),
+            above,
+            active: chain.active_of(disk),
+            below,
+        });
+    }
     match pid {
         Some(pid) => {
+            let mut op = op;
+            let mut merged_nodes = Vec::new();
+            for m in &merges {
+                if !process::is_qemu_of(pid, id) {
+                    return Err(vm_gone_mid_merge(id));
+                }
+                let qmp = shared.qmp(&vm).await?;
+                let job = m.disk.merge_job(snapshot_id);
+                let layer_node = start_stream(&qmp, id, m, &job).await?;
+                drop(op);
+                let polled = poll_stream(shared, &vm, pid, &job).await;
+                op = vm.op.lock().await;
+                polled?;
+                let qmp = shared.qmp(&vm).await?;
+                execute(
+                    &qmp,
+                    q::job_dismiss { id: job.clone() },
+                    QMP_TIMEOUT,
+                    "merge",
+                )
+                .await?;
+                merged_nodes.extend(layer_node);
+            }
             let qmp = shared.qmp(&vm).await?;
-            let job = merge_job_id(snapshot_id);
-            let layer_node = start_stream(
-                &qmp,
-                id,
-                &vm.paths,
-                &chain,
-                &layer,
-                &above,
-                below.as_ref(),
-                &job,
-            )
-            .await?;
-            drop(op);
-            let polled = poll_stream(shared, &vm, pid, &job).await;
-            let _op = vm.op.lock().await;
-            polled?;
-            let qmp = shared.qmp(&vm).await?;
-            execute(
-                &qmp,
-                q::job_dismiss { id: job.clone() },
-                QMP_TIMEOUT,
-                "merge",
-            )
-            .await?;
-            if let Some(node) = layer_node {
+            for node in merged_nodes {
                 // A node the command line or blockdev-add opened stays open
                 // until deleted; one QEMU opened itself went with the chain.
                 if let Err(e) = execute(
@@ -1028,34 +1634,37 @@ pub(super) async fn delete(
                     tracing::debug!(vm = %id, %node, error = %e, "merged layer's node not deleted");
                 }
             }
-            finish_delete(&vm, snapshot_id, &layer_path)?;
+            finish_delete(shared, &vm, snapshot_id, &merges, &attached)?;
+            drop(op);
         }
         None => {
-            merge_bitmaps_offline(qemu_img, &layer_path, &vm.paths.disks().join(&chain.active))
+            for m in &merges {
+                let active_path = m.above_path.with_file_name(&m.active);
+                merge_bitmaps_offline(qemu_img, &m.layer_path, &active_path).await?;
+                let (backing, format) = match &m.below {
+                    Some((_, path, format)) => (path.as_os_str(), format.as_str()),
+                    None => ("".as_ref(), "qcow2"),
+                };
+                let mut args: Vec<&std::ffi::OsStr> = vec![
+                    "rebase".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-b".as_ref(),
+                    backing,
+                ];
+                if m.below.is_some() {
+                    args.extend::<[&std::ffi::OsStr; 2]>(["-F".as_ref(), format.as_ref()]);
+                }
+                args.push(m.above_path.as_os_str());
+                run_qemu_img(
+                    qemu_img,
+                    &args,
+                    &format!("merge the layer {} of {} into {}", m.layer, m.disk, m.above),
+                )
                 .await?;
-            let (backing, format) = match &below {
-                Some((_, path, format)) => (path.as_os_str(), format.as_str()),
-                None => ("".as_ref(), "qcow2"),
-            };
-            let mut args: Vec<&std::ffi::OsStr> = vec![
-                "rebase".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-b".as_ref(),
-                backing,
-            ];
-            if below.is_some() {
-                args.extend::<[&std::ffi::OsStr; 2]>(["-F".as_ref(), format.as_ref()]);
             }
-            args.push(above_path.as_os_str());
-            run_qemu_img(
-                qemu_img,
-                &args,
-                &format!("merge the disk layer {layer} into {above}"),
-            )
-            .await?;
-            finish_delete(&vm, snapshot_id, &layer_path)?;
+            finish_delete(shared, &vm, snapshot_id, &merges, &attached)?;
             drop(op);
         }
     }
@@ -1063,48 +1672,60 @@ pub(super) async fn delete(
         vm = %id,
         snapshot = %snapshot_id,
         live = pid.is_some(),
+        disks = merges.len(),
         ms = started.elapsed().as_millis() as u64,
-        "snapshot deleted (layer merged)"
+        "snapshot deleted (layers merged)"
     );
     Ok(())
 }
 
-/// Drops the snapshot's record and then its layer file. Caller holds `vm.op`.
+fn vm_gone_mid_merge(id: VmId) -> DriverError {
+    DriverError::qemu(
+        format!("the VM {id} stopped while a snapshot's layer was merged"),
+        QemuSaid("the chain is intact; delete the snapshot again".into()),
+    )
+}
+
+/// Drops the snapshot's record and then its layer files. Every layer above
+/// one of them no longer needs it (the merges are done), so the record may
+/// change only now, in one write: a delete interrupted before leaves the
+/// snapshot recorded and every chain readable. Caller holds `vm.op`.
 fn finish_delete(
+    shared: &Shared,
     vm: &VmEntry,
     snapshot_id: uuid::Uuid,
-    layer_path: &Path,
+    merges: &[Merge],
+    attached: &[uuid::Uuid],
 ) -> Result<(), DriverError> {
-    // Read again: the records may have changed while the stream ran without
+    // Read again: the records may have changed while a stream ran without
     // the operation lock (not by snapshot operations: the backup lock is held).
     let mut chain = read_chain(&vm.paths)?;
     if let Some(k) = chain.position(snapshot_id) {
         chain.snapshots.remove(k);
     }
     write_chain(&vm.paths, &chain)?;
-    remove_file_if_exists(layer_path)?;
+    for m in merges {
+        remove_file_if_exists(&m.layer_path)?;
+    }
     remove_orphans(&vm.paths, &chain);
+    remove_volume_orphans(shared, &chain, attached);
     Ok(())
 }
 
 /// Merges the backup bitmaps of the layer to delete into the active node's
 /// bitmaps of the same name (an inconsistent copy makes the active one
 /// useless: it is removed, so the next backup is full), then starts the
-/// stream. Returns the node of the layer to delete, when QEMU has one.
-#[allow(clippy::too_many_arguments)]
+/// stream on the layer above with the layer below as its base, named
+/// explicitly. Returns the node of the layer to delete, when QEMU has one.
 async fn start_stream(
     qmp: &QmpService,
     id: VmId,
-    paths: &VmPaths,
-    chain: &Chain,
-    layer: &str,
-    above: &str,
-    below: Option<&(String, PathBuf, String)>,
+    m: &Merge,
     job: &str,
 ) -> Result<Option<String>, DriverError> {
     let jobs = execute(qmp, q::query_jobs {}, QMP_TIMEOUT, "merge").await?;
     let nodes = block_nodes(qmp).await?;
-    let layer_node = find_node(&nodes, &node_name(layer), &paths.disks().join(layer));
+    let layer_node = find_node(&nodes, &m.disk.node(&m.layer), &m.layer_path);
     if jobs.iter().any(|j| j.id == job) {
         // An interrupted attempt's job: wait for it rather than start another.
         tracing::info!(vm = %id, %job, "resuming the wait for an earlier merge job");
@@ -1112,20 +1733,26 @@ async fn start_stream(
     }
     let missing = |what: &str| {
         DriverError::qemu(
-            format!("cannot find the {what} in QEMU's block graph of VM {id}"),
+            format!(
+                "cannot find the {what} of {} in QEMU's block graph of VM {id}",
+                m.disk
+            ),
             QemuSaid("stop and start the VM, or delete the snapshot while it is stopped".into()),
         )
     };
-    let active = active_node(qmp).await?;
-    let above_node = if above == chain.active {
+    let active = disk_block(qmp, id, m.disk)
+        .await?
+        .node_name
+        .ok_or_else(|| missing("active layer's node name"))?;
+    let above_node = if m.above == m.active {
         active.clone()
     } else {
-        find_node(&nodes, &node_name(above), &paths.disks().join(above))
+        find_node(&nodes, &m.disk.node(&m.above), &m.above_path)
             .ok_or_else(|| missing("layer above the snapshot's"))?
             .name
             .clone()
     };
-    let below_node = match below {
+    let below_node = match &m.below {
         Some((name, path, _)) => Some(
             find_node(&nodes, name, path)
                 .ok_or_else(|| missing("layer below the snapshot's"))?
@@ -1177,21 +1804,11 @@ async fn start_stream(
             }
         }
     }
-    let backing_file = match below {
-        Some((_, path, _)) => Some(
-            path.to_str()
-                .ok_or_else(|| {
-                    DriverError::io(
-                        "the backing file path is not UTF-8",
-                        path,
-                        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
-                    )
-                })?
-                .to_string(),
-        ),
+    let backing_file = match &m.below {
+        Some((_, path, _)) => Some(utf8(path)?.to_string()),
         None => None,
     };
-    tracing::debug!(vm = %id, device = %above_node, base = ?below_node, "starting the merge stream");
+    tracing::debug!(vm = %id, disk = %m.disk, device = %above_node, base = ?below_node, "starting the merge stream");
     execute(
         qmp,
         q::block_stream {
@@ -1351,6 +1968,7 @@ mod tests {
             quiesced: false,
             file: file.into(),
             bytes: 0,
+            volumes: Vec::new(),
         }
     }
 
@@ -1376,6 +1994,7 @@ mod tests {
         let chain = Chain {
             active: overlay_file(b.snapshot_id),
             snapshots: vec![a.clone(), b.clone()],
+            volumes: BTreeMap::new(),
         };
         write_chain(&paths, &chain).expect("write");
         assert_eq!(read_chain(&paths).expect("read"), chain);
@@ -1383,8 +2002,8 @@ mod tests {
             chain.files(),
             vec![a.file.as_str(), b.file.as_str(), chain.active.as_str()]
         );
-        assert_eq!(chain.above(0), b.file);
-        assert_eq!(chain.above(1), chain.active);
+        assert_eq!(chain.above(0, Disk::Vm), b.file);
+        assert_eq!(chain.above(1, Disk::Vm), chain.active);
         for f in chain.files() {
             std::fs::write(paths.disks().join(f), b"x").expect("write");
         }
@@ -1398,6 +2017,77 @@ mod tests {
         for f in chain.files() {
             assert!(paths.disks().join(f).exists(), "{f}");
         }
+    }
+
+    /// Three snapshots; volume `v` attached before the second, `w` before
+    /// the third: each volume's chain is the layers of the snapshots that
+    /// cover it, and merging or reverting walks those alone.
+    #[test]
+    fn volume_chains_follow_the_snapshots_that_cover_them() {
+        let (v, w) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let (vd, wd) = (Disk::Volume(v), Disk::Volume(w));
+        let s1 = rec("disk.qcow2");
+        let mut s2 = rec(&overlay_file(s1.snapshot_id));
+        s2.volumes = vec![VolumeLayer {
+            volume_id: v,
+            file: volume::own_file(v),
+        }];
+        let mut s3 = rec(&overlay_file(s2.snapshot_id));
+        s3.volumes = vec![
+            VolumeLayer {
+                volume_id: v,
+                file: volume::overlay_file(v, s2.snapshot_id),
+            },
+            VolumeLayer {
+                volume_id: w,
+                file: volume::own_file(w),
+            },
+        ];
+        let mut chain = Chain {
+            active: overlay_file(s3.snapshot_id),
+            snapshots: vec![s1, s2.clone(), s3.clone()],
+            volumes: BTreeMap::new(),
+        };
+        chain.set_active(vd, volume::overlay_file(v, s3.snapshot_id));
+        chain.set_active(wd, volume::overlay_file(w, s3.snapshot_id));
+        assert_eq!(
+            chain.files_of(vd),
+            vec![
+                volume::own_file(v),
+                volume::overlay_file(v, s2.snapshot_id),
+                volume::overlay_file(v, s3.snapshot_id)
+            ]
+        );
+        assert_eq!(chain.files_of(wd).len(), 2);
+        assert_eq!(chain.disks_of(0), vec![Disk::Vm]);
+        assert_eq!(chain.disks_of(2), vec![Disk::Vm, vd, wd]);
+        assert_eq!(chain.frozen(0, vd), None);
+        assert_eq!(chain.above(1, vd), volume::overlay_file(v, s2.snapshot_id));
+        assert_eq!(chain.below(1, vd), None, "s2's layer is v's bottom");
+        assert_eq!(chain.below(2, vd), Some(volume::own_file(v)));
+        assert_eq!(chain.above(2, wd), chain.active_of(wd));
+        assert_eq!(chain.covering(v), vec![s2.name.clone(), s3.name.clone()]);
+        assert_eq!(chain.covering(w), vec![s3.name.clone()]);
+        assert!(chain.covering(uuid::Uuid::new_v4()).is_empty());
+        // Back to its own file: the record forgets the volume.
+        chain.set_active(wd, volume::own_file(w));
+        assert!(!chain.volumes.contains_key(&w));
+        assert_eq!(chain.active_of(wd), volume::own_file(w));
+        // Distinct node and job names per disk.
+        assert_eq!(vd.node(&volume::own_file(v)), volume::node_name(v));
+        assert_ne!(vd.node(&chain.active_of(vd)), wd.node(&chain.active_of(wd)));
+        assert_ne!(
+            Disk::Vm.merge_job(s2.snapshot_id),
+            vd.merge_job(s2.snapshot_id)
+        );
+        // Records from before volumes were covered still read.
+        let old = r#"{"active":"disk.qcow2","snapshots":[{"snapshot_id":"0190f3c2-8a1b-7c3d-9e4f-0123456789ab","name":"a","created_at":"2026-01-01T00:00:00Z","quiesced":true,"file":"disk.qcow2","bytes":1}]}"#;
+        let parsed: Chain = serde_json::from_str(old).expect("old record");
+        assert!(parsed.volumes.is_empty() && parsed.snapshots[0].volumes.is_empty());
+        assert_eq!(
+            parsed.snapshots[0].info(1).volumes,
+            Vec::<uuid::Uuid>::new()
+        );
     }
 
     #[test]

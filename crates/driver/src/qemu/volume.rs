@@ -6,8 +6,22 @@
 //! data_dir/volumes/<volume-id>.json        the VolumeSpec it was created with
 //! data_dir/volumes/<volume-id>.qcow2       the volume (its presence means "exists")
 //! data_dir/volumes/<volume-id>.qcow2.tmp   a creation in progress
+//! data_dir/volumes/<volume-id>.<id>.qcow2  a snapshot layer (see `snapshot.rs`)
 //! data_dir/vms/<vm-id>/volumes.json        the VM's attachments: volume id and port, in order
 //! ```
+//!
+//! # Snapshot layers
+//!
+//! A snapshot of the VM covers its attached volumes: each becomes a chain
+//! of layers recorded in the VM's `snapshots.json` with the VM disk's. Its
+//! own file may then be merged away, so a volume is found through the
+//! records of the VM it is attached to (`locate`). Such a volume starts with
+//! its whole chain, each layer under a node name the driver chose, its
+//! image too ([`base_node`], so a merge can name it); it is grown by growing
+//! its active layer; it cannot be detached while a snapshot covers it (the
+//! snapshot's revert needs its layers); and once none does, leaving the VM
+//! (detach, destroy) makes it one file named `<volume-id>.qcow2` again. A
+//! detached volume is always that one file.
 //!
 //! The VM's `volumes.json` is the only record of an attachment: a volume's
 //! VM is found by reading the records of the VMs that exist (those with a
@@ -64,6 +78,7 @@ use super::cmdline::{self, hotplug_port_id, VolumeDisk};
 use super::image::{self, run_qemu_img};
 use super::layout::{read_json, remove_file_if_exists, write_json, VmPaths};
 use super::qmp::{execute, QmpService};
+use super::snapshot::{self, Disk};
 use super::{lock, process, Shared, VmEntry, QMP_TIMEOUT};
 use crate::volume::{check_resize, DETACH_TIMEOUT};
 use crate::{volume_serial, DriverError, ImageFormat, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};
@@ -85,9 +100,70 @@ pub(super) fn node_name(volume_id: uuid::Uuid) -> String {
     format!("{NODE_PREFIX}{}", &hex[..24])
 }
 
+/// The node name of the image a volume clones, opened read-only under a
+/// name the driver chose, so a merge can name it as its base (QEMU's own
+/// name for a backing file it opened by itself cannot tell apart two
+/// disks cloning the same image).
+pub(super) fn base_node(volume_id: uuid::Uuid) -> String {
+    let digest = Sha256::digest(volume_id.as_bytes());
+    let hex = format!("{digest:x}");
+    format!("vbase-{}", &hex[..24])
+}
+
+/// The image the volume clones, as a `-blockdev` (or `blockdev-add`)
+/// definition under [`base_node`]; `None` for a blank volume.
+fn base_blockdev(
+    shared: &Shared,
+    volume_id: uuid::Uuid,
+) -> Result<Option<(String, serde_json::Value)>, DriverError> {
+    let spec: Option<VolumeSpec> = read_json(
+        &VolumePaths::new(shared, volume_id).spec_json,
+        "volume spec",
+    )?;
+    let Some((image, format)) = spec.and_then(|s| s.image.zip(s.image_format)) else {
+        return Ok(None);
+    };
+    let filename = image.to_str().ok_or_else(|| {
+        DriverError::Config(format!(
+            "volume image path {} is not UTF-8",
+            image.display()
+        ))
+    })?;
+    let node = base_node(volume_id);
+    let blockdev = serde_json::json!({
+        "driver": format.as_qemu_str(),
+        "node-name": node,
+        "read-only": true,
+        "file": { "driver": "file", "filename": filename },
+    });
+    Ok(Some((node, blockdev)))
+}
+
 /// The volume's device id in QEMU.
 pub(super) fn device_id(volume_id: uuid::Uuid) -> String {
     format!("vol-{volume_id}")
+}
+
+/// The volume's own file name: its only layer until a snapshot covers it.
+pub(super) fn own_file(volume_id: uuid::Uuid) -> String {
+    format!("{volume_id}.qcow2")
+}
+
+/// The file name of the layer snapshot (or revert) `id` puts on top of the
+/// volume.
+pub(super) fn overlay_file(volume_id: uuid::Uuid, id: uuid::Uuid) -> String {
+    format!("{volume_id}.{id}.qcow2")
+}
+
+/// The node name of one of the volume's layer files: [`node_name`] for its
+/// own file (what the volume was before snapshots covered volumes, so a
+/// VM started then still matches), a hash of the file name for the others.
+pub(super) fn layer_node(volume_id: uuid::Uuid, file: &str) -> String {
+    if file == own_file(volume_id) {
+        node_name(volume_id)
+    } else {
+        snapshot::node_name(file)
+    }
 }
 
 /// One attachment in a VM's `volumes.json`.
@@ -117,6 +193,44 @@ impl VolumesRecord {
 
 fn read_record(paths: &VmPaths) -> Result<VolumesRecord, DriverError> {
     Ok(read_json(&paths.volumes_json, "VM's volume record")?.unwrap_or_default())
+}
+
+/// The volumes attached to the VM, in attachment order.
+pub(super) fn attached(paths: &VmPaths) -> Result<Vec<uuid::Uuid>, DriverError> {
+    Ok(read_record(paths)?
+        .volumes
+        .iter()
+        .map(|a| a.volume_id)
+        .collect())
+}
+
+/// Takes the locks of every volume attached to the VM (in id order, before
+/// the VM's operation lock, as every volume operation does), so no attach,
+/// detach or resize changes the volumes while a snapshot operation
+/// rearranges their layers. Returns the attached volumes, in attachment
+/// order, and the guards.
+pub(super) async fn lock_attached(
+    shared: &Shared,
+    vm: &VmEntry,
+) -> Result<(Vec<uuid::Uuid>, Vec<tokio::sync::OwnedMutexGuard<()>>), DriverError> {
+    // An attach may slip in between the read and the locks: read again.
+    for _ in 0..DETACH_ATTEMPTS {
+        let ids = attached(&vm.paths)?;
+        let mut sorted = ids.clone();
+        sorted.sort();
+        let mut guards = Vec::with_capacity(sorted.len());
+        for id in &sorted {
+            guards.push(shared.volume_locks.get(*id).lock_owned().await);
+        }
+        if attached(&vm.paths)? == ids {
+            return Ok((ids, guards));
+        }
+    }
+    Err(DriverError::InvalidState {
+        id: vm.id,
+        operation: "lock the volumes of",
+        state: "having volumes attached and detached all the time (try again)".into(),
+    })
 }
 
 fn write_record(paths: &VmPaths, rec: &VolumesRecord) -> Result<(), DriverError> {
@@ -164,10 +278,12 @@ impl VolumePaths {
 }
 
 /// `data_dir/volumes`, absolute (a sibling of the canonical `vms` dir).
-fn volumes_dir(shared: &Shared) -> PathBuf {
+pub(super) fn volumes_dir(shared: &Shared) -> PathBuf {
     shared.vms_dir.with_file_name("volumes")
 }
 
+/// The volume as the command line or a hot-plug opens it: its own file,
+/// for a volume without snapshot layers.
 fn volume_disk(shared: &Shared, a: &Attachment) -> VolumeDisk {
     VolumeDisk {
         node: node_name(a.volume_id),
@@ -175,7 +291,149 @@ fn volume_disk(shared: &Shared, a: &Attachment) -> VolumeDisk {
         port: a.port,
         serial: volume_serial(a.volume_id),
         file: VolumePaths::new(shared, a.volume_id).file,
+        backing: None,
     }
+}
+
+/// Where a volume's data is: its layer files, bottom to top (the active one
+/// last), and the VM it is attached to.
+struct Located {
+    layers: Vec<PathBuf>,
+    vm: Option<VmId>,
+}
+
+impl Located {
+    fn active(&self) -> &Path {
+        self.layers.last().map_or(Path::new(""), PathBuf::as_path)
+    }
+}
+
+/// Finds the volume's layers: from the snapshot records of the VM it is
+/// attached to (a snapshot may have put layers on it, and merging them
+/// may have removed its own file), else its own file. `None`: the volume
+/// does not exist.
+fn locate(shared: &Shared, volume_id: uuid::Uuid) -> Result<Option<Located>, DriverError> {
+    let dir = volumes_dir(shared);
+    let vm = owner(shared, volume_id)?;
+    let files = match vm {
+        Some(vm_id) => snapshot::read_chain(&VmPaths::new(&shared.vms_dir, vm_id))?
+            .files_of(Disk::Volume(volume_id)),
+        None => vec![own_file(volume_id)],
+    };
+    let layers: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    if !layers.last().is_some_and(|p| p.is_file()) {
+        return Ok(None);
+    }
+    Ok(Some(Located { layers, vm }))
+}
+
+/// Removes the volume's layer files (`<id>.qcow2`, `<id>.<uuid>.qcow2`) that
+/// `keep` does not name: layers merged or dropped by snapshot operations
+/// whose removal a crash interrupted. Does nothing unless every file in
+/// `keep` exists (a record that does not match the files is left for an
+/// operator rather than trusted). Caller holds the volume's lock or the
+/// owning VM's operation lock.
+pub(super) fn remove_layer_orphans(shared: &Shared, volume_id: uuid::Uuid, keep: &[String]) {
+    let dir = volumes_dir(shared);
+    if !keep.iter().all(|f| dir.join(f).is_file()) {
+        tracing::warn!(volume = %volume_id, ?keep, "the volume's recorded layers are not all there; removing none of its files");
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let prefix = format!("{volume_id}.");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(middle) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix("qcow2"))
+        else {
+            continue;
+        };
+        let is_layer = middle.is_empty()
+            || middle
+                .strip_suffix('.')
+                .is_some_and(|id| id.parse::<uuid::Uuid>().is_ok());
+        if is_layer && !keep.iter().any(|k| k == name) {
+            tracing::info!(file = %entry.path().display(), "removing a volume layer no record names");
+            if let Err(e) = remove_file_if_exists(&entry.path()) {
+                tracing::warn!(error = %e, "cannot remove an unused volume layer");
+            }
+        }
+    }
+}
+
+/// Makes the volume's active layer its own file again, for a volume about
+/// to leave the VM (detach, destroy) that no snapshot covers any more: a
+/// hard link under the volume's own name, the record, then the old name
+/// goes, so every step leaves the record naming a file that exists. QEMU
+/// must not hold the volume. Caller holds `vm.op`.
+fn normalize(shared: &Shared, vm: &VmEntry, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+    let mut chain = snapshot::read_chain(&vm.paths)?;
+    let disk = Disk::Volume(volume_id);
+    let active = chain.active_of(disk);
+    let own = own_file(volume_id);
+    if active == own {
+        return Ok(());
+    }
+    let dir = volumes_dir(shared);
+    let (from, to) = (dir.join(&active), dir.join(&own));
+    match std::fs::hard_link(&from, &to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_file(&from, &to) => {}
+        Err(e) => {
+            return Err(DriverError::io(
+                "cannot give the volume's active layer the volume's own name",
+                &to,
+                e,
+            ))
+        }
+    }
+    if let Err(e) = std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(error = %e, "cannot flush the volume directory");
+    }
+    chain.set_active(disk, own);
+    snapshot::write_chain(&vm.paths, &chain)?;
+    remove_file_if_exists(&from)?;
+    tracing::info!(vm = %vm.id, volume = %volume_id, from = %active, "volume's active layer renamed to the volume's own file");
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Makes every attached volume a single file again, with its current
+/// content, before the VM's records go (`vm_destroy`): each volume's layers
+/// are flattened into its active one, which takes the volume's own name.
+/// The VM's snapshots die with it. QEMU has ended. Caller holds `vm.op`.
+pub(super) async fn release_all(shared: &Shared, vm: &VmEntry) -> Result<(), DriverError> {
+    if !vm.paths.volumes_json.exists() {
+        return Ok(());
+    }
+    let dir = volumes_dir(shared);
+    for volume_id in attached(&vm.paths)? {
+        let disk = Disk::Volume(volume_id);
+        let mut chain = snapshot::read_chain(&vm.paths)?;
+        let files = chain.files_of(disk);
+        if files == [own_file(volume_id)] {
+            continue;
+        }
+        snapshot::flatten_offline(&shared.config.qemu_img, &dir, &files).await?;
+        for s in &mut chain.snapshots {
+            s.volumes.retain(|l| l.volume_id != volume_id);
+        }
+        snapshot::write_chain(&vm.paths, &chain)?;
+        remove_layer_orphans(shared, volume_id, &chain.files_of(disk));
+        normalize(shared, vm, volume_id)?;
+        tracing::info!(vm = %vm.id, volume = %volume_id, layers = files.len(), "volume's layers flattened as its VM goes");
+    }
+    Ok(())
 }
 
 /// The VM the volume is attached to: the one existing VM whose record lists
@@ -207,28 +465,72 @@ fn owner(shared: &Shared, volume_id: uuid::Uuid) -> Result<Option<VmId>, DriverE
 
 /// The `-blockdev`/`-device` arguments of the volumes attached to the VM,
 /// for its start. Caller holds `vm.op`.
+///
+/// A volume with snapshot layers is opened as its whole recorded chain,
+/// each layer a `-blockdev` with the node name the snapshot code expects,
+/// the lower ones read-only and each naming the one below as its backing
+/// (the bottom one's base image, if any, is what its header names).
 pub(super) fn boot_args(shared: &Shared, vm: &VmEntry) -> Result<Vec<String>, DriverError> {
     let rec = read_record(&vm.paths)?;
+    let chain = snapshot::read_chain(&vm.paths)?;
+    let dir = volumes_dir(shared);
+    let mut args = Vec::new();
     let mut disks = Vec::with_capacity(rec.volumes.len());
     for a in &rec.volumes {
-        let disk = volume_disk(shared, a);
-        if !disk.file.is_file() {
-            return Err(DriverError::InvalidState {
-                id: vm.id,
-                operation: "start",
-                state: format!(
-                    "attached to volume {} whose file {} is missing (detach the volume)",
-                    a.volume_id,
-                    disk.file.display()
-                ),
-            });
+        let v = a.volume_id;
+        let files = chain.files_of(Disk::Volume(v));
+        for f in &files {
+            let path = dir.join(f);
+            if !path.is_file() {
+                return Err(DriverError::InvalidState {
+                    id: vm.id,
+                    operation: "start",
+                    state: format!(
+                        "attached to volume {v} whose layer {} is missing (detach the volume)",
+                        path.display()
+                    ),
+                });
+            }
         }
-        disks.push(disk);
+        let Some((top, lower)) = files.split_last() else {
+            continue;
+        };
+        let mut below: Option<String> = None;
+        if let Some((node, blockdev)) = base_blockdev(shared, v)? {
+            args.push("-blockdev".to_string());
+            args.push(blockdev.to_string());
+            below = Some(node);
+        }
+        for f in lower {
+            let path = dir.join(f);
+            let filename = path.to_str().ok_or_else(|| {
+                DriverError::Config(format!("volume layer path {} is not UTF-8", path.display()))
+            })?;
+            let mut blockdev = serde_json::json!({
+                "driver": "qcow2",
+                "node-name": layer_node(v, f),
+                "read-only": true,
+                "file": { "driver": "file", "filename": filename },
+            });
+            if let Some(node) = &below {
+                blockdev["backing"] = serde_json::json!(node);
+            }
+            args.push("-blockdev".to_string());
+            args.push(blockdev.to_string());
+            below = Some(layer_node(v, f));
+        }
+        disks.push(VolumeDisk {
+            node: layer_node(v, top),
+            file: dir.join(top),
+            backing: below,
+            ..volume_disk(shared, a)
+        });
     }
     if !disks.is_empty() {
         tracing::info!(vm = %vm.id, volumes = disks.len(), "starting with attached volumes");
     }
-    cmdline::volume_args(&disks)
+    args.extend(cmdline::volume_args(&disks)?);
+    Ok(args)
 }
 
 /// Creates a volume. See [`crate::Driver::volume_create`].
@@ -250,7 +552,7 @@ pub(super) async fn create(
     let dir = volumes_dir(shared);
     std::fs::create_dir_all(&dir)
         .map_err(|e| DriverError::io("cannot create the volume directory", &dir, e))?;
-    if paths.file.exists() {
+    if paths.file.exists() || locate(shared, id)?.is_some() {
         return match read_json::<VolumeSpec>(&paths.spec_json, "volume spec")? {
             Some(existing) if existing == *spec => info(shared, id)
                 .await?
@@ -356,33 +658,38 @@ pub(super) async fn info(
     shared: &Arc<Shared>,
     volume_id: uuid::Uuid,
 ) -> Result<Option<VolumeInfo>, DriverError> {
-    let paths = VolumePaths::new(shared, volume_id);
-    if !paths.file.exists() {
+    let Some(located) = locate(shared, volume_id)? else {
         return Ok(None);
-    }
+    };
+    let active = located.active();
     let size_bytes =
-        match image::virtual_size(&shared.config.qemu_img, &paths.file, ImageFormat::Qcow2).await {
+        match image::virtual_size(&shared.config.qemu_img, active, ImageFormat::Qcow2).await {
             Ok(size) => size,
-            // Deleted meanwhile.
-            Err(_) if !paths.file.exists() => return Ok(None),
+            // Deleted (or merged by a snapshot delete) meanwhile.
+            Err(_) if !active.exists() => return Ok(None),
             Err(e) => return Err(e),
         };
-    let allocated_bytes = match std::fs::metadata(&paths.file) {
-        Ok(m) => m.blocks() * 512,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(DriverError::io(
-                "cannot read the volume's allocation",
-                &paths.file,
-                e,
-            ))
+    // Every layer is the volume's own (a base image it clones is shared and
+    // not counted).
+    let mut allocated_bytes = 0;
+    for layer in &located.layers {
+        match std::fs::metadata(layer) {
+            Ok(m) => allocated_bytes += m.blocks() * 512,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(DriverError::io(
+                    "cannot read the volume's allocation",
+                    layer,
+                    e,
+                ))
+            }
         }
-    };
+    }
     Ok(Some(VolumeInfo {
         volume_id,
         size_bytes,
         allocated_bytes,
-        attached_to: owner(shared, volume_id)?,
+        attached_to: located.vm,
     }))
 }
 
@@ -394,7 +701,7 @@ pub(super) async fn attach(
 ) -> Result<(), DriverError> {
     let volume_lock = shared.volume_locks.get(volume_id);
     let _one_at_a_time = volume_lock.lock().await;
-    if !VolumePaths::new(shared, volume_id).file.exists() {
+    if locate(shared, volume_id)?.is_none() {
         return Err(DriverError::VolumeNotFound(volume_id));
     }
     let vm = shared.existing(vm_id)?;
@@ -437,6 +744,22 @@ pub(super) async fn attach(
         return Ok(());
     }
     let started = Instant::now();
+    if snapshot::read_chain(&vm.paths)?.files_of(Disk::Volume(volume_id)) != [own_file(volume_id)] {
+        // Attached already, with snapshot layers: plugged in with them at
+        // every start, never hot-plugged (see `boot_args`).
+        let qmp = shared.qmp(&vm).await?;
+        if has_device(&qmp, &device_id(volume_id)).await? {
+            return Ok(());
+        }
+        return Err(DriverError::InvalidState {
+            id: vm_id,
+            operation: "plug volume into",
+            state: format!(
+                "running without volume {volume_id}, whose snapshot layers are recorded (stop \
+                 and start the VM to plug it in with them)"
+            ),
+        });
+    }
     let disk = volume_disk(shared, &attachment);
     match plug(shared, &vm, &disk).await {
         Ok(()) => {
@@ -465,17 +788,44 @@ pub(super) async fn attach(
 async fn plug(shared: &Arc<Shared>, vm: &VmEntry, disk: &VolumeDisk) -> Result<(), DriverError> {
     let qmp = shared.qmp(vm).await?;
     let mut added_node = false;
+    let mut added_base: Option<String> = None;
     if !has_node(&qmp, &disk.node).await? {
-        let options: q::BlockdevOptions =
-            serde_json::from_value(cmdline::volume_blockdev(disk)?)
-                .map_err(|e| DriverError::qemu("cannot build the blockdev-add options", e))?;
-        execute(
-            &qmp,
-            q::blockdev_add(options),
-            QMP_TIMEOUT,
-            "attach a volume",
-        )
-        .await?;
+        let volume_id = disk_volume_id(disk)?;
+        let mut disk = disk.clone();
+        if let Some((node, blockdev)) = base_blockdev(shared, volume_id)? {
+            if !has_node(&qmp, &node).await? {
+                let options: q::BlockdevOptions = serde_json::from_value(blockdev)
+                    .map_err(|e| DriverError::qemu("cannot build the blockdev-add options", e))?;
+                execute(
+                    &qmp,
+                    q::blockdev_add(options),
+                    QMP_TIMEOUT,
+                    "attach a volume",
+                )
+                .await?;
+                added_base = Some(node.clone());
+            }
+            disk.backing = Some(node);
+        }
+        let added = async {
+            let options: q::BlockdevOptions =
+                serde_json::from_value(cmdline::volume_blockdev(&disk)?)
+                    .map_err(|e| DriverError::qemu("cannot build the blockdev-add options", e))?;
+            execute(
+                &qmp,
+                q::blockdev_add(options),
+                QMP_TIMEOUT,
+                "attach a volume",
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = added {
+            if let Some(base) = &added_base {
+                let _ = del_node(&qmp, base).await;
+            }
+            return Err(e);
+        }
         added_node = true;
     }
     if has_device(&qmp, &disk.device).await? {
@@ -500,9 +850,20 @@ async fn plug(shared: &Arc<Shared>, vm: &VmEntry, disk: &VolumeDisk) -> Result<(
         if added_node {
             let _ = del_node(&qmp, &disk.node).await;
         }
+        if let Some(base) = &added_base {
+            let _ = del_node(&qmp, base).await;
+        }
         return Err(e);
     }
     Ok(())
+}
+
+/// The volume a [`VolumeDisk`] opens, from its device id (`vol-<id>`).
+fn disk_volume_id(disk: &VolumeDisk) -> Result<uuid::Uuid, DriverError> {
+    disk.device
+        .strip_prefix("vol-")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| DriverError::Config(format!("{} is not a volume's device id", disk.device)))
 }
 
 /// Detaches a volume. See [`crate::Driver::vm_volume_detach`] and the module docs.
@@ -519,16 +880,17 @@ pub(super) async fn detach(
         Err(DriverError::NotFound(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    let node = node_name(volume_id);
     let device = device_id(volume_id);
     let started = Instant::now();
     for _ in 0..DETACH_ATTEMPTS {
         // Ask the guest to release the disk.
         let pid = {
             let _op = vm.op.lock().await;
+            refuse_if_covered(&vm, volume_id)?;
             match shared.ensure_adopted(&vm)? {
                 None => {
                     shared.reconcile_dead(&vm)?;
+                    normalize(shared, &vm, volume_id)?;
                     forget(&vm, volume_id)?;
                     return Ok(());
                 }
@@ -552,12 +914,22 @@ pub(super) async fn detach(
                 tracing::info!(vm = %vm_id, volume = %volume_id, "VM restarted during the detach; asking again");
                 continue;
             }
+            // The active layer: the volume's own node, or the overlay a
+            // snapshot put on top (no snapshot covers the volume, so it is
+            // the only layer left).
+            let active = snapshot::read_chain(&vm.paths)?.active_of(Disk::Volume(volume_id));
+            let node = layer_node(volume_id, &active);
             if has_node(&qmp, &node).await? {
                 del_node(&qmp, &node).await?;
+            }
+            let base = base_node(volume_id);
+            if has_node(&qmp, &base).await? {
+                del_node(&qmp, &base).await?;
             }
         } else {
             shared.reconcile_dead(&vm)?;
         }
+        normalize(shared, &vm, volume_id)?;
         forget(&vm, volume_id)?;
         tracing::info!(
             vm = %vm_id,
@@ -571,6 +943,26 @@ pub(super) async fn detach(
         id: volume_id,
         reason: format!(
             "VM {vm_id} restarted {DETACH_ATTEMPTS} times while the volume was being detached"
+        ),
+    })
+}
+
+/// Refuses to detach a volume a snapshot of the VM covers: the snapshot's
+/// layers of the volume are part of the VM's chain, and a revert to it
+/// would need them. Caller holds `vm.op`.
+fn refuse_if_covered(vm: &VmEntry, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+    let covering = snapshot::read_chain(&vm.paths)?.covering(volume_id);
+    if covering.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = covering.iter().map(|n| format!("{n:?}")).collect();
+    Err(DriverError::VolumeConflict {
+        id: volume_id,
+        reason: format!(
+            "cannot detach it from VM {}: the VM's snapshot(s) {} cover it; delete those \
+             snapshots first (reverting to one of them needs the volume's layers)",
+            vm.id,
+            names.join(", ")
         ),
     })
 }
@@ -644,16 +1036,16 @@ pub(super) async fn resize(
 ) -> Result<VolumeInfo, DriverError> {
     let volume_lock = shared.volume_locks.get(volume_id);
     let _one_at_a_time = volume_lock.lock().await;
-    let paths = VolumePaths::new(shared, volume_id);
-    if !paths.file.exists() {
-        return Err(DriverError::VolumeNotFound(volume_id));
-    }
-    let current =
-        image::virtual_size(&shared.config.qemu_img, &paths.file, ImageFormat::Qcow2).await?;
+    // Snapshot operations hold this lock too: the layers stay put.
+    let located = locate(shared, volume_id)?.ok_or(DriverError::VolumeNotFound(volume_id))?;
+    let active = located.active().to_path_buf();
+    let current = image::virtual_size(&shared.config.qemu_img, &active, ImageFormat::Qcow2).await?;
     check_resize(volume_id, current, size_bytes)?;
     if size_bytes != current {
         let started = Instant::now();
-        let live = match owner(shared, volume_id)? {
+        // Only the active layer grows: the layers below keep the size they
+        // had at their snapshot, and reads past their end are zeros.
+        let live = match located.vm {
             Some(vm_id) => {
                 let vm = shared.existing(vm_id)?;
                 // Held across the offline resize too, so the VM cannot start
@@ -662,24 +1054,28 @@ pub(super) async fn resize(
                 match shared.ensure_adopted(&vm)? {
                     Some(_) => {
                         let qmp = shared.qmp(&vm).await?;
-                        let node = node_name(volume_id);
+                        let file = active
+                            .file_name()
+                            .and_then(|f| f.to_str())
+                            .unwrap_or_default();
+                        let node = layer_node(volume_id, file);
                         if has_node(&qmp, &node).await? {
                             resize_live(&qmp, &node, size_bytes).await?;
                             true
                         } else {
-                            resize_file(shared, &paths.file, size_bytes).await?;
+                            resize_file(shared, &active, size_bytes).await?;
                             false
                         }
                     }
                     None => {
                         shared.reconcile_dead(&vm)?;
-                        resize_file(shared, &paths.file, size_bytes).await?;
+                        resize_file(shared, &active, size_bytes).await?;
                         false
                     }
                 }
             }
             None => {
-                resize_file(shared, &paths.file, size_bytes).await?;
+                resize_file(shared, &active, size_bytes).await?;
                 false
             }
         };
@@ -748,6 +1144,8 @@ pub(super) async fn delete(shared: &Arc<Shared>, volume_id: uuid::Uuid) -> Resul
     for p in [&paths.file, &paths.tmp, &paths.spec_json] {
         remove_file_if_exists(p)?;
     }
+    // Snapshot layers a crash left behind (a detached volume has none).
+    remove_layer_orphans(shared, volume_id, &[]);
     if existed {
         tracing::info!(volume = %volume_id, "volume deleted");
     }
