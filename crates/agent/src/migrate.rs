@@ -124,8 +124,8 @@ pub(crate) async fn import(
             total_bytes: p.total_bytes,
             message: Some(format!(
                 "copying the disk: {} of {}",
-                ByteCount(p.done_bytes),
-                ByteCount(p.total_bytes)
+                ByteCount(p.done_bytes).approx(),
+                ByteCount(p.total_bytes).approx()
             )),
         },
     );
@@ -237,17 +237,17 @@ fn describe(p: &MigrateProgress) -> String {
     };
     let mut s = format!(
         "{phase}: memory {} of {} sent, {} remaining, dirty rate {}/s, pass {}",
-        ByteCount(p.memory_transferred_bytes),
-        ByteCount(p.memory_total_bytes),
-        ByteCount(p.memory_remaining_bytes),
-        ByteCount(p.dirty_rate_bytes_per_sec),
+        ByteCount(p.memory_transferred_bytes).approx(),
+        ByteCount(p.memory_total_bytes).approx(),
+        ByteCount(p.memory_remaining_bytes).approx(),
+        ByteCount(p.dirty_rate_bytes_per_sec).approx(),
         p.passes
     );
     if p.disk_total_bytes > 0 {
         s.push_str(&format!(
             "; disk {} of {}",
-            ByteCount(p.disk_done_bytes),
-            ByteCount(p.disk_total_bytes)
+            ByteCount(p.disk_done_bytes).approx(),
+            ByteCount(p.disk_total_bytes).approx()
         ));
     }
     if let Some(ms) = p.expected_downtime_ms {

@@ -105,9 +105,48 @@ impl fmt::Display for ByteCount {
     }
 }
 
+impl ByteCount {
+    /// For people, not for parsing back: the exact form when a unit
+    /// divides the count (`64MiB`, `0B`), else one decimal of the largest
+    /// unit it reaches (`147.4MiB`, not `154588797B`). Progress and job
+    /// messages use it.
+    pub fn approx(self) -> Approx {
+        Approx(self.0)
+    }
+}
+
+/// See [`ByteCount::approx`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Approx(u64);
+
+impl fmt::Display for Approx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+            if n >= size {
+                if n.is_multiple_of(size) {
+                    return write!(f, "{}{}", n / size, unit);
+                }
+                return write!(f, "{:.1}{}", n as f64 / size as f64, unit);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn approx_is_exact_when_it_can_be_and_short_otherwise() {
+        assert_eq!(ByteCount(64 * MIB).approx().to_string(), "64MiB");
+        assert_eq!(ByteCount(0).approx().to_string(), "0B");
+        assert_eq!(ByteCount(512).approx().to_string(), "512B");
+        assert_eq!(ByteCount(154_588_797).approx().to_string(), "147.4MiB");
+        assert_eq!(ByteCount(4416 * KIB).approx().to_string(), "4.3MiB");
+        assert_eq!(ByteCount(GIB + 1).approx().to_string(), "1.0GiB");
+    }
 
     #[test]
     fn parses_binary_units() {

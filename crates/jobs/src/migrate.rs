@@ -206,7 +206,11 @@ fn send_progress(done: u64, total: u64) -> (u8, String) {
         .map_or(15, |p| 15 + p as u8);
     (
         pct,
-        format!("migrating: {} of {}", ByteCount(done), ByteCount(total)),
+        format!(
+            "migrating: {} of {}",
+            ByteCount(done).approx(),
+            ByteCount(total).approx()
+        ),
     )
 }
 
@@ -310,8 +314,8 @@ pub(crate) async fn send(ctx: Ctx) -> Result<serde_json::Value, ActionError> {
             outcome["total_ms"].as_u64().unwrap_or(0),
             outcome["downtime_ms"].as_u64().unwrap_or(0),
             outcome["qemu_ms"].as_u64().unwrap_or(0),
-            ByteCount(outcome["memory_bytes"].as_u64().unwrap_or(0)),
-            ByteCount(outcome["disk_bytes"].as_u64().unwrap_or(0)),
+            ByteCount(outcome["memory_bytes"].as_u64().unwrap_or(0)).approx(),
+            ByteCount(outcome["disk_bytes"].as_u64().unwrap_or(0)).approx(),
             // How it moved, for the operator who asked for post-copy or
             // configured TLS: the log shows whether either applied.
             if outcome["postcopy"] == true {
@@ -418,8 +422,8 @@ async fn cold_request(
                 pct,
                 format!(
                     "copying the disk: {} of {}",
-                    ByteCount(done),
-                    ByteCount(total)
+                    ByteCount(done).approx(),
+                    ByteCount(total).approx()
                 ),
             )
         },
@@ -583,7 +587,7 @@ async fn cold_move(
         } else {
             format!(
                 "moved to {target} (cold: {} of the VM's disk copied in {} ms)",
-                ByteCount(outcome["bytes_copied"].as_u64().unwrap_or(0)),
+                ByteCount(outcome["bytes_copied"].as_u64().unwrap_or(0)).approx(),
                 outcome["duration_ms"].as_u64().unwrap_or(0)
             )
         },
