@@ -1230,6 +1230,13 @@ async fn migrate(
     // changes, with the `events` capability; the mirror's job events).
     let mut unreachable_since: Option<Instant> = None;
     let mut cancel_sent = false;
+    // `migrate-continue` goes once: QEMU reports `pre-switchover` until its
+    // migration thread picks the continue up, and a look in between (woken
+    // by the mirror's own job events) would send a second one, which QEMU
+    // refuses ("not in expected state: device") after the first let the
+    // guest go: the source would then report a failed migration that had
+    // completed.
+    let mut continued = false;
     let mut events = vm.qmp_events.subscribe();
     loop {
         events.borrow_and_update();
@@ -1312,7 +1319,7 @@ async fn migrate(
                 });
             }
             "cancelled" => return Err(migration_error(id, "cancelled")),
-            "pre-switchover" => {
+            "pre-switchover" if !continued => {
                 // The guest is paused here and its last writes may still be
                 // on their way to the destination's disk: drain and end the
                 // mirror, then let QEMU send the device state, after which
@@ -1333,6 +1340,7 @@ async fn migrate(
                     "continue the switch-over",
                 )
                 .await?;
+                continued = true;
             }
             "active" => {
                 if let Some(after) = req.postcopy_after_passes {
