@@ -1176,18 +1176,34 @@ async fn has_device(qmp: &QmpService, device: &str) -> Result<bool, DriverError>
     Ok(props.iter().any(|p| p.name == device))
 }
 
+/// Deletes a volume's block node. The unplugged device leaves QEMU's
+/// device tree (what `wait_released` watches) a moment before it lets go
+/// of its block backend, so `blockdev-del` may find the node still "in
+/// use" for a few milliseconds (seen once in CI): it is asked again until
+/// [`NODE_RELEASE_TIMEOUT`].
 async fn del_node(qmp: &QmpService, node: &str) -> Result<(), DriverError> {
-    execute(
-        qmp,
-        q::blockdev_del {
-            node_name: node.into(),
-        },
-        QMP_TIMEOUT,
-        "detach a volume",
-    )
-    .await?;
-    Ok(())
+    let deadline = Instant::now() + NODE_RELEASE_TIMEOUT;
+    loop {
+        let deleted = execute(
+            qmp,
+            q::blockdev_del {
+                node_name: node.into(),
+            },
+            QMP_TIMEOUT,
+            "detach a volume",
+        )
+        .await;
+        match deleted {
+            Err(e) if format!("{e:?}").contains("is in use") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other.map(|_| ()),
+        }
+    }
 }
+
+/// How long a just-unplugged device may hold on to its block node.
+const NODE_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
