@@ -260,31 +260,7 @@ fn real_qemu_tls_postcopy_migration_through_the_api() {
     // The same boot, the same data, still counting, on host-3 only.
     wait_guest(env, "mover");
     assert_eq!(host_of(env, "mover"), "host-3");
-    assert_eq!(
-        line(env, "mover", "cat /proc/sys/kernel/random/boot_id"),
-        boot_id
-    );
-    assert_eq!(
-        line(env, "mover", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
-        sum
-    );
-    let before = ticks(env, "mover").last().copied().unwrap_or(0);
-    wait_until(
-        "the counter to go on after the move",
-        Duration::from_secs(30),
-        || {
-            let t = ticks(env, "mover");
-            match t.last() {
-                Some(n) if *n > before + 5 => Ok(()),
-                other => Err(format!("{other:?} (was {before})")),
-            }
-        },
-    );
-    let all = ticks(env, "mover");
-    assert!(
-        all.windows(2).all(|p| p[1] > p[0]),
-        "the counter never restarted: {all:?}"
-    );
+    same_guest_still_counting(env, "mover", &boot_id, &sum);
     assert_eq!(qemus_under(&mover_id, &host3_dir), 1, "one QEMU on host-3");
     wait_nothing_on(&mover_id, &host2_dir);
     let h2 = env.json(&["host", "show", "host-2", "-o", "json"]);

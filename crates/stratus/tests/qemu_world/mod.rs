@@ -453,6 +453,37 @@ pub fn ticks(env: &Env, vm: &str) -> Vec<u64> {
         .collect()
 }
 
+/// After a live migration: the guest has the same boot (`boot_id`), its
+/// file `/mnt/disk/keep` the same SHA-256 (`sum`), and its console counter
+/// (see [`start_load`]) goes on and never restarted.
+pub fn same_guest_still_counting(env: &Env, vm: &str, boot_id: &str, sum: &str) {
+    assert_eq!(
+        line(env, vm, "cat /proc/sys/kernel/random/boot_id"),
+        boot_id
+    );
+    assert_eq!(
+        line(env, vm, "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
+        sum
+    );
+    let before = ticks(env, vm).last().copied().unwrap_or(0);
+    wait_until(
+        "the counter to go on after the move",
+        Duration::from_secs(30),
+        || {
+            let t = ticks(env, vm);
+            match t.last() {
+                Some(n) if *n > before + 5 => Ok(()),
+                other => Err(format!("{other:?} (was {before})")),
+            }
+        },
+    );
+    let all = ticks(env, vm);
+    assert!(
+        all.windows(2).all(|p| p[1] > p[0]),
+        "the counter never restarted: {all:?}"
+    );
+}
+
 /// The name of the host the VM is placed on.
 pub fn host_of(env: &Env, vm: &str) -> String {
     let v = env.vm(vm);
