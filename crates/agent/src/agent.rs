@@ -121,6 +121,8 @@ fn facts_of(driver: &str, f: stratus_driver::HostFacts) -> HostFacts {
         qemu_version: f.qemu_version,
         accel: f.accel,
         driver: driver.to_string(),
+        // Optional on the wire: agents from before it said nothing (plain).
+        migration_tls: Some(f.migration_tls),
     }
 }
 

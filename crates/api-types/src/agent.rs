@@ -40,6 +40,11 @@ pub struct HostFacts {
     pub accel: Option<String>,
     /// `qemu` or `sim`.
     pub driver: String,
+    /// Migration streams to and from this host are encrypted (the agent has
+    /// `--migration-tls-dir`). Both ends of a migration must agree, so the
+    /// scheduler only moves VMs between hosts with the same setting.
+    #[serde(default)]
+    pub migration_tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -132,6 +132,9 @@ pub struct Host {
     pub qemu_version: Option<String>,
     /// The accelerator the agent found to work (`kvm` or `tcg`).
     pub accel: Option<String>,
+    /// Live migrations to and from this host are encrypted (QEMU TLS); VMs
+    /// move only between hosts with the same setting.
+    pub migration_tls: bool,
     /// Tags VMs can require or forbid.
     pub tags: Vec<String>,
     /// The shared storage pools the host sees (by name); every host also

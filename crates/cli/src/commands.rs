@@ -1151,6 +1151,10 @@ fn host_fields(h: &types::Host) -> Table {
         ("qemu", opt(&h.qemu_version)),
         ("accel", opt(&h.accel)),
         (
+            "migration",
+            if h.migration_tls { "tls" } else { "plain" }.into(),
+        ),
+        (
             "tags",
             if h.tags.is_empty() {
                 "-".into()

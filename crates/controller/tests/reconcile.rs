@@ -81,6 +81,7 @@ async fn host(ds: &Datastore, name: &str) -> HostId {
                 qemu_version: None,
                 accel: None,
                 driver: "sim".into(),
+                migration_tls: false,
             },
             tags: &[],
             credential_hash: &format!("cred-{}", uuid::Uuid::new_v4()),

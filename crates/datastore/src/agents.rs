@@ -87,8 +87,8 @@ impl Datastore {
         sqlx::query(
             "INSERT INTO hosts (id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
              qemu_version, accel, driver, credential_hash, generation, desired_revision, created_at, \
-             last_heartbeat_at, tags) \
-             VALUES ($1, $2, 'up', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, 1, $13, $13, $14)",
+             last_heartbeat_at, tags, migration_transport) \
+             VALUES ($1, $2, 'up', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, 1, $13, $13, $14, $15)",
         )
         .bind(id.to_string())
         .bind(name)
@@ -104,6 +104,7 @@ impl Datastore {
         .bind(credential_hash)
         .bind(now)
         .bind(crate::model::tags_column(tags))
+        .bind(crate::model::transport_column(facts.migration_tls))
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -159,7 +160,7 @@ impl Datastore {
     pub async fn host_heartbeat(&self, id: HostId, facts: &HostFacts) -> Result<HostRecord, Error> {
         sqlx::query(
             "UPDATE hosts SET cpus = $1, memory_bytes = $2, disk_bytes = $3, qemu_version = $4, accel = $5, \
-             driver = $6, last_heartbeat_at = $7, \
+             driver = $6, last_heartbeat_at = $7, migration_transport = $9, \
              state = CASE WHEN state = 'unreachable' THEN 'up' ELSE state END WHERE id = $8",
         )
         .bind(i64::from(facts.cpus))
@@ -170,6 +171,7 @@ impl Datastore {
         .bind(facts.driver.clone())
         .bind(now_micros())
         .bind(id.to_string())
+        .bind(crate::model::transport_column(facts.migration_tls))
         .execute(&self.write)
         .await
         .map_err(|e| db_error("recording a heartbeat", e))?;

@@ -12,7 +12,7 @@ use crate::Datastore;
 pub(crate) const SELECT: &str =
     "SELECT id, name, state, zone, cluster, address, cpus, memory_bytes, disk_bytes, \
                       qemu_version, accel, generation, desired_revision, driver, tags, pools, alloc_vcpus, \
-                      alloc_memory_bytes, alloc_disk_bytes, created_at, last_heartbeat_at FROM hosts";
+                      alloc_memory_bytes, alloc_disk_bytes, created_at, last_heartbeat_at, migration_transport FROM hosts";
 
 /// Filters for [`Datastore::host_list`].
 #[derive(Debug, Default)]

@@ -180,6 +180,9 @@ pub struct HostRecord {
     pub disk_bytes: u64,
     pub qemu_version: Option<String>,
     pub accel: Option<String>,
+    /// Its migration streams are encrypted (stored as `migration_transport`
+    /// `tls`, else `plain`).
+    pub migration_tls: bool,
     pub generation: i64,
     pub desired_revision: i64,
     pub driver: Option<String>,
@@ -191,6 +194,18 @@ pub struct HostRecord {
     pub alloc_disk_bytes: u64,
     pub created_at: i64,
     pub last_heartbeat_at: Option<i64>,
+}
+
+/// `hosts.migration_transport` of a host whose migrations use TLS.
+pub(crate) const TRANSPORT_TLS: &str = "tls";
+
+/// How [`HostRecord::migration_tls`] is stored.
+pub(crate) fn transport_column(tls: bool) -> &'static str {
+    if tls {
+        TRANSPORT_TLS
+    } else {
+        "plain"
+    }
 }
 
 /// Tags as stored: sorted, deduplicated, comma-separated.
@@ -220,6 +235,7 @@ impl HostRecord {
             disk_bytes: u64_of(r.int("disk_bytes")?),
             qemu_version: r.opt_text("qemu_version")?,
             accel: r.opt_text("accel")?,
+            migration_tls: r.text("migration_transport")? == TRANSPORT_TLS,
             generation: r.int("generation")?,
             desired_revision: r.int("desired_revision")?,
             driver: r.opt_text("driver")?,
@@ -245,6 +261,7 @@ impl HostRecord {
             disk_bytes: self.disk_bytes,
             qemu_version: self.qemu_version,
             accel: self.accel,
+            migration_tls: self.migration_tls,
             tags: self.tags,
             pools: self.pools,
             allocated: views::Allocation {

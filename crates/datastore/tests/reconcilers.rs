@@ -215,6 +215,7 @@ async fn world(ds: &Datastore) -> World {
         qemu_version: None,
         accel: None,
         driver: "sim".into(),
+        migration_tls: false,
     };
     let host = ds
         .host_enroll(
@@ -894,6 +895,7 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
         qemu_version: None,
         accel: None,
         driver: "sim".into(),
+        migration_tls: false,
     };
     let hash = format!("enroll-{}", uuid::Uuid::new_v4());
     let admin = ds

@@ -315,6 +315,7 @@ impl Driver for SimDriver {
             disk_free_bytes: self.config.disk_bytes.saturating_sub(used),
             qemu_version: None,
             accel: Some("sim".into()),
+            migration_tls: false,
         })
     }
 

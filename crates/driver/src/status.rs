@@ -123,6 +123,9 @@ pub struct HostFacts {
     pub qemu_version: Option<String>,
     /// `kvm`, `tcg` or `sim`.
     pub accel: Option<String>,
+    /// Migration streams are encrypted (the driver has TLS credentials for
+    /// them).
+    pub migration_tls: bool,
 }
 
 #[cfg(test)]

@@ -515,6 +515,9 @@ async fn real_qemu_live_migration_over_tls() {
     let src = tls_driver(&tmp.path().join("src"), Some(&certs)).await;
     let plain = tls_driver(&tmp.path().join("plain"), None).await;
     let dst = tls_driver(&tmp.path().join("dst"), Some(&certs)).await;
+    // What the agents report, so the scheduler pairs hosts alike.
+    assert!(src.host_facts().await.expect("facts").migration_tls);
+    assert!(!plain.host_facts().await.expect("facts").migration_tls);
     let s = big_spec("mig-tls");
     let id = s.id;
     let _cleanup = KillOnDrop(id);

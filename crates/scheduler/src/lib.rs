@@ -185,6 +185,16 @@ impl Scheduler {
         named: Option<(HostId, &str)>,
     ) -> Result<HostId, Error> {
         let source = vm.host_id;
+        let engine = self.engine();
+        // The transport the source uses: the destination must use the same.
+        let source_tls = source
+            .and_then(|s| engine.host(s))
+            .is_some_and(|h| h.tags.iter().any(|t| t == MIGRATION_TLS_TAG));
+        let (tls_required, tls_forbidden) = if source_tls {
+            (Some(MIGRATION_TLS_TAG.to_string()), None)
+        } else {
+            (None, Some(MIGRATION_TLS_TAG.to_string()))
+        };
         let req = Request {
             resources: Resources {
                 vcpus: u64::from(vm.vcpus),
@@ -202,14 +212,38 @@ impl Scheduler {
                 .iter()
                 .cloned()
                 .chain(pool.map(pool_tag))
+                .chain(tls_required)
                 .collect(),
-            forbid_tags: vm.placement.forbid_tags.clone(),
+            forbid_tags: vm
+                .placement
+                .forbid_tags
+                .iter()
+                .cloned()
+                .chain(tls_forbidden)
+                .collect(),
             group: group.map(|(g, p)| (g, group_policy(p))),
             exclude_hosts: source.into_iter().collect(),
         };
-        let engine = self.engine();
         match named {
             Some((host, name)) => {
+                let named_tls = engine
+                    .host(host)
+                    .is_some_and(|h| h.tags.iter().any(|t| t == MIGRATION_TLS_TAG));
+                if named_tls != source_tls {
+                    let (this, other) = if source_tls {
+                        ("uses TLS", "does not")
+                    } else {
+                        ("does not use TLS", "does")
+                    };
+                    return Err(Error::NoCapacity {
+                        message: format!(
+                            "host {name} cannot take the VM: the VM's host {this} for migrations and \
+                             {name} {other}; both ends of a migration must use the same setting \
+                             (the agents' --migration-tls-dir)"
+                        ),
+                        details: serde_json::Value::Null,
+                    });
+                }
                 engine
                     .check_host(host, &req)
                     .map(|()| host)
@@ -223,8 +257,26 @@ impl Scheduler {
             }
             None => engine.choose(&req).map_err(|e| {
                 let details = serde_json::to_value(explanation_of(&e)).unwrap_or_default();
+                // Tag filters that eliminated hosts may be the transport's
+                // doing: say so, since the operator never set that tag.
+                let by_tags = e.eliminated.iter().any(|x| {
+                    matches!(
+                        x.filter,
+                        stratus_placement::Filter::RequiredTags
+                            | stratus_placement::Filter::ForbiddenTags
+                    ) && x.hosts > 0
+                });
+                let hint = if by_tags {
+                    let transport = if source_tls { "TLS" } else { "plain" };
+                    format!(
+                        " (a VM moves only between hosts with the same migration transport, \
+                         here {transport}; hosts using TLS carry the tag {MIGRATION_TLS_TAG})"
+                    )
+                } else {
+                    String::new()
+                };
                 Error::NoCapacity {
-                    message: format!("no other host can take the VM: {e}"),
+                    message: format!("no other host can take the VM: {e}{hint}"),
                     details,
                 }
             }),
@@ -323,6 +375,13 @@ fn policy_of(c: &ClusterRecord) -> ClusterPolicy {
     }
 }
 
+/// The tag a host whose migrations use TLS carries in the engine's index.
+/// A move from such a host requires it and a move from a plain host forbids
+/// it: QEMU's two ends must agree on the transport, so a host with the other
+/// setting could only fail the migration. Operator tags are DNS labels, so
+/// none can look like it.
+pub const MIGRATION_TLS_TAG: &str = "migration:tls";
+
 /// The tag a host carries in the engine's index while it sees the shared
 /// storage pool `name`, and that a VM in the pool requires. Operator tags
 /// are DNS labels, so none can look like one; explanations count hosts
@@ -347,6 +406,7 @@ fn snapshot_of(h: &HostRecord) -> HostSnapshot {
             .iter()
             .cloned()
             .chain(h.pools.iter().map(|p| pool_tag(p)))
+            .chain(h.migration_tls.then(|| MIGRATION_TLS_TAG.to_string()))
             .collect(),
         capacity: Resources {
             vcpus: u64::from(h.cpus),

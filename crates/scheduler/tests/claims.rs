@@ -46,6 +46,7 @@ async fn fixture(ds: &Datastore) -> Fixture {
             qemu_version: None,
             accel: None,
             driver: "sim".into(),
+            migration_tls: false,
         };
         ds.host_enroll(
             &hash,
@@ -307,4 +308,94 @@ async fn a_claim_marks_its_host_desired_state_changed() {
     let changed = ds.host_revisions(before).await.expect("since");
     assert_eq!(changed.len(), 1, "{changed:?}");
     assert_eq!(changed[0].0, host);
+}
+
+/// A move goes only to a host with the source's migration transport: QEMU's
+/// two ends must agree on TLS, so any other host could only fail the
+/// migration. A named host with the other setting is refused up front,
+/// naming TLS.
+#[tokio::test]
+async fn moves_stay_between_hosts_with_the_same_migration_transport() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ds = Datastore::open(&stratus_test_utils::sqlite_url(dir.path()))
+        .await
+        .expect("open");
+    let fx = fixture(&ds).await;
+    let s = Scheduler::load(ds.clone()).await.expect("scheduler");
+    let made = s
+        .create_vms(vec![pending(&fx, "mover", None)], None)
+        .await
+        .expect("placed");
+    let vm = ds.vm_get(made[0].0.id).await.expect("vm");
+    let source = vm.host_id.expect("placed");
+    let hosts = ds
+        .host_list(
+            &stratus_datastore::HostListFilter::default(),
+            &stratus_datastore::PageRequest::first(10),
+        )
+        .await
+        .expect("hosts")
+        .items;
+    let others: Vec<_> = hosts.iter().filter(|h| h.id != source).collect();
+    let (tls_peer, plain_peer) = (others[0], others[1]);
+    let set_tls = |id, tls| {
+        let ds = ds.clone();
+        let s = &s;
+        async move {
+            let h = ds.host_get(id).await.expect("host");
+            let facts = HostFacts {
+                cpus: h.cpus,
+                memory_bytes: h.memory_bytes,
+                disk_bytes: h.disk_bytes,
+                qemu_version: None,
+                accel: None,
+                driver: "sim".into(),
+                migration_tls: tls,
+            };
+            let h = ds.host_heartbeat(id, &facts).await.expect("heartbeat");
+            assert_eq!(h.migration_tls, tls, "stored");
+            s.host_changed(&h);
+        }
+    };
+    set_tls(source, true).await;
+    set_tls(tls_peer.id, true).await;
+    // From a TLS host: only the other TLS host, whichever is emptier.
+    assert_eq!(
+        s.choose_move(&vm, None, None, None).expect("a TLS host"),
+        tls_peer.id
+    );
+    let e = s
+        .choose_move(&vm, None, None, Some((plain_peer.id, &plain_peer.name)))
+        .expect_err("a plain host named");
+    assert_eq!(e.error_code(), "no_host_available");
+    assert!(
+        e.to_string()
+            .contains("the VM's host uses TLS for migrations and"),
+        "{e}"
+    );
+    // From a plain host: only the plain one.
+    set_tls(source, false).await;
+    assert_eq!(
+        s.choose_move(&vm, None, None, None).expect("a plain host"),
+        plain_peer.id
+    );
+    let e = s
+        .choose_move(&vm, None, None, Some((tls_peer.id, &tls_peer.name)))
+        .expect_err("a TLS host named");
+    assert!(
+        e.to_string().contains("does not use TLS for migrations"),
+        "{e}"
+    );
+    // With no host of its kind left, the refusal explains by the tag.
+    set_tls(plain_peer.id, true).await;
+    let e = s.choose_move(&vm, None, None, None).expect_err("none left");
+    assert!(
+        e.to_string().contains("no other host can take the VM"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("2 carry a forbidden tag")
+            && e.to_string().contains("migration transport, here plain"),
+        "{e}"
+    );
 }

@@ -8,8 +8,9 @@
 //! traffic over loopback): `host-1` without TLS, `host-2` and `host-3` with
 //! certificates from one CA, `host-4` with certificates from another CA.
 //! Shown, in order:
-//! - a TLS host and a plain one refuse to migrate to each other, either
-//!   way, with an error that names TLS; the VM keeps running where it was
+//! - hosts report whether they use TLS; the API refuses a move between a
+//!   TLS host and a plain one, either way, with an error that names TLS,
+//!   and the scheduler picks no host of the other kind; the VM keeps running where it was
 //!   and the other host holds nothing of it;
 //! - between hosts whose certificates come from different CAs the migration
 //!   fails at QEMU's TLS handshake (QEMU really checks its peer, so the
@@ -91,6 +92,23 @@ fn migration_fails(env: &Env, vm: &str, host: &str) -> String {
         .to_string()
 }
 
+/// `stratus vm migrate VM [--host HOST]` (no host when `host` is empty),
+/// which the API must refuse before making a job: the CLI's error.
+fn migration_refused(env: &Env, vm: &str, host: &str) -> String {
+    let mut args = vec!["vm", "migrate", vm, "--project", "p"];
+    if !host.is_empty() {
+        args.extend(["--host", host]);
+    }
+    let out = env.cli(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "migrating {vm} to {host:?} was accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 /// The VM runs on `host` and nothing of it is left on the host whose agent
 /// works in `other`.
 fn still_on(env: &Env, vm: &str, vm_id: &str, host: &str, here: &Path, other: &Path) {
@@ -150,24 +168,35 @@ fn real_qemu_tls_postcopy_migration_through_the_api() {
          sha256sum /mnt/disk/keep | cut -d' ' -f1",
     );
 
+    // The hosts report their transport; the scheduler knows it.
+    let h1 = env.json(&["host", "show", "host-1", "-o", "json"]);
+    assert_eq!(h1["migration_tls"], false, "{h1}");
+    let h2 = env.json(&["host", "show", "host-2", "-o", "json"]);
+    assert_eq!(h2["migration_tls"], true, "{h2}");
+
     // A TLS source and a plain destination, then a plain source and a TLS
-    // destination: both refused by the source, naming TLS.
+    // destination: both refused by the API before any job, naming TLS.
     let t = Instant::now();
-    let err = migration_fails(env, "mover", "host-1");
+    let err = migration_refused(env, "mover", "host-1");
     println!("MEASURED TLS -> plain refused in {:?}: {err}", t.elapsed());
     assert!(
-        err.contains("uses TLS for migrations but the destination does not"),
+        err.contains("the VM's host uses TLS for migrations and host-1 does not"),
         "{err}"
     );
     still_on(env, "mover", &mover_id, "host-2", &host2_dir, &w.agent_dir);
     let t = Instant::now();
-    let err = migration_fails(env, "plain", "host-2");
+    let err = migration_refused(env, "plain", "host-2");
     println!("MEASURED plain -> TLS refused in {:?}: {err}", t.elapsed());
     assert!(
-        err.contains("does not use TLS for migrations but the destination does"),
+        err.contains("the VM's host does not use TLS for migrations and host-2 does"),
         "{err}"
     );
+    // Without a named host, the scheduler finds no plain host for it.
+    let err = migration_refused(env, "plain", "");
+    assert!(err.contains("migration transport, here plain"), "{err}");
     still_on(env, "plain", &plain_id, "host-1", &w.agent_dir, &host2_dir);
+    let jobs = env.json(&["job", "list", "--kind", "vm_migrate", "-o", "json"]);
+    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(0), "{jobs}");
 
     // Both ends use TLS, but host-4's certificates come from another CA:
     // the source's QEMU does not trust the destination's certificate, so

@@ -74,7 +74,8 @@ pub async fn agent_report(
         || h.disk_bytes != r.facts.disk_bytes
         || h.qemu_version != r.facts.qemu_version
         || h.accel != r.facts.accel
-        || h.driver.as_deref() != Some(r.facts.driver.as_str());
+        || h.driver.as_deref() != Some(r.facts.driver.as_str())
+        || h.migration_tls != r.facts.migration_tls;
     let host = if facts_changed || h.state == stratus_api_types::views::HostState::Unreachable {
         let host = app.ds.host_heartbeat(h.id, &r.facts).await?;
         app.scheduler.host_changed(&host);

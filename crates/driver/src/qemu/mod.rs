@@ -1180,6 +1180,7 @@ impl Driver for QemuDriver {
             disk_free_bytes,
             qemu_version: Some(self.shared.qemu_version.clone()),
             accel: Some(self.shared.launch.accel.to_string()),
+            migration_tls: self.shared.config.migration_tls_dir.is_some(),
         })
     }
 
