@@ -349,6 +349,19 @@ impl Datastore {
         Ok(AutoRestart::GaveUp { vm: Box::new(vm) })
     }
 
+    /// Records that the VM's disk was just replaced by the backup `file`
+    /// (an in-place restore): like a VM created from a backup, its disk now
+    /// has no base image, which a migration must know to copy it whole.
+    pub async fn vm_set_restored_from(&self, id: VmId, file: &str) -> Result<(), Error> {
+        sqlx::query("UPDATE vms SET restore_from = $1 WHERE id = $2")
+            .bind(file)
+            .bind(id.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("recording a VM's restore", e))?;
+        Ok(())
+    }
+
     pub async fn vm_get(&self, id: VmId) -> Result<VmRecord, Error> {
         let mut conn = self
             .read

@@ -129,7 +129,10 @@ pub enum IncomingDisk {
     /// (`sync: top`), never the base image.
     Overlay,
     /// An empty standalone qcow2 of `virtual_size` bytes, for a disk that has
-    /// no base image (restored from a backup): everything is mirrored.
+    /// no base image (restored from a backup): everything is mirrored. The
+    /// controller asks for it when the VM's record names the backup its
+    /// disk came from (`vm.restore_from`, also set by an in-place restore);
+    /// the spec's `restore_from` plays no part here.
     Standalone { virtual_size: u64 },
     /// Nothing is copied: the disk is in the spec's shared storage pool
     /// (`VmSpec::pool`), which both hosts see. The destination links its

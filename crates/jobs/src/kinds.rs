@@ -143,6 +143,11 @@ pub struct MigrationParams {
     pub source_pool: Option<String>,
     #[serde(default)]
     pub target_pool: Option<String>,
+    /// The VM's disk has no base image (it was restored from a backup): the
+    /// destination makes an empty disk of this many bytes and the whole
+    /// disk is mirrored, not just what the guest wrote over the image.
+    #[serde(default)]
+    pub standalone_disk_bytes: Option<u64>,
 }
 
 /// What a `vm_restore` job restores.

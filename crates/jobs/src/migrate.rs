@@ -108,6 +108,8 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
     // A disk in one shared pool on both ends is opened there, not copied.
     let disk = if m.source_pool.is_some() && m.source_pool == m.target_pool {
         serde_json::json!({"kind": "pool"})
+    } else if let Some(size) = m.standalone_disk_bytes {
+        serde_json::json!({"kind": "standalone", "virtual_size": size})
     } else {
         serde_json::json!({"kind": "overlay"})
     };

@@ -214,7 +214,7 @@ pub(crate) async fn restore_disk(ctx: Ctx) -> Result<(), ActionError> {
     .await?;
     let request = AgentRequestKind::Restore {
         vm_id: p.vm_id,
-        file: restore.file,
+        file: restore.file.clone(),
     };
     sc.await_request(
         HostRequest {
@@ -230,6 +230,10 @@ pub(crate) async fn restore_disk(ctx: Ctx) -> Result<(), ActionError> {
         |done, total| (20, format!("restoring: {done} of {total} bytes")),
     )
     .await?;
+    // The disk now has no base image: a migration must copy it whole.
+    retry_store(|| sc.ds.vm_set_restored_from(p.vm_id, &restore.file))
+        .await
+        .map_err(|e| StepError::internal("recording the restore", e))?;
     Ok(())
 }
 

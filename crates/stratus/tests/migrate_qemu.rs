@@ -431,3 +431,154 @@ fn real_qemu_cold_cross_cluster_pool_mapping_and_maintenance() {
     let h1 = env.json(&["host", "show", "host-1", "-o", "json"]);
     assert_eq!(h1["state"], "up");
 }
+
+/// A VM restored from a backup has no image under its disk: it moves live
+/// (the destination makes a standalone disk and the whole disk is mirrored)
+/// and cold (its one file travels) like any other, even once the backup it
+/// came from is deleted.
+#[test]
+fn real_qemu_a_vm_restored_from_a_backup_migrates_live_and_cold() {
+    let started = Instant::now();
+    let w = world();
+    let env = &w.env;
+    let (_agent2, host2_dir) = w.add_host("host-2");
+    let targets = w.home.path().join("backups");
+    std::fs::create_dir_all(&targets).expect("mkdir");
+    env.json(&[
+        "backup",
+        "target",
+        "create",
+        "t",
+        targets.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    // Both VMs on host 1 (host 2 out of service meanwhile).
+    env.json(&["host", "maintenance", "host-2", "on", "-o", "json"]);
+    let _kill_orig = running_vm(env, "orig");
+    let sum = line(
+        env,
+        "orig",
+        "dd if=/dev/urandom of=/mnt/disk/keep bs=1M count=4 2>/dev/null && sync && \
+         sha256sum /mnt/disk/keep | cut -d' ' -f1",
+    );
+    let b = env.json(&[
+        "backup",
+        "create",
+        "orig",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(b["status"], "succeeded", "{b}");
+    let backup_id = b["id"].as_str().expect("backup id").to_string();
+    let restored = env.json(&[
+        "backup", "restore", &backup_id, "--as", "copy", "--wait", "-o", "json",
+    ]);
+    let copy_id = restored["id"].as_str().expect("VM id").to_string();
+    let _kill_copy = KillVm(Some(copy_id.clone()));
+    env.json(&["host", "maintenance", "host-2", "off", "-o", "json"]);
+    wait_guest(env, "copy");
+    assert_eq!(host_of(env, "copy"), "host-1");
+    let read = || line(env, "copy", "sha256sum /mnt/disk/keep | cut -d' ' -f1");
+    assert_eq!(read(), sum, "the restore holds the data");
+    let boot_id = line(env, "copy", "cat /proc/sys/kernel/random/boot_id");
+    // `orig` restored in place: its disk is standalone now too.
+    env.json(&[
+        "vm",
+        "stop",
+        "orig",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    env.json(&[
+        "backup",
+        "restore",
+        &backup_id,
+        "--in-place",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    env.json(&[
+        "vm",
+        "start",
+        "orig",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(env, "orig");
+    // The backup goes: moving the VMs must not need it.
+    env.json(&["backup", "delete", &backup_id, "-o", "json"]);
+    let file = targets
+        .join(b["vm_id"].as_str().expect("vm_id"))
+        .join(format!("{backup_id}.qcow2"));
+    assert!(!file.exists(), "{} is gone", file.display());
+
+    // Live: the whole standalone disk is mirrored.
+    let t = Instant::now();
+    let j = migrate_wait(env, &["copy", "--host", "host-2"]);
+    println!(
+        "MEASURED live migration of a restored VM: {:?}; job says: {}",
+        t.elapsed(),
+        last_message_before_end(&j)
+    );
+    wait_guest(env, "copy");
+    assert_eq!(host_of(env, "copy"), "host-2");
+    assert_eq!(
+        line(env, "copy", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "the same boot"
+    );
+    assert_eq!(read(), sum, "the data came along");
+    wait_nothing_on(&copy_id, &w.agent_dir);
+    migrate_wait(env, &["orig", "--host", "host-2"]);
+    assert_eq!(host_of(env, "orig"), "host-2");
+    assert_eq!(
+        line(env, "orig", "sha256sum /mnt/disk/keep | cut -d' ' -f1"),
+        sum,
+        "the VM restored in place moved with its data"
+    );
+
+    // Cold, back to host 1: its one file travels.
+    env.json(&[
+        "vm",
+        "stop",
+        "copy",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let t = Instant::now();
+    let j = migrate_wait(env, &["copy", "--host", "host-1"]);
+    println!(
+        "MEASURED cold migration of a restored VM: {:?}; job says: {}",
+        t.elapsed(),
+        last_message_before_end(&j)
+    );
+    assert_eq!(host_of(env, "copy"), "host-1");
+    assert!(!vm_dir_exists(&host2_dir, &copy_id), "host 2 let go of it");
+    env.json(&[
+        "vm",
+        "start",
+        "copy",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(env, "copy");
+    assert_eq!(read(), sum, "the cold copy has the data");
+    println!("MEASURED whole test: {:?}", started.elapsed());
+}

@@ -139,6 +139,11 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
         postcopy_after_passes: p.postcopy_after_passes,
         source_pool: pool_dir(vm.pool_id).await?,
         target_pool: pool_dir(target_pool.as_ref().map(|(id, _)| *id)).await?,
+        // A disk restored from a backup was converted from the backup's
+        // chain: no base image under it, and its guest-visible size is the
+        // flavor's (the create refuses images larger than that; a restore
+        // grows a smaller backup to it).
+        standalone_disk_bytes: vm.restore_from.is_some().then_some(vm.disk_bytes),
     };
     let params = VmJobParams {
         migration: Some(params),

@@ -503,7 +503,7 @@ pub(super) async fn release(shared: &Arc<Shared>, id: VmId) -> Result<(), Driver
 
 /// See [`crate::Driver::vm_adopt_from_pool`] and the module docs.
 pub(super) async fn adopt(shared: &Arc<Shared>, spec: &VmSpec) -> Result<(), DriverError> {
-    super::check_spec_files(spec)?;
+    super::check_moved_spec_files(spec)?;
     let invalid = |reason: String| DriverError::InvalidSpec {
         id: spec.id,
         reason,
@@ -561,16 +561,11 @@ pub(super) async fn import(
     progress: &ProgressFn,
 ) -> Result<ImportOutcome, DriverError> {
     let started = Instant::now();
-    super::check_spec_files(spec)?;
+    super::check_moved_spec_files(spec)?;
     let invalid = |reason: String| DriverError::InvalidSpec {
         id: spec.id,
         reason,
     };
-    if spec.restore_from.is_some() {
-        return Err(invalid(
-            "a cold import copies its disk from the source; it cannot also restore a backup".into(),
-        ));
-    }
     if from.vm_id != spec.id {
         return Err(invalid(format!(
             "the export serves the disk of VM {}, not this one",

@@ -873,21 +873,31 @@ pub(crate) fn link_pool_disks(paths: &VmPaths, pool: &Path, id: VmId) -> Result<
     })
 }
 
-/// The checks `vm_create` (and every other way a VM comes to this host:
-/// a cold import, an adoption from a pool) makes of a spec before touching
-/// anything: it can run, and the files it names exist here.
+/// The checks `vm_create` makes of a spec before touching anything: it can
+/// run, and the files it names exist here.
 pub(crate) fn check_spec_files(spec: &VmSpec) -> Result<(), DriverError> {
+    check_files_of(spec, spec.restore_from.as_deref())
+}
+
+/// [`check_spec_files`] for a VM that comes to this host with its disk (a
+/// cold import, an adoption from a pool): the backup its disk was once
+/// restored from plays no part (it may be long deleted).
+pub(crate) fn check_moved_spec_files(spec: &VmSpec) -> Result<(), DriverError> {
+    check_files_of(spec, None)
+}
+
+fn check_files_of(spec: &VmSpec, restore_from: Option<&Path>) -> Result<(), DriverError> {
     spec.validate()?;
     let invalid = |reason: String| DriverError::InvalidSpec {
         id: spec.id,
         reason,
     };
-    let mut files = vec![("image", &spec.image)];
-    if let Some(backup) = &spec.restore_from {
+    let mut files = vec![("image", spec.image.as_path())];
+    if let Some(backup) = restore_from {
         files.push(("backup to restore", backup));
     }
     if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {
-        files.push(("kernel", kernel));
+        files.push(("kernel", kernel.as_path()));
         if let Some(initrd) = initrd {
             files.push(("initrd", initrd));
         }
