@@ -397,6 +397,17 @@ pub struct BackupPolicySet {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+pub struct SnapshotPolicySet {
+    /// Take a snapshot at most this often, in seconds (at least 60);
+    /// absent: no schedule (`policy run` takes one on demand).
+    pub every_secs: Option<u64>,
+    /// How many of the policy's own snapshots to keep (1 to 15: a VM holds
+    /// at most 16 snapshots, and the policy needs room for the next one).
+    pub keep: u32,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
     /// Unique among the VM's snapshots; 1-128 characters, no control
     /// characters.

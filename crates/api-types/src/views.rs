@@ -789,6 +789,24 @@ pub struct Snapshot {
     /// The job that took (or deletes) it.
     pub job_id: JobId,
     pub created_at: DateTime<Utc>,
+    /// Taken by the VM's snapshot policy, which deletes it (merging its
+    /// layer) once it is older than the policy's newest `keep`; an
+    /// operator's snapshots are never deleted automatically.
+    pub scheduled: bool,
+}
+
+/// A VM's snapshot policy: a snapshot at most every `every_secs`, and the
+/// policy's own snapshots kept to the newest `keep` (older ones are merged
+/// away, so the VM's chain stays bounded without anyone deleting by hand).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotPolicy {
+    pub vm_id: VmId,
+    pub project_id: ProjectId,
+    /// A snapshot at most this often (absent: only `policy run`).
+    pub every_secs: Option<u64>,
+    /// The policy's snapshots kept, newest first.
+    pub keep: u32,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A snapshot operation accepted: the snapshot and the job carrying it out.

@@ -106,7 +106,7 @@ pub enum PolicyCmd {
 }
 
 /// `90s`, `30m`, `6h`, `1d`, `1w` (or plain seconds) as seconds.
-fn parse_every(v: &str) -> Result<u64, String> {
+pub(crate) fn parse_every(v: &str) -> Result<u64, String> {
     let v = v.trim();
     let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
     let n: u64 = num

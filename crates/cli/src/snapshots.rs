@@ -46,6 +46,144 @@ pub enum SnapshotCmd {
         #[command(flatten)]
         wait: WaitOpt,
     },
+    /// Scheduled snapshots that rotate by themselves
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Set a VM's snapshot schedule and how many of its snapshots to keep
+    /// (replaces its policy); older ones are merged away automatically
+    Set {
+        vm: String,
+        /// Snapshot at most this often: 90s, 30m, 6h, 1d, 1w [default: no
+        /// schedule, only `policy run`]
+        #[arg(long, value_parser = crate::backups::parse_every)]
+        every: Option<u64>,
+        /// Keep the policy's newest N snapshots (1-15); an operator's
+        /// snapshots are never deleted by it
+        #[arg(long)]
+        keep: u32,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Take the policy's snapshot now
+    Run {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+        #[command(flatten)]
+        wait: WaitOpt,
+    },
+    /// Show a VM's snapshot policy
+    Show {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// List snapshot policies
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Remove a VM's snapshot policy (its snapshots stay)
+    Delete {
+        vm: String,
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+fn policy_fields(p: &types::SnapshotPolicy) -> Table {
+    fields(vec![
+        ("vm", p.vm_id.to_string()),
+        (
+            "every",
+            p.every_secs
+                .map(|s| format!("{s} s"))
+                .unwrap_or_else(|| "- (no schedule)".into()),
+        ),
+        ("keep", p.keep.to_string()),
+        ("updated", ts(&p.updated_at)),
+    ])
+}
+
+async fn policy(c: &Client, f: Format, cmd: PolicyCmd, interactive: bool) -> Result<(), CliError> {
+    match cmd {
+        PolicyCmd::Set {
+            vm,
+            every,
+            keep,
+            project,
+        } => {
+            let mut r = c
+                .snapshot_policy_set()
+                .vm(&vm)
+                .body(types::SnapshotPolicySet {
+                    every_secs: every,
+                    keep,
+                });
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let p = r.send().await?.into_inner();
+            output::print(f, &p, policy_fields);
+        }
+        PolicyCmd::Run { vm, project, wait } => {
+            let mut r = c.snapshot_policy_run().vm(&vm);
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let op = r.send().await?.into_inner();
+            operation(c, f, op, &vm, project.as_deref(), wait, interactive).await?;
+        }
+        PolicyCmd::Show { vm, project } => {
+            let mut r = c.snapshot_policy_view().vm(&vm);
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let p = r.send().await?.into_inner();
+            output::print(f, &p, policy_fields);
+        }
+        PolicyCmd::List { project } => {
+            let mut r = c.snapshot_policy_list();
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            let items = r.send().await?.into_inner();
+            print_list(f, items, None, |items| {
+                let mut t = Table::new(&["VM", "EVERY", "KEEP"]);
+                for p in items {
+                    t.row(vec![
+                        p.vm_id.to_string(),
+                        p.every_secs
+                            .map(|s| format!("{s} s"))
+                            .unwrap_or_else(|| "-".into()),
+                        p.keep.to_string(),
+                    ]);
+                }
+                t
+            });
+        }
+        PolicyCmd::Delete { vm, project } => {
+            let mut r = c.snapshot_policy_delete().vm(&vm);
+            if let Some(p) = &project {
+                r = r.project(p);
+            }
+            r.send().await?;
+            output::print(f, &serde_json::json!({ "deleted_policy_of": vm }), |v| {
+                fields(vec![(
+                    "deleted policy of",
+                    v["deleted_policy_of"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )])
+            });
+        }
+    }
+    Ok(())
 }
 
 fn snapshot_fields(s: &types::Snapshot) -> Table {
@@ -64,6 +202,10 @@ fn snapshot_fields(s: &types::Snapshot) -> Table {
         ),
         ("size", s.bytes.map(bytes).unwrap_or_else(|| "-".into())),
         ("volumes", volume_list(&s.volumes)),
+        (
+            "taken by",
+            if s.scheduled { "policy" } else { "operator" }.into(),
+        ),
         ("created", ts(&s.created_at)),
         ("job", s.job_id.to_string()),
     ])
@@ -141,7 +283,7 @@ pub async fn snapshot(
             let items = r.send().await?.into_inner();
             print_list(f, items, None, |items| {
                 let mut t = Table::new(&[
-                    "NAME", "STATUS", "QUIESCED", "SIZE", "VOLUMES", "CREATED", "ID",
+                    "NAME", "STATUS", "QUIESCED", "SIZE", "VOLUMES", "BY", "CREATED", "ID",
                 ]);
                 for s in items {
                     t.row(vec![
@@ -152,6 +294,7 @@ pub async fn snapshot(
                             .unwrap_or_else(|| "-".into()),
                         s.bytes.map(bytes).unwrap_or_else(|| "-".into()),
                         volume_list(&s.volumes),
+                        if s.scheduled { "policy" } else { "operator" }.to_string(),
                         ts(&s.created_at),
                         s.id.to_string(),
                     ]);
@@ -185,6 +328,7 @@ pub async fn snapshot(
             let op = r.send().await?.into_inner();
             operation(c, f, op, &vm, project.as_deref(), wait, interactive).await?;
         }
+        SnapshotCmd::Policy(p) => policy(c, f, p, interactive).await?,
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ pub enum ResourceKind {
     Backup,
     BackupPolicy,
     Snapshot,
+    SnapshotPolicy,
     Volume,
     StoragePool,
 }
@@ -49,6 +50,7 @@ impl ResourceKind {
             ResourceKind::Backup => "backup",
             ResourceKind::BackupPolicy => "backup policy",
             ResourceKind::Snapshot => "snapshot",
+            ResourceKind::SnapshotPolicy => "snapshot policy",
             ResourceKind::Volume => "volume",
             ResourceKind::StoragePool => "storage pool",
         }

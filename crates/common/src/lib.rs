@@ -17,3 +17,8 @@ pub use error::{Error, ResourceKind};
 pub use ids::*;
 pub use name::Name;
 pub use role::Role;
+
+/// Most snapshots one VM may hold: each is a layer of every disk's backing
+/// chain, and reads of data not rewritten since walk down the chain. The
+/// driver enforces it; the controller's snapshot policies keep room under it.
+pub const MAX_SNAPSHOTS_PER_VM: usize = 16;

@@ -302,6 +302,7 @@ fn valid_body(op: &str) -> Option<Value> {
         "backup_restore" => json!({"as_vm": "restored"}),
         "backup_policy_set" => json!({"keep_last": 3}),
         "snapshot_create" => json!({"name": "new-snap"}),
+        "snapshot_policy_set" => json!({"keep": 3}),
         "volume_create" => json!({"name": "new-vol", "size_bytes": 16u64 << 20}),
         "volume_attach" => json!({"vm": "vm-a"}),
         "volume_resize" => json!({"size_bytes": 32u64 << 20}),

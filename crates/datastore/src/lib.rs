@@ -54,7 +54,7 @@ pub use leases::LeaseRecord;
 pub use pools::{HostPoolRecord, StoragePoolRecord};
 pub use sagas::Adopt;
 pub use scheduling::{ClusterChange, SchedulerSnapshot, DEFAULT_RATIOS_MILLI};
-pub use snapshots::SnapshotRecord;
+pub use snapshots::{SnapshotOrigin, SnapshotPolicyRecord, SnapshotRecord};
 pub use tokens::NewToken;
 pub use vms::{AutoRestart, CreateError, NewVm, RestartLimit, VmListFilter, VmToCreate};
 pub use volumes::VolumeRecord;

@@ -55,6 +55,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "host migration transport",
         include_str!("../migrations/0012_host_migration_tls.sql"),
     ),
+    (
+        13,
+        "snapshot policies",
+        include_str!("../migrations/0013_snapshot_policies.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

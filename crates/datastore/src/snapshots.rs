@@ -22,7 +22,7 @@ use crate::vms::hold_vm;
 use crate::Datastore;
 
 const SELECT: &str = "SELECT id, vm_id, project_id, name, status, quiesced, bytes, volumes, \
-                      job_id, created_at FROM snapshots";
+                      job_id, created_at, origin FROM snapshots";
 
 #[derive(Debug, Clone)]
 pub struct SnapshotRecord {
@@ -37,7 +37,57 @@ pub struct SnapshotRecord {
     pub volumes: Vec<VolumeId>,
     pub job_id: JobId,
     pub created_at: i64,
+    /// Who asked for it: an operator, or the VM's snapshot policy (which
+    /// deletes its own snapshots, never an operator's).
+    pub origin: SnapshotOrigin,
 }
+
+/// Who took a snapshot (`snapshots.origin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotOrigin {
+    Operator,
+    Policy,
+}
+
+/// A VM's snapshot policy (see `controller/src/app/snapshot_policies.rs`).
+#[derive(Debug, Clone)]
+pub struct SnapshotPolicyRecord {
+    pub vm_id: VmId,
+    pub project_id: ProjectId,
+    /// A snapshot at most this often; `None`: only when run by hand.
+    pub every_secs: Option<u64>,
+    /// How many of its own snapshots the policy keeps.
+    pub keep: u32,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl SnapshotPolicyRecord {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, Error> {
+        Ok(SnapshotPolicyRecord {
+            vm_id: r.parse("vm_id")?,
+            project_id: r.parse("project_id")?,
+            every_secs: r.opt_int("every_secs")?.map(u64_of),
+            keep: u32::try_from(r.int("keep")?).unwrap_or(u32::MAX),
+            created_at: r.int("created_at")?,
+            updated_at: r.int("updated_at")?,
+        })
+    }
+
+    pub fn into_view(self) -> views::SnapshotPolicy {
+        views::SnapshotPolicy {
+            vm_id: self.vm_id,
+            project_id: self.project_id,
+            every_secs: self.every_secs,
+            keep: self.keep,
+            updated_at: from_micros(self.updated_at),
+        }
+    }
+}
+
+const POLICY_SELECT: &str =
+    "SELECT vm_id, project_id, every_secs, keep, created_at, updated_at FROM snapshot_policies";
 
 /// The `volumes` column: ids, comma-separated.
 fn volumes_text(volumes: &[VolumeId]) -> String {
@@ -72,6 +122,7 @@ impl SnapshotRecord {
             volumes: parse_volumes(&r.text("volumes")?)?,
             job_id: r.parse("job_id")?,
             created_at: r.int("created_at")?,
+            origin: enum_parse(r, "origin")?,
         })
     }
 
@@ -86,6 +137,7 @@ impl SnapshotRecord {
             volumes: self.volumes,
             job_id: self.job_id,
             created_at: from_micros(self.created_at),
+            scheduled: self.origin == SnapshotOrigin::Policy,
         }
     }
 }
@@ -99,6 +151,7 @@ impl Datastore {
         vm: VmId,
         project: ProjectId,
         name: &str,
+        origin: SnapshotOrigin,
         job: &NewJob,
     ) -> Result<(SnapshotRecord, JobRecord), Error> {
         let ctx = "recording a snapshot";
@@ -106,8 +159,8 @@ impl Datastore {
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
         hold_vm(&mut tx, vm, job.id, now).await?;
         sqlx::query(
-            "INSERT INTO snapshots (id, vm_id, project_id, name, status, job_id, created_at) \
-             VALUES ($1, $2, $3, $4, 'creating', $5, $6)",
+            "INSERT INTO snapshots (id, vm_id, project_id, name, status, job_id, created_at, origin) \
+             VALUES ($1, $2, $3, $4, 'creating', $5, $6, $7)",
         )
         .bind(id.to_string())
         .bind(vm.to_string())
@@ -115,6 +168,7 @@ impl Datastore {
         .bind(name)
         .bind(job.id.to_string())
         .bind(now)
+        .bind(crate::model::enum_str(&origin))
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -239,6 +293,77 @@ impl Datastore {
             .await
             .map_err(|e| db_error("restoring a snapshot record", e))?;
         Ok(())
+    }
+
+    /// Sets (creates or replaces) a VM's snapshot policy.
+    pub async fn snapshot_policy_set(
+        &self,
+        p: &SnapshotPolicyRecord,
+    ) -> Result<SnapshotPolicyRecord, Error> {
+        let now = now_micros();
+        sqlx::query(
+            "INSERT INTO snapshot_policies (vm_id, project_id, every_secs, keep, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $5) \
+             ON CONFLICT (vm_id) DO UPDATE SET every_secs = $3, keep = $4, updated_at = $5",
+        )
+        .bind(p.vm_id.to_string())
+        .bind(p.project_id.to_string())
+        .bind(p.every_secs.map(|s| i64::try_from(s).unwrap_or(i64::MAX)))
+        .bind(i64::from(p.keep))
+        .bind(now)
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording a snapshot policy", e))?;
+        self.snapshot_policy_get(p.vm_id)
+            .await?
+            .ok_or_else(|| Error::internal("the snapshot policy vanished"))
+    }
+
+    pub async fn snapshot_policy_get(
+        &self,
+        vm: VmId,
+    ) -> Result<Option<SnapshotPolicyRecord>, Error> {
+        let row = sqlx::query(&format!("{POLICY_SELECT} WHERE vm_id = $1"))
+            .bind(vm.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(|e| db_error("reading a snapshot policy", e))?;
+        row.as_ref().map(SnapshotPolicyRecord::from_row).transpose()
+    }
+
+    /// Every policy (of one project, when given), by VM id.
+    pub async fn snapshot_policy_list(
+        &self,
+        project: Option<ProjectId>,
+    ) -> Result<Vec<SnapshotPolicyRecord>, Error> {
+        let rows = match project {
+            Some(p) => {
+                sqlx::query(&format!(
+                    "{POLICY_SELECT} WHERE project_id = $1 ORDER BY vm_id"
+                ))
+                .bind(p.to_string())
+                .fetch_all(&self.read)
+                .await
+            }
+            None => {
+                sqlx::query(&format!("{POLICY_SELECT} ORDER BY vm_id"))
+                    .fetch_all(&self.read)
+                    .await
+            }
+        }
+        .map_err(|e| db_error("reading snapshot policies", e))?;
+        rows.iter().map(SnapshotPolicyRecord::from_row).collect()
+    }
+
+    /// Removes a VM's snapshot policy (its snapshots stay); whether there
+    /// was one.
+    pub async fn snapshot_policy_delete(&self, vm: VmId) -> Result<bool, Error> {
+        let done = sqlx::query("DELETE FROM snapshot_policies WHERE vm_id = $1")
+            .bind(vm.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("removing a snapshot policy", e))?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Forgets snapshots (deleted, dropped by a revert, or never taken).

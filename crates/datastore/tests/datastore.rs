@@ -1038,6 +1038,7 @@ async fn backups_chain_and_prune(ds: &Datastore) {
 /// job holds the VM, a volume attached once.
 async fn snapshots_and_volumes(ds: &Datastore) {
     use stratus_api_types::views::{SnapshotStatus, VolumeStatus};
+    use stratus_datastore::{SnapshotOrigin, SnapshotPolicyRecord};
     let fx = fixture(ds).await;
     let vm = settled_vm(ds, &fx, "web").await;
     let vm2 = settled_vm(ds, &fx, "other").await;
@@ -1048,6 +1049,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
             vm,
             fx.project,
             "s1",
+            SnapshotOrigin::Operator,
             &new_job(&fx, "vm_snapshot_create", vm),
         )
         .await
@@ -1061,6 +1063,7 @@ async fn snapshots_and_volumes(ds: &Datastore) {
             vm,
             fx.project,
             "s1",
+            SnapshotOrigin::Operator,
             &new_job(&fx, "vm_snapshot_create", vm),
         )
         .await
@@ -1069,6 +1072,31 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     let found = ds.snapshot_find(vm, "s1").await.expect("find").expect("s1");
     assert_eq!((found.quiesced, found.bytes), (Some(true), Some(42)));
     assert!(found.volumes.is_empty());
+    assert_eq!(found.origin, SnapshotOrigin::Operator);
+    // A policy per VM, replaced by a second set; its snapshots say so.
+    let mut p = SnapshotPolicyRecord {
+        vm_id: vm,
+        project_id: fx.project,
+        every_secs: Some(3600),
+        keep: 3,
+        created_at: 0,
+        updated_at: 0,
+    };
+    ds.snapshot_policy_set(&p).await.expect("policy");
+    p.keep = 5;
+    p.every_secs = None;
+    let again = ds.snapshot_policy_set(&p).await.expect("again");
+    assert_eq!((again.keep, again.every_secs), (5, None));
+    assert_eq!(
+        ds.snapshot_policy_list(Some(fx.project))
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert!(ds.snapshot_policy_delete(vm).await.expect("delete"));
+    assert!(ds.snapshot_policy_get(vm).await.expect("get").is_none());
+    assert!(!ds.snapshot_policy_delete(vm).await.expect("again"));
     let job = ds
         .snapshot_delete_begin(s1, vm, &new_job(&fx, "vm_snapshot_delete", vm))
         .await
@@ -1128,10 +1156,15 @@ async fn snapshots_and_volumes(ds: &Datastore) {
             vm,
             fx.project,
             "with data",
+            SnapshotOrigin::Policy,
             &new_job(&fx, "vm_snapshot_create", vm),
         )
         .await
         .expect("begin");
+    assert_eq!(
+        ds.snapshot_get(s2).await.expect("get").origin,
+        SnapshotOrigin::Policy
+    );
     let other = stratus_common::VolumeId::new();
     ds.snapshot_ready(s2, false, 7, &[other, v.id])
         .await

@@ -33,7 +33,7 @@ use crate::DriverError;
 /// Most snapshots one VM may hold. Each is a layer of the disk's backing
 /// chain: reads of data the guest has not rewritten since walk down the
 /// chain, so a long chain slows the disk down; QEMU's own limit is far higher.
-pub const MAX_SNAPSHOTS: usize = 16;
+pub const MAX_SNAPSHOTS: usize = stratus_common::MAX_SNAPSHOTS_PER_VM;
 
 /// Longest snapshot name, in characters.
 pub const MAX_SNAPSHOT_NAME: usize = 128;

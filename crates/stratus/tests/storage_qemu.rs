@@ -483,6 +483,165 @@ fn real_qemu_snapshots_live_take_merge_and_revert_keep_the_data() {
     assert!(err.contains("vm_not_stopped"), "{err}");
 }
 
+/// The VM's snapshots as (name, scheduled, status), oldest first.
+fn snapshot_names(env: &Env, vm: &str) -> Vec<(String, bool, String)> {
+    let list = env.json(&["snapshot", "list", vm, "--project", "p", "-o", "json"]);
+    list["items"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap_or_default().to_string(),
+                        s["scheduled"] == true,
+                        s["status"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A snapshot policy on a running real VM: its first snapshot comes at
+/// once, `policy run` takes more, and once it holds more than `keep` the
+/// controller merges its oldest away by itself (live), never the
+/// operator's; the merged chain still reverts to the exact data of a kept
+/// snapshot.
+#[test]
+fn real_qemu_a_snapshot_policy_takes_and_rotates_its_own_snapshots() {
+    let w = world();
+    let env = &w.env;
+    let _kill = running_vm(env, "web");
+    let a = write_file(env, "web", "a", 1);
+    snapshot(env, &["create", "web", "mine"]);
+
+    let t = Instant::now();
+    let p = env.json(&[
+        "snapshot",
+        "policy",
+        "set",
+        "web",
+        "--every",
+        "60s",
+        "--keep",
+        "2",
+        "--project",
+        "p",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        (p["every_secs"].as_u64(), p["keep"].as_u64()),
+        (Some(60), Some(2)),
+        "{p}"
+    );
+    let first = wait_until("the first scheduled snapshot", BOOT, || {
+        let names = snapshot_names(env, "web");
+        match names.iter().find(|(_, auto, st)| *auto && st == "ready") {
+            Some((n, _, _)) => Ok(n.clone()),
+            None => Err(format!("{names:?}")),
+        }
+    });
+    println!(
+        "MEASURED first scheduled snapshot ready {:?} after the policy",
+        t.elapsed()
+    );
+    assert!(first.starts_with("auto-"), "{first}");
+
+    let b = write_file(env, "web", "b", 1);
+    let second = snapshot(env, &["policy", "run", "web"]);
+    assert_eq!(second["scheduled"], true, "{second}");
+    let second = second["name"].as_str().expect("name").to_string();
+    let c = write_file(env, "web", "c", 1);
+    let third = snapshot(env, &["policy", "run", "web"]);
+    let third = third["name"].as_str().expect("name").to_string();
+
+    // Three of its own, keep 2: the oldest goes, merged live; `mine` stays.
+    let t = Instant::now();
+    let want = vec![
+        ("mine".to_string(), false, "ready".to_string()),
+        (second.clone(), true, "ready".to_string()),
+        (third.clone(), true, "ready".to_string()),
+    ];
+    wait_until("the policy to merge its oldest snapshot", BOOT, || {
+        let names = snapshot_names(env, "web");
+        if names == want {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    });
+    println!(
+        "MEASURED rotation: the oldest merged away within {:?}",
+        t.elapsed()
+    );
+    assert_eq!(env.vm("web")["state"], "running");
+    let files = |pairs: &[(&str, &String)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(f, s)| (f.to_string(), (*s).clone()))
+            .collect()
+    };
+    assert_eq!(
+        checksums(env, "web"),
+        files(&[("a", &a), ("b", &b), ("c", &c)]),
+        "after the merge"
+    );
+    // Keep is checked: 0 and more than the limit allows are refused.
+    let out = env.cli(&[
+        "snapshot",
+        "policy",
+        "set",
+        "web",
+        "--keep",
+        "16",
+        "--project",
+        "p",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keep must be between 1 and 15"));
+
+    // The merged chain reverts to the kept snapshot's exact data; the policy
+    // goes and its snapshots stay.
+    env.json(&[
+        "snapshot",
+        "policy",
+        "delete",
+        "web",
+        "--project",
+        "p",
+        "-o",
+        "json",
+    ]);
+    env.json(&[
+        "vm",
+        "stop",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    snapshot(env, &["revert", "web", &second]);
+    env.json(&[
+        "vm",
+        "start",
+        "web",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(env, "web");
+    assert_eq!(
+        checksums(env, "web"),
+        files(&[("a", &a), ("b", &b)]),
+        "reverted to {second}"
+    );
+}
+
 /// Writes 1 MiB of random data at the start of the guest's /dev/vdb.
 fn vdb_write(env: &Env, vm: &str) {
     sh(

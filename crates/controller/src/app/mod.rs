@@ -22,6 +22,7 @@ pub mod projects;
 pub mod reconcile;
 pub mod scheduling;
 pub mod secrets;
+pub mod snapshot_policies;
 pub mod snapshots;
 pub mod tokens;
 pub mod vms;

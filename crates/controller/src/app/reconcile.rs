@@ -19,6 +19,8 @@
 //!                          are forgotten
 //!           (e) backups    scheduled backups and retention
 //!                          (`backup_policies.rs`), in a task of its own
+//!           (f) snapshots  scheduled snapshots and their rotation
+//!                          (`snapshot_policies.rs`), in a task of its own
 //! ```
 //!
 //! **Invariant**: the lease keeps the work on one controller (on PostgreSQL
@@ -173,6 +175,7 @@ async fn lead_and_pass(app: &Arc<App>, config: &ReconcilerConfig, was_leading: b
     if leading {
         pass(app, config).await;
         super::backup_policies::kick(app);
+        super::snapshot_policies::kick(app);
     }
     leading
 }

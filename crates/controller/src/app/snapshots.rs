@@ -8,9 +8,9 @@ use stratus_api_types::params::SnapshotCreate;
 use stratus_api_types::views::{
     Snapshot, SnapshotOperation, SnapshotStatus, VmDesiredState, VmOperation, VmState,
 };
-use stratus_common::{Error, ResourceKind, SnapshotId};
+use stratus_common::{Error, ResourceKind, SnapshotId, MAX_SNAPSHOTS_PER_VM};
 use stratus_datastore::model::{NewJob, VmRecord};
-use stratus_datastore::SnapshotRecord;
+use stratus_datastore::{SnapshotOrigin, SnapshotRecord};
 use stratus_jobs::kinds::VmJobParams;
 use stratus_jobs::JobKind;
 
@@ -43,7 +43,18 @@ pub async fn snapshot_create(
 ) -> Result<SnapshotOperation, Error> {
     let vm = lookup::vm(app, actor, key, scope).await?;
     actor.require_mutate()?;
-    let name = p.name.trim();
+    begin_snapshot(app, &vm, &p.name, SnapshotOrigin::Operator).await
+}
+
+/// Records a snapshot of `vm` and the job that takes it (an operator's, or
+/// its policy's).
+pub(crate) async fn begin_snapshot(
+    app: &App,
+    vm: &VmRecord,
+    name: &str,
+    origin: SnapshotOrigin,
+) -> Result<SnapshotOperation, Error> {
+    let name = name.trim();
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
         return Err(Error::invalid(
             "name",
@@ -60,11 +71,24 @@ pub async fn snapshot_create(
             ),
         ));
     }
+    // The host refuses a snapshot beyond the limit too; refusing here
+    // spares a failed job and says what to do.
+    let held = app.ds.snapshot_list(vm.id).await?.len();
+    if held >= MAX_SNAPSHOTS_PER_VM {
+        return Err(Error::conflict(
+            "snapshot_limit",
+            format!(
+                "VM {:?} holds {held} snapshots, the most a VM may hold; delete one first \
+                 (deleting merges its layer, the other snapshots keep their content)",
+                vm.name
+            ),
+        ));
+    }
     let id = SnapshotId::new();
-    let job = job(JobKind::VmSnapshotCreate, &vm, id)?;
+    let job = job(JobKind::VmSnapshotCreate, vm, id)?;
     let (snap, job) = app
         .ds
-        .snapshot_begin(id, vm.id, vm.project_id, name, &job)
+        .snapshot_begin(id, vm.id, vm.project_id, name, origin, &job)
         .await?;
     app.job_waker.notify_one();
     Ok(SnapshotOperation {
@@ -99,13 +123,22 @@ pub async fn snapshot_delete(
     let vm = lookup::vm(app, actor, key, scope).await?;
     actor.require_mutate()?;
     let snap = find(app, &vm, snapshot).await?;
+    begin_delete(app, &vm, snap).await
+}
+
+/// Records the delete (merge) of a ready snapshot and its job.
+pub(crate) async fn begin_delete(
+    app: &App,
+    vm: &VmRecord,
+    snap: SnapshotRecord,
+) -> Result<SnapshotOperation, Error> {
     if snap.status != SnapshotStatus::Ready {
         return Err(Error::conflict(
             "snapshot_not_ready",
             "the snapshot is being taken or deleted",
         ));
     }
-    let job = job(JobKind::VmSnapshotDelete, &vm, snap.id)?;
+    let job = job(JobKind::VmSnapshotDelete, vm, snap.id)?;
     let job = app.ds.snapshot_delete_begin(snap.id, vm.id, &job).await?;
     app.job_waker.notify_one();
     let snap = app.ds.snapshot_get(snap.id).await?;

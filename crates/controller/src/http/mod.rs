@@ -178,6 +178,17 @@ pub fn router(app: Arc<App>) -> Router {
             delete(snapshots::snapshot_delete),
         )
         .route(
+            "/vms/{vm}/snapshot-policy",
+            get(snapshots::snapshot_policy_view)
+                .put(snapshots::snapshot_policy_set)
+                .delete(snapshots::snapshot_policy_delete),
+        )
+        .route(
+            "/vms/{vm}/snapshot-policy/run",
+            post(snapshots::snapshot_policy_run),
+        )
+        .route("/snapshot-policies", get(snapshots::snapshot_policy_list))
+        .route(
             "/vms/{vm}/snapshots/{snapshot}/revert",
             post(snapshots::snapshot_revert),
         )
