@@ -185,8 +185,9 @@ pub struct MigrateRequest {
     /// The destination's answer to `vm_migrate_prepare`.
     pub ready: IncomingReady,
     /// Most bytes per second the memory transfer uses (QEMU's
-    /// `max-bandwidth`); the disk mirror gets the same limit. `None`: QEMU's
-    /// default for memory (128 MiB/s in 10.0), no limit for the mirror.
+    /// `max-bandwidth`, and `max-postcopy-bandwidth` once in post-copy); the
+    /// disk mirror gets the same limit. `None`: QEMU's default for memory
+    /// (128 MiB/s in 10.0), no limit for post-copy or the mirror.
     pub max_bandwidth: Option<u64>,
     /// Lets QEMU throttle the guest's vCPUs when memory is dirtied faster
     /// than it is sent (`auto-converge`).

@@ -47,7 +47,8 @@
 //!    `dirty-bitmaps`, so the persistent `stratus-backup-*` bitmaps travel
 //!    with the VM and incremental backups continue on the destination;
 //!    `pause-before-switchover` for a mirrored disk), parameters
-//!    (`max-bandwidth`, `downtime-limit`, `tls-creds`), `migrate`;
+//!    (`max-bandwidth`, `max-postcopy-bandwidth`, `downtime-limit`,
+//!    `tls-creds`: all of them, every time, see [`migration_parameters`]), `migrate`;
 //! 3. poll `query-migrate` (and the mirror's progress) every
 //!    `POLL_INTERVAL` and at every QMP event (`MIGRATION` status changes
 //!    with the `events` capability, the mirror's job events), switch
@@ -1196,20 +1197,7 @@ async fn migrate(
         ],
     )
     .await?;
-    let mut params = json!({});
-    if let Some(bw) = req.max_bandwidth {
-        params["max-bandwidth"] = json!(bw);
-    }
-    if let Some(limit) = req.downtime_limit_ms {
-        params["downtime-limit"] = json!(limit);
-    }
-    // Set either way: the parameter outlives a migration in this QEMU, and
-    // this one may go to a host without TLS ("" turns it off).
-    params["tls-creds"] = json!(if plan.tls.is_some() {
-        TLS_CLIENT_ID
-    } else {
-        ""
-    });
+    let params = migration_parameters(req, plan.tls.is_some());
     run::<MigrateSetParameters>(&qmp, params, "migration").await?;
     if cancel.load(Ordering::SeqCst) {
         return Err(migration_error(id, "cancelled"));
@@ -1764,9 +1752,69 @@ pub(super) async fn cancel(shared: &Arc<Shared>, id: VmId) -> Result<(), DriverE
     Ok(())
 }
 
+/// QEMU's `max-bandwidth` when none is asked for (its default in 10.0).
+const QEMU_DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+/// QEMU's `downtime-limit` when none is asked for, in milliseconds.
+const QEMU_DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
+
+/// The source's `migrate-set-parameters` for `req`. Every parameter is set
+/// every time, to the request's value or QEMU's default: the parameters
+/// outlive a migration in the source's QEMU, so a cancelled move at 1 MiB/s
+/// would otherwise hold the next one, asked without a limit, to 1 MiB/s
+/// (and a move to a host without TLS needs `tls-creds` cleared). The
+/// bandwidth limit holds post-copy too (`max-postcopy-bandwidth`; 0 is
+/// QEMU's "no limit"): an operator's limit protects the network whatever
+/// phase the migration is in.
+fn migration_parameters(req: &MigrateRequest, tls: bool) -> Value {
+    json!({
+        "max-bandwidth": req.max_bandwidth.unwrap_or(QEMU_DEFAULT_MAX_BANDWIDTH),
+        "max-postcopy-bandwidth": req.max_bandwidth.unwrap_or(0),
+        "downtime-limit": req.downtime_limit_ms.unwrap_or(QEMU_DEFAULT_DOWNTIME_LIMIT_MS),
+        "tls-creds": if tls { TLS_CLIENT_ID } else { "" },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_migration_parameter_is_set_every_time() {
+        let ready = IncomingReady {
+            request_id: uuid::Uuid::nil(),
+            vm_id: VmId::new(),
+            migration_uri: "tcp:127.0.0.1:1".into(),
+            nbd: None,
+            qemu_version: "10.0.2".into(),
+            machine: "pc-q35-10.0".into(),
+            accel: "tcg".into(),
+            disk_virtual_size: 0,
+            disk_backing: None,
+            shared_disk: None,
+            tls: false,
+        };
+        let mut req = MigrateRequest {
+            ready,
+            max_bandwidth: Some(1 << 20),
+            auto_converge: false,
+            postcopy_after_passes: Some(1),
+            downtime_limit_ms: Some(50),
+            same_base: false,
+        };
+        assert_eq!(
+            migration_parameters(&req, true),
+            json!({"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20,
+                   "downtime-limit": 50, "tls-creds": TLS_CLIENT_ID})
+        );
+        // The next move, without limits, undoes the last one's.
+        req.max_bandwidth = None;
+        req.downtime_limit_ms = None;
+        assert_eq!(
+            migration_parameters(&req, false),
+            json!({"max-bandwidth": 128 << 20, "max-postcopy-bandwidth": 0,
+                   "downtime-limit": 300, "tls-creds": ""})
+        );
+    }
 
     #[test]
     fn machine_alias_resolves_to_the_versioned_type() {
