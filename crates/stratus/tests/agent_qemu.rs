@@ -304,8 +304,13 @@ fn real_qemu_create_interrupted_by_a_controller_kill_ends_running_or_as_nothing(
     };
     println!("kill test: create killed at once -> {}", j["state"]);
 
-    // 2. Cancelled while the host builds it, the controller killed right
-    //    after accepting the cancel: the next controller runs the undo.
+    // 2. Cancelled while its saga waits on the host, the controller killed right
+    //    after accepting the cancel: the next controller runs the undo. The
+    //    host must not finish the create before the cancel lands (a fast
+    //    one did, and the create then rightly succeeded): its agent is
+    //    paused from before the create until the next controller runs.
+    let agent_pid = w.agent.child.id();
+    signal(agent_pid, "STOP");
     let (b, b_job) = create(&w, "b");
     let _kill_b = KillVm(Some(b.clone()));
     wait_until("b's saga to wait on its host", BOOT, || {
@@ -318,6 +323,7 @@ fn real_qemu_create_interrupted_by_a_controller_kill_ends_running_or_as_nothing(
     });
     w.env.json(&["job", "cancel", &b_job, "-o", "json"]);
     w.kill_and_restart_controller("server-3.log");
+    signal(agent_pid, "CONT");
     let j = w.job_ends(&b_job);
     assert_eq!(j["state"], "cancelled", "{j}");
     assert!(
