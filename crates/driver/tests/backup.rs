@@ -14,7 +14,8 @@ use common::*;
 use stratus_common::VmId;
 use stratus_driver::{
     bitmap_name, BackupMode, BackupOutcome, BackupParent, BackupProgress, BackupRequest, Driver,
-    DriverError, QemuDriver, StopHow, VmRuntimeState,
+    DriverError, QemuDriver, StopHow, VmRuntimeState, VolumeBackupParent, VolumeRestore,
+    VolumeSpec,
 };
 
 const MIB: u64 = 1 << 20;
@@ -25,6 +26,7 @@ const METADATA_SLACK: u64 = 512 * 1024;
 fn request(dir: &Path, name: &str, parent: Option<&BackupRequest>) -> BackupRequest {
     BackupRequest {
         backup_id: uuid::Uuid::new_v4(),
+        volume_parents: Vec::new(),
         target: dir.join(format!("{name}.qcow2")),
         parent: parent.map(|p| BackupParent {
             backup_id: p.backup_id,
@@ -366,16 +368,16 @@ async fn real_qemu_failed_backup_in_place_restore_and_verify() {
 
     // Restore in place: only a stopped VM.
     assert!(matches!(
-        d.vm_restore(id, &full.target).await,
+        d.vm_restore(id, &full.target, &[]).await,
         Err(DriverError::InvalidState { .. })
     ));
     d.vm_stop(id, Duration::from_secs(30)).await.expect("stop");
     assert!(matches!(
-        d.vm_restore(id, Path::new("relative.qcow2")).await,
+        d.vm_restore(id, Path::new("relative.qcow2"), &[]).await,
         Err(DriverError::InvalidSpec { .. })
     ));
     let t = Instant::now();
-    d.vm_restore(id, &full.target).await.expect("restore");
+    d.vm_restore(id, &full.target, &[]).await.expect("restore");
     println!("TIMING restore in place {} ms", t.elapsed().as_millis());
     assert_same_content(&full.target, &d.vm_dir(id).join("disk.qcow2"));
     d.vm_start(id).await.expect("start");
@@ -430,4 +432,254 @@ async fn real_qemu_failed_backup_in_place_restore_and_verify() {
     );
     // The bitmap names are the contract's.
     assert!(bitmap_name(inc.backup_id).starts_with("stratus-backup-"));
+}
+
+/// SHA-256 of the whole of /dev/vdb (the one attached volume), read in the
+/// guest.
+async fn volume_sum(d: &dyn Driver, id: VmId) -> String {
+    sh(d, id, "dd if=/dev/vdb bs=64k 2>/dev/null | sha256sum")
+        .await
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// Writes `mib` MiB of random data to /dev/vdb at `offset_mib`, flushed.
+async fn write_volume(d: &dyn Driver, id: VmId, offset_mib: u64, mib: u64) {
+    sh(
+        d,
+        id,
+        &format!(
+            "dd if=/dev/urandom of=/dev/vdb bs=64k seek={} count={} conv=fsync 2>/dev/null && sync",
+            offset_mib * 16,
+            mib * 16
+        ),
+    )
+    .await;
+}
+
+/// The request for the next restore point of a VM with volumes: every
+/// volume file of `parent` named as that volume's parent file.
+fn request_with_volumes(
+    dir: &Path,
+    name: &str,
+    parent: &BackupRequest,
+    out: &BackupOutcome,
+) -> BackupRequest {
+    let mut r = request(dir, name, Some(parent));
+    r.volume_parents = out
+        .volumes
+        .iter()
+        .map(|v| VolumeBackupParent {
+            volume_id: v.volume_id,
+            file: v.file.clone(),
+        })
+        .collect();
+    r
+}
+
+/// A restore point covers the VM's disk and its attached volume, each
+/// incremental on its own chain: full, incremental, stop and start,
+/// incremental; every point restored (the disk into a new VM, the volume
+/// into a new volume attached to it) shows both disks as they were at that
+/// moment; an incremental volume file holds just the clusters written. Then
+/// an in-place restore rewrites the disk and the volume, and one of a
+/// volume no longer attached is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_backup_covers_attached_volumes() {
+    let g = guest_image();
+    let _one_at_a_time = QEMU_LOCK.lock().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let backups = data.path().join("backups");
+    std::fs::create_dir_all(&backups).expect("mkdir");
+    let d = driver(&data.path().join("driver")).await;
+    let s = spec(&g, "bk-vol");
+    let id = s.id;
+    let _cleanup = KillOnDrop(id);
+    d.vm_create(&s).await.expect("create");
+    let vol_bytes = 16 * MIB;
+    let vid = uuid::Uuid::new_v4();
+    d.volume_create(&VolumeSpec {
+        volume_id: vid,
+        size_bytes: vol_bytes,
+        image: None,
+        image_format: None,
+    })
+    .await
+    .expect("volume create");
+    d.vm_volume_attach(id, vid).await.expect("attach");
+    d.vm_start(id).await.expect("start");
+    wait_ready(&d, id, 1).await;
+
+    let sum_a = write_file(&d, id, "a", 1).await;
+    write_volume(&d, id, 0, 1).await;
+    let at_full = (
+        checksums(&d, id, &["a", "b"]).await,
+        volume_sum(&d, id).await,
+    );
+    let full = request(&backups, "full", None);
+    let f = backup(&d, id, &full, "full with a volume").await;
+    assert_eq!(f.mode, BackupMode::Full);
+    assert_eq!(f.volumes.len(), 1, "{:?}", f.volumes);
+    let fv = &f.volumes[0];
+    assert_eq!(
+        (fv.volume_id, fv.mode, fv.disk_bytes),
+        (vid, BackupMode::Full, vol_bytes)
+    );
+    assert_eq!(fv.file, backups.join(format!("full.vol-{vid}.qcow2")));
+    assert_eq!(
+        std::fs::metadata(&fv.file).expect("file").len(),
+        fv.file_bytes
+    );
+
+    // 2 MiB into the volume, 1 MiB into the disk.
+    write_volume(&d, id, 4, 2).await;
+    let sum_b = write_file(&d, id, "b", 1).await;
+    let at_inc1 = (
+        checksums(&d, id, &["a", "b"]).await,
+        volume_sum(&d, id).await,
+    );
+    let inc1 = request_with_volumes(&backups, "inc1", &full, &f);
+    let i1 = backup(&d, id, &inc1, "inc1 with a volume").await;
+    assert_eq!(i1.mode, BackupMode::Incremental, "{:?}", i1.fallback_reason);
+    let iv = &i1.volumes[0];
+    assert_eq!(iv.mode, BackupMode::Incremental, "{:?}", iv.fallback_reason);
+    println!(
+        "MEASURE volume inc1: wrote {} bytes, volume file holds {} bytes ({} file bytes); disk holds {} bytes",
+        2 * MIB,
+        iv.data_bytes,
+        iv.file_bytes,
+        i1.data_bytes
+    );
+    assert_eq!(
+        iv.data_bytes,
+        2 * MIB,
+        "just the clusters written (64 KiB aligned)"
+    );
+    assert!(i1.data_bytes >= MIB && i1.data_bytes <= MIB + METADATA_SLACK);
+
+    // The volume's bitmap is stored in its qcow2 at a clean stop, too.
+    assert_eq!(
+        d.vm_stop(id, Duration::from_secs(30)).await.expect("stop"),
+        StopHow::Graceful
+    );
+    d.vm_start(id).await.expect("start again");
+    wait_ready(&d, id, 2).await;
+    write_volume(&d, id, 8, 1).await;
+    let at_inc2 = (
+        checksums(&d, id, &["a", "b"]).await,
+        volume_sum(&d, id).await,
+    );
+    let inc2 = request_with_volumes(&backups, "inc2", &inc1, &i1);
+    let i2 = backup(&d, id, &inc2, "inc2 with a volume, after stop+start").await;
+    let iv2 = &i2.volumes[0];
+    assert_eq!(
+        (iv2.mode, iv2.fallback_reason.as_deref()),
+        (BackupMode::Incremental, None),
+        "the volume's bitmap survived the stop and start"
+    );
+    println!(
+        "MEASURE volume inc2: wrote {} bytes, volume file holds {} bytes",
+        MIB, iv2.data_bytes
+    );
+    assert_eq!(iv2.data_bytes, MIB);
+    let chain = d.backup_verify(&iv2.file).await.expect("verify");
+    assert_eq!(chain.sha256, iv2.sha256);
+    assert!(chain.problems.is_empty(), "{:?}", chain.problems);
+    assert_ne!(at_full.1, at_inc1.1);
+    assert_eq!(at_inc2.0, vec![sum_a.clone(), sum_b.clone()]);
+
+    // Every restore point: the disk into a new VM, the volume into a new
+    // volume attached to it before its first start.
+    for ((req, out), expected) in [(&full, &f), (&inc1, &i1), (&inc2, &i2)]
+        .into_iter()
+        .zip([&at_full, &at_inc1, &at_inc2])
+    {
+        let mut r = spec(&g, "bk-vol-restored");
+        r.restore_from = Some(req.target.clone());
+        let rid = r.id;
+        let _cleanup = KillOnDrop(rid);
+        d.vm_create(&r).await.expect("create from a backup");
+        let new_vol = uuid::Uuid::new_v4();
+        let t = Instant::now();
+        let info = d
+            .volume_restore(new_vol, vol_bytes, &out.volumes[0].file)
+            .await
+            .expect("volume restore");
+        println!(
+            "TIMING restore volume {} into a new volume: {} ms",
+            out.volumes[0].file.display(),
+            t.elapsed().as_millis()
+        );
+        assert_eq!(info.size_bytes, vol_bytes);
+        d.vm_volume_attach(rid, new_vol)
+            .await
+            .expect("attach restored");
+        d.vm_start(rid).await.expect("start restored VM");
+        wait_ready(&d, rid, 1).await;
+        let got = (
+            checksums(&d, rid, &["a", "b"]).await,
+            volume_sum(&d, rid).await,
+        );
+        assert_eq!(&got, expected, "restored {}", req.target.display());
+        d.vm_destroy(rid).await.expect("destroy");
+        d.volume_delete(new_vol).await.expect("volume delete");
+    }
+
+    // In place: the disk and the volume as they were at inc1.
+    assert_eq!(
+        d.vm_stop(id, Duration::from_secs(30)).await.expect("stop"),
+        StopHow::Graceful
+    );
+    let other = uuid::Uuid::new_v4();
+    match d
+        .vm_restore(
+            id,
+            &inc1.target,
+            &[VolumeRestore {
+                volume_id: other,
+                file: iv.file.clone(),
+            }],
+        )
+        .await
+    {
+        Err(DriverError::Conflict { difference, .. }) => {
+            assert!(difference.contains(&other.to_string()), "{difference}")
+        }
+        other => panic!("a volume not attached is refused, got {other:?}"),
+    }
+    d.vm_restore(
+        id,
+        &inc1.target,
+        &[VolumeRestore {
+            volume_id: vid,
+            file: iv.file.clone(),
+        }],
+    )
+    .await
+    .expect("restore in place");
+    d.vm_start(id).await.expect("start after restore");
+    wait_ready(&d, id, 3).await;
+    assert_eq!(
+        (
+            checksums(&d, id, &["a", "b"]).await,
+            volume_sum(&d, id).await
+        ),
+        at_inc1
+    );
+    // Fresh disks: the next backup is full for both, and says why.
+    let after = request_with_volumes(&backups, "after-restore", &inc2, &i2);
+    let a = backup(&d, id, &after, "after an in-place restore").await;
+    assert_eq!(a.mode, BackupMode::Full);
+    assert_eq!(a.volumes[0].mode, BackupMode::Full);
+    assert!(
+        a.volumes[0]
+            .fallback_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("missing")),
+        "{:?}",
+        a.volumes[0].fallback_reason
+    );
+    d.vm_destroy(id).await.expect("destroy");
 }
