@@ -266,16 +266,40 @@ pub enum AgentRequestKind {
     /// Back up the running VM's disk into `file` (absolute), incrementally to
     /// the parent restore point when there is one and its change tracking
     /// is intact. Progress is posted to `/v1/agent/requests/{id}/progress`.
+    /// Every data volume attached when it starts is backed up with the disk
+    /// (one moment for all), into `<file stem>.vol-<volume-id>.qcow2`,
+    /// incremental to its file in the parent restore point
+    /// (`volume_parents`) when there is one.
     Backup {
         vm_id: VmId,
         backup_id: uuid::Uuid,
         file: String,
         parent: Option<BackupParentRef>,
+        #[serde(default)]
+        volume_parents: Vec<VolumeFileRef>,
     },
-    /// Replace the stopped VM's disk with the content of a backup file.
-    Restore { vm_id: VmId, file: String },
-    /// Read a backup file and its chain back: checksum and consistency.
-    VerifyBackup { file: String },
+    /// Replace the stopped VM's disk with the content of a backup file, and
+    /// each of `volumes` (attached to the VM) with its file.
+    Restore {
+        vm_id: VmId,
+        file: String,
+        #[serde(default)]
+        volumes: Vec<VolumeFileRef>,
+    },
+    /// Make the volume (created if it does not exist, attached to no VM)
+    /// hold the content of a backup file.
+    VolumeRestore {
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        file: String,
+    },
+    /// Read a backup file and its chain back: checksum and consistency;
+    /// and each of `volume_files` (the restore point's volume files) alike.
+    VerifyBackup {
+        file: String,
+        #[serde(default)]
+        volume_files: Vec<String>,
+    },
     /// Create the volume's file if it has none (blank, or a copy-on-write
     /// clone of `image`, which the host caches like a VM's) and attach it
     /// to the VM (hot-plugged when it runs).
@@ -357,9 +381,13 @@ pub enum AgentRequestKind {
     MigrateRelease { vm_id: VmId, keep_disks: bool },
     /// Delete a backup file, first merging it into `child` (the restore
     /// point built on it) so the child stays whole.
+    /// `volumes`: the restore point's volume files, each merged into its
+    /// child's file of the same volume, or just removed.
     DeleteBackup {
         file: String,
         child: Option<BackupChildRef>,
+        #[serde(default)]
+        volumes: Vec<VolumeBackupDelete>,
     },
 }
 
@@ -378,6 +406,52 @@ pub struct SnapshotTaken {
     /// The volumes it covers (absent from agents older than that).
     #[serde(default)]
     pub volumes: Vec<uuid::Uuid>,
+}
+
+/// One volume's file of a restore point, by volume.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeFileRef {
+    pub volume_id: uuid::Uuid,
+    pub file: String,
+}
+
+/// One volume's file of a restore point being deleted, and its child's file
+/// of the same volume (absent: no later restore point builds on it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeBackupDelete {
+    pub volume_id: uuid::Uuid,
+    pub file: String,
+    pub child: Option<BackupChildRef>,
+}
+
+/// A volume's child file after a merge.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumePruned {
+    pub volume_id: uuid::Uuid,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
+}
+
+/// What a backup request produced of one volume.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeBackupDone {
+    pub volume_id: uuid::Uuid,
+    pub file: String,
+    pub mode: BackupMode,
+    pub fallback_reason: Option<String>,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub disk_bytes: u64,
+    pub sha256: String,
+}
+
+/// What a verify request found in one volume's file.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeChecked {
+    pub file: String,
+    pub sha256: String,
+    pub problems: Vec<String>,
 }
 
 /// The restore point built on one being deleted.
@@ -414,6 +488,9 @@ pub struct BackupDone {
     pub disk_bytes: u64,
     pub sha256: String,
     pub duration_ms: u64,
+    /// Each volume attached when it was taken.
+    #[serde(default)]
+    pub volumes: Vec<VolumeBackupDone>,
 }
 
 /// What a verify request found.
@@ -421,6 +498,9 @@ pub struct BackupDone {
 pub struct BackupChecked {
     pub sha256: String,
     pub problems: Vec<String>,
+    /// The volume files asked for, in the order asked.
+    #[serde(default)]
+    pub volumes: Vec<VolumeChecked>,
 }
 
 /// How far a long request has come.
@@ -475,6 +555,9 @@ pub struct AgentRequestResult {
     /// A deleted backup's child, merged.
     #[serde(default)]
     pub pruned: Option<BackupPruned>,
+    /// A deleted backup's volume files merged into the child's.
+    #[serde(default)]
+    pub pruned_volumes: Option<Vec<VolumePruned>>,
     /// A snapshot taken.
     #[serde(default)]
     pub snapshot: Option<SnapshotTaken>,

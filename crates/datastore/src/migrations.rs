@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "snapshot volumes",
         include_str!("../migrations/0011_snapshot_volumes.sql"),
     ),
+    (
+        12,
+        "backup volumes",
+        include_str!("../migrations/0012_backup_volumes.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use stratus_api_types::agent::{AgentRequestKind, BackupChecked, BackupChildRef};
+use stratus_api_types::agent::{
+    AgentRequestKind, BackupChecked, BackupChildRef, VolumeBackupDelete,
+};
 use stratus_api_types::params::{
     BackupCreate, BackupFilter, BackupPolicySet, BackupRestore, BackupTargetCreate, PageParams,
     VmCreate,
@@ -19,6 +21,7 @@ use stratus_common::{BackupId, Error, HostId, ResourceKind, VmId};
 use stratus_datastore::model::VmRecord;
 use stratus_datastore::{
     BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, NewBackup, PageRequest,
+    VolumeMerged,
 };
 use stratus_jobs::kinds::{RestoreParams, VmJobParams};
 use stratus_jobs::JobKind;
@@ -242,6 +245,7 @@ pub async fn backup_verify(
     let host = backup_host(app, &b).await?;
     let request = AgentRequestKind::VerifyBackup {
         file: b.file.clone(),
+        volume_files: b.volumes.iter().map(|v| v.file.clone()).collect(),
     };
     let answer = crate::app::agent::host_request(
         app,
@@ -268,6 +272,29 @@ pub async fn backup_verify(
                 checked.sha256, recorded
             ),
         );
+    }
+    // Every volume file of the restore point, alike.
+    for v in &b.volumes {
+        match checked.volumes.iter().find(|c| c.file == v.file) {
+            Some(c) => {
+                if c.sha256 != v.sha256 {
+                    problems.push(format!(
+                        "volume {:?}: the file {}'s SHA-256 is {}, not the {} recorded when it \
+                         was taken",
+                        v.volume_name, v.file, c.sha256, v.sha256
+                    ));
+                }
+                problems.extend(
+                    c.problems
+                        .iter()
+                        .map(|p| format!("volume {:?}: {p}", v.volume_name)),
+                );
+            }
+            None => problems.push(format!(
+                "volume {:?}: the host did not check its file {}",
+                v.volume_name, v.file
+            )),
+        }
     }
     let ok = problems.is_empty();
     let b = app
@@ -313,7 +340,10 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
     }
     let b = app.ds.backup_delete_begin(b.id).await?;
     if was == BackupStatus::Failed {
-        return app.ds.backup_delete_finish(b.id, None, b.parent_id).await;
+        return app
+            .ds
+            .backup_delete_finish(b.id, None, &[], b.parent_id)
+            .await;
     }
     let outcome = async {
         let children: Vec<BackupRecord> = app
@@ -335,12 +365,14 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
             None => None,
         };
         let host = backup_host(app, &b).await?;
+        let volumes = volume_deletes(&b, child.as_ref(), parent.as_ref());
         let request = AgentRequestKind::DeleteBackup {
             file: b.file.clone(),
             child: child.as_ref().map(|c| BackupChildRef {
                 file: c.file.clone(),
                 new_backing: parent.as_ref().map(|p| p.file.clone()),
             }),
+            volumes: volumes.clone(),
         };
         let answer = crate::app::agent::host_request(
             app,
@@ -360,8 +392,28 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
             }
             (None, _) => None,
         };
+        // Each volume file merged into the child's: its new figures.
+        let pruned = answer.pruned_volumes.unwrap_or_default();
+        let mut child_volumes = Vec::new();
+        for v in volumes.iter().filter(|v| v.child.is_some()) {
+            let figures = pruned
+                .iter()
+                .find(|p| p.volume_id == v.volume_id)
+                .ok_or_else(|| {
+                    Error::internal("the host merged a volume's backup without its figures")
+                })?;
+            child_volumes.push(VolumeMerged {
+                pruned: figures.clone(),
+                now_full: v.child.as_ref().is_some_and(|c| c.new_backing.is_none()),
+            });
+        }
         app.ds
-            .backup_delete_finish(b.id, merged.as_ref().map(|(id, f)| (*id, f)), b.parent_id)
+            .backup_delete_finish(
+                b.id,
+                merged.as_ref().map(|(id, f)| (*id, f)),
+                &child_volumes,
+                b.parent_id,
+            )
             .await
     }
     .await;
@@ -369,6 +421,42 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
         app.ds.backup_delete_abort(b.id, was).await?;
     }
     outcome
+}
+
+/// What becomes of each volume file of restore point `b` when it is
+/// deleted. A file the child builds on (the child's file of the same volume
+/// is incremental) is merged into it: the child's file then builds on the
+/// parent's file of that volume if `b`'s was incremental to one, else stands
+/// alone. A file nothing builds on (no child, the volume not in the child, or
+/// the child's copy of it full) is just removed: a volume's file is only
+/// ever the parent of the next restore point's file of that volume.
+fn volume_deletes(
+    b: &BackupRecord,
+    child: Option<&BackupRecord>,
+    parent: Option<&BackupRecord>,
+) -> Vec<VolumeBackupDelete> {
+    b.volumes
+        .iter()
+        .map(|v| {
+            let child_file = child
+                .and_then(|c| c.volume(v.volume_id))
+                .filter(|c| c.mode == BackupMode::Incremental);
+            let new_backing = match v.mode {
+                BackupMode::Incremental => parent
+                    .and_then(|p| p.volume(v.volume_id))
+                    .map(|p| p.file.clone()),
+                BackupMode::Full => None,
+            };
+            VolumeBackupDelete {
+                volume_id: v.volume_id.as_uuid(),
+                file: v.file.clone(),
+                child: child_file.map(|c| BackupChildRef {
+                    file: c.file.clone(),
+                    new_backing,
+                }),
+            }
+        })
+        .collect()
 }
 
 const MIN_EVERY_SECS: u64 = 60;
@@ -530,6 +618,26 @@ async fn restore_in_place(
     }
     if vm.host_id.is_none() {
         return Err(Error::not_found(ResourceKind::Host, "of the VM"));
+    }
+    // Every volume of the restore point is rewritten with the disk: each
+    // must still be attached to the VM.
+    let attached = app.ds.volumes_of_vm(vm.id).await?;
+    let gone: Vec<String> = b
+        .volumes
+        .iter()
+        .filter(|v| !attached.iter().any(|a| a.id == v.volume_id))
+        .map(|v| format!("{:?} ({})", v.volume_name, v.volume_id))
+        .collect();
+    if !gone.is_empty() {
+        return Err(Error::conflict(
+            "volume_not_attached",
+            format!(
+                "the backup covers volume(s) {} no longer attached to VM {:?}; attach them \
+                 again, or restore the backup into a new VM with --as",
+                gone.join(", "),
+                vm.name
+            ),
+        ));
     }
     let params = VmJobParams {
         restore: Some(RestoreParams {
