@@ -239,6 +239,11 @@ pub struct DesiredVm {
     /// (absolute; read through its chain) instead of an empty overlay.
     #[serde(default)]
     pub restore_from: Option<String>,
+    /// Volumes restored beside it from the same restore point: each built
+    /// from its backup file (if not yet) and attached before the VM's first
+    /// start. Listed until the VM's create job has seen it built.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_volumes: Vec<RestoreVolume>,
     /// The shared storage pool holding the VM's disk (its image is cached
     /// there too); `None`: the host's own data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,6 +411,14 @@ pub struct SnapshotTaken {
     /// The volumes it covers (absent from agents older than that).
     #[serde(default)]
     pub volumes: Vec<uuid::Uuid>,
+}
+
+/// A volume to build from a backup file and attach to a new VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RestoreVolume {
+    pub volume_id: uuid::Uuid,
+    pub size_bytes: u64,
+    pub file: String,
 }
 
 /// One volume's file of a restore point, by volume.

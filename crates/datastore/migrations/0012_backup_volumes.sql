@@ -20,3 +20,9 @@ CREATE TABLE backup_volumes (
     sha256 TEXT NOT NULL,
     PRIMARY KEY (backup_id, volume_id)
 );
+
+-- A volume restored beside a new VM (`backup restore --as`): the backup file
+-- its content comes from, until the VM's create job has attached it (then
+-- NULL). While set, the VM's host builds the volume from this file and
+-- attaches it before the VM's first start.
+ALTER TABLE volumes ADD COLUMN restore_from TEXT;

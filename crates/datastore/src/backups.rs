@@ -119,6 +119,16 @@ impl BackupVolumeRecord {
     }
 }
 
+/// A volume a restore into a new VM creates from a restore point's file.
+#[derive(Debug, Clone)]
+pub struct RestoredVolume {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    /// The backup file its content comes from (absolute).
+    pub file: String,
+}
+
 /// A volume's file merged with the deleted restore point's: its new
 /// figures, and whether it no longer builds on anything (the deleted one
 /// was full).
@@ -734,6 +744,106 @@ impl Datastore {
             .await
             .map_err(|e| db_error(ctx, e))?;
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(())
+    }
+
+    /// Records the volumes a restore into a new VM creates (`attaching` to
+    /// VM `vm`, not yet on a host, each with the backup file its content
+    /// comes from), all or none; `name_in_use` if a name is taken. Written
+    /// before the VM, so its host never starts it without them.
+    pub async fn backup_restored_volumes_create(
+        &self,
+        project: ProjectId,
+        vm: VmId,
+        volumes: &[RestoredVolume],
+    ) -> Result<(), Error> {
+        let ctx = "recording restored volumes";
+        let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        for v in volumes {
+            sqlx::query(
+                "INSERT INTO volumes (id, project_id, name, size_bytes, image_id, status, host_id, \
+                 vm_id, created_at, updated_at, restore_from) \
+                 VALUES ($1, $2, $3, $4, NULL, 'attaching', NULL, $5, $6, $6, $7)",
+            )
+            .bind(v.id.to_string())
+            .bind(project.to_string())
+            .bind(&v.name)
+            .bind(i64_of(v.size_bytes))
+            .bind(vm.to_string())
+            .bind(now)
+            .bind(&v.file)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    Error::conflict(
+                        "name_in_use",
+                        format!("a volume named {:?} already exists in this project", v.name),
+                    )
+                } else {
+                    db_error(ctx, e)
+                }
+            })?;
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(())
+    }
+
+    /// The volumes still to be built from a backup for VM `vm` (its
+    /// host's desired state lists them until its create job attached them).
+    pub async fn backup_restored_volumes_of_vm(
+        &self,
+        vm: VmId,
+    ) -> Result<Vec<RestoredVolume>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, name, size_bytes, restore_from FROM volumes \
+             WHERE vm_id = $1 AND restore_from IS NOT NULL ORDER BY id",
+        )
+        .bind(vm.to_string())
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading restored volumes", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(RestoredVolume {
+                    id: r.parse("id")?,
+                    name: r.text("name")?,
+                    size_bytes: u64_of(r.int("size_bytes")?),
+                    file: r.text("restore_from")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The create job of VM `vm` completed: its restored volumes are
+    /// attached on `host`, built from their backups once and for all.
+    pub async fn backup_restored_volumes_settle(
+        &self,
+        vm: VmId,
+        host: HostId,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE volumes SET status = 'attached', host_id = $1, restore_from = NULL, \
+             updated_at = $2 WHERE vm_id = $3 AND restore_from IS NOT NULL",
+        )
+        .bind(host.to_string())
+        .bind(now_micros())
+        .bind(vm.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording restored volumes", e))?;
+        Ok(())
+    }
+
+    /// The create of VM `vm` was taken back (or never written): the volumes
+    /// meant to be restored beside it go too.
+    pub async fn backup_restored_volumes_discard(&self, vm: VmId) -> Result<(), Error> {
+        sqlx::query("DELETE FROM volumes WHERE vm_id = $1 AND restore_from IS NOT NULL")
+            .bind(vm.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("removing restored volumes", e))?;
         Ok(())
     }
 

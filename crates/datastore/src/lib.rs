@@ -46,7 +46,7 @@ pub use page::{Page, PageRequest};
 pub use agents::{HostRequestRecord, NewHost, CONSOLE_KEEP};
 pub use backups::{
     BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, BackupVolumeRecord,
-    NewBackup, VolumeMerged,
+    NewBackup, RestoredVolume, VolumeMerged,
 };
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};

@@ -53,6 +53,7 @@ both_backends!(
     project_delete_refuses_while_in_use,
     backups_chain_and_prune,
     backup_volumes_recorded_and_merged,
+    backup_restored_volumes_lifecycle,
     snapshots_and_volumes,
 );
 
@@ -916,6 +917,115 @@ fn volume_done(
         disk_bytes: 16 << 20,
         sha256: format!("sha-{volume_id}"),
     }
+}
+
+/// A host in the store (settled volumes name it).
+async fn enrolled_host(ds: &Datastore) -> stratus_common::HostId {
+    let admin = ds
+        .token_create(NewToken {
+            name: "admin",
+            role: Role::Admin,
+            project_id: None,
+            token_hash: &format!("hash-{}", uuid::Uuid::new_v4()),
+            prefix: "x",
+            expires_at: None,
+        })
+        .await
+        .expect("token");
+    let hash = format!("enroll-{}", uuid::Uuid::new_v4());
+    ds.enrollment_token_create(&hash, admin.id, i64::MAX / 2, 10)
+        .await
+        .expect("enrollment token");
+    let facts = stratus_api_types::agent::HostFacts {
+        cpus: 16,
+        memory_bytes: 64 << 30,
+        disk_bytes: 1 << 40,
+        qemu_version: None,
+        accel: None,
+        driver: "sim".into(),
+    };
+    ds.host_enroll(
+        &hash,
+        &NewHost {
+            name: "h1",
+            zone: "z",
+            cluster: "default",
+            address: "127.0.0.1",
+            facts: &facts,
+            tags: &[],
+            credential_hash: &format!("cred-{}", uuid::Uuid::new_v4()),
+        },
+    )
+    .await
+    .expect("enroll")
+    .id
+}
+
+/// Volumes restored beside a new VM: recorded all or none before it (a
+/// taken name refuses them all), listed for its host until its create
+/// settles them as attached, or discarded with a create taken back.
+async fn backup_restored_volumes_lifecycle(ds: &Datastore) {
+    use stratus_api_types::views::VolumeStatus;
+    use stratus_datastore::RestoredVolume;
+    let fx = fixture(ds).await;
+    let vm = settled_vm(ds, &fx, "web").await;
+    ds.volume_create(fx.project, "r-taken", 1 << 20, None)
+        .await
+        .expect("volume");
+    let rv = |name: &str| RestoredVolume {
+        id: stratus_common::VolumeId::new(),
+        name: name.into(),
+        size_bytes: 16 << 20,
+        file: format!("/b/x.vol-{name}.qcow2"),
+    };
+    let err = ds
+        .backup_restored_volumes_create(fx.project, vm, &[rv("r-ok"), rv("r-taken")])
+        .await
+        .expect_err("name taken");
+    assert_eq!(err.error_code(), "name_in_use");
+    assert!(ds
+        .backup_restored_volumes_of_vm(vm)
+        .await
+        .expect("none")
+        .is_empty());
+    let (a, b) = (rv("r-a"), rv("r-b"));
+    ds.backup_restored_volumes_create(fx.project, vm, &[a.clone(), b.clone()])
+        .await
+        .expect("create");
+    let listed = ds.backup_restored_volumes_of_vm(vm).await.expect("listed");
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|v| v.id == a.id && v.file == a.file));
+    assert_eq!(
+        ds.volume_get(a.id).await.expect("a").status,
+        VolumeStatus::Attaching
+    );
+    let host = enrolled_host(ds).await;
+    ds.backup_restored_volumes_settle(vm, host)
+        .await
+        .expect("settle");
+    assert!(ds
+        .backup_restored_volumes_of_vm(vm)
+        .await
+        .expect("settled")
+        .is_empty());
+    let got = ds.volume_get(a.id).await.expect("a");
+    assert_eq!(
+        (got.status, got.vm_id, got.host_id),
+        (VolumeStatus::Attached, Some(vm), Some(host))
+    );
+    // A discard takes only volumes still waiting to be built.
+    let c = rv("r-c");
+    ds.backup_restored_volumes_create(fx.project, vm, std::slice::from_ref(&c))
+        .await
+        .expect("create c");
+    ds.backup_restored_volumes_discard(vm)
+        .await
+        .expect("discard");
+    assert_eq!(
+        ds.volume_get(c.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+    assert!(ds.volume_get(b.id).await.is_ok(), "settled volumes stay");
 }
 
 /// A restore point's volumes: recorded with its success (named as the

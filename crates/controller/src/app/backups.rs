@@ -571,9 +571,16 @@ pub async fn backup_restore(
                 restart_policy: None,
                 pool: None,
             };
-            let (_, op) =
-                crate::app::vms::vm_create_from(app, actor, create, None, Some(b.file.clone()))
-                    .await?;
+            let volumes = restored_volumes(&b, create.name.as_str())?;
+            let (_, op) = crate::app::vms::vm_create_from(
+                app,
+                actor,
+                create,
+                None,
+                Some(b.file.clone()),
+                &volumes,
+            )
+            .await?;
             Ok(op)
         }
         (None, true) => {
@@ -590,6 +597,38 @@ pub async fn backup_restore(
             "give exactly one of as_vm (a new VM's name) and in_place",
         )),
     }
+}
+
+/// The new volumes a restore into the new VM `vm_name` creates: one per
+/// volume of the restore point, named `<vm_name>-<volume name>`, of the
+/// volume's size, built from its file. A name that is no valid name (too
+/// long) is refused before anything is written.
+fn restored_volumes(
+    b: &BackupRecord,
+    vm_name: &str,
+) -> Result<Vec<stratus_datastore::RestoredVolume>, Error> {
+    b.volumes
+        .iter()
+        .map(|v| {
+            let name = format!("{vm_name}-{}", v.volume_name);
+            let name: stratus_common::Name = name.parse().map_err(|e| {
+                Error::invalid(
+                    "as_vm",
+                    format!(
+                        "the restored volume {:?} would be named {name:?}, which is no valid \
+                         name ({e}); choose a shorter VM name",
+                        v.volume_name
+                    ),
+                )
+            })?;
+            Ok(stratus_datastore::RestoredVolume {
+                id: stratus_common::VolumeId::new(),
+                name: name.as_str().to_string(),
+                size_bytes: v.disk_bytes,
+                file: v.file.clone(),
+            })
+        })
+        .collect()
 }
 
 async fn restore_in_place(

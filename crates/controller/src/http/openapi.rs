@@ -66,7 +66,7 @@ impl Modify for BearerAuth {
         proto::BackupParentRef, proto::BackupDone, proto::BackupChecked, proto::RequestProgress,
         proto::BackupChildRef, proto::BackupPruned, proto::SnapshotTaken, stratus_common::SnapshotId,
         views::BackupVolume, proto::VolumeFileRef, proto::VolumeBackupDelete, proto::VolumePruned,
-        proto::VolumeBackupDone, proto::VolumeChecked,
+        proto::VolumeBackupDone, proto::VolumeChecked, proto::RestoreVolume,
         proto::VolumeOnHost, stratus_common::VolumeId, views::VolumeStatus, views::Volume,
         views::VolumePage, views::VolumeOperation, params::VolumeCreate, params::VolumeAttach,
         params::VolumeResize,
