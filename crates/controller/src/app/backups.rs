@@ -696,3 +696,141 @@ async fn restore_in_place(
         job: job.into_view(vec![]),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stratus_common::{BackupTargetId, FlavorId, ImageId, JobId, ProjectId, VolumeId};
+    use stratus_datastore::BackupVolumeRecord;
+
+    fn point(
+        id: BackupId,
+        parent: Option<BackupId>,
+        volumes: &[(VolumeId, BackupMode)],
+    ) -> BackupRecord {
+        BackupRecord {
+            id,
+            project_id: ProjectId::new(),
+            vm_id: VmId::new(),
+            vm_name: "web".into(),
+            target_id: BackupTargetId::new(),
+            parent_id: parent,
+            requested_mode: BackupMode::Incremental,
+            mode: Some(BackupMode::Incremental),
+            fallback_reason: None,
+            status: BackupStatus::Succeeded,
+            error: None,
+            file: format!("/b/{id}.qcow2"),
+            host_id: None,
+            job_id: JobId::new(),
+            image_id: ImageId::new(),
+            flavor_id: FlavorId::new(),
+            vcpus: 1,
+            memory_bytes: 1,
+            disk_bytes: 1,
+            data_bytes: Some(1),
+            file_bytes: Some(1),
+            sha256: Some("x".into()),
+            created_at: 0,
+            finished_at: None,
+            verified_at: None,
+            verify_ok: None,
+            verify_problems: vec![],
+            volumes: volumes
+                .iter()
+                .map(|(v, mode)| BackupVolumeRecord {
+                    volume_id: *v,
+                    volume_name: format!("vol-{v}"),
+                    file: format!("/b/{id}.vol-{v}.qcow2"),
+                    mode: *mode,
+                    fallback_reason: None,
+                    disk_bytes: 1,
+                    data_bytes: 1,
+                    file_bytes: 1,
+                    sha256: "y".into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Each volume file of a deleted restore point: merged into the child's
+    /// file of that volume when the child builds on it (onto the parent's
+    /// file when the deleted one was incremental, else standing alone),
+    /// just removed when nothing builds on it.
+    #[test]
+    fn volume_files_merge_into_the_child_that_builds_on_them() {
+        use BackupMode::{Full, Incremental};
+        let (kept, attached_since, gone_in_child, refilled) = (
+            VolumeId::new(),
+            VolumeId::new(),
+            VolumeId::new(),
+            VolumeId::new(),
+        );
+        let (p, d, c) = (BackupId::new(), BackupId::new(), BackupId::new());
+        let parent = point(
+            p,
+            None,
+            &[(kept, Full), (gone_in_child, Full), (refilled, Full)],
+        );
+        let deleted = point(
+            d,
+            Some(p),
+            &[
+                (kept, Incremental),
+                (attached_since, Full),
+                (gone_in_child, Incremental),
+                (refilled, Incremental),
+            ],
+        );
+        // The child: `refilled` copied in full (its tracking was lost).
+        let child = point(
+            c,
+            Some(d),
+            &[
+                (kept, Incremental),
+                (attached_since, Incremental),
+                (refilled, Full),
+            ],
+        );
+        let plan = volume_deletes(&deleted, Some(&child), Some(&parent));
+        let of = |v: VolumeId| {
+            plan.iter()
+                .find(|x| x.volume_id == v.as_uuid())
+                .expect("every volume file of the deleted point is handled")
+        };
+        assert_eq!(plan.len(), 4);
+        let k = of(kept).child.as_ref().expect("merged");
+        assert_eq!(k.file, format!("/b/{c}.vol-{kept}.qcow2"));
+        assert_eq!(k.new_backing, Some(format!("/b/{p}.vol-{kept}.qcow2")));
+        let a = of(attached_since).child.as_ref().expect("merged");
+        assert_eq!(
+            a.new_backing, None,
+            "the deleted file was full: the child stands alone"
+        );
+        assert!(
+            of(gone_in_child).child.is_none(),
+            "not in the child: removed"
+        );
+        assert!(
+            of(refilled).child.is_none(),
+            "the child's copy is full: removed"
+        );
+        assert_eq!(of(kept).file, format!("/b/{d}.vol-{kept}.qcow2"));
+        // No child: every file just goes.
+        assert!(volume_deletes(&deleted, None, Some(&parent))
+            .iter()
+            .all(|x| x.child.is_none()));
+    }
+
+    #[test]
+    fn restored_volume_names_are_checked_before_anything_is_written() {
+        let v = VolumeId::new();
+        let b = point(BackupId::new(), None, &[(v, BackupMode::Full)]);
+        let made = restored_volumes(&b, "new").expect("names");
+        assert_eq!(made[0].name, format!("new-vol-{v}"));
+        assert_eq!(made[0].file, b.volumes[0].file);
+        let long = "x".repeat(40);
+        let e = restored_volumes(&b, &long).expect_err("too long");
+        assert_eq!(e.error_code(), "invalid_request");
+    }
+}

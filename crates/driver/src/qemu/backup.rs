@@ -3,29 +3,42 @@
 //!
 //! # A backup, step by step
 //!
+//! A backup copies every disk of the VM: its own disk and each volume
+//! attached now (the volumes' locks held while the copies are set up, so no
+//! attach, detach or resize meanwhile). Each disk is handled alike, with a
+//! job (`stratus-backup-<id>`, a volume's suffixed with its serial), a target
+//! node (`stratus-bk-<hash>`) and a file of its own (the disk's
+//! `req.target`, a volume's [`crate::volume_backup_file`]).
+//!
 //! 1. Under the VM's operation lock: clear what an earlier, interrupted attempt
 //!    left in QEMU (block jobs named `stratus-backup-*`, block nodes named
-//!    `stratus-bk-*`) and at the target; find the disk's active layer (after
-//!    a snapshot it is no longer `disk0`, see `snapshot.rs`) and read its
-//!    dirty bitmaps with `query-block`, and the copies of them older layers
-//!    hold with `query-named-block-nodes`; choose full or incremental (and say
-//!    why a requested incremental fell back); for an incremental, merge the
+//!    `stratus-bk-*`) and at the targets; per disk: find its active layer
+//!    (after a snapshot it is no longer the first one, see `snapshot.rs`) and
+//!    read its dirty bitmaps with `query-block`, and the copies of them its
+//!    older layers hold with `query-named-block-nodes` (only its own layers:
+//!    every disk holds bitmaps of the same names); choose full or incremental
+//!    (and say why a requested incremental fell back: for a volume also "no
+//!    file in the parent restore point"); for an incremental, merge the
 //!    older layers' copies of the parent's bitmap into the active layer's
-//!    (see below); remove stray `stratus-backup-*` bitmaps; create
-//!    the target qcow2 with `qemu-img` (an incremental's backing file is the
-//!    parent's file); `blockdev-add` it (without opening its backing chain);
-//!    then one QMP `transaction`: add the new persistent bitmap and start
-//!    `blockdev-backup` (`sync: full`, or `sync: bitmap` over the parent's
-//!    bitmap with `bitmap-mode: never`, so a failed copy leaves the parent's
-//!    bitmap untouched).
+//!    (see below); remove stray `stratus-backup-*` bitmaps; create the
+//!    target qcow2 with `qemu-img` (an incremental's backing file is the
+//!    parent's file of that disk); `blockdev-add` it (without opening its
+//!    backing chain). Then, with the guest's file systems frozen through its
+//!    agent when it answers (as for a snapshot), ONE QMP `transaction`: per
+//!    disk, add the new persistent bitmap and start `blockdev-backup`
+//!    (`sync: full`, or `sync: bitmap` over the parent's bitmap with
+//!    `bitmap-mode: never`, so a failed copy leaves the parent's bitmap
+//!    untouched). So every disk is captured at the same moment, and its new
+//!    bitmap tracks the writes from exactly that moment.
 //! 2. Without the operation lock: poll `query-jobs` every 200 ms, reporting
-//!    progress, until the job concludes.
-//! 3. Under the operation lock again: dismiss the job and `blockdev-del` the
-//!    target; on failure also cancel the job, remove the new bitmap and the
-//!    target file.
-//! 4. Without the lock: fsync the file, measure it (`qemu-img map` of its own
-//!    layer, SHA-256); then remove the parent's bitmap, which the new one
-//!    replaces.
+//!    the progress summed over the jobs, until all have concluded.
+//! 3. Under the operation lock again: dismiss the jobs and `blockdev-del` the
+//!    targets; on any failure (a job's, the VM's end) cancel every job,
+//!    remove every new bitmap and every target file: no disk loses its
+//!    parent's bitmap, none keeps a partial file.
+//! 4. Without the lock: fsync each file, measure it (`qemu-img map` of its
+//!    own layer, SHA-256); then remove each disk's parent bitmap, which the
+//!    new one replaces.
 //!
 //! # Bitmaps across snapshots
 //!
@@ -53,9 +66,19 @@
 //! the new bitmap too; the next backup removes it as a stray.
 //!
 //! A `vm_backup` future that is dropped mid-copy (agent shutting down) leaves
-//! the job and target node in QEMU; the next attempt clears them (step 1).
+//! the jobs and target nodes in QEMU; the next attempt clears them (step 1).
+//! The bandwidth limit (`backup_bandwidth`) is the backup's, shared evenly
+//! among its disks' jobs.
 //!
 //! # Restores
+//!
+//! In place, a restore point's volumes are rewritten with the VM's disk:
+//! each volume's new content is written beside its file first, then the
+//! disk is replaced, then each volume file renamed over the old one, so a
+//! failed copy leaves every disk as it was. A volume the VM no longer has,
+//! or one whose layers a snapshot holds, is refused before anything is
+//! written. Beside a new VM, [`volume_restore`] builds a volume from its
+//! file alone.
 //!
 //! A restored disk is a standalone qcow2 written by `qemu-img convert` from
 //! the backup file through its chain. Not an overlay of the base image with
@@ -778,6 +801,9 @@ async fn start_jobs(
     new_bitmap: &str,
     speed: Option<u64>,
 ) -> Result<(), DriverError> {
+    // The bandwidth limit is the backup's: shared among its disks' jobs.
+    let jobs = u64::try_from(copies.len()).unwrap_or(1).max(1);
+    let speed = speed.map(|s| (s / jobs).max(1));
     let mut actions = Vec::with_capacity(copies.len() * 2);
     for c in copies {
         // The backing chain is not opened: the job writes only this file's layer.
