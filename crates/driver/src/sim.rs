@@ -24,6 +24,9 @@
 //! backup. A full backup "holds" the whole disk (`data_bytes` is the spec's
 //! disk size), an incremental one nothing (0); the checksum is that of a
 //! description of the backup, so it is stable and distinct per backup.
+//! Every attached volume is backed up with the disk under the same rules,
+//! with its own bitmaps (a volume the parent restore point does not cover
+//! is full, and says so), into [`crate::volume_backup_file`].
 //!
 //! Snapshots are records in the VM's row with the QEMU driver's rules: names
 //! unique per VM, at most [`crate::MAX_SNAPSHOTS`], revert only while
@@ -2079,6 +2082,111 @@ mod tests {
             .expect("backup");
         assert_eq!(r.mode, BackupMode::Full);
         assert!(r.fallback_reason.expect("reason").contains("is missing"));
+    }
+
+    /// Attached volumes are backed up with the disk, each incremental on
+    /// its own: one attached since the parent is full and says why, a crash
+    /// loses every disk's tracking, a restore in place needs the volume
+    /// attached, and a volume can be built from a backup beside a new VM.
+    #[tokio::test]
+    async fn volumes_are_backed_up_like_the_disk() {
+        let d = sim();
+        let s = spec();
+        let quiet = |_: BackupProgress| {};
+        d.vm_create(&s).await.expect("create");
+        let v = crate::volume::tests::blank(1 << 20);
+        d.volume_create(&v).await.expect("volume");
+        d.vm_volume_attach(s.id, v.volume_id).await.expect("attach");
+        d.vm_start(s.id).await.expect("start");
+        let full = backup_req("v", None);
+        let f = d.vm_backup(s.id, &full, &quiet).await.expect("full");
+        assert_eq!(f.volumes.len(), 1);
+        assert_eq!(f.volumes[0].mode, BackupMode::Full);
+        assert_eq!(
+            f.volumes[0].file,
+            crate::volume_backup_file(&full.target, v.volume_id)
+        );
+        let w = crate::volume::tests::blank(1 << 20);
+        d.volume_create(&w).await.expect("volume w");
+        d.vm_volume_attach(s.id, w.volume_id)
+            .await
+            .expect("attach w");
+        let mut inc = backup_req("v", Some(&full));
+        inc.volume_parents = f
+            .volumes
+            .iter()
+            .map(|x| crate::VolumeBackupParent {
+                volume_id: x.volume_id,
+                file: x.file.clone(),
+            })
+            .collect();
+        let i = d.vm_backup(s.id, &inc, &quiet).await.expect("inc");
+        assert_eq!(i.mode, BackupMode::Incremental);
+        let of = |id: uuid::Uuid| {
+            i.volumes
+                .iter()
+                .find(|x| x.volume_id == id)
+                .expect("volume backed up")
+                .clone()
+        };
+        assert_eq!(of(v.volume_id).mode, BackupMode::Incremental);
+        let newer = of(w.volume_id);
+        assert_eq!(newer.mode, BackupMode::Full);
+        assert!(newer
+            .fallback_reason
+            .expect("reason")
+            .contains("no file in the parent restore point"));
+        let check = d.backup_verify(&newer.file).await.expect("verify");
+        assert_eq!(check.sha256, newer.sha256);
+
+        // A crash: every disk's bitmaps are inconsistent.
+        d.crash(s.id).expect("crash");
+        d.vm_start(s.id).await.expect("start");
+        let mut after = backup_req("v", Some(&inc));
+        after.volume_parents = i
+            .volumes
+            .iter()
+            .map(|x| crate::VolumeBackupParent {
+                volume_id: x.volume_id,
+                file: x.file.clone(),
+            })
+            .collect();
+        let a = d.vm_backup(s.id, &after, &quiet).await.expect("after");
+        assert!(a.volumes.iter().all(|x| x.mode == BackupMode::Full
+            && x.fallback_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("inconsistent"))));
+
+        // In place: only volumes still attached.
+        d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        let gone = crate::VolumeRestore {
+            volume_id: uuid::Uuid::new_v4(),
+            file: newer.file.clone(),
+        };
+        assert!(matches!(
+            d.vm_restore(s.id, &inc.target, std::slice::from_ref(&gone))
+                .await,
+            Err(DriverError::Conflict { .. })
+        ));
+        let back = crate::VolumeRestore {
+            volume_id: v.volume_id,
+            file: of(v.volume_id).file,
+        };
+        d.vm_restore(s.id, &inc.target, &[back])
+            .await
+            .expect("restore");
+
+        // Beside a new VM: built, then attachable; an attached one is refused.
+        let fresh = uuid::Uuid::new_v4();
+        let info = d
+            .volume_restore(fresh, 1 << 20, &newer.file)
+            .await
+            .expect("volume restore");
+        assert_eq!((info.size_bytes, info.attached_to), (1 << 20, None));
+        assert!(matches!(
+            d.volume_restore(v.volume_id, 1 << 20, &newer.file).await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
     }
 
     #[tokio::test]
