@@ -739,7 +739,7 @@ async fn real_qemu_volume_backup_failures_keep_every_disks_tracking() {
     std::fs::create_dir_all(&backups).expect("mkdir");
     // Slow enough that copying 35 MiB of the volume (4 MiB/s: half the
     // backup's limit) outlasts a graceful stop of the guest.
-    let mut config = QemuConfig::new(&data.path().join("driver"));
+    let mut config = QemuConfig::new(data.path().join("driver"));
     config.accel = AccelChoice::Tcg;
     config.backup_bandwidth = Some(8 * MIB);
     let d = QemuDriver::new(config).await.expect("driver");
