@@ -277,20 +277,29 @@ pub struct BackupListFilter {
 }
 
 impl Datastore {
-    /// Reads the volume rows of each record.
+    /// Reads the volume rows of each record: one query per 500 records.
     async fn backup_volumes_fill(&self, recs: &mut [BackupRecord]) -> Result<(), Error> {
-        for rec in recs.iter_mut() {
-            let rows = sqlx::query(&format!(
-                "{VOLUME_SELECT} WHERE backup_id = $1 ORDER BY volume_id"
-            ))
-            .bind(rec.id.to_string())
-            .fetch_all(&self.read)
-            .await
-            .map_err(|e| db_error("reading a backup's volumes", e))?;
-            rec.volumes = rows
-                .iter()
-                .map(BackupVolumeRecord::from_row)
-                .collect::<Result<_, _>>()?;
+        for chunk in recs.chunks_mut(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "{VOLUME_SELECT} WHERE backup_id IN ({}) ORDER BY volume_id",
+                placeholders.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for rec in chunk.iter() {
+                q = q.bind(rec.id.to_string());
+            }
+            let rows = q
+                .fetch_all(&self.read)
+                .await
+                .map_err(|e| db_error("reading backups' volumes", e))?;
+            for row in &rows {
+                let backup: BackupId = row.parse("backup_id")?;
+                let volume = BackupVolumeRecord::from_row(row)?;
+                if let Some(rec) = chunk.iter_mut().find(|r| r.id == backup) {
+                    rec.volumes.push(volume);
+                }
+            }
         }
         Ok(())
     }

@@ -1288,7 +1288,7 @@ async fn drop_node(qmp: &QmpService, id: VmId, node: &str) {
 }
 
 /// The guest's file systems frozen through its agent for the time of a
-/// snapshot, holding the VM's guest agent lock so no other client talks to
+/// snapshot's switch (or a backup's start, `backup.rs`), holding the VM's guest agent lock so no other client talks to
 /// the agent meanwhile.
 pub(super) struct Freeze<'a> {
     _agent: tokio::sync::MutexGuard<'a, ()>,
@@ -1306,7 +1306,7 @@ impl<'a> Freeze<'a> {
         let conn = match QgaConn::connect(&path, AGENT_CONNECT_TIMEOUT).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(vm = %vm.id, error = %e, "guest agent not answering: snapshot taken without freezing the guest's file systems (crash-consistent only)");
+                tracing::warn!(vm = %vm.id, error = %e, "guest agent not answering: disks captured (snapshot or backup) without freezing the guest's file systems (crash-consistent only)");
                 return Freeze {
                     _agent: agent,
                     conn: None,
@@ -1324,7 +1324,7 @@ impl<'a> Freeze<'a> {
                 true
             }
             Err(e) => {
-                tracing::warn!(vm = %vm.id, error = %e, "guest file systems not frozen: snapshot taken unfrozen (crash-consistent only)");
+                tracing::warn!(vm = %vm.id, error = %e, "guest file systems not frozen: disks captured (snapshot or backup) unfrozen (crash-consistent only)");
                 false
             }
         };
