@@ -411,6 +411,19 @@ pub(crate) async fn discard_create(
             }
         }
     }
+    // Volumes restored beside it: their files go from the host too (the
+    // VM is gone there, so they are detached), best effort.
+    if let Some(host) = vm.host_id {
+        let restored = retry_store(|| sc.ds.backup_restored_volumes_of_vm(vm_id))
+            .await
+            .unwrap_or_default();
+        for v in restored {
+            let request = stratus_api_types::agent::AgentRequestKind::VolumeDelete {
+                volume_id: v.id.as_uuid(),
+            };
+            crate::storage::best_effort_request(sc, host, vm_id, "volume_delete", &request).await;
+        }
+    }
     retry_store(|| sc.ds.vm_discard(vm_id, job))
         .await
         .map_err(|e| anyhow::anyhow!("discarding the VM record: {e}"))?;
@@ -418,8 +431,9 @@ pub(crate) async fn discard_create(
 }
 
 /// The volumes a restore meant to build beside the VM go with its record
-/// (`backup restore --as`; none for any other VM). A file the host built
-/// for one stays in its volume directory, unattached.
+/// (`backup restore --as`; none for any other VM). Their files were asked
+/// off the host first; one a host out of reach built stays in its volume
+/// directory, unattached and unrecorded.
 async fn discard_restored_volumes(sc: &SagaContext, vm_id: VmId) -> Result<(), anyhow::Error> {
     retry_store(|| sc.ds.backup_restored_volumes_discard(vm_id))
         .await

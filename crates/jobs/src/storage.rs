@@ -554,7 +554,7 @@ fn volume_in(params: &crate::kinds::VmJobParams) -> Result<VolumeId, StepError> 
 
 /// Sends a request of its own (not the step's) and waits up to a minute for
 /// it: the clean-up an undo owes, done when the host is there to do it.
-async fn best_effort_request(
+pub(crate) async fn best_effort_request(
     sc: &SagaContext,
     host: stratus_common::HostId,
     vm: VmId,
