@@ -406,12 +406,17 @@ async fn converge_with(
             .await
             .map_err(driver_err("create"))?;
         tracing::info!(vm = %id, name = %vm.name, ms = t.elapsed().as_millis() as u64, "VM created");
+        restore_volumes(shared, id, vm).await?;
         rec.applied_reboot_generation = vm.reboot_generation;
         rec.expect_running = false;
         rec.hold_revision = None;
         shared.report_now.notify_one();
     }
     let active = active.unwrap_or(false);
+    if exists && !active && !vm.restore_volumes.is_empty() {
+        // Created by an earlier round that ended before its volumes were.
+        restore_volumes(shared, id, vm).await?;
+    }
     match vm.desired_state {
         VmDesiredState::Stopped | VmDesiredState::Deleted => {
             rec.hold_revision = None;
@@ -453,6 +458,41 @@ async fn converge_with(
                     rec.applied_reboot_generation.max(vm.reboot_generation);
             }
         }
+    }
+    Ok(())
+}
+
+/// Builds each volume restored beside a new VM from its backup file (unless
+/// an earlier round did: building it again would be harmless only until
+/// the guest writes) and attaches it, before the VM first starts. Once
+/// the create job saw the VM up, the controller no longer lists them.
+async fn restore_volumes(
+    shared: &Arc<Shared>,
+    id: VmId,
+    vm: &DesiredVm,
+) -> Result<(), ConvergeError> {
+    let driver = &shared.driver;
+    for rv in &vm.restore_volumes {
+        let info = driver
+            .volume_info(rv.volume_id)
+            .await
+            .map_err(driver_err("read a restored volume"))?;
+        match info {
+            Some(i) if i.attached_to == Some(id) => continue,
+            Some(_) => {}
+            None => {
+                let t = std::time::Instant::now();
+                driver
+                    .volume_restore(rv.volume_id, rv.size_bytes, std::path::Path::new(&rv.file))
+                    .await
+                    .map_err(driver_err("restore a volume"))?;
+                tracing::info!(vm = %id, volume = %rv.volume_id, from = %rv.file, ms = t.elapsed().as_millis() as u64, "volume restored from a backup");
+            }
+        }
+        driver
+            .vm_volume_attach(id, rv.volume_id)
+            .await
+            .map_err(driver_err("attach a restored volume"))?;
     }
     Ok(())
 }

@@ -430,6 +430,7 @@ mod tests {
             reboot_generation: 0,
             generation: 1,
             restore_from: None,
+            restore_volumes: Vec::new(),
             pool: None,
             migration: None,
         }

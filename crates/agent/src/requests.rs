@@ -67,6 +67,7 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
             backup_id,
             file,
             parent,
+            volume_parents,
         } => {
             backup(
                 &shared,
@@ -75,10 +76,35 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
                 *backup_id,
                 file,
                 parent.as_ref(),
+                volume_parents,
             )
             .await
         }
-        AgentRequestKind::Restore { vm_id, file } => restore(&shared, VmId(vm_id.0), file).await,
+        AgentRequestKind::Restore {
+            vm_id,
+            file,
+            volumes,
+        } => restore(&shared, VmId(vm_id.0), file, volumes).await,
+        AgentRequestKind::VolumeRestore {
+            volume_id,
+            size_bytes,
+            file,
+        } => {
+            match shared
+                .driver
+                .volume_restore(*volume_id, *size_bytes, std::path::Path::new(file))
+                .await
+            {
+                Ok(info) => AgentRequestResult {
+                    volume: Some(stratus_client::types::VolumeOnHost {
+                        size_bytes: info.size_bytes,
+                        allocated_bytes: info.allocated_bytes,
+                    }),
+                    ..answered()
+                },
+                Err(e) => failed(chain(&e)),
+            }
+        }
         AgentRequestKind::MigratePrepare { vm_id, incoming } => {
             crate::migrate::prepare(&shared, VmId(vm_id.0), incoming).await
         }
@@ -121,10 +147,14 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
                 Err(e) => failed(chain(&e)),
             }
         }
-        AgentRequestKind::VerifyBackup { file } => verify(&shared, file).await,
-        AgentRequestKind::DeleteBackup { file, child } => {
-            delete_backup(&shared, file, child.as_ref()).await
+        AgentRequestKind::VerifyBackup { file, volume_files } => {
+            verify(&shared, file, volume_files).await
         }
+        AgentRequestKind::DeleteBackup {
+            file,
+            child,
+            volumes,
+        } => delete_backup(&shared, file, child.as_ref(), volumes).await,
         AgentRequestKind::VolumeAttach {
             vm_id,
             volume_id,
@@ -319,6 +349,7 @@ pub(crate) fn answered() -> AgentRequestResult {
         backup: None,
         verified: None,
         pruned: None,
+        pruned_volumes: None,
         snapshot: None,
         dropped_snapshots: None,
         volume: None,
@@ -392,6 +423,7 @@ async fn backup(
     backup_id: uuid::Uuid,
     file: &str,
     parent: Option<&BackupParentRef>,
+    volume_parents: &[stratus_client::types::VolumeFileRef],
 ) -> AgentRequestResult {
     let target = std::path::PathBuf::from(file);
     if let Some(dir) = target.parent() {
@@ -409,6 +441,13 @@ async fn backup(
             backup_id: p.backup_id,
             file: p.file.clone().into(),
         }),
+        volume_parents: volume_parents
+            .iter()
+            .map(|v| stratus_driver::VolumeBackupParent {
+                volume_id: v.volume_id,
+                file: v.file.clone().into(),
+            })
+            .collect(),
     };
     let poster = Poster::start(
         shared,
@@ -424,15 +463,28 @@ async fn backup(
     let progress = poster.reporter();
     let outcome = shared.driver.vm_backup(vm, &req, &progress).await;
     drop(poster);
+    let mode_of = |m: stratus_driver::BackupMode| match m {
+        stratus_driver::BackupMode::Full => stratus_client::types::BackupMode::Full,
+        stratus_driver::BackupMode::Incremental => stratus_client::types::BackupMode::Incremental,
+    };
     match outcome {
         Ok(o) => AgentRequestResult {
             backup: Some(BackupDone {
-                mode: match o.mode {
-                    stratus_driver::BackupMode::Full => stratus_client::types::BackupMode::Full,
-                    stratus_driver::BackupMode::Incremental => {
-                        stratus_client::types::BackupMode::Incremental
-                    }
-                },
+                mode: mode_of(o.mode),
+                volumes: o
+                    .volumes
+                    .into_iter()
+                    .map(|v| stratus_client::types::VolumeBackupDone {
+                        volume_id: v.volume_id,
+                        file: v.file.display().to_string(),
+                        mode: mode_of(v.mode),
+                        fallback_reason: v.fallback_reason,
+                        data_bytes: v.data_bytes,
+                        file_bytes: v.file_bytes,
+                        disk_bytes: v.disk_bytes,
+                        sha256: v.sha256,
+                    })
+                    .collect(),
                 fallback_reason: o.fallback_reason,
                 data_bytes: o.data_bytes,
                 file_bytes: o.file_bytes,
@@ -446,10 +498,22 @@ async fn backup(
     }
 }
 
-async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
+async fn restore(
+    shared: &Shared,
+    vm: VmId,
+    file: &str,
+    volumes: &[stratus_client::types::VolumeFileRef],
+) -> AgentRequestResult {
+    let volumes: Vec<stratus_driver::VolumeRestore> = volumes
+        .iter()
+        .map(|v| stratus_driver::VolumeRestore {
+            volume_id: v.volume_id,
+            file: v.file.clone().into(),
+        })
+        .collect();
     match shared
         .driver
-        .vm_restore(vm, std::path::Path::new(file))
+        .vm_restore(vm, std::path::Path::new(file), &volumes)
         .await
     {
         Ok(()) => answered(),
@@ -457,20 +521,39 @@ async fn restore(shared: &Shared, vm: VmId, file: &str) -> AgentRequestResult {
     }
 }
 
-async fn verify(shared: &Shared, file: &str) -> AgentRequestResult {
-    match shared
+/// Checks the disk's file and each volume file of a restore point.
+async fn verify(shared: &Shared, file: &str, volume_files: &[String]) -> AgentRequestResult {
+    let c = match shared
         .driver
         .backup_verify(std::path::Path::new(file))
         .await
     {
-        Ok(c) => AgentRequestResult {
-            verified: Some(BackupChecked {
-                sha256: c.sha256,
-                problems: c.problems,
+        Ok(c) => c,
+        Err(e) => return failed(chain(&e)),
+    };
+    let mut volumes = Vec::with_capacity(volume_files.len());
+    for f in volume_files {
+        match shared.driver.backup_verify(std::path::Path::new(f)).await {
+            Ok(v) => volumes.push(stratus_client::types::VolumeChecked {
+                file: f.clone(),
+                sha256: v.sha256,
+                problems: v.problems,
             }),
-            ..answered()
-        },
-        Err(e) => failed(chain(&e)),
+            // A missing or unreadable file is a finding, not a failed check.
+            Err(e) => volumes.push(stratus_client::types::VolumeChecked {
+                file: f.clone(),
+                sha256: String::new(),
+                problems: vec![format!("{f}: {}", chain(&e))],
+            }),
+        }
+    }
+    AgentRequestResult {
+        verified: Some(BackupChecked {
+            sha256: c.sha256,
+            problems: c.problems,
+            volumes,
+        }),
+        ..answered()
     }
 }
 
@@ -478,7 +561,31 @@ async fn delete_backup(
     shared: &Shared,
     file: &str,
     child: Option<&stratus_client::types::BackupChildRef>,
+    volumes: &[stratus_client::types::VolumeBackupDelete],
 ) -> AgentRequestResult {
+    // The volumes' files first: each merged into its child's or removed.
+    // Every step is safe to run again, so a failure is retried whole.
+    let mut pruned_volumes = Vec::new();
+    for v in volumes {
+        let child = v.child.as_ref().map(|c| stratus_driver::PruneChild {
+            file: c.file.clone().into(),
+            new_backing: c.new_backing.clone().map(Into::into),
+        });
+        match shared
+            .driver
+            .backup_delete(std::path::Path::new(&v.file), child.as_ref())
+            .await
+        {
+            Ok(Some(p)) => pruned_volumes.push(stratus_client::types::VolumePruned {
+                volume_id: v.volume_id,
+                data_bytes: p.data_bytes,
+                file_bytes: p.file_bytes,
+                sha256: p.sha256,
+            }),
+            Ok(None) => {}
+            Err(e) => return failed(chain(&e)),
+        }
+    }
     let child = child.map(|c| stratus_driver::PruneChild {
         file: c.file.clone().into(),
         new_backing: c.new_backing.clone().map(Into::into),
@@ -494,6 +601,7 @@ async fn delete_backup(
                 file_bytes: p.file_bytes,
                 sha256: p.sha256,
             }),
+            pruned_volumes: Some(pruned_volumes),
             ..answered()
         },
         Err(e) => failed(chain(&e)),

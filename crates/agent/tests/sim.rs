@@ -564,8 +564,21 @@ impl Driver for SlowStops {
     ) -> Result<stratus_driver::BackupCheck, DriverError> {
         self.sim.backup_verify(f).await
     }
-    async fn vm_restore(&self, id: VmId, f: &std::path::Path) -> Result<(), DriverError> {
-        self.sim.vm_restore(id, f).await
+    async fn vm_restore(
+        &self,
+        id: VmId,
+        f: &std::path::Path,
+        volumes: &[stratus_driver::VolumeRestore],
+    ) -> Result<(), DriverError> {
+        self.sim.vm_restore(id, f, volumes).await
+    }
+    async fn volume_restore(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        f: &std::path::Path,
+    ) -> Result<stratus_driver::VolumeInfo, DriverError> {
+        self.sim.volume_restore(volume_id, size_bytes, f).await
     }
     async fn backup_delete(
         &self,

@@ -244,6 +244,11 @@ pub struct DesiredVm {
     /// (absolute; read through its chain) instead of an empty overlay.
     #[serde(default)]
     pub restore_from: Option<String>,
+    /// Volumes restored beside it from the same restore point: each built
+    /// from its backup file (if not yet) and attached before the VM's first
+    /// start. Listed until the VM's create job has seen it built.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_volumes: Vec<RestoreVolume>,
     /// The shared storage pool holding the VM's disk (its image is cached
     /// there too); `None`: the host's own data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,16 +276,40 @@ pub enum AgentRequestKind {
     /// Back up the running VM's disk into `file` (absolute), incrementally to
     /// the parent restore point when there is one and its change tracking
     /// is intact. Progress is posted to `/v1/agent/requests/{id}/progress`.
+    /// Every data volume attached when it starts is backed up with the disk
+    /// (one moment for all), into `<file stem>.vol-<volume-id>.qcow2`,
+    /// incremental to its file in the parent restore point
+    /// (`volume_parents`) when there is one.
     Backup {
         vm_id: VmId,
         backup_id: uuid::Uuid,
         file: String,
         parent: Option<BackupParentRef>,
+        #[serde(default)]
+        volume_parents: Vec<VolumeFileRef>,
     },
-    /// Replace the stopped VM's disk with the content of a backup file.
-    Restore { vm_id: VmId, file: String },
-    /// Read a backup file and its chain back: checksum and consistency.
-    VerifyBackup { file: String },
+    /// Replace the stopped VM's disk with the content of a backup file, and
+    /// each of `volumes` (attached to the VM) with its file.
+    Restore {
+        vm_id: VmId,
+        file: String,
+        #[serde(default)]
+        volumes: Vec<VolumeFileRef>,
+    },
+    /// Make the volume (created if it does not exist, attached to no VM)
+    /// hold the content of a backup file.
+    VolumeRestore {
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        file: String,
+    },
+    /// Read a backup file and its chain back: checksum and consistency;
+    /// and each of `volume_files` (the restore point's volume files) alike.
+    VerifyBackup {
+        file: String,
+        #[serde(default)]
+        volume_files: Vec<String>,
+    },
     /// Create the volume's file if it has none (blank, or a copy-on-write
     /// clone of `image`, which the host caches like a VM's) and attach it
     /// to the VM (hot-plugged when it runs).
@@ -362,9 +391,13 @@ pub enum AgentRequestKind {
     MigrateRelease { vm_id: VmId, keep_disks: bool },
     /// Delete a backup file, first merging it into `child` (the restore
     /// point built on it) so the child stays whole.
+    /// `volumes`: the restore point's volume files, each merged into its
+    /// child's file of the same volume, or just removed.
     DeleteBackup {
         file: String,
         child: Option<BackupChildRef>,
+        #[serde(default)]
+        volumes: Vec<VolumeBackupDelete>,
     },
 }
 
@@ -383,6 +416,60 @@ pub struct SnapshotTaken {
     /// The volumes it covers (absent from agents older than that).
     #[serde(default)]
     pub volumes: Vec<uuid::Uuid>,
+}
+
+/// A volume to build from a backup file and attach to a new VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RestoreVolume {
+    pub volume_id: uuid::Uuid,
+    pub size_bytes: u64,
+    pub file: String,
+}
+
+/// One volume's file of a restore point, by volume.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeFileRef {
+    pub volume_id: uuid::Uuid,
+    pub file: String,
+}
+
+/// One volume's file of a restore point being deleted, and its child's file
+/// of the same volume (absent: no later restore point builds on it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeBackupDelete {
+    pub volume_id: uuid::Uuid,
+    pub file: String,
+    pub child: Option<BackupChildRef>,
+}
+
+/// A volume's child file after a merge.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumePruned {
+    pub volume_id: uuid::Uuid,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
+}
+
+/// What a backup request produced of one volume.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeBackupDone {
+    pub volume_id: uuid::Uuid,
+    pub file: String,
+    pub mode: BackupMode,
+    pub fallback_reason: Option<String>,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub disk_bytes: u64,
+    pub sha256: String,
+}
+
+/// What a verify request found in one volume's file.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeChecked {
+    pub file: String,
+    pub sha256: String,
+    pub problems: Vec<String>,
 }
 
 /// The restore point built on one being deleted.
@@ -419,6 +506,9 @@ pub struct BackupDone {
     pub disk_bytes: u64,
     pub sha256: String,
     pub duration_ms: u64,
+    /// Each volume attached when it was taken.
+    #[serde(default)]
+    pub volumes: Vec<VolumeBackupDone>,
 }
 
 /// What a verify request found.
@@ -426,6 +516,9 @@ pub struct BackupDone {
 pub struct BackupChecked {
     pub sha256: String,
     pub problems: Vec<String>,
+    /// The volume files asked for, in the order asked.
+    #[serde(default)]
+    pub volumes: Vec<VolumeChecked>,
 }
 
 /// How far a long request has come.
@@ -480,6 +573,9 @@ pub struct AgentRequestResult {
     /// A deleted backup's child, merged.
     #[serde(default)]
     pub pruned: Option<BackupPruned>,
+    /// A deleted backup's volume files merged into the child's.
+    #[serde(default)]
+    pub pruned_volumes: Option<Vec<VolumePruned>>,
     /// A snapshot taken.
     #[serde(default)]
     pub snapshot: Option<SnapshotTaken>,

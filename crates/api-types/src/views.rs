@@ -716,6 +716,30 @@ pub struct Backup {
     /// intact.
     pub verified_at: Option<DateTime<Utc>>,
     pub verify_ok: Option<bool>,
+    /// The data volumes this restore point covers (attached when it was
+    /// taken), each with a file of its own.
+    pub volumes: Vec<BackupVolume>,
+}
+
+/// One data volume in a restore point.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupVolume {
+    pub volume_id: VolumeId,
+    /// Its name when the backup was taken (the volume may be gone since).
+    pub volume_name: String,
+    /// Its file, absolute: `<target>/<vm-id>/<backup-id>.vol-<volume-id>.qcow2`.
+    pub file: String,
+    /// Full or incremental (to its file in the parent restore point).
+    pub mode: BackupMode,
+    /// Why it was copied in full in an incremental restore point (attached
+    /// since the parent, change tracking lost).
+    pub fallback_reason: Option<String>,
+    /// The volume's size.
+    pub disk_bytes: u64,
+    /// Guest data this file holds (for an incremental: what changed).
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
 }
 
 page!(

@@ -12,7 +12,7 @@ use crate::CliError;
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCmd {
-    /// Back up a running VM's disk: incremental to its last backup, or full
+    /// Back up a running VM's disk and attached volumes: incremental to its last backup, or full
     Create {
         vm: String,
         /// A full backup even when an incremental one is possible
@@ -38,7 +38,8 @@ pub enum BackupCmd {
     Show { id: String },
     /// Read a backup back on a host: checksum and qemu-img check over its chain
     Verify { id: String },
-    /// Restore a backup into a new VM (--as NAME) or over its stopped VM (--in-place)
+    /// Restore a backup into a new VM (--as NAME, with a new volume per backed-up volume,
+    /// named NAME-VOLUME) or over its stopped VM and its volumes (--in-place)
     Restore {
         id: String,
         /// Name of the new VM
@@ -231,7 +232,7 @@ fn backup_fields(b: &types::Backup) -> Table {
         (Some(m), None) => wire(m),
         (None, _) => format!("{} (asked)", wire(&b.requested_mode)),
     };
-    fields(vec![
+    let mut t = fields(vec![
         ("id", b.id.to_string()),
         ("vm", format!("{} ({})", b.vm_name, b.vm_id)),
         ("status", wire(&b.status)),
@@ -265,7 +266,25 @@ fn backup_fields(b: &types::Backup) -> Table {
         ),
         ("error", opt(&b.error)),
         ("job", b.job_id.to_string()),
-    ])
+    ]);
+    // One block of lines per volume the restore point covers.
+    for v in &b.volumes {
+        let mode = match &v.fallback_reason {
+            Some(why) => format!("{} ({why})", wire(&v.mode)),
+            None => wire(&v.mode),
+        };
+        t.row(vec![
+            "volume".into(),
+            format!("{} ({})", v.volume_name, v.volume_id),
+        ]);
+        t.row(vec!["  mode".into(), mode]);
+        t.row(vec!["  size".into(), bytes(v.disk_bytes)]);
+        t.row(vec!["  data".into(), bytes(v.data_bytes)]);
+        t.row(vec!["  file size".into(), bytes(v.file_bytes)]);
+        t.row(vec!["  file".into(), v.file.clone()]);
+        t.row(vec!["  sha256".into(), v.sha256.clone()]);
+    }
+    t
 }
 
 pub async fn backup(
@@ -323,9 +342,20 @@ pub async fn backup(
             })
             .await?;
             print_list(f, items, next, |items| {
-                let mut t =
-                    Table::new(&["ID", "VM", "STATUS", "MODE", "DATA", "FILE SIZE", "CREATED"]);
+                let mut t = Table::new(&[
+                    "ID",
+                    "VM",
+                    "STATUS",
+                    "MODE",
+                    "DATA",
+                    "FILE SIZE",
+                    "VOLUMES",
+                    "CREATED",
+                ]);
                 for b in items {
+                    // DATA and FILE SIZE: the disk's and every volume's.
+                    let volumes_data: u64 = b.volumes.iter().map(|v| v.data_bytes).sum();
+                    let volumes_file: u64 = b.volumes.iter().map(|v| v.file_bytes).sum();
                     t.row(vec![
                         b.id.to_string(),
                         b.vm_name.clone(),
@@ -334,8 +364,21 @@ pub async fn backup(
                             .as_ref()
                             .map(wire)
                             .unwrap_or_else(|| wire(&b.requested_mode)),
-                        b.data_bytes.map(bytes).unwrap_or_else(|| "-".into()),
-                        b.file_bytes.map(bytes).unwrap_or_else(|| "-".into()),
+                        b.data_bytes
+                            .map(|d| bytes(d + volumes_data))
+                            .unwrap_or_else(|| "-".into()),
+                        b.file_bytes
+                            .map(|d| bytes(d + volumes_file))
+                            .unwrap_or_else(|| "-".into()),
+                        if b.volumes.is_empty() {
+                            "-".into()
+                        } else {
+                            b.volumes
+                                .iter()
+                                .map(|v| v.volume_name.clone())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        },
                         ts(&b.created_at),
                     ]);
                 }

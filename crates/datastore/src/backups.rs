@@ -10,17 +10,21 @@
 //! the restore point built on it (on a host), then records the child's new
 //! parent and checksum and removes the row, in one transaction.
 //!
+//! A restore point covers the VM's disk and the volumes attached when it
+//! was taken: one `backup_volumes` row per volume, written in the same
+//! transaction that makes the backup a restore point, removed with it.
+//!
 //! **Invariant**: only a `succeeded` backup is ever offered as a parent or a
 //! restore point, and a backup leaves `running` exactly once (both updates
 //! are guarded by `status = 'running'`), so a late or repeated outcome never
 //! turns a failed backup into a good one.
 
-use stratus_api_types::agent::{BackupDone, BackupPruned};
+use stratus_api_types::agent::{BackupDone, BackupPruned, VolumePruned};
 use stratus_api_types::views::{self, BackupMode, BackupStatus};
 use stratus_common::time::{from_micros, now_micros};
 use stratus_common::{
     BackupId, BackupTargetId, Error, FlavorId, HostId, ImageId, JobId, ProjectId, ResourceKind,
-    VmId,
+    VmId, VolumeId,
 };
 
 use crate::db::{db_error, is_fk_violation, is_unique_violation};
@@ -66,6 +70,74 @@ impl BackupTargetRecord {
     }
 }
 
+const VOLUME_SELECT: &str =
+    "SELECT backup_id, volume_id, volume_name, file, mode, fallback_reason, disk_bytes, \
+     data_bytes, file_bytes, sha256 FROM backup_volumes";
+
+/// One volume's file in a restore point.
+#[derive(Debug, Clone)]
+pub struct BackupVolumeRecord {
+    pub volume_id: VolumeId,
+    pub volume_name: String,
+    /// Absolute path of the file.
+    pub file: String,
+    pub mode: BackupMode,
+    pub fallback_reason: Option<String>,
+    pub disk_bytes: u64,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
+}
+
+impl BackupVolumeRecord {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, Error> {
+        Ok(BackupVolumeRecord {
+            volume_id: r.parse("volume_id")?,
+            volume_name: r.text("volume_name")?,
+            file: r.text("file")?,
+            mode: enum_parse(r, "mode")?,
+            fallback_reason: r.opt_text("fallback_reason")?,
+            disk_bytes: u64_of(r.int("disk_bytes")?),
+            data_bytes: u64_of(r.int("data_bytes")?),
+            file_bytes: u64_of(r.int("file_bytes")?),
+            sha256: r.text("sha256")?,
+        })
+    }
+
+    pub fn into_view(self) -> views::BackupVolume {
+        views::BackupVolume {
+            volume_id: self.volume_id,
+            volume_name: self.volume_name,
+            file: self.file,
+            mode: self.mode,
+            fallback_reason: self.fallback_reason,
+            disk_bytes: self.disk_bytes,
+            data_bytes: self.data_bytes,
+            file_bytes: self.file_bytes,
+            sha256: self.sha256,
+        }
+    }
+}
+
+/// A volume a restore into a new VM creates from a restore point's file.
+#[derive(Debug, Clone)]
+pub struct RestoredVolume {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    /// The backup file its content comes from (absolute).
+    pub file: String,
+}
+
+/// A volume's file merged with the deleted restore point's: its new
+/// figures, and whether it no longer builds on anything (the deleted one
+/// was full).
+#[derive(Debug, Clone)]
+pub struct VolumeMerged {
+    pub pruned: VolumePruned,
+    pub now_full: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct BackupRecord {
     pub id: BackupId,
@@ -96,6 +168,8 @@ pub struct BackupRecord {
     pub verified_at: Option<i64>,
     pub verify_ok: Option<bool>,
     pub verify_problems: Vec<String>,
+    /// The volumes it covers, by volume id (filled by every read).
+    pub volumes: Vec<BackupVolumeRecord>,
 }
 
 impl BackupRecord {
@@ -131,7 +205,13 @@ impl BackupRecord {
                 Some(p) => serde_json::from_str(&p).unwrap_or_default(),
                 None => Vec::new(),
             },
+            volumes: Vec::new(),
         })
+    }
+
+    /// Its file of volume `id`, if it covers that volume.
+    pub fn volume(&self, id: VolumeId) -> Option<&BackupVolumeRecord> {
+        self.volumes.iter().find(|v| v.volume_id == id)
     }
 
     pub fn into_view(self) -> views::Backup {
@@ -161,6 +241,11 @@ impl BackupRecord {
             finished_at: self.finished_at.map(from_micros),
             verified_at: self.verified_at.map(from_micros),
             verify_ok: self.verify_ok,
+            volumes: self
+                .volumes
+                .into_iter()
+                .map(BackupVolumeRecord::into_view)
+                .collect(),
         }
     }
 }
@@ -192,6 +277,45 @@ pub struct BackupListFilter {
 }
 
 impl Datastore {
+    /// Reads the volume rows of each record: one query per 500 records.
+    async fn backup_volumes_fill(&self, recs: &mut [BackupRecord]) -> Result<(), Error> {
+        for chunk in recs.chunks_mut(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "{VOLUME_SELECT} WHERE backup_id IN ({}) ORDER BY volume_id",
+                placeholders.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for rec in chunk.iter() {
+                q = q.bind(rec.id.to_string());
+            }
+            let rows = q
+                .fetch_all(&self.read)
+                .await
+                .map_err(|e| db_error("reading backups' volumes", e))?;
+            for row in &rows {
+                let backup: BackupId = row.parse("backup_id")?;
+                let volume = BackupVolumeRecord::from_row(row)?;
+                if let Some(rec) = chunk.iter_mut().find(|r| r.id == backup) {
+                    rec.volumes.push(volume);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One record read by `row`, with its volumes.
+    async fn backup_filled(
+        &self,
+        row: Option<sqlx::any::AnyRow>,
+    ) -> Result<Option<BackupRecord>, Error> {
+        let Some(row) = row else { return Ok(None) };
+        let mut recs = [BackupRecord::from_row(&row)?];
+        self.backup_volumes_fill(&mut recs).await?;
+        let [rec] = recs;
+        Ok(Some(rec))
+    }
+
     pub async fn backup_target_create(
         &self,
         name: &str,
@@ -332,10 +456,9 @@ impl Datastore {
             .fetch_optional(&self.read)
             .await
             .map_err(|e| db_error("reading a backup", e))?;
-        match row {
-            Some(r) => BackupRecord::from_row(&r),
-            None => Err(Error::not_found(ResourceKind::Backup, id)),
-        }
+        self.backup_filled(row)
+            .await?
+            .ok_or_else(|| Error::not_found(ResourceKind::Backup, id))
     }
 
     /// The backup a job takes.
@@ -345,7 +468,7 @@ impl Datastore {
             .fetch_optional(&self.read)
             .await
             .map_err(|e| db_error("reading a backup", e))?;
-        row.as_ref().map(BackupRecord::from_row).transpose()
+        self.backup_filled(row).await
     }
 
     /// Backups, newest first within the page order of ids (ids grow with
@@ -362,10 +485,13 @@ impl Datastore {
         if let Some(v) = f.vm {
             q.eq("vm_id", v.to_string());
         }
-        q.fetch(&self.read, SELECT, page, BackupRecord::from_row, |b| {
-            b.id.to_string()
-        })
-        .await
+        let mut p = q
+            .fetch(&self.read, SELECT, page, BackupRecord::from_row, |b| {
+                b.id.to_string()
+            })
+            .await?;
+        self.backup_volumes_fill(&mut p.items).await?;
+        Ok(p)
     }
 
     /// The VM's newest restore point (on `target`, when given): the parent
@@ -394,17 +520,29 @@ impl Datastore {
             }
         }
         .map_err(|e| db_error("reading backups", e))?;
-        row.as_ref().map(BackupRecord::from_row).transpose()
+        self.backup_filled(row).await
     }
 
-    /// Makes a running backup a restore point. `false` if it was no longer
-    /// running (it failed meanwhile): the outcome is then not recorded.
+    /// Makes a running backup a restore point, with a row per volume it
+    /// covers, in one transaction. `false` if it was no longer running (it
+    /// failed meanwhile): the outcome is then not recorded. The restore
+    /// point's fallback reason is the disk's, then each volume's that was
+    /// copied in full in an incremental restore point.
     pub async fn backup_succeed(
         &self,
         id: BackupId,
         host: HostId,
         done: &BackupDone,
     ) -> Result<bool, Error> {
+        let ctx = "recording a backup's outcome";
+        let mut reasons: Vec<String> = done.fallback_reason.iter().cloned().collect();
+        reasons.extend(done.volumes.iter().filter_map(|v| {
+            v.fallback_reason
+                .as_ref()
+                .map(|r| format!("volume {}: {r}", v.volume_id))
+        }));
+        let fallback_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
         let r = sqlx::query(
             "UPDATE backups SET status = 'succeeded', mode = $1, fallback_reason = $2, data_bytes = $3, \
              file_bytes = $4, sha256 = $5, host_id = $6, finished_at = $7, \
@@ -412,17 +550,40 @@ impl Datastore {
              WHERE id = $8 AND status = 'running'",
         )
         .bind(enum_str(&done.mode))
-        .bind(done.fallback_reason.clone())
+        .bind(fallback_reason)
         .bind(i64_of(done.data_bytes))
         .bind(i64_of(done.file_bytes))
         .bind(&done.sha256)
         .bind(host.to_string())
         .bind(now_micros())
         .bind(id.to_string())
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
-        .map_err(|e| db_error("recording a backup's outcome", e))?;
-        Ok(r.rows_affected() == 1)
+        .map_err(|e| db_error(ctx, e))?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        for v in &done.volumes {
+            sqlx::query(
+                "INSERT INTO backup_volumes (backup_id, volume_id, volume_name, file, mode, \
+                 fallback_reason, disk_bytes, data_bytes, file_bytes, sha256) VALUES ($1, $2, \
+                 COALESCE((SELECT name FROM volumes WHERE id = $2), $2), $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(id.to_string())
+            .bind(v.volume_id.to_string())
+            .bind(&v.file)
+            .bind(enum_str(&v.mode))
+            .bind(v.fallback_reason.clone())
+            .bind(i64_of(v.disk_bytes))
+            .bind(i64_of(v.data_bytes))
+            .bind(i64_of(v.file_bytes))
+            .bind(&v.sha256)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(true)
     }
 
     /// Marks a running backup failed, or gives a failed one a better reason
@@ -474,7 +635,7 @@ impl Datastore {
         .fetch_optional(&self.read)
         .await
         .map_err(|e| db_error("reading backups", e))?;
-        row.as_ref().map(BackupRecord::from_row).transpose()
+        self.backup_filled(row).await
     }
 
     /// The backups built on `id` (its children in the chain).
@@ -484,7 +645,12 @@ impl Datastore {
             .fetch_all(&self.read)
             .await
             .map_err(|e| db_error("reading backups", e))?;
-        rows.iter().map(BackupRecord::from_row).collect()
+        let mut recs: Vec<BackupRecord> = rows
+            .iter()
+            .map(BackupRecord::from_row)
+            .collect::<Result<_, _>>()?;
+        self.backup_volumes_fill(&mut recs).await?;
+        Ok(recs)
     }
 
     /// Marks a finished backup `deleting`, unless a backup built on it is
@@ -528,6 +694,7 @@ impl Datastore {
         &self,
         id: BackupId,
         child: Option<(BackupId, &BackupPruned)>,
+        child_volumes: &[VolumeMerged],
         new_parent: Option<BackupId>,
     ) -> Result<(), Error> {
         let ctx = "deleting a backup";
@@ -555,13 +722,137 @@ impl Datastore {
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(ctx, e))?;
+            for m in child_volumes {
+                sqlx::query(
+                    "UPDATE backup_volumes SET data_bytes = $1, file_bytes = $2, sha256 = $3, \
+                     mode = CASE WHEN $4 = 1 THEN 'full' ELSE mode END \
+                     WHERE backup_id = $5 AND volume_id = $6",
+                )
+                .bind(i64_of(m.pruned.data_bytes))
+                .bind(i64_of(m.pruned.file_bytes))
+                .bind(&m.pruned.sha256)
+                .bind(i64::from(m.now_full))
+                .bind(child.to_string())
+                .bind(m.pruned.volume_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+            }
         }
+        sqlx::query(
+            "DELETE FROM backup_volumes WHERE backup_id = $1 AND EXISTS (\
+             SELECT 1 FROM backups WHERE id = $1 AND status = 'deleting')",
+        )
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
         sqlx::query("DELETE FROM backups WHERE id = $1 AND status = 'deleting'")
             .bind(id.to_string())
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(ctx, e))?;
         tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(())
+    }
+
+    /// Records the volumes a restore into a new VM creates (`attaching` to
+    /// VM `vm`, not yet on a host, each with the backup file its content
+    /// comes from), all or none; `name_in_use` if a name is taken. Written
+    /// before the VM, so its host never starts it without them.
+    pub async fn backup_restored_volumes_create(
+        &self,
+        project: ProjectId,
+        vm: VmId,
+        volumes: &[RestoredVolume],
+    ) -> Result<(), Error> {
+        let ctx = "recording restored volumes";
+        let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        for v in volumes {
+            sqlx::query(
+                "INSERT INTO volumes (id, project_id, name, size_bytes, image_id, status, host_id, \
+                 vm_id, created_at, updated_at, restore_from) \
+                 VALUES ($1, $2, $3, $4, NULL, 'attaching', NULL, $5, $6, $6, $7)",
+            )
+            .bind(v.id.to_string())
+            .bind(project.to_string())
+            .bind(&v.name)
+            .bind(i64_of(v.size_bytes))
+            .bind(vm.to_string())
+            .bind(now)
+            .bind(&v.file)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    Error::conflict(
+                        "name_in_use",
+                        format!("a volume named {:?} already exists in this project", v.name),
+                    )
+                } else {
+                    db_error(ctx, e)
+                }
+            })?;
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+        Ok(())
+    }
+
+    /// The volumes still to be built from a backup for VM `vm` (its
+    /// host's desired state lists them until its create job attached them).
+    pub async fn backup_restored_volumes_of_vm(
+        &self,
+        vm: VmId,
+    ) -> Result<Vec<RestoredVolume>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, name, size_bytes, restore_from FROM volumes \
+             WHERE vm_id = $1 AND restore_from IS NOT NULL ORDER BY id",
+        )
+        .bind(vm.to_string())
+        .fetch_all(&self.read)
+        .await
+        .map_err(|e| db_error("reading restored volumes", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(RestoredVolume {
+                    id: r.parse("id")?,
+                    name: r.text("name")?,
+                    size_bytes: u64_of(r.int("size_bytes")?),
+                    file: r.text("restore_from")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The create job of VM `vm` completed: its restored volumes are
+    /// attached on `host`, built from their backups once and for all.
+    pub async fn backup_restored_volumes_settle(
+        &self,
+        vm: VmId,
+        host: HostId,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE volumes SET status = 'attached', host_id = $1, restore_from = NULL, \
+             updated_at = $2 WHERE vm_id = $3 AND restore_from IS NOT NULL",
+        )
+        .bind(host.to_string())
+        .bind(now_micros())
+        .bind(vm.to_string())
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("recording restored volumes", e))?;
+        Ok(())
+    }
+
+    /// The create of VM `vm` was taken back (or never written): the volumes
+    /// meant to be restored beside it go too.
+    pub async fn backup_restored_volumes_discard(&self, vm: VmId) -> Result<(), Error> {
+        sqlx::query("DELETE FROM volumes WHERE vm_id = $1 AND restore_from IS NOT NULL")
+            .bind(vm.to_string())
+            .execute(&self.write)
+            .await
+            .map_err(|e| db_error("removing restored volumes", e))?;
         Ok(())
     }
 

@@ -45,7 +45,8 @@ pub use page::{Page, PageRequest};
 
 pub use agents::{HostRequestRecord, NewHost, CONSOLE_KEEP};
 pub use backups::{
-    BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, NewBackup,
+    BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, BackupVolumeRecord,
+    NewBackup, RestoredVolume, VolumeMerged,
 };
 pub use hosts::HostListFilter;
 pub use images::{ImageData, ImageScope};

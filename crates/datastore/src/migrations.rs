@@ -60,6 +60,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "snapshot policies",
         include_str!("../migrations/0013_snapshot_policies.sql"),
     ),
+    (
+        14,
+        "backup volumes",
+        include_str!("../migrations/0014_backup_volumes.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

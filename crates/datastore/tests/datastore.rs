@@ -52,6 +52,8 @@ both_backends!(
     expired_leases_are_adopted_with_their_saga_log,
     project_delete_refuses_while_in_use,
     backups_chain_and_prune,
+    backup_volumes_recorded_and_merged,
+    backup_restored_volumes_lifecycle,
     snapshots_and_volumes,
 );
 
@@ -896,7 +898,269 @@ fn done(mode: stratus_api_types::views::BackupMode) -> stratus_api_types::agent:
         disk_bytes: 1 << 30,
         sha256: "ab".into(),
         duration_ms: 1,
+        volumes: vec![],
     }
+}
+
+fn volume_done(
+    volume_id: uuid::Uuid,
+    mode: stratus_api_types::views::BackupMode,
+    reason: Option<&str>,
+) -> stratus_api_types::agent::VolumeBackupDone {
+    stratus_api_types::agent::VolumeBackupDone {
+        volume_id,
+        file: format!("/b/x.vol-{volume_id}.qcow2"),
+        mode,
+        fallback_reason: reason.map(str::to_string),
+        data_bytes: 5,
+        file_bytes: 6,
+        disk_bytes: 16 << 20,
+        sha256: format!("sha-{volume_id}"),
+    }
+}
+
+/// A host in the store (settled volumes name it).
+async fn enrolled_host(ds: &Datastore) -> stratus_common::HostId {
+    let admin = ds
+        .token_create(NewToken {
+            name: "admin",
+            role: Role::Admin,
+            project_id: None,
+            token_hash: &format!("hash-{}", uuid::Uuid::new_v4()),
+            prefix: "x",
+            expires_at: None,
+        })
+        .await
+        .expect("token");
+    let hash = format!("enroll-{}", uuid::Uuid::new_v4());
+    ds.enrollment_token_create(&hash, admin.id, i64::MAX / 2, 10)
+        .await
+        .expect("enrollment token");
+    let facts = stratus_api_types::agent::HostFacts {
+        cpus: 16,
+        memory_bytes: 64 << 30,
+        disk_bytes: 1 << 40,
+        qemu_version: None,
+        accel: None,
+        driver: "sim".into(),
+        migration_tls: false,
+    };
+    ds.host_enroll(
+        &hash,
+        &NewHost {
+            name: "h1",
+            zone: "z",
+            cluster: "default",
+            address: "127.0.0.1",
+            facts: &facts,
+            tags: &[],
+            credential_hash: &format!("cred-{}", uuid::Uuid::new_v4()),
+        },
+    )
+    .await
+    .expect("enroll")
+    .id
+}
+
+/// Volumes restored beside a new VM: recorded all or none before it (a
+/// taken name refuses them all), listed for its host until its create
+/// settles them as attached, or discarded with a create taken back.
+async fn backup_restored_volumes_lifecycle(ds: &Datastore) {
+    use stratus_api_types::views::VolumeStatus;
+    use stratus_datastore::RestoredVolume;
+    let fx = fixture(ds).await;
+    let vm = settled_vm(ds, &fx, "web").await;
+    ds.volume_create(fx.project, "r-taken", 1 << 20, None)
+        .await
+        .expect("volume");
+    let rv = |name: &str| RestoredVolume {
+        id: stratus_common::VolumeId::new(),
+        name: name.into(),
+        size_bytes: 16 << 20,
+        file: format!("/b/x.vol-{name}.qcow2"),
+    };
+    let err = ds
+        .backup_restored_volumes_create(fx.project, vm, &[rv("r-ok"), rv("r-taken")])
+        .await
+        .expect_err("name taken");
+    assert_eq!(err.error_code(), "name_in_use");
+    assert!(ds
+        .backup_restored_volumes_of_vm(vm)
+        .await
+        .expect("none")
+        .is_empty());
+    let (a, b) = (rv("r-a"), rv("r-b"));
+    ds.backup_restored_volumes_create(fx.project, vm, &[a.clone(), b.clone()])
+        .await
+        .expect("create");
+    let listed = ds.backup_restored_volumes_of_vm(vm).await.expect("listed");
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|v| v.id == a.id && v.file == a.file));
+    assert_eq!(
+        ds.volume_get(a.id).await.expect("a").status,
+        VolumeStatus::Attaching
+    );
+    let host = enrolled_host(ds).await;
+    ds.backup_restored_volumes_settle(vm, host)
+        .await
+        .expect("settle");
+    assert!(ds
+        .backup_restored_volumes_of_vm(vm)
+        .await
+        .expect("settled")
+        .is_empty());
+    let got = ds.volume_get(a.id).await.expect("a");
+    assert_eq!(
+        (got.status, got.vm_id, got.host_id),
+        (VolumeStatus::Attached, Some(vm), Some(host))
+    );
+    // A discard takes only volumes still waiting to be built.
+    let c = rv("r-c");
+    ds.backup_restored_volumes_create(fx.project, vm, std::slice::from_ref(&c))
+        .await
+        .expect("create c");
+    ds.backup_restored_volumes_discard(vm)
+        .await
+        .expect("discard");
+    assert_eq!(
+        ds.volume_get(c.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+    assert!(ds.volume_get(b.id).await.is_ok(), "settled volumes stay");
+}
+
+/// A restore point's volumes: recorded with its success (named as the
+/// volume was then, or by id when the store has no such volume), listed,
+/// each volume's fallback reason in the restore point's; merged into the
+/// child's rows on delete, and gone with the deleted restore point.
+async fn backup_volumes_recorded_and_merged(ds: &Datastore) {
+    use stratus_api_types::views::BackupMode;
+    let fx = fixture(ds).await;
+    let vm = settled_vm(ds, &fx, "web").await;
+    let host = stratus_common::HostId::new();
+    let t = ds.backup_target_create("t", "/b").await.expect("target");
+    let data = ds
+        .volume_create(fx.project, "data", 16 << 20, None)
+        .await
+        .expect("volume");
+    let unknown = uuid::Uuid::new_v4();
+
+    let b1 = new_backup(&fx, vm, t.id, None);
+    let (_, job) = ds
+        .backup_begin(&b1, &new_job(&fx, "vm_backup", vm))
+        .await
+        .expect("begin");
+    let mut d1 = done(BackupMode::Full);
+    d1.volumes = vec![
+        volume_done(data.id.as_uuid(), BackupMode::Full, None),
+        volume_done(unknown, BackupMode::Full, None),
+    ];
+    assert!(ds.backup_succeed(b1.id, host, &d1).await.expect("ok"));
+    finish(ds, job.id, vm).await;
+    let r1 = ds.backup_get(b1.id).await.expect("get");
+    assert_eq!(r1.volumes.len(), 2);
+    let v = r1.volume(data.id).expect("data volume");
+    assert_eq!(
+        (v.volume_name.as_str(), v.mode, v.data_bytes, v.file_bytes),
+        ("data", BackupMode::Full, 5, 6)
+    );
+    assert_eq!(
+        r1.volume(stratus_common::VolumeId(unknown))
+            .expect("unknown")
+            .volume_name,
+        unknown.to_string()
+    );
+    // A second outcome of the same backup records no second set of rows.
+    assert!(!ds.backup_succeed(b1.id, host, &d1).await.expect("again"));
+    assert_eq!(ds.backup_get(b1.id).await.expect("get").volumes.len(), 2);
+
+    // The next: data incremental; a newly attached volume full, and why.
+    let b2 = new_backup(&fx, vm, t.id, Some(b1.id));
+    let (_, job) = ds
+        .backup_begin(&b2, &new_job(&fx, "vm_backup", vm))
+        .await
+        .expect("begin 2");
+    let newer = uuid::Uuid::new_v4();
+    let mut d2 = done(BackupMode::Incremental);
+    d2.volumes = vec![
+        volume_done(data.id.as_uuid(), BackupMode::Incremental, None),
+        volume_done(newer, BackupMode::Full, Some("attached since")),
+    ];
+    assert!(ds.backup_succeed(b2.id, host, &d2).await.expect("ok 2"));
+    finish(ds, job.id, vm).await;
+    let r2 = ds.backup_get(b2.id).await.expect("get 2");
+    assert_eq!(r2.mode, Some(BackupMode::Incremental));
+    assert_eq!(
+        r2.fallback_reason,
+        Some(format!("volume {newer}: attached since"))
+    );
+    let listed = ds
+        .backup_list(
+            &stratus_datastore::BackupListFilter {
+                project: None,
+                vm: Some(vm),
+            },
+            &page(),
+        )
+        .await
+        .expect("list");
+    assert_eq!(
+        listed
+            .items
+            .iter()
+            .map(|b| b.volumes.len())
+            .collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    let view = r2.clone().into_view();
+    assert_eq!(view.volumes.len(), 2);
+
+    // Deleting b1 merges its data file into b2's, which stands alone now;
+    // b1's rows go with it, b2's other volume is untouched.
+    ds.backup_delete_begin(b1.id).await.expect("delete begin");
+    let pruned = stratus_api_types::agent::BackupPruned {
+        data_bytes: 30,
+        file_bytes: 40,
+        sha256: "cd".into(),
+    };
+    let merged = stratus_datastore::VolumeMerged {
+        pruned: stratus_api_types::agent::VolumePruned {
+            volume_id: data.id.as_uuid(),
+            data_bytes: 50,
+            file_bytes: 60,
+            sha256: "ef".into(),
+        },
+        now_full: true,
+    };
+    ds.backup_delete_finish(b1.id, Some((b2.id, &pruned)), &[merged], None)
+        .await
+        .expect("delete finish");
+    let r2 = ds.backup_get(b2.id).await.expect("child");
+    let v = r2.volume(data.id).expect("data");
+    assert_eq!(
+        (v.mode, v.data_bytes, v.file_bytes, v.sha256.as_str()),
+        (BackupMode::Full, 50, 60, "ef")
+    );
+    let other = r2.volume(stratus_common::VolumeId(newer)).expect("newer");
+    assert_eq!(
+        (other.data_bytes, other.sha256.clone()),
+        (5, format!("sha-{newer}"))
+    );
+    assert_eq!(
+        ds.backup_get(b1.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+    // Deleting the volume leaves the restore point's record of it.
+    ds.volume_delete(data.id).await.expect("volume delete");
+    assert_eq!(
+        ds.backup_get(b2.id)
+            .await
+            .expect("still")
+            .volume(data.id)
+            .expect("kept")
+            .volume_name,
+        "data"
+    );
 }
 
 /// Backups: one job per VM at a time, only succeeded ones are parents, a
@@ -988,7 +1252,7 @@ async fn backups_chain_and_prune(ds: &Datastore) {
         file_bytes: 40,
         sha256: "cd".into(),
     };
-    ds.backup_delete_finish(b1.id, Some((b2.id, &pruned)), None)
+    ds.backup_delete_finish(b1.id, Some((b2.id, &pruned)), &[], None)
         .await
         .expect("delete finish");
     let now = ds.backup_get(b2.id).await.expect("child");

@@ -27,8 +27,26 @@
 //!                             since full)               since inc1)
 //! ```
 //! Restoring a restore point reads its file through the chain.
+//!
+//! # Every disk of the VM, at one moment
+//!
+//! A restore point covers the VM's own disk and every data volume attached
+//! when it is taken: each disk's copy starts in the same QMP `transaction`
+//! (with the guest's file systems frozen through its agent when it
+//! answers), so the disks are consistent with each other. Each disk keeps
+//! its own bitmap per restore point (same name, in its own qcow2) and its
+//! own chain of files on the target, so each is incremental on its own: a
+//! volume the parent restore point did not cover (attached since), or
+//! whose bitmap is missing or inconsistent, is copied in full while the
+//! others stay incremental ([`VolumeBackupOutcome::fallback_reason`]).
+//!
+//! ```text
+//!  <id1>.qcow2 ◄── <id2>.qcow2 ◄── <id3>.qcow2                      the VM's disk
+//!  <id1>.vol-V.qcow2 ◄── <id2>.vol-V.qcow2 ◄── <id3>.vol-V.qcow2   volume V
+//!                        <id2>.vol-W.qcow2 ◄── <id3>.vol-W.qcow2   volume W (attached after id1: full in id2)
+//! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +65,32 @@ pub struct BackupRequest {
     pub target: PathBuf,
     /// The restore point this one is incremental to; `None` for a full backup.
     pub parent: Option<BackupParent>,
+    /// The files the parent restore point holds of the volumes it covered:
+    /// a volume attached now is incremental to its file here (bitmap
+    /// [`bitmap_name`]`(parent.backup_id)` in the volume), full when it has
+    /// none. Ignored without `parent`. Every volume attached when the
+    /// backup starts is backed up, into [`volume_backup_file`]`(target, id)`.
+    #[serde(default)]
+    pub volume_parents: Vec<VolumeBackupParent>,
+}
+
+/// A volume's file in the parent restore point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeBackupParent {
+    pub volume_id: uuid::Uuid,
+    pub file: PathBuf,
+}
+
+/// The file a volume's backup goes to, beside the VM disk's file
+/// `DIR/<backup-id>.qcow2`: `DIR/<backup-id>.vol-<volume-id>.qcow2`. One
+/// name per (restore point, volume), so a retried backup finds its own
+/// files and a volume's chain is readable off the directory.
+pub fn volume_backup_file(disk_file: &Path, volume_id: uuid::Uuid) -> PathBuf {
+    let stem = disk_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    disk_file.with_file_name(format!("{stem}.vol-{volume_id}.qcow2"))
 }
 
 /// The previous restore point of an incremental backup.
@@ -81,6 +125,36 @@ pub struct BackupOutcome {
     pub disk_bytes: u64,
     /// SHA-256 of the file, hex.
     pub sha256: String,
+    /// Each data volume attached when the backup was taken, in attachment
+    /// order. Empty for a VM without volumes (and from older agents).
+    #[serde(default)]
+    pub volumes: Vec<VolumeBackupOutcome>,
+}
+
+/// What a finished backup holds of one volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeBackupOutcome {
+    pub volume_id: uuid::Uuid,
+    /// Its file ([`volume_backup_file`]).
+    pub file: PathBuf,
+    pub mode: BackupMode,
+    /// Why this volume was copied in full although the backup is
+    /// incremental (no file in the parent restore point, bitmap missing or
+    /// inconsistent).
+    pub fallback_reason: Option<String>,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    /// The volume's guest-visible size.
+    pub disk_bytes: u64,
+    pub sha256: String,
+}
+
+/// A volume to rewrite from its file in a restore point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRestore {
+    pub volume_id: uuid::Uuid,
+    /// The volume's backup file (absolute; read through its chain).
+    pub file: PathBuf,
 }
 
 /// Progress of a running backup, as QEMU's block job reports it.

@@ -15,7 +15,7 @@ use crate::{
 };
 use crate::{DiskExport, ExportRequest, ImportOutcome};
 use crate::{IncomingReady, IncomingRequest, MigrateOutcome, MigrateProgressFn, MigrateRequest};
-use crate::{VolumeInfo, VolumeSpec};
+use crate::{VolumeInfo, VolumeRestore, VolumeSpec};
 
 /// Runs VMs on one host. Object-safe: the agent holds an `Arc<dyn Driver>`.
 ///
@@ -79,10 +79,11 @@ pub trait Driver: Send + Sync {
         timeout: Duration,
     ) -> Result<ExecOutput, DriverError>;
 
-    /// Backs up the disk of the running VM `id` (see [`crate::backup`]),
-    /// calling `progress` as the copy advances. A VM that is not running is
+    /// Backs up the disk of the running VM `id` and every data volume
+    /// attached to it, at one moment (see [`crate::backup`]), calling
+    /// `progress` as the copy advances. A VM that is not running is
     /// [`DriverError::InvalidState`]; a VM that stops during the backup fails
-    /// it, and nothing partial is left at `req.target`.
+    /// it, and nothing partial is left at `req.target` or the volumes' files.
     async fn vm_backup(
         &self,
         id: VmId,
@@ -95,9 +96,28 @@ pub trait Driver: Send + Sync {
     async fn backup_verify(&self, file: &Path) -> Result<BackupCheck, DriverError>;
 
     /// Replaces the disk of the stopped VM `id` with the content of the
-    /// backup `file` (read through its chain). Change tracking starts afresh:
-    /// the next backup is a full one.
-    async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError>;
+    /// backup `file` (read through its chain), and each volume in `volumes`
+    /// (which must be attached to the VM, without snapshot layers) with its
+    /// file. Every new file is written before any replaces a disk, so a
+    /// failure while copying leaves every disk as it was. Change tracking
+    /// starts afresh: the next backup is a full one.
+    async fn vm_restore(
+        &self,
+        id: VmId,
+        file: &Path,
+        volumes: &[VolumeRestore],
+    ) -> Result<(), DriverError>;
+
+    /// Makes volume `volume_id` (`size_bytes` large, or its backup's size if
+    /// larger) hold the content of the backup `file`: created when it does
+    /// not exist (a volume restored beside a new VM), rewritten when it
+    /// exists and is attached to no VM. The volume can then be attached.
+    async fn volume_restore(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        file: &Path,
+    ) -> Result<VolumeInfo, DriverError>;
 
     /// Deletes the backup `file`, first merging its data into `child` (the
     /// restore point built on it) so the child stays whole; returns the

@@ -56,8 +56,9 @@ pub mod status;
 pub mod volume;
 
 pub use backup::{
-    bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
-    BackupRequest, ProgressFn, PruneChild, Pruned,
+    bitmap_name, volume_backup_file, BackupCheck, BackupMode, BackupOutcome, BackupParent,
+    BackupProgress, BackupRequest, ProgressFn, PruneChild, Pruned, VolumeBackupOutcome,
+    VolumeBackupParent, VolumeRestore,
 };
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};

@@ -24,6 +24,9 @@
 //! backup. A full backup "holds" the whole disk (`data_bytes` is the spec's
 //! disk size), an incremental one nothing (0); the checksum is that of a
 //! description of the backup, so it is stable and distinct per backup.
+//! Every attached volume is backed up with the disk under the same rules,
+//! with its own bitmaps (a volume the parent restore point does not cover
+//! is full, and says so), into [`crate::volume_backup_file`].
 //!
 //! Snapshots are records in the VM's row with the QEMU driver's rules: names
 //! unique per VM, at most [`crate::MAX_SNAPSHOTS`], revert only while
@@ -185,6 +188,8 @@ struct SimVolume {
     spec: VolumeSpec,
     size_bytes: u64,
     attached_to: Option<VmId>,
+    /// Its change-tracking bitmaps (name → inconsistent), as a VM's.
+    bitmaps: HashMap<String, bool>,
 }
 
 impl SimVolume {
@@ -230,6 +235,13 @@ impl SimDriver {
             }
             for inconsistent in vm.bitmaps.values_mut() {
                 *inconsistent = true;
+            }
+            for volume in self.lock_volumes().values_mut() {
+                if volume.attached_to == Some(id) {
+                    for inconsistent in volume.bitmaps.values_mut() {
+                        *inconsistent = true;
+                    }
+                }
             }
             Ok(Some(VmRuntimeState::Crashed {
                 reason: "simulated crash (injected)".into(),
@@ -517,33 +529,51 @@ impl Driver for SimDriver {
                     state: vm.state.to_string(),
                 });
             }
-            let (mode, fallback_reason) = match &req.parent {
-                None => (BackupMode::Full, None),
-                Some(parent) => match vm.bitmaps.get(&bitmap_name(parent.backup_id)) {
-                    None => (
-                        BackupMode::Full,
-                        Some(format!(
-                            "the change-tracking bitmap of backup {} is missing (the disk was \
-                             restored, replaced or reverted to a snapshot, or QEMU ended \
-                             without storing it)",
-                            parent.backup_id
-                        )),
-                    ),
-                    Some(true) => (
-                        BackupMode::Full,
-                        Some(format!(
-                            "the change-tracking bitmap of backup {} is inconsistent (QEMU did \
-                             not close the disk cleanly)",
-                            parent.backup_id
-                        )),
-                    ),
-                    Some(false) => (BackupMode::Incremental, None),
-                },
-            };
+            let (mode, fallback_reason) = sim_backup_mode(req.parent.as_ref(), &vm.bitmaps);
             // As in QEMU: only the new bitmap remains (the parent's is
             // replaced, strays are removed).
             vm.bitmaps.clear();
             vm.bitmaps.insert(bitmap_name(req.backup_id), false);
+            // Every attached volume, each incremental on its own.
+            let mut attached: Vec<(&uuid::Uuid, &mut SimVolume)> = Vec::new();
+            let mut all = self.lock_volumes();
+            attached.extend(all.iter_mut().filter(|(_, v)| v.attached_to == Some(id)));
+            attached.sort_by_key(|(v, _)| **v);
+            let mut volumes = Vec::new();
+            for (volume_id, volume) in attached {
+                let in_parent = req.volume_parents.iter().any(|p| p.volume_id == *volume_id);
+                let (mode, fallback_reason) = match &req.parent {
+                    Some(_) if !in_parent => (
+                        BackupMode::Full,
+                        Some(format!(
+                            "volume {volume_id} has no file in the parent restore point (attached since)"
+                        )),
+                    ),
+                    parent => sim_backup_mode(parent.as_ref(), &volume.bitmaps),
+                };
+                volume.bitmaps.clear();
+                volume.bitmaps.insert(bitmap_name(req.backup_id), false);
+                let data_bytes = match mode {
+                    BackupMode::Full => volume.size_bytes,
+                    BackupMode::Incremental => 0,
+                };
+                let file = crate::volume_backup_file(&req.target, *volume_id);
+                let description = format!(
+                    "stratus-sim backup {} of volume {volume_id} ({mode:?}, {data_bytes} bytes) at {}",
+                    req.backup_id,
+                    file.display()
+                );
+                volumes.push(crate::VolumeBackupOutcome {
+                    volume_id: *volume_id,
+                    file,
+                    mode,
+                    fallback_reason,
+                    data_bytes,
+                    file_bytes: data_bytes,
+                    disk_bytes: volume.size_bytes,
+                    sha256: format!("{:x}", Sha256::digest(description.as_bytes())),
+                });
+            }
             let data_bytes = match mode {
                 BackupMode::Full => vm.spec.disk_bytes,
                 BackupMode::Incremental => 0,
@@ -560,16 +590,19 @@ impl Driver for SimDriver {
                 file_bytes: data_bytes,
                 disk_bytes: vm.spec.disk_bytes,
                 sha256: format!("{:x}", Sha256::digest(description.as_bytes())),
+                volumes,
             }
         };
         progress(BackupProgress {
             done_bytes: outcome.data_bytes,
             total_bytes: outcome.data_bytes,
         });
-        self.backups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(req.target.clone(), outcome.sha256.clone());
+        let mut backups = self.backups.lock().unwrap_or_else(|e| e.into_inner());
+        backups.insert(req.target.clone(), outcome.sha256.clone());
+        for v in &outcome.volumes {
+            backups.insert(v.file.clone(), v.sha256.clone());
+        }
+        drop(backups);
         Ok(outcome)
     }
 
@@ -593,7 +626,12 @@ impl Driver for SimDriver {
         }
     }
 
-    async fn vm_restore(&self, id: VmId, _file: &Path) -> Result<(), DriverError> {
+    async fn vm_restore(
+        &self,
+        id: VmId,
+        _file: &Path,
+        restores: &[crate::VolumeRestore],
+    ) -> Result<(), DriverError> {
         self.delay().await;
         let mut vms = self.lock();
         let vm = vms.get_mut(&id).ok_or(DriverError::NotFound(id))?;
@@ -604,9 +642,60 @@ impl Driver for SimDriver {
                 state: vm.state.to_string(),
             });
         }
-        // A new disk: no change tracking until the next (full) backup.
+        let mut volumes = self.lock_volumes();
+        if let Some(r) = restores
+            .iter()
+            .find(|r| volumes.get(&r.volume_id).and_then(|v| v.attached_to) != Some(id))
+        {
+            return Err(DriverError::Conflict {
+                id,
+                difference: format!(
+                    "volume {} is in the backup but no longer attached to the VM; attach it \
+                     again, or restore the backup into a new VM",
+                    r.volume_id
+                ),
+            });
+        }
+        // New disks: no change tracking until the next (full) backup.
         vm.bitmaps.clear();
+        for r in restores {
+            if let Some(v) = volumes.get_mut(&r.volume_id) {
+                v.bitmaps.clear();
+            }
+        }
         Ok(())
+    }
+
+    async fn volume_restore(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        _file: &Path,
+    ) -> Result<VolumeInfo, DriverError> {
+        self.delay().await;
+        let spec = VolumeSpec {
+            volume_id,
+            size_bytes,
+            image: None,
+            image_format: None,
+        };
+        spec.validate()?;
+        let mut volumes = self.lock_volumes();
+        if let Some(vm) = volumes.get(&volume_id).and_then(|v| v.attached_to) {
+            return Err(DriverError::VolumeConflict {
+                id: volume_id,
+                reason: format!("it is attached to VM {vm}; restore it in place with that VM"),
+            });
+        }
+        let volume = SimVolume {
+            spec,
+            size_bytes,
+            attached_to: None,
+            bitmaps: HashMap::new(),
+        };
+        let info = volume.info();
+        volumes.insert(volume_id, volume);
+        Ok(info)
     }
 
     /// The simulated merge: the child gets a new checksum (its content is
@@ -749,6 +838,7 @@ impl Driver for SimDriver {
             spec: spec.clone(),
             size_bytes: spec.size_bytes,
             attached_to: None,
+            bitmaps: HashMap::new(),
         };
         let info = volume.info();
         volumes.insert(spec.volume_id, volume);
@@ -1370,6 +1460,37 @@ impl SimDriver {
     }
 }
 
+/// Full or incremental for one simulated disk, and why an incremental fell
+/// back: the QEMU driver's rules over the disk's bitmaps.
+fn sim_backup_mode(
+    parent: Option<&crate::BackupParent>,
+    bitmaps: &HashMap<String, bool>,
+) -> (BackupMode, Option<String>) {
+    let Some(parent) = parent else {
+        return (BackupMode::Full, None);
+    };
+    match bitmaps.get(&bitmap_name(parent.backup_id)) {
+        None => (
+            BackupMode::Full,
+            Some(format!(
+                "the change-tracking bitmap of backup {} is missing (the disk was \
+                 restored, replaced or reverted to a snapshot, or QEMU ended \
+                 without storing it)",
+                parent.backup_id
+            )),
+        ),
+        Some(true) => (
+            BackupMode::Full,
+            Some(format!(
+                "the change-tracking bitmap of backup {} is inconsistent (QEMU did \
+                 not close the disk cleanly)",
+                parent.backup_id
+            )),
+        ),
+        Some(false) => (BackupMode::Incremental, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1575,6 +1696,7 @@ mod tests {
     fn backup_req(dir: &str, parent: Option<&BackupRequest>) -> BackupRequest {
         BackupRequest {
             backup_id: uuid::Uuid::new_v4(),
+            volume_parents: Vec::new(),
             target: PathBuf::from(format!("/backups/{dir}/{}.qcow2", uuid::Uuid::new_v4())),
             parent: parent.map(|p| crate::BackupParent {
                 backup_id: p.backup_id,
@@ -1948,11 +2070,11 @@ mod tests {
 
         // Restore needs a stopped VM and starts change tracking afresh.
         assert!(matches!(
-            d.vm_restore(s.id, &inc.target).await,
+            d.vm_restore(s.id, &inc.target, &[]).await,
             Err(DriverError::InvalidState { .. })
         ));
         d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
-        d.vm_restore(s.id, &inc.target).await.expect("restore");
+        d.vm_restore(s.id, &inc.target, &[]).await.expect("restore");
         d.vm_start(s.id).await.expect("start");
         let after_restore = backup_req("a", Some(&next));
         let r = d
@@ -1961,6 +2083,111 @@ mod tests {
             .expect("backup");
         assert_eq!(r.mode, BackupMode::Full);
         assert!(r.fallback_reason.expect("reason").contains("is missing"));
+    }
+
+    /// Attached volumes are backed up with the disk, each incremental on
+    /// its own: one attached since the parent is full and says why, a crash
+    /// loses every disk's tracking, a restore in place needs the volume
+    /// attached, and a volume can be built from a backup beside a new VM.
+    #[tokio::test]
+    async fn volumes_are_backed_up_like_the_disk() {
+        let d = sim();
+        let s = spec();
+        let quiet = |_: BackupProgress| {};
+        d.vm_create(&s).await.expect("create");
+        let v = crate::volume::tests::blank(1 << 20);
+        d.volume_create(&v).await.expect("volume");
+        d.vm_volume_attach(s.id, v.volume_id).await.expect("attach");
+        d.vm_start(s.id).await.expect("start");
+        let full = backup_req("v", None);
+        let f = d.vm_backup(s.id, &full, &quiet).await.expect("full");
+        assert_eq!(f.volumes.len(), 1);
+        assert_eq!(f.volumes[0].mode, BackupMode::Full);
+        assert_eq!(
+            f.volumes[0].file,
+            crate::volume_backup_file(&full.target, v.volume_id)
+        );
+        let w = crate::volume::tests::blank(1 << 20);
+        d.volume_create(&w).await.expect("volume w");
+        d.vm_volume_attach(s.id, w.volume_id)
+            .await
+            .expect("attach w");
+        let mut inc = backup_req("v", Some(&full));
+        inc.volume_parents = f
+            .volumes
+            .iter()
+            .map(|x| crate::VolumeBackupParent {
+                volume_id: x.volume_id,
+                file: x.file.clone(),
+            })
+            .collect();
+        let i = d.vm_backup(s.id, &inc, &quiet).await.expect("inc");
+        assert_eq!(i.mode, BackupMode::Incremental);
+        let of = |id: uuid::Uuid| {
+            i.volumes
+                .iter()
+                .find(|x| x.volume_id == id)
+                .expect("volume backed up")
+                .clone()
+        };
+        assert_eq!(of(v.volume_id).mode, BackupMode::Incremental);
+        let newer = of(w.volume_id);
+        assert_eq!(newer.mode, BackupMode::Full);
+        assert!(newer
+            .fallback_reason
+            .expect("reason")
+            .contains("no file in the parent restore point"));
+        let check = d.backup_verify(&newer.file).await.expect("verify");
+        assert_eq!(check.sha256, newer.sha256);
+
+        // A crash: every disk's bitmaps are inconsistent.
+        d.crash(s.id).expect("crash");
+        d.vm_start(s.id).await.expect("start");
+        let mut after = backup_req("v", Some(&inc));
+        after.volume_parents = i
+            .volumes
+            .iter()
+            .map(|x| crate::VolumeBackupParent {
+                volume_id: x.volume_id,
+                file: x.file.clone(),
+            })
+            .collect();
+        let a = d.vm_backup(s.id, &after, &quiet).await.expect("after");
+        assert!(a.volumes.iter().all(|x| x.mode == BackupMode::Full
+            && x.fallback_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("inconsistent"))));
+
+        // In place: only volumes still attached.
+        d.vm_stop(s.id, Duration::ZERO).await.expect("stop");
+        let gone = crate::VolumeRestore {
+            volume_id: uuid::Uuid::new_v4(),
+            file: newer.file.clone(),
+        };
+        assert!(matches!(
+            d.vm_restore(s.id, &inc.target, std::slice::from_ref(&gone))
+                .await,
+            Err(DriverError::Conflict { .. })
+        ));
+        let back = crate::VolumeRestore {
+            volume_id: v.volume_id,
+            file: of(v.volume_id).file,
+        };
+        d.vm_restore(s.id, &inc.target, &[back])
+            .await
+            .expect("restore");
+
+        // Beside a new VM: built, then attachable; an attached one is refused.
+        let fresh = uuid::Uuid::new_v4();
+        let info = d
+            .volume_restore(fresh, 1 << 20, &newer.file)
+            .await
+            .expect("volume restore");
+        assert_eq!((info.size_bytes, info.attached_to), (1 << 20, None));
+        assert!(matches!(
+            d.volume_restore(v.volume_id, 1 << 20, &newer.file).await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
     }
 
     #[tokio::test]

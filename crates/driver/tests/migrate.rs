@@ -153,6 +153,7 @@ async fn real_qemu_live_migration_with_a_mirrored_disk_keeps_the_guest_running()
     std::fs::create_dir_all(&backups).expect("mkdir");
     let full = BackupRequest {
         backup_id: uuid::Uuid::new_v4(),
+        volume_parents: Vec::new(),
         target: backups.join("full.qcow2"),
         parent: None,
     };
@@ -263,6 +264,7 @@ async fn real_qemu_live_migration_with_a_mirrored_disk_keeps_the_guest_running()
     // The backup bitmap came along: the next backup is incremental.
     let inc = BackupRequest {
         backup_id: uuid::Uuid::new_v4(),
+        volume_parents: Vec::new(),
         target: backups.join("inc.qcow2"),
         parent: Some(BackupParent {
             backup_id: full.backup_id,

@@ -234,6 +234,7 @@ async fn real_qemu_incremental_backup_across_a_snapshot() {
     sh(&d, id, "sync").await;
     let full = BackupRequest {
         backup_id: uuid::Uuid::new_v4(),
+        volume_parents: Vec::new(),
         target: backups.join("full.qcow2"),
         parent: None,
     };
@@ -244,6 +245,7 @@ async fn real_qemu_incremental_backup_across_a_snapshot() {
     let sum_y = write_file(&d, id, "y", 2).await;
     let inc = BackupRequest {
         backup_id: uuid::Uuid::new_v4(),
+        volume_parents: Vec::new(),
         target: backups.join("inc.qcow2"),
         parent: Some(BackupParent {
             backup_id: full.backup_id,

@@ -371,7 +371,9 @@ pub(crate) async fn discard_create(
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let vm = match retry_store(|| sc.ds.vm_get(vm_id)).await {
         Ok(vm) => vm,
-        Err(stratus_common::Error::NotFound { .. }) => return Ok(()),
+        Err(stratus_common::Error::NotFound { .. }) => {
+            return discard_restored_volumes(sc, vm_id).await;
+        }
         Err(e) => return Err(anyhow::anyhow!("reading the VM: {e}")),
     };
     if vm.active_job_id != Some(job) {
@@ -409,10 +411,33 @@ pub(crate) async fn discard_create(
             }
         }
     }
+    // Volumes restored beside it: their files go from the host too (the
+    // VM is gone there, so they are detached), best effort.
+    if let Some(host) = vm.host_id {
+        let restored = retry_store(|| sc.ds.backup_restored_volumes_of_vm(vm_id))
+            .await
+            .unwrap_or_default();
+        for v in restored {
+            let request = stratus_api_types::agent::AgentRequestKind::VolumeDelete {
+                volume_id: v.id.as_uuid(),
+            };
+            crate::storage::best_effort_request(sc, host, vm_id, "volume_delete", &request).await;
+        }
+    }
     retry_store(|| sc.ds.vm_discard(vm_id, job))
         .await
         .map_err(|e| anyhow::anyhow!("discarding the VM record: {e}"))?;
-    Ok(())
+    discard_restored_volumes(sc, vm_id).await
+}
+
+/// The volumes a restore meant to build beside the VM go with its record
+/// (`backup restore --as`; none for any other VM). Their files were asked
+/// off the host first; one a host out of reach built stays in its volume
+/// directory, unattached and unrecorded.
+async fn discard_restored_volumes(sc: &SagaContext, vm_id: VmId) -> Result<(), anyhow::Error> {
+    retry_store(|| sc.ds.backup_restored_volumes_discard(vm_id))
+        .await
+        .map_err(|e| anyhow::anyhow!("discarding the restored volumes: {e}"))
 }
 
 /// Waits for the host to build and boot the VM (or leave it stopped when
@@ -443,9 +468,21 @@ async fn create_boot(ctx: Ctx) -> Result<Settled, ActionError> {
             OnCancel::Stop,
         )
         .await?;
+    let host = seen.host_id.unwrap_or(host);
+    // Volumes restored beside it (`backup restore --as`): the host built and
+    // attached them before the VM came up; from now on they are ordinary
+    // attached volumes.
+    let restored = retry_store(|| sc.ds.backup_restored_volumes_of_vm(p.vm_id))
+        .await
+        .map_err(|e| StepError::internal("reading the restored volumes", e))?;
+    if !restored.is_empty() {
+        retry_store(|| sc.ds.backup_restored_volumes_settle(p.vm_id, host))
+            .await
+            .map_err(|e| StepError::internal("recording the restored volumes", e))?;
+    }
     Ok(Settled {
         state: shown(want),
-        host_id: Some(seen.host_id.unwrap_or(host)),
+        host_id: Some(host),
         removed: false,
     })
 }

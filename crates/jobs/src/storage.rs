@@ -9,7 +9,8 @@
 
 use steno::ActionError;
 use stratus_api_types::agent::{
-    AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState, SnapshotTaken, VolumeOnHost,
+    AgentRequestKind, BackupDone, BackupParentRef, ObservedVmState, SnapshotTaken, VolumeFileRef,
+    VolumeOnHost,
 };
 use stratus_api_types::views::{VmState, VolumeStatus};
 use stratus_common::{ByteCount, JobId, SnapshotId, VmId, VolumeId};
@@ -62,17 +63,30 @@ pub(crate) async fn backup_copy(ctx: Ctx) -> Result<BackupDone, ActionError> {
         )
         .into());
     }
-    let parent = match backup.parent_id {
+    // Each volume's file in the parent restore point: a volume attached
+    // now is incremental to it (the host backs up every attached volume).
+    let (parent, volume_parents) = match backup.parent_id {
         Some(id) => {
             let parent = retry_store(|| sc.ds.backup_get(id))
                 .await
                 .map_err(|e| StepError::internal("reading the parent backup", e))?;
-            Some(BackupParentRef {
-                backup_id: id.as_uuid(),
-                file: parent.file,
-            })
+            let volumes = parent
+                .volumes
+                .iter()
+                .map(|v| VolumeFileRef {
+                    volume_id: v.volume_id.as_uuid(),
+                    file: v.file.clone(),
+                })
+                .collect();
+            (
+                Some(BackupParentRef {
+                    backup_id: id.as_uuid(),
+                    file: parent.file,
+                }),
+                volumes,
+            )
         }
-        None => None,
+        None => (None, Vec::new()),
     };
     sc.step(
         p.job_id,
@@ -86,6 +100,7 @@ pub(crate) async fn backup_copy(ctx: Ctx) -> Result<BackupDone, ActionError> {
         backup_id: backup.id.as_uuid(),
         file: backup.file.clone(),
         parent,
+        volume_parents,
     };
     let answer = sc
         .await_request(
@@ -138,20 +153,41 @@ pub(crate) async fn backup_record(ctx: Ctx) -> Result<Settled, ActionError> {
         )
         .into());
     }
+    let data: u64 = done.data_bytes + done.volumes.iter().map(|v| v.data_bytes).sum::<u64>();
+    let file: u64 = done.file_bytes + done.volumes.iter().map(|v| v.file_bytes).sum::<u64>();
+    let volumes = match done.volumes.len() {
+        0 => String::new(),
+        n => format!(" (the disk and {n} volume(s))"),
+    };
+    let full_volumes: Vec<String> = done
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            v.fallback_reason
+                .as_ref()
+                .map(|why| format!("volume {} copied in full: {why}", v.volume_id))
+        })
+        .collect();
     let message = match (&done.mode, &done.fallback_reason) {
         (_, Some(why)) => format!(
-            "full backup of {} taken instead of an incremental one: {why}",
-            ByteCount(done.data_bytes)
+            "full backup of {}{volumes} taken instead of an incremental one: {why}",
+            ByteCount(data)
         ),
-        (mode, None) => format!(
-            "{} backup recorded: {} of data, {} file",
-            serde_json::to_value(mode)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            ByteCount(done.data_bytes),
-            ByteCount(done.file_bytes)
-        ),
+        (mode, None) => {
+            let mut m = format!(
+                "{} backup recorded{volumes}: {} of data, {} of files",
+                serde_json::to_value(mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                ByteCount(data),
+                ByteCount(file)
+            );
+            if !full_volumes.is_empty() {
+                m = format!("{m}; {}", full_volumes.join("; "));
+            }
+            m
+        }
     };
     sc.step(p.job_id, "recorded", 100, &message).await?;
     Ok(Settled {
@@ -212,9 +248,22 @@ pub(crate) async fn restore_disk(ctx: Ctx) -> Result<(), ActionError> {
         ),
     )
     .await?;
+    // The volumes of the restore point, each still attached (checked by
+    // the API, and by the host, which refuses one that is not).
+    let backup = retry_store(|| sc.ds.backup_get(restore.backup_id))
+        .await
+        .map_err(|e| StepError::internal("reading the backup", e))?;
     let request = AgentRequestKind::Restore {
         vm_id: p.vm_id,
         file: restore.file.clone(),
+        volumes: backup
+            .volumes
+            .iter()
+            .map(|v| VolumeFileRef {
+                volume_id: v.volume_id.as_uuid(),
+                file: v.file.clone(),
+            })
+            .collect(),
     };
     sc.await_request(
         HostRequest {
@@ -509,7 +558,7 @@ fn volume_in(params: &crate::kinds::VmJobParams) -> Result<VolumeId, StepError> 
 
 /// Sends a request of its own (not the step's) and waits up to a minute for
 /// it: the clean-up an undo owes, done when the host is there to do it.
-async fn best_effort_request(
+pub(crate) async fn best_effort_request(
     sc: &SagaContext,
     host: stratus_common::HostId,
     vm: VmId,

@@ -246,6 +246,21 @@ pub async fn agent_desired(
             desired_state: vm.desired_state,
             reboot_generation: u64::try_from(vm.reboot_generation).unwrap_or(0),
             generation: u64::try_from(vm.generation).unwrap_or(0),
+            restore_volumes: match &vm.restore_from {
+                // Only a VM restored from a backup can have any.
+                Some(_) => app
+                    .ds
+                    .backup_restored_volumes_of_vm(vm.id)
+                    .await?
+                    .into_iter()
+                    .map(|v| stratus_api_types::agent::RestoreVolume {
+                        volume_id: v.id.as_uuid(),
+                        size_bytes: v.size_bytes,
+                        file: v.file,
+                    })
+                    .collect(),
+                None => Vec::new(),
+            },
             restore_from: vm.restore_from.clone(),
             pool,
             migration: match vm.migration_target {

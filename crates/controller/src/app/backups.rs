@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use stratus_api_types::agent::{AgentRequestKind, BackupChecked, BackupChildRef};
+use stratus_api_types::agent::{
+    AgentRequestKind, BackupChecked, BackupChildRef, VolumeBackupDelete,
+};
 use stratus_api_types::params::{
     BackupCreate, BackupFilter, BackupPolicySet, BackupRestore, BackupTargetCreate, PageParams,
     VmCreate,
@@ -19,6 +21,7 @@ use stratus_common::{BackupId, Error, HostId, ResourceKind, VmId};
 use stratus_datastore::model::VmRecord;
 use stratus_datastore::{
     BackupListFilter, BackupPolicyRecord, BackupRecord, BackupTargetRecord, NewBackup, PageRequest,
+    VolumeMerged,
 };
 use stratus_jobs::kinds::{RestoreParams, VmJobParams};
 use stratus_jobs::JobKind;
@@ -242,6 +245,7 @@ pub async fn backup_verify(
     let host = backup_host(app, &b).await?;
     let request = AgentRequestKind::VerifyBackup {
         file: b.file.clone(),
+        volume_files: b.volumes.iter().map(|v| v.file.clone()).collect(),
     };
     let answer = crate::app::agent::host_request(
         app,
@@ -268,6 +272,29 @@ pub async fn backup_verify(
                 checked.sha256, recorded
             ),
         );
+    }
+    // Every volume file of the restore point, alike.
+    for v in &b.volumes {
+        match checked.volumes.iter().find(|c| c.file == v.file) {
+            Some(c) => {
+                if c.sha256 != v.sha256 {
+                    problems.push(format!(
+                        "volume {:?}: the file {}'s SHA-256 is {}, not the {} recorded when it \
+                         was taken",
+                        v.volume_name, v.file, c.sha256, v.sha256
+                    ));
+                }
+                problems.extend(
+                    c.problems
+                        .iter()
+                        .map(|p| format!("volume {:?}: {p}", v.volume_name)),
+                );
+            }
+            None => problems.push(format!(
+                "volume {:?}: the host did not check its file {}",
+                v.volume_name, v.file
+            )),
+        }
     }
     let ok = problems.is_empty();
     let b = app
@@ -313,7 +340,10 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
     }
     let b = app.ds.backup_delete_begin(b.id).await?;
     if was == BackupStatus::Failed {
-        return app.ds.backup_delete_finish(b.id, None, b.parent_id).await;
+        return app
+            .ds
+            .backup_delete_finish(b.id, None, &[], b.parent_id)
+            .await;
     }
     let outcome = async {
         let children: Vec<BackupRecord> = app
@@ -335,12 +365,14 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
             None => None,
         };
         let host = backup_host(app, &b).await?;
+        let volumes = volume_deletes(&b, child.as_ref(), parent.as_ref());
         let request = AgentRequestKind::DeleteBackup {
             file: b.file.clone(),
             child: child.as_ref().map(|c| BackupChildRef {
                 file: c.file.clone(),
                 new_backing: parent.as_ref().map(|p| p.file.clone()),
             }),
+            volumes: volumes.clone(),
         };
         let answer = crate::app::agent::host_request(
             app,
@@ -360,8 +392,28 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
             }
             (None, _) => None,
         };
+        // Each volume file merged into the child's: its new figures.
+        let pruned = answer.pruned_volumes.unwrap_or_default();
+        let mut child_volumes = Vec::new();
+        for v in volumes.iter().filter(|v| v.child.is_some()) {
+            let figures = pruned
+                .iter()
+                .find(|p| p.volume_id == v.volume_id)
+                .ok_or_else(|| {
+                    Error::internal("the host merged a volume's backup without its figures")
+                })?;
+            child_volumes.push(VolumeMerged {
+                pruned: figures.clone(),
+                now_full: v.child.as_ref().is_some_and(|c| c.new_backing.is_none()),
+            });
+        }
         app.ds
-            .backup_delete_finish(b.id, merged.as_ref().map(|(id, f)| (*id, f)), b.parent_id)
+            .backup_delete_finish(
+                b.id,
+                merged.as_ref().map(|(id, f)| (*id, f)),
+                &child_volumes,
+                b.parent_id,
+            )
             .await
     }
     .await;
@@ -369,6 +421,42 @@ pub(crate) async fn delete_backup(app: &App, b: BackupRecord) -> Result<(), Erro
         app.ds.backup_delete_abort(b.id, was).await?;
     }
     outcome
+}
+
+/// What becomes of each volume file of restore point `b` when it is
+/// deleted. A file the child builds on (the child's file of the same volume
+/// is incremental) is merged into it: the child's file then builds on the
+/// parent's file of that volume if `b`'s was incremental to one, else stands
+/// alone. A file nothing builds on (no child, the volume not in the child, or
+/// the child's copy of it full) is just removed: a volume's file is only
+/// ever the parent of the next restore point's file of that volume.
+fn volume_deletes(
+    b: &BackupRecord,
+    child: Option<&BackupRecord>,
+    parent: Option<&BackupRecord>,
+) -> Vec<VolumeBackupDelete> {
+    b.volumes
+        .iter()
+        .map(|v| {
+            let child_file = child
+                .and_then(|c| c.volume(v.volume_id))
+                .filter(|c| c.mode == BackupMode::Incremental);
+            let new_backing = match v.mode {
+                BackupMode::Incremental => parent
+                    .and_then(|p| p.volume(v.volume_id))
+                    .map(|p| p.file.clone()),
+                BackupMode::Full => None,
+            };
+            VolumeBackupDelete {
+                volume_id: v.volume_id.as_uuid(),
+                file: v.file.clone(),
+                child: child_file.map(|c| BackupChildRef {
+                    file: c.file.clone(),
+                    new_backing,
+                }),
+            }
+        })
+        .collect()
 }
 
 const MIN_EVERY_SECS: u64 = 60;
@@ -483,9 +571,16 @@ pub async fn backup_restore(
                 restart_policy: None,
                 pool: None,
             };
-            let (_, op) =
-                crate::app::vms::vm_create_from(app, actor, create, None, Some(b.file.clone()))
-                    .await?;
+            let volumes = restored_volumes(&b, create.name.as_str())?;
+            let (_, op) = crate::app::vms::vm_create_from(
+                app,
+                actor,
+                create,
+                None,
+                Some(b.file.clone()),
+                &volumes,
+            )
+            .await?;
             Ok(op)
         }
         (None, true) => {
@@ -502,6 +597,38 @@ pub async fn backup_restore(
             "give exactly one of as_vm (a new VM's name) and in_place",
         )),
     }
+}
+
+/// The new volumes a restore into the new VM `vm_name` creates: one per
+/// volume of the restore point, named `<vm_name>-<volume name>`, of the
+/// volume's size, built from its file. A name that is no valid name (too
+/// long) is refused before anything is written.
+fn restored_volumes(
+    b: &BackupRecord,
+    vm_name: &str,
+) -> Result<Vec<stratus_datastore::RestoredVolume>, Error> {
+    b.volumes
+        .iter()
+        .map(|v| {
+            let name = format!("{vm_name}-{}", v.volume_name);
+            let name: stratus_common::Name = name.parse().map_err(|e| {
+                Error::invalid(
+                    "as_vm",
+                    format!(
+                        "the restored volume {:?} would be named {name:?}, which is no valid \
+                         name ({e}); choose a shorter VM name",
+                        v.volume_name
+                    ),
+                )
+            })?;
+            Ok(stratus_datastore::RestoredVolume {
+                id: stratus_common::VolumeId::new(),
+                name: name.as_str().to_string(),
+                size_bytes: v.disk_bytes,
+                file: v.file.clone(),
+            })
+        })
+        .collect()
 }
 
 async fn restore_in_place(
@@ -531,6 +658,26 @@ async fn restore_in_place(
     if vm.host_id.is_none() {
         return Err(Error::not_found(ResourceKind::Host, "of the VM"));
     }
+    // Every volume of the restore point is rewritten with the disk: each
+    // must still be attached to the VM.
+    let attached = app.ds.volumes_of_vm(vm.id).await?;
+    let gone: Vec<String> = b
+        .volumes
+        .iter()
+        .filter(|v| !attached.iter().any(|a| a.id == v.volume_id))
+        .map(|v| format!("{:?} ({})", v.volume_name, v.volume_id))
+        .collect();
+    if !gone.is_empty() {
+        return Err(Error::conflict(
+            "volume_not_attached",
+            format!(
+                "the backup covers volume(s) {} no longer attached to VM {:?}; attach them \
+                 again, or restore the backup into a new VM with --as",
+                gone.join(", "),
+                vm.name
+            ),
+        ));
+    }
     let params = VmJobParams {
         restore: Some(RestoreParams {
             backup_id: b.id,
@@ -548,4 +695,142 @@ async fn restore_in_place(
         vm: vm.into_view(),
         job: job.into_view(vec![]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stratus_common::{BackupTargetId, FlavorId, ImageId, JobId, ProjectId, VolumeId};
+    use stratus_datastore::BackupVolumeRecord;
+
+    fn point(
+        id: BackupId,
+        parent: Option<BackupId>,
+        volumes: &[(VolumeId, BackupMode)],
+    ) -> BackupRecord {
+        BackupRecord {
+            id,
+            project_id: ProjectId::new(),
+            vm_id: VmId::new(),
+            vm_name: "web".into(),
+            target_id: BackupTargetId::new(),
+            parent_id: parent,
+            requested_mode: BackupMode::Incremental,
+            mode: Some(BackupMode::Incremental),
+            fallback_reason: None,
+            status: BackupStatus::Succeeded,
+            error: None,
+            file: format!("/b/{id}.qcow2"),
+            host_id: None,
+            job_id: JobId::new(),
+            image_id: ImageId::new(),
+            flavor_id: FlavorId::new(),
+            vcpus: 1,
+            memory_bytes: 1,
+            disk_bytes: 1,
+            data_bytes: Some(1),
+            file_bytes: Some(1),
+            sha256: Some("x".into()),
+            created_at: 0,
+            finished_at: None,
+            verified_at: None,
+            verify_ok: None,
+            verify_problems: vec![],
+            volumes: volumes
+                .iter()
+                .map(|(v, mode)| BackupVolumeRecord {
+                    volume_id: *v,
+                    volume_name: format!("vol-{v}"),
+                    file: format!("/b/{id}.vol-{v}.qcow2"),
+                    mode: *mode,
+                    fallback_reason: None,
+                    disk_bytes: 1,
+                    data_bytes: 1,
+                    file_bytes: 1,
+                    sha256: "y".into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Each volume file of a deleted restore point: merged into the child's
+    /// file of that volume when the child builds on it (onto the parent's
+    /// file when the deleted one was incremental, else standing alone),
+    /// just removed when nothing builds on it.
+    #[test]
+    fn volume_files_merge_into_the_child_that_builds_on_them() {
+        use BackupMode::{Full, Incremental};
+        let (kept, attached_since, gone_in_child, refilled) = (
+            VolumeId::new(),
+            VolumeId::new(),
+            VolumeId::new(),
+            VolumeId::new(),
+        );
+        let (p, d, c) = (BackupId::new(), BackupId::new(), BackupId::new());
+        let parent = point(
+            p,
+            None,
+            &[(kept, Full), (gone_in_child, Full), (refilled, Full)],
+        );
+        let deleted = point(
+            d,
+            Some(p),
+            &[
+                (kept, Incremental),
+                (attached_since, Full),
+                (gone_in_child, Incremental),
+                (refilled, Incremental),
+            ],
+        );
+        // The child: `refilled` copied in full (its tracking was lost).
+        let child = point(
+            c,
+            Some(d),
+            &[
+                (kept, Incremental),
+                (attached_since, Incremental),
+                (refilled, Full),
+            ],
+        );
+        let plan = volume_deletes(&deleted, Some(&child), Some(&parent));
+        let of = |v: VolumeId| {
+            plan.iter()
+                .find(|x| x.volume_id == v.as_uuid())
+                .expect("every volume file of the deleted point is handled")
+        };
+        assert_eq!(plan.len(), 4);
+        let k = of(kept).child.as_ref().expect("merged");
+        assert_eq!(k.file, format!("/b/{c}.vol-{kept}.qcow2"));
+        assert_eq!(k.new_backing, Some(format!("/b/{p}.vol-{kept}.qcow2")));
+        let a = of(attached_since).child.as_ref().expect("merged");
+        assert_eq!(
+            a.new_backing, None,
+            "the deleted file was full: the child stands alone"
+        );
+        assert!(
+            of(gone_in_child).child.is_none(),
+            "not in the child: removed"
+        );
+        assert!(
+            of(refilled).child.is_none(),
+            "the child's copy is full: removed"
+        );
+        assert_eq!(of(kept).file, format!("/b/{d}.vol-{kept}.qcow2"));
+        // No child: every file just goes.
+        assert!(volume_deletes(&deleted, None, Some(&parent))
+            .iter()
+            .all(|x| x.child.is_none()));
+    }
+
+    #[test]
+    fn restored_volume_names_are_checked_before_anything_is_written() {
+        let v = VolumeId::new();
+        let b = point(BackupId::new(), None, &[(v, BackupMode::Full)]);
+        let made = restored_volumes(&b, "new").expect("names");
+        assert_eq!(made[0].name, format!("new-vol-{v}"));
+        assert_eq!(made[0].file, b.volumes[0].file);
+        let long = "x".repeat(40);
+        let e = restored_volumes(&b, &long).expect_err("too long");
+        assert_eq!(e.error_code(), "invalid_request");
+    }
 }

@@ -88,7 +88,7 @@ pub async fn vm_create(
     p: VmCreate,
     idempotency_key: Option<String>,
 ) -> Result<(bool, VmOperation), Error> {
-    vm_create_from(app, actor, p, idempotency_key, None).await
+    vm_create_from(app, actor, p, idempotency_key, None, &[]).await
 }
 
 /// Creates a VM whose disk starts as `restore_from` (a backup file) when
@@ -99,6 +99,7 @@ pub(crate) async fn vm_create_from(
     p: VmCreate,
     idempotency_key: Option<String>,
     restore_from: Option<String>,
+    restored_volumes: &[stratus_datastore::RestoredVolume],
 ) -> Result<(bool, VmOperation), Error> {
     actor.require_mutate()?;
     check_key(&idempotency_key)?;
@@ -118,11 +119,28 @@ pub(crate) async fn vm_create_from(
     shape.restore_from = restore_from;
     let vm = shape.new_vm(p.name.as_str().to_string());
     let job = shape.create_job(&vm, idempotency_key);
-    let mut done = app
+    // Volumes restored beside it are recorded first, so its host never
+    // starts it without them; a create that fails takes them back.
+    let vm_id = vm.id;
+    if !restored_volumes.is_empty() {
+        app.ds
+            .backup_restored_volumes_create(project, vm_id, restored_volumes)
+            .await?;
+    }
+    let created = app
         .scheduler
         .create_vms(vec![PendingVm { vm, job }], shape.group)
         .await
-        .map_err(|e| redact(actor, e))?;
+        .map_err(|e| redact(actor, e));
+    let mut done = match created {
+        Ok(done) => done,
+        Err(e) => {
+            if !restored_volumes.is_empty() {
+                app.ds.backup_restored_volumes_discard(vm_id).await?;
+            }
+            return Err(e);
+        }
+    };
     let (vm, job) = done
         .pop()
         .ok_or_else(|| Error::internal("the scheduler recorded no VM"))?;

@@ -67,6 +67,8 @@ impl Modify for BearerAuth {
         views::BackupVerification, views::BackupOperation,
         proto::BackupParentRef, proto::BackupDone, proto::BackupChecked, proto::RequestProgress,
         proto::BackupChildRef, proto::BackupPruned, proto::SnapshotTaken, stratus_common::SnapshotId,
+        views::BackupVolume, proto::VolumeFileRef, proto::VolumeBackupDelete, proto::VolumePruned,
+        proto::VolumeBackupDone, proto::VolumeChecked, proto::RestoreVolume,
         proto::VolumeOnHost, stratus_common::VolumeId, views::VolumeStatus, views::Volume,
         views::VolumePage, views::VolumeOperation, params::VolumeCreate, params::VolumeAttach,
         params::VolumeResize,

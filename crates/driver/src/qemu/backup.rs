@@ -3,29 +3,42 @@
 //!
 //! # A backup, step by step
 //!
+//! A backup copies every disk of the VM: its own disk and each volume
+//! attached now (the volumes' locks held while the copies are set up, so no
+//! attach, detach or resize meanwhile). Each disk is handled alike, with a
+//! job (`stratus-backup-<id>`, a volume's suffixed with its serial), a target
+//! node (`stratus-bk-<hash>`) and a file of its own (the disk's
+//! `req.target`, a volume's [`crate::volume_backup_file`]).
+//!
 //! 1. Under the VM's operation lock: clear what an earlier, interrupted attempt
 //!    left in QEMU (block jobs named `stratus-backup-*`, block nodes named
-//!    `stratus-bk-*`) and at the target; find the disk's active layer (after
-//!    a snapshot it is no longer `disk0`, see `snapshot.rs`) and read its
-//!    dirty bitmaps with `query-block`, and the copies of them older layers
-//!    hold with `query-named-block-nodes`; choose full or incremental (and say
-//!    why a requested incremental fell back); for an incremental, merge the
+//!    `stratus-bk-*`) and at the targets; per disk: find its active layer
+//!    (after a snapshot it is no longer the first one, see `snapshot.rs`) and
+//!    read its dirty bitmaps with `query-block`, and the copies of them its
+//!    older layers hold with `query-named-block-nodes` (only its own layers:
+//!    every disk holds bitmaps of the same names); choose full or incremental
+//!    (and say why a requested incremental fell back: for a volume also "no
+//!    file in the parent restore point"); for an incremental, merge the
 //!    older layers' copies of the parent's bitmap into the active layer's
-//!    (see below); remove stray `stratus-backup-*` bitmaps; create
-//!    the target qcow2 with `qemu-img` (an incremental's backing file is the
-//!    parent's file); `blockdev-add` it (without opening its backing chain);
-//!    then one QMP `transaction`: add the new persistent bitmap and start
-//!    `blockdev-backup` (`sync: full`, or `sync: bitmap` over the parent's
-//!    bitmap with `bitmap-mode: never`, so a failed copy leaves the parent's
-//!    bitmap untouched).
+//!    (see below); remove stray `stratus-backup-*` bitmaps; create the
+//!    target qcow2 with `qemu-img` (an incremental's backing file is the
+//!    parent's file of that disk); `blockdev-add` it (without opening its
+//!    backing chain). Then, with the guest's file systems frozen through its
+//!    agent when it answers (as for a snapshot), ONE QMP `transaction`: per
+//!    disk, add the new persistent bitmap and start `blockdev-backup`
+//!    (`sync: full`, or `sync: bitmap` over the parent's bitmap with
+//!    `bitmap-mode: never`, so a failed copy leaves the parent's bitmap
+//!    untouched). So every disk is captured at the same moment, and its new
+//!    bitmap tracks the writes from exactly that moment.
 //! 2. Without the operation lock: poll `query-jobs` every 200 ms, reporting
-//!    progress, until the job concludes.
-//! 3. Under the operation lock again: dismiss the job and `blockdev-del` the
-//!    target; on failure also cancel the job, remove the new bitmap and the
-//!    target file.
-//! 4. Without the lock: fsync the file, measure it (`qemu-img map` of its own
-//!    layer, SHA-256); then remove the parent's bitmap, which the new one
-//!    replaces.
+//!    the progress summed over the jobs, until all have concluded.
+//! 3. Under the operation lock again: dismiss the jobs and `blockdev-del` the
+//!    targets; on any failure (a job's, the VM's end) cancel every job,
+//!    remove every new bitmap and every target file: no disk loses its
+//!    parent's bitmap, none keeps a partial file.
+//! 4. Without the lock: fsync each file, measure it (`qemu-img map` of its
+//!    own layer, SHA-256); then remove each disk's parent bitmap, which the
+//!    new one replaces.
 //!
 //! # Bitmaps across snapshots
 //!
@@ -53,9 +66,19 @@
 //! the new bitmap too; the next backup removes it as a stray.
 //!
 //! A `vm_backup` future that is dropped mid-copy (agent shutting down) leaves
-//! the job and target node in QEMU; the next attempt clears them (step 1).
+//! the jobs and target nodes in QEMU; the next attempt clears them (step 1).
+//! The bandwidth limit (`backup_bandwidth`) is the backup's, shared evenly
+//! among its disks' jobs.
 //!
 //! # Restores
+//!
+//! In place, a restore point's volumes are rewritten with the VM's disk:
+//! each volume's new content is written beside its file first, then the
+//! disk is replaced, then each volume file renamed over the old one, so a
+//! failed copy leaves every disk as it was. A volume the VM no longer has,
+//! or one whose layers a snapshot holds, is refused before anything is
+//! written. Beside a new VM, [`volume_restore`] builds a volume from its
+//! file alone.
 //!
 //! A restored disk is a standalone qcow2 written by `qemu-img convert` from
 //! the backup file through its chain. Not an overlay of the base image with
@@ -80,11 +103,12 @@ use stratus_common::VmId;
 use super::image::run_qemu_img;
 use super::layout::{read_json, remove_file_if_exists, VmPaths};
 use super::qmp::{execute, QmpService};
-use super::snapshot::{active_node, block_nodes, disk_device};
-use super::{process, Shared, VmEntry, QMP_TIMEOUT};
+use super::snapshot::{block_nodes, disk_block, read_chain, Disk, Freeze};
+use super::{process, volume, Shared, VmEntry, QMP_TIMEOUT};
 use crate::{
-    bitmap_name, BackupCheck, BackupMode, BackupOutcome, BackupParent, BackupProgress,
-    BackupRequest, DriverError, ProgressFn, QemuSaid, VmSpec,
+    bitmap_name, volume_backup_file, BackupCheck, BackupMode, BackupOutcome, BackupParent,
+    BackupProgress, BackupRequest, DriverError, ProgressFn, QemuSaid, VmSpec, VolumeBackupOutcome,
+    VolumeRestore,
 };
 
 /// Prefix of the bitmaps this driver owns (see [`bitmap_name`]).
@@ -225,7 +249,95 @@ fn running_pid(
     }
 }
 
-/// Backs up the disk of VM `id`. See the module docs.
+/// One disk's part in a backup: the VM's own disk or an attached volume.
+struct DiskCopy {
+    disk: Disk,
+    /// Its file on the target.
+    target: PathBuf,
+    /// The parent restore point's file of this disk (and the bitmap of that
+    /// restore point, in this disk); `None`: full.
+    parent: Option<BackupParent>,
+    /// A volume the backup is incremental for, but that the parent restore
+    /// point did not cover (attached since).
+    new_in_parent: bool,
+    job: String,
+    node: String,
+    // Known once QEMU was asked (step 1).
+    source: String,
+    virtual_size: u64,
+    mode: BackupMode,
+    fallback_reason: Option<String>,
+}
+
+impl DiskCopy {
+    fn new(req: &BackupRequest, disk: Disk) -> DiskCopy {
+        let (target, parent, new_in_parent) = match disk {
+            Disk::Vm => (req.target.clone(), req.parent.clone(), false),
+            Disk::Volume(v) => {
+                let file = req
+                    .volume_parents
+                    .iter()
+                    .find(|p| p.volume_id == v)
+                    .map(|p| p.file.clone());
+                let parent = req.parent.as_ref().and_then(|p| {
+                    file.clone().map(|file| BackupParent {
+                        backup_id: p.backup_id,
+                        file,
+                    })
+                });
+                (
+                    volume_backup_file(&req.target, v),
+                    parent,
+                    req.parent.is_some() && file.is_none(),
+                )
+            }
+        };
+        DiskCopy {
+            disk,
+            target,
+            parent,
+            new_in_parent,
+            job: copy_job_id(req.backup_id, disk),
+            node: copy_node_name(req.backup_id, disk),
+            source: String::new(),
+            virtual_size: 0,
+            mode: BackupMode::Full,
+            fallback_reason: None,
+        }
+    }
+
+    fn parent_bitmap(&self) -> Option<String> {
+        match (self.mode, &self.parent) {
+            (BackupMode::Incremental, Some(p)) => Some(bitmap_name(p.backup_id)),
+            _ => None,
+        }
+    }
+}
+
+/// The block job id of one disk's copy (see [`job_id`]).
+fn copy_job_id(backup_id: uuid::Uuid, disk: Disk) -> String {
+    match disk {
+        Disk::Vm => job_id(backup_id),
+        Disk::Volume(v) => format!("{}-{}", job_id(backup_id), crate::volume_serial(v)),
+    }
+}
+
+/// The target node name of one disk's copy (see [`node_name`]).
+fn copy_node_name(backup_id: uuid::Uuid, disk: Disk) -> String {
+    match disk {
+        Disk::Vm => node_name(backup_id),
+        Disk::Volume(v) => {
+            let mut h = Sha256::new();
+            h.update(backup_id.as_bytes());
+            h.update(v.as_bytes());
+            let hex = format!("{:x}", h.finalize());
+            format!("{NODE_PREFIX}{}", &hex[..20])
+        }
+    }
+}
+
+/// Backs up the disk of VM `id` and every volume attached to it. See the
+/// module docs.
 pub(super) async fn backup(
     shared: &Arc<Shared>,
     id: VmId,
@@ -238,107 +350,131 @@ pub(super) async fn backup(
             format!("the target path {} is not absolute", req.target.display()),
         ));
     }
-    let target = utf8(id, "target", &req.target)?.to_string();
+    utf8(id, "target", &req.target)?;
     let vm = shared.existing(id)?;
     let _one_backup = vm.backup.lock().await;
     let started = Instant::now();
-    let job = job_id(req.backup_id);
-    let node = node_name(req.backup_id);
     let new_bitmap = bitmap_name(req.backup_id);
 
-    // Step 1: set up and start the job.
-    let (pid, mode, fallback_reason, disk_bytes) = {
+    // Step 1: set up and start the jobs, every disk in one transaction.
+    let (pid, mut copies) = {
+        // No attach, detach or resize while the disks are set up.
+        let (attached, _volume_locks) = volume::lock_attached(shared, &vm).await?;
         let _op = vm.op.lock().await;
         let pid = running_pid(shared, &vm, "back up")?;
         let qmp = shared.qmp(&vm).await?;
         clear_leftovers(&qmp, id).await?;
-        remove_file_if_exists(&req.target)?;
-        let disk = disk_state(&qmp).await?;
-        let (mode, fallback_reason) = choose_mode(req.parent.as_ref(), &disk.bitmaps, &disk.older);
-        let parent_bitmap = match (mode, &req.parent) {
-            (BackupMode::Incremental, Some(p)) => Some(bitmap_name(p.backup_id)),
-            _ => None,
-        };
-        for stray in stray_bitmaps(&disk.bitmaps, parent_bitmap.as_deref()) {
-            tracing::info!(vm = %id, bitmap = %stray, "removing a stray backup bitmap");
-            remove_bitmap(&qmp, &disk.node, &stray).await?;
+        let chain = read_chain(&vm.paths)?;
+        let mut copies: Vec<DiskCopy> = std::iter::once(Disk::Vm)
+            .chain(attached.iter().map(|v| Disk::Volume(*v)))
+            .map(|disk| DiskCopy::new(req, disk))
+            .collect();
+        let prepared = async {
+            for c in &mut copies {
+                utf8(id, "target", &c.target)?;
+                remove_file_if_exists(&c.target)?;
+                let layers: Vec<String> = chain
+                    .files_of(c.disk)
+                    .iter()
+                    .map(|f| c.disk.node(f))
+                    .collect();
+                let disk = disk_state(&qmp, id, c.disk, &layers).await?;
+                let (mode, reason) = if c.new_in_parent {
+                    (
+                        BackupMode::Full,
+                        Some(format!(
+                            "{} has no file in the parent restore point (attached since)",
+                            c.disk
+                        )),
+                    )
+                } else {
+                    choose_mode(c.parent.as_ref(), &disk.bitmaps, &disk.older)
+                };
+                c.mode = mode;
+                c.fallback_reason = reason;
+                c.source = disk.node.clone();
+                c.virtual_size = disk.virtual_size;
+                let parent_bitmap = c.parent_bitmap();
+                for stray in stray_bitmaps(&disk.bitmaps, parent_bitmap.as_deref()) {
+                    tracing::info!(vm = %id, disk = %c.disk, bitmap = %stray, "removing a stray backup bitmap");
+                    remove_bitmap(&qmp, &disk.node, &stray).await?;
+                }
+                if let Some(parent) = &parent_bitmap {
+                    merge_older_copies(&qmp, id, &disk, parent).await?;
+                }
+                if let Some(reason) = &c.fallback_reason {
+                    tracing::warn!(vm = %id, disk = %c.disk, backup = %req.backup_id, %reason, "taking a full copy instead of an incremental one");
+                }
+                let parent_file = match c.mode {
+                    BackupMode::Incremental => c.parent.as_ref().map(|p| p.file.as_path()),
+                    BackupMode::Full => None,
+                };
+                create_target(shared, &c.target, parent_file, c.virtual_size).await?;
+            }
+            Ok::<_, DriverError>(())
         }
-        if let Some(parent) = &parent_bitmap {
-            merge_older_copies(&qmp, id, &disk, parent).await?;
-        }
-        if let Some(reason) = &fallback_reason {
-            tracing::warn!(vm = %id, backup = %req.backup_id, %reason, "taking a full backup instead of an incremental one");
-        }
-        let parent_file = match mode {
-            BackupMode::Incremental => req.parent.as_ref().map(|p| p.file.as_path()),
-            BackupMode::Full => None,
-        };
-        if let Err(e) = create_target(shared, &req.target, parent_file, disk.virtual_size).await {
-            let _ = remove_file_if_exists(&req.target);
+        .await;
+        if let Err(e) = prepared {
+            for c in &copies {
+                let _ = remove_file_if_exists(&c.target);
+            }
             return Err(e);
         }
-        let started_job = start_job(
+        if let Err(e) = start_jobs(
+            &vm,
             &qmp,
-            &disk.node,
-            &target,
-            &node,
-            &job,
+            &copies,
             &new_bitmap,
-            parent_bitmap.as_deref(),
-            mode,
             shared.config.backup_bandwidth,
         )
-        .await;
-        if let Err(e) = started_job {
-            abandon(shared, &vm, pid, &job, &node, None, &req.target).await;
+        .await
+        {
+            abandon(shared, &vm, pid, &copies, None).await;
             return Err(e);
         }
-        (pid, mode, fallback_reason, disk.virtual_size)
+        (pid, copies)
     };
-    tracing::info!(vm = %id, backup = %req.backup_id, ?mode, target = %req.target.display(), "backup started");
+    tracing::info!(vm = %id, backup = %req.backup_id, disks = copies.len(), target = %req.target.display(), "backup started");
 
-    // Step 2: wait for the copy.
-    let polled = poll_job(shared, &vm, pid, &job, progress).await;
+    // Step 2: wait for the copies.
+    let jobs: Vec<(String, PathBuf)> = copies
+        .iter()
+        .map(|c| (c.job.clone(), c.target.clone()))
+        .collect();
+    let polled = poll_jobs(shared, &vm, pid, &jobs, progress).await;
 
-    // Step 3: tear down the job and the target node.
+    // Step 3: tear down the jobs and the target nodes.
     {
         let _op = vm.op.lock().await;
         let failure = match polled {
             Ok(None) => None,
-            Ok(Some(job_error)) => Some(job_failure(id, &req.target, job_error)),
+            Ok(Some((target, job_error))) => Some(job_failure(id, &target, job_error)),
             Err(e) => Some(e),
         };
         if let Some(e) = failure {
-            abandon(
-                shared,
-                &vm,
-                pid,
-                &job,
-                &node,
-                Some(&new_bitmap),
-                &req.target,
-            )
-            .await;
+            abandon(shared, &vm, pid, &copies, Some(&new_bitmap)).await;
             return Err(e);
         }
         let teardown = async {
             let qmp = shared.qmp(&vm).await?;
-            execute(
-                &qmp,
-                q::job_dismiss { id: job.clone() },
-                QMP_TIMEOUT,
-                "backup",
-            )
-            .await?;
-            execute(
-                &qmp,
-                q::blockdev_del {
-                    node_name: node.clone(),
-                },
-                QMP_TIMEOUT,
-                "backup",
-            )
-            .await?;
+            for c in &copies {
+                execute(
+                    &qmp,
+                    q::job_dismiss { id: c.job.clone() },
+                    QMP_TIMEOUT,
+                    "backup",
+                )
+                .await?;
+                execute(
+                    &qmp,
+                    q::blockdev_del {
+                        node_name: c.node.clone(),
+                    },
+                    QMP_TIMEOUT,
+                    "backup",
+                )
+                .await?;
+            }
             Ok::<_, DriverError>(())
         }
         .await;
@@ -348,79 +484,108 @@ pub(super) async fn backup(
             } else {
                 backup_error(id, "the VM stopped during the backup")
             };
-            abandon(
-                shared,
-                &vm,
-                pid,
-                &job,
-                &node,
-                Some(&new_bitmap),
-                &req.target,
-            )
-            .await;
+            abandon(shared, &vm, pid, &copies, Some(&new_bitmap)).await;
             return Err(e);
         }
     }
 
-    // Step 4: make the file durable and measure it.
-    let measured = async {
-        fsync_file_and_dir(&req.target)?;
-        let data_bytes = data_bytes(&shared.config.qemu_img, &req.target).await?;
-        let file_bytes = std::fs::metadata(&req.target)
-            .map_err(|e| DriverError::io("cannot read the backup file's size", &req.target, e))?
-            .len();
-        let sha256 = sha256_file(&req.target).await?;
-        Ok::<_, DriverError>((data_bytes, file_bytes, sha256))
-    }
-    .await;
-    let (data_bytes, file_bytes, sha256) = match measured {
-        Ok(m) => m,
-        Err(e) => {
-            // The copy is complete, but a backup the driver cannot vouch for
-            // is no restore point. The parent's bitmap is still there: a
-            // retry is incremental again. The new bitmap goes as a stray.
-            let _ = remove_file_if_exists(&req.target);
-            return Err(e);
+    // Step 4: make the files durable and measure them.
+    let mut measured = Vec::with_capacity(copies.len());
+    for c in &copies {
+        let m = async {
+            fsync_file_and_dir(&c.target)?;
+            let data_bytes = data_bytes(&shared.config.qemu_img, &c.target).await?;
+            let file_bytes = std::fs::metadata(&c.target)
+                .map_err(|e| DriverError::io("cannot read the backup file's size", &c.target, e))?
+                .len();
+            let sha256 = sha256_file(&c.target).await?;
+            Ok::<_, DriverError>((data_bytes, file_bytes, sha256))
         }
-    };
-    if let (BackupMode::Incremental, Some(parent)) = (mode, &req.parent) {
-        // The new bitmap tracks changes from this point; the parent's is no
-        // longer needed. If this fails it is removed as a stray next time.
-        let _op = vm.op.lock().await;
-        let name = bitmap_name(parent.backup_id);
-        match shared.qmp(&vm).await {
-            Ok(qmp) => {
-                let removed = async {
-                    let node = active_node(&qmp).await?;
-                    remove_bitmap(&qmp, &node, &name).await
-                }
-                .await;
-                if let Err(e) = removed {
-                    tracing::warn!(vm = %id, bitmap = %name, error = %e, "cannot remove the parent's bitmap; the next backup will");
-                }
-            }
+        .await;
+        match m {
+            Ok(m) => measured.push(m),
             Err(e) => {
-                tracing::warn!(vm = %id, bitmap = %name, error = %e, "cannot remove the parent's bitmap; the next backup will")
+                // The copies are complete, but a backup the driver cannot
+                // vouch for is no restore point. The parents' bitmaps are
+                // still there: a retry is incremental again. The new
+                // bitmaps go as strays.
+                for c in &copies {
+                    let _ = remove_file_if_exists(&c.target);
+                }
+                return Err(e);
             }
         }
     }
+    // The new bitmaps track changes from this point; the parents' are no
+    // longer needed. If this fails they are removed as strays next time.
+    {
+        let _op = vm.op.lock().await;
+        let qmp = shared.qmp(&vm).await;
+        for c in copies.iter_mut() {
+            let Some(name) = c.parent_bitmap() else {
+                continue;
+            };
+            let removed = async {
+                let qmp = qmp.as_ref().map_err(|e| backup_error(id, e.to_string()))?;
+                let node = disk_block(qmp, id, c.disk)
+                    .await?
+                    .node_name
+                    .unwrap_or_default();
+                remove_bitmap(qmp, &node, &name).await
+            }
+            .await;
+            if let Err(e) = removed {
+                tracing::warn!(vm = %id, disk = %c.disk, bitmap = %name, error = %e, "cannot remove the parent's bitmap; the next backup will");
+            }
+        }
+    }
+    let mut outcome = None;
+    let mut volumes = Vec::new();
+    for (c, (data_bytes, file_bytes, sha256)) in copies.into_iter().zip(measured) {
+        tracing::info!(
+            vm = %id,
+            backup = %req.backup_id,
+            disk = %c.disk,
+            mode = ?c.mode,
+            data_bytes,
+            file_bytes,
+            "disk backed up"
+        );
+        match c.disk {
+            Disk::Vm => {
+                outcome = Some(BackupOutcome {
+                    mode: c.mode,
+                    fallback_reason: c.fallback_reason,
+                    data_bytes,
+                    file_bytes,
+                    disk_bytes: c.virtual_size,
+                    sha256,
+                    volumes: Vec::new(),
+                })
+            }
+            Disk::Volume(volume_id) => volumes.push(VolumeBackupOutcome {
+                volume_id,
+                file: c.target,
+                mode: c.mode,
+                fallback_reason: c.fallback_reason,
+                data_bytes,
+                file_bytes,
+                disk_bytes: c.virtual_size,
+                sha256,
+            }),
+        }
+    }
+    let mut outcome = outcome.ok_or_else(|| backup_error(id, "the VM's disk was not copied"))?;
+    outcome.volumes = volumes;
     tracing::info!(
         vm = %id,
         backup = %req.backup_id,
-        ?mode,
-        data_bytes,
-        file_bytes,
+        mode = ?outcome.mode,
+        volumes = outcome.volumes.len(),
         ms = started.elapsed().as_millis() as u64,
         "backup complete"
     );
-    Ok(BackupOutcome {
-        mode,
-        fallback_reason,
-        data_bytes,
-        file_bytes,
-        disk_bytes,
-        sha256,
-    })
+    Ok(outcome)
 }
 
 /// Cancels and dismisses every backup job and deletes every backup target
@@ -489,23 +654,27 @@ async fn finish_job(qmp: &QmpService, id: &str) -> Result<(), DriverError> {
     }
 }
 
-/// The disk's active node, size and dirty bitmaps, and the copies of our
-/// bitmaps on its other layers.
-async fn disk_state(qmp: &QmpService) -> Result<DiskState, DriverError> {
-    let disk = disk_device(qmp).await?;
-    let node = disk.node_name.clone().ok_or_else(|| {
+/// One disk's active node, size and dirty bitmaps, and the copies of our
+/// bitmaps on its other layers (`layers`: the node names of its recorded
+/// chain; other disks' nodes carry bitmaps of the same names, which must
+/// not be merged into this one's).
+async fn disk_state(
+    qmp: &QmpService,
+    id: VmId,
+    disk: Disk,
+    layers: &[String],
+) -> Result<DiskState, DriverError> {
+    let device = disk_block(qmp, id, disk).await?;
+    let node = device.node_name.clone().ok_or_else(|| {
         DriverError::qemu(
-            "QMP query-block lists the VM's disk without a node name",
+            format!("QMP query-block lists {disk} without a node name"),
             QemuSaid(String::new()),
         )
     })?;
-    // Every other node holding our bitmaps is a layer of the chain (backup
-    // targets carry none): merging from a layer no longer in the chain would
-    // only add dirty bits, never lose one.
     let older = block_nodes(qmp)
         .await?
         .into_iter()
-        .filter(|n| n.name != node && !n.name.starts_with(NODE_PREFIX))
+        .filter(|n| n.name != node && layers.contains(&n.name))
         .flat_map(|n| {
             let node = n.name;
             n.bitmaps
@@ -517,9 +686,9 @@ async fn disk_state(qmp: &QmpService) -> Result<DiskState, DriverError> {
                 })
         })
         .collect();
-    let virtual_size = u64::try_from(disk.image.base.virtual_size)
+    let virtual_size = u64::try_from(device.image.base.virtual_size)
         .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
-    let bitmaps = disk
+    let bitmaps = device
         .dirty_bitmaps
         .unwrap_or_default()
         .into_iter()
@@ -622,51 +791,52 @@ async fn create_target(
     Ok(())
 }
 
-/// Opens the target in QEMU and starts the copy, atomically with the new
-/// bitmap.
-#[allow(clippy::too_many_arguments)] // every name the one transaction needs
-async fn start_job(
+/// Opens every target in QEMU and starts all the copies in one
+/// transaction, each with its disk's new bitmap, with the guest's file
+/// systems frozen meanwhile when its agent answers. Caller holds `vm.op`.
+async fn start_jobs(
+    vm: &VmEntry,
     qmp: &QmpService,
-    disk_node: &str,
-    target: &str,
-    node: &str,
-    job: &str,
+    copies: &[DiskCopy],
     new_bitmap: &str,
-    parent_bitmap: Option<&str>,
-    mode: BackupMode,
     speed: Option<u64>,
 ) -> Result<(), DriverError> {
-    // The backing chain is not opened: the job writes only this file's layer.
-    let options = super::snapshot::qcow2_without_backing(node, target, false)?;
-    execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "backup").await?;
-    let (sync, bitmap, bitmap_mode) = match (mode, parent_bitmap) {
-        (BackupMode::Incremental, Some(parent)) => (
-            q::MirrorSyncMode::bitmap,
-            Some(parent.to_string()),
-            Some(q::BitmapSyncMode::never),
-        ),
-        _ => (q::MirrorSyncMode::full, None, None),
-    };
-    let actions = vec![
-        q::TransactionAction::block_dirty_bitmap_add(
+    // The bandwidth limit is the backup's: shared among its disks' jobs.
+    let jobs = u64::try_from(copies.len()).unwrap_or(1).max(1);
+    let speed = speed.map(|s| (s / jobs).max(1));
+    let mut actions = Vec::with_capacity(copies.len() * 2);
+    for c in copies {
+        // The backing chain is not opened: the job writes only this file's layer.
+        let target = utf8(vm.id, "target", &c.target)?;
+        let options = super::snapshot::qcow2_without_backing(&c.node, target, false)?;
+        execute(qmp, q::blockdev_add(options), QMP_TIMEOUT, "backup").await?;
+        let (sync, bitmap, bitmap_mode) = match c.parent_bitmap() {
+            Some(parent) => (
+                q::MirrorSyncMode::bitmap,
+                Some(parent),
+                Some(q::BitmapSyncMode::never),
+            ),
+            None => (q::MirrorSyncMode::full, None, None),
+        };
+        actions.push(q::TransactionAction::block_dirty_bitmap_add(
             q::BlockDirtyBitmapAdd {
-                node: disk_node.into(),
+                node: c.source.clone(),
                 name: new_bitmap.into(),
                 persistent: Some(true),
                 disabled: None,
                 granularity: None,
             }
             .into(),
-        ),
-        q::TransactionAction::blockdev_backup(
+        ));
+        actions.push(q::TransactionAction::blockdev_backup(
             q::BlockdevBackup {
-                target: node.into(),
+                target: c.node.clone(),
                 base: q::BackupCommon {
-                    device: disk_node.into(),
+                    device: c.source.clone(),
                     sync,
                     bitmap,
                     bitmap_mode,
-                    job_id: Some(job.into()),
+                    job_id: Some(c.job.clone()),
                     // Kept after it ends, so its outcome can be read even
                     // when the poll misses the moment.
                     auto_dismiss: Some(false),
@@ -681,9 +851,10 @@ async fn start_job(
                 },
             }
             .into(),
-        ),
-    ];
-    execute(
+        ));
+    }
+    let freeze = Freeze::begin(vm).await;
+    let started = execute(
         qmp,
         q::transaction {
             actions,
@@ -692,20 +863,24 @@ async fn start_job(
         QMP_TIMEOUT,
         "backup",
     )
-    .await?;
+    .await;
+    let quiesced = freeze.end(vm.id).await;
+    started?;
+    tracing::debug!(vm = %vm.id, quiesced, disks = copies.len(), "backup jobs started in one transaction");
     Ok(())
 }
 
-/// Polls the job until it concludes: `Ok(None)` when it succeeded,
-/// `Ok(Some(error))` with QEMU's error when it failed, `Err` when QEMU went
-/// away or could not be asked.
-async fn poll_job(
+/// Polls the jobs until all have concluded: `Ok(None)` when all succeeded,
+/// `Ok(Some((target, error)))` with the first failed one's target and
+/// QEMU's error, `Err` when QEMU went away or could not be asked. Progress
+/// is the sum over the jobs.
+async fn poll_jobs(
     shared: &Arc<Shared>,
     vm: &Arc<VmEntry>,
     pid: u32,
-    job: &str,
+    jobs: &[(String, PathBuf)],
     progress: &ProgressFn,
-) -> Result<Option<String>, DriverError> {
+) -> Result<Option<(PathBuf, String)>, DriverError> {
     let id = vm.id;
     let gone = || backup_error(id, "the VM stopped during the backup");
     let mut unreachable_since: Option<Instant> = None;
@@ -718,10 +893,10 @@ async fn poll_job(
             execute(&qmp, q::query_jobs {}, QMP_TIMEOUT, "backup").await
         }
         .await;
-        let jobs = match asked {
-            Ok(jobs) => {
+        let all = match asked {
+            Ok(all) => {
                 unreachable_since = None;
-                jobs
+                all
             }
             Err(e) => {
                 if !process::is_qemu_of(pid, id) {
@@ -731,23 +906,32 @@ async fn poll_job(
                 if since.elapsed() > QMP_GONE_GRACE {
                     return Err(e);
                 }
-                tracing::debug!(vm = %id, error = %e, "cannot poll the backup job; retrying");
+                tracing::debug!(vm = %id, error = %e, "cannot poll the backup jobs; retrying");
                 tokio::time::sleep(POLL_INTERVAL).await;
                 continue;
             }
         };
-        let Some(info) = jobs.into_iter().find(|j| j.id == job) else {
-            return Err(backup_error(
-                id,
-                format!("QEMU's block job {job} disappeared before it ended"),
-            ));
-        };
-        progress(BackupProgress {
-            done_bytes: u64::try_from(info.current_progress).unwrap_or(0),
-            total_bytes: u64::try_from(info.total_progress).unwrap_or(0),
-        });
-        if info.status == q::JobStatus::concluded {
-            return Ok(info.error);
+        let mut sum = BackupProgress::default();
+        let mut concluded = 0;
+        for (job, target) in jobs {
+            let Some(info) = all.iter().find(|j| &j.id == job) else {
+                return Err(backup_error(
+                    id,
+                    format!("QEMU's block job {job} disappeared before it ended"),
+                ));
+            };
+            sum.done_bytes += u64::try_from(info.current_progress).unwrap_or(0);
+            sum.total_bytes += u64::try_from(info.total_progress).unwrap_or(0);
+            if info.status == q::JobStatus::concluded {
+                if let Some(error) = &info.error {
+                    return Ok(Some((target.clone(), error.clone())));
+                }
+                concluded += 1;
+            }
+        }
+        progress(sum);
+        if concluded == jobs.len() {
+            return Ok(None);
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -773,45 +957,49 @@ fn job_failure(id: VmId, target: &Path, error: String) -> DriverError {
     }
 }
 
-/// Undoes a failed backup, best effort: cancels and dismisses the job,
-/// removes the target node and the new bitmap (while QEMU still runs) and
-/// the target file. The parent's bitmap stays. Caller holds `vm.op`.
+/// Undoes a failed backup, best effort, for every disk: cancels and
+/// dismisses its job, removes its target node and the new bitmap (while
+/// QEMU still runs) and its target file. The parents' bitmaps stay, so no
+/// disk loses its change tracking. Caller holds `vm.op`.
 async fn abandon(
     shared: &Arc<Shared>,
     vm: &Arc<VmEntry>,
     pid: u32,
-    job: &str,
-    node: &str,
+    copies: &[DiskCopy],
     new_bitmap: Option<&str>,
-    target: &Path,
 ) {
     let id = vm.id;
     if process::is_qemu_of(pid, id) {
         match shared.qmp(vm).await {
             Ok(qmp) => {
-                if let Err(e) = finish_job(&qmp, job).await {
-                    tracing::warn!(vm = %id, %job, error = %e, "cannot end the failed backup job; the next backup will");
-                }
-                let deleted = execute(
-                    &qmp,
-                    q::blockdev_del {
-                        node_name: node.into(),
-                    },
-                    QMP_TIMEOUT,
-                    "backup",
-                )
-                .await;
-                if let Err(e) = deleted {
-                    tracing::debug!(vm = %id, %node, error = %e, "backup target node not removed");
-                }
-                if let Some(bitmap) = new_bitmap {
-                    let removed = async {
-                        let node = active_node(&qmp).await?;
-                        remove_bitmap(&qmp, &node, bitmap).await
+                for c in copies {
+                    if let Err(e) = finish_job(&qmp, &c.job).await {
+                        tracing::warn!(vm = %id, job = %c.job, error = %e, "cannot end the failed backup job; the next backup will");
                     }
+                    let deleted = execute(
+                        &qmp,
+                        q::blockdev_del {
+                            node_name: c.node.clone(),
+                        },
+                        QMP_TIMEOUT,
+                        "backup",
+                    )
                     .await;
-                    if let Err(e) = removed {
-                        tracing::debug!(vm = %id, %bitmap, error = %e, "new bitmap not removed");
+                    if let Err(e) = deleted {
+                        tracing::debug!(vm = %id, node = %c.node, error = %e, "backup target node not removed");
+                    }
+                    if let Some(bitmap) = new_bitmap {
+                        let removed = async {
+                            let node = disk_block(&qmp, id, c.disk)
+                                .await?
+                                .node_name
+                                .unwrap_or_default();
+                            remove_bitmap(&qmp, &node, bitmap).await
+                        }
+                        .await;
+                        if let Err(e) = removed {
+                            tracing::debug!(vm = %id, disk = %c.disk, %bitmap, error = %e, "new bitmap not removed");
+                        }
                     }
                 }
             }
@@ -820,8 +1008,10 @@ async fn abandon(
             }
         }
     }
-    if let Err(e) = remove_file_if_exists(target) {
-        tracing::warn!(vm = %id, error = %e, "cannot remove the failed backup's file");
+    for c in copies {
+        if let Err(e) = remove_file_if_exists(&c.target) {
+            tracing::warn!(vm = %id, error = %e, "cannot remove the failed backup's file");
+        }
     }
 }
 
@@ -1023,14 +1213,23 @@ async fn check_one(qemu_img: &Path, file: &Path) -> Result<Vec<String>, DriverEr
     Ok(problems)
 }
 
-/// Replaces the disk of the stopped VM `id` with the content of `file`.
+/// Replaces the disk of the stopped VM `id` with the content of `file`,
+/// and each volume in `volumes` with its file. Every volume's new content is
+/// written beside it first; then the disk is replaced; then each volume's
+/// file is renamed over the old one. A failure while copying leaves every
+/// disk as it was.
 pub(super) async fn restore(
     shared: &Arc<Shared>,
     id: VmId,
     file: &Path,
+    volumes: &[VolumeRestore],
 ) -> Result<(), DriverError> {
     let vm = shared.existing(id)?;
     check_restore_source(id, file)?;
+    for v in volumes {
+        check_restore_source(id, &v.file)?;
+    }
+    let (attached, _volume_locks) = volume::lock_attached(shared, &vm).await?;
     let _op = vm.op.lock().await;
     super::cold::refuse_if_exported(&vm, "restore")?;
     let strays = process::find_qemu_of(id);
@@ -1043,26 +1242,141 @@ pub(super) async fn restore(
     }
     let spec: VmSpec = read_json(&vm.paths.vm_json, "VM spec")?.ok_or(DriverError::NotFound(id))?;
     let chain = super::snapshot::read_chain(&vm.paths)?;
-    if chain == super::snapshot::Chain::default() {
-        build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.overlay()).await?;
-    } else {
-        // The disk has snapshots: its layers are replaced wholesale. Written
-        // beside them, then recorded as the only layer (which drops the
-        // others), so a failure leaves the old chain intact.
-        let layer = format!("disk.{}.qcow2", uuid::Uuid::new_v4());
-        build_restored_disk(
-            shared,
-            &spec,
-            file,
-            &vm.paths,
-            &vm.paths.disks().join(&layer),
-        )
-        .await?;
-        super::snapshot::replace_chain(id, &vm.paths, &layer)?;
-        tracing::info!(vm = %id, snapshots = chain.snapshots.len(), "restoring in place dropped the VM's snapshots");
+    for v in volumes {
+        let disk = Disk::Volume(v.volume_id);
+        if !attached.contains(&v.volume_id) {
+            return Err(DriverError::Conflict {
+                id,
+                difference: format!(
+                    "volume {} is in the backup but no longer attached to the VM; attach it \
+                     again, or restore the backup into a new VM",
+                    v.volume_id
+                ),
+            });
+        }
+        let covering = chain.covering(v.volume_id);
+        if !covering.is_empty() || chain.active_of(disk) != volume::own_file(v.volume_id) {
+            return Err(DriverError::Conflict {
+                id,
+                difference: format!(
+                    "snapshots {covering:?} cover volume {}, and restoring it in place would \
+                     strand their layers; delete those snapshots first",
+                    v.volume_id
+                ),
+            });
+        }
     }
-    tracing::info!(vm = %id, from = %file.display(), "disk restored from a backup");
+    // Each volume's new content, beside its file.
+    let dir = volume::volumes_dir(shared);
+    let mut built: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(volumes.len());
+    let qemu_img = &shared.config.qemu_img;
+    for v in volumes {
+        let dest = dir.join(volume::own_file(v.volume_id));
+        let tmp = dir.join(format!("{}.restore.tmp", v.volume_id));
+        let written = async {
+            let size =
+                super::image::virtual_size(qemu_img, &dest, crate::ImageFormat::Qcow2).await?;
+            write_from_backup(qemu_img, &v.file, &tmp, size).await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = remove_file_if_exists(&tmp);
+            for (t, _) in &built {
+                let _ = remove_file_if_exists(t);
+            }
+            return Err(e);
+        }
+        built.push((tmp, dest));
+    }
+    let disk_done = async {
+        if chain == super::snapshot::Chain::default() {
+            build_restored_disk(shared, &spec, file, &vm.paths, &vm.paths.overlay()).await?;
+        } else {
+            // The disk has snapshots: its layers are replaced wholesale. Written
+            // beside them, then recorded as the only layer (which drops the
+            // others), so a failure leaves the old chain intact.
+            let layer = format!("disk.{}.qcow2", uuid::Uuid::new_v4());
+            build_restored_disk(
+                shared,
+                &spec,
+                file,
+                &vm.paths,
+                &vm.paths.disks().join(&layer),
+            )
+            .await?;
+            super::snapshot::replace_chain(id, &vm.paths, &layer)?;
+            tracing::info!(vm = %id, snapshots = chain.snapshots.len(), "restoring in place dropped the VM's snapshots");
+        }
+        Ok::<_, DriverError>(())
+    }
+    .await;
+    if let Err(e) = disk_done {
+        for (t, _) in &built {
+            let _ = remove_file_if_exists(t);
+        }
+        return Err(e);
+    }
+    for (tmp, dest) in &built {
+        std::fs::rename(tmp, dest)
+            .map_err(|e| DriverError::io("cannot move the restored volume into place", dest, e))?;
+        fsync_file_and_dir(dest)?;
+    }
+    tracing::info!(vm = %id, from = %file.display(), volumes = volumes.len(), "disks restored from a backup");
     Ok(())
+}
+
+/// Makes volume `volume_id` hold the content of the backup `file`: see
+/// [`crate::Driver::volume_restore`]. The volume's spec is written as a
+/// blank volume of `size_bytes` (its content no longer clones an image), so
+/// the attach that follows finds the volume it expects.
+pub(super) async fn volume_restore(
+    shared: &Arc<Shared>,
+    volume_id: uuid::Uuid,
+    size_bytes: u64,
+    file: &Path,
+) -> Result<crate::VolumeInfo, DriverError> {
+    let spec = crate::VolumeSpec {
+        volume_id,
+        size_bytes,
+        image: None,
+        image_format: None,
+    };
+    spec.validate()?;
+    let invalid = |reason: String| DriverError::InvalidVolumeSpec {
+        id: volume_id,
+        reason,
+    };
+    if !file.is_absolute() || !file.is_file() {
+        return Err(invalid(format!(
+            "backup {} is not an existing absolute path",
+            file.display()
+        )));
+    }
+    let lock = shared.volume_locks.get(volume_id);
+    let _one_at_a_time = lock.lock().await;
+    if let Some(vm) = volume::locate(shared, volume_id)?.and_then(|l| l.vm) {
+        return Err(DriverError::VolumeConflict {
+            id: volume_id,
+            reason: format!("it is attached to VM {vm}; restore it in place with that VM"),
+        });
+    }
+    let dir = volume::volumes_dir(shared);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DriverError::io("cannot create the volume directory", &dir, e))?;
+    let dest = dir.join(volume::own_file(volume_id));
+    let tmp = dir.join(format!("{volume_id}.restore.tmp"));
+    if let Err(e) = write_from_backup(&shared.config.qemu_img, file, &tmp, size_bytes).await {
+        let _ = remove_file_if_exists(&tmp);
+        return Err(e);
+    }
+    super::layout::write_json(&dir.join(format!("{volume_id}.json")), "volume spec", &spec)?;
+    std::fs::rename(&tmp, &dest)
+        .map_err(|e| DriverError::io("cannot move the restored volume into place", &dest, e))?;
+    fsync_file_and_dir(&dest)?;
+    tracing::info!(volume = %volume_id, from = %file.display(), "volume written from a backup");
+    volume::info(shared, volume_id)
+        .await?
+        .ok_or(DriverError::VolumeNotFound(volume_id))
 }
 
 /// A backup to restore must be an absolute path to an existing file.
@@ -1082,6 +1396,53 @@ pub(super) fn check_restore_source(id: VmId, file: &Path) -> Result<(), DriverEr
     Ok(())
 }
 
+/// Writes `tmp`, a standalone qcow2, from the backup `file` read through its
+/// chain, grown to `min_size` if smaller, and flushed. The caller renames it
+/// into place (or removes it on failure).
+async fn write_from_backup(
+    qemu_img: &Path,
+    file: &Path,
+    tmp: &Path,
+    min_size: u64,
+) -> Result<(), DriverError> {
+    remove_file_if_exists(tmp)?;
+    run_qemu_img(
+        qemu_img,
+        &[
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            file.as_os_str(),
+            tmp.as_os_str(),
+        ],
+        &format!("restore {} into a disk", file.display()),
+    )
+    .await?;
+    let size = super::image::virtual_size(qemu_img, tmp, crate::ImageFormat::Qcow2).await?;
+    if min_size > size {
+        let grow = min_size.to_string();
+        run_qemu_img(
+            qemu_img,
+            &[
+                "resize".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                tmp.as_os_str(),
+                grow.as_ref(),
+            ],
+            &format!("grow the restored disk to {min_size} bytes"),
+        )
+        .await?;
+    }
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| DriverError::io("cannot flush the restored disk", tmp, e))
+}
+
 /// Writes the VM's disk from `file` (read through its chain) into a
 /// temporary file, grows it to the spec's size, and renames it to `disk`
 /// (a layer file in the VM directory): a crash leaves either the old disk or
@@ -1097,45 +1458,7 @@ pub(super) async fn build_restored_disk(
     let qemu_img = &shared.config.qemu_img;
     let tmp = paths.disks().join("disk.qcow2.tmp");
     remove_file_if_exists(&tmp)?;
-    let converted = async {
-        run_qemu_img(
-            qemu_img,
-            &[
-                "convert".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-O".as_ref(),
-                "qcow2".as_ref(),
-                file.as_os_str(),
-                tmp.as_os_str(),
-            ],
-            &format!("restore {} into a disk", file.display()),
-        )
-        .await?;
-        let size = super::image::virtual_size(qemu_img, &tmp, crate::ImageFormat::Qcow2).await?;
-        if spec.disk_bytes > size {
-            let grow = spec.disk_bytes.to_string();
-            run_qemu_img(
-                qemu_img,
-                &[
-                    "resize".as_ref(),
-                    "-q".as_ref(),
-                    "-f".as_ref(),
-                    "qcow2".as_ref(),
-                    tmp.as_os_str(),
-                    grow.as_ref(),
-                ],
-                &format!("grow the restored disk to {} bytes", spec.disk_bytes),
-            )
-            .await?;
-        }
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| DriverError::io("cannot flush the restored disk", &tmp, e))?;
-        Ok::<_, DriverError>(())
-    }
-    .await;
+    let converted = write_from_backup(qemu_img, file, &tmp, spec.disk_bytes).await;
     if let Err(e) = converted {
         let _ = remove_file_if_exists(&tmp);
         return Err(e);

@@ -1444,8 +1444,22 @@ impl Driver for QemuDriver {
         backup::verify(&self.shared.config.qemu_img, file).await
     }
 
-    async fn vm_restore(&self, id: VmId, file: &Path) -> Result<(), DriverError> {
-        backup::restore(&self.shared, id, file).await
+    async fn vm_restore(
+        &self,
+        id: VmId,
+        file: &Path,
+        volumes: &[crate::VolumeRestore],
+    ) -> Result<(), DriverError> {
+        backup::restore(&self.shared, id, file, volumes).await
+    }
+
+    async fn volume_restore(
+        &self,
+        volume_id: uuid::Uuid,
+        size_bytes: u64,
+        file: &Path,
+    ) -> Result<crate::VolumeInfo, DriverError> {
+        backup::volume_restore(&self.shared, volume_id, size_bytes, file).await
     }
 
     async fn backup_delete(

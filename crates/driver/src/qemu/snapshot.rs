@@ -225,7 +225,7 @@ impl std::fmt::Display for Disk {
 
 impl Disk {
     /// The node name of one of its layer files.
-    fn node(self, file: &str) -> String {
+    pub(super) fn node(self, file: &str) -> String {
         match self {
             Disk::Vm => node_name(file),
             Disk::Volume(v) => volume::layer_node(v, file),
@@ -767,7 +767,7 @@ async fn lock_vm<'a>(
 /// its node is the disk's active layer. A volume recorded as attached but
 /// not plugged into the running QEMU (a hot-plug that failed on a retry)
 /// is an error: its layers cannot be switched.
-async fn disk_block(
+pub(super) async fn disk_block(
     qmp: &QmpService,
     id: VmId,
     disk: Disk,
@@ -1288,9 +1288,9 @@ async fn drop_node(qmp: &QmpService, id: VmId, node: &str) {
 }
 
 /// The guest's file systems frozen through its agent for the time of a
-/// snapshot, holding the VM's guest agent lock so no other client talks to
+/// snapshot's switch (or a backup's start, `backup.rs`), holding the VM's guest agent lock so no other client talks to
 /// the agent meanwhile.
-struct Freeze<'a> {
+pub(super) struct Freeze<'a> {
     _agent: tokio::sync::MutexGuard<'a, ()>,
     conn: Option<QgaConn>,
     frozen: bool,
@@ -1300,13 +1300,13 @@ struct Freeze<'a> {
 impl<'a> Freeze<'a> {
     /// Freezes if the agent answers; a snapshot without it is still
     /// crash-consistent, so failing to freeze is a warning, not an error.
-    async fn begin(vm: &'a VmEntry) -> Freeze<'a> {
+    pub(super) async fn begin(vm: &'a VmEntry) -> Freeze<'a> {
         let agent = vm.qga.lock().await;
         let path = vm.paths.qga_sock.clone();
         let conn = match QgaConn::connect(&path, AGENT_CONNECT_TIMEOUT).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(vm = %vm.id, error = %e, "guest agent not answering: snapshot taken without freezing the guest's file systems (crash-consistent only)");
+                tracing::warn!(vm = %vm.id, error = %e, "guest agent not answering: disks captured (snapshot or backup) without freezing the guest's file systems (crash-consistent only)");
                 return Freeze {
                     _agent: agent,
                     conn: None,
@@ -1324,7 +1324,7 @@ impl<'a> Freeze<'a> {
                 true
             }
             Err(e) => {
-                tracing::warn!(vm = %vm.id, error = %e, "guest file systems not frozen: snapshot taken unfrozen (crash-consistent only)");
+                tracing::warn!(vm = %vm.id, error = %e, "guest file systems not frozen: disks captured (snapshot or backup) unfrozen (crash-consistent only)");
                 false
             }
         };
@@ -1339,7 +1339,7 @@ impl<'a> Freeze<'a> {
     /// Thaws, always (a failed or timed-out freeze may have frozen some file
     /// systems), retrying with a new connection; returns whether the freeze
     /// had succeeded.
-    async fn end(mut self, id: VmId) -> bool {
+    pub(super) async fn end(mut self, id: VmId) -> bool {
         let Some(mut conn) = self.conn.take() else {
             return false;
         };

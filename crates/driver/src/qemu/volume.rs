@@ -254,7 +254,7 @@ fn forget(vm: &VmEntry, volume_id: uuid::Uuid) -> Result<(), DriverError> {
 pub(super) struct VolumeLocks(Mutex<HashMap<uuid::Uuid, Arc<tokio::sync::Mutex<()>>>>);
 
 impl VolumeLocks {
-    fn get(&self, volume_id: uuid::Uuid) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn get(&self, volume_id: uuid::Uuid) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.0).entry(volume_id).or_default().clone()
     }
 }
@@ -297,9 +297,9 @@ fn volume_disk(shared: &Shared, a: &Attachment) -> VolumeDisk {
 
 /// Where a volume's data is: its layer files, bottom to top (the active one
 /// last), and the VM it is attached to.
-struct Located {
-    layers: Vec<PathBuf>,
-    vm: Option<VmId>,
+pub(super) struct Located {
+    pub(super) layers: Vec<PathBuf>,
+    pub(super) vm: Option<VmId>,
 }
 
 impl Located {
@@ -312,7 +312,10 @@ impl Located {
 /// attached to (a snapshot may have put layers on it, and merging them
 /// may have removed its own file), else its own file. `None`: the volume
 /// does not exist.
-fn locate(shared: &Shared, volume_id: uuid::Uuid) -> Result<Option<Located>, DriverError> {
+pub(super) fn locate(
+    shared: &Shared,
+    volume_id: uuid::Uuid,
+) -> Result<Option<Located>, DriverError> {
     let dir = volumes_dir(shared);
     let vm = owner(shared, volume_id)?;
     let files = match vm {
