@@ -856,6 +856,23 @@ impl Datastore {
         Ok(())
     }
 
+    /// Forgets volumes recorded for a `backup restore --as` whose VM was
+    /// never created (the controller died between the two writes) and that
+    /// were recorded before `before` (micros): no host ever built them, as
+    /// hosts build them only for their VM. How many went.
+    pub async fn backup_restored_volumes_forget_unborn(&self, before: i64) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "DELETE FROM volumes WHERE restore_from IS NOT NULL AND status = 'attaching' \
+             AND host_id IS NULL AND created_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM vms WHERE vms.id = volumes.vm_id)",
+        )
+        .bind(before)
+        .execute(&self.write)
+        .await
+        .map_err(|e| db_error("forgetting volumes of VMs never created", e))?;
+        Ok(done.rows_affected())
+    }
+
     /// Sets (creates or replaces) a VM's backup policy.
     pub async fn backup_policy_set(
         &self,

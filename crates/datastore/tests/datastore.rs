@@ -1027,6 +1027,34 @@ async fn backup_restored_volumes_lifecycle(ds: &Datastore) {
         "not_found"
     );
     assert!(ds.volume_get(b.id).await.is_ok(), "settled volumes stay");
+    // Recorded for a VM that was never created (a controller died between
+    // the two writes): forgotten once old enough; a live VM's are kept.
+    let unborn = stratus_common::VmId::new();
+    let (d, e) = (rv("r-d"), rv("r-e"));
+    ds.backup_restored_volumes_create(fx.project, unborn, std::slice::from_ref(&d))
+        .await
+        .expect("create d");
+    ds.backup_restored_volumes_create(fx.project, vm, std::slice::from_ref(&e))
+        .await
+        .expect("create e");
+    let now = stratus_common::time::now_micros();
+    assert_eq!(
+        ds.backup_restored_volumes_forget_unborn(now - 60_000_000)
+            .await
+            .expect("too young"),
+        0
+    );
+    assert_eq!(
+        ds.backup_restored_volumes_forget_unborn(now + 1)
+            .await
+            .expect("forget"),
+        1
+    );
+    assert!(
+        ds.volume_get(d.id).await.is_err(),
+        "the unborn VM's volume went"
+    );
+    assert!(ds.volume_get(e.id).await.is_ok(), "the live VM's stays");
 }
 
 /// A restore point's volumes: recorded with its success (named as the

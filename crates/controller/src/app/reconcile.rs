@@ -21,6 +21,9 @@
 //!                          (`backup_policies.rs`), in a task of its own
 //!           (f) snapshots  scheduled snapshots and their rotation
 //!                          (`snapshot_policies.rs`), in a task of its own
+//!           (g) volumes    recorded for a restore whose VM was never
+//!                          created (a controller died between the two
+//!                          writes) are forgotten after 10 minutes
 //! ```
 //!
 //! **Invariant**: the lease keeps the work on one controller (on PostgreSQL
@@ -186,6 +189,25 @@ pub async fn pass(app: &App, config: &ReconcilerConfig) {
     restart_crashed_vms(app, config).await;
     forget_old_orphans(app, config).await;
     forget_old_requests(app, config).await;
+    forget_unborn_volumes(app).await;
+}
+
+/// How long volumes recorded for a restore may wait for their VM's record:
+/// both are written within one API call, so anything older is a leftover
+/// of a controller that died between them.
+const UNBORN_VOLUME_GRACE: Duration = Duration::from_secs(600);
+
+/// (g) Volumes recorded for a `backup restore --as` whose VM never came.
+async fn forget_unborn_volumes(app: &App) {
+    let before = now_micros() - micros(UNBORN_VOLUME_GRACE);
+    match app.ds.backup_restored_volumes_forget_unborn(before).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            volumes = n,
+            "forgot volumes recorded for restored VMs never created"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not forget volumes of VMs never created"),
+    }
 }
 
 /// (d) Host requests nobody will read again.
