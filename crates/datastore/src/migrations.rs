@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "snapshot volumes",
         include_str!("../migrations/0011_snapshot_volumes.sql"),
     ),
+    (
+        13,
+        "pool volumes",
+        include_str!("../migrations/0013_pool_volumes.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

@@ -1087,11 +1087,11 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     assert!(ds.snapshot_list(vm).await.expect("list").is_empty());
 
     let v = ds
-        .volume_create(fx.project, "data", 16 << 20, None)
+        .volume_create(fx.project, "data", 16 << 20, None, None)
         .await
         .expect("volume");
     assert_eq!(
-        ds.volume_create(fx.project, "data", 1 << 20, None)
+        ds.volume_create(fx.project, "data", 1 << 20, None, None)
             .await
             .expect_err("dup")
             .error_code(),
