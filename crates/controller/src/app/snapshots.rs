@@ -60,6 +60,7 @@ pub async fn snapshot_create(
             ),
         ));
     }
+    crate::app::volumes::refuse_snapshot_of_pool_volumes(app, &vm).await?;
     let id = SnapshotId::new();
     let job = job(JobKind::VmSnapshotCreate, &vm, id)?;
     let (snap, job) = app
