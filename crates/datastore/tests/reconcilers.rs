@@ -936,7 +936,7 @@ async fn pool_volumes_claim_their_size_and_give_it_back(ds: &Datastore) {
     assert_eq!(full.error_code(), "pool_full");
     assert!(
         full.to_string()
-            .contains("storage pool shared has room for 2GiB (8GiB of 10GiB allocated)"),
+            .contains("storage pool shared has room for 2GiB more (8GiB of 10GiB allocated); the volume needs 3GiB"),
         "{full}"
     );
     assert!(ds
