@@ -254,10 +254,8 @@ async fn file_host(
         };
     };
     let assignment = pool_assignment(app, pool).await?;
-    let host_is_up =
-        |h: HostId| async move { Ok::<_, Error>(app.ds.host_get(h).await?.state == HostState::Up) };
     if vol.vm_id.is_some() {
-        return if host_is_up(last).await? {
+        return if app.ds.host_get(last).await?.state == HostState::Up {
             Ok(Some((last, Some(assignment))))
         } else {
             Err(Error::conflict(
@@ -266,6 +264,25 @@ async fn file_host(
             ))
         };
     }
+    match pool_host(app, pool, Some(last)).await? {
+        Some(h) => Ok(Some((h, Some(assignment)))),
+        None => Err(Error::conflict(
+            "pool_unreachable",
+            format!(
+                "no host that is up sees storage pool {:?}, which holds volume {:?}'s file \
+                 (`stratus pool show {}` lists each host's view)",
+                assignment.name, vol.name, assignment.name
+            ),
+        )),
+    }
+}
+
+/// A host that is up and reports the pool usable, `preferred` first.
+async fn pool_host(
+    app: &App,
+    pool: StoragePoolId,
+    preferred: Option<HostId>,
+) -> Result<Option<HostId>, Error> {
     let seeing: Vec<HostId> = app
         .ds
         .pool_hosts(pool)
@@ -275,23 +292,16 @@ async fn file_host(
         .map(|h| h.host_id)
         .collect();
     let mut candidates = Vec::with_capacity(seeing.len());
-    if seeing.contains(&last) {
-        candidates.push(last);
+    if let Some(p) = preferred.filter(|p| seeing.contains(p)) {
+        candidates.push(p);
     }
-    candidates.extend(seeing.iter().copied().filter(|h| *h != last));
+    candidates.extend(seeing.iter().copied().filter(|h| Some(*h) != preferred));
     for h in candidates {
-        if host_is_up(h).await? {
-            return Ok(Some((h, Some(assignment))));
+        if app.ds.host_get(h).await?.state == HostState::Up {
+            return Ok(Some(h));
         }
     }
-    Err(Error::conflict(
-        "pool_unreachable",
-        format!(
-            "no host that is up sees storage pool {:?}, which holds volume {:?}'s file \
-             (`stratus pool show {}` lists each host's view)",
-            assignment.name, vol.name, assignment.name
-        ),
-    ))
+    Ok(None)
 }
 
 /// The pool as a host is told of it.
@@ -401,7 +411,17 @@ pub async fn volume_delete(
             ),
         ));
     }
-    if let Some((host, pool)) = file_host(app, &vol).await? {
+    let target = match (file_host(app, &vol).await?, vol.pool_id) {
+        // No host on record, yet an attach that failed after its host made
+        // the file leaves one in the pool: removed through any host that
+        // sees the pool, if one is up (removing an absent file succeeds).
+        (None, Some(pool)) => match pool_host(app, pool, None).await? {
+            Some(h) => Some((h, Some(pool_assignment(app, pool).await?))),
+            None => None,
+        },
+        (found, _) => found,
+    };
+    if let Some((host, pool)) = target {
         let request = AgentRequestKind::VolumeDelete {
             volume_id: vol.id.as_uuid(),
             pool,
