@@ -100,6 +100,46 @@ pub(crate) async fn check_all(pools: &[PoolAssignment]) -> Vec<PoolReport> {
     out
 }
 
+/// Prepares this host to handle a volume in a shared pool: checks the pool
+/// as a report would (so a host that lost its mount since its last report
+/// refuses rather than make a file nobody else sees), then tells the driver
+/// the volume's files are in it. Called before every request on a pool
+/// volume (attach, resize, delete), whichever host it goes to.
+pub(crate) async fn use_volume_pool(
+    shared: &std::sync::Arc<crate::agent::Shared>,
+    volume_id: uuid::Uuid,
+    pool: &PoolAssignment,
+) -> Result<(), String> {
+    let path = PathBuf::from(&pool.path);
+    let uuid = pool.id.0.to_string();
+    let dir = path.clone();
+    let checked = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        tokio::task::spawn_blocking(move || check(&dir, &uuid)),
+    )
+    .await;
+    let why = match checked {
+        Ok(Ok(Ok(_))) => None,
+        Ok(Ok(Err(why))) => Some(why),
+        Ok(Err(join)) => Some(format!("the check failed: {join}")),
+        Err(_) => Some(format!(
+            "the directory did not answer within {} s (a hung mount?)",
+            CHECK_TIMEOUT.as_secs()
+        )),
+    };
+    if let Some(why) = why {
+        return Err(format!(
+            "this host cannot use storage pool {:?}, which holds volume {volume_id}: {why}",
+            pool.name
+        ));
+    }
+    shared
+        .driver
+        .volume_use_pool(volume_id, &path)
+        .await
+        .map_err(|e| crate::error::chain(&e))
+}
+
 fn failed(pool_id: StoragePoolId, error: String) -> PoolReport {
     PoolReport {
         pool_id,

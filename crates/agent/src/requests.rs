@@ -160,6 +160,7 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
             volume_id,
             size_bytes,
             image,
+            pool,
         } => {
             volume_attach(
                 &shared,
@@ -167,6 +168,7 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
                 *volume_id,
                 *size_bytes,
                 image.as_ref(),
+                pool.as_ref(),
             )
             .await
         }
@@ -183,18 +185,10 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
         AgentRequestKind::VolumeResize {
             volume_id,
             size_bytes,
-        } => match shared.driver.volume_resize(*volume_id, *size_bytes).await {
-            Ok(v) => AgentRequestResult {
-                volume: Some(on_host(&v)),
-                ..answered()
-            },
-            Err(e) => failed(chain(&e)),
-        },
-        AgentRequestKind::VolumeDelete { volume_id } => {
-            match shared.driver.volume_delete(*volume_id).await {
-                Ok(()) => answered(),
-                Err(e) => failed(chain(&e)),
-            }
+            pool,
+        } => volume_resize(&shared, *volume_id, *size_bytes, pool.as_ref()).await,
+        AgentRequestKind::VolumeDelete { volume_id, pool } => {
+            volume_delete(&shared, *volume_id, pool.as_ref()).await
         }
         AgentRequestKind::SnapshotCreate {
             vm_id,
@@ -277,15 +271,61 @@ fn on_host(v: &stratus_driver::VolumeInfo) -> stratus_client::types::VolumeOnHos
     }
 }
 
+/// Grows a volume's file (in its pool, with `pool`).
+async fn volume_resize(
+    shared: &Arc<Shared>,
+    volume_id: uuid::Uuid,
+    size_bytes: u64,
+    pool: Option<&stratus_client::types::PoolAssignment>,
+) -> AgentRequestResult {
+    if let Some(pool) = pool {
+        if let Err(e) = crate::pools::use_volume_pool(shared, volume_id, pool).await {
+            return failed(e);
+        }
+    }
+    match shared.driver.volume_resize(volume_id, size_bytes).await {
+        Ok(v) => AgentRequestResult {
+            volume: Some(on_host(&v)),
+            ..answered()
+        },
+        Err(e) => failed(chain(&e)),
+    }
+}
+
+/// Deletes a volume's file (from its pool, with `pool`: any host that sees
+/// the pool can, whether or not it ever had the volume attached).
+async fn volume_delete(
+    shared: &Arc<Shared>,
+    volume_id: uuid::Uuid,
+    pool: Option<&stratus_client::types::PoolAssignment>,
+) -> AgentRequestResult {
+    if let Some(pool) = pool {
+        if let Err(e) = crate::pools::use_volume_pool(shared, volume_id, pool).await {
+            return failed(e);
+        }
+    }
+    match shared.driver.volume_delete(volume_id).await {
+        Ok(()) => answered(),
+        Err(e) => failed(chain(&e)),
+    }
+}
+
 /// Makes the volume's file if it has none (caching its image first, as for
-/// a VM) and attaches it to the VM.
+/// a VM) and attaches it to the VM. A pool volume's file is looked for (and
+/// made) in its pool, so one made by another host is attached as it is.
 async fn volume_attach(
     shared: &Arc<Shared>,
     vm: VmId,
     volume_id: uuid::Uuid,
     size_bytes: u64,
     image: Option<&stratus_client::types::DesiredImage>,
+    pool: Option<&stratus_client::types::PoolAssignment>,
 ) -> AgentRequestResult {
+    if let Some(pool) = pool {
+        if let Err(e) = crate::pools::use_volume_pool(shared, volume_id, pool).await {
+            return failed(e);
+        }
+    }
     // A volume that has its file already (attached before, perhaps grown
     // since) is attached as it is.
     let existing = match shared.driver.volume_info(volume_id).await {
@@ -294,7 +334,7 @@ async fn volume_attach(
     };
     let made = match existing {
         Some(v) => v,
-        None => match make_volume(shared, volume_id, size_bytes, image).await {
+        None => match make_volume(shared, volume_id, size_bytes, image, pool).await {
             Ok(v) => v,
             Err(e) => return failed(e),
         },
@@ -308,15 +348,22 @@ async fn volume_attach(
     }
 }
 
-/// Makes a volume's file: blank, or a clone of its image (cached first).
+/// Makes a volume's file: blank, or a clone of its image (cached first; a
+/// pool volume's in the pool's own cache, so every host that sees the pool
+/// can open its backing file).
 async fn make_volume(
     shared: &Arc<Shared>,
     volume_id: uuid::Uuid,
     size_bytes: u64,
     image: Option<&stratus_client::types::DesiredImage>,
+    pool: Option<&stratus_client::types::PoolAssignment>,
 ) -> Result<stratus_driver::VolumeInfo, String> {
+    let cache = match pool {
+        Some(p) => shared.pool_images(std::path::Path::new(&p.path)),
+        None => shared.images.clone(),
+    };
     let (image, image_format) = match image {
-        Some(img) => match shared.images.ensure(&shared.api, img).await {
+        Some(img) => match cache.ensure(&shared.api, img).await {
             Ok(cached) => (
                 Some(cached.disk),
                 Some(match img.format {

@@ -220,6 +220,7 @@ impl Rig {
                     project: Some("p".into()),
                     size_bytes: 16 << 20,
                     image: None,
+                    pool: None,
                 })
                 .send()
                 .await

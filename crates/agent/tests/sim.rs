@@ -690,6 +690,13 @@ impl Driver for SlowStops {
     ) -> Result<Option<stratus_driver::VolumeInfo>, DriverError> {
         self.sim.volume_info(volume).await
     }
+    async fn volume_use_pool(
+        &self,
+        volume: uuid::Uuid,
+        pool: &std::path::Path,
+    ) -> Result<(), DriverError> {
+        self.sim.volume_use_pool(volume, pool).await
+    }
     async fn vm_migrate_prepare(
         &self,
         spec: &VmSpec,

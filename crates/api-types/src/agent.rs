@@ -312,12 +312,16 @@ pub enum AgentRequestKind {
     },
     /// Create the volume's file if it has none (blank, or a copy-on-write
     /// clone of `image`, which the host caches like a VM's) and attach it
-    /// to the VM (hot-plugged when it runs).
+    /// to the VM (hot-plugged when it runs). With `pool`, the file is (or
+    /// is made) in that shared pool and the image cached in the pool's own
+    /// cache.
     VolumeAttach {
         vm_id: VmId,
         volume_id: uuid::Uuid,
         size_bytes: u64,
         image: Option<DesiredImage>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PoolAssignment>,
     },
     /// Detach the volume from the VM (hot-unplugged when it runs).
     VolumeDetach { vm_id: VmId, volume_id: uuid::Uuid },
@@ -325,9 +329,16 @@ pub enum AgentRequestKind {
     VolumeResize {
         volume_id: uuid::Uuid,
         size_bytes: u64,
+        /// The shared pool holding the volume's file, if it is in one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PoolAssignment>,
     },
-    /// Delete the volume's file.
-    VolumeDelete { volume_id: uuid::Uuid },
+    /// Delete the volume's file (from its shared pool, with `pool`).
+    VolumeDelete {
+        volume_id: uuid::Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<PoolAssignment>,
+    },
     /// Snapshot the VM's disk and its attached volumes (live when it runs).
     SnapshotCreate {
         vm_id: VmId,

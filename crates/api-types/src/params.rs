@@ -424,6 +424,11 @@ pub struct VolumeCreate {
     pub size_bytes: u64,
     /// Start as a copy-on-write clone of this image (name or id).
     pub image: Option<String>,
+    /// Storage pool (name or id) for the volume's file: a shared pool (its
+    /// size is claimed against the pool's capacity, and it can be attached
+    /// to VMs on every host that sees the pool), or `local` (the default),
+    /// the data directory of the host it is first attached on.
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -861,10 +861,18 @@ pub struct Volume {
     /// The image it started as a copy-on-write clone of (absent: blank).
     pub image_id: Option<ImageId>,
     pub status: VolumeStatus,
-    /// The host holding its file (from its first attach on; it can be
-    /// attached only to VMs there).
+    /// The host holding its file (from its first attach on; a local
+    /// volume can be attached only to VMs there). For a volume in a shared
+    /// pool: the host it was last attached on.
     pub host_id: Option<HostId>,
     pub vm_id: Option<VmId>,
+    /// The shared storage pool holding its file. Absent: the `local` pool
+    /// of the host it is first attached on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_id: Option<StoragePoolId>,
+    /// The name of that pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 

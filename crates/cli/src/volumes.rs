@@ -21,6 +21,11 @@ pub enum VolumeCmd {
         /// Start as a clone of this image
         #[arg(long)]
         image: Option<String>,
+        /// Keep its file in this shared storage pool (then it can be
+        /// attached to VMs on every host that sees the pool); default
+        /// `local`: the host it is first attached on
+        #[arg(long)]
+        pool: Option<String>,
         #[arg(long)]
         project: Option<String>,
     },
@@ -79,8 +84,14 @@ fn volume_fields(v: &types::Volume) -> Table {
         ("image", opt(&v.image_id)),
         ("vm", opt(&v.vm_id)),
         ("host", opt(&v.host_id)),
+        ("pool", pool_name(v)),
         ("created", ts(&v.created_at)),
     ])
+}
+
+/// The volume's pool as the operator names it: `local` for a host's own.
+fn pool_name(v: &types::Volume) -> String {
+    v.pool.clone().unwrap_or_else(|| "local".into())
 }
 
 async fn show(c: &Client, f: Format, volume: &str, project: Option<&str>) -> Result<(), CliError> {
@@ -124,6 +135,7 @@ pub async fn volume(
             name: n,
             size,
             image,
+            pool,
             project,
         } => {
             let v = c
@@ -133,6 +145,7 @@ pub async fn volume(
                     project,
                     size_bytes: size.bytes(),
                     image,
+                    pool,
                 })
                 .send()
                 .await?
@@ -206,12 +219,13 @@ pub async fn volume(
             })
             .await?;
             print_list(f, items, next, |items| {
-                let mut t = Table::new(&["NAME", "STATUS", "SIZE", "VM", "ID"]);
+                let mut t = Table::new(&["NAME", "STATUS", "SIZE", "POOL", "VM", "ID"]);
                 for v in items {
                     t.row(vec![
                         v.name.clone(),
                         wire(&v.status),
                         bytes(v.size_bytes),
+                        pool_name(v),
                         opt(&v.vm_id),
                         v.id.to_string(),
                     ]);

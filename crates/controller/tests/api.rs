@@ -31,6 +31,7 @@ both_backends!(
     tokens_are_shown_once_and_revocable,
     agent_endpoints_take_host_credentials_only,
     agent_reports_are_gated_by_generation,
+    pool_volumes_claim_room_and_refuse_clearly,
 );
 
 /// A world with two projects. A holds one of everything.
@@ -1799,4 +1800,169 @@ async fn agent_reports_are_gated_by_generation(b: Backend) {
         "only the VM's host writes its console"
     );
     ctx.shutdown().await;
+}
+
+/// Volumes in a shared pool: the create claims the size against the pool's
+/// reported capacity (a full pool is `409 pool_full` naming the pool and
+/// its room, recording nothing), a resize claims the growth the same way,
+/// a VM on a host that does not see the pool cannot take the volume (`409
+/// pool_not_on_host` naming both), the pool cannot be deleted while the
+/// volume lives there, and deleting the volume gives its size back.
+async fn pool_volumes_claim_room_and_refuse_clearly(b: Backend) {
+    use stratus_api_types::agent::PoolReport;
+    let ctx = Ctx::new(b, true).await;
+    let w = world(&ctx).await;
+    let am = &w.a_member;
+    let host: stratus_common::HostId = w.host.parse().expect("host id");
+    let pool_id: stratus_common::StoragePoolId = w.pool.parse().expect("pool id");
+    let report = |error: Option<&str>| PoolReport {
+        pool_id,
+        error: error.map(str::to_string),
+        total_bytes: 100 << 20,
+        available_bytes: 90 << 20,
+    };
+    ctx.app
+        .ds
+        .host_report_pools(host, &[report(None)])
+        .await
+        .expect("report");
+    let create =
+        |name: &str, size: u64, pool: &str| json!({"name": name, "size_bytes": size, "pool": pool});
+
+    let r = ctx
+        .post("/v1/volumes", am, create("big", 200 << 20, "shared"))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "pool_full", "{}", r.body);
+    let msg = r.body["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("storage pool shared has room for 100MiB"),
+        "{msg}"
+    );
+    assert_error_shape(&r);
+    let r = ctx
+        .post("/v1/volumes", am, create("typo", 1 << 20, "nope"))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("storage pool \"nope\" not found")),
+        "{}",
+        r.body
+    );
+    assert_eq!(pool_view(&ctx, &w.pool).await["allocated_bytes"], 0);
+
+    let v = ctx
+        .must(
+            ctx.post("/v1/volumes", am, create("data", 60 << 20, "shared"))
+                .await,
+            "pool volume",
+        )
+        .await;
+    assert_eq!(v["pool"], "shared", "{v}");
+    assert_eq!(v["pool_id"], w.pool.as_str(), "{v}");
+    assert_eq!(
+        pool_view(&ctx, &w.pool).await["allocated_bytes"],
+        60u64 << 20
+    );
+    let local = ctx
+        .must(
+            ctx.post(
+                "/v1/volumes",
+                am,
+                json!({"name": "local", "size_bytes": 1u64 << 20}),
+            )
+            .await,
+            "local volume",
+        )
+        .await;
+    assert!(local.get("pool").is_none(), "{local}");
+    assert_eq!(
+        pool_view(&ctx, &w.pool).await["allocated_bytes"],
+        60u64 << 20
+    );
+    let r = ctx
+        .post("/v1/volumes", am, create("second", 60 << 20, "shared"))
+        .await;
+    assert_eq!(r.code(), "pool_full", "{}", r.body);
+
+    // Growth is claimed too; a refused resize changes nothing.
+    let vid = v["id"].as_str().expect("id");
+    let resize = |size: u64| json!({"size_bytes": size});
+    let r = ctx
+        .post(&format!("/v1/volumes/{vid}/resize"), am, resize(120 << 20))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "pool_full", "{}", r.body);
+    let r = ctx.get(&format!("/v1/volumes/{vid}"), am).await;
+    assert_eq!(r.body["size_bytes"], 60u64 << 20);
+    assert_eq!(
+        pool_view(&ctx, &w.pool).await["allocated_bytes"],
+        60u64 << 20
+    );
+    ctx.must(
+        ctx.post(&format!("/v1/volumes/{vid}/resize"), am, resize(80 << 20))
+            .await,
+        "resize",
+    )
+    .await;
+    assert_eq!(
+        pool_view(&ctx, &w.pool).await["allocated_bytes"],
+        80u64 << 20
+    );
+
+    // The VM's host stops seeing the pool: the volume cannot go there.
+    ctx.app
+        .ds
+        .host_report_pools(host, &[report(Some("not mounted"))])
+        .await
+        .expect("report");
+    let r = ctx
+        .post(
+            &format!("/v1/volumes/{vid}/attach"),
+            am,
+            json!({"vm": "vm-a"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "pool_not_on_host", "{}", r.body);
+    let msg = r.body["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("\"host-w\"") && msg.contains("\"shared\""),
+        "{msg}"
+    );
+    assert_eq!(
+        ctx.get(&format!("/v1/volumes/{vid}"), am).await.body["status"],
+        "available"
+    );
+
+    let r = ctx
+        .delete(&format!("/v1/storage-pools/{}", w.pool), &ctx.admin)
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "pool_in_use", "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("1 volume(s)")),
+        "{}",
+        r.body
+    );
+
+    // Never attached, so no file anywhere: the record goes, the room comes back.
+    let r = ctx.delete(&format!("/v1/volumes/{vid}"), am).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    assert_eq!(pool_view(&ctx, &w.pool).await["allocated_bytes"], 0);
+    let r = ctx
+        .delete(&format!("/v1/storage-pools/{}", w.pool), &ctx.admin)
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    ctx.shutdown().await;
+}
+
+async fn pool_view(ctx: &Ctx, pool: &str) -> Value {
+    ctx.get(&format!("/v1/storage-pools/{pool}"), &ctx.admin)
+        .await
+        .body
 }

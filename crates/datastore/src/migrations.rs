@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "backup volumes",
         include_str!("../migrations/0014_backup_volumes.sql"),
     ),
+    (
+        15,
+        "pool volumes",
+        include_str!("../migrations/0015_pool_volumes.sql"),
+    ),
 ];
 
 /// The schema version this binary expects: the last migration's.

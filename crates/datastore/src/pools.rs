@@ -1,8 +1,9 @@
 //! Shared storage pools and what each host finds of them.
 //!
-//! A pool's `alloc_bytes` is the sum of the disks of the VMs in it, claimed
-//! in the VM create transaction by a guarded `UPDATE` (never beyond the
-//! capacity a host last reported) and released when the VM is removed. A
+//! A pool's `alloc_bytes` is the sum of the disks of the VMs in it and of
+//! the volumes in it, claimed in the VM (or volume) create transaction by a
+//! guarded `UPDATE` (never beyond the capacity a host last reported) and
+//! released when the VM (or volume) is removed. A
 //! host's `pools` column lists the pools it reported as usable, which the
 //! scheduler reads like tags.
 
@@ -159,11 +160,32 @@ impl Datastore {
             .collect()
     }
 
-    /// Removes a pool no VM uses (their records keep it), with the hosts'
-    /// reports on it; the hosts stop listing it at once.
+    /// Removes a pool no VM and no volume uses (their records keep it), with
+    /// the hosts' reports on it; the hosts stop listing it at once.
     pub async fn pool_delete(&self, id: StoragePoolId) -> Result<(), Error> {
         let ctx = "removing a storage pool";
         let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        // Counted first for a message that says what to remove; the foreign
+        // keys below still refuse anything that slips in.
+        let (vms,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM vms WHERE pool_id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        let (volumes,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM volumes WHERE pool_id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        if vms > 0 || volumes > 0 {
+            return Err(Error::conflict(
+                "pool_in_use",
+                format!(
+                    "{vms} VM(s) keep their disks and {volumes} volume(s) their files in the \
+                     storage pool; delete or move them first"
+                ),
+            ));
+        }
         let affected: Vec<(String,)> =
             sqlx::query_as("SELECT host_id FROM host_pools WHERE pool_id = $1 AND error IS NULL")
                 .bind(id.to_string())
@@ -183,7 +205,8 @@ impl Datastore {
                 if is_fk_violation(&e) {
                     Error::conflict(
                         "pool_in_use",
-                        "VMs keep their disks in the storage pool; delete or move them first",
+                        "VMs or volumes keep their files in the storage pool; delete or move \
+                         them first",
                     )
                 } else {
                     db_error(ctx, e)

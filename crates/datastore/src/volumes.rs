@@ -7,25 +7,36 @@
 //!                        └────────── detaching ◄──detach job─────┘
 //! ```
 //!
-//! A volume gets its file (and its host, `host_id`) on its first attach;
-//! from then on it can be attached only to VMs on that host.
+//! A volume gets its file (and its host, `host_id`) on its first attach.
+//! A local volume (no `pool_id`) can from then on be attached only to VMs on
+//! that host. A pool volume's file is in its shared storage pool, so it can
+//! be attached on any host that sees the pool; its size is claimed against
+//! the pool's capacity in the create transaction (and in a resize's, for
+//! the growth) and given back by the delete transaction, so a pool's
+//! `alloc_bytes` is always the sum of its VMs' disks and its volumes.
 //! **Invariant**: `vm_id` is set exactly while attaching, attached or
 //! detaching, and only by a transaction that also makes the job the VM's one
 //! active job.
 
 use stratus_api_types::views::{self, VolumeStatus};
 use stratus_common::time::{from_micros, now_micros};
-use stratus_common::{Error, HostId, ImageId, ProjectId, ResourceKind, VmId, VolumeId};
+use stratus_common::{
+    ByteCount, Error, HostId, ImageId, ProjectId, ResourceKind, StoragePoolId, VmId, VolumeId,
+};
 
-use crate::db::{db_error, is_unique_violation};
+use crate::db::{db_error, is_fk_violation, is_unique_violation};
 use crate::jobs::insert_job;
 use crate::model::{enum_parse, enum_str, i64_of, u64_of, JobRecord, NewJob, RowExt};
 use crate::page::{ListQuery, Page, PageRequest};
 use crate::vms::hold_vm;
 use crate::Datastore;
 
+/// The pool's name comes from a subquery rather than a join, so list
+/// filters can name the volume's columns unqualified.
 const SELECT: &str = "SELECT id, project_id, name, size_bytes, image_id, status, host_id, vm_id, \
-     created_at, updated_at FROM volumes";
+     created_at, updated_at, pool_id, \
+     (SELECT p.name FROM storage_pools p WHERE p.id = volumes.pool_id) AS pool_name \
+     FROM volumes";
 
 #[derive(Debug, Clone)]
 pub struct VolumeRecord {
@@ -37,6 +48,9 @@ pub struct VolumeRecord {
     pub status: VolumeStatus,
     pub host_id: Option<HostId>,
     pub vm_id: Option<VmId>,
+    /// The shared storage pool holding its file; `None`: a host's own.
+    pub pool_id: Option<StoragePoolId>,
+    pub pool_name: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -52,6 +66,8 @@ impl VolumeRecord {
             status: enum_parse(r, "status")?,
             host_id: r.opt_parse("host_id")?,
             vm_id: r.opt_parse("vm_id")?,
+            pool_id: r.opt_parse("pool_id")?,
+            pool_name: r.opt_text("pool_name")?,
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
         })
@@ -67,32 +83,42 @@ impl VolumeRecord {
             status: self.status,
             host_id: self.host_id,
             vm_id: self.vm_id,
+            pool_id: self.pool_id,
+            pool: self.pool_name,
             created_at: from_micros(self.created_at),
         }
     }
 }
 
 impl Datastore {
+    /// Records a volume. A pool volume's size is claimed against its
+    /// pool in the same transaction: a pool without room refuses it
+    /// (`409 pool_full`, naming the pool and its room) and nothing is
+    /// written.
     pub async fn volume_create(
         &self,
         project: ProjectId,
         name: &str,
         size_bytes: u64,
         image: Option<ImageId>,
+        pool: Option<StoragePoolId>,
     ) -> Result<VolumeRecord, Error> {
+        let ctx = "recording a volume";
         let id = VolumeId::new();
         let now = now_micros();
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
         sqlx::query(
-            "INSERT INTO volumes (id, project_id, name, size_bytes, image_id, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'available', $6, $6)",
+            "INSERT INTO volumes (id, project_id, name, size_bytes, image_id, status, pool_id, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'available', $6, $7, $7)",
         )
         .bind(id.to_string())
         .bind(project.to_string())
         .bind(name)
         .bind(i64_of(size_bytes))
         .bind(image.map(|i| i.to_string()))
+        .bind(pool.map(|p| p.to_string()))
         .bind(now)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
@@ -100,10 +126,16 @@ impl Datastore {
                     "name_in_use",
                     format!("a volume named {name:?} already exists in this project"),
                 )
+            } else if is_fk_violation(&e) {
+                Error::conflict("pool_gone", "the storage pool was deleted meanwhile")
             } else {
-                db_error("recording a volume", e)
+                db_error(ctx, e)
             }
         })?;
+        if let Some(pool) = pool {
+            claim_pool_for_volume(&mut tx, pool, size_bytes, "the volume needs").await?;
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
         self.volume_get(id).await
     }
 
@@ -283,21 +315,91 @@ impl Datastore {
         Ok(())
     }
 
-    /// Removes a volume record that no VM holds.
+    /// Claims a pool volume's growth from `from` to `to` bytes against its
+    /// pool, before its host grows the file (so a full pool refuses the
+    /// resize with `409 pool_full` and the file stays as it is). The caller
+    /// gives it back with [`Datastore::volume_pool_release`] if the host
+    /// fails. Nothing to claim for a local volume or no growth.
+    pub async fn volume_pool_claim(
+        &self,
+        pool: StoragePoolId,
+        from: u64,
+        to: u64,
+    ) -> Result<(), Error> {
+        let ctx = "claiming a volume's growth";
+        let Some(growth) = to.checked_sub(from).filter(|g| *g > 0) else {
+            return Ok(());
+        };
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        claim_pool_for_volume(&mut tx, pool, growth, "growing the volume needs").await?;
+        tx.commit().await.map_err(|e| db_error(ctx, e))
+    }
+
+    /// Gives back bytes claimed by [`Datastore::volume_pool_claim`].
+    pub async fn volume_pool_release(&self, pool: StoragePoolId, bytes: u64) -> Result<(), Error> {
+        let mut conn = self
+            .write
+            .acquire()
+            .await
+            .map_err(|e| db_error("releasing a volume's claim", e))?;
+        crate::pools::release_pool(&mut conn, &pool.to_string(), i64_of(bytes)).await
+    }
+
+    /// Removes a volume record that no VM holds; a pool volume's size goes
+    /// back to its pool in the same transaction.
     pub async fn volume_delete(&self, id: VolumeId) -> Result<(), Error> {
+        let ctx = "deleting a volume";
+        let mut tx = self.write.begin().await.map_err(|e| db_error(ctx, e))?;
+        let row: Option<(Option<String>, i64)> =
+            sqlx::query_as("SELECT pool_id, size_bytes FROM volumes WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error(ctx, e))?;
+        let Some((pool, size)) = row else {
+            return Err(Error::not_found(ResourceKind::Volume, id));
+        };
         let done = sqlx::query(
             "DELETE FROM volumes WHERE id = $1 AND vm_id IS NULL AND status = 'available'",
         )
         .bind(id.to_string())
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
-        .map_err(|e| db_error("deleting a volume", e))?;
+        .map_err(|e| db_error(ctx, e))?;
         if done.rows_affected() == 0 {
             return Err(Error::conflict(
                 "volume_attached",
                 "the volume is attached to a VM; detach it first",
             ));
         }
-        Ok(())
+        if let Some(pool) = pool {
+            crate::pools::release_pool(&mut tx, &pool, size).await?;
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))
+    }
+}
+
+/// Claims `bytes` of `pool` for a volume (guarded: never beyond the pool's
+/// reported capacity); the error names the pool and its room.
+async fn claim_pool_for_volume(
+    conn: &mut sqlx::AnyConnection,
+    pool: StoragePoolId,
+    bytes: u64,
+    what: &str,
+) -> Result<(), Error> {
+    let per_pool = std::collections::BTreeMap::from([(pool, i64_of(bytes))]);
+    match crate::pools::claim_pools(conn, &per_pool).await? {
+        None => Ok(()),
+        Some((p, wanted)) => Err(Error::conflict(
+            "pool_full",
+            format!(
+                "storage pool {} has room for {} more ({} of {} allocated); {what} {}",
+                p.name,
+                ByteCount(p.capacity_bytes.saturating_sub(p.alloc_bytes)).human(),
+                ByteCount(p.alloc_bytes).human(),
+                ByteCount(p.capacity_bytes).human(),
+                ByteCount(wanted).human()
+            ),
+        )),
     }
 }

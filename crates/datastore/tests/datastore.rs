@@ -970,7 +970,7 @@ async fn backup_restored_volumes_lifecycle(ds: &Datastore) {
     use stratus_datastore::RestoredVolume;
     let fx = fixture(ds).await;
     let vm = settled_vm(ds, &fx, "web").await;
-    ds.volume_create(fx.project, "r-taken", 1 << 20, None)
+    ds.volume_create(fx.project, "r-taken", 1 << 20, None, None)
         .await
         .expect("volume");
     let rv = |name: &str| RestoredVolume {
@@ -1068,7 +1068,7 @@ async fn backup_volumes_recorded_and_merged(ds: &Datastore) {
     let host = stratus_common::HostId::new();
     let t = ds.backup_target_create("t", "/b").await.expect("target");
     let data = ds
-        .volume_create(fx.project, "data", 16 << 20, None)
+        .volume_create(fx.project, "data", 16 << 20, None, None)
         .await
         .expect("volume");
     let unknown = uuid::Uuid::new_v4();
@@ -1407,11 +1407,11 @@ async fn snapshots_and_volumes(ds: &Datastore) {
     assert!(ds.snapshot_list(vm).await.expect("list").is_empty());
 
     let v = ds
-        .volume_create(fx.project, "data", 16 << 20, None)
+        .volume_create(fx.project, "data", 16 << 20, None, None)
         .await
         .expect("volume");
     assert_eq!(
-        ds.volume_create(fx.project, "data", 1 << 20, None)
+        ds.volume_create(fx.project, "data", 1 << 20, None, None)
             .await
             .expect_err("dup")
             .error_code(),

@@ -51,6 +51,7 @@ both_backends!(
     orphans_are_recorded_listed_and_forgotten,
     old_host_requests_are_forgotten,
     shared_pools_are_seen_claimed_and_released,
+    pool_volumes_claim_their_size_and_give_it_back,
     moves_claim_the_target_and_release_exactly_one_host,
 );
 
@@ -880,6 +881,116 @@ async fn shared_pools_are_seen_claimed_and_released(ds: &Datastore) {
             .error_code(),
         "not_found"
     );
+}
+
+/// A volume in a shared pool claims its size in the create transaction
+/// (never beyond the pool's capacity, counted with the pool's VM disks; a
+/// refusal writes nothing), its growth on resize, and gives it all back on
+/// delete; the pool cannot be deleted while the volume lives there. Local
+/// volumes claim nothing.
+async fn pool_volumes_claim_their_size_and_give_it_back(ds: &Datastore) {
+    let w = world(ds).await;
+    let pool = ds.pool_create("shared", "/srv/pool").await.expect("pool");
+    let alloc = |ds: &Datastore| {
+        let id = pool.id;
+        let ds = ds.clone();
+        async move { ds.pool_get(id).await.expect("get").alloc_bytes }
+    };
+    // No host has reported the pool: it has no room at all.
+    let none = ds
+        .volume_create(w.project, "early", 1 << 20, None, Some(pool.id))
+        .await
+        .expect_err("no capacity reported");
+    assert_eq!(none.error_code(), "pool_full");
+    let ok = PoolReport {
+        pool_id: pool.id,
+        error: None,
+        total_bytes: 10 << 30,
+        available_bytes: 8 << 30,
+    };
+    ds.host_report_pools(w.host, std::slice::from_ref(&ok))
+        .await
+        .expect("report");
+
+    // A VM's 4 GiB disk and a 4 GiB volume share the 10 GiB.
+    let mut c = to_create(&w, "vm", RestartPolicy::Never);
+    c.vm.disk_bytes = 4 << 30;
+    c.vm.pool_id = Some(pool.id);
+    ds.vms_create(std::slice::from_ref(&c), None)
+        .await
+        .expect("vm");
+    let v = ds
+        .volume_create(w.project, "data", 4 << 30, None, Some(pool.id))
+        .await
+        .expect("volume");
+    assert_eq!(v.pool_id, Some(pool.id));
+    assert_eq!(v.pool_name.as_deref(), Some("shared"));
+    assert_eq!(v.clone().into_view().pool.as_deref(), Some("shared"));
+    assert_eq!(alloc(ds).await, 8 << 30);
+
+    // 3 GiB more does not fit: refused, naming the pool and its room, and
+    // no record is left (the name is still free).
+    let full = ds
+        .volume_create(w.project, "more", 3 << 30, None, Some(pool.id))
+        .await
+        .expect_err("full");
+    assert_eq!(full.error_code(), "pool_full");
+    assert!(
+        full.to_string()
+            .contains("storage pool shared has room for 2GiB more (8GiB of 10GiB allocated); the volume needs 3GiB"),
+        "{full}"
+    );
+    assert!(ds
+        .volume_find_by_name(Some(w.project), "more")
+        .await
+        .expect("find")
+        .is_empty());
+    assert_eq!(alloc(ds).await, 8 << 30);
+    // A local volume claims nothing of the pool.
+    let local = ds
+        .volume_create(w.project, "local", 3 << 30, None, None)
+        .await
+        .expect("local");
+    assert_eq!(local.pool_id, None);
+    assert_eq!(alloc(ds).await, 8 << 30);
+
+    // Growth: 1 GiB fits, 2 GiB more does not; a release gives it back.
+    ds.volume_pool_claim(pool.id, 4 << 30, 5 << 30)
+        .await
+        .expect("grow");
+    assert_eq!(alloc(ds).await, 9 << 30);
+    let e = ds
+        .volume_pool_claim(pool.id, 5 << 30, 7 << 30)
+        .await
+        .expect_err("full");
+    assert_eq!(e.error_code(), "pool_full");
+    assert_eq!(alloc(ds).await, 9 << 30);
+    ds.volume_pool_claim(pool.id, 5 << 30, 5 << 30)
+        .await
+        .expect("no growth claims nothing");
+    ds.volume_set_size(v.id, 5 << 30).await.expect("size");
+    ds.volume_pool_release(pool.id, 0).await.expect("release 0");
+    assert_eq!(alloc(ds).await, 9 << 30);
+
+    // The pool cannot go while the volume (or the VM) lives there.
+    let busy = ds.pool_delete(pool.id).await.expect_err("in use");
+    assert_eq!(busy.error_code(), "pool_in_use");
+    assert!(busy.to_string().contains("1 volume(s)"), "{busy}");
+    assert!(ds.vm_discard(c.vm.id, c.job.id).await.expect("discard"));
+    assert_eq!(alloc(ds).await, 5 << 30);
+    let busy = ds.pool_delete(pool.id).await.expect_err("in use");
+    assert!(busy.to_string().contains("0 VM(s)"), "{busy}");
+
+    // Deleting the volume gives its (grown) size back, once.
+    ds.volume_delete(v.id).await.expect("delete");
+    assert_eq!(alloc(ds).await, 0);
+    assert_eq!(
+        ds.volume_delete(v.id).await.expect_err("gone").error_code(),
+        "not_found"
+    );
+    assert_eq!(alloc(ds).await, 0);
+    ds.volume_delete(local.id).await.expect("delete local");
+    ds.pool_delete(pool.id).await.expect("pool delete");
 }
 
 /// A move claims its target with the job (never beyond capacity), commits

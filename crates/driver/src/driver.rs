@@ -203,6 +203,20 @@ pub trait Driver: Send + Sync {
     /// does not exist.
     async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError>;
 
+    /// Records that the volume's files are in the shared storage pool whose
+    /// directory (the same path on every host that sees it) is `pool`: in
+    /// `<pool>/volumes/`. Called before any other volume call on a pool
+    /// volume, on every host that handles it, so a volume made by one host
+    /// is found (not made again) by the next. Idempotent; a volume this
+    /// host keeps elsewhere is [`DriverError::VolumeConflict`]. Files in a
+    /// pool are removed only by [`Driver::volume_delete`], never by a VM's
+    /// destroy (nor an orphan's).
+    async fn volume_use_pool(
+        &self,
+        volume_id: uuid::Uuid,
+        pool: &std::path::Path,
+    ) -> Result<(), DriverError>;
+
     /// Destination side of a live migration (see [`crate::migrate`]):
     /// creates the VM's files (a disk to mirror into, unless the disk is
     /// shared), starts the hypervisor waiting for the incoming state (paused,

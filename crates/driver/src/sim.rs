@@ -40,7 +40,11 @@
 //! [`crate::MAX_VOLUMES_PER_VM`] per VM, grow only, no delete while
 //! attached, destroying a VM frees its volumes). Detaching always succeeds at
 //! once (a simulated guest always releases the disk); `allocated_bytes` is 0
-//! (nothing is ever written).
+//! (nothing is ever written). A volume in a shared pool is recorded with its
+//! pool (`volume_use_pool`, refused for a volume this host keeps locally or
+//! in another pool); as for VMs, the simulated pool holds no files, so a
+//! host the volume was not made on makes it afresh, and snapshots of a VM
+//! with a pool volume attached are refused as the QEMU driver refuses them.
 //!
 //! Live migration (see [`crate::migrate`]) moves a VM's row from one
 //! simulated driver to another in the same process: `vm_migrate_prepare`
@@ -182,6 +186,8 @@ pub struct SimDriver {
     backups: Mutex<HashMap<PathBuf, String>>,
     /// Volumes, by id.
     volumes: Mutex<HashMap<uuid::Uuid, SimVolume>>,
+    /// The shared pool of each volume in one (`volume_use_pool`).
+    volume_pools: Mutex<HashMap<uuid::Uuid, PathBuf>>,
 }
 
 struct SimVolume {
@@ -214,7 +220,12 @@ impl SimDriver {
             events,
             backups: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
+            volume_pools: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn lock_volume_pools(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, PathBuf>> {
+        self.volume_pools.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_volumes(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, SimVolume>> {
@@ -755,6 +766,19 @@ impl Driver for SimDriver {
             .map(|v| v.spec.volume_id)
             .collect();
         volumes.sort();
+        if let Some(v) = volumes
+            .iter()
+            .find(|v| self.lock_volume_pools().contains_key(v))
+        {
+            return Err(DriverError::InvalidState {
+                id,
+                operation: "snapshot",
+                state: format!(
+                    "attached to volume {v}, which is in a shared storage pool (snapshots do not \
+                     cover pool volumes yet: detach it first)"
+                ),
+            });
+        }
         let info = SnapshotInfo {
             snapshot_id: req.snapshot_id,
             name: req.name.clone(),
@@ -939,11 +963,46 @@ impl Driver for SimDriver {
             });
         }
         volumes.remove(&volume_id);
+        self.lock_volume_pools().remove(&volume_id);
         Ok(())
     }
 
     async fn volume_info(&self, volume_id: uuid::Uuid) -> Result<Option<VolumeInfo>, DriverError> {
         Ok(self.lock_volumes().get(&volume_id).map(SimVolume::info))
+    }
+
+    async fn volume_use_pool(
+        &self,
+        volume_id: uuid::Uuid,
+        pool: &std::path::Path,
+    ) -> Result<(), DriverError> {
+        if !pool.is_absolute() {
+            return Err(DriverError::InvalidVolumeSpec {
+                id: volume_id,
+                reason: format!("pool path {} is not absolute", pool.display()),
+            });
+        }
+        let volumes = self.lock_volumes();
+        let mut pools = self.lock_volume_pools();
+        match pools.get(&volume_id) {
+            Some(p) if p == pool => Ok(()),
+            Some(p) => Err(DriverError::VolumeConflict {
+                id: volume_id,
+                reason: format!(
+                    "its files are in pool {} on this host, not in {}",
+                    p.display(),
+                    pool.display()
+                ),
+            }),
+            None if volumes.contains_key(&volume_id) => Err(DriverError::VolumeConflict {
+                id: volume_id,
+                reason: "this host keeps it in its own data directory".into(),
+            }),
+            None => {
+                pools.insert(volume_id, pool.to_path_buf());
+                Ok(())
+            }
+        }
     }
 
     async fn vm_migrate_prepare(
@@ -2356,6 +2415,61 @@ mod tests {
             .await
             .expect("delete is idempotent");
         assert!(d.volume_info(v.volume_id).await.expect("info").is_none());
+    }
+
+    #[tokio::test]
+    async fn pool_volumes_follow_the_qemu_rules() {
+        use crate::volume::tests::blank;
+        let d = sim();
+        let a = spec();
+        d.vm_create(&a).await.expect("create");
+        let pool = std::path::Path::new("/srv/pool");
+        let v = blank(16 << 20);
+        d.volume_use_pool(v.volume_id, pool)
+            .await
+            .expect("use pool");
+        d.volume_use_pool(v.volume_id, pool)
+            .await
+            .expect("use pool is idempotent");
+        assert!(matches!(
+            d.volume_use_pool(v.volume_id, std::path::Path::new("/srv/other"))
+                .await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
+        assert!(matches!(
+            d.volume_use_pool(v.volume_id, std::path::Path::new("relative"))
+                .await,
+            Err(DriverError::InvalidVolumeSpec { .. })
+        ));
+        let local = blank(1 << 20);
+        d.volume_create(&local).await.expect("local volume");
+        assert!(matches!(
+            d.volume_use_pool(local.volume_id, pool).await,
+            Err(DriverError::VolumeConflict { .. })
+        ));
+
+        d.volume_create(&v).await.expect("volume");
+        d.vm_volume_attach(a.id, v.volume_id).await.expect("attach");
+        let e = d
+            .vm_snapshot_create(
+                a.id,
+                &crate::SnapshotRequest {
+                    snapshot_id: uuid::Uuid::new_v4(),
+                    name: "s".into(),
+                },
+            )
+            .await
+            .expect_err("a pool volume is attached");
+        assert!(e.to_string().contains("shared storage pool"), "{e}");
+        // The VM goes; the volume stays, in its pool.
+        d.vm_destroy(a.id).await.expect("destroy");
+        assert!(d.volume_info(v.volume_id).await.expect("info").is_some());
+        d.volume_delete(v.volume_id).await.expect("delete");
+        assert!(d.volume_info(v.volume_id).await.expect("info").is_none());
+        // Forgotten with its pool: it may be made anew anywhere.
+        d.volume_use_pool(v.volume_id, std::path::Path::new("/srv/other"))
+            .await
+            .expect("a deleted volume's pool is forgotten");
     }
 
     #[tokio::test]

@@ -418,8 +418,10 @@ pub(crate) async fn discard_create(
             .await
             .unwrap_or_default();
         for v in restored {
+            // Restored volumes are made in the host's own directory.
             let request = stratus_api_types::agent::AgentRequestKind::VolumeDelete {
                 volume_id: v.id.as_uuid(),
+                pool: None,
             };
             crate::storage::best_effort_request(sc, host, vm_id, "volume_delete", &request).await;
         }

@@ -634,6 +634,20 @@ pub(crate) async fn volume_attach(ctx: Ctx) -> Result<VolumeOnHost, ActionError>
         Some(i) => Some(desired_image(sc, i).await?),
         None => None,
     };
+    // A pool volume's file is in the pool, wherever the VM runs.
+    let pool = match vol.pool_id {
+        Some(pool) => {
+            let rec = retry_store(|| sc.ds.pool_get(pool))
+                .await
+                .map_err(|e| StepError::internal("reading the volume's storage pool", e))?;
+            Some(stratus_api_types::agent::PoolAssignment {
+                id: rec.id,
+                name: rec.name,
+                path: rec.path,
+            })
+        }
+        None => None,
+    };
     sc.step(p.job_id, "attach", 20, "the host is attaching the volume")
         .await?;
     let answer = vm_request(
@@ -645,6 +659,7 @@ pub(crate) async fn volume_attach(ctx: Ctx) -> Result<VolumeOnHost, ActionError>
             volume_id: id.as_uuid(),
             size_bytes: vol.size_bytes,
             image,
+            pool,
         },
     )
     .await?;

@@ -3,12 +3,13 @@
 //! `shared` (as two hosts would see one NFS export); a VM created in the
 //! pool boots with its disk, its snapshot layers and its image there; the
 //! scheduler counts the pool's capacity and places a pool's VMs only on
-//! hosts that see it; deleting the VM gives everything back.
+//! hosts that see it; deleting the VM gives everything back. A volume in the
+//! pool is written by a VM on one host and read back by a VM on the other.
 
 mod qemu_world;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qemu_world::*;
 use serde_json::Value;
@@ -279,11 +280,7 @@ fn real_qemu_a_shared_pool_holds_disks_both_hosts_see_and_caps_placement() {
         said.contains("storage pool shared has room for"),
         "dry run said: {said}"
     );
-    fails_with(
-        env,
-        &["pool", "delete", "shared"],
-        "VMs keep their disks in the storage pool",
-    );
+    fails_with(env, &["pool", "delete", "shared"], "VM(s) keep their disks");
 
     // Deleting the VM gives the pool back and removes its files there.
     env.json(&[
@@ -298,6 +295,241 @@ fn real_qemu_a_shared_pool_holds_disks_both_hosts_see_and_caps_placement() {
     ]);
     assert_eq!(pool(env, "shared")["allocated_bytes"], 0);
     assert!(!disks.exists(), "{:?}", files_under(&disks));
+    env.json(&["pool", "delete", "shared", "-o", "json"]);
+}
+
+fn volume(env: &Env, args: &[&str]) -> Value {
+    let mut all = vec!["volume"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--project", "p", "-o", "json"]);
+    env.json(&all)
+}
+
+/// The size in bytes of the guest's second disk, or `None` while it has none.
+fn vdb_size(env: &Env, vm: &str) -> Option<u64> {
+    sh(
+        env,
+        vm,
+        "if [ -b /dev/vdb ]; then echo $(( $(cat /sys/block/vdb/size) * 512 )); else echo none; fi",
+    )
+    .trim()
+    .parse()
+    .ok()
+}
+
+fn wait_vdb(env: &Env, vm: &str, want: Option<u64>) {
+    wait_until(&format!("{vm} to see its volume as expected"), BOOT, || {
+        let got = vdb_size(env, vm);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}, want {want:?}"))
+        }
+    });
+}
+
+/// SHA-256 of the first MiB of the guest's /dev/vdb, read from the disk
+/// (the guest's page cache dropped first).
+fn vdb_sum(env: &Env, vm: &str) -> String {
+    sh(
+        env,
+        vm,
+        "sync && echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb bs=1M count=1 2>/dev/null | sha256sum",
+    )
+    .split_whitespace()
+    .next()
+    .unwrap_or_default()
+    .to_string()
+}
+
+/// A volume in a shared pool through the CLI: a size beyond the pool's room
+/// is refused (`409 pool_full`); the volume's size counts against the pool;
+/// it is made in the pool by the first host it is attached on, written by a
+/// VM there, detached, attached to a VM on the other host (which never had
+/// it) and read back intact; a snapshot of a VM holding it is refused; the
+/// pool cannot be deleted while it lives there; deleting it removes its file
+/// from the pool and gives the room back.
+#[test]
+fn real_qemu_a_pool_volume_moves_between_hosts_with_its_data() {
+    let w = world();
+    let env = &w.env;
+    let (_agent2, host2_dir) = w.add_host("host-2");
+    let shared = w.home.path().join("nfs-export");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    env.json(&[
+        "pool",
+        "create",
+        "shared",
+        "--path",
+        &shared.display().to_string(),
+        "-o",
+        "json",
+    ]);
+    let p = wait_seen(env, "shared", 2);
+    // One VM on each host (tags pin them), booting side by side.
+    for (host, tag, vm) in [("host-1", "a", "on-a"), ("host-2", "b", "on-b")] {
+        env.json(&["host", "update", host, "--add-tag", tag, "-o", "json"]);
+        env.json(&[
+            "vm",
+            "create",
+            vm,
+            "--flavor",
+            "tiny",
+            "--image",
+            "guest",
+            "--project",
+            "p",
+            "--require-tag",
+            tag,
+            "-o",
+            "json",
+        ]);
+    }
+    let _kill_a = KillVm(env.vm("on-a")["id"].as_str().map(str::to_string));
+    let _kill_b = KillVm(env.vm("on-b")["id"].as_str().map(str::to_string));
+
+    // Larger than the pool's room: refused, nothing recorded.
+    let cap = p["capacity_bytes"].as_u64().expect("capacity");
+    let huge = format!("{}MiB", (cap >> 20) + 1);
+    let out = env.cli(&[
+        "volume",
+        "create",
+        "huge",
+        "--size",
+        &huge,
+        "--pool",
+        "shared",
+        "--project",
+        "p",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a volume beyond the pool's room");
+    assert!(
+        err.contains("pool_full") && err.contains("storage pool shared has room for"),
+        "{err}"
+    );
+    fails_with(
+        env,
+        &[
+            "volume",
+            "create",
+            "typo",
+            "--size",
+            "16MiB",
+            "--pool",
+            "nope",
+            "--project",
+            "p",
+        ],
+        "storage pool \"nope\" not found",
+    );
+    let list = volume(env, &["list"]);
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
+    assert_eq!(pool(env, "shared")["allocated_bytes"], 0);
+
+    let v = volume(
+        env,
+        &["create", "data", "--size", "16MiB", "--pool", "shared"],
+    );
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(v["pool"], "shared", "{v}");
+    assert_eq!(pool(env, "shared")["allocated_bytes"], 16u64 << 20);
+    let table = env.cli(&["volume", "list", "--project", "p"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("POOL") && table.contains("shared"),
+        "{table}"
+    );
+    fails_with(env, &["pool", "delete", "shared"], "1 volume(s)");
+
+    // Attached on host-1: made in the pool, linked from host-1's data dir.
+    wait_guest(env, "on-a");
+    let t = Instant::now();
+    volume(env, &["attach", "data", "on-a", "--wait"]);
+    println!(
+        "MEASURED pool volume attach (made in the pool, hot-plug) on host-1: {:?}",
+        t.elapsed()
+    );
+    wait_vdb(env, "on-a", Some(16 << 20));
+    let file = shared.join("volumes").join(format!("{id}.qcow2"));
+    assert!(file.is_file(), "{:?}", files_under(&shared.join("volumes")));
+    let host1_volumes = w.agent_dir.join("qemu/volumes");
+    assert!(
+        !host1_volumes.join(format!("{id}.qcow2")).exists(),
+        "{:?}",
+        files_under(&host1_volumes)
+    );
+    assert!(host1_volumes.join(format!("{id}.pool")).is_symlink());
+    let out = env.cli(&["volume", "attach", "data", "on-b", "--project", "p"]);
+    assert!(!out.status.success(), "attached twice");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("volume_in_use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum = sh(
+        env,
+        "on-a",
+        "dd if=/dev/urandom of=/dev/vdb bs=1M count=1 conv=notrunc 2>/dev/null && sync",
+    );
+    assert!(sum.trim().is_empty(), "{sum}");
+    let sum = vdb_sum(env, "on-a");
+    assert_eq!(sum.len(), 64, "{sum}");
+    fails_with(
+        env,
+        &["snapshot", "create", "on-a", "s1", "--project", "p"],
+        "volume_in_pool",
+    );
+    volume(env, &["detach", "data", "--wait"]);
+    wait_vdb(env, "on-a", None);
+
+    // Attached on host-2, which never had it: the same file, the same data.
+    wait_guest(env, "on-b");
+    let t = Instant::now();
+    let v = volume(env, &["attach", "data", "on-b", "--wait"]);
+    println!(
+        "MEASURED pool volume attach on the other host: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(v["status"], "attached", "{v}");
+    assert_eq!(v["host_id"], host_id(env, "host-2"), "{v}");
+    wait_vdb(env, "on-b", Some(16 << 20));
+    assert_eq!(vdb_sum(env, "on-b"), sum, "the data written on host-1");
+    let host2_volumes = host2_dir.join("qemu/volumes");
+    assert!(host2_volumes.join(format!("{id}.pool")).is_symlink());
+    assert!(!host2_volumes.join(format!("{id}.qcow2")).exists());
+
+    // Deleting the VM on host-2 detaches the volume and leaves its file.
+    env.json(&[
+        "vm",
+        "delete",
+        "on-b",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let v = volume(env, &["show", "data"]);
+    assert_eq!(v["status"], "available", "{v}");
+    assert!(file.is_file(), "the VM's delete left the pool volume");
+
+    // Deleted: its file leaves the pool, its room comes back.
+    let gone = volume(env, &["delete", "data"]);
+    assert_eq!(gone["deleted"], "data", "{gone}");
+    assert!(!file.exists(), "{:?}", files_under(&shared.join("volumes")));
+    assert_eq!(pool(env, "shared")["allocated_bytes"], 0);
+    env.json(&[
+        "vm",
+        "delete",
+        "on-a",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
     env.json(&["pool", "delete", "shared", "-o", "json"]);
 }
 

@@ -84,6 +84,7 @@ pub(crate) async fn begin_snapshot(
             ),
         ));
     }
+    crate::app::volumes::refuse_snapshot_of_pool_volumes(app, vm).await?;
     let id = SnapshotId::new();
     let job = job(JobKind::VmSnapshotCreate, vm, id)?;
     let (snap, job) = app

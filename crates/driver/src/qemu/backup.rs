@@ -1266,11 +1266,12 @@ pub(super) async fn restore(
             });
         }
     }
-    // Each volume's new content, beside its file.
-    let dir = volume::volumes_dir(shared);
+    // Each volume's new content, beside its file (in its shared pool, for
+    // a pool volume).
     let mut built: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(volumes.len());
     let qemu_img = &shared.config.qemu_img;
     for v in volumes {
+        let dir = volume::volume_dir(shared, v.volume_id);
         let dest = dir.join(volume::own_file(v.volume_id));
         let tmp = dir.join(format!("{}.restore.tmp", v.volume_id));
         let written = async {
@@ -1360,7 +1361,7 @@ pub(super) async fn volume_restore(
             reason: format!("it is attached to VM {vm}; restore it in place with that VM"),
         });
     }
-    let dir = volume::volumes_dir(shared);
+    let dir = volume::volume_dir(shared, volume_id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| DriverError::io("cannot create the volume directory", &dir, e))?;
     let dest = dir.join(volume::own_file(volume_id));

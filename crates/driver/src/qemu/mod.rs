@@ -1526,6 +1526,14 @@ impl Driver for QemuDriver {
         volume::info(&self.shared, volume_id).await
     }
 
+    async fn volume_use_pool(
+        &self,
+        volume_id: uuid::Uuid,
+        pool: &std::path::Path,
+    ) -> Result<(), DriverError> {
+        volume::use_pool(&self.shared, volume_id, pool).await
+    }
+
     async fn vm_migrate_prepare(
         &self,
         spec: &VmSpec,

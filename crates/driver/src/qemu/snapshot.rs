@@ -244,7 +244,7 @@ impl Disk {
     fn dir(self, shared: &Shared, paths: &VmPaths) -> PathBuf {
         match self {
             Disk::Vm => paths.disks(),
-            Disk::Volume(_) => volume::volumes_dir(shared),
+            Disk::Volume(v) => volume::volume_dir(shared, v),
         }
     }
 
@@ -836,6 +836,7 @@ pub(super) async fn create(
     if chain.snapshots.len() >= MAX_SNAPSHOTS {
         return Err(limit_error(id));
     }
+    volume::refuse_pool_volumes(shared, id, &attached)?;
     let started = Instant::now();
     let steps: Vec<Step> = std::iter::once(Disk::Vm)
         .chain(attached.iter().map(|v| Disk::Volume(*v)))

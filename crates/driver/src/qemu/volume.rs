@@ -7,8 +7,22 @@
 //! data_dir/volumes/<volume-id>.qcow2       the volume (its presence means "exists")
 //! data_dir/volumes/<volume-id>.qcow2.tmp   a creation in progress
 //! data_dir/volumes/<volume-id>.<id>.qcow2  a snapshot layer (see `snapshot.rs`)
+//! data_dir/volumes/<volume-id>.pool        link to <pool>/volumes: the volume is in a shared pool
 //! data_dir/vms/<vm-id>/volumes.json        the VM's attachments: volume id and port, in order
 //! ```
+//!
+//! # Volumes in shared pools
+//!
+//! A volume in a shared storage pool keeps all of the files above (spec,
+//! file, layers) in `<pool>/volumes/` instead of `data_dir/volumes/`; the
+//! host finds them through the link `<volume-id>.pool`, made by
+//! [`use_pool`] before anything else touches the volume on this host (like
+//! a pool VM's `disks` link). Every host that sees the pool makes its own
+//! link and finds the same files, so a volume made on one host is attached
+//! on another as it is. Nothing but [`delete`] ever removes a pool
+//! volume's file: [`release_all`] (a VM's destroy, also an orphan's) leaves
+//! a pool volume's files alone, because another host may hold the volume
+//! by now (see its doc).
 //!
 //! # Snapshot layers
 //!
@@ -268,7 +282,7 @@ struct VolumePaths {
 
 impl VolumePaths {
     fn new(shared: &Shared, volume_id: uuid::Uuid) -> Self {
-        let dir = volumes_dir(shared);
+        let dir = volume_dir(shared, volume_id);
         VolumePaths {
             file: dir.join(format!("{volume_id}.qcow2")),
             spec_json: dir.join(format!("{volume_id}.json")),
@@ -280,6 +294,103 @@ impl VolumePaths {
 /// `data_dir/volumes`, absolute (a sibling of the canonical `vms` dir).
 pub(super) fn volumes_dir(shared: &Shared) -> PathBuf {
     shared.vms_dir.with_file_name("volumes")
+}
+
+/// The link that says the volume's files are in a shared pool.
+fn pool_link(shared: &Shared, volume_id: uuid::Uuid) -> PathBuf {
+    volumes_dir(shared).join(format!("{volume_id}.pool"))
+}
+
+/// The directory holding the volume's files: its pool's `volumes/` when
+/// [`use_pool`] linked it, else `data_dir/volumes`.
+pub(super) fn volume_dir(shared: &Shared, volume_id: uuid::Uuid) -> PathBuf {
+    std::fs::read_link(pool_link(shared, volume_id)).unwrap_or_else(|_| volumes_dir(shared))
+}
+
+/// Whether the volume's files are in a shared pool.
+fn in_pool(shared: &Shared, volume_id: uuid::Uuid) -> bool {
+    pool_link(shared, volume_id).symlink_metadata().is_ok()
+}
+
+/// Refuses a snapshot of VM `vm` while a volume in a shared pool is
+/// attached to it: its layers would be files in the pool that only this
+/// host's records describe, which another host attaching the volume later
+/// (or this host's orphan clean-up) could not tell from garbage.
+pub(super) fn refuse_pool_volumes(
+    shared: &Shared,
+    vm: VmId,
+    attached: &[uuid::Uuid],
+) -> Result<(), DriverError> {
+    match attached.iter().find(|v| in_pool(shared, **v)) {
+        Some(v) => Err(DriverError::InvalidState {
+            id: vm,
+            operation: "snapshot",
+            state: format!(
+                "attached to volume {v}, which is in a shared storage pool (snapshots do not \
+                 cover pool volumes yet: detach it first)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Records that the volume's files are in the shared pool at `pool` (its
+/// `volumes/` subdirectory, made if missing). Idempotent; refused for a
+/// volume this host already keeps elsewhere (its own data directory, or
+/// another pool). See [`crate::Driver::volume_use_pool`].
+pub(super) async fn use_pool(
+    shared: &Shared,
+    volume_id: uuid::Uuid,
+    pool: &Path,
+) -> Result<(), DriverError> {
+    let conflict = |reason: String| DriverError::VolumeConflict {
+        id: volume_id,
+        reason,
+    };
+    if !pool.is_absolute() {
+        return Err(DriverError::InvalidVolumeSpec {
+            id: volume_id,
+            reason: format!("pool path {} is not absolute", pool.display()),
+        });
+    }
+    let volume_lock = shared.volume_locks.get(volume_id);
+    let _one_at_a_time = volume_lock.lock().await;
+    let target = pool.join("volumes");
+    let link = pool_link(shared, volume_id);
+    match std::fs::read_link(&link) {
+        Ok(t) if t == target => return Ok(()),
+        Ok(t) => {
+            return Err(conflict(format!(
+                "its files are in {} on this host, not in {}",
+                t.display(),
+                target.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(DriverError::io(
+                "cannot read the volume's pool link",
+                &link,
+                e,
+            ))
+        }
+    }
+    let local = volumes_dir(shared).join(own_file(volume_id));
+    if local.exists() {
+        return Err(conflict(format!(
+            "this host keeps it in its own data directory ({})",
+            local.display()
+        )));
+    }
+    std::fs::create_dir_all(&target)
+        .map_err(|e| DriverError::io("cannot create the pool's volume directory", &target, e))?;
+    let dir = volumes_dir(shared);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DriverError::io("cannot create the volume directory", &dir, e))?;
+    std::os::unix::fs::symlink(&target, &link)
+        .map_err(|e| DriverError::io("cannot link the volume to its pool", &link, e))?;
+    tracing::info!(volume = %volume_id, pool = %pool.display(), "volume's files are in a shared pool");
+    Ok(())
 }
 
 /// The volume as the command line or a hot-plug opens it: its own file,
@@ -316,7 +427,7 @@ pub(super) fn locate(
     shared: &Shared,
     volume_id: uuid::Uuid,
 ) -> Result<Option<Located>, DriverError> {
-    let dir = volumes_dir(shared);
+    let dir = volume_dir(shared, volume_id);
     let vm = owner(shared, volume_id)?;
     let files = match vm {
         Some(vm_id) => snapshot::read_chain(&VmPaths::new(&shared.vms_dir, vm_id))?
@@ -337,7 +448,7 @@ pub(super) fn locate(
 /// operator rather than trusted). Caller holds the volume's lock or the
 /// owning VM's operation lock.
 pub(super) fn remove_layer_orphans(shared: &Shared, volume_id: uuid::Uuid, keep: &[String]) {
-    let dir = volumes_dir(shared);
+    let dir = volume_dir(shared, volume_id);
     if !keep.iter().all(|f| dir.join(f).is_file()) {
         tracing::warn!(volume = %volume_id, ?keep, "the volume's recorded layers are not all there; removing none of its files");
         return;
@@ -381,7 +492,7 @@ fn normalize(shared: &Shared, vm: &VmEntry, volume_id: uuid::Uuid) -> Result<(),
     if active == own {
         return Ok(());
     }
-    let dir = volumes_dir(shared);
+    let dir = volume_dir(shared, volume_id);
     let (from, to) = (dir.join(&active), dir.join(&own));
     match std::fs::hard_link(&from, &to) {
         Ok(()) => {}
@@ -415,16 +526,27 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// content, before the VM's records go (`vm_destroy`): each volume's layers
 /// are flattened into its active one, which takes the volume's own name.
 /// The VM's snapshots die with it. QEMU has ended. Caller holds `vm.op`.
+///
+/// A volume in a shared pool is left as it is: this may be an orphan's
+/// destroy (the VM was deleted while this host was away) and another host
+/// may have attached the volume since, so this host must not rewrite or
+/// remove its files. Such a volume has no layers anyway: snapshots of a VM
+/// with a pool volume attached are refused (`snapshot.rs`), so it is
+/// always its one file.
 pub(super) async fn release_all(shared: &Shared, vm: &VmEntry) -> Result<(), DriverError> {
     if !vm.paths.volumes_json.exists() {
         return Ok(());
     }
-    let dir = volumes_dir(shared);
     for volume_id in attached(&vm.paths)? {
+        let dir = volume_dir(shared, volume_id);
         let disk = Disk::Volume(volume_id);
         let mut chain = snapshot::read_chain(&vm.paths)?;
         let files = chain.files_of(disk);
         if files == [own_file(volume_id)] {
+            continue;
+        }
+        if in_pool(shared, volume_id) {
+            tracing::warn!(vm = %vm.id, volume = %volume_id, ?files, "volume in a shared pool has layers recorded by this VM; leaving its files as they are");
             continue;
         }
         snapshot::flatten_offline(&shared.config.qemu_img, &dir, &files).await?;
@@ -476,11 +598,11 @@ fn owner(shared: &Shared, volume_id: uuid::Uuid) -> Result<Option<VmId>, DriverE
 pub(super) fn boot_args(shared: &Shared, vm: &VmEntry) -> Result<Vec<String>, DriverError> {
     let rec = read_record(&vm.paths)?;
     let chain = snapshot::read_chain(&vm.paths)?;
-    let dir = volumes_dir(shared);
     let mut args = Vec::new();
     let mut disks = Vec::with_capacity(rec.volumes.len());
     for a in &rec.volumes {
         let v = a.volume_id;
+        let dir = volume_dir(shared, v);
         let files = chain.files_of(Disk::Volume(v));
         for f in &files {
             let path = dir.join(f);
@@ -552,7 +674,7 @@ pub(super) async fn create(
     let volume_lock = shared.volume_locks.get(id);
     let _one_at_a_time = volume_lock.lock().await;
     let paths = VolumePaths::new(shared, id);
-    let dir = volumes_dir(shared);
+    let dir = volume_dir(shared, id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| DriverError::io("cannot create the volume directory", &dir, e))?;
     if paths.file.exists() || locate(shared, id)?.is_some() {
@@ -1149,8 +1271,12 @@ pub(super) async fn delete(shared: &Arc<Shared>, volume_id: uuid::Uuid) -> Resul
     }
     // Snapshot layers a crash left behind (a detached volume has none).
     remove_layer_orphans(shared, volume_id, &[]);
+    // The pool link last: it is how the files above were found.
+    let link = pool_link(shared, volume_id);
+    let pooled = in_pool(shared, volume_id);
+    remove_file_if_exists(&link)?;
     if existed {
-        tracing::info!(volume = %volume_id, "volume deleted");
+        tracing::info!(volume = %volume_id, pooled, "volume deleted");
     }
     Ok(())
 }
