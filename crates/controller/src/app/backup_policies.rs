@@ -81,13 +81,24 @@ pub fn keep_set(
 /// Starts one pass in the background unless one is still running.
 pub fn kick(app: &Arc<App>) {
     static RUNNING: AtomicBool = AtomicBool::new(false);
-    if RUNNING.swap(true, Ordering::AcqRel) {
+    spawn_alone(&RUNNING, app, |app| async move { pass(&app).await });
+}
+
+/// Runs `pass` in a task of its own unless the one `running` marks is
+/// still at work: a pass slower than the reconciler's interval (a merge can
+/// take minutes) is never run twice at once. Shared by the policy kinds.
+pub(crate) fn spawn_alone<F, Fut>(running: &'static AtomicBool, app: &Arc<App>, pass: F)
+where
+    F: FnOnce(Arc<App>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if running.swap(true, Ordering::AcqRel) {
         return;
     }
     let app = app.clone();
     tokio::spawn(async move {
-        pass(&app).await;
-        RUNNING.store(false, Ordering::Release);
+        pass(app).await;
+        running.store(false, Ordering::Release);
     });
 }
 

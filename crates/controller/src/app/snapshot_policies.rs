@@ -22,7 +22,7 @@
 //! `keep` at most [`MAX_KEEP`], the policy's snapshots alone never fill the
 //! VM's limit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use stratus_api_types::params::SnapshotPolicySet;
@@ -113,14 +113,7 @@ fn auto_name(now: i64) -> String {
 /// Starts one pass in the background unless one is still running.
 pub fn kick(app: &Arc<App>) {
     static RUNNING: AtomicBool = AtomicBool::new(false);
-    if RUNNING.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let app = app.clone();
-    tokio::spawn(async move {
-        pass(&app).await;
-        RUNNING.store(false, Ordering::Release);
-    });
+    super::backup_policies::spawn_alone(&RUNNING, app, |app| async move { pass(&app).await });
 }
 
 /// One pass over every policy.
