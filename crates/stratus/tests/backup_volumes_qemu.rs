@@ -16,23 +16,6 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-/// Writes `mib` MiB of random data to /mnt/disk/NAME (the VM's own disk),
-/// flushed; its SHA-256.
-fn write_file(env: &Env, vm: &str, name: &str, mib: u32) -> String {
-    let out = sh(
-        env,
-        vm,
-        &format!(
-            "dd if=/dev/urandom of=/mnt/disk/{name} bs=1M count={mib} 2>/dev/null && sync && \
-             sha256sum /mnt/disk/{name}"
-        ),
-    );
-    out.split_whitespace()
-        .next()
-        .unwrap_or_else(|| panic!("no checksum in {out:?}"))
-        .to_string()
-}
-
 /// Writes `mib` MiB of random data to the volume (/dev/vdb) at `at_mib`,
 /// flushed.
 fn write_volume(env: &Env, vm: &str, at_mib: u32, mib: u32) {
@@ -90,13 +73,6 @@ fn backup(env: &Env, vm: &str) -> Value {
     );
     assert_eq!(b["status"], "succeeded", "{b}");
     b
-}
-
-fn volume(env: &Env, args: &[&str]) -> Value {
-    let mut all = vec!["volume"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--project", "p", "-o", "json"]);
-    env.json(&all)
 }
 
 fn wait_vdb(env: &Env, vm: &str) {

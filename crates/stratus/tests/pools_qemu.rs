@@ -298,13 +298,6 @@ fn real_qemu_a_shared_pool_holds_disks_both_hosts_see_and_caps_placement() {
     env.json(&["pool", "delete", "shared", "-o", "json"]);
 }
 
-fn volume(env: &Env, args: &[&str]) -> Value {
-    let mut all = vec!["volume"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--project", "p", "-o", "json"]);
-    env.json(&all)
-}
-
 /// The size in bytes of the guest's second disk, or `None` while it has none.
 fn vdb_size(env: &Env, vm: &str) -> Option<u64> {
     sh(

@@ -27,23 +27,6 @@ fn restart_vm(env: &Env, name: &str) {
     }
 }
 
-/// Writes `mib` MiB of random data to /mnt/disk/NAME, flushes it to the
-/// disk and returns its SHA-256.
-fn write_file(env: &Env, vm: &str, name: &str, mib: u32) -> String {
-    let out = sh(
-        env,
-        vm,
-        &format!(
-            "dd if=/dev/urandom of=/mnt/disk/{name} bs=1M count={mib} 2>/dev/null && sync && \
-             sha256sum /mnt/disk/{name}"
-        ),
-    );
-    out.split_whitespace()
-        .next()
-        .unwrap_or_else(|| panic!("no checksum in {out:?}"))
-        .to_string()
-}
-
 /// The checksum of every file on the guest's data disk, by name.
 fn checksums(env: &Env, vm: &str) -> Vec<(String, String)> {
     let out = sh(
@@ -777,13 +760,6 @@ fn wait_vdb(env: &Env, vm: &str, want: Option<u64>) {
             Err(format!("{got:?}, want {want:?}"))
         }
     });
-}
-
-fn volume(env: &Env, args: &[&str]) -> Value {
-    let mut all = vec!["volume"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--project", "p", "-o", "json"]);
-    env.json(&all)
 }
 
 /// A data volume on a running real VM: hot-plugged (the guest sees a new

@@ -541,3 +541,28 @@ pub fn job_messages(job: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Writes `mib` MiB of random data to /mnt/disk/NAME (the VM's own disk),
+/// flushed; its SHA-256.
+pub fn write_file(env: &Env, vm: &str, name: &str, mib: u32) -> String {
+    let out = sh(
+        env,
+        vm,
+        &format!(
+            "dd if=/dev/urandom of=/mnt/disk/{name} bs=1M count={mib} 2>/dev/null && sync && \
+             sha256sum /mnt/disk/{name}"
+        ),
+    );
+    out.split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no checksum in {out:?}"))
+        .to_string()
+}
+
+/// `stratus volume ARGS --project p -o json`.
+pub fn volume(env: &Env, args: &[&str]) -> Value {
+    let mut all = vec!["volume"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--project", "p", "-o", "json"]);
+    env.json(&all)
+}
