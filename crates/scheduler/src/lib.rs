@@ -187,9 +187,7 @@ impl Scheduler {
         let source = vm.host_id;
         let engine = self.engine();
         // The transport the source uses: the destination must use the same.
-        let source_tls = source
-            .and_then(|s| engine.host(s))
-            .is_some_and(|h| h.tags.iter().any(|t| t == MIGRATION_TLS_TAG));
+        let source_tls = source.is_some_and(|s| uses_migration_tls(&engine, s));
         let (tls_required, tls_forbidden) = if source_tls {
             (Some(MIGRATION_TLS_TAG.to_string()), None)
         } else {
@@ -226,10 +224,7 @@ impl Scheduler {
         };
         match named {
             Some((host, name)) => {
-                let named_tls = engine
-                    .host(host)
-                    .is_some_and(|h| h.tags.iter().any(|t| t == MIGRATION_TLS_TAG));
-                if named_tls != source_tls {
+                if uses_migration_tls(&engine, host) != source_tls {
                     let (this, other) = if source_tls {
                         ("uses TLS", "does not")
                     } else {
@@ -381,6 +376,13 @@ fn policy_of(c: &ClusterRecord) -> ClusterPolicy {
 /// setting could only fail the migration. Operator tags are DNS labels, so
 /// none can look like it.
 pub const MIGRATION_TLS_TAG: &str = "migration:tls";
+
+/// Whether the index knows `host` to use TLS for migrations.
+fn uses_migration_tls(engine: &Engine, host: HostId) -> bool {
+    engine
+        .host(host)
+        .is_some_and(|h| h.tags.iter().any(|t| t == MIGRATION_TLS_TAG))
+}
 
 /// The tag a host carries in the engine's index while it sees the shared
 /// storage pool `name`, and that a VM in the pool requires. Operator tags
