@@ -64,6 +64,14 @@ fn with_migration<T: serde::Serialize>(value: &T) -> AgentRequestResult {
     }
 }
 
+/// Source of a live migration: what the destination must rebuild.
+pub(crate) async fn outgoing(shared: &Arc<Shared>, id: VmId) -> AgentRequestResult {
+    match shared.driver.vm_migrate_describe(id).await {
+        Ok(outgoing) => with_migration(&outgoing),
+        Err(e) => failed(chain(&e)),
+    }
+}
+
 pub(crate) async fn prepare(
     shared: &Arc<Shared>,
     id: VmId,

@@ -105,6 +105,9 @@ async fn carry_out(shared: Arc<Shared>, r: AgentRequest) {
                 Err(e) => failed(chain(&e)),
             }
         }
+        AgentRequestKind::MigrateDescribe { vm_id } => {
+            crate::migrate::outgoing(&shared, VmId(vm_id.0)).await
+        }
         AgentRequestKind::MigratePrepare { vm_id, incoming } => {
             crate::migrate::prepare(&shared, VmId(vm_id.0), incoming).await
         }

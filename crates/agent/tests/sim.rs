@@ -697,6 +697,12 @@ impl Driver for SlowStops {
     ) -> Result<(), DriverError> {
         self.sim.volume_use_pool(volume, pool).await
     }
+    async fn vm_migrate_describe(
+        &self,
+        id: VmId,
+    ) -> Result<stratus_driver::OutgoingVm, DriverError> {
+        self.sim.vm_migrate_describe(id).await
+    }
     async fn vm_migrate_prepare(
         &self,
         spec: &VmSpec,

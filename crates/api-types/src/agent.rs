@@ -355,6 +355,11 @@ pub enum AgentRequestKind {
         vm_id: VmId,
         snapshot_id: uuid::Uuid,
     },
+    /// Source of a live migration, before the destination is prepared:
+    /// what only this host's records say about the VM (its attached volumes
+    /// and their hot-plug ports). The answer's `migration` is the driver's
+    /// `OutgoingVm`. Changes nothing.
+    MigrateDescribe { vm_id: VmId },
     /// Destination of a live migration: build the VM (as this host's
     /// desired state shows it, marked incoming) and wait for its state with
     /// QEMU listening on the host's migration address. `incoming` is the

@@ -99,7 +99,8 @@ impl Datastore {
         Ok((vm, job))
     }
 
-    /// The move arrived: the VM is on its target (and in its new pool), the
+    /// The move arrived: the VM is on its target (and in its new pool, its
+    /// attached volumes on the target too unless in a shared pool), the
     /// source's allocation (and the old pool's) released, in one
     /// transaction. Returns false when `job` does not hold a moving VM (an
     /// earlier run committed it).
@@ -138,6 +139,18 @@ impl Datastore {
         .bind(vm_id.to_string())
         .bind(now_micros())
         .bind(placement)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(ctx, e))?;
+        // Its volumes in the host's own directory moved with it (a live
+        // move mirrors them; pool volumes stay in the pool).
+        sqlx::query(
+            "UPDATE volumes SET host_id = $2, updated_at = $3 \
+             WHERE vm_id = $1 AND pool_id IS NULL AND host_id IS NOT NULL",
+        )
+        .bind(vm_id.to_string())
+        .bind(target.to_string())
+        .bind(now_micros())
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(ctx, e))?;

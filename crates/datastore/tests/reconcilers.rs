@@ -7,6 +7,7 @@ use stratus_api_types::agent::{
 };
 use stratus_api_types::views::{
     HostState, ImageVisibility, JobState, RestartPolicy, VmDesiredState, VmPlacement, VmState,
+    VolumeStatus,
 };
 use stratus_common::time::now_micros;
 use stratus_common::{HostId, ImageId, JobId, Role, VmId};
@@ -1147,6 +1148,31 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
         available_bytes: 8 << 30,
     };
     ds.host_report_pools(h2, &[ok]).await.expect("report");
+    // Its volumes: one in the host's own directory, one in the pool.
+    let local = ds
+        .volume_create(w.project, "local-vol", 1 << 20, None, None)
+        .await
+        .expect("volume");
+    ds.volume_settle(
+        local.id,
+        VolumeStatus::Attached,
+        Some(c.vm.id),
+        Some(w.host),
+    )
+    .await
+    .expect("attach");
+    let pooled = ds
+        .volume_create(w.project, "pool-vol", 1 << 20, None, Some(pool.id))
+        .await
+        .expect("pool volume");
+    ds.volume_settle(
+        pooled.id,
+        VolumeStatus::Attached,
+        Some(c.vm.id),
+        Some(w.host),
+    )
+    .await
+    .expect("attach");
     let j2 = move_job("vm_migrate");
     ds.vm_move_begin(
         c.vm.id,
@@ -1159,9 +1185,10 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
     .await
     .expect("begin into the pool");
     assert_eq!(alloc(h2).await, (1, 128 << 20, 0));
+    // The disk, and the pool volume's 1 MiB claimed when it was made.
     assert_eq!(
         ds.pool_get(pool.id).await.expect("pool").alloc_bytes,
-        1 << 30
+        (1 << 30) + (1 << 20)
     );
     assert!(ds.vm_move_commit(c.vm.id, j2.id).await.expect("commit"));
     assert!(!ds
@@ -1172,6 +1199,12 @@ async fn moves_claim_the_target_and_release_exactly_one_host(ds: &Datastore) {
     assert_eq!(vm.host_id, Some(h2));
     assert_eq!(vm.pool_id, Some(pool.id));
     assert_eq!(vm.migration_target, None);
+    // The local volume moved with it (mirrored); the pool one stays put.
+    assert_eq!(ds.volume_get(local.id).await.expect("v").host_id, Some(h2));
+    assert_eq!(
+        ds.volume_get(pooled.id).await.expect("v").host_id,
+        Some(w.host)
+    );
     // Its constraints followed it to h2's cluster and into the pool.
     assert_eq!(vm.placement.cluster.as_deref(), Some("east"));
     assert_eq!(vm.placement.zone.as_deref(), Some("z"));

@@ -217,6 +217,11 @@ pub trait Driver: Send + Sync {
         pool: &std::path::Path,
     ) -> Result<(), DriverError>;
 
+    /// Source side, before the destination is prepared: what the
+    /// destination must rebuild that only this host's records say (the
+    /// attached volumes and their hot-plug ports). Changes nothing.
+    async fn vm_migrate_describe(&self, id: VmId) -> Result<crate::OutgoingVm, DriverError>;
+
     /// Destination side of a live migration (see [`crate::migrate`]):
     /// creates the VM's files (a disk to mirror into, unless the disk is
     /// shared), starts the hypervisor waiting for the incoming state (paused,
@@ -237,11 +242,12 @@ pub trait Driver: Send + Sync {
     /// here, except one after a switch to post-copy (the guest's memory is
     /// then split between the hosts: it stays paused, and the error says
     /// so); refusals ([`DriverError::MigrationRefused`]) happen before
-    /// anything changes. A VM with snapshots or attached volumes is refused
-    /// (delete the snapshots, detach the volumes first: the mirror copies
-    /// only the active disk layer, and volumes stay in this host's volume
-    /// directory). Lifecycle, snapshot and volume calls on the VM wait for
-    /// the migration; `vm_migrate_cancel` does not.
+    /// anything changes. A VM with snapshots is refused (delete them
+    /// first: the mirror copies only the active layer of each disk); its
+    /// attached volumes move with it (mirrored into the destination's
+    /// copies, or left in their shared pool), and the destination must have
+    /// been prepared with exactly them. Lifecycle, snapshot and volume
+    /// calls on the VM wait for the migration; `vm_migrate_cancel` does not.
     async fn vm_migrate_send(
         &self,
         id: VmId,

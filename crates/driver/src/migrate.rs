@@ -41,8 +41,23 @@
 //!   layer mirrored in turn, and flattening would silently drop the
 //!   snapshots. "Delete the snapshots first". A VM in a shared pool keeps
 //!   its snapshots: the chain is already where the destination opens it.
-//! - A VM with attached volumes: they live in the source host's volume
-//!   directory, which the destination cannot open. "Detach them first".
+//!
+//! # Attached volumes
+//!
+//! A VM's volumes move with it. Which are attached, and on which hot-plug
+//! port, only the source's records say, so the controller first asks the
+//! source (`vm_migrate_describe`, an [`OutgoingVm`]) and passes the list to
+//! the destination in the [`IncomingRequest`]. The destination plugs each
+//! volume into the same port (the device state would not load into another
+//! PCI layout): a volume in a shared pool is opened where it is; any other
+//! gets an empty standalone qcow2 of its size in the destination's volume
+//! directory, exported on the same NBD server as the disk, and the source
+//! mirrors it whole beside the disk (`sync: full`: the destination has no
+//! copy of an image the volume may clone). All mirrors are drained at the
+//! switch-over. Afterwards the source removes its copies of the moved
+//! volumes; a failure removes the destination's. A volume with snapshot
+//! layers cannot be attached to a VM that moves (the VM's snapshots are
+//! refused first).
 //!
 //! A VM can also move between storage pools (or from a host's own
 //! directory into a pool): the destination's spec names its pool, its
@@ -114,10 +129,53 @@ pub struct IncomingRequest {
     pub request_id: uuid::Uuid,
     /// Where the destination's disk comes from.
     pub disk: IncomingDisk,
+    /// The VM's attached volumes, as the source described them (absent
+    /// from controllers that predate volumes moving: none).
+    #[serde(default)]
+    pub volumes: Vec<IncomingVolume>,
     /// Whether the source may switch to post-copy: QEMU wants the
     /// `postcopy-ram` capability on both sides before the migration starts.
     #[serde(default)]
     pub postcopy: bool,
+}
+
+/// A volume attached to the VM, as the source describes it
+/// ([`crate::Driver::vm_migrate_describe`]) and the destination rebuilds it:
+/// on the same hot-plug port, so the guest finds the same device at the
+/// same PCI address (the migrated device state would not load otherwise).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingVolume {
+    pub volume_id: uuid::Uuid,
+    /// The hot-plug port (`hpN`) the volume is plugged into.
+    pub port: usize,
+    /// Its guest-visible size: the destination's copy has exactly this size
+    /// (a mirror needs source and target of one size).
+    pub size_bytes: u64,
+    /// The shared storage pool holding the volume's files (the pool's
+    /// directory, the same on every host that sees it): the destination
+    /// opens them where they are and nothing is copied. `None`: the volume
+    /// is in the source host's own directory; the destination makes an
+    /// empty standalone qcow2 that the source mirrors whole (`sync: full`,
+    /// the image it may clone included).
+    pub pool: Option<PathBuf>,
+}
+
+/// What the source says about a VM about to move, before the destination
+/// is prepared: what the destination must rebuild that only the source's
+/// records hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingVm {
+    /// Attached volumes, in attachment order.
+    pub volumes: Vec<IncomingVolume>,
+}
+
+/// Where the source mirrors one volume: an export of the destination's
+/// NBD server (the disk's, when the disk is mirrored too); `None` for a
+/// volume in a shared pool, which is not copied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeTarget {
+    pub volume_id: uuid::Uuid,
+    pub nbd: Option<NbdTarget>,
 }
 
 /// The destination's disk.
@@ -169,6 +227,9 @@ pub struct IncomingReady {
     pub shared_disk: Option<PathBuf>,
     /// Whether the destination expects TLS (both sides must agree).
     pub tls: bool,
+    /// Where each of [`IncomingRequest::volumes`] goes.
+    #[serde(default)]
+    pub volumes: Vec<VolumeTarget>,
 }
 
 /// An NBD export the source mirrors the disk into.
@@ -432,6 +493,7 @@ mod tests {
             disk_backing: None,
             shared_disk: None,
             tls: false,
+            volumes: vec![],
         }
     }
 
@@ -485,6 +547,7 @@ mod tests {
         let req = IncomingRequest {
             request_id: uuid::Uuid::new_v4(),
             disk: IncomingDisk::Pool,
+            volumes: vec![],
             postcopy: false,
         };
         let json = serde_json::to_string(&req).expect("json");

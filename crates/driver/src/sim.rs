@@ -53,9 +53,11 @@
 //! URI, waits the configured latency (the window in which
 //! `vm_migrate_cancel` or `vm_migrate_abort_incoming` make it fail), then
 //! makes the destination's VM run (with the source's change-tracking bitmaps
-//! and boot count) and removes the source's. The QEMU driver's refusals
-//! apply: snapshots, attached volumes, a destination that does not wait for
-//! this request.
+//! and boot count) and removes the source's. Attached volumes move with it
+//! (`vm_migrate_describe` lists them; the destination records them attached
+//! when prepared, without their bitmaps). The QEMU driver's refusals apply:
+//! snapshots, a destination that does not wait for this request or was
+//! prepared for other volumes.
 //!
 //! Cold migration works the same way: `vm_disk_export` marks the stopped VM
 //! exported (its start is refused) and registers the export's name in a
@@ -87,8 +89,8 @@ use crate::{
 use crate::{volume::check_resize, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};
 use crate::{DiskExport, DiskExportKind, ExportRequest, ImportOutcome};
 use crate::{
-    IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome, MigratePhase, MigrateProgress,
-    MigrateProgressFn, MigrateRequest, NbdTarget,
+    IncomingDisk, IncomingReady, IncomingRequest, IncomingVolume, MigrateOutcome, MigratePhase,
+    MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget, OutgoingVm, VolumeTarget,
 };
 
 /// Events a simulated driver buffers per subscriber. Small on purpose: 10,000
@@ -1005,6 +1007,13 @@ impl Driver for SimDriver {
         }
     }
 
+    async fn vm_migrate_describe(&self, id: VmId) -> Result<OutgoingVm, DriverError> {
+        if !self.lock().contains_key(&id) {
+            return Err(DriverError::NotFound(id));
+        }
+        Ok(self.outgoing(id))
+    }
+
     async fn vm_migrate_prepare(
         &self,
         spec: &VmSpec,
@@ -1087,6 +1096,8 @@ impl Driver for SimDriver {
         };
         if let Some(ready) = removed.and_then(|vm| vm.incoming) {
             lock_endpoints().remove(&ready.migration_uri);
+            // The volumes the attempt brought (the source still has them).
+            self.lock_volumes().retain(|_, v| v.attached_to != Some(id));
             let _ = self.events.send(VmEvent {
                 id,
                 state: VmRuntimeState::Stopped,
@@ -1368,6 +1379,18 @@ impl SimDriver {
                 _ => None,
             },
             tls: false,
+            volumes: req
+                .volumes
+                .iter()
+                .map(|v| VolumeTarget {
+                    volume_id: v.volume_id,
+                    nbd: v.pool.is_none().then(|| NbdTarget {
+                        host: "sim".into(),
+                        port: 0,
+                        export: format!("stratus-vol-{}", v.volume_id),
+                    }),
+                })
+                .collect(),
         };
         vms.insert(
             spec.id,
@@ -1384,6 +1407,37 @@ impl SimDriver {
                 imported: None,
             },
         );
+        drop(vms);
+        // The moving VM's volumes, attached here on arrival's terms (their
+        // bitmaps do not travel in the simulation: the next backup of each
+        // is a full one).
+        {
+            let mut volumes = self.lock_volumes();
+            for v in &req.volumes {
+                volumes.insert(
+                    v.volume_id,
+                    SimVolume {
+                        spec: VolumeSpec {
+                            volume_id: v.volume_id,
+                            size_bytes: v.size_bytes,
+                            image: None,
+                            image_format: None,
+                        },
+                        size_bytes: v.size_bytes,
+                        attached_to: Some(spec.id),
+                        bitmaps: HashMap::new(),
+                    },
+                );
+            }
+        }
+        {
+            let mut pools = self.lock_volume_pools();
+            for v in &req.volumes {
+                if let Some(pool) = &v.pool {
+                    pools.insert(v.volume_id, pool.clone());
+                }
+            }
+        }
         lock_endpoints().insert(
             migration_uri,
             SimEndpoint {
@@ -1392,6 +1446,31 @@ impl SimDriver {
             },
         );
         Ok(ready)
+    }
+
+    /// The volumes attached to `id`, as a migration's destination rebuilds
+    /// them (ports in attachment-id order: the simulation has no PCI).
+    fn outgoing(&self, id: VmId) -> OutgoingVm {
+        let pools = self.lock_volume_pools().clone();
+        let mut attached: Vec<(uuid::Uuid, u64)> = self
+            .lock_volumes()
+            .values()
+            .filter(|v| v.attached_to == Some(id))
+            .map(|v| (v.spec.volume_id, v.size_bytes))
+            .collect();
+        attached.sort();
+        OutgoingVm {
+            volumes: attached
+                .into_iter()
+                .enumerate()
+                .map(|(port, (volume_id, size_bytes))| IncomingVolume {
+                    volume_id,
+                    port,
+                    size_bytes,
+                    pool: pools.get(&volume_id).cloned(),
+                })
+                .collect(),
+        }
     }
 
     async fn migrate_send(
@@ -1426,14 +1505,23 @@ impl SimDriver {
             }
             (vm.bitmaps.clone(), vm.boots, vm.spec.disk_bytes)
         };
-        if self
-            .lock_volumes()
-            .values()
-            .any(|v| v.attached_to == Some(id))
         {
-            return Err(refused(
-                "it has attached volumes, which stay on this host; detach them first".into(),
-            ));
+            let mut ours: Vec<uuid::Uuid> = self
+                .outgoing(id)
+                .volumes
+                .iter()
+                .map(|v| v.volume_id)
+                .collect();
+            let mut theirs: Vec<uuid::Uuid> =
+                req.ready.volumes.iter().map(|v| v.volume_id).collect();
+            ours.sort();
+            theirs.sort();
+            if ours != theirs {
+                return Err(refused(format!(
+                    "the destination was prepared for the volumes {theirs:?}, but the VM has \
+                     {ours:?} attached: migrate it again"
+                )));
+            }
         }
         if req.ready.accel != "sim" {
             return Err(refused(format!(
@@ -1494,6 +1582,8 @@ impl SimDriver {
                 state: VmRuntimeState::Stopped,
             });
         }
+        // Its volumes went with it.
+        self.lock_volumes().retain(|_, v| v.attached_to != Some(id));
         progress(MigrateProgress {
             phase: Some(MigratePhase::Completing),
             disk_done_bytes: disk_bytes,
@@ -1768,6 +1858,7 @@ mod tests {
         IncomingRequest {
             request_id: uuid::Uuid::new_v4(),
             disk,
+            volumes: vec![],
             postcopy: false,
         }
     }

@@ -104,6 +104,7 @@ fn request(disk: IncomingDisk) -> IncomingRequest {
     IncomingRequest {
         request_id: uuid::Uuid::new_v4(),
         disk,
+        volumes: vec![],
         postcopy: false,
     }
 }

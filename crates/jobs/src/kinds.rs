@@ -148,6 +148,10 @@ pub struct MigrationParams {
     /// disk is mirrored, not just what the guest wrote over the image.
     #[serde(default)]
     pub standalone_disk_bytes: Option<u64>,
+    /// Volumes are attached: the source first says which, on which ports
+    /// (only its records know), and they move with the VM.
+    #[serde(default)]
+    pub volumes: bool,
 }
 
 /// What a `vm_restore` job restores.

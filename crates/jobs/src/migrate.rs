@@ -41,6 +41,7 @@ const CANCEL: u8 = 4;
 const ABORT: u8 = 5;
 const EXPORT_STOP: u8 = 6;
 const RELEASE: u8 = 7;
+const DESCRIBE: u8 = 8;
 
 /// How long a destination may take to build the VM and listen.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -98,6 +99,11 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
         return cold_prepare(sc, &p, &m).await;
     }
     let target = host_name(sc, m.target).await;
+    let volumes = if m.volumes {
+        describe_volumes(sc, &p, &m).await?
+    } else {
+        serde_json::json!([])
+    };
     sc.step(
         p.job_id,
         "prepare",
@@ -116,6 +122,7 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
     let incoming = serde_json::json!({
         "request_id": step_request_id(p.job_id, PREPARE),
         "disk": disk,
+        "volumes": volumes,
         "postcopy": m.postcopy_after_passes.is_some(),
     });
     let request = AgentRequestKind::MigratePrepare {
@@ -155,6 +162,49 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
     )
     .await?;
     Ok(ready)
+}
+
+/// The source's list of the VM's attached volumes, with the hot-plug port
+/// each is plugged into (the driver's `OutgoingVm::volumes`): the
+/// destination plugs them into the same ports.
+async fn describe_volumes(
+    sc: &SagaContext,
+    p: &VmSagaParams,
+    m: &MigrationParams,
+) -> Result<serde_json::Value, StepError> {
+    let source = host_name(sc, m.source).await;
+    sc.step(
+        p.job_id,
+        "prepare",
+        5,
+        &format!("host {source} is listing the VM's volumes"),
+    )
+    .await?;
+    let request = AgentRequestKind::MigrateDescribe { vm_id: p.vm_id };
+    let answer = sc
+        .await_request(
+            HostRequest {
+                job: p.job_id,
+                id: Some(step_request_id(p.job_id, DESCRIBE)),
+                host: m.source,
+                vm: Some(p.vm_id),
+                kind: "migration describe",
+                request: &request,
+                timeout: SHORT_TIMEOUT,
+                cleanup: false,
+            },
+            |_, _| (5, format!("host {source} is listing the VM's volumes")),
+        )
+        .await?;
+    answer
+        .migration
+        .and_then(|d| d.get("volumes").cloned())
+        .ok_or_else(|| {
+            StepError::new(
+                "internal",
+                "the source answered without listing the VM's volumes",
+            )
+        })
 }
 
 /// Removes what the destination made, unless the VM arrived there (then it

@@ -175,13 +175,15 @@ impl Scheduler {
     /// move across clusters leaves behind on purpose), else the scheduler's
     /// choice among the other hosts. `pool` is the shared pool its disk will
     /// be in there (`None`: the host's own), so only hosts that see it
-    /// qualify. Nothing is claimed here: the store's guarded claim (in the
-    /// move's transaction) is the truth.
+    /// qualify; so must the pools of its attached volumes (`volume_pools`),
+    /// which it opens where they are. Nothing is claimed here: the store's
+    /// guarded claim (in the move's transaction) is the truth.
     pub fn choose_move(
         &self,
         vm: &VmRecord,
         group: Option<(ServerGroupId, ApiGroupPolicy)>,
         pool: Option<&str>,
+        volume_pools: &[String],
         named: Option<(HostId, &str)>,
     ) -> Result<HostId, Error> {
         let source = vm.host_id;
@@ -210,6 +212,7 @@ impl Scheduler {
                 .iter()
                 .cloned()
                 .chain(pool.map(pool_tag))
+                .chain(volume_pools.iter().map(|p| pool_tag(p)))
                 .chain(tls_required)
                 .collect(),
             forbid_tags: vm

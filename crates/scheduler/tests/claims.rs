@@ -361,11 +361,18 @@ async fn moves_stay_between_hosts_with_the_same_migration_transport() {
     set_tls(tls_peer.id, true).await;
     // From a TLS host: only the other TLS host, whichever is emptier.
     assert_eq!(
-        s.choose_move(&vm, None, None, None).expect("a TLS host"),
+        s.choose_move(&vm, None, None, &[], None)
+            .expect("a TLS host"),
         tls_peer.id
     );
     let e = s
-        .choose_move(&vm, None, None, Some((plain_peer.id, &plain_peer.name)))
+        .choose_move(
+            &vm,
+            None,
+            None,
+            &[],
+            Some((plain_peer.id, &plain_peer.name)),
+        )
         .expect_err("a plain host named");
     assert_eq!(e.error_code(), "no_host_available");
     assert!(
@@ -376,11 +383,12 @@ async fn moves_stay_between_hosts_with_the_same_migration_transport() {
     // From a plain host: only the plain one.
     set_tls(source, false).await;
     assert_eq!(
-        s.choose_move(&vm, None, None, None).expect("a plain host"),
+        s.choose_move(&vm, None, None, &[], None)
+            .expect("a plain host"),
         plain_peer.id
     );
     let e = s
-        .choose_move(&vm, None, None, Some((tls_peer.id, &tls_peer.name)))
+        .choose_move(&vm, None, None, &[], Some((tls_peer.id, &tls_peer.name)))
         .expect_err("a TLS host named");
     assert!(
         e.to_string().contains("does not use TLS for migrations"),
@@ -388,7 +396,9 @@ async fn moves_stay_between_hosts_with_the_same_migration_transport() {
     );
     // With no host of its kind left, the refusal explains by the tag.
     set_tls(plain_peer.id, true).await;
-    let e = s.choose_move(&vm, None, None, None).expect_err("none left");
+    let e = s
+        .choose_move(&vm, None, None, &[], None)
+        .expect_err("none left");
     assert!(
         e.to_string().contains("no other host can take the VM"),
         "{e}"

@@ -83,6 +83,32 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
             ))
         }
     };
+    // Attached volumes move with a running VM (the source says which, on
+    // which ports, when the job starts); a cold move copies only the disk.
+    let volumes = app.ds.volumes_of_vm(vm.id).await?;
+    if cold && !volumes.is_empty() {
+        let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        return Err(Error::conflict(
+            "volumes_attached",
+            format!(
+                "VM {:?} is stopped with volume(s) {names:?} attached, which a cold migration \
+                 does not move: detach them first, or start the VM and migrate it live (its \
+                 volumes move with it)",
+                vm.name
+            ),
+        ));
+    }
+    // Volumes in a shared pool are opened where they are: the destination
+    // must see their pools.
+    let mut volume_pools: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| {
+            v.pool_id
+                .map(|id| v.pool_name.clone().unwrap_or_else(|| id.to_string()))
+        })
+        .collect();
+    volume_pools.sort();
+    volume_pools.dedup();
     // The pool at the destination: the one named (a mapping across
     // clusters), else the one it is in.
     let target_pool = match p.pool.as_deref() {
@@ -122,6 +148,7 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
         &vm,
         group,
         target_pool.as_ref().map(|(_, n)| n.as_str()),
+        &volume_pools,
         named.as_ref().map(|h| (h.id, h.name.as_str())),
     )?;
     let pool_dir = |id: Option<stratus_common::StoragePoolId>| async move {
@@ -144,6 +171,7 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
         // flavor's (the create refuses images larger than that; a restore
         // grows a smaller backup to it).
         standalone_disk_bytes: vm.restore_from.is_some().then_some(vm.disk_bytes),
+        volumes: !volumes.is_empty(),
     };
     let params = VmJobParams {
         migration: Some(params),

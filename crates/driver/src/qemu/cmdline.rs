@@ -214,11 +214,13 @@ pub(crate) fn qemu_args(
 }
 
 /// How the destination of a live migration starts (see [`make_incoming`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Incoming {
     /// The disk is mirrored into this QEMU through an NBD export of its node
     /// while the migration runs.
     pub exported_disk: bool,
+    /// The device ids of the volumes mirrored in the same way.
+    pub exported_volumes: Vec<String>,
 }
 
 /// Turns a VM's arguments into those of the destination of a live
@@ -233,13 +235,18 @@ pub(crate) struct Incoming {
 /// writing through it by then (it drains and ends the mirror before the
 /// switch-over). Nothing the guest sees changes: the state only loads into
 /// the same devices.
-pub(crate) fn make_incoming(args: &mut Vec<String>, incoming: Incoming) {
+pub(crate) fn make_incoming(args: &mut Vec<String>, incoming: &Incoming) {
     args.retain(|a| a != "-S");
-    if incoming.exported_disk {
-        for a in args.iter_mut() {
-            if a.starts_with("virtio-blk-pci,") && a.contains(",id=disk0-dev") {
-                a.push_str(",share-rw=on");
-            }
+    let exported = |a: &str| {
+        (incoming.exported_disk && a.contains(",id=disk0-dev"))
+            || incoming
+                .exported_volumes
+                .iter()
+                .any(|d| a.contains(&format!(",id={},", opt_value(d))))
+    };
+    for a in args.iter_mut() {
+        if a.starts_with("virtio-blk-pci,") && exported(a) {
+            a.push_str(",share-rw=on");
         }
     }
     args.extend(["-incoming".to_string(), "defer".to_string()]);
@@ -460,8 +467,9 @@ mod tests {
         let mut incoming = normal.clone();
         make_incoming(
             &mut incoming,
-            Incoming {
+            &Incoming {
                 exported_disk: false,
+                exported_volumes: vec![],
             },
         );
         assert!(has_pair(&incoming, "-incoming", "defer"));
@@ -473,17 +481,38 @@ mod tests {
                 .collect()
         };
         assert_eq!(devices(&normal), devices(&incoming));
+        let volume = |n: usize| VolumeDisk {
+            node: format!("vol-node-{n}"),
+            device: format!("vol-{n}"),
+            port: n,
+            serial: format!("serial{n}"),
+            file: PathBuf::from(format!("/d/volumes/{n}.qcow2")),
+            backing: None,
+        };
         let mut exported = normal.clone();
+        exported.extend(volume_args(&[volume(1), volume(2)]).expect("volume args"));
         make_incoming(
             &mut exported,
-            Incoming {
+            &Incoming {
                 exported_disk: true,
+                exported_volumes: vec!["vol-2".into()],
             },
         );
         assert!(has_pair(
             &exported,
             "-device",
             "virtio-blk-pci,drive=layer-1,id=disk0-dev,bootindex=1,share-rw=on"
+        ));
+        // Only the mirrored volume shares its node with the NBD export.
+        assert!(has_pair(
+            &exported,
+            "-device",
+            "virtio-blk-pci,drive=vol-node-1,id=vol-1,bus=hp1,serial=serial1"
+        ));
+        assert!(has_pair(
+            &exported,
+            "-device",
+            "virtio-blk-pci,drive=vol-node-2,id=vol-2,bus=hp2,serial=serial2,share-rw=on"
         ));
     }
 

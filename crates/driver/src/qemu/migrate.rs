@@ -89,12 +89,12 @@ use super::layout::{read_json, remove_file_if_exists, write_json, StateRecord};
 use super::pool_disk_dir;
 use super::qmp::{execute, QmpService};
 use super::snapshot::{self, disk_device};
-use super::{image, lock, process, Shared, VmEntry, QMP_TIMEOUT};
+use super::{image, lock, process, volume, Shared, VmEntry, QMP_TIMEOUT};
 use crate::migrate::{compatibility_problem, live_migration_refusal};
 use crate::{
     BootSpec, DriverError, IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome,
-    MigratePhase, MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget, QemuSaid,
-    VmRuntimeState, VmSpec,
+    MigratePhase, MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget, OutgoingVm,
+    QemuSaid, VmRuntimeState, VmSpec, VolumeTarget,
 };
 
 /// The destination's record of an incoming migration, in the VM directory.
@@ -136,6 +136,10 @@ struct IncomingRecord {
     /// completes.
     #[serde(default)]
     owns_pool_disks: bool,
+    /// The volumes this attempt makes here (the mirrored ones): an abort
+    /// removes their files. Volumes in a shared pool are the source's.
+    #[serde(default)]
+    made_volumes: Vec<uuid::Uuid>,
     /// Set once the destination listens.
     ready: Option<IncomingReady>,
 }
@@ -404,12 +408,12 @@ pub(super) async fn prepare(
     let record_path = incoming_path(&vm);
     match read_json::<IncomingRecord>(&record_path, "incoming migration record")? {
         Some(rec) if rec.request_id == req.request_id => {
-            if let (Some(ready), Some(_)) = (rec.ready, shared.live_pid(&vm)) {
+            if let (Some(ready), Some(_)) = (rec.ready.clone(), shared.live_pid(&vm)) {
                 shared.ensure_adopted(&vm)?;
                 return Ok(ready);
             }
             tracing::info!(vm = %spec.id, request = %req.request_id, "preparing an interrupted incoming migration afresh");
-            remove_vm(shared, &vm, None, rec.owns_pool_disks).await?;
+            remove_incoming(shared, &vm, &rec).await?;
         }
         Some(rec) => {
             return Err(DriverError::Conflict {
@@ -430,28 +434,23 @@ pub(super) async fn prepare(
     }
     std::fs::create_dir_all(&vm.paths.run)
         .map_err(|e| DriverError::io("cannot create the VM run directory", &vm.paths.run, e))?;
-    let owns_pool_disks = !matches!(req.disk, IncomingDisk::Pool);
-    write_json(
-        &record_path,
-        "incoming migration record",
-        &IncomingRecord {
-            request_id: req.request_id,
-            owns_pool_disks,
-            ready: None,
-        },
-    )?;
+    let mut record = IncomingRecord {
+        request_id: req.request_id,
+        owns_pool_disks: !matches!(req.disk, IncomingDisk::Pool),
+        made_volumes: req
+            .volumes
+            .iter()
+            .filter(|v| v.pool.is_none())
+            .map(|v| v.volume_id)
+            .collect(),
+        ready: None,
+    };
+    write_json(&record_path, "incoming migration record", &record)?;
     let mut times = PrepareTimes::default();
     match prepare_inner(shared, &vm, spec, req, &mut times).await {
         Ok(ready) => {
-            write_json(
-                &record_path,
-                "incoming migration record",
-                &IncomingRecord {
-                    request_id: req.request_id,
-                    owns_pool_disks,
-                    ready: Some(ready.clone()),
-                },
-            )?;
+            record.ready = Some(ready.clone());
+            write_json(&record_path, "incoming migration record", &record)?;
             tracing::info!(
                 vm = %spec.id, uri = %ready.migration_uri, nbd = ?ready.nbd,
                 disk_ms = times.disk_ms, qemu_ms = times.qemu_ms, listen_ms = times.listen_ms,
@@ -461,12 +460,32 @@ pub(super) async fn prepare(
         }
         Err(e) => {
             tracing::warn!(vm = %spec.id, error = %e, "incoming migration not prepared; removing what it made");
-            if let Err(undo) = remove_vm(shared, &vm, None, owns_pool_disks).await {
+            if let Err(undo) = remove_incoming(shared, &vm, &record).await {
                 tracing::warn!(vm = %spec.id, error = %undo, "cannot remove the failed incoming VM");
             }
             Err(e)
         }
     }
+}
+
+/// Removes what an incoming migration made here: the VM (its QEMU, files,
+/// and its pool directory if the attempt made it) and the volumes it made.
+/// Caller holds `vm.op`.
+async fn remove_incoming(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    record: &IncomingRecord,
+) -> Result<(), DriverError> {
+    remove_vm(shared, vm, None, record.owns_pool_disks).await?;
+    for v in &record.made_volumes {
+        volume::remove_moved(shared, *v)?;
+    }
+    Ok(())
+}
+
+/// The id (and name) of the destination's NBD export of a volume.
+fn volume_export(volume_id: uuid::Uuid) -> String {
+    format!("stratus-vol-{volume_id}")
 }
 
 /// Where a destination's prepare spent its time (logged; `stratus bench
@@ -587,8 +606,19 @@ async fn prepare_inner(
     // QEMU paused the moment it runs (one synced write fewer on the
     // migration's critical path: each costs 1-9 ms on our hosts).
     let disk = snapshot::launch_disk(qemu_img, spec.id, paths).await?;
+    volume::make_incoming(shared, vm, &req.volumes).await?;
+    let mirrored_volumes: Vec<uuid::Uuid> = req
+        .volumes
+        .iter()
+        .filter(|v| v.pool.is_none())
+        .map(|v| v.volume_id)
+        .collect();
     let incoming = super::cmdline::Incoming {
         exported_disk: shared_disk.is_none(),
+        exported_volumes: mirrored_volumes
+            .iter()
+            .map(|v| volume::device_id(*v))
+            .collect(),
     };
     times.disk_ms = ms(t0.elapsed());
     let t1 = Instant::now();
@@ -638,8 +668,9 @@ async fn prepare_inner(
         })
     })?;
 
-    let nbd = if shared_disk.is_none() {
-        let node = snapshot::active_node(&qmp).await?;
+    let mut nbd = None;
+    let mut volumes = Vec::with_capacity(req.volumes.len());
+    if shared_disk.is_none() || !mirrored_volumes.is_empty() {
         let mut started = None;
         let mut last_error = None;
         for port in candidates {
@@ -665,27 +696,39 @@ async fn prepare_inner(
                 ))
             })
         })?;
-        let export = format!("stratus-{}", spec.id);
-        run::<BlockExportAdd>(
-            &qmp,
-            json!({
-                "type": "nbd",
-                "id": EXPORT_ID,
-                "node-name": node,
-                "name": export,
-                "writable": true,
-            }),
-            "export the disk over NBD",
-        )
-        .await?;
-        Some(NbdTarget {
+        let target = |export: String| NbdTarget {
             host: addr.to_string(),
             port,
             export,
-        })
-    } else {
-        None
-    };
+        };
+        if shared_disk.is_none() {
+            let node = snapshot::active_node(&qmp).await?;
+            let export = format!("stratus-{}", spec.id);
+            export_node(&qmp, EXPORT_ID, &node, &export, "export the disk over NBD").await?;
+            nbd = Some(target(export));
+        }
+        for v in &mirrored_volumes {
+            let export = volume_export(*v);
+            export_node(
+                &qmp,
+                &export,
+                &volume::node_name(*v),
+                &export,
+                "export a volume over NBD",
+            )
+            .await?;
+            volumes.push(VolumeTarget {
+                volume_id: *v,
+                nbd: Some(target(export)),
+            });
+        }
+    }
+    for v in req.volumes.iter().filter(|v| v.pool.is_some()) {
+        volumes.push(VolumeTarget {
+            volume_id: v.volume_id,
+            nbd: None,
+        });
+    }
     let device = disk_device(&qmp).await?;
     let disk_virtual_size = u64::try_from(device.image.base.virtual_size)
         .map_err(|e| DriverError::qemu("QMP query-block reports a negative disk size", e))?;
@@ -703,7 +746,31 @@ async fn prepare_inner(
         disk_backing,
         shared_disk,
         tls: tls.is_some(),
+        volumes,
     })
+}
+
+/// Exports block node `node` writable on the NBD server as `name`.
+async fn export_node(
+    qmp: &QmpService,
+    id: &str,
+    node: &str,
+    name: &str,
+    what: &str,
+) -> Result<(), DriverError> {
+    run::<BlockExportAdd>(
+        qmp,
+        json!({
+            "type": "nbd",
+            "id": id,
+            "node-name": node,
+            "name": name,
+            "writable": true,
+        }),
+        what,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// See [`crate::Driver::vm_migrate_finish`].
@@ -716,7 +783,8 @@ pub(super) async fn finish(
     let record_path = incoming_path(&vm);
     let deadline = Instant::now() + timeout;
     let mut events = vm.qmp_events.subscribe();
-    if read_json::<IncomingRecord>(&record_path, "incoming migration record")?.is_none() {
+    let Some(record) = read_json::<IncomingRecord>(&record_path, "incoming migration record")?
+    else {
         // Finished before (a retry), or never incoming.
         let state = shared.read_record(&vm)?.state;
         return if state.is_active() {
@@ -728,7 +796,7 @@ pub(super) async fn finish(
                 state: state.to_string(),
             })
         };
-    }
+    };
     let (pid, status) = loop {
         events.borrow_and_update();
         let pid = {
@@ -791,6 +859,11 @@ pub(super) async fn finish(
     if let Ok(qmp) = shared.qmp(&vm).await {
         // Absent for a shared disk: nothing to stop.
         let _ = run::<BlockExportDel>(&qmp, json!({"id": EXPORT_ID}), "migration").await;
+        let exported = record.ready.iter().flat_map(|r| &r.volumes);
+        for v in exported.filter(|v| v.nbd.is_some()) {
+            let id = volume_export(v.volume_id);
+            let _ = run::<BlockExportDel>(&qmp, json!({"id": id}), "migration").await;
+        }
         let _ = run::<NbdServerStop>(&qmp, json!({}), "migration").await;
     }
     let state = if status == "running" {
@@ -837,8 +910,10 @@ pub(super) async fn abort_incoming(shared: &Arc<Shared>, id: VmId) -> Result<(),
         }
     }
     tracing::info!(vm = %id, "aborting an incoming migration");
-    let owns_pool_disks = record.is_some_and(|r| r.owns_pool_disks);
-    remove_vm(shared, &vm, None, owns_pool_disks).await
+    match record {
+        Some(record) => remove_incoming(shared, &vm, &record).await,
+        None => remove_vm(shared, &vm, None, false).await,
+    }
 }
 
 // ---- source ---------------------------------------------------------------
@@ -847,13 +922,57 @@ pub(super) async fn abort_incoming(shared: &Arc<Shared>, id: VmId) -> Result<(),
 struct Plan {
     pid: u32,
     was_running: bool,
-    /// The disk's active node.
-    node: String,
-    /// Mirror with `sync: top` (the destination has our base image).
-    sync_top: bool,
+    /// What is copied to the destination's NBD exports: the disk (unless
+    /// it is shared) and each volume not in a shared pool.
+    mirrors: Vec<Mirror>,
     /// The shared disk file to leave in place.
     shared_disk: Option<PathBuf>,
+    /// The volumes whose files here go once the VM has moved (the mirrored
+    /// ones; a pool volume's files stay where both hosts see them).
+    moved_volumes: Vec<uuid::Uuid>,
     tls: Option<String>,
+}
+
+/// One block node mirrored into the destination.
+struct Mirror {
+    /// `""` for the disk, `-v<port>` for a volume: the suffix of the
+    /// mirror's job id and of its NBD client node (QEMU allows node names
+    /// of 31 characters), so a restarted agent finds them again.
+    suffix: String,
+    /// For messages: "the disk", "volume <id>".
+    what: String,
+    /// The source's active node.
+    node: String,
+    target: NbdTarget,
+    /// `sync: top` (the destination has our base image under its copy).
+    sync_top: bool,
+}
+
+impl Mirror {
+    fn job(&self) -> String {
+        format!("{MIRROR_JOB}{}", self.suffix)
+    }
+}
+
+/// The suffix of a volume's mirror (see [`Mirror::suffix`]).
+fn volume_suffix(port: usize) -> String {
+    format!("-v{port}")
+}
+
+/// Every mirror suffix a VM can have: the disk's and one per hot-plug port.
+fn all_suffixes() -> Vec<String> {
+    std::iter::once(String::new())
+        .chain((0..crate::MAX_VOLUMES_PER_VM).map(volume_suffix))
+        .collect()
+}
+
+/// See [`crate::Driver::vm_migrate_describe`].
+pub(super) async fn describe(shared: &Arc<Shared>, id: VmId) -> Result<OutgoingVm, DriverError> {
+    let vm = shared.existing(id)?;
+    let _op = vm.op.lock().await;
+    Ok(OutgoingVm {
+        volumes: volume::outgoing(shared, &vm)?,
+    })
 }
 
 /// See [`crate::Driver::vm_migrate_send`] and the module docs.
@@ -919,9 +1038,9 @@ pub(super) async fn send(
         ..stats.last.clone()
     });
     // The VM runs on the destination now: nothing below may resume it here.
-    if plan.shared_disk.is_none() && !stats.mirror_ended {
+    if !plan.mirrors.is_empty() && !stats.mirror_ended {
         if let Ok(qmp) = shared.qmp(&vm).await {
-            if let Err(e) = end_mirror(&vm, &qmp).await {
+            if let Err(e) = end_mirrors(&vm, &qmp, &suffixes(&plan)).await {
                 tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror cleanly; ending QEMU anyway");
             }
         }
@@ -937,6 +1056,12 @@ pub(super) async fn send(
     .await;
     if let Err(e) = cleaned {
         tracing::warn!(vm = %id, error = %e, "the VM moved, but its files here could not all be removed");
+    }
+    // Its mirrored volumes moved with it (the destination has whole copies).
+    for v in &plan.moved_volumes {
+        if let Err(e) = volume::remove_moved(shared, *v) {
+            tracing::warn!(vm = %id, volume = %v, error = %e, "the volume moved, but its files here could not all be removed");
+        }
     }
     let finish_ms = ms(completed_at.elapsed());
     let outcome = MigrateOutcome {
@@ -1018,20 +1143,62 @@ async fn preflight(
             ),
         ));
     }
-    // volumes.json is volume.rs's record; only its list's length matters here.
-    let volumes: Option<Value> = read_json(&vm.paths.volumes_json, "VM's volume record")?;
-    let attached = volumes
-        .as_ref()
-        .and_then(|v| v.get("volumes"))
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len);
-    if attached > 0 {
-        return Err(refused(
-            id,
-            format!(
-                "it has {attached} attached volume(s), which stay on this host; detach them first"
-            ),
-        ));
+    let volumes = volume::outgoing(shared, vm)?;
+    let mut volume_mirrors = Vec::new();
+    let mut moved_volumes = Vec::new();
+    {
+        let ours: Vec<uuid::Uuid> = volumes.iter().map(|v| v.volume_id).collect();
+        let theirs: Vec<uuid::Uuid> = ready.volumes.iter().map(|v| v.volume_id).collect();
+        let (mut a, mut b) = (ours.clone(), theirs.clone());
+        a.sort();
+        b.sort();
+        if a != b {
+            return Err(refused(
+                id,
+                format!(
+                    "the destination was prepared for the volumes {theirs:?}, but the VM has                      {ours:?} attached (attached or detached since): migrate it again"
+                ),
+            ));
+        }
+    }
+    for v in &volumes {
+        let target = ready
+            .volumes
+            .iter()
+            .find(|t| t.volume_id == v.volume_id)
+            .and_then(|t| t.nbd.clone());
+        match (&v.pool, target) {
+            (Some(_), None) => {}
+            (None, Some(target)) => {
+                volume_mirrors.push(Mirror {
+                    suffix: volume_suffix(v.port),
+                    what: format!("volume {}", v.volume_id),
+                    node: volume::node_name(v.volume_id),
+                    target,
+                    sync_top: false,
+                });
+                moved_volumes.push(v.volume_id);
+            }
+            (Some(pool), Some(_)) => {
+                return Err(refused(
+                    id,
+                    format!(
+                        "the destination offers to copy volume {}, which is in the shared pool {}",
+                        v.volume_id,
+                        pool.display()
+                    ),
+                ))
+            }
+            (None, None) => {
+                return Err(refused(
+                    id,
+                    format!(
+                        "the destination offers no export for volume {}, which is in this host's                          own directory",
+                        v.volume_id
+                    ),
+                ))
+            }
+        }
     }
     let tls = tls_dir(shared)?;
     if tls.is_some() != ready.tls {
@@ -1118,12 +1285,23 @@ async fn preflight(
             (None, _) => false,
         },
     };
+    let mut mirrors = Vec::with_capacity(1 + volume_mirrors.len());
+    if let (None, Some(target)) = (&ready.shared_disk, &ready.nbd) {
+        mirrors.push(Mirror {
+            suffix: String::new(),
+            what: "the disk".into(),
+            node,
+            target: target.clone(),
+            sync_top,
+        });
+    }
+    mirrors.extend(volume_mirrors);
     Ok(Plan {
         pid,
         was_running,
-        node,
-        sync_top,
+        mirrors,
         shared_disk: ready.shared_disk.clone(),
+        moved_volumes,
         tls,
     })
 }
@@ -1145,40 +1323,45 @@ async fn migrate(
     if let Some(dir) = &plan.tls {
         add_tls(&qmp, dir, TlsEnd::Client).await?;
     }
-    // Step 1: the disk.
-    if let (Some(nbd), None) = (&req.ready.nbd, &plan.shared_disk) {
+    // Step 1: the disk and the volumes, all mirrors at once.
+    if !plan.mirrors.is_empty() {
         let mirror_started = Instant::now();
-        let mut node = json!({
-            "driver": "nbd",
-            "node-name": NBD_NODE,
-            "server": {"type": "inet", "host": nbd.host, "port": nbd.port.to_string()},
-            "export": nbd.export,
-        });
-        if plan.tls.is_some() {
-            node["tls-creds"] = json!(TLS_CLIENT_ID);
+        for m in &plan.mirrors {
+            let nbd = &m.target;
+            let mut node = json!({
+                "driver": "nbd",
+                "node-name": format!("{NBD_NODE}{}", m.suffix),
+                "server": {"type": "inet", "host": nbd.host, "port": nbd.port.to_string()},
+                "export": nbd.export,
+            });
+            if plan.tls.is_some() {
+                node["tls-creds"] = json!(TLS_CLIENT_ID);
+            }
+            run::<BlockdevAdd>(&qmp, node, "connect to the destination's disk")
+                .await
+                .map_err(|e| DriverError::Migration {
+                    id,
+                    reason: format!(
+                        "cannot connect to the destination's export of {} at {}:{}",
+                        m.what, nbd.host, nbd.port
+                    ),
+                    source: Some(Box::new(e)),
+                })?;
+            let mut mirror = json!({
+                "job-id": m.job(),
+                "device": m.node,
+                "target": format!("{NBD_NODE}{}", m.suffix),
+                "sync": if m.sync_top { "top" } else { "full" },
+                "auto-dismiss": false,
+            });
+            // The operator's limit holds for all disks together.
+            if let Some(speed) = req.max_bandwidth {
+                let share = speed / plan.mirrors.len() as u64;
+                mirror["speed"] = json!(share.max(1));
+            }
+            run::<BlockdevMirror>(&qmp, mirror, &format!("mirror {}", m.what)).await?;
         }
-        run::<BlockdevAdd>(&qmp, node, "connect to the destination's disk")
-            .await
-            .map_err(|e| DriverError::Migration {
-                id,
-                reason: format!(
-                    "cannot connect to the destination's disk export at {}:{}",
-                    nbd.host, nbd.port
-                ),
-                source: Some(Box::new(e)),
-            })?;
-        let mut mirror = json!({
-            "job-id": MIRROR_JOB,
-            "device": plan.node,
-            "target": NBD_NODE,
-            "sync": if plan.sync_top { "top" } else { "full" },
-            "auto-dismiss": false,
-        });
-        if let Some(speed) = req.max_bandwidth {
-            mirror["speed"] = json!(speed);
-        }
-        run::<BlockdevMirror>(&qmp, mirror, "mirror the disk").await?;
-        wait_mirror_ready(shared, vm, plan.pid, cancel, progress, stats).await?;
+        wait_mirror_ready(shared, vm, plan, cancel, progress, stats).await?;
         stats.mirror_ms = ms(mirror_started.elapsed());
     }
     // Step 2: capabilities, parameters, go.
@@ -1193,7 +1376,7 @@ async fn migrate(
             ("auto-converge", req.auto_converge),
             ("postcopy-ram", postcopy),
             ("dirty-bitmaps", plan.shared_disk.is_none()),
-            ("pause-before-switchover", plan.shared_disk.is_none()),
+            ("pause-before-switchover", !plan.mirrors.is_empty()),
         ],
     )
     .await?;
@@ -1241,15 +1424,15 @@ async fn migrate(
         let asked = async {
             let qmp = shared.qmp(vm).await?;
             let info = run::<QueryMigrate>(&qmp, json!({}), "migration").await?;
-            let job = if plan.shared_disk.is_none() {
-                mirror_job(&qmp).await.ok().flatten()
+            let jobs = if plan.mirrors.is_empty() {
+                Vec::new()
             } else {
-                None
+                mirror_jobs(&qmp, &plan.mirrors).await.unwrap_or_default()
             };
-            Ok::<_, DriverError>((info, job))
+            Ok::<_, DriverError>((info, jobs))
         }
         .await;
-        let (info, job) = match asked {
+        let (info, jobs) = match asked {
             Ok(answer) => {
                 unreachable_since = None;
                 answer
@@ -1268,8 +1451,11 @@ async fn migrate(
         let page_size = u64_of(&ram, "page-size").max(1);
         stats.passes = u64_of(&ram, "dirty-sync-count");
         stats.memory_bytes = u64_of(&ram, "transferred");
-        if let Some(job) = &job {
-            stats.disk_bytes = u64_of(job, "current-progress");
+        let (disk_done, disk_total) = disk_progress(&jobs);
+        // Once the mirrors ended at the switch-over their jobs are gone:
+        // what they copied stays counted.
+        if jobs.iter().any(Option::is_some) {
+            stats.disk_bytes = disk_done;
         }
         let phase = match status {
             "postcopy-active" => MigratePhase::Postcopy,
@@ -1284,8 +1470,8 @@ async fn migrate(
             dirty_rate_bytes_per_sec: u64_of(&ram, "dirty-pages-rate").saturating_mul(page_size),
             expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_u64),
             passes: stats.passes,
-            disk_done_bytes: job.as_ref().map_or(0, |j| u64_of(j, "current-progress")),
-            disk_total_bytes: job.as_ref().map_or(0, |j| u64_of(j, "total-progress")),
+            disk_done_bytes: disk_done,
+            disk_total_bytes: disk_total,
         };
         progress(stats.last.clone());
         match status {
@@ -1313,13 +1499,13 @@ async fn migrate(
                 // mirror, then let QEMU send the device state, after which
                 // the destination runs the guest on a disk that is whole.
                 let drain = Instant::now();
-                end_mirror(vm, &qmp)
-                    .await
-                    .map_err(|e| DriverError::Migration {
+                end_mirrors(vm, &qmp, &suffixes(plan)).await.map_err(|e| {
+                    DriverError::Migration {
                         id,
                         reason: "cannot complete the disk mirror at the switch-over".into(),
                         source: Some(Box::new(e)),
-                    })?;
+                    }
+                })?;
                 stats.mirror_drain_ms = ms(drain.elapsed());
                 stats.mirror_ended = true;
                 run::<MigrateContinue>(
@@ -1341,35 +1527,69 @@ async fn migrate(
             }
             _ => {}
         }
-        if let Some(job) = &job {
-            if job.get("status").and_then(Value::as_str) == Some("concluded") {
-                // A mirror that ends before the migration has lost its target.
-                let error = job.get("error").and_then(Value::as_str).unwrap_or("");
-                return Err(DriverError::Migration {
-                    id,
-                    reason: "the disk mirror to the destination failed".into(),
-                    source: Some(Box::new(QemuSaid(error.to_string()))),
-                });
+        if !continued {
+            for (m, job) in plan.mirrors.iter().zip(&jobs) {
+                let status = job.as_ref().and_then(|j| j.get("status")?.as_str());
+                if matches!(status, None | Some("concluded")) {
+                    // A mirror that ends before the migration has lost its target.
+                    let error = job
+                        .as_ref()
+                        .and_then(|j| j.get("error")?.as_str())
+                        .unwrap_or("its job is gone");
+                    return Err(DriverError::Migration {
+                        id,
+                        reason: format!("the mirror of {} to the destination failed", m.what),
+                        source: Some(Box::new(QemuSaid(error.to_string()))),
+                    });
+                }
             }
         }
         VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     }
 }
 
-/// The mirror job as `query-jobs` reports it, if it exists.
-async fn mirror_job(qmp: &QmpService) -> Result<Option<Value>, DriverError> {
+/// The suffixes of the plan's mirrors.
+fn suffixes(plan: &Plan) -> Vec<String> {
+    plan.mirrors.iter().map(|m| m.suffix.clone()).collect()
+}
+
+/// Bytes copied and to copy, over all mirrors.
+fn disk_progress(jobs: &[Option<Value>]) -> (u64, u64) {
+    jobs.iter().flatten().fold((0, 0), |(done, total), j| {
+        (
+            done + u64_of(j, "current-progress"),
+            total + u64_of(j, "total-progress"),
+        )
+    })
+}
+
+/// Each mirror job as `query-jobs` reports it (`None`: it does not exist).
+async fn mirror_jobs(
+    qmp: &QmpService,
+    mirrors: &[Mirror],
+) -> Result<Vec<Option<Value>>, DriverError> {
+    let ids: Vec<String> = mirrors.iter().map(Mirror::job).collect();
+    jobs_by_id(qmp, &ids).await
+}
+
+/// The jobs with these ids as `query-jobs` reports them, in that order.
+async fn jobs_by_id(qmp: &QmpService, ids: &[String]) -> Result<Vec<Option<Value>>, DriverError> {
     let jobs = run::<QueryJobs>(qmp, json!({}), "migration").await?;
-    Ok(jobs.as_array().and_then(|list| {
-        list.iter()
-            .find(|j| j.get("id").and_then(Value::as_str) == Some(MIRROR_JOB))
-            .cloned()
-    }))
+    let list = jobs.as_array().cloned().unwrap_or_default();
+    Ok(ids
+        .iter()
+        .map(|id| {
+            list.iter()
+                .find(|j| j.get("id").and_then(Value::as_str) == Some(id))
+                .cloned()
+        })
+        .collect())
 }
 
 async fn wait_mirror_ready(
     shared: &Arc<Shared>,
     vm: &Arc<VmEntry>,
-    pid: u32,
+    plan: &Plan,
     cancel: &AtomicBool,
     progress: &MigrateProgressFn,
     stats: &mut Stats,
@@ -1379,7 +1599,7 @@ async fn wait_mirror_ready(
     let mut events = vm.qmp_events.subscribe();
     loop {
         events.borrow_and_update();
-        if !process::is_qemu_of(pid, id) {
+        if !process::is_qemu_of(plan.pid, id) {
             return Err(migration_error(
                 id,
                 "the VM's QEMU ended during the disk mirror",
@@ -1390,13 +1610,13 @@ async fn wait_mirror_ready(
         }
         let asked = async {
             let qmp = shared.qmp(vm).await?;
-            mirror_job(&qmp).await
+            mirror_jobs(&qmp, &plan.mirrors).await
         }
         .await;
-        let job = match asked {
-            Ok(job) => {
+        let jobs = match asked {
+            Ok(jobs) => {
                 unreachable_since = None;
-                job
+                jobs
             }
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
@@ -1407,91 +1627,120 @@ async fn wait_mirror_ready(
                 continue;
             }
         };
-        let Some(job) = job else {
-            return Err(migration_error(id, "QEMU's disk mirror job disappeared"));
-        };
-        stats.disk_bytes = u64_of(&job, "current-progress");
+        let (done, total) = disk_progress(&jobs);
+        stats.disk_bytes = done;
         stats.last = MigrateProgress {
             phase: Some(MigratePhase::MirroringDisk),
-            disk_done_bytes: stats.disk_bytes,
-            disk_total_bytes: u64_of(&job, "total-progress"),
+            disk_done_bytes: done,
+            disk_total_bytes: total,
             ..MigrateProgress::default()
         };
         progress(stats.last.clone());
-        match job.get("status").and_then(Value::as_str) {
-            Some("ready") => return Ok(()),
-            Some("concluded") | Some("aborting") | Some("null") => {
-                let error = job.get("error").and_then(Value::as_str).unwrap_or("");
-                return Err(DriverError::Migration {
+        let mut all_ready = true;
+        for (m, job) in plan.mirrors.iter().zip(&jobs) {
+            let Some(job) = job else {
+                return Err(migration_error(
                     id,
-                    reason: "the disk mirror to the destination failed".into(),
-                    source: Some(Box::new(QemuSaid(error.to_string()))),
-                });
+                    format!("QEMU's mirror job of {} disappeared", m.what),
+                ));
+            };
+            match job.get("status").and_then(Value::as_str) {
+                Some("ready") => {}
+                Some("concluded") | Some("aborting") | Some("null") => {
+                    let error = job.get("error").and_then(Value::as_str).unwrap_or("");
+                    return Err(DriverError::Migration {
+                        id,
+                        reason: format!("the mirror of {} to the destination failed", m.what),
+                        source: Some(Box::new(QemuSaid(error.to_string()))),
+                    });
+                }
+                _ => all_ready = false,
             }
-            _ => {}
+        }
+        if all_ready {
+            return Ok(());
         }
         // `BLOCK_JOB_READY` wakes this at once.
         VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     }
 }
 
-/// Cancels the mirror job (a ready mirror then completes without switching
-/// the VM to the target, leaving the target consistent), waits for it to
-/// end, dismisses it and deletes the NBD node.
-async fn end_mirror(vm: &VmEntry, qmp: &QmpService) -> Result<(), DriverError> {
+/// Cancels the mirror jobs with these suffixes (a ready mirror then
+/// completes without switching the VM to the target, leaving the target
+/// consistent; all are cancelled at once, so their drains overlap), waits
+/// for them to end, dismisses them and deletes their NBD nodes. Mirrors
+/// that do not exist are skipped.
+async fn end_mirrors(
+    vm: &VmEntry,
+    qmp: &QmpService,
+    suffixes: &[String],
+) -> Result<(), DriverError> {
     let deadline = Instant::now() + CANCEL_TIMEOUT;
-    let mut cancelled = false;
+    let ids: Vec<String> = suffixes
+        .iter()
+        .map(|s| format!("{MIRROR_JOB}{s}"))
+        .collect();
+    let mut cancelled = vec![false; ids.len()];
     let mut events = vm.qmp_events.subscribe();
     loop {
         events.borrow_and_update();
-        let Some(job) = mirror_job(qmp).await? else {
+        let jobs = jobs_by_id(qmp, &ids).await?;
+        let mut pending = Vec::new();
+        for (k, job) in jobs.iter().enumerate() {
+            let Some(job) = job else { continue };
+            match job.get("status").and_then(Value::as_str) {
+                Some("concluded") => {
+                    run::<JobDismiss>(qmp, json!({"id": ids[k]}), "migration").await?;
+                }
+                Some("null") => {}
+                _ => {
+                    pending.push(k);
+                    if !cancelled[k] {
+                        // The job may conclude between the query and the cancel.
+                        let _ = run::<BlockJobCancel>(
+                            qmp,
+                            json!({"device": ids[k], "force": false}),
+                            "end the disk mirror",
+                        )
+                        .await;
+                        cancelled[k] = true;
+                    }
+                }
+            }
+        }
+        if pending.is_empty() {
             break;
-        };
-        match job.get("status").and_then(Value::as_str) {
-            Some("concluded") => {
-                run::<JobDismiss>(qmp, json!({"id": MIRROR_JOB}), "migration").await?;
-                break;
-            }
-            Some("null") => break,
-            _ if !cancelled => {
-                // The job may conclude between the query and the cancel.
-                let _ = run::<BlockJobCancel>(
-                    qmp,
-                    json!({"device": MIRROR_JOB, "force": false}),
-                    "end the disk mirror",
-                )
-                .await;
-                cancelled = true;
-            }
-            _ => {}
         }
         if Instant::now() >= deadline {
             // A mirror whose target is gone may hang in its cancel: force it.
-            let _ = run::<BlockJobCancel>(
-                qmp,
-                json!({"device": MIRROR_JOB, "force": true}),
-                "end the disk mirror",
-            )
-            .await;
+            for k in pending {
+                let _ = run::<BlockJobCancel>(
+                    qmp,
+                    json!({"device": ids[k], "force": true}),
+                    "end the disk mirror",
+                )
+                .await;
+            }
             return Err(DriverError::timeout(format!(
                 "waiting {}s for the disk mirror to end",
                 CANCEL_TIMEOUT.as_secs()
             )));
         }
-        // Inside the guest's downtime at the switch-over: the job's
+        // Inside the guest's downtime at the switch-over: the jobs'
         // `JOB_STATUS_CHANGE` wakes this at once.
         VmEntry::next_look(&mut events, POLL_INTERVAL).await;
     }
-    match run::<BlockdevDel>(qmp, json!({"node-name": NBD_NODE}), "migration").await {
-        Ok(_) => Ok(()),
-        Err(e)
-            if format!("{e:?}").contains("Failed to find")
-                || format!("{e:?}").contains("Cannot find") =>
-        {
-            Ok(())
+    for s in suffixes {
+        let node = format!("{NBD_NODE}{s}");
+        match run::<BlockdevDel>(qmp, json!({"node-name": node}), "migration").await {
+            Ok(_) => {}
+            Err(e)
+                if format!("{e:?}").contains("Failed to find")
+                    || format!("{e:?}").contains("Cannot find") => {}
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
+    Ok(())
 }
 
 /// Undoes a failed migration so the VM runs here as before (best effort,
@@ -1533,8 +1782,8 @@ async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
             _ => break,
         }
     }
-    if plan.shared_disk.is_none() {
-        if let Err(e) = end_mirror(vm, &qmp).await {
+    if !plan.mirrors.is_empty() {
+        if let Err(e) = end_mirrors(vm, &qmp, &suffixes(plan)).await {
             tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror of the failed migration");
         }
     }
@@ -1599,7 +1848,7 @@ pub(super) async fn recover_interrupted(shared: &Arc<Shared>, id: VmId) {
         tracing::error!(vm = %id, "the migration completed after all; not resuming the VM here");
         return;
     }
-    if let Err(e) = end_mirror(&vm, &qmp).await {
+    if let Err(e) = end_mirrors(&vm, &qmp, &all_suffixes()).await {
         tracing::debug!(vm = %id, error = %e, "no disk mirror of the interrupted migration to end");
     }
     let run_state = run::<QueryStatus>(&qmp, json!({}), "migration")
@@ -1792,6 +2041,7 @@ mod tests {
             disk_backing: None,
             shared_disk: None,
             tls: false,
+            volumes: vec![],
         };
         let mut req = MigrateRequest {
             ready,

@@ -595,7 +595,7 @@ impl Shared {
         let mut args = cmdline::qemu_args(spec, paths, disk, self.launch)?;
         args.extend(volume::boot_args(self, vm)?);
         if let Some(incoming) = incoming {
-            cmdline::make_incoming(&mut args, incoming);
+            cmdline::make_incoming(&mut args, &incoming);
         }
         tracing::debug!(vm = %vm.id, ?args, "starting QEMU");
         let status = tokio::time::timeout(
@@ -1532,6 +1532,10 @@ impl Driver for QemuDriver {
         pool: &std::path::Path,
     ) -> Result<(), DriverError> {
         volume::use_pool(&self.shared, volume_id, pool).await
+    }
+
+    async fn vm_migrate_describe(&self, id: VmId) -> Result<crate::OutgoingVm, DriverError> {
+        migrate::describe(&self.shared, id).await
     }
 
     async fn vm_migrate_prepare(

@@ -95,7 +95,10 @@ use super::qmp::{execute, QmpService};
 use super::snapshot::{self, Disk};
 use super::{lock, process, Shared, VmEntry, QMP_TIMEOUT};
 use crate::volume::{check_resize, DETACH_TIMEOUT};
-use crate::{volume_serial, DriverError, ImageFormat, VolumeInfo, VolumeSpec, MAX_VOLUMES_PER_VM};
+use crate::{
+    volume_serial, DriverError, ImageFormat, IncomingVolume, VolumeInfo, VolumeSpec,
+    MAX_VOLUMES_PER_VM,
+};
 
 /// Prefix of the volumes' block node names.
 const NODE_PREFIX: &str = "vol-";
@@ -557,6 +560,119 @@ pub(super) async fn release_all(shared: &Shared, vm: &VmEntry) -> Result<(), Dri
         remove_layer_orphans(shared, volume_id, &chain.files_of(disk));
         normalize(shared, vm, volume_id)?;
         tracing::info!(vm = %vm.id, volume = %volume_id, layers = files.len(), "volume's layers flattened as its VM goes");
+    }
+    Ok(())
+}
+
+/// The attached volumes as the destination of a live migration rebuilds
+/// them (see `crate::migrate`): port, size, and the shared pool holding
+/// the files, if any. A volume with snapshot layers is refused: only its
+/// one file moves. Caller holds `vm.op`.
+pub(super) fn outgoing(shared: &Shared, vm: &VmEntry) -> Result<Vec<IncomingVolume>, DriverError> {
+    let rec = read_record(&vm.paths)?;
+    let chain = snapshot::read_chain(&vm.paths)?;
+    let mut out = Vec::with_capacity(rec.volumes.len());
+    for a in &rec.volumes {
+        let v = a.volume_id;
+        let files = chain.files_of(Disk::Volume(v));
+        if files != [own_file(v)] {
+            return Err(DriverError::MigrationRefused {
+                id: vm.id,
+                reason: format!(
+                    "its volume {v} has {} snapshot layer(s) that would not move with it;                      delete (merge) the VM's snapshots first",
+                    files.len().saturating_sub(1)
+                ),
+            });
+        }
+        let file = VolumePaths::new(shared, v).file;
+        let header = image::read_qcow2_header(&file)
+            .map_err(|e| DriverError::io("cannot read the volume's qcow2 header", &file, e))?;
+        let pool = if in_pool(shared, v) {
+            std::fs::read_link(pool_link(shared, v))
+                .ok()
+                .and_then(|t| t.parent().map(Path::to_path_buf))
+        } else {
+            None
+        };
+        out.push(IncomingVolume {
+            volume_id: v,
+            port: a.port,
+            size_bytes: header.virtual_size,
+            pool,
+        });
+    }
+    Ok(out)
+}
+
+/// Destination of a live migration: makes each volume openable here (an
+/// empty standalone file of its size, which the source mirrors into, or a
+/// link to its shared pool) and records the VM's attachments on the
+/// source's ports, so the command line plugs them where the guest had
+/// them. A volume this host already keeps a file of is a conflict (the
+/// abort would remove what this attempt did not make). Caller holds
+/// `vm.op`; `vm.json` is written (the volumes' owner is found through it).
+pub(super) async fn make_incoming(
+    shared: &Arc<Shared>,
+    vm: &VmEntry,
+    volumes: &[IncomingVolume],
+) -> Result<(), DriverError> {
+    let mut rec = VolumesRecord::default();
+    for v in volumes {
+        if v.port >= MAX_VOLUMES_PER_VM || rec.volumes.iter().any(|a| a.port == v.port) {
+            return Err(DriverError::InvalidSpec {
+                id: vm.id,
+                reason: format!(
+                    "volume {} is to be plugged into hot-plug port {}, which is taken or beyond                      the VM's {MAX_VOLUMES_PER_VM}",
+                    v.volume_id, v.port
+                ),
+            });
+        }
+        match &v.pool {
+            Some(pool) => use_pool(shared, v.volume_id, pool).await?,
+            None => {
+                let paths = VolumePaths::new(shared, v.volume_id);
+                if paths.file.exists() || in_pool(shared, v.volume_id) {
+                    return Err(DriverError::VolumeConflict {
+                        id: v.volume_id,
+                        reason: format!(
+                            "this host already keeps a copy of it ({}); it cannot receive the                              volume of a migrating VM",
+                            paths.file.display()
+                        ),
+                    });
+                }
+                create(
+                    shared,
+                    &VolumeSpec {
+                        volume_id: v.volume_id,
+                        size_bytes: v.size_bytes,
+                        image: None,
+                        image_format: None,
+                    },
+                )
+                .await?;
+            }
+        }
+        rec.volumes.push(Attachment {
+            volume_id: v.volume_id,
+            port: v.port,
+        });
+    }
+    if !rec.volumes.is_empty() {
+        write_record(&vm.paths, &rec)?;
+    }
+    Ok(())
+}
+
+/// Removes the files of a volume that moved to another host with its VM,
+/// or that an aborted incoming migration made: its own file and spec here.
+/// A volume in a shared pool keeps its files (the other host opens them).
+pub(super) fn remove_moved(shared: &Shared, volume_id: uuid::Uuid) -> Result<(), DriverError> {
+    if in_pool(shared, volume_id) {
+        return Ok(());
+    }
+    let paths = VolumePaths::new(shared, volume_id);
+    for p in [&paths.file, &paths.tmp, &paths.spec_json] {
+        remove_file_if_exists(p)?;
     }
     Ok(())
 }
