@@ -6,7 +6,8 @@
 //! with the same boot, the local volume mirrored (same checksum, its file
 //! now on the other host only, the store saying so) and the pool volume
 //! opened where it is. The moved volume is written to and detached on its
-//! new host; a stopped VM with a volume attached is refused a cold move.
+//! new host; a VM with a snapshot, and a stopped VM with a volume
+//! attached, are refused before any job starts.
 
 mod qemu_world;
 
@@ -121,6 +122,34 @@ fn real_qemu_a_vm_migrates_live_with_its_volumes() {
     } else {
         ("host-1", host2_dir.clone(), w.agent_dir.clone())
     };
+    // A snapshot's layers cannot travel with a copied disk: refused at the
+    // API, before any job (maintenance lists the VM with this reason).
+    env.json(&[
+        "snapshot",
+        "create",
+        "vv",
+        "s1",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let out = env.cli(&["vm", "migrate", "vv", "--host", target, "--project", "p"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a move with a snapshot");
+    assert!(stderr.contains("vm_has_snapshots"), "{stderr}");
+    env.json(&[
+        "snapshot",
+        "delete",
+        "vv",
+        "s1",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
     let local = volume(env, &["create", "data", "--size", "16MiB"]);
     let local_id = local["id"].as_str().expect("volume id").to_string();
     let pooled = volume(

@@ -121,6 +121,26 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
             None => None,
         },
     };
+    // A disk that is copied carries only its active layer: the hosts would
+    // refuse a VM with snapshot layers after the job began; say so now
+    // (maintenance lists it with this reason). In one shared pool the
+    // whole chain stays where the destination opens it.
+    let disk_stays = vm.pool_id.is_some() && target_pool.as_ref().map(|(id, _)| *id) == vm.pool_id;
+    if !disk_stays {
+        let snapshots = app.ds.snapshot_list(vm.id).await?;
+        if !snapshots.is_empty() {
+            return Err(Error::conflict(
+                "vm_has_snapshots",
+                format!(
+                    "VM {:?} has {} snapshot(s), whose layers a migration that copies its disk \
+                     cannot carry yet: delete (merge) them first (and pause its snapshot \
+                     policy, if it has one), or keep the VM in a shared pool both hosts see",
+                    vm.name,
+                    snapshots.len()
+                ),
+            ));
+        }
+    }
     let group = match vm.server_group_id {
         Some(g) => {
             let rec = app.ds.server_group_get(g).await?;
