@@ -36,28 +36,36 @@
 //! - A destination whose QEMU is older than the source's, or whose machine
 //!   type or accelerator differs ([`compatibility_problem`]): the device
 //!   state would not load, or load wrong.
-//! - A VM with snapshot layers on a disk that is mirrored (not in a shared
-//!   pool): the mirror copies one layer; copying the chain would need each
-//!   layer mirrored in turn, and flattening would silently drop the
-//!   snapshots. "Delete the snapshots first". A VM in a shared pool keeps
-//!   its snapshots: the chain is already where the destination opens it.
+//! - A VM whose snapshots cover attached volumes: a volume's layers stay
+//!   where they are ("delete the snapshots first").
 //!
-//! # Attached volumes
+//! # Attached volumes and snapshot layers
 //!
-//! A VM's volumes move with it. Which are attached, and on which hot-plug
-//! port, only the source's records say, so the controller first asks the
-//! source (`vm_migrate_describe`, an [`OutgoingVm`]) and passes the list to
-//! the destination in the [`IncomingRequest`]. The destination plugs each
-//! volume into the same port (the device state would not load into another
-//! PCI layout): a volume in a shared pool is opened where it is; any other
-//! gets an empty standalone qcow2 of its size in the destination's volume
-//! directory, exported on the same NBD server as the disk, and the source
-//! mirrors it whole beside the disk (`sync: full`: the destination has no
-//! copy of an image the volume may clone). All mirrors are drained at the
-//! switch-over. Afterwards the source removes its copies of the moved
-//! volumes; a failure removes the destination's. A volume with snapshot
-//! layers cannot be attached to a VM that moves (the VM's snapshots are
-//! refused first).
+//! What the destination must rebuild that only the source's records say
+//! (which volumes are attached, on which hot-plug port; which layers the
+//! disk has), the controller first asks the source
+//! (`vm_migrate_describe`, an [`OutgoingVm`]) and passes to the
+//! destination in the [`IncomingRequest`].
+//!
+//! The destination plugs each volume into the same port (the device state
+//! would not load into another PCI layout): a volume in a shared pool is
+//! opened where it is; any other gets an empty standalone qcow2 of its size
+//! in the destination's volume directory, exported on the same NBD server
+//! as the disk, and the source mirrors it whole beside the disk (`sync:
+//! full`: the destination has no copy of an image the volume may clone).
+//! All mirrors are drained at the switch-over. Afterwards the source
+//! removes its copies of the moved volumes; a failure removes the
+//! destination's.
+//!
+//! A copied disk with snapshots ([`IncomingChain`]) is made at the
+//! destination as the same files (same names, hence the same block node
+//! names and snapshot records), each empty over the one below, the frozen
+//! ones opened writable for this start only and exported too. Before the
+//! mirrors start, the source copies each frozen layer's own data into its
+//! twin (`blockdev-backup`, `sync: top`: frozen layers never change), one
+//! at a time; then it mirrors the active layer (`sync: top`). The VM keeps
+//! every snapshot: it can be merged or reverted to on its new host. A disk
+//! in a shared pool keeps its chain where the destination opens it.
 //!
 //! A VM can also move between storage pools (or from a host's own
 //! directory into a pool): the destination's spec names its pool, its
@@ -133,6 +141,11 @@ pub struct IncomingRequest {
     /// from controllers that predate volumes moving: none).
     #[serde(default)]
     pub volumes: Vec<IncomingVolume>,
+    /// The disk's snapshot layers, as the source described them, for a disk
+    /// that is copied ([`IncomingDisk::Overlay`] or `Standalone`: the
+    /// bottom layer is made as that kind says). `None`: one layer.
+    #[serde(default)]
+    pub chain: Option<IncomingChain>,
     /// Whether the source may switch to post-copy: QEMU wants the
     /// `postcopy-ram` capability on both sides before the migration starts.
     #[serde(default)]
@@ -167,6 +180,38 @@ pub struct IncomingVolume {
 pub struct OutgoingVm {
     /// Attached volumes, in attachment order.
     pub volumes: Vec<IncomingVolume>,
+    /// The disk's snapshot layers, when it has snapshots (see
+    /// [`IncomingChain`]).
+    #[serde(default)]
+    pub chain: Option<IncomingChain>,
+}
+
+/// The layers of a disk with snapshots, for a destination that copies it:
+/// it makes the same files (same names, so the same block node names and
+/// the same snapshot records), each frozen layer an empty qcow2 over the
+/// one below, which the source fills with that layer's own data before the
+/// memory moves (a `blockdev-backup` with `sync: top` per layer, over NBD);
+/// the active layer is mirrored as a disk without snapshots is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingChain {
+    /// The frozen layers, bottom (over the base image, or standalone)
+    /// first.
+    pub frozen: Vec<IncomingLayer>,
+    /// The layer the guest writes to.
+    pub active: IncomingLayer,
+    /// The source's snapshot records, as its driver keeps them (opaque
+    /// here; the destination's driver of the same kind reads them).
+    pub records: serde_json::Value,
+}
+
+/// One layer file of a disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingLayer {
+    /// Its file name (relative to the VM's disk directory).
+    pub file: String,
+    /// Its guest-visible size (a resize after a snapshot grows only the
+    /// layers above it).
+    pub virtual_size: u64,
 }
 
 /// Where the source mirrors one volume: an export of the destination's
@@ -230,6 +275,10 @@ pub struct IncomingReady {
     /// Where each of [`IncomingRequest::volumes`] goes.
     #[serde(default)]
     pub volumes: Vec<VolumeTarget>,
+    /// Where each frozen layer of [`IncomingRequest::chain`] is copied, in
+    /// the same order.
+    #[serde(default)]
+    pub layers: Vec<NbdTarget>,
 }
 
 /// An NBD export the source mirrors the disk into.
@@ -494,6 +543,7 @@ mod tests {
             shared_disk: None,
             tls: false,
             volumes: vec![],
+            layers: vec![],
         }
     }
 
@@ -548,6 +598,7 @@ mod tests {
             request_id: uuid::Uuid::new_v4(),
             disk: IncomingDisk::Pool,
             volumes: vec![],
+            chain: None,
             postcopy: false,
         };
         let json = serde_json::to_string(&req).expect("json");

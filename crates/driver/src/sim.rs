@@ -55,9 +55,10 @@
 //! makes the destination's VM run (with the source's change-tracking bitmaps
 //! and boot count) and removes the source's. Attached volumes move with it
 //! (`vm_migrate_describe` lists them; the destination records them attached
-//! when prepared, without their bitmaps). The QEMU driver's refusals apply:
-//! snapshots, a destination that does not wait for this request or was
-//! prepared for other volumes.
+//! when prepared, without their bitmaps). Refused: snapshots (the QEMU
+//! driver copies their layers; the simulation does not model them), a
+//! destination that does not wait for this request or was prepared for
+//! other volumes.
 //!
 //! Cold migration works the same way: `vm_disk_export` marks the stopped VM
 //! exported (its start is refused) and registers the export's name in a
@@ -1391,6 +1392,7 @@ impl SimDriver {
                     }),
                 })
                 .collect(),
+            layers: Vec::new(),
         };
         vms.insert(
             spec.id,
@@ -1470,6 +1472,9 @@ impl SimDriver {
                     pool: pools.get(&volume_id).cloned(),
                 })
                 .collect(),
+            // A simulated VM with snapshots does not move (see the module
+            // docs): its layers are not described.
+            chain: None,
         }
     }
 
@@ -1859,6 +1864,7 @@ mod tests {
             request_id: uuid::Uuid::new_v4(),
             disk,
             volumes: vec![],
+            chain: None,
             postcopy: false,
         }
     }

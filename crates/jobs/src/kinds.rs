@@ -152,6 +152,10 @@ pub struct MigrationParams {
     /// (only its records know), and they move with the VM.
     #[serde(default)]
     pub volumes: bool,
+    /// The disk has snapshot layers and is copied: the source describes
+    /// them first, and they move with the VM.
+    #[serde(default)]
+    pub snapshots: bool,
 }
 
 /// What a `vm_restore` job restores.

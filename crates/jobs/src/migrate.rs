@@ -99,10 +99,25 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
         return cold_prepare(sc, &p, &m).await;
     }
     let target = host_name(sc, m.target).await;
-    let volumes = if m.volumes {
-        describe_volumes(sc, &p, &m).await?
+    let (volumes, chain) = if m.volumes || m.snapshots {
+        let outgoing = describe(sc, &p, &m).await?;
+        (
+            outgoing
+                .get("volumes")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!([])),
+            // Only a disk that is copied needs its layers made.
+            if same_pool(&m) {
+                serde_json::Value::Null
+            } else {
+                outgoing
+                    .get("chain")
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null)
+            },
+        )
     } else {
-        serde_json::json!([])
+        (serde_json::json!([]), serde_json::Value::Null)
     };
     sc.step(
         p.job_id,
@@ -123,6 +138,7 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
         "request_id": step_request_id(p.job_id, PREPARE),
         "disk": disk,
         "volumes": volumes,
+        "chain": chain,
         "postcopy": m.postcopy_after_passes.is_some(),
     });
     let request = AgentRequestKind::MigratePrepare {
@@ -164,10 +180,11 @@ pub(crate) async fn prepare(ctx: Ctx) -> Result<serde_json::Value, ActionError> 
     Ok(ready)
 }
 
-/// The source's list of the VM's attached volumes, with the hot-plug port
-/// each is plugged into (the driver's `OutgoingVm::volumes`): the
-/// destination plugs them into the same ports.
-async fn describe_volumes(
+/// What only the source knows (the driver's `OutgoingVm`): the VM's
+/// attached volumes with the hot-plug port each is plugged into (the
+/// destination plugs them into the same ports) and its disk's snapshot
+/// layers (the destination makes the same files).
+async fn describe(
     sc: &SagaContext,
     p: &VmSagaParams,
     m: &MigrationParams,
@@ -177,7 +194,7 @@ async fn describe_volumes(
         p.job_id,
         "prepare",
         5,
-        &format!("host {source} is listing the VM's volumes"),
+        &format!("host {source} is describing the VM's volumes and snapshot layers"),
     )
     .await?;
     let request = AgentRequestKind::MigrateDescribe { vm_id: p.vm_id };
@@ -193,18 +210,17 @@ async fn describe_volumes(
                 timeout: SHORT_TIMEOUT,
                 cleanup: false,
             },
-            |_, _| (5, format!("host {source} is listing the VM's volumes")),
+            |_, _| {
+                (
+                    5,
+                    format!("host {source} is describing the VM's volumes and snapshot layers"),
+                )
+            },
         )
         .await?;
     answer
         .migration
-        .and_then(|d| d.get("volumes").cloned())
-        .ok_or_else(|| {
-            StepError::new(
-                "internal",
-                "the source answered without listing the VM's volumes",
-            )
-        })
+        .ok_or_else(|| StepError::new("internal", "the source answered without describing the VM"))
 }
 
 /// Removes what the destination made, unless the VM arrived there (then it

@@ -6,8 +6,13 @@
 //! with the same boot, the local volume mirrored (same checksum, its file
 //! now on the other host only, the store saying so) and the pool volume
 //! opened where it is. The moved volume is written to and detached on its
-//! new host; a VM with a snapshot, and a stopped VM with a volume
-//! attached, are refused before any job starts.
+//! new host; a stopped VM with a volume attached is refused a cold move.
+//!
+//! A VM with two snapshots moves live with them: each frozen layer copied
+//! into the destination's file of the same name, the active one mirrored.
+//! The guest keeps its boot and its files; on the new host one snapshot is
+//! merged live and the VM reverted to the other: exactly its files. A cold
+//! move of a VM with snapshots is refused before any job starts.
 
 mod qemu_world;
 
@@ -122,34 +127,6 @@ fn real_qemu_a_vm_migrates_live_with_its_volumes() {
     } else {
         ("host-1", host2_dir.clone(), w.agent_dir.clone())
     };
-    // A snapshot's layers cannot travel with a copied disk: refused at the
-    // API, before any job (maintenance lists the VM with this reason).
-    env.json(&[
-        "snapshot",
-        "create",
-        "vv",
-        "s1",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    let out = env.cli(&["vm", "migrate", "vv", "--host", target, "--project", "p"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a move with a snapshot");
-    assert!(stderr.contains("vm_has_snapshots"), "{stderr}");
-    env.json(&[
-        "snapshot",
-        "delete",
-        "vv",
-        "s1",
-        "--project",
-        "p",
-        "--wait",
-        "-o",
-        "json",
-    ]);
     let local = volume(env, &["create", "data", "--size", "16MiB"]);
     let local_id = local["id"].as_str().expect("volume id").to_string();
     let pooled = volume(
@@ -293,5 +270,133 @@ fn real_qemu_a_vm_migrates_live_with_its_volumes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a cold move with a volume attached");
     assert!(stderr.contains("volumes_attached"), "{stderr}");
+    println!("MEASURED whole test: {:?}", started.elapsed());
+}
+
+fn snapshot(env: &Env, args: &[&str]) -> Value {
+    let mut all = vec!["snapshot"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--project", "p", "--wait", "-o", "json"]);
+    env.json(&all)
+}
+
+/// `checksum  name` of each of the files a, b, c on the VM's own disk.
+fn files(env: &Env, vm: &str) -> String {
+    sh(
+        env,
+        vm,
+        "cd /mnt/disk && for f in a b c; do [ -f $f ] && sha256sum $f; done; true",
+    )
+}
+
+#[test]
+fn real_qemu_a_vm_migrates_live_with_its_snapshots() {
+    let started = Instant::now();
+    let w = world();
+    let env = &w.env;
+    let (_agent2, host2_dir) = w.add_host("host-2");
+    let _kill = running_vm(env, "sn");
+    let vm_id = env.vm("sn")["id"].as_str().expect("vm id").to_string();
+    let source = host_of(env, "sn");
+    let (target, source_dir, target_dir) = if source == "host-1" {
+        ("host-2", w.agent_dir.clone(), host2_dir.clone())
+    } else {
+        ("host-1", host2_dir.clone(), w.agent_dir.clone())
+    };
+    let a = write_file(env, "sn", "a", 2);
+    snapshot(env, &["create", "sn", "s1"]);
+    let b = write_file(env, "sn", "b", 2);
+    snapshot(env, &["create", "sn", "s2"]);
+    let c = write_file(env, "sn", "c", 2);
+    let all = files(env, "sn");
+    for sum in [&a, &b, &c] {
+        assert!(all.contains(sum.as_str()), "{all}");
+    }
+    let boot_id = line(env, "sn", "cat /proc/sys/kernel/random/boot_id");
+
+    let t = Instant::now();
+    let op = env.json(&[
+        "vm",
+        "migrate",
+        "sn",
+        "--host",
+        target,
+        "--project",
+        "p",
+        "-o",
+        "json",
+    ]);
+    let j = job_end(env, &op);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let said = j["events"]
+        .as_array()
+        .and_then(|e| e.iter().rev().nth(1))
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    println!(
+        "MEASURED live migration with 2 snapshots (2 MiB each layer): {:?}; job says: {said}",
+        t.elapsed()
+    );
+    wait_guest(env, "sn");
+    assert_eq!(host_of(env, "sn"), target);
+    assert_eq!(
+        line(env, "sn", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "the same boot"
+    );
+    assert_eq!(files(env, "sn"), all, "the files came along");
+    wait_nothing_on(&vm_id, &source_dir);
+    let layers = std::fs::read_dir(target_dir.join("qemu/vms").join(&vm_id))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("disk") && n.ends_with(".qcow2")
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(layers, 3, "the bottom layer, s2's layer and the active one");
+    let names: Vec<String> = env.json(&["snapshot", "list", "sn", "--project", "p", "-o", "json"])
+        ["items"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(names, vec!["s1", "s2"]);
+
+    // On the new host: s1 merged live, then a revert to s2 gives exactly
+    // a and b.
+    let gone = snapshot(env, &["delete", "sn", "s1"]);
+    assert_eq!(gone["deleted"], "s1", "{gone}");
+    assert_eq!(files(env, "sn"), all, "after the live merge");
+    env.json(&["vm", "stop", "sn", "--project", "p", "--wait", "-o", "json"]);
+    let out = env.cli(&["vm", "migrate", "sn", "--host", &source, "--project", "p"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cold move with a snapshot");
+    assert!(stderr.contains("vm_has_snapshots"), "{stderr}");
+    snapshot(env, &["revert", "sn", "s2"]);
+    env.json(&[
+        "vm",
+        "start",
+        "sn",
+        "--project",
+        "p",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    wait_guest(env, "sn");
+    let reverted = files(env, "sn");
+    assert!(
+        reverted.contains(a.as_str())
+            && reverted.contains(b.as_str())
+            && !reverted.contains(c.as_str()),
+        "s2 holds a and b only: {reverted}"
+    );
     println!("MEASURED whole test: {:?}", started.elapsed());
 }

@@ -121,25 +121,27 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
             None => None,
         },
     };
-    // A disk that is copied carries only its active layer: the hosts would
-    // refuse a VM with snapshot layers after the job began; say so now
-    // (maintenance lists it with this reason). In one shared pool the
-    // whole chain stays where the destination opens it.
+    // A live move copies each snapshot layer (the source describes them
+    // first); a cold one copies the disk's active layer only, and the hosts
+    // would refuse it after the job began: say so now (maintenance lists
+    // the VM with this reason). In one shared pool the whole chain stays
+    // where the destination opens it.
     let disk_stays = vm.pool_id.is_some() && target_pool.as_ref().map(|(id, _)| *id) == vm.pool_id;
-    if !disk_stays {
-        let snapshots = app.ds.snapshot_list(vm.id).await?;
-        if !snapshots.is_empty() {
-            return Err(Error::conflict(
-                "vm_has_snapshots",
-                format!(
-                    "VM {:?} has {} snapshot(s), whose layers a migration that copies its disk \
-                     cannot carry yet: delete (merge) them first (and pause its snapshot \
-                     policy, if it has one), or keep the VM in a shared pool both hosts see",
-                    vm.name,
-                    snapshots.len()
-                ),
-            ));
-        }
+    let snapshots = if disk_stays {
+        0
+    } else {
+        app.ds.snapshot_list(vm.id).await?.len()
+    };
+    if cold && snapshots > 0 {
+        return Err(Error::conflict(
+            "vm_has_snapshots",
+            format!(
+                "VM {:?} is stopped with {snapshots} snapshot(s), whose layers a cold migration \
+                 cannot carry yet: delete (merge) them first, or start the VM and migrate it \
+                 live (its snapshots move with it)",
+                vm.name
+            ),
+        ));
     }
     let group = match vm.server_group_id {
         Some(g) => {
@@ -192,6 +194,7 @@ async fn migrate(app: &App, vm: VmRecord, p: VmMigrate) -> Result<VmOperation, E
         // grows a smaller backup to it).
         standalone_disk_bytes: vm.restore_from.is_some().then_some(vm.disk_bytes),
         volumes: !volumes.is_empty(),
+        snapshots: snapshots > 0,
     };
     let params = VmJobParams {
         migration: Some(params),

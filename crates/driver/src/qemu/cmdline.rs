@@ -221,6 +221,10 @@ pub(crate) struct Incoming {
     pub exported_disk: bool,
     /// The device ids of the volumes mirrored in the same way.
     pub exported_volumes: Vec<String>,
+    /// Block nodes opened read-only at every other start that this one
+    /// opens writable: the frozen snapshot layers the source copies into
+    /// through their NBD exports before the memory moves.
+    pub writable_nodes: Vec<String>,
 }
 
 /// Turns a VM's arguments into those of the destination of a live
@@ -247,6 +251,15 @@ pub(crate) fn make_incoming(args: &mut Vec<String>, incoming: &Incoming) {
     for a in args.iter_mut() {
         if a.starts_with("virtio-blk-pci,") && exported(a) {
             a.push_str(",share-rw=on");
+        }
+        if a.starts_with('{') && !incoming.writable_nodes.is_empty() {
+            if let Ok(mut node) = serde_json::from_str::<serde_json::Value>(a) {
+                let name = node.get("node-name").and_then(|n| n.as_str());
+                if name.is_some_and(|n| incoming.writable_nodes.iter().any(|w| w == n)) {
+                    node["read-only"] = json!(false);
+                    *a = node.to_string();
+                }
+            }
         }
     }
     args.extend(["-incoming".to_string(), "defer".to_string()]);
@@ -470,6 +483,7 @@ mod tests {
             &Incoming {
                 exported_disk: false,
                 exported_volumes: vec![],
+                writable_nodes: vec![],
             },
         );
         assert!(has_pair(&incoming, "-incoming", "defer"));
@@ -496,6 +510,7 @@ mod tests {
             &Incoming {
                 exported_disk: true,
                 exported_volumes: vec!["vol-2".into()],
+                writable_nodes: vec!["disk0".into()],
             },
         );
         assert!(has_pair(
@@ -503,6 +518,25 @@ mod tests {
             "-device",
             "virtio-blk-pci,drive=layer-1,id=disk0-dev,bootindex=1,share-rw=on"
         ));
+        // The frozen layer named is opened writable (the source copies into
+        // it); the active one was already.
+        let blockdevs: Vec<serde_json::Value> = exported
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .filter_map(|w| serde_json::from_str(&w[1]).ok())
+            .collect();
+        let read_only = |node: &str| {
+            blockdevs
+                .iter()
+                .find(|b| b["node-name"] == node)
+                .map(|b| b["read-only"] == true)
+        };
+        assert_eq!(read_only("disk0"), Some(false));
+        assert_eq!(
+            read_only("base0"),
+            Some(true),
+            "the base image stays read-only"
+        );
         // Only the mirrored volume shares its node with the NBD export.
         assert!(has_pair(
             &exported,

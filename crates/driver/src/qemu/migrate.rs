@@ -39,10 +39,17 @@
 //! on the VM wait for the migration; cancel it first) and its backup lock:
 //! the refusals, then
 //!
-//! 1. mirrored disk: `blockdev-add` an NBD client node for the destination's
-//!    export and `blockdev-mirror` the active node into it (`sync: top` when
-//!    the destination's overlay has the same base image, so the base is
-//!    never copied; `full` otherwise); wait for the job to be `ready`;
+//! 0. a copied disk with snapshots: for each frozen layer, one at a time,
+//!    `blockdev-add` an NBD client node for the destination's export of its
+//!    twin and `blockdev-backup` (`sync: top`) the layer's own data into it;
+//!    each job concluded, dismissed and its node deleted (the destination
+//!    made the twins with `make_chain`, opened writable for this start);
+//! 1. mirrored disk and volumes: `blockdev-add` an NBD client node for each
+//!    of the destination's exports and `blockdev-mirror` each active node
+//!    into its own (the disk `sync: top` when the destination's overlay has
+//!    the same base image, so the base is never copied, or over copied
+//!    frozen layers; `full` otherwise and for volumes); wait for every job
+//!    to be `ready`;
 //! 2. capabilities (`return-path`, `auto-converge`, `postcopy-ram`,
 //!    `dirty-bitmaps`, so the persistent `stratus-backup-*` bitmaps travel
 //!    with the VM and incremental backups continue on the destination;
@@ -92,9 +99,9 @@ use super::snapshot::{self, disk_device};
 use super::{image, lock, process, volume, Shared, VmEntry, QMP_TIMEOUT};
 use crate::migrate::{compatibility_problem, live_migration_refusal};
 use crate::{
-    BootSpec, DriverError, IncomingDisk, IncomingReady, IncomingRequest, MigrateOutcome,
-    MigratePhase, MigrateProgress, MigrateProgressFn, MigrateRequest, NbdTarget, OutgoingVm,
-    QemuSaid, VmRuntimeState, VmSpec, VolumeTarget,
+    BootSpec, DriverError, IncomingChain, IncomingDisk, IncomingLayer, IncomingReady,
+    IncomingRequest, MigrateOutcome, MigratePhase, MigrateProgress, MigrateProgressFn,
+    MigrateRequest, NbdTarget, OutgoingVm, QemuSaid, VmRuntimeState, VmSpec, VolumeTarget,
 };
 
 /// The destination's record of an incoming migration, in the VM directory.
@@ -211,6 +218,7 @@ qmp_commands! {
     QueryStatus => "query-status",
     QueryJobs => "query-jobs",
     Cont => "cont",
+    BlockdevBackup => "blockdev-backup",
     ObjectAdd => "object-add",
     ObjectDel => "object-del",
     BlockdevAdd => "blockdev-add",
@@ -562,8 +570,24 @@ async fn prepare_inner(
         }
         super::link_pool_disks(paths, pool, spec.id)?;
     }
-    match &req.disk {
-        IncomingDisk::Overlay => {
+    match (&req.disk, &req.chain) {
+        (IncomingDisk::Overlay, Some(chain)) => {
+            let image_size = image::virtual_size(qemu_img, &spec.image, spec.image_format).await?;
+            make_chain(shared, spec, paths, chain, Some(image_size)).await?;
+            disk_backing = Some(spec.image.clone());
+        }
+        (IncomingDisk::Standalone { .. }, Some(chain)) => {
+            make_chain(shared, spec, paths, chain, None).await?;
+        }
+        (IncomingDisk::Pool, Some(_)) => {
+            return Err(DriverError::InvalidSpec {
+                id: spec.id,
+                reason: "a disk in a shared pool keeps its snapshot layers where they are: \
+                         nothing to make"
+                    .into(),
+            });
+        }
+        (IncomingDisk::Overlay, None) => {
             let image_size = image::virtual_size(qemu_img, &spec.image, spec.image_format).await?;
             let size = (spec.disk_bytes > image_size).then_some(spec.disk_bytes);
             image::create_overlay(
@@ -576,7 +600,7 @@ async fn prepare_inner(
             .await?;
             disk_backing = Some(spec.image.clone());
         }
-        IncomingDisk::Standalone { virtual_size } => {
+        (IncomingDisk::Standalone { virtual_size }, None) => {
             let size = virtual_size.to_string();
             image::run_qemu_img(
                 qemu_img,
@@ -592,7 +616,7 @@ async fn prepare_inner(
             )
             .await?;
         }
-        IncomingDisk::Pool => {
+        (IncomingDisk::Pool, None) => {
             // The chain and its record are in the pool already: linking is
             // all it takes for this host to open them.
             if let Some(pool) = &spec.pool {
@@ -613,12 +637,20 @@ async fn prepare_inner(
         .filter(|v| v.pool.is_none())
         .map(|v| v.volume_id)
         .collect();
+    let frozen: Vec<String> = req
+        .chain
+        .iter()
+        .flat_map(|c| &c.frozen)
+        .map(|l| l.file.clone())
+        .collect();
     let incoming = super::cmdline::Incoming {
         exported_disk: shared_disk.is_none(),
         exported_volumes: mirrored_volumes
             .iter()
             .map(|v| volume::device_id(*v))
             .collect(),
+        // The source copies each frozen layer's data into it over NBD.
+        writable_nodes: frozen.iter().map(|f| snapshot::node_name(f)).collect(),
     };
     times.disk_ms = ms(t0.elapsed());
     let t1 = Instant::now();
@@ -670,6 +702,7 @@ async fn prepare_inner(
 
     let mut nbd = None;
     let mut volumes = Vec::with_capacity(req.volumes.len());
+    let mut layers = Vec::with_capacity(frozen.len());
     if shared_disk.is_none() || !mirrored_volumes.is_empty() {
         let mut started = None;
         let mut last_error = None;
@@ -706,6 +739,18 @@ async fn prepare_inner(
             let export = format!("stratus-{}", spec.id);
             export_node(&qmp, EXPORT_ID, &node, &export, "export the disk over NBD").await?;
             nbd = Some(target(export));
+            for (k, file) in frozen.iter().enumerate() {
+                let export = layer_export(k);
+                export_node(
+                    &qmp,
+                    &export,
+                    &snapshot::node_name(file),
+                    &export,
+                    "export a snapshot layer over NBD",
+                )
+                .await?;
+                layers.push(target(export));
+            }
         }
         for v in &mirrored_volumes {
             let export = volume_export(*v);
@@ -747,7 +792,102 @@ async fn prepare_inner(
         shared_disk,
         tls: tls.is_some(),
         volumes,
+        layers,
     })
+}
+
+/// Makes the files of a copied disk with snapshots: each layer of `chain`
+/// under its own name, empty, the bottom one over the base image (with
+/// `image_size`: the disk was made from an image) or standalone, each next
+/// one over the one below (`-u`: nothing to open yet); then the snapshot
+/// records, so the command line opens exactly this chain. The source
+/// fills the frozen layers and mirrors the active one.
+async fn make_chain(
+    shared: &Shared,
+    spec: &VmSpec,
+    paths: &super::layout::VmPaths,
+    chain: &IncomingChain,
+    image_size: Option<u64>,
+) -> Result<(), DriverError> {
+    let invalid = |reason: String| DriverError::InvalidSpec {
+        id: spec.id,
+        reason,
+    };
+    let records: snapshot::Chain = serde_json::from_value(chain.records.clone())
+        .map_err(|e| invalid(format!("the source's snapshot records do not read: {e}")))?;
+    let files: Vec<&str> = records.snapshots.iter().map(|s| s.file.as_str()).collect();
+    let frozen: Vec<&str> = chain.frozen.iter().map(|l| l.file.as_str()).collect();
+    if files != frozen || records.active != chain.active.file {
+        return Err(invalid(format!(
+            "the snapshot records name the layers {files:?} and {:?}, the request {frozen:?} and {:?}",
+            records.active, chain.active.file
+        )));
+    }
+    if !records.volumes.is_empty() || records.snapshots.iter().any(|s| !s.volumes.is_empty()) {
+        return Err(invalid(
+            "its snapshots cover volumes, whose layers do not move".into(),
+        ));
+    }
+    let qemu_img = &shared.config.qemu_img;
+    let dir = paths.disks();
+    let mut below: Option<PathBuf> = None;
+    for layer in chain.frozen.iter().chain(std::iter::once(&chain.active)) {
+        let f = &layer.file;
+        if f.contains('/') || !f.starts_with("disk") || !f.ends_with(".qcow2") {
+            return Err(invalid(format!("{f:?} is not a disk layer's file name")));
+        }
+        let path = dir.join(f);
+        let size = layer.virtual_size.to_string();
+        match (&below, image_size) {
+            (None, Some(image_size)) => {
+                let grow = (layer.virtual_size > image_size).then_some(layer.virtual_size);
+                image::create_overlay(qemu_img, &spec.image, spec.image_format, &path, grow)
+                    .await?;
+            }
+            (None, None) => {
+                image::run_qemu_img(
+                    qemu_img,
+                    &[
+                        "create".as_ref(),
+                        "-q".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        path.as_os_str(),
+                        size.as_ref(),
+                    ],
+                    "create the bottom layer to copy into",
+                )
+                .await?;
+            }
+            (Some(b), _) => {
+                image::run_qemu_img(
+                    qemu_img,
+                    &[
+                        "create".as_ref(),
+                        "-q".as_ref(),
+                        "-u".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        "-F".as_ref(),
+                        "qcow2".as_ref(),
+                        "-b".as_ref(),
+                        b.as_os_str(),
+                        path.as_os_str(),
+                        size.as_ref(),
+                    ],
+                    "create a snapshot layer to copy into",
+                )
+                .await?;
+            }
+        }
+        below = Some(path);
+    }
+    snapshot::write_chain(paths, &records)
+}
+
+/// The id (and name) of the destination's NBD export of frozen layer `k`.
+fn layer_export(k: usize) -> String {
+    format!("stratus-layer-{k}")
 }
 
 /// Exports block node `node` writable on the NBD server as `name`.
@@ -864,6 +1004,11 @@ pub(super) async fn finish(
             let id = volume_export(v.volume_id);
             let _ = run::<BlockExportDel>(&qmp, json!({"id": id}), "migration").await;
         }
+        let layers = record.ready.as_ref().map_or(0, |r| r.layers.len());
+        for k in 0..layers {
+            let id = layer_export(k);
+            let _ = run::<BlockExportDel>(&qmp, json!({"id": id}), "migration").await;
+        }
         let _ = run::<NbdServerStop>(&qmp, json!({}), "migration").await;
     }
     let state = if status == "running" {
@@ -925,6 +1070,9 @@ struct Plan {
     /// What is copied to the destination's NBD exports: the disk (unless
     /// it is shared) and each volume not in a shared pool.
     mirrors: Vec<Mirror>,
+    /// The disk's frozen snapshot layers, each copied once (`sync: top`)
+    /// before the mirrors start; their data never changes.
+    copies: Vec<Mirror>,
     /// The shared disk file to leave in place.
     shared_disk: Option<PathBuf>,
     /// The volumes whose files here go once the VM has moved (the mirrored
@@ -959,10 +1107,17 @@ fn volume_suffix(port: usize) -> String {
     format!("-v{port}")
 }
 
-/// Every mirror suffix a VM can have: the disk's and one per hot-plug port.
+/// The suffix of frozen layer `k`'s copy (see [`Mirror::suffix`]).
+fn layer_suffix(k: usize) -> String {
+    format!("-l{k}")
+}
+
+/// Every mirror suffix a VM can have: the disk's, one per hot-plug port,
+/// one per frozen layer.
 fn all_suffixes() -> Vec<String> {
     std::iter::once(String::new())
         .chain((0..crate::MAX_VOLUMES_PER_VM).map(volume_suffix))
+        .chain((0..crate::MAX_SNAPSHOTS).map(layer_suffix))
         .collect()
 }
 
@@ -970,8 +1125,40 @@ fn all_suffixes() -> Vec<String> {
 pub(super) async fn describe(shared: &Arc<Shared>, id: VmId) -> Result<OutgoingVm, DriverError> {
     let vm = shared.existing(id)?;
     let _op = vm.op.lock().await;
+    let chain = snapshot::read_chain(&vm.paths)?;
     Ok(OutgoingVm {
         volumes: volume::outgoing(shared, &vm)?,
+        chain: if chain.snapshots.is_empty() {
+            None
+        } else {
+            Some(outgoing_chain(&vm.paths, &chain)?)
+        },
+    })
+}
+
+/// The disk's layers, with their sizes, and the records naming them.
+fn outgoing_chain(
+    paths: &super::layout::VmPaths,
+    chain: &snapshot::Chain,
+) -> Result<IncomingChain, DriverError> {
+    let layer = |file: &str| {
+        let path = paths.disks().join(file);
+        image::read_qcow2_header(&path)
+            .map(|h| IncomingLayer {
+                file: file.to_string(),
+                virtual_size: h.virtual_size,
+            })
+            .map_err(|e| DriverError::io("cannot read a disk layer's qcow2 header", &path, e))
+    };
+    Ok(IncomingChain {
+        frozen: chain
+            .snapshots
+            .iter()
+            .map(|s| layer(&s.file))
+            .collect::<Result<_, _>>()?,
+        active: layer(&chain.active)?,
+        records: serde_json::to_value(chain)
+            .map_err(|e| DriverError::Config(format!("cannot encode the snapshot records: {e}")))?,
     })
 }
 
@@ -1073,7 +1260,7 @@ pub(super) async fn send(
         qemu_ms: stats.qemu_ms,
         finish_ms,
         memory_bytes: stats.memory_bytes,
-        disk_bytes: stats.disk_bytes,
+        disk_bytes: stats.disk_bytes + stats.copied_bytes,
         postcopy: stats.postcopy,
         passes: stats.passes,
         tls: plan.tls.is_some(),
@@ -1091,6 +1278,8 @@ fn ms(d: Duration) -> u64 {
 struct Stats {
     /// The mirror was drained and ended at the switch-over.
     mirror_ended: bool,
+    /// What the copies of frozen snapshot layers wrote.
+    copied_bytes: u64,
     setup_ms: u64,
     mirror_drain_ms: u64,
     mirror_ms: u64,
@@ -1133,15 +1322,30 @@ async fn preflight(
         }
     }
     let chain = snapshot::read_chain(&vm.paths)?;
-    // In a shared pool the whole chain stays where the destination opens it.
+    // In a shared pool the whole chain stays where the destination opens it;
+    // otherwise each frozen layer is copied into the destination's.
+    let mut copies = Vec::new();
     if ready.shared_disk.is_none() && !chain.snapshots.is_empty() {
-        return Err(refused(
-            id,
-            format!(
-                "it has {} snapshot(s) whose layers would not move with it; delete (merge) the snapshots first",
-                chain.snapshots.len()
-            ),
-        ));
+        if ready.layers.len() != chain.snapshots.len() {
+            return Err(refused(
+                id,
+                format!(
+                    "it has {} snapshot(s), and the destination was prepared for {} layer(s) \
+                     (snapshots taken or deleted since?): migrate it again",
+                    chain.snapshots.len(),
+                    ready.layers.len()
+                ),
+            ));
+        }
+        for (k, (s, target)) in chain.snapshots.iter().zip(&ready.layers).enumerate() {
+            copies.push(Mirror {
+                suffix: layer_suffix(k),
+                what: format!("the layer of snapshot {:?}", s.name),
+                node: snapshot::node_name(&s.file),
+                target: target.clone(),
+                sync_top: true,
+            });
+        }
     }
     let volumes = volume::outgoing(shared, vm)?;
     let mut volume_mirrors = Vec::new();
@@ -1292,7 +1496,9 @@ async fn preflight(
             what: "the disk".into(),
             node,
             target: target.clone(),
-            sync_top,
+            // Over copied frozen layers only the active layer's own data
+            // is missing.
+            sync_top: sync_top || !copies.is_empty(),
         });
     }
     mirrors.extend(volume_mirrors);
@@ -1300,6 +1506,7 @@ async fn preflight(
         pid,
         was_running,
         mirrors,
+        copies,
         shared_disk: ready.shared_disk.clone(),
         moved_volumes,
         tls,
@@ -1323,30 +1530,42 @@ async fn migrate(
     if let Some(dir) = &plan.tls {
         add_tls(&qmp, dir, TlsEnd::Client).await?;
     }
+    // Step 0: the frozen snapshot layers, each copied once.
+    let copies_started = Instant::now();
+    if !plan.copies.is_empty() {
+        for c in &plan.copies {
+            connect_nbd(&qmp, id, c, plan.tls.is_some()).await?;
+            let mut backup = json!({
+                "job-id": c.job(),
+                "device": c.node,
+                "target": format!("{NBD_NODE}{}", c.suffix),
+                "sync": "top",
+                "auto-dismiss": false,
+            });
+            if let Some(speed) = req.max_bandwidth {
+                backup["speed"] = json!(speed);
+            }
+            // One at a time: they share the link, and an operator's limit
+            // holds for each as it holds for the whole.
+            run::<BlockdevBackup>(&qmp, backup, &format!("copy {}", c.what)).await?;
+            wait_copied(shared, vm, plan, c, cancel, progress, stats).await?;
+        }
+        end_mirrors(
+            vm,
+            &qmp,
+            &plan
+                .copies
+                .iter()
+                .map(|c| c.suffix.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+    }
     // Step 1: the disk and the volumes, all mirrors at once.
     if !plan.mirrors.is_empty() {
         let mirror_started = Instant::now();
         for m in &plan.mirrors {
-            let nbd = &m.target;
-            let mut node = json!({
-                "driver": "nbd",
-                "node-name": format!("{NBD_NODE}{}", m.suffix),
-                "server": {"type": "inet", "host": nbd.host, "port": nbd.port.to_string()},
-                "export": nbd.export,
-            });
-            if plan.tls.is_some() {
-                node["tls-creds"] = json!(TLS_CLIENT_ID);
-            }
-            run::<BlockdevAdd>(&qmp, node, "connect to the destination's disk")
-                .await
-                .map_err(|e| DriverError::Migration {
-                    id,
-                    reason: format!(
-                        "cannot connect to the destination's export of {} at {}:{}",
-                        m.what, nbd.host, nbd.port
-                    ),
-                    source: Some(Box::new(e)),
-                })?;
+            connect_nbd(&qmp, id, m, plan.tls.is_some()).await?;
             let mut mirror = json!({
                 "job-id": m.job(),
                 "device": m.node,
@@ -1363,6 +1582,9 @@ async fn migrate(
         }
         wait_mirror_ready(shared, vm, plan, cancel, progress, stats).await?;
         stats.mirror_ms = ms(mirror_started.elapsed());
+    }
+    if !plan.copies.is_empty() {
+        stats.mirror_ms = ms(copies_started.elapsed());
     }
     // Step 2: capabilities, parameters, go.
     let postcopy = req.postcopy_after_passes.is_some();
@@ -1586,6 +1808,89 @@ async fn jobs_by_id(qmp: &QmpService, ids: &[String]) -> Result<Vec<Option<Value
         .collect())
 }
 
+/// Adds the NBD client node mirror or copy `m` writes to.
+async fn connect_nbd(qmp: &QmpService, id: VmId, m: &Mirror, tls: bool) -> Result<(), DriverError> {
+    let nbd = &m.target;
+    let mut node = json!({
+        "driver": "nbd",
+        "node-name": format!("{NBD_NODE}{}", m.suffix),
+        "server": {"type": "inet", "host": nbd.host, "port": nbd.port.to_string()},
+        "export": nbd.export,
+    });
+    if tls {
+        node["tls-creds"] = json!(TLS_CLIENT_ID);
+    }
+    run::<BlockdevAdd>(qmp, node, "connect to the destination's disk")
+        .await
+        .map(|_| ())
+        .map_err(|e| DriverError::Migration {
+            id,
+            reason: format!(
+                "cannot connect to the destination's export of {} at {}:{}",
+                m.what, nbd.host, nbd.port
+            ),
+            source: Some(Box::new(e)),
+        })
+}
+
+/// Waits until the one-shot copy `c` of a frozen layer has concluded
+/// without error.
+async fn wait_copied(
+    shared: &Arc<Shared>,
+    vm: &Arc<VmEntry>,
+    plan: &Plan,
+    c: &Mirror,
+    cancel: &AtomicBool,
+    progress: &MigrateProgressFn,
+    stats: &mut Stats,
+) -> Result<(), DriverError> {
+    let id = vm.id;
+    let mut events = vm.qmp_events.subscribe();
+    let done_before = stats.copied_bytes;
+    loop {
+        events.borrow_and_update();
+        if !process::is_qemu_of(plan.pid, id) {
+            return Err(migration_error(
+                id,
+                "the VM's QEMU ended while its snapshot layers were copied",
+            ));
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(migration_error(
+                id,
+                "cancelled while its snapshot layers were copied",
+            ));
+        }
+        let qmp = shared.qmp(vm).await?;
+        let job = jobs_by_id(&qmp, &[c.job()]).await?.pop().flatten();
+        let Some(job) = job else {
+            return Err(migration_error(
+                id,
+                format!("QEMU's copy job of {} disappeared", c.what),
+            ));
+        };
+        stats.copied_bytes = done_before + u64_of(&job, "current-progress");
+        stats.last = MigrateProgress {
+            phase: Some(MigratePhase::MirroringDisk),
+            disk_done_bytes: stats.copied_bytes,
+            disk_total_bytes: done_before + u64_of(&job, "total-progress"),
+            ..MigrateProgress::default()
+        };
+        progress(stats.last.clone());
+        if job.get("status").and_then(Value::as_str) == Some("concluded") {
+            return match job.get("error").and_then(Value::as_str) {
+                None => Ok(()),
+                Some(error) => Err(DriverError::Migration {
+                    id,
+                    reason: format!("the copy of {} to the destination failed", c.what),
+                    source: Some(Box::new(QemuSaid(error.to_string()))),
+                }),
+            };
+        }
+        VmEntry::next_look(&mut events, POLL_INTERVAL).await;
+    }
+}
+
 async fn wait_mirror_ready(
     shared: &Arc<Shared>,
     vm: &Arc<VmEntry>,
@@ -1782,8 +2087,14 @@ async fn recover(shared: &Arc<Shared>, vm: &Arc<VmEntry>, plan: &Plan) {
             _ => break,
         }
     }
-    if !plan.mirrors.is_empty() {
-        if let Err(e) = end_mirrors(vm, &qmp, &suffixes(plan)).await {
+    if !plan.mirrors.is_empty() || !plan.copies.is_empty() {
+        let all: Vec<String> = plan
+            .copies
+            .iter()
+            .chain(&plan.mirrors)
+            .map(|m| m.suffix.clone())
+            .collect();
+        if let Err(e) = end_mirrors(vm, &qmp, &all).await {
             tracing::warn!(vm = %id, error = %e, "cannot end the disk mirror of the failed migration");
         }
     }
@@ -2042,6 +2353,7 @@ mod tests {
             shared_disk: None,
             tls: false,
             volumes: vec![],
+            layers: vec![],
         };
         let mut req = MigrateRequest {
             ready,
