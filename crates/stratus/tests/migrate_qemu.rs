@@ -13,16 +13,6 @@ use std::time::{Duration, Instant};
 use qemu_world::*;
 use serde_json::Value;
 
-/// The job's latest step message (its progress in words).
-fn last_message(j: &Value) -> String {
-    j["events"]
-        .as_array()
-        .and_then(|e| e.last())
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Starts a migration of `vm` at 1 MiB/s (it cannot finish for a while)
 /// and waits until it sends memory; the operation.
 fn slow_migration(env: &Env, vm: &str) -> Value {
@@ -54,22 +44,6 @@ fn slow_migration_started(env: &Env, vm: &str) -> Value {
         "-o",
         "json",
     ])
-}
-
-/// Waits for the job of `op` to end; the job as it ended.
-fn job_end(env: &Env, op: &Value) -> Value {
-    wait_until("the job to end", Duration::from_secs(180), || {
-        let j = job_of(env, op);
-        match j["state"].as_str() {
-            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
-            _ => Err(last_message(&j)),
-        }
-    })
-}
-
-fn job_of(env: &Env, op: &Value) -> Value {
-    let id = op["job"]["id"].as_str().expect("job id");
-    env.json(&["job", "show", id, "-o", "json"])
 }
 
 #[test]
@@ -271,16 +245,6 @@ fn migrate_wait(env: &Env, args: &[&str]) -> Value {
     job
 }
 
-/// The last step message before "job succeeded".
-fn last_message_before_end(j: &Value) -> String {
-    j["events"]
-        .as_array()
-        .and_then(|e| e.iter().rev().nth(1))
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn real_qemu_cold_cross_cluster_pool_mapping_and_maintenance() {
     let w = world();
@@ -299,22 +263,7 @@ fn real_qemu_cold_cross_cluster_pool_mapping_and_maintenance() {
         "-o",
         "json",
     ]);
-    wait_until(
-        "both hosts to see the pool",
-        Duration::from_secs(30),
-        || {
-            let p = env.json(&["pool", "show", "shared", "-o", "json"]);
-            let ok = p["hosts"]
-                .as_array()
-                .map(|h| h.iter().filter(|h| h["error"].is_null()).count())
-                .unwrap_or(0);
-            if ok == 2 {
-                Ok(())
-            } else {
-                Err(p.to_string())
-            }
-        },
-    );
+    wait_pool_seen(env, "shared", 2);
     let _c1 = running_vm_of(env, "c1", "tiny");
     let _p1 = running_vm_of(env, "p1", "tiny");
     let mut keep = vec![];

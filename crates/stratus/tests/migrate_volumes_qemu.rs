@@ -55,28 +55,24 @@ fn device_of(env: &Env, vm: &str, volume_id: &str) -> String {
     })
 }
 
-fn job_of(env: &Env, op: &Value) -> Value {
-    let id = op["job"]["id"].as_str().expect("job id");
-    env.json(&["job", "show", id, "-o", "json"])
-}
-
-fn last_message(j: &Value) -> String {
-    j["events"]
-        .as_array()
-        .and_then(|e| e.last())
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn job_end(env: &Env, op: &Value) -> Value {
-    wait_until("the job to end", Duration::from_secs(180), || {
-        let j = job_of(env, op);
-        match j["state"].as_str() {
-            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
-            _ => Err(last_message(&j)),
-        }
-    })
+/// Migrates `vm` live to `target` and waits for the job to succeed; how
+/// long it took and the job's last words before it ended.
+fn migrate_to(env: &Env, vm: &str, target: &str) -> (Duration, String) {
+    let t = Instant::now();
+    let op = env.json(&[
+        "vm",
+        "migrate",
+        vm,
+        "--host",
+        target,
+        "--project",
+        "p",
+        "-o",
+        "json",
+    ]);
+    let j = job_end(env, &op);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    (t.elapsed(), last_message_before_end(&j))
 }
 
 fn volume_file(agent_dir: &Path, volume_id: &str) -> std::path::PathBuf {
@@ -102,22 +98,7 @@ fn real_qemu_a_vm_migrates_live_with_its_volumes() {
         "-o",
         "json",
     ]);
-    wait_until(
-        "both hosts to see the pool",
-        Duration::from_secs(30),
-        || {
-            let p = env.json(&["pool", "show", "shared", "-o", "json"]);
-            let ok = p["hosts"]
-                .as_array()
-                .map(|h| h.iter().filter(|h| h["error"].is_null()).count())
-                .unwrap_or(0);
-            if ok == 2 {
-                Ok(())
-            } else {
-                Err(p.to_string())
-            }
-        },
-    );
+    wait_pool_seen(env, "shared", 2);
 
     let _kill = running_vm(env, "vv");
     let vm_id = env.vm("vv")["id"].as_str().expect("vm id").to_string();
@@ -199,30 +180,8 @@ fn real_qemu_a_vm_migrates_live_with_its_volumes() {
     assert_eq!(device_sum(env, "vv", &local_dev), local_sum);
 
     // Live, with both volumes.
-    let t = Instant::now();
-    let op = env.json(&[
-        "vm",
-        "migrate",
-        "vv",
-        "--host",
-        target,
-        "--project",
-        "p",
-        "-o",
-        "json",
-    ]);
-    let j = job_end(env, &op);
-    assert_eq!(j["state"], "succeeded", "{j}");
-    let said = j["events"]
-        .as_array()
-        .and_then(|e| e.iter().rev().nth(1))
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or_default()
-        .to_string();
-    println!(
-        "MEASURED live migration with a 16 MiB local and an 8 MiB pool volume: {:?}; job says: {said}",
-        t.elapsed()
-    );
+    let (took, said) = migrate_to(env, "vv", target);
+    println!("MEASURED live migration with a 16 MiB local and an 8 MiB pool volume: {took:?}; job says: {said}");
     wait_guest(env, "vv");
     assert_eq!(host_of(env, "vv"), target);
     assert_eq!(
@@ -314,29 +273,9 @@ fn real_qemu_a_vm_migrates_live_with_its_snapshots() {
     }
     let boot_id = line(env, "sn", "cat /proc/sys/kernel/random/boot_id");
 
-    let t = Instant::now();
-    let op = env.json(&[
-        "vm",
-        "migrate",
-        "sn",
-        "--host",
-        target,
-        "--project",
-        "p",
-        "-o",
-        "json",
-    ]);
-    let j = job_end(env, &op);
-    assert_eq!(j["state"], "succeeded", "{j}");
-    let said = j["events"]
-        .as_array()
-        .and_then(|e| e.iter().rev().nth(1))
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or_default()
-        .to_string();
+    let (took, said) = migrate_to(env, "sn", target);
     println!(
-        "MEASURED live migration with 2 snapshots (2 MiB each layer): {:?}; job says: {said}",
-        t.elapsed()
+        "MEASURED live migration with 2 snapshots (2 MiB each layer): {took:?}; job says: {said}"
     );
     wait_guest(env, "sn");
     assert_eq!(host_of(env, "sn"), target);

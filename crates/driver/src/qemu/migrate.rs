@@ -1833,6 +1833,18 @@ async fn connect_nbd(qmp: &QmpService, id: VmId, m: &Mirror, tls: bool) -> Resul
         })
 }
 
+/// Fails the migration if the VM's QEMU ended or the send was cancelled
+/// (`when`: what was happening, for the message).
+fn still_going(plan: &Plan, id: VmId, cancel: &AtomicBool, when: &str) -> Result<(), DriverError> {
+    if !process::is_qemu_of(plan.pid, id) {
+        return Err(migration_error(id, format!("the VM's QEMU ended {when}")));
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return Err(migration_error(id, format!("cancelled {when}")));
+    }
+    Ok(())
+}
+
 /// Waits until the one-shot copy `c` of a frozen layer has concluded
 /// without error.
 async fn wait_copied(
@@ -1849,18 +1861,7 @@ async fn wait_copied(
     let done_before = stats.copied_bytes;
     loop {
         events.borrow_and_update();
-        if !process::is_qemu_of(plan.pid, id) {
-            return Err(migration_error(
-                id,
-                "the VM's QEMU ended while its snapshot layers were copied",
-            ));
-        }
-        if cancel.load(Ordering::SeqCst) {
-            return Err(migration_error(
-                id,
-                "cancelled while its snapshot layers were copied",
-            ));
-        }
+        still_going(plan, id, cancel, "while its snapshot layers were copied")?;
         let qmp = shared.qmp(vm).await?;
         let job = jobs_by_id(&qmp, &[c.job()]).await?.pop().flatten();
         let Some(job) = job else {
@@ -1904,15 +1905,7 @@ async fn wait_mirror_ready(
     let mut events = vm.qmp_events.subscribe();
     loop {
         events.borrow_and_update();
-        if !process::is_qemu_of(plan.pid, id) {
-            return Err(migration_error(
-                id,
-                "the VM's QEMU ended during the disk mirror",
-            ));
-        }
-        if cancel.load(Ordering::SeqCst) {
-            return Err(migration_error(id, "cancelled during the disk mirror"));
-        }
+        still_going(plan, id, cancel, "during the disk mirror")?;
         let asked = async {
             let qmp = shared.qmp(vm).await?;
             mirror_jobs(&qmp, &plan.mirrors).await

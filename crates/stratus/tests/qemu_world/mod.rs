@@ -566,3 +566,60 @@ pub fn volume(env: &Env, args: &[&str]) -> Value {
     all.extend_from_slice(&["--project", "p", "-o", "json"]);
     env.json(&all)
 }
+
+/// The job's latest step message (its progress in words).
+pub fn last_message(j: &Value) -> String {
+    j["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The last step message before the job's end ("job succeeded").
+pub fn last_message_before_end(j: &Value) -> String {
+    j["events"]
+        .as_array()
+        .and_then(|e| e.iter().rev().nth(1))
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The job of operation `op` (an answer with `job.id`), as it is now.
+pub fn job_of(env: &Env, op: &Value) -> Value {
+    let id = op["job"]["id"].as_str().expect("job id");
+    env.json(&["job", "show", id, "-o", "json"])
+}
+
+/// Waits for the job of `op` to end; the job as it ended.
+pub fn job_end(env: &Env, op: &Value) -> Value {
+    wait_until("the job to end", Duration::from_secs(180), || {
+        let j = job_of(env, op);
+        match j["state"].as_str() {
+            Some("cancelled") | Some("failed") | Some("succeeded") => Ok(j),
+            _ => Err(last_message(&j)),
+        }
+    })
+}
+
+/// Waits until `n` hosts report storage pool `name` usable.
+pub fn wait_pool_seen(env: &Env, name: &str, n: usize) {
+    wait_until(
+        &format!("{n} hosts to see pool {name}"),
+        Duration::from_secs(30),
+        || {
+            let p = env.json(&["pool", "show", name, "-o", "json"]);
+            let ok = p["hosts"]
+                .as_array()
+                .map(|h| h.iter().filter(|h| h["error"].is_null()).count())
+                .unwrap_or(0);
+            if ok == n {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            }
+        },
+    );
+}
