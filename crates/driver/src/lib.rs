@@ -63,10 +63,10 @@ pub use backup::{
 pub use driver::Driver;
 pub use error::{DriverError, QemuSaid};
 pub use migrate::{
-    compatibility_problem, live_migration_refusal, DiskExport, DiskExportKind, ExportRequest,
-    ImportOutcome, IncomingChain, IncomingDisk, IncomingLayer, IncomingReady, IncomingRequest,
-    IncomingVolume, MigrateOutcome, MigratePhase, MigrateProgress, MigrateProgressFn,
-    MigrateRequest, NbdTarget, OutgoingVm, VolumeTarget,
+    compatibility_problem, live_migration_refusal, volumes_mismatch, DiskExport, DiskExportKind,
+    ExportRequest, ImportOutcome, IncomingChain, IncomingDisk, IncomingLayer, IncomingReady,
+    IncomingRequest, IncomingVolume, MigrateOutcome, MigratePhase, MigrateProgress,
+    MigrateProgressFn, MigrateRequest, NbdTarget, OutgoingVm, VolumeTarget,
 };
 pub use qemu::{
     guest_agent_wait, probe_accel, Accel, AccelChoice, AccelProbe, QemuConfig, QemuDriver,

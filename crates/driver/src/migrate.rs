@@ -451,6 +451,32 @@ pub struct MigrateOutcome {
     pub tls: bool,
 }
 
+impl IncomingRequest {
+    /// The volumes the destination makes a copy of (not in a shared pool).
+    pub fn copied_volumes(&self) -> impl Iterator<Item = uuid::Uuid> + '_ {
+        self.volumes
+            .iter()
+            .filter(|v| v.pool.is_none())
+            .map(|v| v.volume_id)
+    }
+}
+
+/// Why the destination, prepared for `ready.volumes`, cannot take a VM
+/// with `attached` volumes (one was attached or detached since the source
+/// described them), or `None` when both name the same volumes.
+pub fn volumes_mismatch(attached: &[uuid::Uuid], ready: &IncomingReady) -> Option<String> {
+    let theirs: Vec<uuid::Uuid> = ready.volumes.iter().map(|v| v.volume_id).collect();
+    let (mut a, mut b) = (attached.to_vec(), theirs.clone());
+    a.sort();
+    b.sort();
+    (a != b).then(|| {
+        format!(
+            "the destination was prepared for the volumes {theirs:?}, but the VM has {attached:?} \
+             attached (attached or detached since): migrate it again"
+        )
+    })
+}
+
 /// The oldest QEMU that migrates a memory-hungry TCG guest intact.
 pub const MIN_TCG_LIVE_MIGRATION_QEMU: (u32, u32) = (8, 0);
 
@@ -590,6 +616,23 @@ mod tests {
         let accel = ready("10.0.2", "pc-q35-10.0", "kvm");
         let p = compatibility_problem("10.0.2", "pc-q35-10.0", "tcg", &accel).expect("accel");
         assert!(p.contains("with tcg, the destination with kvm"), "{p}");
+    }
+
+    #[test]
+    fn volumes_must_be_the_ones_the_destination_was_prepared_for() {
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let mut r = ready("10.0.2", "pc-q35-10.0", "tcg");
+        r.volumes = [b, a]
+            .into_iter()
+            .map(|volume_id| VolumeTarget {
+                volume_id,
+                nbd: None,
+            })
+            .collect();
+        assert_eq!(volumes_mismatch(&[a, b], &r), None, "order does not matter");
+        let problem = volumes_mismatch(&[a], &r).expect("one was detached since");
+        assert!(problem.contains("migrate it again"), "{problem}");
+        assert!(volumes_mismatch(&[a, b, uuid::Uuid::new_v4()], &r).is_some());
     }
 
     #[test]

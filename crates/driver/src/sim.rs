@@ -1510,23 +1510,14 @@ impl SimDriver {
             }
             (vm.bitmaps.clone(), vm.boots, vm.spec.disk_bytes)
         };
-        {
-            let mut ours: Vec<uuid::Uuid> = self
-                .outgoing(id)
-                .volumes
-                .iter()
-                .map(|v| v.volume_id)
-                .collect();
-            let mut theirs: Vec<uuid::Uuid> =
-                req.ready.volumes.iter().map(|v| v.volume_id).collect();
-            ours.sort();
-            theirs.sort();
-            if ours != theirs {
-                return Err(refused(format!(
-                    "the destination was prepared for the volumes {theirs:?}, but the VM has \
-                     {ours:?} attached: migrate it again"
-                )));
-            }
+        let attached: Vec<uuid::Uuid> = self
+            .outgoing(id)
+            .volumes
+            .iter()
+            .map(|v| v.volume_id)
+            .collect();
+        if let Some(problem) = crate::volumes_mismatch(&attached, &req.ready) {
+            return Err(refused(problem));
         }
         if req.ready.accel != "sim" {
             return Err(refused(format!(

@@ -97,7 +97,7 @@ use super::pool_disk_dir;
 use super::qmp::{execute, QmpService};
 use super::snapshot::{self, disk_device};
 use super::{image, lock, process, volume, Shared, VmEntry, QMP_TIMEOUT};
-use crate::migrate::{compatibility_problem, live_migration_refusal};
+use crate::migrate::{compatibility_problem, live_migration_refusal, volumes_mismatch};
 use crate::{
     BootSpec, DriverError, IncomingChain, IncomingDisk, IncomingLayer, IncomingReady,
     IncomingRequest, MigrateOutcome, MigratePhase, MigrateProgress, MigrateProgressFn,
@@ -445,12 +445,7 @@ pub(super) async fn prepare(
     let mut record = IncomingRecord {
         request_id: req.request_id,
         owns_pool_disks: !matches!(req.disk, IncomingDisk::Pool),
-        made_volumes: req
-            .volumes
-            .iter()
-            .filter(|v| v.pool.is_none())
-            .map(|v| v.volume_id)
-            .collect(),
+        made_volumes: req.copied_volumes().collect(),
         ready: None,
     };
     write_json(&record_path, "incoming migration record", &record)?;
@@ -631,12 +626,7 @@ async fn prepare_inner(
     // migration's critical path: each costs 1-9 ms on our hosts).
     let disk = snapshot::launch_disk(qemu_img, spec.id, paths).await?;
     volume::make_incoming(shared, vm, &req.volumes).await?;
-    let mirrored_volumes: Vec<uuid::Uuid> = req
-        .volumes
-        .iter()
-        .filter(|v| v.pool.is_none())
-        .map(|v| v.volume_id)
-        .collect();
+    let mirrored_volumes: Vec<uuid::Uuid> = req.copied_volumes().collect();
     let frozen: Vec<String> = req
         .chain
         .iter()
@@ -1350,20 +1340,9 @@ async fn preflight(
     let volumes = volume::outgoing(shared, vm)?;
     let mut volume_mirrors = Vec::new();
     let mut moved_volumes = Vec::new();
-    {
-        let ours: Vec<uuid::Uuid> = volumes.iter().map(|v| v.volume_id).collect();
-        let theirs: Vec<uuid::Uuid> = ready.volumes.iter().map(|v| v.volume_id).collect();
-        let (mut a, mut b) = (ours.clone(), theirs.clone());
-        a.sort();
-        b.sort();
-        if a != b {
-            return Err(refused(
-                id,
-                format!(
-                    "the destination was prepared for the volumes {theirs:?}, but the VM has                      {ours:?} attached (attached or detached since): migrate it again"
-                ),
-            ));
-        }
+    let attached: Vec<uuid::Uuid> = volumes.iter().map(|v| v.volume_id).collect();
+    if let Some(problem) = volumes_mismatch(&attached, ready) {
+        return Err(refused(id, problem));
     }
     for v in &volumes {
         let target = ready
@@ -1397,7 +1376,8 @@ async fn preflight(
                 return Err(refused(
                     id,
                     format!(
-                        "the destination offers no export for volume {}, which is in this host's                          own directory",
+                        "the destination offers no export for volume {}, which is in this host's \
+                         own directory",
                         v.volume_id
                     ),
                 ))

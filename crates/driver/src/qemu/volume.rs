@@ -579,7 +579,8 @@ pub(super) fn outgoing(shared: &Shared, vm: &VmEntry) -> Result<Vec<IncomingVolu
             return Err(DriverError::MigrationRefused {
                 id: vm.id,
                 reason: format!(
-                    "its volume {v} has {} snapshot layer(s) that would not move with it;                      delete (merge) the VM's snapshots first",
+                    "its volume {v} has {} snapshot layer(s) that would not move with it; \
+                     delete (merge) the VM's snapshots first",
                     files.len().saturating_sub(1)
                 ),
             });
@@ -622,7 +623,8 @@ pub(super) async fn make_incoming(
             return Err(DriverError::InvalidSpec {
                 id: vm.id,
                 reason: format!(
-                    "volume {} is to be plugged into hot-plug port {}, which is taken or beyond                      the VM's {MAX_VOLUMES_PER_VM}",
+                    "volume {} is to be plugged into hot-plug port {}, which is taken or beyond \
+                     the VM's {MAX_VOLUMES_PER_VM}",
                     v.volume_id, v.port
                 ),
             });
@@ -635,7 +637,8 @@ pub(super) async fn make_incoming(
                     return Err(DriverError::VolumeConflict {
                         id: v.volume_id,
                         reason: format!(
-                            "this host already keeps a copy of it ({}); it cannot receive the                              volume of a migrating VM",
+                            "this host already keeps a copy of it ({}); it cannot receive the \
+                             volume of a migrating VM",
                             paths.file.display()
                         ),
                     });
